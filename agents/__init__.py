@@ -1,0 +1,1 @@
+"""One readable file per algorithm: behaviour cloning, experts and demonstration collection."""

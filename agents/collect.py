@@ -1,0 +1,109 @@
+"""Roll a policy out into a demonstration dataset (our HDF5 layout).
+
+The policy is either a Stable-Baselines3 expert folder made by ``flowrl expert`` (at level
+``medium`` or ``expert``, or a snapshot step) or a flowrl policy checkpoint. Optional Gaussian
+action noise (clipped to the action bounds) widens the data; the recorded action is the one
+executed.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowrl.checkpoint import CONFIG, load_policy
+from flowrl.datasets import Episodes, write_dataset
+from flowrl.envs import make, resolve_task
+from flowrl.errors import FlowrlError
+from flowrl.evaluation import run_episodes
+
+
+def _source(path: Path, level: str, task: str | None, device: str) -> tuple[Any, str, int, int, dict[str, Any]]:
+    """(chunk function, task, obs_history, act_steps, description) for an expert or a checkpoint."""
+    if (path / "expert.json").is_file():
+        from flowrl.agents.expert import load_manifest, load_snapshot
+
+        manifest = load_manifest(path)
+        step = int(level) if level.isdigit() else int(manifest.get(level, -1))
+        snaps = {s["step"]: s for s in manifest["snapshots"]}
+        if step not in snaps:
+            raise FlowrlError(f"{path}: no snapshot for level '{level}' (steps: {sorted(snaps)})")
+        snap = load_snapshot(path, step)
+        act = lambda obs: torch.as_tensor(snap.act(obs[:, -1].cpu().numpy()), dtype=torch.float32).unsqueeze(1)  # noqa: E731
+        desc = {"kind": "sb3_expert", "path": str(path), "level": level, "step": step,
+                "eval_return": snaps[step]["eval_return"], "algo": manifest["algo"]}
+        return act, manifest["task"], 1, 1, desc
+    if (path / CONFIG).is_file():
+        policy, config = load_policy(path, device)
+        act = lambda obs: policy.predict(obs)  # noqa: E731
+        desc = {"kind": "flowrl_policy", "path": str(path), "head": policy.cfg.head, "num_steps": policy.cfg.num_steps}
+        return act, task or config["task"], policy.cfg.obs_history, policy.cfg.act_steps, desc
+    raise FlowrlError(f"{path}: neither an expert folder (expert.json) nor a policy checkpoint ({CONFIG})")
+
+
+def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: float = 0.0, seed: int = 0,
+            level: str = "expert", task: str | None = None, num_envs: int = 16, device: str = "cpu",
+            progress: bool = True) -> Episodes:
+    """Roll ``source`` out for ``episodes`` seeded episodes and write them to ``out``."""
+    if episodes < 1:
+        raise FlowrlError(f"--episodes must be >= 1, got {episodes}")
+    if noise < 0:
+        raise FlowrlError(f"--noise must be >= 0, got {noise}")
+    act, task_name, history, act_steps, desc = _source(Path(source), level, task, device)
+    spec = resolve_task(task_name)
+    n = min(num_envs, episodes)
+    env = make(spec.name, n, device=device)
+    low = torch.as_tensor(env.single_action_space.low, dtype=torch.float32)
+    high = torch.as_tensor(env.single_action_space.high, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+
+    def noisy(obs: torch.Tensor) -> torch.Tensor:
+        chunk = act(obs).float().cpu()
+        if noise > 0:
+            chunk = chunk + noise * torch.randn(chunk.shape, generator=gen)
+        return torch.minimum(torch.maximum(chunk, low), high)
+
+    recorded: list[dict[str, np.ndarray]] = []
+    start = time.time()
+    try:
+        done = 0
+        while done < episodes:
+            per_env: list[dict[str, list]] = [{k: [] for k in ("observations", "actions", "rewards", "terminated",
+                                                               "truncated")} for _ in range(n)]
+
+            def record(tr: dict[str, Any]) -> None:
+                for i in torch.nonzero(tr["active"]).flatten().tolist():
+                    ep = per_env[i]
+                    ep["observations"].append(tr["obs"][i].cpu().numpy())
+                    ep["actions"].append(tr["action"][i].cpu().numpy())
+                    ep["rewards"].append(float(tr["reward"][i]))
+                    ep["terminated"].append(bool(tr["terminated"][i]))
+                    ep["truncated"].append(bool(tr["truncated"][i]))
+
+            run_episodes(env, noisy, history, act_steps, seed=seed + done, on_step=record)
+            for ep in per_env[: episodes - done]:
+                recorded.append({k: np.asarray(v) for k, v in ep.items()})
+            done += n
+            if progress:
+                rets = [e["rewards"].sum() for e in recorded]
+                print(f"[collect {spec.name}] {len(recorded)}/{episodes} episodes, "
+                      f"return {np.mean(rets):.1f} ± {np.std(rets):.1f}", file=sys.stderr, flush=True)
+    finally:
+        env.close()
+    space = env.single_observation_space
+    meta = {"task": spec.name, "gym_id": spec.gym_id, "policy": desc, "action_noise": noise, "seed": seed,
+            "observation_space": {"shape": list(space.shape)},
+            "action_space": {"shape": list(env.single_action_space.shape),
+                             "low": env.single_action_space.low.tolist(), "high": env.single_action_space.high.tolist()},
+            "created_by": "flowrl collect " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["collect"]
+            else "flowrl.agents.collect.collect", "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "wall_clock_s": round(time.time() - start, 1)}
+    data = Episodes.from_list(recorded, meta)
+    write_dataset(out, data)
+    return data

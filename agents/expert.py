@@ -1,0 +1,155 @@
+"""Stable-Baselines3 experts for locomotion tasks, with snapshots along the way.
+
+Demonstrations of two qualities, like D4RL's, come from one PPO run: ``expert`` is its best
+snapshot and ``medium`` the snapshot whose evaluation return is closest to the task's
+medium target (Hopper ~1600), i.e. a policy stopped early. Each snapshot keeps the observation
+normalisation it was trained with, stored as safetensors (no pickles of ours).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from flowrl.envs import resolve_task
+from flowrl.errors import FlowrlError
+from flowrl.io import atomic_path, write_json
+
+
+@dataclass
+class ExpertSnapshot:
+    """A PPO policy at one point of training, ready to act on raw observations."""
+
+    model: Any
+    obs_mean: np.ndarray
+    obs_var: np.ndarray
+    clip_obs: float
+    epsilon: float
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        norm = np.clip((obs - self.obs_mean) / np.sqrt(self.obs_var + self.epsilon), -self.clip_obs, self.clip_obs)
+        action, _ = self.model.predict(norm.astype(np.float32), deterministic=True)
+        return action
+
+
+def train_expert(
+    task: str,
+    out: str | Path,
+    total_steps: int = 1_000_000,
+    seed: int = 0,
+    num_envs: int = 8,
+    snapshot_every: int = 50_000,
+    eval_episodes: int = 5,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train PPO on ``task`` and write ``out/expert.json`` and ``out/snapshots/<step>/``."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    spec = resolve_task(task)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    venv = VecNormalize(make_vec_env(spec.gym_id, n_envs=num_envs, seed=seed), gamma=0.99)
+    model = PPO(
+        "MlpPolicy", venv, n_steps=256, batch_size=64, n_epochs=10, learning_rate=lambda f: 3e-4 * f,
+        gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, max_grad_norm=0.5, seed=seed, verbose=0,
+        device="cpu",
+    )
+    manifest: dict[str, Any] = {"task": spec.name, "algo": "stable_baselines3.PPO", "seed": seed,
+                                "total_steps": total_steps, "snapshots": []}
+    started = time.time()
+
+    class Snapshotter(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.next_at = snapshot_every
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps >= self.next_at:
+                self.next_at += snapshot_every
+                save_snapshot(self.num_timesteps)
+            return True
+
+    def save_snapshot(step: int) -> None:
+        folder = out / "snapshots" / f"{step:09d}"
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            model.save(tmp / "model.zip")
+            rms = venv.obs_rms
+            save_file({"obs_mean": rms.mean.astype(np.float64), "obs_var": rms.var.astype(np.float64)},
+                      str(tmp / "obs_norm.safetensors"),
+                      metadata={"clip_obs": str(venv.clip_obs), "epsilon": str(venv.epsilon)})
+        snap = load_snapshot(out, step)
+        ret = evaluate_snapshot(snap, spec.gym_id, eval_episodes, seed=10_000 + step)
+        manifest["snapshots"].append({"step": step, "eval_return": ret})
+        best = max(manifest["snapshots"], key=lambda s: s["eval_return"])
+        medium = min(manifest["snapshots"], key=lambda s: abs(s["eval_return"] - spec.medium_return))
+        manifest["expert"], manifest["medium"] = best["step"], medium["step"]
+        manifest["wall_clock_s"] = round(time.time() - started, 1)
+        write_json(out / "expert.json", manifest)
+        if progress:
+            print(f"[expert {spec.name}] step {step:>9d}  eval return {ret:8.1f}  "
+                  f"({manifest['wall_clock_s']:.0f} s)", flush=True)
+
+    model.learn(total_timesteps=total_steps, callback=Snapshotter())
+    if not manifest["snapshots"] or manifest["snapshots"][-1]["step"] != model.num_timesteps:
+        save_snapshot(model.num_timesteps)
+    return manifest
+
+
+def evaluate_snapshot(snap: ExpertSnapshot, gym_id: str, episodes: int, seed: int) -> float:
+    """Mean return of the deterministic snapshot over ``episodes`` seeded episodes."""
+    import gymnasium as gym
+
+    env = gym.make(gym_id)
+    returns = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        total, done = 0.0, False
+        while not done:
+            obs, r, term, trunc, _ = env.step(snap.act(obs[None])[0])
+            total += float(r)
+            done = term or trunc
+        returns.append(total)
+    env.close()
+    return float(np.mean(returns))
+
+
+def load_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "expert.json"
+    if not path.is_file():
+        raise FlowrlError(f"{folder}: not an expert folder (no expert.json); train one with `flowrl expert`")
+    return json.loads(path.read_text())
+
+
+def load_snapshot(folder: str | Path, step: int | str) -> ExpertSnapshot:
+    """Load a snapshot by step number or by level name (``medium`` / ``expert``)."""
+    from stable_baselines3 import PPO
+
+    folder = Path(folder)
+    if isinstance(step, str):
+        manifest = load_manifest(folder)
+        if step not in ("medium", "expert"):
+            raise FlowrlError(f"unknown expert level '{step}'; use medium or expert")
+        step = int(manifest[step])
+    snap_dir = folder / "snapshots" / f"{int(step):09d}"
+    for name in ("model.zip", "obs_norm.safetensors"):
+        if not (snap_dir / name).is_file():
+            raise FlowrlError(f"{snap_dir}: missing {name}")
+    norm = load_file(str(snap_dir / "obs_norm.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(snap_dir / "obs_norm.safetensors"), "np") as f:
+        meta = f.metadata()
+    model = PPO.load(snap_dir / "model.zip", device="cpu")
+    return ExpertSnapshot(model, norm["obs_mean"], norm["obs_var"], float(meta["clip_obs"]), float(meta["epsilon"]))

@@ -1,0 +1,44 @@
+"""Batched, torch-native environments.
+
+``make(task, num_envs, backend=..., device=..., seed=...)`` is the one entry point; every backend
+returns a :class:`BatchedEnv` with the same interface, so agents never depend on which one runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flowrl.envs.base import BatchedEnv
+from flowrl.envs.tasks import TASKS, TaskSpec, resolve_task
+from flowrl.errors import FlowrlError
+
+BACKENDS = ("gymnasium",)
+
+
+def make(
+    task: str,
+    num_envs: int = 1,
+    backend: str = "gymnasium",
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    **kwargs: Any,
+) -> BatchedEnv:
+    """Build ``num_envs`` copies of ``task`` stepped together on ``backend``.
+
+    ``seed`` seeds env i with ``seed + i`` at the first ``reset()``.
+    """
+    spec = resolve_task(task)
+    if num_envs < 1:
+        raise FlowrlError(f"num_envs must be >= 1, got {num_envs}")
+    if backend == "auto":
+        backend = "gymnasium"
+    if backend == "gymnasium":
+        from flowrl.envs.gymnasium_backend import GymnasiumEnv
+
+        return GymnasiumEnv(spec.name, spec.gym_id, num_envs, device=device, seed=seed, **kwargs)
+    raise FlowrlError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}, auto")
+
+
+__all__ = ["BACKENDS", "BatchedEnv", "TASKS", "TaskSpec", "make", "resolve_task"]

@@ -1,0 +1,202 @@
+"""The ``flowrl`` command: every stage of the pipeline from the shell.
+
+Errors a user can cause print one line and exit with code 2; see ``flowrl COMMAND --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from flowrl.errors import FlowrlError
+
+EPILOG = """stages:
+  flowrl expert Hopper --out experts/hopper           train a Stable-Baselines3 expert (with snapshots)
+  flowrl collect experts/hopper --level medium --episodes 100 --out data/hopper-medium.hdf5
+  flowrl pretrain configs/hopper/pretrain_reflow.yaml  behaviour cloning, then evaluation
+  flowrl eval runs/NAME --steps 1 2 4 8                evaluate a checkpoint at several K
+  flowrl data info data/hopper-medium.hdf5             summarise any supported dataset
+  flowrl config describe                               every config key, its default and meaning
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowrl", description="Flow-matching robot policies: pretrain, fine-tune, "
+                                "evaluate, deploy.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pre = sub.add_parser("pretrain", help="behaviour cloning of a flow policy on demonstrations",
+                         description="Behaviour cloning of a flow or shortcut policy on demonstrations, with "
+                         "periodic evaluation, checkpoints, TensorBoard logs and a final evaluation table.")
+    pre.add_argument("config", help="YAML preset (only overrides of the defaults; see `flowrl config describe`)")
+    pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 policy.head=shortcut")
+    pre.add_argument("--steps", type=int, help="total gradient steps (same as train.steps=N)")
+    pre.add_argument("--out", help="run folder (default: runs/<task>-pretrain-<head>-<time>)")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    pre.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint at several K",
+                        description="Evaluate the deterministic policy of a checkpoint (or of a run folder's "
+                        "latest checkpoint) at each K; prints a table and writes eval.json in the run folder.")
+    ev.add_argument("checkpoint", help="checkpoint folder or run folder")
+    ev.add_argument("--episodes", type=int, default=10, help="episodes per K (default 10)")
+    ev.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="values of K (default 1 2 4 8)")
+    ev.add_argument("--seed", type=int, default=100000, help="env i is seeded seed+i (default 100000)")
+    ev.add_argument("--backend", default="auto", help="simulation backend (default auto)")
+    ev.add_argument("--device", default="cpu", help="torch device of the policy (default cpu)")
+    ev.add_argument("--video", action="store_true", help="also write one mp4 per K into the run folder's videos/")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
+    data = sub.add_parser("data", help="inspect datasets").add_subparsers(dest="data_command", required=True,
+                                                                           metavar="SUBCOMMAND")
+    info = data.add_parser("info", help="format, episodes, transitions, dims and return statistics of a dataset")
+    info.add_argument("path", help="HDF5 file: flowrl, D4RL, robomimic or Minari layout (detected)")
+    info.add_argument("--json", action="store_true", help="print JSON with keys format, episodes, transitions, "
+                      "obs_dim, act_dim, return_mean, return_std")
+
+    ex = sub.add_parser("expert", help="train a Stable-Baselines3 PPO expert with snapshots",
+                        description="Train PPO on a MuJoCo task; snapshots every --snapshot-every steps are "
+                        "evaluated; expert.json names the best (`expert`) and the one closest to the task's "
+                        "medium return (`medium`).")
+    ex.add_argument("task", help="Hopper, Walker2d, HalfCheetah, Ant or Humanoid")
+    ex.add_argument("--steps", type=int, default=1_000_000, help="env steps (default 1e6)")
+    ex.add_argument("--out", help="expert folder (default experts/<task>)")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--num-envs", type=int, default=8)
+    ex.add_argument("--snapshot-every", type=int, default=50_000)
+
+    co = sub.add_parser("collect", help="roll a policy out into a demonstration dataset",
+                        description="Roll an expert (flowrl expert folder) or a flowrl checkpoint out into an "
+                        "HDF5 dataset of our layout.")
+    co.add_argument("source", help="expert folder or policy checkpoint")
+    co.add_argument("--out", required=True, help="dataset file to write (.hdf5)")
+    co.add_argument("--level", default="expert", help="expert folders: medium, expert or a snapshot step")
+    co.add_argument("--episodes", type=int, default=100)
+    co.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise (default 0)")
+    co.add_argument("--seed", type=int, default=0, help="episode i is seeded seed+i")
+    co.add_argument("--task", help="override the task (checkpoints only)")
+    co.add_argument("--num-envs", type=int, default=16)
+
+    cf = sub.add_parser("config", help="show the config schema or a resolved config").add_subparsers(
+        dest="config_command", required=True, metavar="SUBCOMMAND")
+    cf.add_parser("describe", help="every key of the pretrain config with default and meaning")
+    show = cf.add_parser("show", help="the resolved config of a preset plus overrides")
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*")
+    return p
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from flowrl.agents.bc import BehaviorCloning
+    from flowrl.config import PretrainConfig, load_config
+    from flowrl.run import RunFolder
+
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    cfg = load_config(PretrainConfig, args.config, overrides)
+    if args.resume and not args.out:
+        raise FlowrlError("--resume needs --out RUN_FOLDER")
+    out = args.out or os.path.join("runs", RunFolder.default_name("pretrain", cfg.task, cfg.policy.head))
+    bc = BehaviorCloning(cfg, out, resume=args.resume, progress=not args.quiet)
+    print(f"run folder: {bc.run.path}  (tensorboard --logdir {bc.run.path})", file=sys.stderr)
+    bc.learn()
+    if not args.no_eval:
+        bc.final_evaluation()
+    bc.run.close()
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from flowrl.checkpoint import load_policy, resolve_checkpoint
+    from flowrl.evaluation import evaluate, record_video
+    from flowrl.io import write_json
+    from flowrl.run import format_eval_table
+
+    if args.episodes < 1 or any(k < 1 for k in args.steps):
+        raise FlowrlError("--episodes and --steps must be >= 1")
+    folder = resolve_checkpoint(args.checkpoint)
+    policy, config = load_policy(folder, args.device)
+    task = config.get("task")
+    if not task:
+        raise FlowrlError(f"{folder}/config.json: missing key 'task'")
+    rows = [evaluate(policy, task, k, episodes=args.episodes, seed=args.seed, backend=args.backend,
+                     device=args.device) for k in args.steps]
+    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+    result = {"checkpoint": str(folder), "task": task, "step": config.get("step"), "results": rows}
+    if args.video:
+        result["videos"] = [str(record_video(policy, task, k, run_dir / "videos" / f"{folder.name}_K{k}.mp4",
+                                             seed=args.seed)) for k in args.steps]
+    write_json(run_dir / "eval.json", result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_eval_table(rows, f"evaluation of {folder} on {task}, {args.episodes} episodes per K"))
+        for v in result.get("videos", []):
+            print(f"video: {v}")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from flowrl.datasets import dataset_info
+
+    info = dataset_info(args.path)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:>12}: {v:.2f}" if isinstance(v, float) else f"{k:>12}: {v}")
+
+
+def cmd_expert(args: argparse.Namespace) -> None:
+    from flowrl.agents.expert import train_expert
+    from flowrl.envs import resolve_task
+
+    spec = resolve_task(args.task)
+    if args.steps < args.snapshot_every:
+        raise FlowrlError(f"--steps ({args.steps}) must be >= --snapshot-every ({args.snapshot_every})")
+    out = args.out or os.path.join("experts", spec.name.lower())
+    manifest = train_expert(spec.name, out, total_steps=args.steps, seed=args.seed, num_envs=args.num_envs,
+                            snapshot_every=args.snapshot_every)
+    print(f"expert: step {manifest['expert']}, medium: step {manifest['medium']}  ({out}/expert.json)")
+
+
+def cmd_collect(args: argparse.Namespace) -> None:
+    from flowrl.agents.collect import collect
+
+    data = collect(args.source, args.out, episodes=args.episodes, noise=args.noise, seed=args.seed,
+                   level=args.level, task=args.task, num_envs=args.num_envs)
+    info = data.info()
+    print(f"wrote {args.out}: {info['episodes']} episodes, {info['transitions']} transitions, "
+          f"return {info['return_mean']:.1f} ± {info['return_std']:.1f}")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from flowrl.config import PretrainConfig, describe, load_config, to_yaml
+
+    if args.config_command == "describe":
+        for key, default, doc in describe(PretrainConfig):
+            print(f"{key:<26} {default:<12} {doc}")
+    else:
+        print(to_yaml(load_config(PretrainConfig, args.config, args.overrides)), end="")
+
+
+COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "data": cmd_data, "expert": cmd_expert,
+            "collect": cmd_collect, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except FlowrlError as e:
+        print(f"flowrl: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("flowrl: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Rolling a chunked policy out in batched envs, and evaluating it.
+
+Shared by evaluation, demonstration collection and fine-tuning: an observation history per env
+(filled with the first observation at every episode start, as the chunked datasets are), action
+chunks executed open loop for ``act_steps`` env steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowrl.envs import BatchedEnv, make
+from flowrl.errors import FlowrlError
+
+
+class ObsHistory:
+    """The last ``length`` observations of every env, (N, length, obs_dim)."""
+
+    def __init__(self, first_obs: torch.Tensor, length: int) -> None:
+        self.buffer = first_obs.unsqueeze(1).repeat(1, length, 1)
+
+    def push(self, obs: torch.Tensor, new_episode: torch.Tensor) -> None:
+        """Append ``obs``; envs that just started a new episode forget their old history."""
+        self.buffer = torch.cat([self.buffer[:, 1:], obs.unsqueeze(1)], dim=1)
+        if new_episode.any():
+            self.buffer[new_episode] = obs[new_episode].unsqueeze(1).expand(-1, self.buffer.shape[1], -1)
+
+    def get(self) -> torch.Tensor:
+        return self.buffer
+
+
+ChunkFn = Callable[[torch.Tensor], torch.Tensor]
+"""(N, obs_history, obs_dim) observations -> (N, >=act_steps, act_dim) env-unit actions."""
+
+
+def run_episodes(env: BatchedEnv, choose_chunk: ChunkFn, obs_history: int, act_steps: int, seed: int,
+                 on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, np.ndarray]:
+    """Run exactly one episode in each env of ``env`` (env i seeded ``seed + i``).
+
+    Every env's first episode counts, whatever its length, so statistics are not biased towards
+    short episodes. ``on_step`` sees each transition (for recording demonstrations).
+    """
+    n = env.num_envs
+    obs = env.reset(seed=seed)
+    history = ObsHistory(obs, obs_history)
+    active = torch.ones(n, dtype=torch.bool, device=obs.device)
+    returns = torch.zeros(n, dtype=torch.float64, device=obs.device)
+    lengths = torch.zeros(n, dtype=torch.int64, device=obs.device)
+    success = torch.zeros(n, dtype=torch.bool, device=obs.device)
+    while active.any():
+        chunk = choose_chunk(history.get())
+        for j in range(act_steps):
+            action = chunk[:, j]
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            if on_step is not None:
+                on_step({"obs": obs, "action": action, "reward": reward, "terminated": terminated,
+                         "truncated": truncated, "active": active.clone()})
+            returns += torch.where(active, reward.double(), 0.0)
+            lengths += active.long()
+            if "success" in info:
+                success |= active & info["success"]
+            done = info["done_mask"]
+            active &= ~done
+            history.push(next_obs, done)
+            obs = next_obs
+            if not active.any():
+                break
+    return {"returns": returns.cpu().numpy(), "lengths": lengths.cpu().numpy(),
+            "success": success.cpu().numpy(), "has_success": np.array("success" in info)}
+
+
+def evaluate(policy: Any, task: str, num_steps: int, episodes: int = 10, seed: int = 100000,
+             backend: str = "auto", max_envs: int = 64, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Mean and std of return and length (and success rate where the task defines it) of the
+    deterministic policy with K = ``num_steps``, over ``episodes`` seeded episodes."""
+    n = min(episodes, max_envs)
+    env = make(task, n, backend=backend, device=device)
+    gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
+    results: list[dict[str, np.ndarray]] = []
+    start = time.time()
+    try:
+        for r in range(math.ceil(episodes / n)):
+            results.append(run_episodes(
+                env, lambda o: policy.predict(o, num_steps=num_steps, generator=gen),
+                policy.cfg.obs_history, policy.cfg.act_steps, seed=seed + r * n))
+    finally:
+        env.close()
+    rets = np.concatenate([r["returns"] for r in results])[:episodes]
+    lens = np.concatenate([r["lengths"] for r in results])[:episodes]
+    out = {"num_steps": num_steps, "episodes": episodes,
+           "return_mean": float(rets.mean()), "return_std": float(rets.std()),
+           "length_mean": float(lens.mean()), "length_std": float(lens.std()),
+           "wall_clock_s": round(time.time() - start, 2)}
+    if bool(results[0]["has_success"]):
+        out["success_rate"] = float(np.concatenate([r["success"] for r in results])[:episodes].mean())
+    return out
+
+
+def record_video(policy: Any, task: str, num_steps: int, path: str | Path, seed: int = 100000,
+                 fps: int | None = None) -> Path:
+    """One rendered episode of the deterministic policy, written to ``path`` as mp4."""
+    try:
+        import imageio.v2 as imageio
+    except ImportError:
+        raise FlowrlError("--video needs the video extra: pip install 'flowrl[video]'") from None
+    env = make(task, 1, backend="gymnasium", render=True)
+    gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
+    frames: list[np.ndarray] = []
+    try:
+        run_episodes(env, lambda o: policy.predict(o, num_steps=num_steps, generator=gen),
+                     policy.cfg.obs_history, policy.cfg.act_steps, seed=seed,
+                     on_step=lambda _: frames.append(env.render(0)))
+    except Exception as e:
+        if "GL" in type(e).__name__ or "gl" in str(e).lower() or "display" in str(e).lower():
+            raise FlowrlError(f"cannot render {task}: no OpenGL context ({str(e).splitlines()[0]}); "
+                              "set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (apt install libosmesa6)") from None
+        raise
+    finally:
+        env.close()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fps = fps or 30
+    from flowrl.io import write_atomic
+
+    write_atomic(path, lambda p: imageio.mimwrite(p, frames, fps=fps, format="FFMPEG"))
+    return path

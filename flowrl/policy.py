@@ -1,0 +1,126 @@
+"""Flow policies: an observation history in, a chunk of env-ready actions out.
+
+A policy is an observation encoder (normalise and flatten the history), a velocity network
+v(t, a, obs[, d]) and the Euler sampler. Observations are standardised with statistics of the
+demonstrations and actions live in [-1, 1] inside the policy; both maps are buffers of the module,
+so they are saved with the weights and travel into exports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowrl.config import PolicyConfig
+from flowrl.nets import ResidualMLP, SinusoidalEmbedding
+from flowrl.sampler import euler_sample
+
+OBS_CLIP = 10.0
+
+
+class FlowPolicy(nn.Module):
+    """A rectified-flow or shortcut policy over action chunks of shape (horizon, act_dim)."""
+
+    def __init__(self, cfg: PolicyConfig, obs_dim: int, act_dim: int,
+                 action_low: np.ndarray | torch.Tensor | None = None,
+                 action_high: np.ndarray | torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.chunk_shape = (cfg.horizon, act_dim)
+        low = torch.as_tensor(-np.ones(act_dim) if action_low is None else action_low, dtype=torch.float32)
+        high = torch.as_tensor(np.ones(act_dim) if action_high is None else action_high, dtype=torch.float32)
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.register_buffer("action_low", low.clone())
+        self.register_buffer("action_high", high.clone())
+        self.is_shortcut = cfg.head == "shortcut"
+        emb = cfg.time_embed_dim
+        self.time_embed = SinusoidalEmbedding(emb)
+        self.step_embed = SinusoidalEmbedding(emb) if self.is_shortcut else None
+        in_dim = cfg.horizon * act_dim + cfg.obs_history * obs_dim + emb * (2 if self.is_shortcut else 1)
+        self.velocity_net = ResidualMLP(in_dim, cfg.horizon * act_dim, cfg.hidden_dim, cfg.depth)
+
+    # -- normalisation -------------------------------------------------------------------------
+    def set_normalization(self, obs_mean: np.ndarray, obs_std: np.ndarray) -> None:
+        """Statistics of the demonstrations' observations; tiny std floored to avoid blow-ups."""
+        self.obs_mean.copy_(torch.as_tensor(obs_mean, dtype=torch.float32))
+        self.obs_std.copy_(torch.as_tensor(obs_std, dtype=torch.float32).clamp_min(1e-3))
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """(B, obs_history, obs_dim) raw observations -> (B, obs_history * obs_dim) features."""
+        z = ((obs.to(self.obs_mean.dtype) - self.obs_mean) / self.obs_std).clamp(-OBS_CLIP, OBS_CLIP)
+        return z.flatten(1)
+
+    def normalize_action(self, action: torch.Tensor) -> torch.Tensor:
+        """Env units -> [-1, 1]."""
+        return 2.0 * (action - self.action_low) / (self.action_high - self.action_low) - 1.0
+
+    def unnormalize_action(self, action: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] -> env units (clamped to the bounds)."""
+        a = action.clamp(-1.0, 1.0)
+        return self.action_low + 0.5 * (a + 1.0) * (self.action_high - self.action_low)
+
+    # -- velocity field ------------------------------------------------------------------------
+    def velocity(self, t: torch.Tensor, action: torch.Tensor, cond: torch.Tensor,
+                 step_size: torch.Tensor | None = None) -> torch.Tensor:
+        """v(t, a, obs[, d]) for (B,) t, (B, horizon, act_dim) a, (B, F) encoded obs.
+
+        Shortcut heads also take the step size d (B,); rectified-flow heads ignore it.
+        """
+        parts = [action.flatten(1), cond, self.time_embed(t)]
+        if self.step_embed is not None:
+            if step_size is None:
+                raise ValueError("a shortcut head needs the step size d")
+            parts.append(self.step_embed(step_size))
+        return self.velocity_net(torch.cat(parts, dim=-1)).view(-1, *self.chunk_shape)
+
+    def velocity_fn(self, cond: torch.Tensor, num_steps: int):
+        """v(t, x) closed over the observation features, with d = 1/K for shortcut heads."""
+        d = torch.full((cond.shape[0],), 1.0 / num_steps, device=cond.device) if self.is_shortcut else None
+        return lambda t, x: self.velocity(t, x, cond, d)
+
+    # -- sampling ------------------------------------------------------------------------------
+    def initial_noise(self, batch: int, generator: torch.Generator | None = None,
+                      device: torch.device | None = None) -> torch.Tensor:
+        device = device or self.obs_mean.device
+        return torch.randn((batch, *self.chunk_shape), generator=generator, device=device)
+
+    def sample(self, obs: torch.Tensor, num_steps: int | None = None, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised action chunks (B, horizon, act_dim), unclamped; deterministic given ``noise``."""
+        k = num_steps or self.cfg.num_steps
+        cond = self.encode(obs)
+        x0 = self.initial_noise(obs.shape[0], generator) if noise is None else noise
+        return euler_sample(self.velocity_fn(cond, k), x0, k)
+
+    @torch.no_grad()
+    def predict(self, obs: torch.Tensor | np.ndarray, num_steps: int | None = None,
+                noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Env-ready action chunks (B, horizon, act_dim) for raw observations.
+
+        ``obs`` is (B, obs_history, obs_dim), or (B, obs_dim) for a history of one.
+        """
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.obs_mean.device)
+        if obs.dim() == 2:
+            obs = obs.unsqueeze(1)
+        return self.unnormalize_action(self.sample(obs, num_steps, noise, generator))
+
+    def describe(self) -> dict[str, Any]:
+        n = sum(p.numel() for p in self.parameters())
+        return {"head": self.cfg.head, "parameters": n, "obs_dim": self.obs_dim, "act_dim": self.act_dim}
+
+
+def shortcut_target(velocity: Any, x_t: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Self-consistency target for step size 2d: the mean velocity of two Euler steps of size d.
+
+    ``velocity(t, x, d)`` is the (EMA) shortcut field. Equals ``(x_{t+2d} - x_t) / (2d)`` where
+    ``x_{t+2d}`` is reached by two steps of size d: the shortcut of 2d must match them.
+    """
+    v1 = velocity(t, x_t, d)
+    x_mid = x_t + d.view(-1, *([1] * (x_t.dim() - 1))) * v1
+    v2 = velocity(t + d, x_mid, d)
+    return 0.5 * (v1 + v2)

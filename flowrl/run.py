@@ -1,0 +1,103 @@
+"""Run folders: ``runs/<name>/`` with the resolved config, TensorBoard events, checkpoints and
+``eval.json``. Shared by every training stage."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from flowrl.checkpoint import list_checkpoints
+from flowrl.config import to_dict
+from flowrl.errors import FlowrlError
+from flowrl.io import write_atomic, write_json
+
+
+class RunFolder:
+    """One training run on disk."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self._writer: Any = None
+
+    @staticmethod
+    def default_name(stage: str, task: str, head: str) -> str:
+        return f"{task.lower()}-{stage}-{head}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def start(self, cfg: Any, resume: bool, resumable_keys: tuple[str, ...] = ("train.steps",)) -> None:
+        """Create the folder and write ``config.yaml``; on resume, check the config did not change."""
+        cfg_path = self.path / "config.yaml"
+        new = to_dict(cfg)
+        if resume:
+            if not cfg_path.is_file():
+                raise FlowrlError(f"--resume: {cfg_path} not found; is {self.path} a run folder?")
+            old = OmegaConf.to_container(OmegaConf.load(cfg_path))
+            diffs = [k for k in _flat(new) if k not in resumable_keys and _flat(old).get(k) != _flat(new)[k]]
+            if diffs:
+                k = diffs[0]
+                raise FlowrlError(f"--resume: config key '{k}' differs from the run's config.yaml "
+                                  f"({_flat(old).get(k)!r} there, {_flat(new)[k]!r} now)")
+        elif self.checkpoints.exists() and list_checkpoints(self.path):
+            raise FlowrlError(f"{self.path} already holds checkpoints; pass --resume to continue it "
+                              "or choose another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(cfg_path, lambda p: p.write_text(OmegaConf.to_yaml(OmegaConf.create(new))))
+
+    def writer(self, purge_step: int | None = None) -> Any:
+        """The TensorBoard writer; ``purge_step`` drops events a resumed run will write again."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.path), purge_step=purge_step)
+        return self._writer
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"{step}"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = list_checkpoints(self.path)
+        return found[-1] if found else None
+
+    def write_eval(self, results: dict[str, Any]) -> Path:
+        path = self.path / "eval.json"
+        write_json(path, results)
+        return path
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def format_eval_table(rows: list[dict[str, Any]], title: str = "") -> str:
+    """A plain-text table of evaluation results, one row per K."""
+    has_success = any("success_rate" in r for r in rows)
+    head = f"{'K':>3}  {'episodes':>8}  {'return mean':>11}  {'return std':>10}  {'length':>7}"
+    head += "  success" if has_success else ""
+    lines = [title] if title else []
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        line = (f"{r['num_steps']:>3}  {r['episodes']:>8}  {r['return_mean']:>11.1f}  {r['return_std']:>10.1f}"
+                f"  {r['length_mean']:>7.1f}")
+        if has_success:
+            line += f"  {100 * r.get('success_rate', float('nan')):6.1f}%"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2)
