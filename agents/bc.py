@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from flowrl.checkpoint import load_policy, load_train_state, save_checkpoint
 from flowrl.config import PretrainConfig, resolve_device, to_dict, validate_pretrain
 from flowrl.datasets import ChunkDataset, Episodes, read_dataset
 from flowrl.envs import make, resolve_task
-from flowrl.errors import FlowrlError
+from flowrl.errors import FlowrlError, Interrupted
 from flowrl.evaluation import evaluate
 from flowrl.policy import FlowPolicy, shortcut_target
 from flowrl.run import RunFolder, format_eval_table
@@ -111,6 +113,7 @@ class BehaviorCloning:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step = 0
+        self._stop_requested = False
         self.run.start(cfg, resume)
         if resume:
             self._restore()
@@ -191,16 +194,26 @@ class BehaviorCloning:
         return evaluate(self.ema, self.task, num_steps, episodes=episodes, seed=e.seed, backend=e.backend,
                         max_envs=e.max_envs, device=self.device)
 
-    def learn(self, stop_at: int | None = None) -> FlowPolicy:
-        """Train to ``train.steps`` (or stop early at ``stop_at``); Ctrl-C saves a checkpoint first."""
+    def request_stop(self, *_: Any) -> None:
+        """Finish the current step, save a checkpoint and stop (what Ctrl-C does)."""
+        self._stop_requested = True
+
+    def learn(self) -> FlowPolicy:
+        """Train to ``train.steps``. Ctrl-C stops at the next step boundary with a checkpoint saved
+        (a second Ctrl-C aborts at once)."""
         cfg = self.cfg.train
         writer = self.run.writer(purge_step=self.step if self.step else None)
-        end = min(cfg.steps, stop_at) if stop_at else cfg.steps
+        end = cfg.steps
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"pretrain {self.task}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         tick, tick_step = time.time(), self.step
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self.request_stop) if main_thread else None
+        self._stop_requested = False
         try:
             while self.step < end:
+                if self._stop_requested:
+                    raise KeyboardInterrupt
                 logs = self.train_step()
                 self.step += 1
                 bar.update(1)
@@ -223,8 +236,11 @@ class BehaviorCloning:
             self.save()
             bar.close()
             self.run.close()
-            raise FlowrlError(f"interrupted at step {self.step}; checkpoint saved, continue with "
+            raise Interrupted(f"interrupted at step {self.step}; checkpoint saved, continue with "
                               f"--resume --out {self.run.path}") from None
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
         bar.close()
         writer.flush()
         return self.ema

@@ -80,10 +80,15 @@ def load_policy(folder: str | Path, device: str | torch.device = "cpu") -> tuple
         state = load_file(str(folder / MODEL))
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise FlowrlError(f"{folder / MODEL}: corrupt weights file ({str(e).splitlines()[0]})") from None
-    missing, unexpected = policy.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise FlowrlError(f"{folder / MODEL}: weights do not match config.json "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    expected = policy.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"shape of '{wrong[0]}' is {tuple(state[wrong[0]].shape)}, config says "
+                  f"{tuple(expected[wrong[0]].shape)}" if wrong else f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise FlowrlError(f"{folder / MODEL}: weights do not match config.json ({detail})")
+    policy.load_state_dict(state)
     return policy.to(device).eval(), config
 
 

@@ -12,3 +12,9 @@ class FlowrlError(Exception):
     """A problem with the user's input, explained in one line."""
 
     exit_code = 2
+
+
+class Interrupted(FlowrlError):
+    """Training stopped by Ctrl-C after saving a checkpoint."""
+
+    exit_code = 130

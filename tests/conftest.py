@@ -1,0 +1,60 @@
+"""Shared fixtures: small datasets made here from real Hopper simulation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowrl.datasets import Episodes, write_dataset
+from flowrl.envs import make
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rollout_episodes(task: str, episodes: int, seed: int, max_steps: int = 60) -> list[dict[str, np.ndarray]]:
+    """Episodes of a fixed smooth open-loop controller on the real simulator, cut at ``max_steps``."""
+    env = make(task, episodes, seed=seed)
+    obs = env.reset()
+    rng = np.random.default_rng(seed)
+    phase = rng.uniform(0, 2 * np.pi, size=(episodes, env.act_dim))
+    eps = [{k: [] for k in ("observations", "actions", "rewards", "terminated", "truncated")} for _ in range(episodes)]
+    active = np.ones(episodes, bool)
+    for t in range(max_steps):
+        action = torch.as_tensor(0.8 * np.sin(0.3 * t + phase), dtype=torch.float32)
+        nxt, rew, term, trunc, info = env.step(action)
+        trunc = trunc | (t == max_steps - 1)
+        for i in np.flatnonzero(active):
+            e = eps[i]
+            e["observations"].append(obs[i].numpy())
+            e["actions"].append(action[i].numpy())
+            e["rewards"].append(float(rew[i]))
+            e["terminated"].append(bool(term[i]))
+            e["truncated"].append(bool(trunc[i]) and not bool(term[i]))
+        active &= ~(term | trunc).numpy()
+        obs = nxt
+        if not active.any():
+            break
+    env.close()
+    return [{k: np.asarray(v) for k, v in e.items()} for e in eps]
+
+
+@pytest.fixture(scope="session")
+def hopper_episodes() -> list[dict[str, np.ndarray]]:
+    return rollout_episodes("Hopper", 6, seed=3)
+
+
+@pytest.fixture(scope="session")
+def hopper_dataset(tmp_path_factory: pytest.TempPathFactory, hopper_episodes) -> Path:
+    path = tmp_path_factory.mktemp("data") / "hopper-small.hdf5"
+    write_dataset(path, Episodes.from_list(hopper_episodes, {"task": "Hopper"}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def shipped_medium() -> Path:
+    path = REPO / "data" / "hopper-medium.hdf5"
+    assert path.is_file(), "the shipped Hopper medium dataset is missing"
+    return path

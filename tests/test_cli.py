@@ -1,0 +1,127 @@
+"""Bad input at the command line: one line naming the problem, exit code 2, nothing damaged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flowrl.checkpoint import save_checkpoint
+from flowrl.cli import main
+from flowrl.config import PolicyConfig
+from flowrl.datasets import Episodes, write_dataset
+from flowrl.policy import FlowPolicy
+
+TINY = ["policy.hidden_dim=16", "policy.depth=1", "policy.time_embed_dim=8", "train.batch_size=16",
+        "train.eval_every=0", "train.checkpoint_every=2", "train.warmup_steps=1", "device=cpu"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flowrl", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("flowrl: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture()
+def preset(tmp_path, hopper_dataset) -> Path:
+    path = tmp_path / "preset.yaml"
+    path.write_text(f"task: Hopper\ndata:\n  path: {hopper_dataset}\n")
+    return path
+
+
+@pytest.mark.parametrize("override,fragments", [
+    ("train.stepz=5", ("train.stepz", "not in 'TrainConfig'")),
+    ("train.steps=lots", ("train.steps", "could not be converted to Integer")),
+    ("train.lr=-1", ("train.lr", "must be > 0")),
+    ("policy.head=diffusion", ("policy.head", "reflow or shortcut", "diffusion")),
+    ("policy.act_steps=9", ("policy.act_steps", "<= horizon")),
+    ("task=Hoper", ("task", "unknown task 'Hoper'")),
+    ("eval.steps=[0]", ("eval.steps",)),
+    ("noequals", ("override 'noequals' is not key=value",)),
+])
+def test_bad_config_values(preset, tmp_path, override, fragments) -> None:
+    one_line_error(run_cli("pretrain", str(preset), override, "--out", str(tmp_path / "run")), *fragments)
+    assert not (tmp_path / "run").exists()  # rejected before any work or any write
+
+
+def test_bad_preset_files(tmp_path) -> None:
+    one_line_error(run_cli("pretrain", str(tmp_path / "missing.yaml")), "config file not found")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed\n")
+    one_line_error(run_cli("pretrain", str(bad)), "bad.yaml: not valid YAML")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("task: Hopper\ndata:\n  path: x.hdf5\n  colour: red\n")
+    one_line_error(run_cli("pretrain", str(unknown)), "data.colour")
+
+
+def test_dataset_problems(tmp_path, hopper_episodes) -> None:
+    def preset_for(path: Path, task: str = "Hopper") -> str:
+        p = tmp_path / f"{path.stem}.yaml"
+        p.write_text(f"task: {task}\ndata:\n  path: {path}\n")
+        return str(p)
+
+    one_line_error(run_cli("pretrain", preset_for(tmp_path / "absent.hdf5")), "dataset not found", "absent.hdf5")
+    corrupt = tmp_path / "corrupt.hdf5"
+    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"garbage" * 50)
+    one_line_error(run_cli("pretrain", preset_for(corrupt)), "corrupt.hdf5", "not a readable HDF5 file")
+    good = tmp_path / "hopper.hdf5"
+    write_dataset(good, Episodes.from_list(hopper_episodes))
+    one_line_error(run_cli("pretrain", preset_for(good, "Walker2d")), "observations have 11 dims", "Walker2d has 17")
+    eps = [dict(e) for e in hopper_episodes]
+    eps[2] = {**eps[2], "actions": eps[2]["actions"].copy()}
+    eps[2]["actions"][4, 1] = np.inf
+    nan = tmp_path / "nan.hdf5"
+    write_dataset(nan, Episodes.from_list(eps))
+    one_line_error(run_cli("pretrain", preset_for(nan)), "nan.hdf5", "'actions' holds NaN or inf")
+    one_line_error(run_cli("data", "info", str(corrupt)), "not a readable HDF5 file")
+
+
+def test_checkpoint_problems(tmp_path) -> None:
+    one_line_error(run_cli("eval", str(tmp_path / "nowhere")), "checkpoint not found")
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, FlowPolicy(PolicyConfig(hidden_dim=8, depth=1), 11, 3), {"task": "Hopper"})
+    (ck / "model.safetensors").unlink()
+    one_line_error(run_cli("eval", str(ck)), "missing model.safetensors")
+    save_checkpoint(ck, FlowPolicy(PolicyConfig(hidden_dim=8, depth=1), 11, 3), {"task": "Hoppr"})
+    one_line_error(run_cli("eval", str(ck), "--episodes", "1", "--steps", "1"), "unknown task 'Hoppr'")
+
+
+def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path, preset) -> None:
+    out = tmp_path / "run"
+    assert main(["pretrain", str(preset), *TINY, "--steps", "4", "--out", str(out), "--no-eval", "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints" / "4").iterdir()}
+    one_line_error(run_cli("pretrain", str(preset), *TINY, "--steps", "4", "--out", str(out)),
+                   "already holds checkpoints", "--resume")
+    one_line_error(run_cli("pretrain", str(preset), *TINY, "train.lr=0.5", "--steps", "6", "--out", str(out),
+                           "--resume"), "train.lr", "differs")
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints" / "4").iterdir()} == before
+    assert main(["pretrain", str(preset), *TINY, "--steps", "6", "--out", str(out), "--resume", "--no-eval",
+                 "--quiet"]) == 0
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [2, 4, 6]
+
+
+def test_unknown_expert_task_and_collect_source(tmp_path) -> None:
+    one_line_error(run_cli("expert", "Cartpole"), "unknown task 'Cartpole'")
+    one_line_error(run_cli("collect", str(tmp_path), "--out", str(tmp_path / "x.hdf5")), "neither an expert folder")
+    assert not (tmp_path / "x.hdf5").exists()
+
+
+def test_help_explains_every_command() -> None:
+    out = run_cli("--help").stdout
+    for cmd in ("pretrain", "eval", "data", "expert", "collect", "config"):
+        assert cmd in out
+    assert "--resume" in run_cli("pretrain", "--help").stdout
+    describe = run_cli("config", "describe").stdout
+    assert "train.ema_decay" in describe and "exponential moving average" in describe

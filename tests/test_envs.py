@@ -1,0 +1,63 @@
+"""The batched env interface over gymnasium: shapes, seeding, same-step autoreset."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from flowrl.envs import make
+from flowrl.errors import FlowrlError
+
+
+@pytest.mark.parametrize("task,obs_dim,act_dim", [("Hopper", 11, 3), ("walker2d", 17, 6), ("HalfCheetah-v5", 17, 6),
+                                                  ("Ant", 105, 8), ("Humanoid", 348, 17)])
+def test_every_locomotion_task_builds_and_steps(task, obs_dim, act_dim) -> None:
+    env = make(task, 3, seed=0)
+    obs = env.reset()
+    assert obs.shape == (3, obs_dim) and obs.dtype == torch.float32
+    assert (env.obs_dim, env.act_dim) == (obs_dim, act_dim)
+    o, r, te, tr, info = env.step(torch.zeros(3, act_dim))
+    assert o.shape == (3, obs_dim) and r.shape == te.shape == tr.shape == (3,)
+    assert te.dtype == torch.bool and info["final_obs"].shape == (3, obs_dim)
+    env.close()
+
+
+def test_unknown_task_is_one_clear_error() -> None:
+    with pytest.raises(FlowrlError, match="unknown task 'Hoper'; known tasks: Ant, HalfCheetah, Hopper"):
+        make("Hoper", 1)
+
+
+def test_per_env_seeding_matches_gymnasium() -> None:
+    env = make("Hopper", 3, seed=5)
+    obs = env.reset()
+    for i in range(3):
+        ref, _ = gym.make("Hopper-v5").reset(seed=5 + i)
+        np.testing.assert_allclose(obs[i].numpy(), ref.astype(np.float32))
+    assert not torch.equal(obs[0], obs[1])
+    torch.testing.assert_close(env.reset(seed=5), obs)
+
+
+def test_same_step_autoreset_returns_final_obs_and_matches_a_single_env() -> None:
+    env = make("Hopper", 2, seed=11)
+    env.reset()
+    ref = gym.make("Hopper-v5")
+    ref_obs, _ = ref.reset(seed=11)
+    action = np.array([1.0, -1.0, 1.0], dtype=np.float32)  # falls over quickly
+    ret = 0.0
+    for t in range(1000):
+        obs, reward, terminated, truncated, info = env.step(torch.as_tensor(action).repeat(2, 1))
+        ref_obs, ref_r, ref_term, ref_trunc, _ = ref.step(action)
+        ret += ref_r
+        assert bool(terminated[0]) == ref_term and float(reward[0]) == pytest.approx(ref_r, rel=1e-6)
+        if ref_term or ref_trunc:
+            np.testing.assert_allclose(info["final_obs"][0].numpy(), ref_obs.astype(np.float32), rtol=1e-6)
+            assert bool(info["done_mask"][0])
+            assert info["episode_return"][0].item() == pytest.approx(ret, rel=1e-5)
+            assert info["episode_length"][0].item() == t + 1
+            fresh, _ = gym.make("Hopper-v5").reset(seed=None)  # obs after autoreset is a new episode start
+            assert abs(float(obs[0, 0]) - 1.25) < 0.01 and obs[0].shape == fresh.shape
+            break
+    else:
+        pytest.fail("episode never ended")
