@@ -1,7 +1,8 @@
 """Stable-Baselines3 experts for locomotion tasks, with snapshots along the way.
 
 Demonstrations of two qualities, like D4RL's, come from one PPO run: ``expert`` is its best
-snapshot and ``medium`` the snapshot whose evaluation return is closest to the task's
+snapshot (by mean minus one standard deviation of its evaluation return, so a policy that is
+good on average but falls over now and then is passed over) and ``medium`` the snapshot whose evaluation return is closest to the task's
 medium target (Hopper ~1600), i.e. a policy stopped early. Each snapshot keeps the observation
 normalisation it was trained with, stored as safetensors (no pickles of ours).
 """
@@ -46,7 +47,7 @@ def train_expert(
     seed: int = 0,
     num_envs: int = 8,
     snapshot_every: int = 50_000,
-    eval_episodes: int = 5,
+    eval_episodes: int = 10,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train PPO on ``task`` and write ``out/expert.json`` and ``out/snapshots/<step>/``."""
@@ -90,15 +91,15 @@ def train_expert(
                       str(tmp / "obs_norm.safetensors"),
                       metadata={"clip_obs": str(venv.clip_obs), "epsilon": str(venv.epsilon)})
         snap = load_snapshot(out, step)
-        ret = evaluate_snapshot(snap, spec.gym_id, eval_episodes, seed=10_000 + step)
-        manifest["snapshots"].append({"step": step, "eval_return": ret})
-        best = max(manifest["snapshots"], key=lambda s: s["eval_return"])
+        ret, std = evaluate_snapshot(snap, spec.gym_id, eval_episodes, seed=10_000 + step)
+        manifest["snapshots"].append({"step": step, "eval_return": ret, "eval_return_std": std})
+        best = max(manifest["snapshots"], key=lambda s: s["eval_return"] - s["eval_return_std"])
         medium = min(manifest["snapshots"], key=lambda s: abs(s["eval_return"] - spec.medium_return))
         manifest["expert"], manifest["medium"] = best["step"], medium["step"]
         manifest["wall_clock_s"] = round(time.time() - started, 1)
         write_json(out / "expert.json", manifest)
         if progress:
-            print(f"[expert {spec.name}] step {step:>9d}  eval return {ret:8.1f}  "
+            print(f"[expert {spec.name}] step {step:>9d}  eval return {ret:8.1f} ± {std:6.1f}  "
                   f"({manifest['wall_clock_s']:.0f} s)", flush=True)
 
     model.learn(total_timesteps=total_steps, callback=Snapshotter())
@@ -107,8 +108,8 @@ def train_expert(
     return manifest
 
 
-def evaluate_snapshot(snap: ExpertSnapshot, gym_id: str, episodes: int, seed: int) -> float:
-    """Mean return of the deterministic snapshot over ``episodes`` seeded episodes."""
+def evaluate_snapshot(snap: ExpertSnapshot, gym_id: str, episodes: int, seed: int) -> tuple[float, float]:
+    """Mean and std of the return of the deterministic snapshot over ``episodes`` seeded episodes."""
     import gymnasium as gym
 
     env = gym.make(gym_id)
@@ -122,7 +123,7 @@ def evaluate_snapshot(snap: ExpertSnapshot, gym_id: str, episodes: int, seed: in
             done = term or trunc
         returns.append(total)
     env.close()
-    return float(np.mean(returns))
+    return float(np.mean(returns)), float(np.std(returns))
 
 
 def load_manifest(folder: str | Path) -> dict[str, Any]:

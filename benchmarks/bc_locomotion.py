@@ -1,0 +1,85 @@
+"""Behaviour cloning against the issue's targets, on the shipped (or made) medium demonstrations.
+
+Targets (exit code 1 when one is missed):
+- rectified flow at K=4 reaches >= 85% of the demonstrations' mean return;
+- shortcut at K=1 is within 10% of its own K=4 return.
+
+    python benchmarks/bc_locomotion.py --task hopper --seeds 0 1 2 [--steps 10000] [--episodes 20]
+
+Prints a table and writes benchmarks/results/bc_<task>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flowrl.agents.bc import BehaviorCloning  # noqa: E402
+from flowrl.config import PretrainConfig, load_config  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="hopper", help="folder under configs/ (hopper, walker2d)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--steps", type=int, help="override train.steps")
+    ap.add_argument("--episodes", type=int, default=20, help="evaluation episodes per K")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=str(REPO / "runs" / "bench"))
+    args = ap.parse_args()
+
+    rows, results = [], {}
+    for head in ("reflow", "shortcut"):
+        for seed in args.seeds:
+            overrides = [f"seed={seed}", f"device={args.device}", f"eval.episodes={args.episodes}",
+                         "eval.steps=[1,2,4,8]", "train.eval_every=0"]
+            if args.steps:
+                overrides.append(f"train.steps={args.steps}")
+            cfg = load_config(PretrainConfig, REPO / "configs" / args.task / f"pretrain_{head}.yaml", overrides)
+            cfg.data.path = str(REPO / cfg.data.path) if not Path(cfg.data.path).is_absolute() else cfg.data.path
+            out = Path(args.out) / f"{args.task}-{head}-s{seed}-{time.strftime('%H%M%S')}"
+            start = time.time()
+            bc = BehaviorCloning(cfg, out, progress=False)
+            bc.learn()
+            train_s = time.time() - start
+            evals = {r["num_steps"]: r["return_mean"] for r in bc.final_evaluation()}
+            results.setdefault(head, []).append({"seed": seed, "returns": evals, "train_s": round(train_s, 1)})
+            data_mean = bc.data_info["return_mean"]
+
+    print()
+    print(f"{args.task}: demonstrations' mean return {data_mean:.1f}; seeds {args.seeds}")
+    print(f"{'head':<9} {'K=1':>8} {'K=2':>8} {'K=4':>8} {'K=8':>8} {'train s':>8}")
+    for head, runs in results.items():
+        mean = {k: np.mean([r["returns"][k] for r in runs]) for k in (1, 2, 4, 8)}
+        rows.append((head, mean))
+        print(f"{head:<9} " + " ".join(f"{mean[k]:8.1f}" for k in (1, 2, 4, 8))
+              + f" {np.mean([r['train_s'] for r in runs]):8.1f}")
+    reflow = dict(rows)["reflow"]
+    shortcut = dict(rows)["shortcut"]
+    checks = [
+        (f"reflow K=4 >= 85% of data ({reflow[4]:.1f} / {data_mean:.1f} = {reflow[4] / data_mean:.1%})",
+         reflow[4] >= 0.85 * data_mean),
+        (f"shortcut K=1 within 10% of K=4 ({shortcut[1]:.1f} vs {shortcut[4]:.1f}, "
+         f"{abs(shortcut[1] - shortcut[4]) / shortcut[4]:.1%})", abs(shortcut[1] - shortcut[4]) <= 0.10 * shortcut[4]),
+    ]
+    print()
+    for text, ok in checks:
+        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bc_{args.task}.json").write_text(json.dumps(
+        {"task": args.task, "data_return_mean": data_mean, "results": results,
+         "checks": [{"check": t, "pass": ok} for t, ok in checks]}, indent=2) + "\n")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
