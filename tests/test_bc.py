@@ -78,13 +78,15 @@ def test_evaluation_is_seeded(tmp_path, hopper_dataset) -> None:
 
 
 def test_bc_on_the_shipped_medium_data_learns(tmp_path, shipped_medium) -> None:
-    """A few hundred steps on the shipped demonstrations must beat an untrained policy by far."""
+    """800 steps on the shipped demonstrations (data: 1643) must beat an untrained policy (~7) by far.
+
+    Measured on the 2-core dev machine: ~1200 after 25 s."""
     cfg = load_config(PretrainConfig, None, [
-        "task=Hopper", f"data.path={shipped_medium}", "policy.hidden_dim=128", "policy.depth=2",
-        "train.steps=400", "train.batch_size=128", "train.eval_every=0", "train.checkpoint_every=400",
+        "task=Hopper", f"data.path={shipped_medium}", "policy.hidden_dim=256", "policy.depth=2",
+        "train.steps=800", "train.batch_size=128", "train.eval_every=0", "train.checkpoint_every=800",
         "train.warmup_steps=50", "device=cpu"])
     bc = BehaviorCloning(cfg, tmp_path / "learn", progress=False)
     before = evaluate(bc.ema, "Hopper", 4, episodes=4, seed=3)["return_mean"]
     bc.learn()
     after = evaluate(bc.ema, "Hopper", 4, episodes=4, seed=3)["return_mean"]
-    assert after > 400 and after > 3 * before, (before, after)
+    assert after > 600 and after > 10 * before, (before, after)
