@@ -8,7 +8,6 @@ executed.
 
 from __future__ import annotations
 
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -49,8 +48,10 @@ def _source(path: Path, level: str, task: str | None, device: str) -> tuple[Any,
 
 def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: float = 0.0, seed: int = 0,
             level: str = "expert", task: str | None = None, num_envs: int = 16, device: str = "cpu",
-            progress: bool = True) -> Episodes:
-    """Roll ``source`` out for ``episodes`` seeded episodes and write them to ``out``."""
+            progress: bool = True, created_by: str | None = None) -> Episodes:
+    """Roll ``source`` out for ``episodes`` seeded episodes and write them to ``out``.
+
+    ``created_by`` is the command line recorded in the file (the CLI passes its own)."""
     if episodes < 1:
         raise FlowrlError(f"--episodes must be >= 1, got {episodes}")
     if noise < 0:
@@ -101,8 +102,9 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
             "observation_space": {"shape": list(space.shape)},
             "action_space": {"shape": list(env.single_action_space.shape),
                              "low": env.single_action_space.low.tolist(), "high": env.single_action_space.high.tolist()},
-            "created_by": "flowrl collect " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["collect"]
-            else "flowrl.agents.collect.collect", "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "created_by": created_by or f"flowrl.agents.collect.collect({str(source)!r}, {str(out)!r}, "
+                                        f"episodes={episodes}, noise={noise}, seed={seed}, level={level!r})",
+            "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "wall_clock_s": round(time.time() - start, 1)}
     data = Episodes.from_list(recorded, meta)
     write_dataset(out, data)

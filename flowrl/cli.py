@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -165,7 +166,8 @@ def cmd_collect(args: argparse.Namespace) -> None:
     from flowrl.agents.collect import collect
 
     data = collect(args.source, args.out, episodes=args.episodes, noise=args.noise, seed=args.seed,
-                   level=args.level, task=args.task, num_envs=args.num_envs)
+                   level=args.level, task=args.task, num_envs=args.num_envs,
+                   created_by="flowrl " + shlex.join(args.argv))
     info = data.info()
     print(f"wrote {args.out}: {info['episodes']} episodes, {info['transitions']} transitions, "
           f"return {info['return_mean']:.1f} ± {info['return_std']:.1f}")
@@ -187,7 +189,9 @@ COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "data": cmd_data, "exper
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     # key=value overrides may stand anywhere, also after options
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra

@@ -102,7 +102,8 @@ class Episodes:
 def write_dataset(path: str | Path, episodes: Episodes, meta: dict[str, Any] | None = None) -> None:
     """Write ``episodes`` in our layout, atomically (an existing file is replaced only on success)."""
     meta = {**episodes.meta, **(meta or {})}
-    rets = episodes.episode_returns()
+    with np.errstate(invalid="ignore"):
+        rets = episodes.episode_returns()
 
     def writer(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
@@ -110,9 +111,11 @@ def write_dataset(path: str | Path, episodes: Episodes, meta: dict[str, Any] | N
             for key in ("observations", "actions", "rewards", "terminated", "truncated", "episode_lengths"):
                 f.create_dataset(key, data=getattr(episodes, key), compression="gzip", compression_opts=4,
                                  shuffle=True)
+            with np.errstate(invalid="ignore"):
+                stats = {"return_mean": float(rets.mean()) if len(rets) else 0.0,
+                         "return_std": float(rets.std()) if len(rets) else 0.0}
             attrs = {**meta, "num_episodes": episodes.num_episodes, "num_transitions": episodes.num_transitions,
-                     "return_mean": float(rets.mean()) if len(rets) else 0.0,
-                     "return_std": float(rets.std()) if len(rets) else 0.0}
+                     **stats}
             for k, v in attrs.items():
                 f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
 

@@ -8,6 +8,7 @@ chunks executed open loop for ``act_steps`` env steps.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +111,8 @@ def record_video(policy: Any, task: str, num_steps: int, path: str | Path, seed:
         import imageio.v2 as imageio
     except ImportError:
         raise FlowrlError("--video needs the video extra: pip install 'flowrl[video]'") from None
+    if "DISPLAY" not in os.environ:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless: EGL (GPU, or Mesa's software EGL)
     env = make(task, 1, backend="gymnasium", render=True)
     gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
     frames: list[np.ndarray] = []
