@@ -14,7 +14,7 @@ from flowrl.envs.base import BatchedEnv
 from flowrl.envs.tasks import TASKS, TaskSpec, resolve_task
 from flowrl.errors import FlowrlError
 
-BACKENDS = ("gymnasium",)
+BACKENDS = ("cpu", "gymnasium")
 
 
 def make(
@@ -27,14 +27,23 @@ def make(
 ) -> BatchedEnv:
     """Build ``num_envs`` copies of ``task`` stepped together on ``backend``.
 
+    Backends: ``cpu`` (mujoco.batch on a thread pool, float64, the default), ``gymnasium`` (gymnasium's
+    own vector envs; ``vectorization="async"`` for subprocesses), ``auto`` (the fastest available).
     ``seed`` seeds env i with ``seed + i`` at the first ``reset()``.
     """
     spec = resolve_task(task)
     if num_envs < 1:
         raise FlowrlError(f"num_envs must be >= 1, got {num_envs}")
     if backend == "auto":
-        backend = "gymnasium"
+        backend = "cpu"
+    if backend == "cpu":
+        from flowrl.envs.locomotion import locomotion_task
+        from flowrl.envs.mujoco_batch_backend import MujocoBatchEnv
+
+        return MujocoBatchEnv(locomotion_task(spec.name), num_envs, device=device, seed=seed, **kwargs)
     if backend == "gymnasium":
+        if spec.name == "Humanoid-Newton":
+            raise FlowrlError("Humanoid-Newton runs on the cpu and warp backends only (gymnasium's XML uses PGS)")
         from flowrl.envs.gymnasium_backend import GymnasiumEnv
 
         return GymnasiumEnv(spec.name, spec.gym_id, num_envs, device=device, seed=seed, **kwargs)

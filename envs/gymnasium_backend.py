@@ -48,7 +48,7 @@ class GymnasiumEnv(BatchedEnv):
         self._low = self.single_action_space.low
         self._high = self.single_action_space.high
 
-    def _t(self, x: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def _t(self, x: np.ndarray, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x), dtype=dtype, device=self.device)
 
     def reset(self, seed: int | None = None) -> torch.Tensor:
@@ -60,7 +60,7 @@ class GymnasiumEnv(BatchedEnv):
         return self._t(obs)
 
     def step(self, action: torch.Tensor):
-        act = np.clip(action.detach().to("cpu", torch.float64).numpy(), self._low, self._high)
+        act = np.clip(action.detach().cpu().numpy().astype(self.single_action_space.dtype), self._low, self._high)
         obs, reward, terminated, truncated, info = self._env.step(act)
         done = np.logical_or(terminated, truncated)
         self._returns += reward

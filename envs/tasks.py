@@ -28,6 +28,8 @@ LOCOMOTION: dict[str, TaskSpec] = {
         TaskSpec("HalfCheetah", "HalfCheetah-v5", 17, 6, medium_return=4500.0),
         TaskSpec("Ant", "Ant-v5", 105, 8, medium_return=2500.0),
         TaskSpec("Humanoid", "Humanoid-v5", 348, 17, medium_return=2000.0),
+        # Humanoid with the Newton solver instead of the XML's PGS: what MuJoCo Warp can run.
+        TaskSpec("Humanoid-Newton", "Humanoid-v5", 348, 17, medium_return=2000.0),
     )
 }
 
@@ -38,7 +40,10 @@ def resolve_task(name: str) -> TaskSpec:
     """Look a task up case-insensitively; ``hopper``, ``Hopper`` and ``Hopper-v5`` are the same."""
     key = name.strip().lower()
     for spec in TASKS.values():
-        if key in (spec.name.lower(), spec.gym_id.lower()):
+        if key == spec.name.lower():
+            return spec
+    for spec in TASKS.values():
+        if key == spec.gym_id.lower():
             return spec
     known = ", ".join(sorted(TASKS))
     raise FlowrlError(f"unknown task '{name}'; known tasks: {known}")
