@@ -34,6 +34,10 @@ def make(
     spec = resolve_task(task)
     if num_envs < 1:
         raise FlowrlError(f"num_envs must be >= 1, got {num_envs}")
+    if spec.name == "PointReach":  # pure torch: one implementation whatever the backend
+        from flowrl.envs.point_reach import PointReachEnv
+
+        return PointReachEnv(num_envs, device=device, seed=seed)
     if backend == "auto":
         backend = "cpu"
     if backend == "cpu":

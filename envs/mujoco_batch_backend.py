@@ -64,6 +64,7 @@ class MujocoBatchEnv(BatchedEnv):
         self.elapsed = torch.zeros(num_envs, dtype=torch.int64)
         self.returns = torch.zeros(num_envs, dtype=torch.float64)
         self.bad_state_count = 0
+        self._position = torch.zeros(num_envs, dtype=torch.float64)  # progress coordinate after the last step
 
     # -- state ----------------------------------------------------------------------------------
     def _out(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +82,7 @@ class MujocoBatchEnv(BatchedEnv):
             self.qpos[i] = torch.from_numpy(qpos)
             self.qvel[i] = torch.from_numpy(qvel)
         self.batch.forward(ids)
+        self._position[ids] = self.spec.position(self.state, self.model_info)[ids]
         self.elapsed[ids] = 0
         self.returns[ids] = 0.0
         if self.spec.needs_contact_forces:
@@ -95,9 +97,37 @@ class MujocoBatchEnv(BatchedEnv):
         self.qpos.copy_(torch.as_tensor(qpos, dtype=torch.float64).cpu())
         self.qvel.copy_(torch.as_tensor(qvel, dtype=torch.float64).cpu())
         self.batch.forward()
+        self._position.copy_(self.spec.position(self.state, self.model_info))
         if self.spec.needs_contact_forces:
             self.state["cfrc_ext"].zero_()
         return self._out(self._obs())
+
+    def get_full_state(self) -> dict[str, Any]:
+        """Everything the next steps depend on (for exact resume); tensors and strings only."""
+        import json
+
+        state = {"qpos": self.qpos.clone(), "qvel": self.qvel.clone(),
+                 "qacc_warmstart": torch.from_numpy(self.batch.bind("qacc_warmstart").copy()),
+                 "elapsed": self.elapsed.clone(), "returns": self.returns.clone(), "position": self._position.clone(),
+                 "rngs": json.dumps([r.bit_generator.state for r in self.rngs])}
+        if self.spec.needs_contact_forces:
+            state["cfrc_ext"] = self.state["cfrc_ext"].clone()
+        return state
+
+    def set_full_state(self, state: dict[str, Any]) -> None:
+        import json
+
+        self.qpos.copy_(state["qpos"])
+        self.qvel.copy_(state["qvel"])
+        self.batch.forward()
+        self.batch.bind("qacc_warmstart")[:] = state["qacc_warmstart"].numpy()
+        self.elapsed.copy_(state["elapsed"])
+        self.returns.copy_(state["returns"])
+        self._position.copy_(state["position"])
+        for rng, st in zip(self.rngs, json.loads(state["rngs"])):
+            rng.bit_generator.state = st
+        if "cfrc_ext" in state:
+            self.state["cfrc_ext"].copy_(state["cfrc_ext"])
 
     def _simulate(self) -> None:
         """``frame_skip`` substeps of ``mj_step``, then, where contact forces are observed, the
@@ -124,10 +154,11 @@ class MujocoBatchEnv(BatchedEnv):
         given = given if given.is_floating_point() else given.double()
         given = torch.minimum(torch.maximum(given, self._low.to(given.dtype)), self._high.to(given.dtype))
         act = given.double()
-        x_before = self.spec.position(self.state, self.model_info).clone()
+        x_before = self._position.clone()
         self.ctrl.copy_(act)
         self._simulate()
-        x_velocity = (self.spec.position(self.state, self.model_info) - x_before) / self.dt
+        self._position.copy_(self.spec.position(self.state, self.model_info))
+        x_velocity = (self._position - x_before) / self.dt
         obs = self._obs()
         reward, terminated = self.spec.reward_and_termination(self.state, x_velocity, given)
         self.elapsed += 1

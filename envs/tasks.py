@@ -33,7 +33,13 @@ LOCOMOTION: dict[str, TaskSpec] = {
     )
 }
 
-TASKS: dict[str, TaskSpec] = dict(LOCOMOTION)
+def _all_tasks() -> dict[str, TaskSpec]:
+    from flowrl.envs.point_reach import SPEC as POINT_REACH
+
+    return {**LOCOMOTION, POINT_REACH.name: POINT_REACH}
+
+
+TASKS: dict[str, TaskSpec] = _all_tasks()
 
 
 def resolve_task(name: str) -> TaskSpec:
@@ -43,7 +49,7 @@ def resolve_task(name: str) -> TaskSpec:
         if key == spec.name.lower():
             return spec
     for spec in TASKS.values():
-        if key == spec.gym_id.lower():
+        if spec.gym_id and key == spec.gym_id.lower():
             return spec
     known = ", ".join(sorted(TASKS))
     raise FlowrlError(f"unknown task '{name}'; known tasks: {known}")

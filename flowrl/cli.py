@@ -18,6 +18,7 @@ EPILOG = """stages:
   flowrl expert Hopper --out experts/hopper           train a Stable-Baselines3 expert (with snapshots)
   flowrl collect experts/hopper --level medium --episodes 100 --out data/hopper-medium.hdf5
   flowrl pretrain configs/hopper/pretrain_reflow.yaml  behaviour cloning, then evaluation
+  flowrl finetune configs/hopper/finetune_reflow.yaml --init runs/NAME   ReinFlow fine-tuning
   flowrl eval runs/NAME --steps 1 2 4 8                evaluate a checkpoint at several K
   flowrl data info data/hopper-medium.hdf5             summarise any supported dataset
   flowrl config describe                               every config key, its default and meaning
@@ -39,6 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     pre.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained policy online with ReinFlow (noise-injected PPO)",
+                        description="ReinFlow: PPO over the flow's Euler chain with injected noise, from a pretrained "
+                        "checkpoint; periodic evaluation of the deterministic policy, best and last checkpoints, "
+                        "TensorBoard logs, a final evaluation table.")
+    ft.add_argument("config", help="YAML preset (see `flowrl config describe finetune`)")
+    ft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_envs=512")
+    ft.add_argument("--init", help="pretrained checkpoint (or run folder) to start from (same as init=PATH)")
+    ft.add_argument("--steps", type=int, help="env-step budget (same as train.env_steps=N)")
+    ft.add_argument("--out", help="run folder (default: runs/<task>-finetune-<head>-<time>)")
+    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    ft.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint at several K",
                         description="Evaluate the deterministic policy of a checkpoint (or of a run folder's "
@@ -84,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
 
     cf = sub.add_parser("config", help="show the config schema or a resolved config").add_subparsers(
         dest="config_command", required=True, metavar="SUBCOMMAND")
-    cf.add_parser("describe", help="every key of the pretrain config with default and meaning")
+    desc = cf.add_parser("describe", help="every config key with its default and meaning")
+    desc.add_argument("stage", nargs="?", default="pretrain", choices=["pretrain", "finetune"])
     show = cf.add_parser("show", help="the resolved config of a preset plus overrides")
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
@@ -107,6 +122,34 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     if not args.no_eval:
         bc.final_evaluation()
     bc.run.close()
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from flowrl.agents.reinflow import ReinFlow
+    from flowrl.checkpoint import read_config, resolve_checkpoint
+    from flowrl.config import FinetuneConfig, load_config
+    from flowrl.run import RunFolder
+
+    overrides = list(args.overrides)
+    if args.init:
+        overrides.append(f"init={resolve_checkpoint(args.init)}")
+    if args.steps is not None:
+        overrides.append(f"train.env_steps={args.steps}")
+    cfg = load_config(FinetuneConfig, args.config, overrides)
+    if args.resume and not args.out:
+        raise FlowrlError("--resume needs --out RUN_FOLDER")
+    if not cfg.init:
+        raise FlowrlError("config: init: the pretrained checkpoint is required (--init PATH)")
+    init = read_config(resolve_checkpoint(cfg.init))
+    task = cfg.task or init.get("task", "task")
+    out = args.out or os.path.join("runs", RunFolder.default_name("finetune", task, init["policy"]["head"]))
+    agent = ReinFlow(cfg, out, resume=args.resume, progress=not args.quiet)
+    print(f"run folder: {agent.run.path}  (tensorboard --logdir {agent.run.path}); {agent.iterations} iterations "
+          f"of {agent.steps_per_iteration} env steps", file=sys.stderr)
+    agent.learn()
+    if not args.no_eval:
+        agent.final_evaluation()
+    agent.run.close()
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -174,16 +217,16 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from flowrl.config import PretrainConfig, describe, load_config, to_yaml
+    from flowrl.config import FinetuneConfig, PretrainConfig, describe, load_config, to_yaml
 
     if args.config_command == "describe":
-        for key, default, doc in describe(PretrainConfig):
+        for key, default, doc in describe(FinetuneConfig if args.stage == "finetune" else PretrainConfig):
             print(f"{key:<26} {default:<12} {doc}")
     else:
         print(to_yaml(load_config(PretrainConfig, args.config, args.overrides)), end="")
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "data": cmd_data, "expert": cmd_expert,
+COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval, "data": cmd_data, "expert": cmd_expert,
             "collect": cmd_collect, "config": cmd_config}
 
 

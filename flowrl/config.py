@@ -120,6 +120,92 @@ class PretrainConfig:
     """Evaluation at the end of training."""
 
 
+@dataclass
+class ReinFlowConfig:
+    env_steps: int = 8_000_000
+    """Budget of environment steps in total (one iteration is num_envs * rollout_steps * act_steps)."""
+    num_envs: int = 256
+    """Environments stepped together."""
+    rollout_steps: int = 80
+    """Policy decisions (action chunks) per env per iteration."""
+    num_steps: int = 0
+    """Euler steps K of the noisy chain (0: the pretrained policy's K)."""
+    gamma: float = 0.99
+    """Discount per decision (per action chunk)."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    actor_lr: float = 4.5e-5
+    """Learning rate of the velocity field and the noise head, cosine-decayed to actor_lr_min."""
+    actor_lr_min: float = 2e-5
+    """Final actor learning rate."""
+    critic_lr: float = 6.5e-4
+    """Learning rate of the critic, cosine-decayed to critic_lr_min."""
+    critic_lr_min: float = 3e-4
+    """Final critic learning rate."""
+    update_epochs: int = 5
+    """Passes over each iteration's data."""
+    minibatch_size: int = 2560
+    """Decisions per gradient step."""
+    clip_coef: float = 0.01
+    """PPO clip range of the probability ratio."""
+    target_kl: float = 0.0
+    """Stop an iteration's epochs once the approximate KL exceeds this (0: never)."""
+    ent_coef: float = 0.03
+    """Weight of the entropy bonus of the injected noise."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    w2_coef: float = 0.0
+    """Weight of the W2 regulariser toward the frozen pretrained policy (same initial noise, no injection)."""
+    max_grad_norm: float = 1.0
+    """Clip each network's gradient norm to this (0: off)."""
+    sigma_min: float = 0.10
+    """Lower bound of the injected noise std (normalised action units)."""
+    sigma_max: float = 0.24
+    """Upper bound of the injected noise std at the start."""
+    sigma_hold: float = 0.35
+    """Fraction of iterations the upper bound is held before its cosine decay."""
+    sigma_final_mix: float = 0.7
+    """The upper bound decays to (1 - mix) * sigma_min + mix * sigma_max."""
+    logprob_normalization: str = "mean"
+    """`mean`: the ratio uses the chain log-likelihood divided by its number of noisy elements (K*horizon*act_dim), a per-element geometric-mean ratio; `sum`: the exact joint ratio."""
+    reward_scaling: bool = True
+    """Divide rewards by a running std of the discounted return."""
+    critic_warmup_iterations: int = 2
+    """Iterations at the start that train only the critic."""
+    critic_hidden_dim: int = 256
+    """Width of the critic MLP."""
+    critic_depth: int = 3
+    """Hidden layers of the critic MLP."""
+    noise_hidden_dim: int = 128
+    """Width of the noise head MLP."""
+    backend: str = "auto"
+    """Simulation backend for rollouts (see flowrl.envs.make)."""
+    eval_every: int = 10
+    """Evaluate the deterministic policy every N iterations (and at the end)."""
+    eval_episodes: int = 10
+    """Episodes of each evaluation."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every N iterations (and at the end)."""
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = ""
+    """Task name (empty: the pretrained checkpoint's task)."""
+    seed: int = 0
+    """Seed of everything random in fine-tuning."""
+    device: str = "auto"
+    """Torch device: cpu, cuda, cuda:N or auto."""
+    threads: int = 0
+    """Torch CPU threads (0: torch's default)."""
+    init: str = ""
+    """The pretrained checkpoint to fine-tune (the CLI's --init)."""
+    train: ReinFlowConfig = field(default_factory=ReinFlowConfig)
+    """ReinFlow PPO."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation at the end of fine-tuning."""
+
+
 def _fail(key: str, message: str) -> None:
     raise FlowrlError(f"config: {key}: {message}")
 
@@ -171,6 +257,39 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     validate_eval(cfg.eval)
     if cfg.data.max_episodes < 0:
         _fail("data.max_episodes", f"must be >= 0, got {cfg.data.max_episodes}")
+
+
+def validate_finetune(cfg: FinetuneConfig) -> None:
+    from flowrl.envs import BACKENDS
+
+    if not cfg.init:
+        _fail("init", "the pretrained checkpoint is required (--init PATH)")
+    if cfg.task:
+        from flowrl.envs import resolve_task
+
+        try:
+            resolve_task(cfg.task)
+        except FlowrlError as e:
+            _fail("task", str(e))
+    validate_device(cfg.device)
+    t = cfg.train
+    _check_positive(t, "train.", "env_steps", "num_envs", "rollout_steps", "actor_lr", "critic_lr", "update_epochs",
+                    "minibatch_size", "clip_coef", "sigma_min", "sigma_max", "eval_every", "eval_episodes",
+                    "checkpoint_every", "critic_hidden_dim", "critic_depth", "noise_hidden_dim")
+    for name in ("num_steps", "target_kl", "ent_coef", "vf_coef", "w2_coef", "max_grad_norm", "actor_lr_min",
+                 "critic_lr_min", "critic_warmup_iterations"):
+        if getattr(t, name) < 0:
+            _fail(f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+    for name in ("gamma", "gae_lambda", "sigma_hold", "sigma_final_mix"):
+        if not 0 <= getattr(t, name) <= 1:
+            _fail(f"train.{name}", f"must be in [0, 1], got {getattr(t, name)}")
+    if t.sigma_min > t.sigma_max:
+        _fail("train.sigma_min", f"must be <= sigma_max ({t.sigma_max}), got {t.sigma_min}")
+    if t.logprob_normalization not in ("mean", "sum"):
+        _fail("train.logprob_normalization", f"must be mean or sum, got '{t.logprob_normalization}'")
+    if t.backend not in (*BACKENDS, "auto"):
+        _fail("train.backend", f"must be one of {', '.join((*BACKENDS, 'auto'))}, got '{t.backend}'")
+    validate_eval(cfg.eval)
 
 
 def validate_eval(e: EvalConfig, prefix: str = "eval.") -> None:
