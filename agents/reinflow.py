@@ -202,6 +202,10 @@ class ReinFlow:
         self.best_return = -math.inf
         self.recent_returns: list[float] = []
         self.recent_lengths: list[float] = []
+        self.eval_history: list[dict[str, float]] = []  # learning curve: env steps, wall clock, return
+        self.iteration_seconds: list[float] = []
+        self.wall_clock = 0.0
+        self.on_eval: Any = None  # called after each evaluation (benchmarks stream their curves)
         self.progress = progress
         self._stop_requested = False
         self.run = RunFolder(out)
@@ -389,7 +393,9 @@ class ReinFlow:
                  "critic_opt": self.critic_opt.state_dict(), "scaler": self.scaler.state_dict(),
                  "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                  "history": self.history.get().clone(), "best_return": self.best_return,
-                 "recent_returns": list(self.recent_returns[-100:]), "recent_lengths": list(self.recent_lengths[-100:])}
+                 "recent_returns": list(self.recent_returns[-100:]), "recent_lengths": list(self.recent_lengths[-100:]),
+                 "eval_history": list(self.eval_history), "iteration_seconds": list(self.iteration_seconds),
+                 "wall_clock": self.wall_clock}
         if env_state is not None:
             state["env"] = env_state
         return save_checkpoint(folder or self.run.checkpoint_dir(self.env_steps), self.policy, self._info(), state)
@@ -412,6 +418,8 @@ class ReinFlow:
         self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])
         self.best_return = float(state["best_return"])
         self.recent_returns, self.recent_lengths = list(state["recent_returns"]), list(state["recent_lengths"])
+        self.eval_history, self.iteration_seconds = list(state["eval_history"]), list(state["iteration_seconds"])
+        self.wall_clock = float(state["wall_clock"])
         if "env" in state and hasattr(self.env, "set_full_state"):
             self.env.set_full_state(state["env"])
         else:
@@ -452,6 +460,8 @@ class ReinFlow:
                 logs.update(self.update(batch))
                 self.iteration += 1
                 elapsed = time.time() - start
+                self.wall_clock += elapsed
+                self.iteration_seconds.append(elapsed)
                 logs.update({"time/fps": self.steps_per_iteration / elapsed, "time/iteration_s": elapsed,
                              "time/rollout_s": rollout_s, "train/noise_std": self._mean_noise_std(batch["obs"])})
                 if self.recent_returns:
@@ -497,6 +507,12 @@ class ReinFlow:
             writer.add_scalar("eval/success_rate", r["success_rate"], self.env_steps)
         bar.write(f"iteration {self.iteration} ({self.env_steps} env steps): eval return "
                   f"{r['return_mean']:.1f} ± {r['return_std']:.1f}")
+        self.eval_history.append({"iteration": self.iteration, "env_steps": self.env_steps,
+                                  "wall_clock_s": round(self.wall_clock, 2), "return_mean": r["return_mean"],
+                                  "return_std": r["return_std"], **({"success_rate": r["success_rate"]}
+                                                                    if "success_rate" in r else {})})
+        if self.on_eval is not None:
+            self.on_eval()
         if r["return_mean"] > self.best_return and self.iteration > 0:
             self.best_return = r["return_mean"]
             save_checkpoint(self.run.checkpoints / "best", self.policy, {**self._info(), "eval": r})

@@ -1,0 +1,167 @@
+"""Env steps per second of each backend, beside the raw simulator and gymnasium's vector envs.
+
+    python benchmarks/env_throughput.py [--task Hopper] [--num-envs 64 256 1024 4096 16384 65536]
+                                        [--seconds 2] [--device cuda] [--threads 0]
+
+Rows (env steps/s; an env step of Hopper/Walker2d is 4 physics steps, Ant/Humanoid 5):
+- raw mujoco.batch: ``Batch.step(nstep=frame_skip)`` with constant controls, no task logic;
+- cpu: our cpu backend with random actions (observations, rewards, resets included);
+- cpu + policy: the rollout loop with a K=4 flow policy (3x512) choosing chunks of 4 actions;
+- gymnasium sync / async: gymnasium's own vector envs (async: one process per env, at most
+  ``--max-procs``), random actions.
+Targets (exit code 1 when missed, at the largest num_envs measured for both):
+- cpu env loop >= 80% of the raw mujoco.batch rate;
+- cpu env loop >= 5x gymnasium's async vector env.
+Writes benchmarks/results/env_throughput_<task>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flowrl.config import PolicyConfig  # noqa: E402
+from flowrl.envs import make  # noqa: E402
+from flowrl.envs.locomotion import locomotion_task  # noqa: E402
+from flowrl.evaluation import ObsHistory  # noqa: E402
+from flowrl.policy import FlowPolicy  # noqa: E402
+
+
+def timed(step, seconds: float, warmup: int = 3) -> float:
+    """Calls per second of ``step`` over at least ``seconds``."""
+    for _ in range(warmup):
+        step()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or n < 3:
+        step()
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def raw_batch(task: str, n: int, seconds: float, threads: int) -> float:
+    from mujoco.batch import Batch
+
+    spec = locomotion_task(task)
+    batch = Batch(spec.load_model(), n, threads, persistent=True)
+    ctrl = batch.bind("ctrl")
+    ctrl[:] = 0.1
+    return n * timed(lambda: batch.step(nstep=spec.frame_skip), seconds)
+
+
+def backend_loop(task: str, n: int, seconds: float, threads: int) -> float:
+    env = make(task, n, backend="cpu", seed=0, threads=threads)
+    env.reset()
+    gen = torch.Generator().manual_seed(0)
+    actions = [torch.rand(n, env.act_dim, generator=gen) * 2 - 1 for _ in range(8)]
+    i = [0]
+
+    def step():
+        env.step(actions[i[0] % 8])
+        i[0] += 1
+
+    return n * timed(step, seconds)
+
+
+def policy_loop(task: str, n: int, seconds: float, threads: int, device: str) -> float:
+    env = make(task, n, backend="cpu", seed=0, threads=threads, device=device)
+    torch.manual_seed(0)
+    policy = FlowPolicy(PolicyConfig(), env.obs_dim, env.act_dim).to(device).eval()
+    history = ObsHistory(env.reset(), 1)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def chunk():
+        actions = policy.predict(history.get(), num_steps=4, generator=gen)
+        for j in range(4):
+            obs, _, _, _, info = env.step(actions[:, j])
+            history.push(obs, info["done_mask"])
+
+    return 4 * n * timed(chunk, seconds, warmup=1)
+
+
+def gymnasium_loop(task: str, n: int, seconds: float, mode: str) -> float:
+    import gymnasium as gym
+
+    spec = locomotion_task(task).spec
+    venv = gym.make_vec(spec.gym_id, num_envs=n, vectorization_mode=mode,
+                        vector_kwargs=dict(autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
+    venv.reset(seed=0)
+    rng = np.random.default_rng(0)
+    actions = [rng.uniform(-1, 1, size=venv.action_space.shape).astype(np.float32) for _ in range(8)]
+    i = [0]
+
+    def step():
+        venv.step(actions[i[0] % 8])
+        i[0] += 1
+
+    try:
+        return n * timed(step, seconds)
+    finally:
+        venv.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="Hopper")
+    ap.add_argument("--num-envs", type=int, nargs="+", default=[64, 256, 1024, 4096, 16384, 65536])
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=0, help="mujoco.batch threads (0: all cores)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="policy device")
+    ap.add_argument("--max-procs", type=int, default=os.cpu_count(), help="async gymnasium: most processes")
+    ap.add_argument("--gym-max-envs", type=int, default=1024, help="largest num_envs for gymnasium's envs")
+    args = ap.parse_args()
+
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    rows = []
+    for n in args.num_envs:
+        row = {"num_envs": n, "raw": raw_batch(args.task, n, args.seconds, args.threads),
+               "cpu": backend_loop(args.task, n, args.seconds, args.threads),
+               "cpu_policy": policy_loop(args.task, n, args.seconds, args.threads, args.device)}
+        if n <= args.gym_max_envs:
+            row["gym_sync"] = gymnasium_loop(args.task, n, args.seconds, "sync")
+            if n <= args.max_procs:
+                row["gym_async"] = gymnasium_loop(args.task, n, args.seconds, "async")
+        rows.append(row)
+        print(f"  measured num_envs={n}", file=sys.stderr, flush=True)
+
+    # gymnasium async at its best process count, for the ratio
+    best_async = max((r["gym_async"] for r in rows if "gym_async" in r), default=float("nan"))
+    print(f"\n{args.task} env steps/s on {machine['cores']} cores ({machine['cpu']}); policy on {args.device}"
+          f"{' (' + machine['gpu'] + ')' if machine['gpu'] and args.device.startswith('cuda') else ''}")
+    head = f"{'num_envs':>9} {'raw batch':>11} {'cpu':>11} {'cpu/raw':>8} {'cpu+policy':>11} {'gym sync':>10} {'gym async':>10}"
+    print(head)
+    print("-" * len(head))
+    fmt = lambda v: f"{v:>10.0f}" if v == v else f"{'-':>10}"  # noqa: E731
+    for r in rows:
+        print(f"{r['num_envs']:>9} {r['raw']:>11.0f} {r['cpu']:>11.0f} {r['cpu'] / r['raw']:>8.0%} "
+              f"{r['cpu_policy']:>11.0f} {fmt(r.get('gym_sync', float('nan')))} {fmt(r.get('gym_async', float('nan')))}")
+    best = max(rows, key=lambda r: r["cpu"])
+    checks = [(f"cpu env loop >= 80% of raw mujoco.batch (at {best['num_envs']} envs: {best['cpu'] / best['raw']:.0%})",
+               best["cpu"] >= 0.8 * best["raw"])]
+    if best_async == best_async:
+        checks.append((f"cpu env loop >= 5x gymnasium async ({best['cpu']:.0f} vs {best_async:.0f}: "
+                       f"{best['cpu'] / best_async:.1f}x)", best["cpu"] >= 5 * best_async))
+    print()
+    for text, ok in checks:
+        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    out = Path(os.environ.get("FLOWRL_RESULTS", REPO / "benchmarks" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"env_throughput_{args.task.lower()}.json").write_text(json.dumps(
+        {"task": args.task, "machine": machine, "policy_device": args.device, "rows": rows,
+         "checks": [{"check": t, "pass": ok} for t, ok in checks]}, indent=2) + "\n")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""ReinFlow on locomotion from the medium demonstrations, against the published numbers.
+
+For each task and seed: behaviour cloning (configs/<task>/pretrain_<head>.yaml), then ReinFlow
+(configs/<task>/finetune_<head>.yaml); optionally a Gaussian PPO baseline from scratch
+(Stable-Baselines3 on our batched env, same env-step budget). Prints a table of pretrained ->
+fine-tuned return, env steps, wall-clock and seconds per 80k-env-step iteration beside ReinFlow's
+published numbers, writes benchmarks/results/reinflow_<task>.json and a learning-curve PNG (return
+against env steps and against wall-clock) when matplotlib is there.
+
+    python benchmarks/reinflow_locomotion.py --tasks hopper --seeds 0 1 2 [--env-steps 10000000]
+        [--pretrain-steps 10000] [--head reflow] [--ppo-baseline] [--device auto]
+
+Targets (exit code 1 when missed; only checked for runs with the full 10M-step budget, and the
+iteration time only on a CUDA machine): Hopper >= 3300 and reaches 3200 within 10M env steps,
+Walker2d >= 4300, one 80k-step Hopper iteration < 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flowrl.agents.bc import BehaviorCloning  # noqa: E402
+from flowrl.agents.reinflow import ReinFlow  # noqa: E402
+from flowrl.config import FinetuneConfig, PretrainConfig, load_config  # noqa: E402
+from flowrl.evaluation import evaluate  # noqa: E402
+
+PUBLISHED = {  # ReinFlow-R / ReinFlow-S: pretrained -> fine-tuned; seconds per iteration on an RTX 3090
+    ("hopper", "reflow"): (1432, 3205, 11.7), ("hopper", "shortcut"): (1528, 3283, 11.7),
+    ("walker2d", "reflow"): (2740, 4109, 11.6), ("walker2d", "shortcut"): (2739, 4255, 11.6),
+    ("ant", "reflow"): (1231, 4009, 17.5), ("ant", "shortcut"): (2088, 4106, 17.5),
+    ("humanoid", "reflow"): (1926, 5076, 30.9), ("humanoid", "shortcut"): (2122, 4749, 30.9),
+}
+TARGETS = {"hopper": 3300, "walker2d": 4300}
+
+
+def results_dir() -> Path:
+    out = Path(os.environ.get("FLOWRL_RESULTS", REPO / "benchmarks" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Path, record: dict) -> None:
+    common = [f"seed={seed}", f"device={args.device}"]
+    pre_cfg = load_config(PretrainConfig, REPO / "configs" / task / f"pretrain_{head}.yaml",
+                          [*common, "train.eval_every=0", f"eval.episodes={args.episodes}", "eval.steps=[4]",
+                           *([f"train.steps={args.pretrain_steps}"] if args.pretrain_steps else [])])
+    if not Path(pre_cfg.data.path).is_absolute():
+        pre_cfg.data.path = str(REPO / pre_cfg.data.path)
+    stamp = time.strftime("%H%M%S")
+    start = time.time()
+    bc = BehaviorCloning(pre_cfg, runs / f"{task}-{head}-s{seed}-pretrain-{stamp}", progress=False)
+    bc.learn()
+    record["pretrain_s"] = round(time.time() - start, 1)
+    record["pretrained"] = bc.evaluate(4, args.episodes)["return_mean"]
+    record["data_return"] = bc.data_info["return_mean"]
+    init = bc.run.checkpoint_dir(bc.step)
+    print(f"[{task} s{seed}] pretrained: {record['pretrained']:.1f} ({record['pretrain_s']} s)", flush=True)
+
+    ft_cfg = load_config(FinetuneConfig, REPO / "configs" / task / f"finetune_{head}.yaml",
+                         [*common, f"init={init}", f"eval.episodes={args.episodes}", "eval.steps=[4]",
+                          f"train.eval_every={args.eval_every}", "train.eval_episodes=10",
+                          *([f"train.env_steps={args.env_steps}"] if args.env_steps else [])])
+    agent = ReinFlow(ft_cfg, runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
+    agent.on_eval = lambda: (record.update(curve=agent.eval_history, iteration_s=agent.iteration_seconds),
+                             flush(record["_all"]))
+    agent.learn()
+    final = agent.evaluate(args.episodes)
+    record.update(finetuned=final["return_mean"], finetuned_std=final["return_std"], env_steps=agent.env_steps,
+                  wall_clock_s=round(agent.wall_clock, 1), curve=agent.eval_history,
+                  iteration_s=agent.iteration_seconds, steps_per_iteration=agent.steps_per_iteration)
+    print(f"[{task} s{seed}] fine-tuned: {record['finetuned']:.1f} after {agent.env_steps} env steps, "
+          f"{record['wall_clock_s']} s", flush=True)
+
+
+def ppo_baseline(task: str, seed: int, env_steps: int, episodes: int) -> dict:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
+
+    from flowrl.envs import make
+    from flowrl.envs.adapters import sb3_vec_env
+
+    venv = VecNormalize(VecMonitor(sb3_vec_env(make(task, 64, backend="cpu", seed=seed))), gamma=0.99)
+    model = PPO("MlpPolicy", venv, n_steps=64, batch_size=4096, n_epochs=10, learning_rate=3e-4, seed=seed,
+                device="cpu", verbose=0)
+    start = time.time()
+    model.learn(total_timesteps=env_steps)
+    wall = time.time() - start
+    venv.training = False
+
+    class Wrapped:
+        cfg = type("cfg", (), {"obs_history": 1, "act_steps": 1})
+
+        obs_mean = torch.zeros(1)
+
+        @staticmethod
+        def predict(obs, num_steps=None, generator=None):
+            o = venv.normalize_obs(obs[:, -1].cpu().numpy().astype(np.float32))
+            return torch.as_tensor(model.predict(o, deterministic=True)[0]).unsqueeze(1)
+
+    r = evaluate(Wrapped, task.capitalize() if task != "walker2d" else "Walker2d", 1, episodes=episodes)
+    return {"return": r["return_mean"], "env_steps": env_steps, "wall_clock_s": round(wall, 1)}
+
+
+def flush(all_results: dict) -> None:
+    for task, rec in all_results.items():
+        clean = {k: v for k, v in rec.items() if k != "_all"}
+        clean["seeds"] = [{k: v for k, v in s.items() if k != "_all"} for s in rec.get("seeds", [])]
+        (results_dir() / f"reinflow_{task}.json").write_text(json.dumps(clean, indent=2) + "\n")
+
+
+def plot(task: str, rec: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot; pip install 'flowrl[bench]')")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for s in rec["seeds"]:
+        curve = s.get("curve", [])
+        if not curve:
+            continue
+        axes[0].plot([c["env_steps"] / 1e6 for c in curve], [c["return_mean"] for c in curve], label=f"seed {s['seed']}")
+        axes[1].plot([c["wall_clock_s"] / 60 for c in curve], [c["return_mean"] for c in curve])
+    pub = PUBLISHED.get((task, rec["head"]))
+    for ax, xlabel in zip(axes, ("env steps (M)", "wall-clock (min)")):
+        if pub:
+            ax.axhline(pub[1], color="gray", ls="--", label="ReinFlow published")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("return (deterministic policy)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"ReinFlow on {task} ({rec['head']}), {rec.get('device', '')}")
+    fig.tight_layout()
+    fig.savefig(results_dir() / f"reinflow_{task}.png", dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=["hopper"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--head", default="reflow", choices=["reflow", "shortcut"])
+    ap.add_argument("--env-steps", type=int, help="override train.env_steps of the presets")
+    ap.add_argument("--pretrain-steps", type=int, help="override train.steps of the pretraining presets")
+    ap.add_argument("--episodes", type=int, default=20, help="episodes of the final evaluations")
+    ap.add_argument("--eval-every", type=int, default=10, help="iterations between curve points")
+    ap.add_argument("--ppo-baseline", action="store_true", help="add SB3 Gaussian PPO from scratch as a row")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--runs", default=str(REPO / "runs" / "bench"))
+    args = ap.parse_args()
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    all_results: dict = {}
+    for task in args.tasks:
+        rec = {"task": task, "head": args.head, "device": device, "cores": os.cpu_count(), "seeds": []}
+        all_results[task] = rec
+        for seed in args.seeds:
+            srec = {"seed": seed, "_all": all_results}
+            rec["seeds"].append(srec)
+            run_seed(task, args.head, seed, args, Path(args.runs), srec)
+            flush(all_results)
+        if args.ppo_baseline:
+            rec["ppo"] = ppo_baseline(task, args.seeds[0], args.env_steps or 10_000_000, args.episodes)
+        flush(all_results)
+        plot(task, rec)
+
+    print(f"\nReinFlow ({args.head}) on {device}, {os.cpu_count()} CPU cores; seeds {args.seeds}")
+    head = (f"{'task':<9} {'pretrained':>11} {'fine-tuned':>17} {'env steps':>10} {'wall s':>7} {'s/80k it':>9}"
+            f" {'published':>17} {'pub s/it':>9}")
+    print(head)
+    print("-" * len(head))
+    checks = []
+    for task, rec in all_results.items():
+        seeds = rec["seeds"]
+        pre = np.mean([s["pretrained"] for s in seeds])
+        post = [s["finetuned"] for s in seeds]
+        it = np.mean([np.median(s["iteration_s"]) * 80_000 / s["steps_per_iteration"] for s in seeds])
+        pub = PUBLISHED.get((task, args.head), (float("nan"),) * 3)
+        print(f"{task:<9} {pre:>11.1f} {np.mean(post):>9.1f} ± {np.std(post):>5.1f} {seeds[0]['env_steps']:>10} "
+              f"{np.mean([s['wall_clock_s'] for s in seeds]):>7.0f} {it:>9.2f} {pub[0]:>7.0f} -> {pub[1]:>5.0f}"
+              f" {pub[2]:>9.1f}")
+        if "ppo" in rec:
+            p = rec["ppo"]
+            print(f"{'  PPO':<9} {'-':>11} {p['return']:>17.1f} {p['env_steps']:>10} {p['wall_clock_s']:>7.0f}")
+        full = seeds[0]["env_steps"] >= 10_000_000
+        if task in TARGETS and full:
+            checks.append((f"{task} fine-tuned >= {TARGETS[task]} ({np.mean(post):.0f})", np.mean(post) >= TARGETS[task]))
+        if task == "hopper" and full:
+            reached = [min((c["env_steps"] for c in s["curve"] if c["return_mean"] >= 3200), default=None) for s in seeds]
+            checks.append((f"hopper reaches 3200 within 10M env steps (per seed: {reached})",
+                           all(r is not None and r <= 10_000_000 for r in reached)))
+        if task == "hopper" and device != "cpu":
+            checks.append((f"hopper 80k-step iteration < 2 s on {device} ({it:.2f} s)", it < 2.0))
+    print()
+    for text, ok in checks:
+        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
