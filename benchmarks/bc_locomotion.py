@@ -20,10 +20,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from flowrl.agents.bc import BehaviorCloning  # noqa: E402
-from flowrl.config import PretrainConfig, load_config  # noqa: E402
+from flowrl.agents.bc import BehaviorCloning
+from flowrl.config import PretrainConfig, load_config
 
 
 def main() -> int:

@@ -29,13 +29,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from flowrl.config import PolicyConfig  # noqa: E402
-from flowrl.envs import make  # noqa: E402
-from flowrl.envs.locomotion import locomotion_task  # noqa: E402
-from flowrl.evaluation import ObsHistory  # noqa: E402
-from flowrl.policy import FlowPolicy  # noqa: E402
+from flowrl.config import PolicyConfig
+from flowrl.envs import make
+from flowrl.envs.locomotion import locomotion_task
+from flowrl.evaluation import ObsHistory
+from flowrl.policy import FlowPolicy
 
 
 def timed(step, seconds: float, warmup: int = 3) -> float:

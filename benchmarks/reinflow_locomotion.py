@@ -28,12 +28,10 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from flowrl.agents.bc import BehaviorCloning  # noqa: E402
-from flowrl.agents.reinflow import ReinFlow  # noqa: E402
-from flowrl.config import FinetuneConfig, PretrainConfig, load_config  # noqa: E402
-from flowrl.evaluation import evaluate  # noqa: E402
+from flowrl.agents.bc import BehaviorCloning
+from flowrl.agents.reinflow import ReinFlow
+from flowrl.config import FinetuneConfig, PretrainConfig, load_config
+from flowrl.evaluation import evaluate
 
 PUBLISHED = {  # ReinFlow-R / ReinFlow-S: pretrained -> fine-tuned; seconds per iteration on an RTX 3090
     ("hopper", "reflow"): (1432, 3205, 11.7), ("hopper", "shortcut"): (1528, 3283, 11.7),
