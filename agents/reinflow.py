@@ -190,7 +190,8 @@ class ReinFlow:
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=t.critic_lr)
         self.steps_per_iteration = t.num_envs * t.rollout_steps * policy.cfg.act_steps
         self.iterations = max(1, math.ceil(t.env_steps / self.steps_per_iteration))
-        self.env = make(self.task, t.num_envs, backend=t.backend, device=self.device, seed=cfg.seed)
+        sim = {"threads": t.sim_threads} if t.sim_threads and t.backend in ("auto", "cpu") else {}
+        self.env = make(self.task, t.num_envs, backend=t.backend, device=self.device, seed=cfg.seed, **sim)
         if (self.env.obs_dim, self.env.act_dim) != (policy.obs_dim, policy.act_dim):
             raise FlowrlError(f"{cfg.init}: policy has obs/act dims {policy.obs_dim}/{policy.act_dim} but task "
                               f"{self.task} has {self.env.obs_dim}/{self.env.act_dim}")

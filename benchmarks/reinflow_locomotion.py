@@ -8,7 +8,12 @@ published numbers, writes benchmarks/results/reinflow_<task>.json and a learning
 against env steps and against wall-clock) when matplotlib is there.
 
     python benchmarks/reinflow_locomotion.py --tasks hopper --seeds 0 1 2 [--env-steps 10000000]
-        [--pretrain-steps 10000] [--head reflow] [--ppo-baseline] [--device auto]
+        [--pretrain-steps 10000] [--head reflow] [--ppo-baseline] [--device auto] [--tag NAME]
+        [--sim-threads N] [key=value overrides of the fine-tuning preset]
+    python benchmarks/reinflow_locomotion.py --report benchmarks/results/reinflow_hopper*.json
+
+Seeds can run as parallel processes (one ``--seeds i --tag si --sim-threads N`` each); ``--report``
+merges their JSON files into one table and plot.
 
 Targets (exit code 1 when missed; only checked for runs with the full 10M-step budget, and the
 iteration time only on a CUDA machine): Hopper >= 3300 and reaches 3200 within 10M env steps,
@@ -68,7 +73,9 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     ft_cfg = load_config(FinetuneConfig, REPO / "configs" / task / f"finetune_{head}.yaml",
                          [*common, f"init={init}", f"eval.episodes={args.episodes}", "eval.steps=[4]",
                           f"train.eval_every={args.eval_every}", "train.eval_episodes=10",
+                          f"train.sim_threads={args.sim_threads}", *args.overrides,
                           *([f"train.env_steps={args.env_steps}"] if args.env_steps else [])])
+    record["overrides"] = list(args.overrides)
     agent = ReinFlow(ft_cfg, runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
     agent.on_eval = lambda: (record.update(curve=agent.eval_history, iteration_s=agent.iteration_seconds),
                              flush(record["_all"]))
@@ -110,11 +117,15 @@ def ppo_baseline(task: str, seed: int, env_steps: int, episodes: int) -> dict:
     return {"return": r["return_mean"], "env_steps": env_steps, "wall_clock_s": round(wall, 1)}
 
 
+TAG = [""]
+
+
 def flush(all_results: dict) -> None:
     for task, rec in all_results.items():
         clean = {k: v for k, v in rec.items() if k != "_all"}
         clean["seeds"] = [{k: v for k, v in s.items() if k != "_all"} for s in rec.get("seeds", [])]
-        (results_dir() / f"reinflow_{task}.json").write_text(json.dumps(clean, indent=2) + "\n")
+        name = f"reinflow_{task}{'_' + TAG[0] if TAG[0] else ''}.json"
+        (results_dir() / name).write_text(json.dumps(clean, indent=2) + "\n")
 
 
 def plot(task: str, rec: dict) -> None:
@@ -144,6 +155,7 @@ def plot(task: str, rec: dict) -> None:
     fig.suptitle(f"ReinFlow on {task} ({rec['head']}), {rec.get('device', '')}")
     fig.tight_layout()
     fig.savefig(results_dir() / f"reinflow_{task}.png", dpi=120)
+    print(f"plot: {results_dir() / f'reinflow_{task}.png'}")
 
 
 def main() -> int:
@@ -158,10 +170,24 @@ def main() -> int:
     ap.add_argument("--ppo-baseline", action="store_true", help="add SB3 Gaussian PPO from scratch as a row")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench"))
+    ap.add_argument("--tag", default="", help="suffix of the results file (parallel processes)")
+    ap.add_argument("--sim-threads", type=int, default=0, help="cpu backend threads (0: all cores)")
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="only merge these results files and report")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning preset")
     args = ap.parse_args()
+    TAG[0] = args.tag
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     all_results: dict = {}
+    if args.report:
+        for path in args.report:
+            rec = json.loads(Path(path).read_text())
+            if rec["task"] in all_results:
+                all_results[rec["task"]]["seeds"] += rec["seeds"]
+                all_results[rec["task"]].update({k: v for k, v in rec.items() if k == "ppo"})
+            else:
+                all_results[rec["task"]] = rec
+        return report(all_results)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     for task in args.tasks:
         rec = {"task": task, "head": args.head, "device": device, "cores": os.cpu_count(), "seeds": []}
         all_results[task] = rec
@@ -173,9 +199,15 @@ def main() -> int:
         if args.ppo_baseline:
             rec["ppo"] = ppo_baseline(task, args.seeds[0], args.env_steps or 10_000_000, args.episodes)
         flush(all_results)
-        plot(task, rec)
+    return report(all_results)
 
-    print(f"\nReinFlow ({args.head}) on {device}, {os.cpu_count()} CPU cores; seeds {args.seeds}")
+
+def report(all_results: dict) -> int:
+    for task, rec in all_results.items():
+        plot(task, rec)
+    first = next(iter(all_results.values()))
+    device, head_name = first["device"], first["head"]
+    print(f"\nReinFlow ({head_name}) on {device}, {first['cores']} CPU cores")
     head = (f"{'task':<9} {'pretrained':>11} {'fine-tuned':>17} {'env steps':>10} {'wall s':>7} {'s/80k it':>9}"
             f" {'published':>17} {'pub s/it':>9}")
     print(head)
@@ -186,7 +218,9 @@ def main() -> int:
         pre = np.mean([s["pretrained"] for s in seeds])
         post = [s["finetuned"] for s in seeds]
         it = np.mean([np.median(s["iteration_s"]) * 80_000 / s["steps_per_iteration"] for s in seeds])
-        pub = PUBLISHED.get((task, args.head), (float("nan"),) * 3)
+        pub = PUBLISHED.get((task, head_name), (float("nan"),) * 3)
+        print(f"  seeds {[s['seed'] for s in seeds]}: " + ", ".join(f"{s['pretrained']:.0f} -> {s['finetuned']:.0f}"
+                                                           for s in seeds))
         print(f"{task:<9} {pre:>11.1f} {np.mean(post):>9.1f} ± {np.std(post):>5.1f} {seeds[0]['env_steps']:>10} "
               f"{np.mean([s['wall_clock_s'] for s in seeds]):>7.0f} {it:>9.2f} {pub[0]:>7.0f} -> {pub[1]:>5.0f}"
               f" {pub[2]:>9.1f}")

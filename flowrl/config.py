@@ -180,6 +180,8 @@ class ReinFlowConfig:
     """Width of the noise head MLP."""
     backend: str = "auto"
     """Simulation backend for rollouts (see flowrl.envs.make)."""
+    sim_threads: int = 0
+    """Threads of the cpu backend (0: all cores)."""
     eval_every: int = 10
     """Evaluate the deterministic policy every N iterations (and at the end)."""
     eval_episodes: int = 10
@@ -277,7 +279,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
                     "minibatch_size", "clip_coef", "sigma_min", "sigma_max", "eval_every", "eval_episodes",
                     "checkpoint_every", "critic_hidden_dim", "critic_depth", "noise_hidden_dim")
     for name in ("num_steps", "target_kl", "ent_coef", "vf_coef", "w2_coef", "max_grad_norm", "actor_lr_min",
-                 "critic_lr_min", "critic_warmup_iterations"):
+                 "critic_lr_min", "critic_warmup_iterations", "sim_threads"):
         if getattr(t, name) < 0:
             _fail(f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     for name in ("gamma", "gae_lambda", "sigma_hold", "sigma_final_mix"):
