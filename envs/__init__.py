@@ -14,7 +14,7 @@ from flowrl.envs.base import BatchedEnv
 from flowrl.envs.tasks import TASKS, TaskSpec, resolve_task
 from flowrl.errors import FlowrlError
 
-BACKENDS = ("cpu", "gymnasium")
+BACKENDS = ("cpu", "warp", "gymnasium")
 
 
 def make(
@@ -27,8 +27,9 @@ def make(
 ) -> BatchedEnv:
     """Build ``num_envs`` copies of ``task`` stepped together on ``backend``.
 
-    Backends: ``cpu`` (mujoco.batch on a thread pool, float64, the default), ``gymnasium`` (gymnasium's
-    own vector envs; ``vectorization="async"`` for subprocesses), ``auto`` (the fastest available).
+    Backends: ``cpu`` (mujoco.batch on a thread pool, float64), ``warp`` (MuJoCo Warp, float32, on the
+    GPU or Warp's CPU device), ``gymnasium`` (gymnasium's own vector envs; ``vectorization="async"``
+    for subprocesses), ``auto`` (warp on a CUDA device when installed, else cpu).
     ``seed`` seeds env i with ``seed + i`` at the first ``reset()``.
     """
     spec = resolve_task(task)
@@ -39,7 +40,16 @@ def make(
 
         return PointReachEnv(num_envs, device=device, seed=seed)
     if backend == "auto":
-        backend = "cpu"
+        from flowrl.envs.mujoco_warp_backend import warp_available
+
+        on_gpu = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        backend = "warp" if on_gpu and warp_available() and spec.name != "Humanoid" else "cpu"
+    if backend == "warp":
+        from flowrl.envs.locomotion import locomotion_task
+        from flowrl.envs.mujoco_warp_backend import MujocoWarpEnv
+
+        kwargs.pop("threads", None)
+        return MujocoWarpEnv(locomotion_task(spec.name), num_envs, device=device, seed=seed, **kwargs)
     if backend == "cpu":
         from flowrl.envs.locomotion import locomotion_task
         from flowrl.envs.mujoco_batch_backend import MujocoBatchEnv

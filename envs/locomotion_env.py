@@ -1,0 +1,174 @@
+"""The stepping logic every MuJoCo backend shares: task terms, autoreset, seeding, bad states.
+
+A backend subclass only moves physics: it exposes its state as torch tensors (``qpos``, ``qvel``,
+``ctrl`` and the derived fields the task reads, in ``state``) and implements ``_simulate``,
+``_forward``, ``_reset_physics`` and access to the solver warm start.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import abstractmethod
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from flowrl.envs.base import BatchedEnv
+from flowrl.envs.locomotion import LocomotionTask
+
+
+class LocomotionEnv(BatchedEnv):
+    """N copies of a locomotion task; see :class:`BatchedEnv` for the interface."""
+
+    qpos: torch.Tensor
+    qvel: torch.Tensor
+    ctrl: torch.Tensor
+    state: dict[str, torch.Tensor]
+
+    def __init__(self, task: LocomotionTask, model: Any, num_envs: int, device: str | torch.device,
+                 seed: int | None, sim_device: torch.device, dtype: torch.dtype) -> None:
+        self.spec = task
+        self.task = task.spec.name
+        self.model = model
+        self.num_envs = num_envs
+        self.device = torch.device(device)
+        self.sim_device, self.dtype = sim_device, dtype
+        self.max_episode_steps = task.spec.max_episode_steps
+        self.dt = task.dt(model)
+        low, high = model.actuator_ctrlrange.T.astype(np.float32)
+        self.single_action_space = gym.spaces.Box(low, high, dtype=np.float32)
+        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (task.spec.obs_dim,), np.float64)
+        self._low = torch.as_tensor(model.actuator_ctrlrange[:, 0], device=sim_device)
+        self._high = torch.as_tensor(model.actuator_ctrlrange[:, 1], device=sim_device)
+        self.model_info = {"body_mass": torch.as_tensor(model.body_mass, device=sim_device, dtype=dtype)}
+        self.qpos0 = model.qpos0.copy()
+        self._seed = seed
+        self.rngs = [np.random.default_rng(None if seed is None else seed + i) for i in range(num_envs)]
+        self.elapsed = torch.zeros(num_envs, dtype=torch.int64, device=sim_device)
+        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=sim_device)
+        self._position = torch.zeros(num_envs, dtype=dtype, device=sim_device)  # progress coordinate now
+        self.bad_state_count = 0
+
+    # -- what a backend provides ---------------------------------------------------------------
+    @abstractmethod
+    def _simulate(self) -> None:
+        """``frame_skip`` physics steps from ``ctrl``; then ``cfrc_ext`` if the task reads it."""
+
+    @abstractmethod
+    def _forward(self, ids: np.ndarray | None) -> None:
+        """Recompute derived fields at the current state (of ``ids``, or of every env)."""
+
+    @abstractmethod
+    def _clear(self, ids: np.ndarray) -> None:
+        """Reset the simulations ``ids`` to the model's defaults (warm start included)."""
+
+    @abstractmethod
+    def _warmstart(self) -> torch.Tensor:
+        """The solver's warm start, (N, nv), writable."""
+
+    def _backend_bad(self) -> torch.Tensor:
+        """Envs the simulator itself flags (errors, buffer overflows)."""
+        return torch.zeros(self.num_envs, dtype=torch.bool, device=self.sim_device)
+
+    # -- shared logic --------------------------------------------------------------------------
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.device == self.device else x.to(self.device)
+
+    def _obs(self) -> torch.Tensor:
+        return self.spec.observation(self.state)
+
+    def _reset_ids(self, ids: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        self._clear(ids)
+        fresh = [self.spec.reset_state(self.rngs[i], self.qpos0, self.model.nv) for i in ids]
+        idx = torch.as_tensor(ids, device=self.sim_device)
+        self.qpos[idx] = torch.as_tensor(np.stack([f[0] for f in fresh]), dtype=self.dtype, device=self.sim_device)
+        self.qvel[idx] = torch.as_tensor(np.stack([f[1] for f in fresh]), dtype=self.dtype, device=self.sim_device)
+        self._forward(ids)
+        self._position[idx] = self.spec.position(self.state, self.model_info)[idx]
+        self.elapsed[idx] = 0
+        self.returns[idx] = 0.0
+        if self.spec.needs_contact_forces:
+            self.state["cfrc_ext"][idx] = 0.0  # gymnasium runs no mj_rnePostConstraint after a reset
+
+    def reset(self, seed: int | None = None) -> torch.Tensor:
+        seed = self._seed if seed is None else seed
+        if seed is not None:
+            self.rngs = [np.random.default_rng(seed + i) for i in range(self.num_envs)]
+        self._reset_ids(np.arange(self.num_envs))
+        return self._out(self._obs())
+
+    def step(self, action: torch.Tensor):
+        given = torch.as_tensor(action).detach().to(self.sim_device)
+        given = given if given.is_floating_point() else given.double()
+        given = torch.minimum(torch.maximum(given, self._low.to(given.dtype)), self._high.to(given.dtype))
+        x_before = self._position.clone()
+        self.ctrl.copy_(given)
+        self._simulate()
+        self._position.copy_(self.spec.position(self.state, self.model_info))
+        x_velocity = (self._position - x_before) / self.dt
+        obs = self._obs()
+        reward, terminated = self.spec.reward_and_termination(self.state, x_velocity, given)
+        self.elapsed += 1
+        truncated = self.elapsed >= self.max_episode_steps
+        bad = ~(torch.isfinite(self.qpos).all(dim=1) & torch.isfinite(self.qvel).all(dim=1)
+                & torch.isfinite(obs).all(dim=1) & torch.isfinite(reward)) | self._backend_bad()
+        if bad.any():
+            self.bad_state_count += int(bad.sum())
+            obs = torch.nan_to_num(obs, nan=0.0, posinf=0.0, neginf=0.0)
+            reward = torch.where(bad, 0.0, reward)
+            terminated = terminated | bad
+        self.returns += reward
+        done = terminated | truncated
+        info: dict[str, Any] = {"done_mask": done, "episode_return": self.returns.clone(),
+                                "episode_length": self.elapsed.clone(), "bad_state": bad,
+                                "bad_state_count": self.bad_state_count}
+        final_obs = obs
+        done_ids = torch.nonzero(done).flatten()
+        if len(done_ids):
+            final_obs = obs.clone()
+            self._reset_ids(done_ids.cpu().numpy())
+            obs = torch.where(done.unsqueeze(1), self._obs(), obs)
+        info["final_obs"] = self._out(final_obs)
+        info = {k: self._out(v) if isinstance(v, torch.Tensor) else v for k, v in info.items()}
+        return self._out(obs), self._out(reward), self._out(terminated), self._out(truncated), info
+
+    def get_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qpos (N, nq), qvel (N, nv)) copies."""
+        return self._out(self.qpos.clone()), self._out(self.qvel.clone())
+
+    def set_state(self, qpos: torch.Tensor, qvel: torch.Tensor) -> torch.Tensor:
+        """Set every env's joint positions and velocities (as gymnasium's ``set_state``); returns obs."""
+        self.qpos.copy_(torch.as_tensor(qpos).to(self.sim_device, self.dtype))
+        self.qvel.copy_(torch.as_tensor(qvel).to(self.sim_device, self.dtype))
+        self._forward(None)
+        self._position.copy_(self.spec.position(self.state, self.model_info))
+        if self.spec.needs_contact_forces:
+            self.state["cfrc_ext"].zero_()
+        return self._out(self._obs())
+
+    def get_full_state(self) -> dict[str, Any]:
+        """Everything the next steps depend on (for exact resume); tensors and strings only."""
+        state = {"qpos": self.qpos.clone(), "qvel": self.qvel.clone(), "qacc_warmstart": self._warmstart().clone(),
+                 "elapsed": self.elapsed.clone(), "returns": self.returns.clone(), "position": self._position.clone(),
+                 "rngs": json.dumps([r.bit_generator.state for r in self.rngs])}
+        if self.spec.needs_contact_forces:
+            state["cfrc_ext"] = self.state["cfrc_ext"].clone()
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+    def set_full_state(self, state: dict[str, Any]) -> None:
+        dev = self.sim_device
+        self.qpos.copy_(state["qpos"].to(dev))
+        self.qvel.copy_(state["qvel"].to(dev))
+        self._forward(None)
+        self._warmstart().copy_(state["qacc_warmstart"].to(dev))
+        self.elapsed.copy_(state["elapsed"].to(dev))
+        self.returns.copy_(state["returns"].to(dev))
+        self._position.copy_(state["position"].to(dev))
+        for rng, st in zip(self.rngs, json.loads(state["rngs"])):
+            rng.bit_generator.state = st
+        if "cfrc_ext" in state:
+            self.state["cfrc_ext"].copy_(state["cfrc_ext"].to(dev))

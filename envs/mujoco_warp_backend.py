@@ -1,0 +1,109 @@
+"""Backend ``warp``: MuJoCo Warp, float32, all N simulations in GPU kernels.
+
+The state arrays of MuJoCo Warp are shared with torch without copies (``wp.to_torch``); on a
+CUDA device the ``frame_skip`` physics steps of one env step (and the contact-force pass where the
+task reads ``cfrc_ext``) are captured once as a CUDA graph and replayed. It also runs on Warp's
+CPU device (slowly), so tests cover its code on machines without a GPU.
+
+Contact and constraint buffers are per world and sized per task; a world whose buffers overflow
+is reset and counted like a diverged one (overflow leaves its results undefined).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowrl.envs.locomotion import LocomotionTask
+from flowrl.envs.locomotion_env import LocomotionEnv
+from flowrl.errors import FlowrlError
+
+# contacts and constraint rows per world: measured to hold these tasks with margin
+BUFFERS = {"Hopper": (16, 64), "Walker2d": (24, 96), "HalfCheetah": (24, 96), "Ant": (48, 192),
+           "Humanoid-Newton": (64, 256), "Humanoid": (64, 256)}
+
+
+def warp_available() -> bool:
+    try:
+        import mujoco_warp  # noqa: F401
+        import warp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class MujocoWarpEnv(LocomotionEnv):
+    """N copies of a locomotion task on MuJoCo Warp (``device``: cuda, cuda:N or cpu)."""
+
+    def __init__(self, task: LocomotionTask, num_envs: int, device: str | torch.device = "cuda",
+                 seed: int | None = None, nconmax: int | None = None, njmax: int | None = None) -> None:
+        if not warp_available():
+            raise FlowrlError("the warp backend needs mujoco-warp and warp-lang: pip install 'flowrl[warp]'")
+        import mujoco
+        import mujoco_warp as mjw
+        import warp as wp
+
+        model = task.load_model()
+        if model.opt.solver == int(mujoco.mjtSolver.mjSOL_PGS):
+            raise FlowrlError(f"{task.spec.name} uses the PGS solver, which MuJoCo Warp lacks; "
+                              "use the Newton variant (task Humanoid-Newton)")
+        torch_device = torch.device(device)
+        if torch_device.type == "cuda" and torch_device.index is None:
+            torch_device = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(task, model, num_envs, torch_device, seed, torch_device, torch.float32)
+        wp.config.quiet = True
+        wp.init()
+        self.wp, self.mjw = wp, mjw
+        self.wp_device = f"cuda:{torch_device.index}" if torch_device.type == "cuda" else "cpu"
+        con, efc = BUFFERS.get(task.spec.name, (64, 256))
+        with wp.ScopedDevice(self.wp_device):
+            self.m = mjw.put_model(model)
+            self.d = mjw.make_data(model, nworld=num_envs, nconmax=nconmax or con, njmax=njmax or efc)
+        self.m.opt.warn_overflow = 0  # overflows are handled per world: reset and counted in info
+        view = wp.to_torch
+        self.qpos, self.qvel, self.ctrl = view(self.d.qpos), view(self.d.qvel), view(self.d.ctrl)
+        self.state = {"qpos": self.qpos, "qvel": self.qvel}
+        for name in task.derived_fields:
+            self.state[name] = view(getattr(self.d, name))
+        self._graph: Any = None
+        self._reset_mask = wp.zeros(num_envs, dtype=bool, device=self.wp_device)
+
+    def _physics(self) -> None:
+        for _ in range(self.spec.frame_skip):
+            self.mjw.step(self.m, self.d)
+        if self.spec.needs_contact_forces:
+            self.mjw.rne_postconstraint(self.m, self.d)
+
+    def _simulate(self) -> None:
+        wp = self.wp
+        with wp.ScopedDevice(self.wp_device):
+            if self.wp_device == "cpu":
+                self._physics()
+                return
+            if self._graph is None:
+                self._physics()  # compile and load the kernels before capturing them
+                with wp.ScopedCapture() as capture:
+                    self._physics()
+                self._graph = capture.graph
+            wp.capture_launch(self._graph)
+
+    def _forward(self, ids: np.ndarray | None) -> None:
+        with self.wp.ScopedDevice(self.wp_device):
+            self.mjw.forward(self.m, self.d)
+
+    def _clear(self, ids: np.ndarray) -> None:
+        mask = torch.zeros(self.num_envs, dtype=torch.bool, device=self.sim_device)
+        mask[torch.as_tensor(ids, device=self.sim_device)] = True
+        self.wp.to_torch(self._reset_mask).copy_(mask)
+        with self.wp.ScopedDevice(self.wp_device):
+            self.mjw.reset_data(self.m, self.d, reset=self._reset_mask)
+        self.wp.to_torch(self.d.overflow)[mask] = 0
+
+    def _warmstart(self) -> torch.Tensor:
+        return self.wp.to_torch(self.d.qacc_warmstart)
+
+    def _backend_bad(self) -> torch.Tensor:
+        """Worlds whose contact or constraint buffers overflowed during the step (per-world bitmask)."""
+        return self.wp.to_torch(self.d.overflow) != 0
