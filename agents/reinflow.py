@@ -205,6 +205,7 @@ class ReinFlow:
         self.recent_lengths: list[float] = []
         self.eval_history: list[dict[str, float]] = []  # learning curve: env steps, wall clock, return
         self.iteration_seconds: list[float] = []
+        self.rollout_seconds: list[float] = []
         self.wall_clock = 0.0
         self.on_eval: Any = None  # called after each evaluation (benchmarks stream their curves)
         self.progress = progress
@@ -396,6 +397,7 @@ class ReinFlow:
                  "history": self.history.get().clone(), "best_return": self.best_return,
                  "recent_returns": list(self.recent_returns[-100:]), "recent_lengths": list(self.recent_lengths[-100:]),
                  "eval_history": list(self.eval_history), "iteration_seconds": list(self.iteration_seconds),
+                 "rollout_seconds": list(self.rollout_seconds),
                  "wall_clock": self.wall_clock}
         if env_state is not None:
             state["env"] = env_state
@@ -420,6 +422,7 @@ class ReinFlow:
         self.best_return = float(state["best_return"])
         self.recent_returns, self.recent_lengths = list(state["recent_returns"]), list(state["recent_lengths"])
         self.eval_history, self.iteration_seconds = list(state["eval_history"]), list(state["iteration_seconds"])
+        self.rollout_seconds = list(state["rollout_seconds"])
         self.wall_clock = float(state["wall_clock"])
         if "env" in state and hasattr(self.env, "set_full_state"):
             self.env.set_full_state(state["env"])
@@ -463,6 +466,7 @@ class ReinFlow:
                 elapsed = time.time() - start
                 self.wall_clock += elapsed
                 self.iteration_seconds.append(elapsed)
+                self.rollout_seconds.append(rollout_s)
                 logs.update({"time/fps": self.steps_per_iteration / elapsed, "time/iteration_s": elapsed,
                              "time/rollout_s": rollout_s, "train/noise_std": self._mean_noise_std(batch["obs"])})
                 if self.recent_returns:

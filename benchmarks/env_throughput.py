@@ -57,22 +57,25 @@ def raw_batch(task: str, n: int, seconds: float, threads: int) -> float:
     return n * timed(lambda: batch.step(nstep=spec.frame_skip), seconds)
 
 
-def backend_loop(task: str, n: int, seconds: float, threads: int) -> float:
-    env = make(task, n, backend="cpu", seed=0, threads=threads)
+def backend_loop(task: str, n: int, seconds: float, threads: int, backend: str = "cpu", device: str = "cpu") -> float:
+    env = make(task, n, backend=backend, seed=0, device=device, **({"threads": threads} if backend == "cpu" else {}))
     env.reset()
     gen = torch.Generator().manual_seed(0)
-    actions = [torch.rand(n, env.act_dim, generator=gen) * 2 - 1 for _ in range(8)]
+    actions = [(torch.rand(n, env.act_dim, generator=gen) * 2 - 1).to(device) for _ in range(8)]
     i = [0]
 
     def step():
         env.step(actions[i[0] % 8])
         i[0] += 1
 
-    return n * timed(step, seconds)
+    rate = n * timed(step, seconds)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return rate
 
 
-def policy_loop(task: str, n: int, seconds: float, threads: int, device: str) -> float:
-    env = make(task, n, backend="cpu", seed=0, threads=threads, device=device)
+def policy_loop(task: str, n: int, seconds: float, threads: int, device: str, backend: str = "cpu") -> float:
+    env = make(task, n, backend=backend, seed=0, device=device, **({"threads": threads} if backend == "cpu" else {}))
     torch.manual_seed(0)
     policy = FlowPolicy(PolicyConfig(), env.obs_dim, env.act_dim).to(device).eval()
     history = ObsHistory(env.reset(), 1)
@@ -115,17 +118,26 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=0, help="mujoco.batch threads (0: all cores)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="policy device")
+    ap.add_argument("--cpu-max-envs", type=int, default=16384, help="largest num_envs for the cpu backend")
     ap.add_argument("--gym-envs", type=int, nargs="+", default=[16, 40, 128],
                     help="num_envs for gymnasium's sync and async vector envs")
     args = ap.parse_args()
 
+    from flowrl.envs.mujoco_warp_backend import warp_available
+
+    use_warp = torch.cuda.is_available() and warp_available()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     rows = []
     for n in args.num_envs:
-        row = {"num_envs": n, "raw": raw_batch(args.task, n, args.seconds, args.threads),
-               "cpu": backend_loop(args.task, n, args.seconds, args.threads),
-               "cpu_policy": policy_loop(args.task, n, args.seconds, args.threads, args.device)}
+        row = {"num_envs": n}
+        if n <= args.cpu_max_envs:
+            row.update(raw=raw_batch(args.task, n, args.seconds, args.threads),
+                       cpu=backend_loop(args.task, n, args.seconds, args.threads),
+                       cpu_policy=policy_loop(args.task, n, args.seconds, args.threads, args.device))
+        if use_warp:
+            row.update(warp=backend_loop(args.task, n, args.seconds, 0, "warp", "cuda"),
+                       warp_policy=policy_loop(args.task, n, args.seconds, 0, "cuda", "warp"))
         rows.append(row)
         print(f"  measured num_envs={n}", file=sys.stderr, flush=True)
     gym_rows = [{"num_envs": n, "gym_sync": gymnasium_loop(args.task, n, args.seconds, "sync"),
@@ -133,20 +145,28 @@ def main() -> int:
     best_async = max((r["gym_async"] for r in gym_rows), default=float("nan"))
     print(f"\n{args.task} env steps/s on {machine['cores']} cores ({machine['cpu']}); policy on {args.device}"
           f"{' (' + machine['gpu'] + ')' if machine['gpu'] and args.device.startswith('cuda') else ''}")
-    head = f"{'num_envs':>9} {'raw batch':>11} {'cpu':>11} {'cpu/raw':>8} {'cpu+policy':>11}"
+    head = (f"{'num_envs':>9} {'raw batch':>11} {'cpu':>11} {'cpu/raw':>8} {'cpu+policy':>11}"
+            f"{'  warp (GPU)':>12} {'warp+policy':>12}")
     print(head)
     print("-" * len(head))
+    f = lambda r, k: f"{r[k]:>11.0f}" if k in r else f"{'-':>11}"  # noqa: E731
     for r in rows:
-        print(f"{r['num_envs']:>9} {r['raw']:>11.0f} {r['cpu']:>11.0f} {r['cpu'] / r['raw']:>8.0%} {r['cpu_policy']:>11.0f}")
+        ratio = f"{r['cpu'] / r['raw']:>8.0%}" if "cpu" in r else f"{'-':>8}"
+        print(f"{r['num_envs']:>9} {f(r, 'raw')} {f(r, 'cpu')} {ratio} {f(r, 'cpu_policy')} {f(r, 'warp')} "
+              f"{f(r, 'warp_policy')}")
     print(f"\n{'num_envs':>9} {'gym sync':>11} {'gym async':>11}")
     for r in gym_rows:
         print(f"{r['num_envs']:>9} {r['gym_sync']:>11.0f} {r['gym_async']:>11.0f}")
-    best = max(rows, key=lambda r: r["cpu"])
+    best = max((r for r in rows if "cpu" in r), key=lambda r: r["cpu"])
     checks = [(f"cpu env loop >= 80% of raw mujoco.batch (at {best['num_envs']} envs: {best['cpu'] / best['raw']:.0%})",
                best["cpu"] >= 0.8 * best["raw"])]
     if best_async == best_async:
         checks.append((f"cpu env loop >= 5x gymnasium async ({best['cpu']:.0f} vs {best_async:.0f}: "
                        f"{best['cpu'] / best_async:.1f}x)", best["cpu"] >= 5 * best_async))
+    if use_warp:
+        big = [r for r in rows if r["num_envs"] >= 16384 and "warp_policy" in r]
+        top = max((r["warp_policy"] for r in big), default=0.0)
+        checks.append((f"warp rollout loop with the policy >= 1.5M env steps/s at 16k+ envs ({top:.0f})", top >= 1.5e6))
     print()
     for text, ok in checks:
         print(f"[{'PASS' if ok else 'FAIL'}] {text}")

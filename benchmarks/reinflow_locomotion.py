@@ -83,7 +83,9 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     final = agent.evaluate(args.episodes)
     record.update(finetuned=final["return_mean"], finetuned_std=final["return_std"], env_steps=agent.env_steps,
                   wall_clock_s=round(agent.wall_clock, 1), curve=agent.eval_history,
-                  iteration_s=agent.iteration_seconds, steps_per_iteration=agent.steps_per_iteration)
+                  iteration_s=agent.iteration_seconds, rollout_s=agent.rollout_seconds,
+                  steps_per_iteration=agent.steps_per_iteration, backend=type(agent.env).__name__,
+                  sim_threads=args.sim_threads)
     print(f"[{task} s{seed}] fine-tuned: {record['finetuned']:.1f} after {agent.env_steps} env steps, "
           f"{record['wall_clock_s']} s", flush=True)
 
