@@ -49,7 +49,7 @@ class LocomotionEnv(BatchedEnv):
         self.elapsed = torch.zeros(num_envs, dtype=torch.int64, device=sim_device)
         self.returns = torch.zeros(num_envs, dtype=torch.float64, device=sim_device)
         self._position = torch.zeros(num_envs, dtype=dtype, device=sim_device)  # progress coordinate now
-        self.bad_state_count = 0
+        self.bad_state_count = torch.zeros((), dtype=torch.int64, device=sim_device)  # a tensor: no sync per step
 
     # -- what a backend provides ---------------------------------------------------------------
     @abstractmethod
@@ -116,16 +116,15 @@ class LocomotionEnv(BatchedEnv):
         truncated = self.elapsed >= self.max_episode_steps
         bad = ~(torch.isfinite(self.qpos).all(dim=1) & torch.isfinite(self.qvel).all(dim=1)
                 & torch.isfinite(obs).all(dim=1) & torch.isfinite(reward)) | self._backend_bad()
-        if bad.any():
-            self.bad_state_count += int(bad.sum())
-            obs = torch.nan_to_num(obs, nan=0.0, posinf=0.0, neginf=0.0)
-            reward = torch.where(bad, 0.0, reward)
-            terminated = terminated | bad
+        self.bad_state_count += bad.sum()
+        obs = torch.nan_to_num(obs, nan=0.0, posinf=0.0, neginf=0.0)
+        reward = torch.where(bad, 0.0, reward)
+        terminated = terminated | bad
         self.returns += reward
         done = terminated | truncated
         info: dict[str, Any] = {"done_mask": done, "episode_return": self.returns.clone(),
                                 "episode_length": self.elapsed.clone(), "bad_state": bad,
-                                "bad_state_count": self.bad_state_count}
+                                "bad_state_count": self.bad_state_count.clone()}
         final_obs = obs
         done_ids = torch.nonzero(done).flatten()
         if len(done_ids):

@@ -67,8 +67,26 @@ class MujocoWarpEnv(LocomotionEnv):
         self.state = {"qpos": self.qpos, "qvel": self.qvel}
         for name in task.derived_fields:
             self.state[name] = view(getattr(self.d, name))
-        self._graph: Any = None
         self._reset_mask = wp.zeros(num_envs, dtype=bool, device=self.wp_device)
+        self._mask = wp.to_torch(self._reset_mask)
+        self._overflow = wp.to_torch(self.d.overflow)
+        self._warm = wp.to_torch(self.d.qacc_warmstart)
+        self._graphs: dict[str, Any] = {}
+
+    def _run(self, name: str, fn: Any) -> None:
+        """Run ``fn`` (a sequence of MuJoCo Warp calls); on CUDA, as a graph captured on first use,
+        since launching its many kernels one by one from Python would cost more than the physics."""
+        wp = self.wp
+        with wp.ScopedDevice(self.wp_device):
+            if self.wp_device == "cpu":
+                fn()
+                return
+            if name not in self._graphs:
+                fn()  # compile and load the kernels before capturing them
+                with wp.ScopedCapture() as capture:
+                    fn()
+                self._graphs[name] = capture.graph
+            wp.capture_launch(self._graphs[name])
 
     def _physics(self) -> None:
         for _ in range(self.spec.frame_skip):
@@ -77,33 +95,23 @@ class MujocoWarpEnv(LocomotionEnv):
             self.mjw.rne_postconstraint(self.m, self.d)
 
     def _simulate(self) -> None:
-        wp = self.wp
-        with wp.ScopedDevice(self.wp_device):
-            if self.wp_device == "cpu":
-                self._physics()
-                return
-            if self._graph is None:
-                self._physics()  # compile and load the kernels before capturing them
-                with wp.ScopedCapture() as capture:
-                    self._physics()
-                self._graph = capture.graph
-            wp.capture_launch(self._graph)
+        self._run("step", self._physics)
 
     def _forward(self, ids: np.ndarray | None) -> None:
-        with self.wp.ScopedDevice(self.wp_device):
-            self.mjw.forward(self.m, self.d)
+        # After per-env resets only tasks that read derived fields need them now; every step
+        # recomputes them anyway.
+        if ids is None or self.spec.derived_fields:
+            self._run("forward", lambda: self.mjw.forward(self.m, self.d))
 
     def _clear(self, ids: np.ndarray) -> None:
-        mask = torch.zeros(self.num_envs, dtype=torch.bool, device=self.sim_device)
-        mask[torch.as_tensor(ids, device=self.sim_device)] = True
-        self.wp.to_torch(self._reset_mask).copy_(mask)
-        with self.wp.ScopedDevice(self.wp_device):
-            self.mjw.reset_data(self.m, self.d, reset=self._reset_mask)
-        self.wp.to_torch(self.d.overflow)[mask] = 0
+        self._mask.zero_()
+        self._mask[torch.as_tensor(ids, device=self.sim_device)] = True
+        self._run("reset", lambda: self.mjw.reset_data(self.m, self.d, reset=self._reset_mask))
+        self._overflow[self._mask] = 0
 
     def _warmstart(self) -> torch.Tensor:
-        return self.wp.to_torch(self.d.qacc_warmstart)
+        return self._warm
 
     def _backend_bad(self) -> torch.Tensor:
         """Worlds whose contact or constraint buffers overflowed during the step (per-world bitmask)."""
-        return self.wp.to_torch(self.d.overflow) != 0
+        return self._overflow != 0
