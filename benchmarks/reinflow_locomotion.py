@@ -219,7 +219,9 @@ def report(all_results: dict) -> int:
         seeds = rec["seeds"]
         pre = np.mean([s["pretrained"] for s in seeds])
         post = [s["finetuned"] for s in seeds]
-        it = np.mean([np.median(s["iteration_s"]) * 80_000 / s["steps_per_iteration"] for s in seeds])
+        # iteration time only from runs that had the machine to themselves (parallel seeds share cores)
+        alone = [s for s in seeds if not s.get("sim_threads")] or seeds
+        it = np.mean([np.median(s["iteration_s"]) * 80_000 / s["steps_per_iteration"] for s in alone])
         pub = PUBLISHED.get((task, head_name), (float("nan"),) * 3)
         print(f"  seeds {[s['seed'] for s in seeds]}: " + ", ".join(f"{s['pretrained']:.0f} -> {s['finetuned']:.0f}"
                                                            for s in seeds))
