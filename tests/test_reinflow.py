@@ -176,3 +176,50 @@ def test_cpu_backend_full_state_round_trip() -> None:
     for (o1, r1, te1, tr1, _), (o2, r2, te2, tr2, _) in zip(first, second):
         assert torch.equal(o1, o2) and torch.equal(r1, r2) and torch.equal(te1, te2) and torch.equal(tr1, tr2)
     assert any(bool(x[2].any()) for x in first)  # resets happened in between, with restored RNGs
+
+
+def test_shortcut_head_at_another_k(tmp_path) -> None:
+    """A shortcut policy fine-tuned at K=2 (pretrained for K=4): the chain uses d = 1/2."""
+    write_demonstrations(str(tmp_path / "demos.hdf5"), episodes=16, seed=1)
+    cfg = load_config(PretrainConfig, None, [
+        "task=PointReach", f"data.path={tmp_path / 'demos.hdf5'}", "device=cpu", "policy.head=shortcut",
+        "policy.hidden_dim=32", "policy.depth=1", "policy.horizon=2", "policy.act_steps=2", "policy.time_embed_dim=8",
+        "policy.max_shortcut_steps=8", "train.steps=40", "train.batch_size=64", "train.eval_every=0",
+        "train.checkpoint_every=40", "train.warmup_steps=5"])
+    BehaviorCloning(cfg, tmp_path / "bc", progress=False).learn()
+    ft = load_config(FinetuneConfig, None, [f"init={tmp_path / 'bc' / 'checkpoints' / '40'}", *FINETUNE,
+                                            "train.num_steps=2", "train.num_envs=32", "train.minibatch_size=120",
+                                            "train.env_steps=3840", "train.critic_warmup_iterations=0"])
+    agent = ReinFlow(ft, tmp_path / "ft", progress=False)
+    batch = agent.collect()
+    assert batch["chain"].shape[1:] == (3, 2, 2)  # K+1 states of a (horizon, act_dim) chunk
+    assert agent.update(batch)["train/first_ratio_deviation"] == 0.0
+    agent.iteration += 1
+    folder = agent.save()
+    policy, config = load_policy(folder)
+    assert policy.is_shortcut and config["policy"]["num_steps"] == 2 and config["stage"] == "finetune"
+
+
+def test_finetune_cli_end_to_end_and_bad_input(tmp_path, pretrained, capsys) -> None:
+    from flowrl.cli import main
+
+    preset = tmp_path / "ft.yaml"
+    preset.write_text("device: cpu\ntrain:\n  num_envs: 32\n  rollout_steps: 15\n  minibatch_size: 240\n"
+                      "  eval_every: 1\n  eval_episodes: 4\n  checkpoint_every: 1\n  critic_warmup_iterations: 1\neval:\n  episodes: 4\n  steps: [2, 4]\n")
+    out = tmp_path / "run"
+    assert main(["finetune", str(preset), "--init", pretrained, "--steps", "1920", "--out", str(out), "--quiet"]) == 0
+    assert "return mean" in capsys.readouterr().out
+    assert (out / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1920", "960", "best"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set(EventAccumulator(str(out)).Reload().Tags()["scalars"])
+    assert {"rollout/ep_rew_mean", "train/approx_kl", "train/clip_fraction", "train/entropy_loss",
+            "train/value_loss", "train/explained_variance", "train/noise_std", "time/fps",
+            "eval/mean_reward"} <= tags
+    assert main(["eval", str(out / "checkpoints" / "1920"), "--episodes", "2", "--steps", "4"]) == 0
+    assert main(["finetune", str(preset), "--out", str(tmp_path / "x")]) == 2
+    assert main(["finetune", str(preset), "--init", pretrained, "train.clip_coef=-1", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "init: the pretrained checkpoint is required" in err and "train.clip_coef: must be > 0" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
