@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from flowrl.checkpoint import load_policy, load_train_state, save_checkpoint
+from flowrl.checkpoint import load_policy, save_checkpoint
 from flowrl.config import PretrainConfig, resolve_device, to_dict, validate_pretrain
 from flowrl.datasets import ChunkDataset, Episodes, read_dataset
 from flowrl.envs import make, resolve_task
 from flowrl.errors import FlowrlError, Interrupted
 from flowrl.evaluation import evaluate
 from flowrl.policy import FlowPolicy, shortcut_target
-from flowrl.run import RunFolder, format_eval_table
+from flowrl.run import RunFolder, format_eval_table, stop_on_ctrl_c
 
 
 def check_dataset_matches_task(episodes: Episodes, task: str, path: str) -> tuple[Any, Any]:
@@ -138,11 +136,7 @@ class BehaviorCloning:
         return save_checkpoint(folder or self.run.checkpoint_dir(self.step), self.ema, self._info(), state)
 
     def _restore(self) -> None:
-        latest = self.run.latest_checkpoint()
-        if latest is None:
-            raise FlowrlError(f"--resume: {self.run.path} has no checkpoints yet")
-        state = load_train_state(latest)
-        ema, _ = load_policy(latest, self.device)
+        state, ema = self.run.load_latest(self.device)
         self.ema.load_state_dict(ema.state_dict())
         self.policy.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -199,48 +193,42 @@ class BehaviorCloning:
         self._stop_requested = True
 
     def learn(self) -> FlowPolicy:
-        """Train to ``train.steps``. Ctrl-C stops at the next step boundary with a checkpoint saved
-        (a second Ctrl-C aborts at once)."""
+        """Train to ``train.steps``. Ctrl-C stops at the next step boundary with a checkpoint saved."""
         cfg = self.cfg.train
         writer = self.run.writer(purge_step=self.step if self.step else None)
-        end = cfg.steps
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"pretrain {self.task}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         tick, tick_step = time.time(), self.step
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self.request_stop) if main_thread else None
         self._stop_requested = False
         try:
-            while self.step < end:
-                if self._stop_requested:
-                    raise KeyboardInterrupt
-                logs = self.train_step()
-                self.step += 1
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == end:
-                    now = time.time()
-                    logs["time/fps"] = (self.step - tick_step) * cfg.batch_size / max(now - tick, 1e-9)
-                    tick, tick_step = now, self.step
-                    for k, v in logs.items():
-                        writer.add_scalar(k, v, self.step)
-                    bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    r = self.evaluate(self.cfg.policy.num_steps, cfg.eval_episodes)
-                    writer.add_scalar("eval/mean_reward", r["return_mean"], self.step)
-                    writer.add_scalar("eval/mean_ep_length", r["length_mean"], self.step)
-                    bar.write(f"step {self.step}: eval return {r['return_mean']:.1f} ± {r['return_std']:.1f} "
-                              f"(K={self.cfg.policy.num_steps}, {cfg.eval_episodes} episodes)")
-                if self.step % cfg.checkpoint_every == 0 or self.step == end:
-                    self.save()
+            with stop_on_ctrl_c(self.request_stop):
+                while self.step < cfg.steps:
+                    if self._stop_requested:
+                        raise KeyboardInterrupt
+                    logs = self.train_step()
+                    self.step += 1
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        now = time.time()
+                        logs["time/fps"] = (self.step - tick_step) * cfg.batch_size / max(now - tick, 1e-9)
+                        tick, tick_step = now, self.step
+                        for k, v in logs.items():
+                            writer.add_scalar(k, v, self.step)
+                        bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                        r = self.evaluate(self.cfg.policy.num_steps, cfg.eval_episodes)
+                        writer.add_scalar("eval/mean_reward", r["return_mean"], self.step)
+                        writer.add_scalar("eval/mean_ep_length", r["length_mean"], self.step)
+                        bar.write(f"step {self.step}: eval return {r['return_mean']:.1f} ± {r['return_std']:.1f} "
+                                  f"(K={self.cfg.policy.num_steps}, {cfg.eval_episodes} episodes)")
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                        self.save()
         except KeyboardInterrupt:
             self.save()
             bar.close()
             self.run.close()
             raise Interrupted(f"interrupted at step {self.step}; checkpoint saved, continue with "
                               f"--resume --out {self.run.path}") from None
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGINT, previous)
         bar.close()
         writer.flush()
         return self.ema

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,14 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from flowrl.checkpoint import load_policy, load_train_state, save_checkpoint
+from flowrl.checkpoint import load_policy, save_checkpoint
 from flowrl.config import FinetuneConfig, resolve_device, to_dict, validate_finetune
 from flowrl.envs import make, resolve_task
 from flowrl.errors import FlowrlError, Interrupted
 from flowrl.evaluation import ObsHistory, evaluate
 from flowrl.nets import SinusoidalEmbedding
 from flowrl.policy import FlowPolicy
-from flowrl.run import RunFolder, format_eval_table
+from flowrl.run import RunFolder, format_eval_table, stop_on_ctrl_c
 from flowrl.sampler import chain_transitions, euler_sample, gaussian_log_prob, noisy_euler_chain
 
 LOG_2PI_E_HALF = 0.5 * math.log(2 * math.pi * math.e)
@@ -404,11 +402,7 @@ class ReinFlow:
         return save_checkpoint(folder or self.run.checkpoint_dir(self.env_steps), self.policy, self._info(), state)
 
     def _restore(self) -> None:
-        latest = self.run.latest_checkpoint()
-        if latest is None:
-            raise FlowrlError(f"--resume: {self.run.path} has no checkpoints yet")
-        state = load_train_state(latest)
-        policy, _ = load_policy(latest, self.device)
+        state, policy = self.run.load_latest(self.device)
         self.policy.load_state_dict(policy.state_dict())
         self.noise.load_state_dict(state["noise"])
         self.critic.load_state_dict(state["critic"])
@@ -444,57 +438,56 @@ class ReinFlow:
     def learn(self) -> FlowPolicy:
         """Run fine-tuning to the env-step budget; Ctrl-C stops after the current iteration with a
         checkpoint saved."""
-        t = self.cfg.train
         writer = self.run.writer(purge_step=self.env_steps if self.env_steps else None)
         bar = tqdm(total=self.iterations * self.steps_per_iteration, initial=self.env_steps, unit="step",
                    desc=f"reinflow {self.task}", disable=not self.progress, dynamic_ncols=True, unit_scale=True)
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self.request_stop) if main_thread else None
         self._stop_requested = False
         try:
-            if self.iteration == 0 and self.env_steps == 0:
-                self._record_eval(writer, bar)
-            while self.iteration < self.iterations:
-                if self._stop_requested:
-                    raise KeyboardInterrupt
-                start = time.time()
-                logs = self._schedule()
-                batch = self.collect()
-                rollout_s = time.time() - start
-                logs.update(self.update(batch))
-                self.iteration += 1
-                elapsed = time.time() - start
-                self.wall_clock += elapsed
-                self.iteration_seconds.append(elapsed)
-                self.rollout_seconds.append(rollout_s)
-                logs.update({"time/fps": self.steps_per_iteration / elapsed, "time/iteration_s": elapsed,
-                             "time/rollout_s": rollout_s, "train/noise_std": self._mean_noise_std(batch["obs"])})
-                if self.recent_returns:
-                    logs["rollout/ep_rew_mean"] = float(np.mean(self.recent_returns[-100:]))
-                    logs["rollout/ep_len_mean"] = float(np.mean(self.recent_lengths[-100:]))
-                for k, v in logs.items():
-                    if v is not None:
-                        writer.add_scalar(k, v, self.env_steps)
-                bar.update(self.steps_per_iteration)
-                bar.set_postfix(ep_rew=f"{logs.get('rollout/ep_rew_mean', float('nan')):.1f}",
-                                it_s=f"{elapsed:.2f}")
-                last = self.iteration == self.iterations
-                if self.iteration % t.eval_every == 0 or last:
+            with stop_on_ctrl_c(self.request_stop):
+                if self.iteration == 0 and self.env_steps == 0:
                     self._record_eval(writer, bar)
-                if self.iteration % t.checkpoint_every == 0 or last:
-                    self.save()
+                while self.iteration < self.iterations:
+                    if self._stop_requested:
+                        raise KeyboardInterrupt
+                    self._iterate(writer, bar)
         except KeyboardInterrupt:
             self.save()
             bar.close()
             self.run.close()
             raise Interrupted(f"interrupted at iteration {self.iteration}; checkpoint saved, continue with "
                               f"--resume --out {self.run.path}") from None
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGINT, previous)
         bar.close()
         writer.flush()
         return self.policy
+
+    def _iterate(self, writer: Any, bar: Any) -> None:
+        """One iteration: rollout, PPO update, logs, and the periodic evaluation and checkpoint."""
+        t = self.cfg.train
+        start = time.time()
+        logs = self._schedule()
+        batch = self.collect()
+        rollout_s = time.time() - start
+        logs.update(self.update(batch))
+        self.iteration += 1
+        elapsed = time.time() - start
+        self.wall_clock += elapsed
+        self.iteration_seconds.append(elapsed)
+        self.rollout_seconds.append(rollout_s)
+        logs.update({"time/fps": self.steps_per_iteration / elapsed, "time/iteration_s": elapsed,
+                     "time/rollout_s": rollout_s, "train/noise_std": self._mean_noise_std(batch["obs"])})
+        if self.recent_returns:
+            logs["rollout/ep_rew_mean"] = float(np.mean(self.recent_returns[-100:]))
+            logs["rollout/ep_len_mean"] = float(np.mean(self.recent_lengths[-100:]))
+        for k, v in logs.items():
+            if v is not None:
+                writer.add_scalar(k, v, self.env_steps)
+        bar.update(self.steps_per_iteration)
+        bar.set_postfix(ep_rew=f"{logs.get('rollout/ep_rew_mean', float('nan')):.1f}", it_s=f"{elapsed:.2f}")
+        last = self.iteration == self.iterations
+        if self.iteration % t.eval_every == 0 or last:
+            self._record_eval(writer, bar)
+        if self.iteration % t.checkpoint_every == 0 or last:
+            self.save()
 
     @torch.no_grad()
     def _mean_noise_std(self, obs: torch.Tensor) -> float:

@@ -10,7 +10,6 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from flowrl.errors import FlowrlError
 

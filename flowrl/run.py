@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from flowrl.checkpoint import list_checkpoints
+from flowrl.checkpoint import list_checkpoints, load_policy, load_train_state
 from flowrl.config import to_dict
 from flowrl.errors import FlowrlError
 from flowrl.io import write_atomic, write_json
@@ -62,6 +66,13 @@ class RunFolder:
         found = list_checkpoints(self.path)
         return found[-1] if found else None
 
+    def load_latest(self, device: Any) -> tuple[dict[str, Any], Any]:
+        """(training state, policy) of the newest checkpoint, for ``--resume``."""
+        latest = self.latest_checkpoint()
+        if latest is None:
+            raise FlowrlError(f"--resume: {self.path} has no checkpoints yet")
+        return load_train_state(latest), load_policy(latest, device)[0]
+
     def write_eval(self, results: dict[str, Any]) -> Path:
         path = self.path / "eval.json"
         write_json(path, results)
@@ -71,6 +82,20 @@ class RunFolder:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+@contextmanager
+def stop_on_ctrl_c(request_stop: Callable[..., None]) -> Iterator[None]:
+    """While inside, Ctrl-C calls ``request_stop`` (the loop stops at its next boundary and saves)
+    instead of raising mid-step; a second Ctrl-C is the loop's to escalate. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
