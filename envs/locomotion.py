@@ -60,6 +60,18 @@ class LocomotionTask:
         qvel = np.zeros(nv) + rng.uniform(low=-s, high=s, size=nv)
         return qpos, qvel
 
+    def reset_noise_batch(self, gen: torch.Generator, n: int, nq: int, nv: int, like: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qpos noise, qvel) for n fresh episodes at once, from the same distributions as
+        :meth:`reset_state`, drawn on the simulation's device (for autoresets on the GPU)."""
+        s = self.reset_noise_scale
+        uniform = lambda k: (torch.rand((n, k), generator=gen, device=like.device, dtype=like.dtype) * 2 - 1) * s  # noqa: E731
+        if self.velocity_noise_normal:
+            return uniform(nq), s * torch.randn((n, nv), generator=gen, device=like.device, dtype=like.dtype)
+        return uniform(nq), uniform(nv)
+
+    velocity_noise_normal = False
+
     def position(self, s: State, model_info: dict[str, torch.Tensor]) -> torch.Tensor:
         """The x coordinate whose change per step is the forward velocity."""
         return s["qpos"][:, 0]
@@ -125,6 +137,8 @@ class Walker2d(LocomotionTask):
 
 
 class HalfCheetah(LocomotionTask):
+    velocity_noise_normal = True
+
     def reset_state(self, rng, qpos0, nv):
         s = self.reset_noise_scale
         qpos = qpos0 + rng.uniform(low=-s, high=s, size=len(qpos0))
@@ -140,6 +154,7 @@ class HalfCheetah(LocomotionTask):
 
 class Ant(LocomotionTask):
     reset_state = HalfCheetah.reset_state
+    velocity_noise_normal = True
 
     def position(self, s, model_info):
         return s["xpos"][:, 1, 0]  # the torso ("main body" 1)

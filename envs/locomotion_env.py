@@ -50,6 +50,10 @@ class LocomotionEnv(BatchedEnv):
         self.returns = torch.zeros(num_envs, dtype=torch.float64, device=sim_device)
         self._position = torch.zeros(num_envs, dtype=dtype, device=sim_device)  # progress coordinate now
         self.bad_state_count = torch.zeros((), dtype=torch.int64, device=sim_device)  # a tensor: no sync per step
+        self._reset_gen = torch.Generator(device=sim_device)
+        if seed is not None:
+            self._reset_gen.manual_seed(seed)
+        self._qpos0 = torch.as_tensor(self.qpos0, dtype=dtype, device=sim_device)
 
     # -- what a backend provides ---------------------------------------------------------------
     @abstractmethod
@@ -79,14 +83,25 @@ class LocomotionEnv(BatchedEnv):
     def _obs(self) -> torch.Tensor:
         return self.spec.observation(self.state)
 
-    def _reset_ids(self, ids: np.ndarray) -> None:
+    batched_autoreset = False
+    """Draw autoreset noise for all finishing envs at once on the simulation device (one seeded
+    torch generator) instead of from each env's own numpy generator: no per-env host loop, at the
+    price of gymnasium's exact per-env reset sequence. ``reset(seed)`` stays per env either way."""
+
+    def _reset_ids(self, ids: np.ndarray | torch.Tensor, autoreset: bool = False) -> None:
         if len(ids) == 0:
             return
         self._clear(ids)
-        fresh = [self.spec.reset_state(self.rngs[i], self.qpos0, self.model.nv) for i in ids]
         idx = torch.as_tensor(ids, device=self.sim_device)
-        self.qpos[idx] = torch.as_tensor(np.stack([f[0] for f in fresh]), dtype=self.dtype, device=self.sim_device)
-        self.qvel[idx] = torch.as_tensor(np.stack([f[1] for f in fresh]), dtype=self.dtype, device=self.sim_device)
+        if autoreset and self.batched_autoreset:
+            dq, qvel = self.spec.reset_noise_batch(self._reset_gen, len(idx), self.model.nq, self.model.nv, self.qpos)
+            self.qpos[idx] = self._qpos0 + dq
+            self.qvel[idx] = qvel
+        else:
+            ids_np = idx.cpu().numpy()
+            fresh = [self.spec.reset_state(self.rngs[i], self.qpos0, self.model.nv) for i in ids_np]
+            self.qpos[idx] = torch.as_tensor(np.stack([f[0] for f in fresh]), dtype=self.dtype, device=self.sim_device)
+            self.qvel[idx] = torch.as_tensor(np.stack([f[1] for f in fresh]), dtype=self.dtype, device=self.sim_device)
         self._forward(ids)
         self._position[idx] = self.spec.position(self.state, self.model_info)[idx]
         self.elapsed[idx] = 0
@@ -98,6 +113,7 @@ class LocomotionEnv(BatchedEnv):
         seed = self._seed if seed is None else seed
         if seed is not None:
             self.rngs = [np.random.default_rng(seed + i) for i in range(self.num_envs)]
+            self._reset_gen.manual_seed(seed)
         self._reset_ids(np.arange(self.num_envs))
         return self._out(self._obs())
 
@@ -129,7 +145,7 @@ class LocomotionEnv(BatchedEnv):
         done_ids = torch.nonzero(done).flatten()
         if len(done_ids):
             final_obs = obs.clone()
-            self._reset_ids(done_ids.cpu().numpy())
+            self._reset_ids(done_ids, autoreset=True)
             obs = torch.where(done.unsqueeze(1), self._obs(), obs)
         info["final_obs"] = self._out(final_obs)
         info = {k: self._out(v) if isinstance(v, torch.Tensor) else v for k, v in info.items()}
@@ -153,7 +169,8 @@ class LocomotionEnv(BatchedEnv):
         """Everything the next steps depend on (for exact resume); tensors and strings only."""
         state = {"qpos": self.qpos.clone(), "qvel": self.qvel.clone(), "qacc_warmstart": self._warmstart().clone(),
                  "elapsed": self.elapsed.clone(), "returns": self.returns.clone(), "position": self._position.clone(),
-                 "rngs": json.dumps([r.bit_generator.state for r in self.rngs])}
+                 "rngs": json.dumps([r.bit_generator.state for r in self.rngs]),
+                 "reset_generator": self._reset_gen.get_state()}
         if self.spec.needs_contact_forces:
             state["cfrc_ext"] = self.state["cfrc_ext"].clone()
         return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
@@ -169,5 +186,6 @@ class LocomotionEnv(BatchedEnv):
         self._position.copy_(state["position"].to(dev))
         for rng, st in zip(self.rngs, json.loads(state["rngs"])):
             rng.bit_generator.state = st
+        self._reset_gen.set_state(state["reset_generator"])
         if "cfrc_ext" in state:
             self.state["cfrc_ext"].copy_(state["cfrc_ext"].to(dev))

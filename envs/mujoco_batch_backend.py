@@ -59,11 +59,11 @@ class MujocoBatchEnv(LocomotionEnv):
                 mujoco.mj_rnePostConstraint(self.model, data)
                 out[i] = data.cfrc_ext
 
-    def _forward(self, ids: np.ndarray | None) -> None:
-        self.batch.forward(ids)
+    def _forward(self, ids: np.ndarray | torch.Tensor | None) -> None:
+        self.batch.forward(None if ids is None else np.asarray(ids))
 
-    def _clear(self, ids: np.ndarray) -> None:
-        self.batch.reset(ids, stage=int(mujoco.mjtStage.mjSTAGE_NONE))
+    def _clear(self, ids: np.ndarray | torch.Tensor) -> None:
+        self.batch.reset(np.asarray(ids), stage=int(mujoco.mjtStage.mjSTAGE_NONE))
 
     def _warmstart(self) -> torch.Tensor:
         return torch.from_numpy(self.batch.bind("qacc_warmstart"))

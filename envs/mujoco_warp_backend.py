@@ -35,7 +35,14 @@ def warp_available() -> bool:
 
 
 class MujocoWarpEnv(LocomotionEnv):
-    """N copies of a locomotion task on MuJoCo Warp (``device``: cuda, cuda:N or cpu)."""
+    """N copies of a locomotion task on MuJoCo Warp (``device``: cuda, cuda:N or cpu).
+
+    Autoresets draw their noise on the device (``batched_autoreset``): float32 already rules out
+    bit parity with gymnasium, and a host loop over thousands of finishing envs per step would cost
+    more than the physics.
+    """
+
+    batched_autoreset = True
 
     def __init__(self, task: LocomotionTask, num_envs: int, device: str | torch.device = "cuda",
                  seed: int | None = None, nconmax: int | None = None, njmax: int | None = None) -> None:
@@ -103,7 +110,7 @@ class MujocoWarpEnv(LocomotionEnv):
         if ids is None or self.spec.derived_fields:
             self._run("forward", lambda: self.mjw.forward(self.m, self.d))
 
-    def _clear(self, ids: np.ndarray) -> None:
+    def _clear(self, ids: np.ndarray | torch.Tensor) -> None:
         self._mask.zero_()
         self._mask[torch.as_tensor(ids, device=self.sim_device)] = True
         self._run("reset", lambda: self.mjw.reset_data(self.m, self.d, reset=self._reset_mask))

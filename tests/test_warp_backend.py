@@ -99,3 +99,22 @@ def test_non_finite_state_resets_only_that_env() -> None:
 def test_pgs_humanoid_is_refused_with_a_pointer_to_the_newton_variant() -> None:
     with pytest.raises(FlowrlError, match="Humanoid-Newton"):
         make("Humanoid", 2, backend="warp", device="cpu")
+
+
+def test_batched_autoresets_are_seeded_and_within_the_reset_noise() -> None:
+    def run(seed: int) -> list[torch.Tensor]:
+        env = make("Hopper", 6, backend="warp", device="cpu", seed=seed)
+        env.reset()
+        starts = []
+        for _ in range(40):
+            obs, _, _, _, info = env.step(torch.tensor([[1.0, -1.0, 1.0]]).repeat(6, 1))
+            if info["done_mask"].any():
+                starts.append(obs[info["done_mask"]])
+        return starts
+
+    a, b, c = run(4), run(4), run(5)
+    assert len(a) > 0 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    first = torch.cat(a)
+    # a fresh Hopper episode: qpos0 (z = 1.25) plus uniform noise of scale 5e-3
+    assert ((first[:, 0] - 1.25).abs() <= 5e-3 + 1e-6).all() and (first[:, 5:].abs() <= 5e-3 + 1e-6).all()
