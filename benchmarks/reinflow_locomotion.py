@@ -144,7 +144,9 @@ def plot(task: str, rec: dict) -> None:
         curve = s.get("curve", [])
         if not curve:
             continue
-        axes[0].plot([c["env_steps"] / 1e6 for c in curve], [c["return_mean"] for c in curve], label=f"seed {s['seed']}")
+        backend = {"MujocoWarpEnv": "warp", "MujocoBatchEnv": "cpu"}.get(s.get("backend", ""), s.get("backend", ""))
+        axes[0].plot([c["env_steps"] / 1e6 for c in curve], [c["return_mean"] for c in curve],
+                     label=f"seed {s['seed']}" + (f", {backend} backend" if backend else ""))
         axes[1].plot([c["wall_clock_s"] / 60 for c in curve], [c["return_mean"] for c in curve])
     pub = PUBLISHED.get((task, rec["head"]))
     for ax, xlabel in zip(axes, ("env steps (M)", "wall-clock (min)")):
