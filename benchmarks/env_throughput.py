@@ -128,6 +128,9 @@ def main() -> int:
     use_warp = torch.cuda.is_available() and warp_available()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    # gymnasium's subprocesses first, while this process is small (fork copies its address space)
+    gym_rows = [{"num_envs": n, "gym_sync": gymnasium_loop(args.task, n, args.seconds, "sync"),
+                 "gym_async": gymnasium_loop(args.task, n, args.seconds, "async")} for n in args.gym_envs]
     rows = []
     for n in args.num_envs:
         row = {"num_envs": n}
@@ -140,8 +143,6 @@ def main() -> int:
                        warp_policy=policy_loop(args.task, n, args.seconds, 0, "cuda", "warp"))
         rows.append(row)
         print(f"  measured num_envs={n}", file=sys.stderr, flush=True)
-    gym_rows = [{"num_envs": n, "gym_sync": gymnasium_loop(args.task, n, args.seconds, "sync"),
-                 "gym_async": gymnasium_loop(args.task, n, args.seconds, "async")} for n in args.gym_envs]
     best_async = max((r["gym_async"] for r in gym_rows), default=float("nan"))
     print(f"\n{args.task} env steps/s on {machine['cores']} cores ({machine['cpu']}); policy on {args.device}"
           f"{' (' + machine['gpu'] + ')' if machine['gpu'] and args.device.startswith('cuda') else ''}")
