@@ -75,7 +75,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bc_{args.task}.json").write_text(json.dumps(
         {"task": args.task, "data_return_mean": data_mean, "results": results,
-         "checks": [{"check": t, "pass": ok} for t, ok in checks]}, indent=2) + "\n")
+         "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]}, indent=2) + "\n")
     return 0 if all(ok for _, ok in checks) else 1
 
 

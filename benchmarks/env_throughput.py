@@ -175,7 +175,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"env_throughput_{args.task.lower()}.json").write_text(json.dumps(
         {"task": args.task, "machine": machine, "policy_device": args.device, "rows": rows, "gymnasium": gym_rows,
-         "checks": [{"check": t, "pass": ok} for t, ok in checks]}, indent=2) + "\n")
+         "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]}, indent=2) + "\n")
     return 0 if all(ok for _, ok in checks) else 1
 
 
