@@ -274,6 +274,7 @@ class ReinFlow:
                     self.recent_lengths += info["episode_length"][ended].tolist()
                 alive &= ~done
                 self.history.push(obs, done)
+            self.recent_returns, self.recent_lengths = self.recent_returns[-100:], self.recent_lengths[-100:]
             ended_chunk = terminated[s] | truncated[s]
             rewards[s] = (self.scaler(chunk_reward, ended_chunk) if t.reward_scaling else chunk_reward).float()
         self.env_steps += n * steps * act_steps

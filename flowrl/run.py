@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -123,6 +122,3 @@ def format_eval_table(rows: list[dict[str, Any]], title: str = "") -> str:
         lines.append(line)
     return "\n".join(lines)
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2)

@@ -223,3 +223,17 @@ def test_finetune_cli_end_to_end_and_bad_input(tmp_path, pretrained, capsys) -> 
     err = capsys.readouterr().err
     assert "init: the pretrained checkpoint is required" in err and "train.clip_coef: must be > 0" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_w2_regulariser_is_zero_before_the_first_step_and_logged(tmp_path, pretrained) -> None:
+    cfg = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=3840",
+                                             "train.critic_warmup_iterations=0", "train.w2_coef=0.1",
+                                             "train.update_epochs=1", "train.minibatch_size=960"])
+    agent = ReinFlow(cfg, tmp_path / "w2", progress=False)
+    batch = agent.collect()
+    obs, x0 = batch["obs"][:64], batch["chain"][:64, 0]
+    same = agent._deterministic_actions(agent.policy, obs, x0) - agent._deterministic_actions(agent.reference, obs, x0)
+    assert torch.equal(same, torch.zeros_like(same))  # the policy starts as the frozen reference
+    logs = agent.update(batch)
+    assert logs["train/w2_loss"] > 0  # the second minibatch already sees a moved policy
+    assert all(not p.requires_grad for p in agent.reference.parameters())
