@@ -32,6 +32,12 @@ def make(
     for subprocesses), ``auto`` (warp on a CUDA device when installed, else cpu).
     ``seed`` seeds env i with ``seed + i`` at the first ``reset()``.
     """
+    if num_envs < 1:
+        raise FlowrlError(f"num_envs must be >= 1, got {num_envs}")
+    if task.lower().startswith("robosuite/"):
+        from flowrl.envs.robosuite_backend import RobosuiteEnv
+
+        return RobosuiteEnv(task.split("/", 1)[1], num_envs, device=device, seed=seed, **kwargs)
     spec = resolve_task(task)
     if num_envs < 1:
         raise FlowrlError(f"num_envs must be >= 1, got {num_envs}")

@@ -49,3 +49,36 @@ def test_apply_is_idempotent() -> None:
     from flowrl.envs.robosuite_compat import apply
 
     assert apply() == apply()
+
+
+@pytest.fixture(scope="module")
+def lift():
+    from flowrl.envs import make
+
+    env = make("robosuite/Lift", 3, seed=5, horizon=6)
+    yield env
+    env.close()
+
+
+def test_lift_seeding_per_env_and_global_rng_untouched(lift) -> None:
+    import torch
+
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    a, b, c = lift.reset(), lift.reset(seed=5), lift.reset(seed=6)
+    assert lift.obs_dim == 19 and lift.act_dim == 7  # object 10, eef pos 3, eef quat 4, gripper 2
+    assert torch.equal(a, b) and torch.equal(a[1], c[0]) and not torch.equal(a[0], a[1])
+    assert np.array_equal(np.random.get_state()[1], before)
+
+
+def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
+    import torch
+
+    first = lift.reset(seed=1)
+    for t in range(6):
+        obs, reward, terminated, truncated, info = lift.step(torch.zeros(3, 7))
+        assert not terminated.any() and bool(truncated.all()) == (t == 5)
+        assert info["success"].dtype == torch.bool
+    assert info["episode_length"].tolist() == [6, 6, 6]
+    assert not torch.equal(info["final_obs"], obs)  # the next episode started in the same step
+    assert not torch.equal(obs, first)  # continuing generators: a new placement

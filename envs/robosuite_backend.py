@@ -1,0 +1,141 @@
+"""robosuite's manipulation tasks as a batched env: one worker process per env.
+
+Panda arm(s) with robosuite's default BASIC composite controller (OSC_POSE arm, gripper),
+low-dimensional observations under robomimic's keys (``object``, ``robot0_eef_pos``,
+``robot0_eef_quat``, ``robot0_gripper_qpos``, and ``robot1_*`` for two arms) concatenated in sorted
+key order (the order our robomimic reader uses), episodes that end only as truncations at the
+horizon (robosuite's tasks have no terminal states), ``info["success"]`` per env, and per-env
+seeding that reseeds each env's own generator in place and never touches numpy's global one.
+Each worker applies :mod:`flowrl.envs.robosuite_compat` before it builds its env.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from flowrl.envs.base import BatchedEnv
+from flowrl.errors import FlowrlError
+
+TASKS = {"Lift": ("Lift", "Panda", 400), "PickPlaceCan": ("PickPlaceCan", "Panda", 400),
+         "NutAssemblySquare": ("NutAssemblySquare", "Panda", 400),
+         "TwoArmTransport": ("TwoArmTransport", ["Panda", "Panda"], 800)}
+
+
+def obs_keys(num_robots: int) -> list[str]:
+    keys = ["object"]
+    for r in range(num_robots):
+        keys += [f"robot{r}_eef_pos", f"robot{r}_eef_quat", f"robot{r}_gripper_qpos"]
+    return sorted(keys)
+
+
+def flatten_obs(obs: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(obs["object-state" if k == "object" else k], dtype=np.float64).ravel()
+                           for k in keys])
+
+
+def _worker(conn: Any, task: str, horizon: int) -> None:
+    os.environ.setdefault("MUJOCO_GL", "disable")
+    from flowrl.envs.robosuite_compat import apply
+
+    apply()
+    import robosuite
+
+    name, robots, _ = TASKS[task]
+    env = robosuite.make(name, robots=robots, has_renderer=False, has_offscreen_renderer=False,
+                         use_camera_obs=False, ignore_done=True, horizon=horizon, reward_shaping=False)
+    keys = obs_keys(len(env.robots))
+    low, high = env.action_spec
+    conn.send((len(flatten_obs(env.reset(), keys)), low, high))
+    ret, length = 0.0, 0
+    while True:
+        cmd, arg = conn.recv()
+        if cmd == "reset":
+            if arg is not None:  # in place: the placement samplers hold references to env.rng
+                env.rng.bit_generator.state = np.random.default_rng(arg).bit_generator.state
+            ret, length = 0.0, 0
+            conn.send(flatten_obs(env.reset(), keys))
+        elif cmd == "step":
+            obs, reward, _, _ = env.step(arg)
+            success = bool(env._check_success())
+            ret, length = ret + float(reward), length + 1
+            truncated = length >= horizon
+            out = (flatten_obs(obs, keys), float(reward), truncated, success, ret, length)
+            if truncated:
+                ret, length = 0.0, 0
+                out = (*out, flatten_obs(env.reset(), keys))
+            conn.send(out)
+        else:
+            env.close()
+            conn.close()
+            return
+
+
+class RobosuiteEnv(BatchedEnv):
+    """N robosuite envs in N worker processes (spawned, so each applies the compatibility layer)."""
+
+    def __init__(self, task: str, num_envs: int, device: str | torch.device = "cpu", seed: int | None = None,
+                 horizon: int | None = None) -> None:
+        if task not in TASKS:
+            raise FlowrlError(f"unknown robosuite task '{task}'; known: {', '.join('robosuite/' + t for t in TASKS)}")
+        try:
+            import robosuite  # noqa: F401
+        except ImportError:
+            raise FlowrlError("robosuite is not installed; see the README (robosuite)") from None
+        self.task = f"robosuite/{task}"
+        self.num_envs = num_envs
+        self.device = torch.device(device)
+        self.max_episode_steps = horizon or TASKS[task][2]
+        self._seed = seed
+        ctx = mp.get_context("spawn")
+        self._conns, self._procs = [], []
+        for _ in range(num_envs):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, task, self.max_episode_steps), daemon=True)
+            proc.start()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        obs_dim, low, high = self._conns[0].recv()
+        for c in self._conns[1:]:
+            c.recv()
+        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
+        self.single_action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
+
+    def _t(self, x: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), dtype=dtype, device=self.device)
+
+    def reset(self, seed: int | None = None) -> torch.Tensor:
+        seed = self._seed if seed is None else seed
+        for i, c in enumerate(self._conns):
+            c.send(("reset", None if seed is None else seed + i))
+        return self._t(np.stack([c.recv() for c in self._conns]))
+
+    def step(self, action: torch.Tensor):
+        act = np.clip(action.detach().cpu().numpy().astype(np.float64), self.single_action_space.low,
+                      self.single_action_space.high)
+        for c, a in zip(self._conns, act):
+            c.send(("step", a))
+        results = [c.recv() for c in self._conns]
+        final_obs = np.stack([r[0] for r in results])
+        obs = np.stack([r[6] if r[2] else r[0] for r in results])
+        truncated = self._t([r[2] for r in results], torch.bool)
+        info = {"final_obs": self._t(final_obs), "done_mask": truncated,
+                "success": self._t([r[3] for r in results], torch.bool),
+                "episode_return": self._t([r[4] for r in results]),
+                "episode_length": self._t([r[5] for r in results], torch.int64)}
+        return (self._t(obs), self._t([r[1] for r in results]), torch.zeros_like(truncated), truncated, info)
+
+    def close(self) -> None:
+        for c in self._conns:
+            try:
+                c.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self._procs:
+            p.join(timeout=5)
+        self._conns, self._procs = [], []
