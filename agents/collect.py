@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from flowrl.checkpoint import CONFIG, load_policy
-from flowrl.datasets import Episodes, write_dataset
+from flowrl.datasets import Episodes, write_dataset, write_robomimic
 from flowrl.envs import make, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.evaluation import run_episodes
@@ -25,6 +25,12 @@ from flowrl.evaluation import run_episodes
 
 def _source(path: Path, level: str, task: str | None, device: str) -> tuple[Any, str, int, int, dict[str, Any]]:
     """(chunk function, task, obs_history, act_steps, description) for an expert or a checkpoint."""
+    if str(path) == "scripted":
+        from flowrl.agents.scripted import EXPERTS
+
+        if task not in EXPERTS:
+            raise FlowrlError(f"no scripted expert for task '{task}'; scripted experts: {', '.join(EXPERTS)}")
+        return EXPERTS[task], task, 1, 1, {"kind": "scripted", "expert": EXPERTS[task].__name__}
     if (path / "expert.json").is_file():
         from flowrl.agents.expert import load_manifest, load_snapshot
 
@@ -48,7 +54,7 @@ def _source(path: Path, level: str, task: str | None, device: str) -> tuple[Any,
 
 def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: float = 0.0, seed: int = 0,
             level: str = "expert", task: str | None = None, num_envs: int = 16, device: str = "cpu",
-            progress: bool = True, created_by: str | None = None) -> Episodes:
+            progress: bool = True, created_by: str | None = None, fmt: str = "flowrl") -> Episodes:
     """Roll ``source`` out for ``episodes`` seeded episodes and write them to ``out``.
 
     ``created_by`` is the command line recorded in the file (the CLI passes its own)."""
@@ -57,9 +63,12 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     if noise < 0:
         raise FlowrlError(f"--noise must be >= 0, got {noise}")
     act, task_name, history, act_steps, desc = _source(Path(source), level, task, device)
-    spec = resolve_task(task_name)
     n = min(num_envs, episodes)
-    env = make(spec.name, n, device=device)
+    env = make(task_name, n, device=device)
+    spec = resolve_task(task_name) if not task_name.startswith("robosuite/") else None
+    if isinstance(act, type):  # a scripted expert class: one instance per batch of envs
+        expert = act(n)
+        act = expert
     low = torch.as_tensor(env.single_action_space.low, dtype=torch.float32)
     high = torch.as_tensor(env.single_action_space.high, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -87,18 +96,21 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
                     ep["terminated"].append(bool(tr["terminated"][i]))
                     ep["truncated"].append(bool(tr["truncated"][i]))
 
+            if hasattr(act, "reset"):
+                act.reset()
             run_episodes(env, noisy, history, act_steps, seed=seed + done, on_step=record)
             for ep in per_env[: episodes - done]:
                 recorded.append({k: np.asarray(v) for k, v in ep.items()})
             done += n
             if progress:
                 rets = [e["rewards"].sum() for e in recorded]
-                print(f"[collect {spec.name}] {len(recorded)}/{episodes} episodes, "
+                print(f"[collect {task_name}] {len(recorded)}/{episodes} episodes, "
                       f"return {np.mean(rets):.1f} ± {np.std(rets):.1f}", file=sys.stderr, flush=True)
     finally:
         env.close()
     space = env.single_observation_space
-    meta = {"task": spec.name, "gym_id": spec.gym_id, "policy": desc, "action_noise": noise, "seed": seed,
+    meta = {"task": task_name, "gym_id": spec.gym_id if spec else "", "policy": desc, "action_noise": noise,
+            "seed": seed,
             "observation_space": {"shape": list(space.shape)},
             "action_space": {"shape": list(env.single_action_space.shape),
                              "low": env.single_action_space.low.tolist(), "high": env.single_action_space.high.tolist()},
@@ -107,5 +119,10 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
             "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "wall_clock_s": round(time.time() - start, 1)}
     data = Episodes.from_list(recorded, meta)
-    write_dataset(out, data)
+    if fmt == "robomimic":
+        if not hasattr(env, "obs_layout"):
+            raise FlowrlError(f"--format robomimic needs a robosuite task, not {task_name}")
+        write_robomimic(out, data, env.obs_layout, env.env_args)
+    else:
+        write_dataset(out, data)
     return data

@@ -51,7 +51,9 @@ def _worker(conn: Any, task: str, horizon: int) -> None:
                          use_camera_obs=False, ignore_done=True, horizon=horizon, reward_shaping=False)
     keys = obs_keys(len(env.robots))
     low, high = env.action_spec
-    conn.send((len(flatten_obs(env.reset(), keys)), low, high))
+    first = env.reset()
+    layout = [(k, int(np.asarray(first["object-state" if k == "object" else k]).size)) for k in keys]
+    conn.send((layout, low, high))
     ret, length = 0.0, 0
     while True:
         cmd, arg = conn.recv()
@@ -100,9 +102,15 @@ class RobosuiteEnv(BatchedEnv):
             proc.start()
             self._conns.append(parent)
             self._procs.append(proc)
-        obs_dim, low, high = self._conns[0].recv()
+        layout, low, high = self._conns[0].recv()
         for c in self._conns[1:]:
             c.recv()
+        self.obs_layout: list[tuple[str, int]] = layout  # (robomimic key, size) in observation order
+        obs_dim = sum(size for _, size in layout)
+        self.env_args = {"env_name": TASKS[task][0], "type": 1,
+                         "env_kwargs": {"robots": TASKS[task][1], "controller": "BASIC (OSC_POSE arm)",
+                                        "horizon": self.max_episode_steps, "reward_shaping": False,
+                                        "use_camera_obs": False}}
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
         self.single_action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
 

@@ -86,13 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     co = sub.add_parser("collect", help="roll a policy out into a demonstration dataset",
                         description="Roll an expert (flowrl expert folder) or a flowrl checkpoint out into an "
                         "HDF5 dataset of our layout.")
-    co.add_argument("source", help="expert folder or policy checkpoint")
+    co.add_argument("source", help="expert folder, policy checkpoint, or `scripted` (robosuite tasks; needs --task)")
     co.add_argument("--out", required=True, help="dataset file to write (.hdf5)")
     co.add_argument("--level", default="expert", help="expert folders: medium, expert or a snapshot step")
     co.add_argument("--episodes", type=int, default=100)
     co.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise (default 0)")
     co.add_argument("--seed", type=int, default=0, help="episode i is seeded seed+i")
-    co.add_argument("--task", help="override the task (checkpoints only)")
+    co.add_argument("--task", help="the task (scripted experts; overrides a checkpoint's)")
+    co.add_argument("--format", default="flowrl", choices=["flowrl", "robomimic"], help="dataset layout to write")
     co.add_argument("--num-envs", type=int, default=16)
 
     cf = sub.add_parser("config", help="show the config schema or a resolved config").add_subparsers(
@@ -209,7 +210,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
     data = collect(args.source, args.out, episodes=args.episodes, noise=args.noise, seed=args.seed,
                    level=args.level, task=args.task, num_envs=args.num_envs,
-                   created_by="flowrl " + shlex.join(args.argv))
+                   created_by="flowrl " + shlex.join(args.argv), fmt=args.format)
     info = data.info()
     print(f"wrote {args.out}: {info['episodes']} episodes, {info['transitions']} transitions, "
           f"return {info['return_mean']:.1f} ± {info['return_std']:.1f}")

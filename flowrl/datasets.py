@@ -122,6 +122,35 @@ def write_dataset(path: str | Path, episodes: Episodes, meta: dict[str, Any] | N
     write_atomic(path, writer)
 
 
+def write_robomimic(path: str | Path, episodes: Episodes, obs_layout: list[tuple[str, int]],
+                    env_args: dict[str, Any]) -> None:
+    """Write ``episodes`` in robomimic's layout (``data/demo_i/{obs/<key>, actions, rewards, dones}``,
+    ``data.attrs["env_args"]`` as JSON, ``total``), atomically. ``obs_layout`` splits the flat
+    observation into its keys."""
+    if sum(n for _, n in obs_layout) != episodes.obs_dim:
+        raise FlowrlError(f"observation layout covers {sum(n for _, n in obs_layout)} dims, data has {episodes.obs_dim}")
+
+    def writer(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            data = f.create_group("data")
+            data.attrs["total"] = episodes.num_transitions
+            data.attrs["env_args"] = json.dumps(env_args)
+            for i, (s0, n) in enumerate(zip(episodes.episode_starts, episodes.episode_lengths)):
+                demo = data.create_group(f"demo_{i}")
+                demo.attrs["num_samples"] = int(n)
+                col = 0
+                for key, size in obs_layout:
+                    demo.create_dataset(f"obs/{key}", data=episodes.observations[s0:s0 + n, col:col + size])
+                    col += size
+                demo.create_dataset("actions", data=episodes.actions[s0:s0 + n])
+                demo.create_dataset("rewards", data=episodes.rewards[s0:s0 + n])
+                demo.create_dataset("dones", data=episodes.terminated[s0:s0 + n].astype(np.int64))
+            f.create_group("mask").create_dataset(
+                "train", data=np.array([f"demo_{i}".encode() for i in range(episodes.num_episodes)]))
+
+    write_atomic(path, writer)
+
+
 # -- reading -----------------------------------------------------------------------------------
 def detect_format(f: h5py.File) -> str:
     keys = set(f.keys())
