@@ -123,3 +123,23 @@ def test_collected_demonstrations_round_trip_in_the_robomimic_layout(tmp_path) -
     np.testing.assert_array_equal(back.observations, written.observations)
     np.testing.assert_array_equal(back.actions, written.actions)
     assert back.episode_lengths.tolist() == written.episode_lengths.tolist()
+
+
+@pytest.mark.parametrize("task,obs_dim,act_dim", [("PickPlaceCan", 23, 7), ("NutAssemblySquare", 23, 7),
+                                                  ("TwoArmTransport", 59, 14)])
+def test_every_task_builds_steps_and_truncates(task, obs_dim, act_dim) -> None:
+    import torch
+
+    from flowrl.envs import make
+
+    env = make(f"robosuite/{task}", 1, seed=0, horizon=2)
+    try:
+        assert (env.obs_dim, env.act_dim) == (obs_dim, act_dim)
+        first = env.reset()
+        assert torch.equal(first, env.reset(seed=0))
+        _, _, terminated, truncated, _ = env.step(torch.zeros(1, act_dim))
+        assert not truncated.any() and not terminated.any()
+        _, _, terminated, truncated, _ = env.step(torch.zeros(1, act_dim))
+        assert bool(truncated.all()) and not terminated.any()
+    finally:
+        env.close()
