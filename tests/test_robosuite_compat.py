@@ -84,17 +84,18 @@ def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
     assert not torch.equal(obs, first)  # continuing generators: a new placement
 
 
-def test_scripted_lift_expert_succeeds_on_seeded_episodes() -> None:
+@pytest.mark.parametrize("task,horizon", [("Lift", 150), ("PickPlaceCan", 300)])
+def test_scripted_experts_succeed_on_seeded_episodes(task, horizon) -> None:
     import torch
 
-    from flowrl.agents.scripted import LiftExpert
+    from flowrl.agents.scripted import EXPERTS
     from flowrl.envs import make
 
-    env = make("robosuite/Lift", 4, seed=200, horizon=150)
+    env = make(f"robosuite/{task}", 3, seed=200, horizon=horizon)
     try:
-        obs, expert = env.reset(), LiftExpert(4)
-        success = torch.zeros(4, dtype=torch.bool)
-        for _ in range(150):
+        obs, expert = env.reset(), EXPERTS[f"robosuite/{task}"](3)
+        success = torch.zeros(3, dtype=torch.bool)
+        for _ in range(horizon):
             obs, _, _, _, info = env.step(expert(obs))
             success |= info["success"]
         assert bool(success.all())

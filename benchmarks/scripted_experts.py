@@ -1,0 +1,73 @@
+"""Success rates of the scripted robosuite experts over seeded episodes.
+
+    python benchmarks/scripted_experts.py [--tasks Lift PickPlaceCan] [--episodes 100] [--num-envs 20]
+
+Targets (exit code 1 when missed): Lift >= 95%, PickPlaceCan >= 95%, NutAssemblySquare >= 80%.
+Writes benchmarks/results/scripted_experts.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flowrl.agents.scripted import EXPERTS
+from flowrl.envs import make
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"Lift": 0.95, "PickPlaceCan": 0.95, "NutAssemblySquare": 0.80}
+
+
+def success_rate(task: str, episodes: int, num_envs: int, seed: int) -> tuple[float, float]:
+    env = make(f"robosuite/{task}", num_envs, seed=seed)
+    expert = EXPERTS[f"robosuite/{task}"](num_envs)
+    wins, done, start = 0, 0, time.time()
+    try:
+        while done < episodes:
+            obs = env.reset(seed=seed + done)
+            expert.reset()
+            success = torch.zeros(num_envs, dtype=torch.bool)
+            for _ in range(env.max_episode_steps):
+                obs, _, _, _, info = env.step(expert(obs))
+                success |= info["success"]
+            take = min(num_envs, episodes - done)
+            wins += int(success[:take].sum())
+            done += take
+            print(f"  {task}: {wins}/{done}", file=sys.stderr, flush=True)
+    finally:
+        env.close()
+    return wins / episodes, time.time() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=[t.split("/")[1] for t in EXPERTS])
+    ap.add_argument("--episodes", type=int, default=100)
+    ap.add_argument("--num-envs", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=1000)
+    args = ap.parse_args()
+    rows = {t: success_rate(t, args.episodes, args.num_envs, args.seed) for t in args.tasks}
+    print(f"\nscripted experts, {args.episodes} seeded episodes each (seeds {args.seed}...), {os.cpu_count()} cores")
+    checks = []
+    for task, (rate, wall) in rows.items():
+        print(f"{task:<20} {100 * rate:6.1f}%   {wall:6.0f} s")
+        if task in TARGETS:
+            checks.append((f"{task} >= {100 * TARGETS[task]:.0f}% ({100 * rate:.1f}%)", rate >= TARGETS[task]))
+    for text, ok in checks:
+        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    out = Path(os.environ.get("FLOWRL_RESULTS", REPO / "benchmarks" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scripted_experts.json").write_text(json.dumps(
+        {"episodes": args.episodes, "seed": args.seed,
+         "results": {t: {"success_rate": r, "wall_s": round(w, 1)} for t, (r, w) in rows.items()}}, indent=2) + "\n")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
