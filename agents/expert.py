@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from flowrl.envs import resolve_task
 from flowrl.errors import FlowrlError
@@ -147,10 +147,10 @@ def load_snapshot(folder: str | Path, step: int | str) -> ExpertSnapshot:
     for name in ("model.zip", "obs_norm.safetensors"):
         if not (snap_dir / name).is_file():
             raise FlowrlError(f"{snap_dir}: missing {name}")
-    norm = load_file(str(snap_dir / "obs_norm.safetensors"))
     from safetensors import safe_open
 
-    with safe_open(str(snap_dir / "obs_norm.safetensors"), "np") as f:
+    with safe_open(str(snap_dir / "obs_norm.safetensors"), "np") as f:  # one read: tensors and metadata
+        norm = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
     model = PPO.load(snap_dir / "model.zip", device="cpu")
     return ExpertSnapshot(model, norm["obs_mean"], norm["obs_var"], float(meta["clip_obs"]), float(meta["epsilon"]))

@@ -39,8 +39,6 @@ def make(
 
         return RobosuiteEnv(task.split("/", 1)[1], num_envs, device=device, seed=seed, **kwargs)
     spec = resolve_task(task)
-    if num_envs < 1:
-        raise FlowrlError(f"num_envs must be >= 1, got {num_envs}")
     if spec.name == "PointReach":  # pure torch: one implementation whatever the backend
         from flowrl.envs.point_reach import PointReachEnv
 

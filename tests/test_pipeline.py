@@ -70,11 +70,8 @@ def test_pretrain_eval_video_and_tensorboard(tmp_path, hopper_dataset, capsys) -
     assert result["checkpoint"].endswith("checkpoints/8") and [r["num_steps"] for r in result["results"]] == [1, 4]
     assert json.loads((run / "eval.json").read_text()) == result
 
-    try:
-        code = main(["eval", str(run / "checkpoints" / "4"), "--episodes", "1", "--steps", "2", "--video"])
-    except Exception as e:  # pragma: no cover - only where no OpenGL exists at all
-        pytest.skip(f"no rendering here: {e}")
-    assert code == 0
+    # headless rendering (EGL, Mesa's software EGL on CPU machines) is part of what is tested
+    assert main(["eval", str(run / "checkpoints" / "4"), "--episodes", "1", "--steps", "2", "--video"]) == 0
     video = run / "videos" / "4_K2.mp4"
     assert video.is_file() and video.stat().st_size > 1000
     import imageio.v2 as imageio
