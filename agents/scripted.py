@@ -7,11 +7,15 @@ They read the flattened robomimic low-dim observation of :mod:`flowrl.envs.robos
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 OPEN, CLOSED = -1.0, 1.0
 POS_SCALE = 0.05  # metres per unit of OSC_POSE position action (robosuite's default output_max)
+ROT_SCALE = 0.5  # radians per unit of OSC_POSE rotation action (axis-angle in the base frame)
+NO_ROTATION = np.zeros(3)
 
 
 class PickPlaceExpert:
@@ -72,15 +76,21 @@ class PickPlaceExpert:
             return lowered, CLOSED
         return eef, OPEN  # let go
 
+    def _command(self, i: int, o: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        """One env's (eef position target, gripper, rotation action (3,)) from its observation."""
+        target, gripper = self._target(i, o[self.object_slice], o[self.eef_index:self.eef_index + 3])
+        return target, gripper, NO_ROTATION
+
     def __call__(self, obs: torch.Tensor) -> torch.Tensor:
         """(N, obs_dim) -> (N, act_dim); an (N, H, obs_dim) history -> a one-step chunk (N, 1, act_dim)."""
         history = obs.dim() == 3
         o = (obs[:, -1] if history else obs).detach().cpu().numpy()
-        obj, eef = o[:, self.object_slice], o[:, self.eef_index:self.eef_index + 3]
-        targets, grippers = zip(*(self._target(i, obj[i], eef[i]) for i in range(len(o))))
+        eef = o[:, self.eef_index:self.eef_index + 3]
+        targets, grippers, rotations = zip(*(self._command(i, o[i]) for i in range(len(o))))
         delta = np.clip(self.gain * (np.stack(targets) - eef) / POS_SCALE, -1.0, 1.0)
-        action = torch.as_tensor(np.concatenate([delta, np.zeros((len(o), 3)), np.array(grippers)[:, None]], axis=1),
-                                 dtype=torch.float32)
+        rotation = np.clip(np.stack(rotations), -1.0, 1.0)
+        action = np.concatenate([delta, rotation, np.array(grippers)[:, None]], axis=1)
+        action = torch.as_tensor(action, dtype=torch.float32)
         return action.unsqueeze(1) if history else action
 
 
@@ -98,4 +108,111 @@ class CanExpert(PickPlaceExpert):
     lift_height = 0.2
 
 
-EXPERTS = {"robosuite/Lift": LiftExpert, "robosuite/PickPlaceCan": CanExpert}
+def quat_yaw(q: np.ndarray) -> float:
+    """Heading about world z of an (x, y, z, w) quaternion (robosuite's observation convention)."""
+    x, y, z, w = q
+    return math.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+
+
+def wrap_angle(a: float, period: float = 2 * math.pi) -> float:
+    """``a`` folded into [-period/2, period/2)."""
+    return (a + period / 2) % period - period / 2
+
+
+class SquareExpert(PickPlaceExpert):
+    """NutAssemblySquare: grasp the square nut by its handle and drop it over the square peg.
+
+    The handle sits 0.054 m along the nut's local x axis; the Panda's fingers close along the
+    gripper's y axis, so the gripper turns until that axis crosses the handle, picks the nut up,
+    turns it square to the peg, centres the nut (not the gripper) over the peg and lowers it until it
+    rests below robosuite's success height, then lets go.
+    """
+
+    object_slice = slice(7, 14)  # SquareNut_pos, SquareNut_quat (after the eef-relative pose)
+    eef_index = 14
+    eef_quat_index = 17
+    peg = np.array([0.23, 0.10])  # robosuite's peg1 (fixed in the arena)
+    handle_offset = 0.065  # along the handle (it spans 0.029-0.079 from the nut's centre; fingers clear the body)
+    integral_gain = 0.1
+    max_tilt_correction = 0.3  # radians per step; more drives the wrist into its joint limit
+    carry_z = 1.08
+    release_z = 0.925  # the nut has slid 1.5 cm down the peg (top at 0.95): let it fall the rest
+
+    def __init__(self, num_envs: int, gain: float = 1.0) -> None:
+        super().__init__(num_envs, gain)
+        self.grasp_xy = np.zeros((num_envs, 2))
+        self.integral = np.zeros((num_envs, 2))
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        super().reset(mask)
+        self.integral[np.ones_like(self.phase, dtype=bool) if mask is None else mask] = 0.0
+
+    def _command(self, i: int, o: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        nut, nut_yaw = o[7:10], quat_yaw(o[10:14])
+        eef = o[self.eef_index:self.eef_index + 3]
+        rot = _quat_to_matrix(o[self.eef_quat_index:self.eef_quat_index + 4])
+        finger_yaw = math.atan2(rot[1, 1], rot[0, 1])  # direction the fingers close along
+        handle = nut + self.handle_offset * np.array([math.cos(nut_yaw), math.sin(nut_yaw), 0.0])
+        phase = self.phase[i]
+        if phase <= 1:  # fingers across the handle: finger axis along the nut's local y (mod pi)
+            yaw_err = wrap_angle(nut_yaw + math.pi / 2 - finger_yaw, math.pi)
+        else:  # carrying: the nut square to the peg (mod pi/2)
+            yaw_err = wrap_angle(-nut_yaw, math.pi / 2)
+        yaw = np.array([0.0, 0.0, yaw_err / ROT_SCALE])
+        if phase == 5:  # the nut sags in the grasp: tilt the gripper to keep it level going down
+            tilt = np.cross(_quat_to_matrix(o[10:14])[:, 2], [0.0, 0.0, 1.0])
+            norm = np.linalg.norm(tilt)
+            if norm > self.max_tilt_correction:
+                tilt *= self.max_tilt_correction / norm
+            yaw = yaw + tilt / ROT_SCALE
+        if phase == 0:  # above the handle, turned
+            target = handle + np.array([0.0, 0.0, 0.06])
+            self.timer[i] += 1
+            if (np.linalg.norm(eef - target) < 0.005 and abs(yaw_err) < 0.03) or self.timer[i] > 80:
+                self.phase[i], self.timer[i] = 1, 0
+            return target, OPEN, yaw
+        if phase == 1:  # down onto the handle
+            target = handle - np.array([0.0, 0.0, 0.005])
+            self.timer[i] += 1
+            if np.linalg.norm(eef - target) < 0.006 or self.timer[i] > 40:
+                self.phase[i], self.timer[i] = 2, 0
+            return target, OPEN, yaw
+        if phase == 2:  # close
+            self.timer[i] += 1
+            if self.timer[i] >= 12:
+                self.phase[i], self.timer[i] = 3, 0
+                self.grasp_xy[i] = eef[:2]
+            return eef, CLOSED, NO_ROTATION
+        # where the eef must go for the nut to be centred; the integral removes the controller's steady offset
+        error = self.peg - nut[:2]
+        if phase >= 4 and np.linalg.norm(error) < 0.015:  # only near the peg, so it cannot wind up
+            self.integral[i] = np.clip(self.integral[i] + error, -0.1, 0.1)
+        over_peg = eef + np.append(error + self.integral_gain * self.integral[i], 0.0)
+        if phase == 3:  # lift straight up from where it grasped
+            target = np.array([*self.grasp_xy[i], self.carry_z])
+            if eef[2] > self.carry_z - 0.02:
+                self.phase[i] = 4
+            return target, CLOSED, yaw
+        if phase == 4:  # carry the nut over the peg, squared
+            target = np.array([over_peg[0], over_peg[1], self.carry_z])
+            if np.linalg.norm(error) < 0.003 and abs(yaw_err) < 0.05:
+                self.phase[i] = 5
+            return target, CLOSED, yaw
+        if phase == 5:  # lower it onto the peg
+            target = np.array([over_peg[0], over_peg[1], eef[2] - 0.01])
+            if nut[2] < self.release_z:
+                self.phase[i], self.timer[i] = 6, 0
+            return target, CLOSED, yaw
+        self.timer[i] += 1
+        return eef + np.array([0.0, 0.0, 0.01 * (self.timer[i] > 5)]), OPEN, NO_ROTATION  # let go, then back off
+
+
+def _quat_to_matrix(q: np.ndarray) -> np.ndarray:
+    x, y, z, w = q / np.linalg.norm(q)
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+
+
+EXPERTS = {"robosuite/Lift": LiftExpert, "robosuite/PickPlaceCan": CanExpert,
+           "robosuite/NutAssemblySquare": SquareExpert}

@@ -63,9 +63,11 @@ def main() -> int:
         print(f"[{'PASS' if ok else 'FAIL'}] {text}")
     out = Path(os.environ.get("FLOWRL_RESULTS", REPO / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scripted_experts.json").write_text(json.dumps(
-        {"episodes": args.episodes, "seed": args.seed,
-         "results": {t: {"success_rate": r, "wall_s": round(w, 1)} for t, (r, w) in rows.items()}}, indent=2) + "\n")
+    path = out / "scripted_experts.json"  # tasks run separately accumulate in one file
+    merged = json.loads(path.read_text()) if path.is_file() else {"results": {}}
+    merged["results"].update({t: {"success_rate": r, "wall_s": round(w, 1), "episodes": args.episodes,
+                                  "seed": args.seed, "cores": os.cpu_count()} for t, (r, w) in rows.items()})
+    path.write_text(json.dumps(merged, indent=2) + "\n")
     return 0 if all(ok for _, ok in checks) else 1
 
 

@@ -84,7 +84,7 @@ def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
     assert not torch.equal(obs, first)  # continuing generators: a new placement
 
 
-@pytest.mark.parametrize("task,horizon", [("Lift", 150), ("PickPlaceCan", 300)])
+@pytest.mark.parametrize("task,horizon", [("Lift", 150), ("PickPlaceCan", 300), ("NutAssemblySquare", 300)])
 def test_scripted_experts_succeed_on_seeded_episodes(task, horizon) -> None:
     import torch
 
@@ -119,6 +119,10 @@ def test_collected_demonstrations_round_trip_in_the_robomimic_layout(tmp_path) -
         assert sorted(f["data/demo_0/obs"].keys()) == ["object", "robot0_eef_pos", "robot0_eef_quat",
                                                        "robot0_gripper_qpos"]
         assert json.loads(f["data"].attrs["env_args"])["env_name"] == "Lift"
+    # cut 10 steps after the first success, as robomimic's demonstrations end
+    assert (written.episode_lengths < 150).all() and written.info()["episodes"] == 2
+    ends = np.cumsum(written.episode_lengths) - 1
+    assert written.truncated[ends].all() and written.truncated.sum() == 2 and not written.terminated.any()
     back = read_dataset(path)
     assert back.format == "robomimic"
     np.testing.assert_array_equal(back.observations, written.observations)
