@@ -29,7 +29,7 @@ from tqdm import tqdm
 from flowrl.checkpoint import load_policy, save_checkpoint
 from flowrl.config import PretrainConfig, resolve_device, to_dict, validate_pretrain
 from flowrl.datasets import ChunkDataset, Episodes, read_dataset
-from flowrl.envs import make, resolve_task
+from flowrl.envs import canonical_task, make
 from flowrl.errors import FlowrlError, Interrupted
 from flowrl.evaluation import evaluate
 from flowrl.policy import FlowPolicy, shortcut_target
@@ -90,7 +90,7 @@ class BehaviorCloning:
                  progress: bool = True) -> None:
         validate_pretrain(cfg)
         self.cfg = cfg
-        self.task = resolve_task(cfg.task).name
+        self.task = canonical_task(cfg.task)
         self.device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

@@ -54,10 +54,15 @@ def _source(path: Path, level: str, task: str | None, device: str) -> tuple[Any,
 
 def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: float = 0.0, seed: int = 0,
             level: str = "expert", task: str | None = None, num_envs: int = 16, device: str = "cpu",
-            progress: bool = True, created_by: str | None = None, fmt: str = "flowrl") -> Episodes:
+            progress: bool = True, created_by: str | None = None, fmt: str = "flowrl",
+            after_success: int = 10, keep_failures: bool = False) -> Episodes:
     """Roll ``source`` out for ``episodes`` seeded episodes and write them to ``out``.
 
-    ``created_by`` is the command line recorded in the file (the CLI passes its own)."""
+    On tasks that report success (robosuite), an episode is cut ``after_success`` steps after its
+    first success (its last step marked truncated), as robomimic's demonstrations end, and only
+    successful episodes are kept unless ``keep_failures``: collection goes on with further seeds
+    until ``episodes`` are kept (at most 3x as many tried). ``after_success < 0`` keeps whole
+    episodes. ``created_by`` is the command line recorded in the file (the CLI passes its own)."""
     if episodes < 1:
         raise FlowrlError(f"--episodes must be >= 1, got {episodes}")
     if noise < 0:
@@ -81,36 +86,53 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
 
     recorded: list[dict[str, np.ndarray]] = []
     start = time.time()
+    tried, failed = 0, 0
     try:
-        done = 0
-        while done < episodes:
+        while len(recorded) < episodes:
+            if tried >= 3 * episodes:
+                raise FlowrlError(f"only {len(recorded)} of {tried} episodes of {task_name} succeeded; "
+                                  f"wanted {episodes} (pass --keep-failures to keep failed ones)")
             per_env: list[dict[str, list]] = [{k: [] for k in ("observations", "actions", "rewards", "terminated",
                                                                "truncated")} for _ in range(n)]
+            since_success = torch.full((n,), -1, dtype=torch.int64)
 
-            def record(tr: dict[str, Any]) -> None:
+            def record(tr: dict[str, Any]) -> torch.Tensor | None:
+                cut = None
+                if tr["success"] is not None and after_success >= 0:
+                    succeeded = tr["success"].cpu() | (since_success >= 0)
+                    since_success.copy_(torch.where(succeeded, since_success + 1, since_success))
+                    cut = since_success >= after_success
                 for i in torch.nonzero(tr["active"]).flatten().tolist():
                     ep = per_env[i]
                     ep["observations"].append(tr["obs"][i].cpu().numpy())
                     ep["actions"].append(tr["action"][i].cpu().numpy())
                     ep["rewards"].append(float(tr["reward"][i]))
                     ep["terminated"].append(bool(tr["terminated"][i]))
-                    ep["truncated"].append(bool(tr["truncated"][i]))
+                    ep["truncated"].append(bool(tr["truncated"][i]) or bool(cut is not None and cut[i]))
+                return None if cut is None else cut.to(tr["active"].device)
 
             if hasattr(act, "reset"):
                 act.reset()
-            run_episodes(env, noisy, history, act_steps, seed=seed + done, on_step=record)
-            for ep in per_env[: episodes - done]:
+            result = run_episodes(env, noisy, history, act_steps, seed=seed + tried, on_step=record)
+            for i, ep in enumerate(per_env):
+                if len(recorded) >= episodes:
+                    break
+                if bool(result["has_success"]) and not keep_failures and not result["success"][i]:
+                    failed += 1
+                    continue
                 recorded.append({k: np.asarray(v) for k, v in ep.items()})
-            done += n
+            tried += n
             if progress:
-                rets = [e["rewards"].sum() for e in recorded]
-                print(f"[collect {task_name}] {len(recorded)}/{episodes} episodes, "
+                rets = [e["rewards"].sum() for e in recorded] or [0.0]
+                dropped = f", {failed} failed dropped" if failed else ""
+                print(f"[collect {task_name}] {len(recorded)}/{episodes} episodes{dropped}, "
                       f"return {np.mean(rets):.1f} ± {np.std(rets):.1f}", file=sys.stderr, flush=True)
     finally:
         env.close()
     space = env.single_observation_space
     meta = {"task": task_name, "gym_id": spec.gym_id if spec else "", "policy": desc, "action_noise": noise,
-            "seed": seed,
+            "seed": seed, "episodes_tried": tried, "failed_dropped": failed,
+            "after_success": after_success,
             "observation_space": {"shape": list(space.shape)},
             "action_space": {"shape": list(env.single_action_space.shape),
                              "low": env.single_action_space.low.tolist(), "high": env.single_action_space.high.tolist()},

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from flowrl.checkpoint import load_policy, save_checkpoint
 from flowrl.config import FinetuneConfig, resolve_device, to_dict, validate_finetune
-from flowrl.envs import make, resolve_task
+from flowrl.envs import canonical_task, make
 from flowrl.errors import FlowrlError, Interrupted
 from flowrl.evaluation import ObsHistory, evaluate
 from flowrl.nets import SinusoidalEmbedding
@@ -173,7 +173,7 @@ class ReinFlow:
         policy, init_config = load_policy(cfg.init, self.device)
         if "task" not in init_config:
             raise FlowrlError(f"{cfg.init}/config.json: missing key 'task'")
-        self.task = resolve_task(cfg.task or init_config["task"]).name
+        self.task = canonical_task(cfg.task or init_config["task"])
         self.init_info = {"path": str(cfg.init), "step": init_config.get("step"), "stage": init_config.get("stage")}
         self.K = t.num_steps or policy.cfg.num_steps
         policy.cfg.num_steps = self.K
@@ -201,6 +201,8 @@ class ReinFlow:
         self.best_return = -math.inf
         self.recent_returns: list[float] = []
         self.recent_lengths: list[float] = []
+        self.recent_successes: list[float] = []  # tasks that report success (robosuite)
+        self.episode_success = torch.zeros(t.num_envs, dtype=torch.bool, device=self.device)
         self.eval_history: list[dict[str, float]] = []  # learning curve: env steps, wall clock, return
         self.iteration_seconds: list[float] = []
         self.rollout_seconds: list[float] = []
@@ -260,6 +262,8 @@ class ReinFlow:
                 obs, reward, term, trunc, info = env.step(actions[:, j])
                 chunk_reward += torch.where(alive, reward.double(), 0.0)
                 done = info["done_mask"]
+                if "success" in info:
+                    self.episode_success |= info["success"].to(self.device)
                 newly = done & alive
                 if newly.any():
                     ended = torch.nonzero(newly).flatten()
@@ -272,9 +276,13 @@ class ReinFlow:
                         final_values[s, boot] = self.critic(self.policy.encode(final_hist))
                     self.recent_returns += info["episode_return"][ended].tolist()
                     self.recent_lengths += info["episode_length"][ended].tolist()
+                    if "success" in info:
+                        self.recent_successes += self.episode_success[ended].float().tolist()
+                self.episode_success &= ~done
                 alive &= ~done
                 self.history.push(obs, done)
             self.recent_returns, self.recent_lengths = self.recent_returns[-100:], self.recent_lengths[-100:]
+            self.recent_successes = self.recent_successes[-100:]
             ended_chunk = terminated[s] | truncated[s]
             rewards[s] = (self.scaler(chunk_reward, ended_chunk) if t.reward_scaling else chunk_reward).float()
         self.env_steps += n * steps * act_steps
@@ -396,8 +404,8 @@ class ReinFlow:
                  "history": self.history.get().clone(), "best_return": self.best_return,
                  "recent_returns": list(self.recent_returns[-100:]), "recent_lengths": list(self.recent_lengths[-100:]),
                  "eval_history": list(self.eval_history), "iteration_seconds": list(self.iteration_seconds),
-                 "rollout_seconds": list(self.rollout_seconds),
-                 "wall_clock": self.wall_clock}
+                 "rollout_seconds": list(self.rollout_seconds), "recent_successes": list(self.recent_successes),
+                 "episode_success": self.episode_success.clone(), "wall_clock": self.wall_clock}
         if env_state is not None:
             state["env"] = env_state
         return save_checkpoint(folder or self.run.checkpoint_dir(self.env_steps), self.policy, self._info(), state)
@@ -418,6 +426,9 @@ class ReinFlow:
         self.recent_returns, self.recent_lengths = list(state["recent_returns"]), list(state["recent_lengths"])
         self.eval_history, self.iteration_seconds = list(state["eval_history"]), list(state["iteration_seconds"])
         self.rollout_seconds = list(state["rollout_seconds"])
+        self.recent_successes = list(state.get("recent_successes", []))
+        if "episode_success" in state:
+            self.episode_success = state["episode_success"].to(self.device)
         self.wall_clock = float(state["wall_clock"])
         if "env" in state and hasattr(self.env, "set_full_state"):
             self.env.set_full_state(state["env"])
@@ -435,6 +446,10 @@ class ReinFlow:
         self.policy.eval()
         return evaluate(self.policy, self.task, num_steps or self.K, episodes=episodes, seed=e.seed,
                         backend=e.backend, max_envs=e.max_envs, device=self.device)
+
+    def close(self) -> None:
+        """Release the rollout envs (robosuite's are worker processes)."""
+        self.env.close()
 
     def learn(self) -> FlowPolicy:
         """Run fine-tuning to the env-step budget; Ctrl-C stops after the current iteration with a
@@ -479,6 +494,8 @@ class ReinFlow:
         if self.recent_returns:
             logs["rollout/ep_rew_mean"] = float(np.mean(self.recent_returns[-100:]))
             logs["rollout/ep_len_mean"] = float(np.mean(self.recent_lengths[-100:]))
+        if self.recent_successes:
+            logs["rollout/success_rate"] = float(np.mean(self.recent_successes))
         for k, v in logs.items():
             if v is not None:
                 writer.add_scalar(k, v, self.env_steps)

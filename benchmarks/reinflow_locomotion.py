@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,7 +54,11 @@ def results_dir() -> Path:
     return out
 
 
-def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Path, record: dict) -> None:
+def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Path, record: dict,
+             save: Callable[[], None]) -> None:
+    """Behaviour cloning then ReinFlow from ``configs/<task>/`` for one seed; results into ``record``
+    (success rates too where the task reports success), ``save`` called at every curve point.
+    Shared with reinflow_manipulation.py."""
     common = [f"seed={seed}", f"device={args.device}"]
     pre_cfg = load_config(PretrainConfig, REPO / "configs" / task / f"pretrain_{head}.yaml",
                           [*common, "train.eval_every=0", f"eval.episodes={args.episodes}", "eval.steps=[4]",
@@ -65,29 +70,42 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     bc = BehaviorCloning(pre_cfg, runs / f"{task}-{head}-s{seed}-pretrain-{stamp}", progress=False)
     bc.learn()
     record["pretrain_s"] = round(time.time() - start, 1)
-    record["pretrained"] = bc.evaluate(4, args.episodes)["return_mean"]
+    pre = bc.evaluate(4, args.episodes)
+    record["pretrained"] = pre["return_mean"]
+    if "success_rate" in pre:
+        record["pretrained_success"] = pre["success_rate"]
     record["data_return"] = bc.data_info["return_mean"]
     init = bc.run.checkpoint_dir(bc.step)
-    print(f"[{task} s{seed}] pretrained: {record['pretrained']:.1f} ({record['pretrain_s']} s)", flush=True)
+    print(f"[{task} s{seed}] pretrained: {describe(pre)} ({record['pretrain_s']} s)", flush=True)
 
     ft_cfg = load_config(FinetuneConfig, REPO / "configs" / task / f"finetune_{head}.yaml",
                          [*common, f"init={init}", f"eval.episodes={args.episodes}", "eval.steps=[4]",
-                          f"train.eval_every={args.eval_every}", "train.eval_episodes=10",
+                          f"train.eval_every={args.eval_every}", f"train.eval_episodes={args.eval_episodes}",
                           f"train.sim_threads={args.sim_threads}", *args.overrides,
                           *([f"train.env_steps={args.env_steps}"] if args.env_steps else [])])
     record["overrides"] = list(args.overrides)
     agent = ReinFlow(ft_cfg, runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
     agent.on_eval = lambda: (record.update(curve=agent.eval_history, iteration_s=agent.iteration_seconds),
-                             flush(record["_all"]))
-    agent.learn()
-    final = agent.evaluate(args.episodes)
+                             save())
+    try:
+        agent.learn()
+        final = agent.evaluate(args.episodes)
+    finally:
+        agent.close()
+    if "success_rate" in final:
+        record["finetuned_success"] = final["success_rate"]
     record.update(finetuned=final["return_mean"], finetuned_std=final["return_std"], env_steps=agent.env_steps,
                   wall_clock_s=round(agent.wall_clock, 1), curve=agent.eval_history,
                   iteration_s=agent.iteration_seconds, rollout_s=agent.rollout_seconds,
                   steps_per_iteration=agent.steps_per_iteration, backend=type(agent.env).__name__,
                   sim_threads=args.sim_threads)
-    print(f"[{task} s{seed}] fine-tuned: {record['finetuned']:.1f} after {agent.env_steps} env steps, "
+    print(f"[{task} s{seed}] fine-tuned: {describe(final)} after {agent.env_steps} env steps, "
           f"{record['wall_clock_s']} s", flush=True)
+
+
+def describe(result: dict) -> str:
+    text = f"return {result['return_mean']:.1f}"
+    return text + (f", success {100 * result['success_rate']:.0f}%" if "success_rate" in result else "")
 
 
 def ppo_baseline(task: str, seed: int, env_steps: int, episodes: int) -> dict:
@@ -124,10 +142,8 @@ TAG = [""]
 
 def flush(all_results: dict) -> None:
     for task, rec in all_results.items():
-        clean = {k: v for k, v in rec.items() if k != "_all"}
-        clean["seeds"] = [{k: v for k, v in s.items() if k != "_all"} for s in rec.get("seeds", [])]
         name = f"reinflow_{task}{'_' + TAG[0] if TAG[0] else ''}.json"
-        (results_dir() / name).write_text(json.dumps(clean, indent=2) + "\n")
+        (results_dir() / name).write_text(json.dumps(rec, indent=2) + "\n")
 
 
 def plot(task: str, rec: dict) -> None:
@@ -171,6 +187,7 @@ def main() -> int:
     ap.add_argument("--pretrain-steps", type=int, help="override train.steps of the pretraining presets")
     ap.add_argument("--episodes", type=int, default=20, help="episodes of the final evaluations")
     ap.add_argument("--eval-every", type=int, default=10, help="iterations between curve points")
+    ap.add_argument("--eval-episodes", type=int, default=10, help="episodes per curve point")
     ap.add_argument("--ppo-baseline", action="store_true", help="add SB3 Gaussian PPO from scratch as a row")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench"))
@@ -196,9 +213,9 @@ def main() -> int:
         rec = {"task": task, "head": args.head, "device": device, "cores": os.cpu_count(), "seeds": []}
         all_results[task] = rec
         for seed in args.seeds:
-            srec = {"seed": seed, "_all": all_results}
+            srec: dict = {"seed": seed}
             rec["seeds"].append(srec)
-            run_seed(task, args.head, seed, args, Path(args.runs), srec)
+            run_seed(task, args.head, seed, args, Path(args.runs), srec, lambda: flush(all_results))
             flush(all_results)
         if args.ppo_baseline:
             rec["ppo"] = ppo_baseline(task, args.seeds[0], args.env_steps or 10_000_000, args.episodes)

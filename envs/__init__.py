@@ -17,6 +17,21 @@ from flowrl.errors import FlowrlError
 BACKENDS = ("cpu", "warp", "gymnasium")
 
 
+def canonical_task(name: str) -> str:
+    """The canonical name of any task ``make`` builds: ``hopper`` -> ``Hopper``,
+    ``robosuite/lift`` -> ``robosuite/Lift``; an unknown name is a FlowrlError listing the known."""
+    if name.strip().lower().startswith("robosuite/"):
+        from flowrl.envs.robosuite_backend import TASKS as ROBOSUITE_TASKS
+
+        wanted = name.strip().split("/", 1)[1].lower()
+        for known in ROBOSUITE_TASKS:
+            if known.lower() == wanted:
+                return f"robosuite/{known}"
+        raise FlowrlError(f"unknown robosuite task '{name}'; known: "
+                          + ", ".join(f"robosuite/{t}" for t in ROBOSUITE_TASKS))
+    return resolve_task(name).name
+
+
 def make(
     task: str,
     num_envs: int = 1,
@@ -37,7 +52,7 @@ def make(
     if task.lower().startswith("robosuite/"):
         from flowrl.envs.robosuite_backend import RobosuiteEnv
 
-        return RobosuiteEnv(task.split("/", 1)[1], num_envs, device=device, seed=seed, **kwargs)
+        return RobosuiteEnv(canonical_task(task).split("/", 1)[1], num_envs, device=device, seed=seed, **kwargs)
     spec = resolve_task(task)
     if spec.name == "PointReach":  # pure torch: one implementation whatever the backend
         from flowrl.envs.point_reach import PointReachEnv
@@ -68,4 +83,4 @@ def make(
     raise FlowrlError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}, auto")
 
 
-__all__ = ["BACKENDS", "BatchedEnv", "TASKS", "TaskSpec", "make", "resolve_task"]
+__all__ = ["BACKENDS", "BatchedEnv", "TASKS", "TaskSpec", "canonical_task", "make", "resolve_task"]

@@ -56,7 +56,10 @@ def _worker(conn: Any, task: str, horizon: int) -> None:
     conn.send((layout, low, high))
     ret, length = 0.0, 0
     while True:
-        cmd, arg = conn.recv()
+        try:
+            cmd, arg = conn.recv()
+        except (EOFError, OSError):  # the parent went away without closing us
+            return
         if cmd == "reset":
             if arg is not None:  # in place: the placement samplers hold references to env.rng
                 env.rng.bit_generator.state = np.random.default_rng(arg).bit_generator.state
@@ -102,9 +105,9 @@ class RobosuiteEnv(BatchedEnv):
             proc.start()
             self._conns.append(parent)
             self._procs.append(proc)
-        layout, low, high = self._conns[0].recv()
-        for c in self._conns[1:]:
-            c.recv()
+        layout, low, high = self._recv(0)
+        for i in range(1, num_envs):
+            self._recv(i)
         self.obs_layout: list[tuple[str, int]] = layout  # (robomimic key, size) in observation order
         obs_dim = sum(size for _, size in layout)
         self.env_args = {"env_name": TASKS[task][0], "type": 1,
@@ -114,21 +117,40 @@ class RobosuiteEnv(BatchedEnv):
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
         self.single_action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
 
+    def _dead(self, i: int) -> FlowrlError:
+        self.close()
+        return FlowrlError(f"{self.task}: worker process {i} exited (its error, if any, is printed above)")
+
+    def _send(self, i: int, message: tuple[str, Any]) -> None:
+        try:
+            self._conns[i].send(message)
+        except (BrokenPipeError, OSError):
+            raise self._dead(i) from None
+
+    def _recv(self, i: int) -> Any:
+        try:
+            return self._conns[i].recv()
+        except (EOFError, OSError):
+            raise self._dead(i) from None
+
     def _t(self, x: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x), dtype=dtype, device=self.device)
 
     def reset(self, seed: int | None = None) -> torch.Tensor:
         seed = self._seed if seed is None else seed
-        for i, c in enumerate(self._conns):
-            c.send(("reset", None if seed is None else seed + i))
-        return self._t(np.stack([c.recv() for c in self._conns]))
+        for i in range(self.num_envs):
+            self._send(i, ("reset", None if seed is None else seed + i))
+        return self._t(np.stack([self._recv(i) for i in range(self.num_envs)]))
 
     def step(self, action: torch.Tensor):
+        expected = (self.num_envs, *self.single_action_space.shape)
+        if tuple(action.shape) != expected:
+            raise FlowrlError(f"{self.task}: actions of shape {tuple(action.shape)}, expected {expected}")
         act = np.clip(action.detach().cpu().numpy().astype(np.float64), self.single_action_space.low,
                       self.single_action_space.high)
-        for c, a in zip(self._conns, act):
-            c.send(("step", a))
-        results = [c.recv() for c in self._conns]
+        for i, a in enumerate(act):
+            self._send(i, ("step", a))
+        results = [self._recv(i) for i in range(self.num_envs)]
         final_obs = np.stack([r[0] for r in results])
         obs = np.stack([r[6] if r[2] else r[0] for r in results])
         truncated = self._t([r[2] for r in results], torch.bool)
@@ -146,4 +168,6 @@ class RobosuiteEnv(BatchedEnv):
                 pass
         for p in self._procs:
             p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
         self._conns, self._procs = [], []

@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--task", help="the task (scripted experts; overrides a checkpoint's)")
     co.add_argument("--format", default="flowrl", choices=["flowrl", "robomimic"], help="dataset layout to write")
     co.add_argument("--num-envs", type=int, default=16)
+    co.add_argument("--after-success", type=int, default=10,
+                    help="tasks with success (robosuite): cut each episode this many steps after its first "
+                    "success, as robomimic's demonstrations end (default 10; -1 keeps whole episodes)")
+    co.add_argument("--keep-failures", action="store_true",
+                    help="keep episodes that never succeed (default: drop them and collect more)")
 
     cf = sub.add_parser("config", help="show the config schema or a resolved config").add_subparsers(
         dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -146,9 +151,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     agent = ReinFlow(cfg, out, resume=args.resume, progress=not args.quiet)
     print(f"run folder: {agent.run.path}  (tensorboard --logdir {agent.run.path}); {agent.iterations} iterations "
           f"of {agent.steps_per_iteration} env steps", file=sys.stderr)
-    agent.learn()
-    if not args.no_eval:
-        agent.final_evaluation()
+    try:
+        agent.learn()
+        if not args.no_eval:
+            agent.final_evaluation()
+    finally:
+        agent.close()
     agent.run.close()
 
 
@@ -210,7 +218,8 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
     data = collect(args.source, args.out, episodes=args.episodes, noise=args.noise, seed=args.seed,
                    level=args.level, task=args.task, num_envs=args.num_envs,
-                   created_by="flowrl " + shlex.join(args.argv), fmt=args.format)
+                   created_by="flowrl " + shlex.join(args.argv), fmt=args.format,
+                   after_success=args.after_success, keep_failures=args.keep_failures)
     info = data.info()
     print(f"wrote {args.out}: {info['episodes']} episodes, {info['transitions']} transitions, "
           f"return {info['return_mean']:.1f} ± {info['return_std']:.1f}")

@@ -233,10 +233,10 @@ def validate_policy(p: PolicyConfig, prefix: str = "policy.") -> None:
 
 
 def validate_pretrain(cfg: PretrainConfig) -> None:
-    from flowrl.envs import resolve_task
+    from flowrl.envs import canonical_task
 
     try:
-        resolve_task(cfg.task)
+        canonical_task(cfg.task)
     except FlowrlError as e:
         _fail("task", str(e))
     if cfg.seed < 0:
@@ -267,10 +267,10 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if not cfg.init:
         _fail("init", "the pretrained checkpoint is required (--init PATH)")
     if cfg.task:
-        from flowrl.envs import resolve_task
+        from flowrl.envs import canonical_task
 
         try:
-            resolve_task(cfg.task)
+            canonical_task(cfg.task)
         except FlowrlError as e:
             _fail("task", str(e))
     validate_device(cfg.device)

@@ -135,6 +135,7 @@ def write_robomimic(path: str | Path, episodes: Episodes, obs_layout: list[tuple
             data = f.create_group("data")
             data.attrs["total"] = episodes.num_transitions
             data.attrs["env_args"] = json.dumps(env_args)
+            data.attrs["flowrl_meta"] = json.dumps(episodes.meta, default=str)  # how it was made; robomimic ignores it
             for i, (s0, n) in enumerate(zip(episodes.episode_starts, episodes.episode_lengths)):
                 demo = data.create_group(f"demo_{i}")
                 demo.attrs["num_samples"] = int(n)

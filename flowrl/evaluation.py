@@ -42,11 +42,12 @@ ChunkFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def run_episodes(env: BatchedEnv, choose_chunk: ChunkFn, obs_history: int, act_steps: int, seed: int,
-                 on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, np.ndarray]:
+                 on_step: Callable[[dict[str, Any]], torch.Tensor | None] | None = None) -> dict[str, np.ndarray]:
     """Run exactly one episode in each env of ``env`` (env i seeded ``seed + i``).
 
     Every env's first episode counts, whatever its length, so statistics are not biased towards
-    short episodes. ``on_step`` sees each transition (for recording demonstrations).
+    short episodes. ``on_step`` sees each transition (for recording demonstrations); it may return
+    a bool mask of envs whose episode it ends there (demonstrations cut after success).
     """
     n = env.num_envs
     obs = env.reset(seed=seed)
@@ -60,14 +61,15 @@ def run_episodes(env: BatchedEnv, choose_chunk: ChunkFn, obs_history: int, act_s
         for j in range(act_steps):
             action = chunk[:, j]
             next_obs, reward, terminated, truncated, info = env.step(action)
+            ended = None
             if on_step is not None:
-                on_step({"obs": obs, "action": action, "reward": reward, "terminated": terminated,
-                         "truncated": truncated, "active": active.clone()})
+                ended = on_step({"obs": obs, "action": action, "reward": reward, "terminated": terminated,
+                                 "truncated": truncated, "active": active.clone(), "success": info.get("success")})
             returns += torch.where(active, reward.double(), 0.0)
             lengths += active.long()
             if "success" in info:
                 success |= active & info["success"]
-            done = info["done_mask"]
+            done = info["done_mask"] if ended is None else info["done_mask"] | ended
             active &= ~done
             history.push(next_obs, done)
             obs = next_obs

@@ -29,7 +29,8 @@ class RunFolder:
 
     @staticmethod
     def default_name(stage: str, task: str, head: str) -> str:
-        return f"{task.lower()}-{stage}-{head}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = task.lower().replace("/", "-")  # robosuite/lift -> robosuite-lift, one folder
+        return f"{name}-{stage}-{head}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def start(self, cfg: Any, resume: bool, resumable_keys: tuple[str, ...] = ("train.steps",)) -> None:
         """Create the folder and write ``config.yaml``; on resume, check the config did not change."""

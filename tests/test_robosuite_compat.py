@@ -71,6 +71,21 @@ def test_lift_seeding_per_env_and_global_rng_untouched(lift) -> None:
     assert np.array_equal(np.random.get_state()[1], before)
 
 
+def test_a_dead_worker_is_a_clear_error() -> None:
+    import torch
+
+    from flowrl.envs import make
+    from flowrl.errors import FlowrlError
+
+    env = make("robosuite/Lift", 2, seed=0)
+    env.reset()
+    env._procs[1].kill()
+    env._procs[1].join()
+    with pytest.raises(FlowrlError, match="worker process 1 exited"):
+        env.step(torch.zeros(2, 7))
+    env.close()
+
+
 def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
     import torch
 
