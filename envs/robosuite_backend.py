@@ -11,6 +11,7 @@ Each worker applies :mod:`flowrl.envs.robosuite_compat` before it builds its env
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 from typing import Any
@@ -40,7 +41,8 @@ def flatten_obs(obs: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
 
 
 def _worker(conn: Any, task: str, horizon: int) -> None:
-    os.environ.setdefault("MUJOCO_GL", "disable")
+    # workers never render; importing robosuite sets MUJOCO_GL=egl, which a machine without EGL fails on
+    os.environ["MUJOCO_GL"] = "disable"
     from flowrl.envs.robosuite_compat import apply
 
     apply()
@@ -88,10 +90,8 @@ class RobosuiteEnv(BatchedEnv):
                  horizon: int | None = None) -> None:
         if task not in TASKS:
             raise FlowrlError(f"unknown robosuite task '{task}'; known: {', '.join('robosuite/' + t for t in TASKS)}")
-        try:
-            import robosuite  # noqa: F401
-        except ImportError:
-            raise FlowrlError("robosuite is not installed; see the README (robosuite)") from None
+        if importlib.util.find_spec("robosuite") is None:  # not imported here: it changes os.environ
+            raise FlowrlError("robosuite is not installed; see the README (robosuite)")
         self.task = f"robosuite/{task}"
         self.num_envs = num_envs
         self.device = torch.device(device)
