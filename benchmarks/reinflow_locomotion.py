@@ -195,7 +195,7 @@ def main() -> int:
     ap.add_argument("--sim-threads", type=int, default=0, help="cpu backend threads (0: all cores)")
     ap.add_argument("--report", nargs="+", metavar="JSON", help="only merge these results files and report")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning preset")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
     TAG[0] = args.tag
 
     all_results: dict = {}
