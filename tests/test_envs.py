@@ -30,6 +30,20 @@ def test_unknown_task_is_one_clear_error() -> None:
         make("Hoper", 1)
 
 
+def test_task_names_are_canonical_for_every_family() -> None:
+    from flowrl.config import PretrainConfig, load_config, validate_pretrain
+    from flowrl.envs import canonical_task
+
+    assert canonical_task("hopper-v5") == "Hopper"
+    assert canonical_task("robosuite/nutassemblysquare") == "robosuite/NutAssemblySquare"
+    with pytest.raises(FlowrlError, match="unknown robosuite task 'robosuite/Stack'; known: robosuite/Lift"):
+        canonical_task("robosuite/Stack")
+    # configs accept robosuite tasks (validated without importing robosuite) and name a bad one
+    validate_pretrain(load_config(PretrainConfig, None, ["task=robosuite/Lift", "data.path=x.hdf5"]))
+    with pytest.raises(FlowrlError, match="task: unknown robosuite task"):
+        validate_pretrain(load_config(PretrainConfig, None, ["task=robosuite/Lifft", "data.path=x.hdf5"]))
+
+
 def test_per_env_seeding_matches_gymnasium() -> None:
     env = make("Hopper", 3, backend="gymnasium", seed=5)
     obs = env.reset()
