@@ -122,10 +122,12 @@ def wrap_angle(a: float, period: float = 2 * math.pi) -> float:
 class SquareExpert(PickPlaceExpert):
     """NutAssemblySquare: grasp the square nut by its handle and drop it over the square peg.
 
-    The handle sits 0.054 m along the nut's local x axis; the Panda's fingers close along the
-    gripper's y axis, so the gripper turns until that axis crosses the handle, picks the nut up,
-    turns it square to the peg, centres the nut (not the gripper) over the peg and lowers it until it
-    rests below robosuite's success height, then lets go.
+    The handle runs along the nut's local x axis; the Panda's fingers close along the gripper's y
+    axis, so the gripper turns until that axis crosses the handle and grasps near its outer end.
+    It lifts the nut, turns it square to the peg, centres the nut itself (not the gripper) over the
+    peg with an integral term against the controller's steady offset, lowers it while tilting the
+    gripper against the nut's sag, and lets go once the nut is on the peg: it slides down to rest
+    below robosuite's success height, with the gripper far enough away for success to count.
     """
 
     object_slice = slice(7, 14)  # SquareNut_pos, SquareNut_quat (after the eef-relative pose)
@@ -158,25 +160,25 @@ class SquareExpert(PickPlaceExpert):
             yaw_err = wrap_angle(nut_yaw + math.pi / 2 - finger_yaw, math.pi)
         else:  # carrying: the nut square to the peg (mod pi/2)
             yaw_err = wrap_angle(-nut_yaw, math.pi / 2)
-        yaw = np.array([0.0, 0.0, yaw_err / ROT_SCALE])
+        rotation = np.array([0.0, 0.0, yaw_err / ROT_SCALE])
         if phase == 5:  # the nut sags in the grasp: tilt the gripper to keep it level going down
             tilt = np.cross(_quat_to_matrix(o[10:14])[:, 2], [0.0, 0.0, 1.0])
             norm = np.linalg.norm(tilt)
             if norm > self.max_tilt_correction:
                 tilt *= self.max_tilt_correction / norm
-            yaw = yaw + tilt / ROT_SCALE
+            rotation = rotation + tilt / ROT_SCALE
         if phase == 0:  # above the handle, turned
             target = handle + np.array([0.0, 0.0, 0.06])
             self.timer[i] += 1
             if (np.linalg.norm(eef - target) < 0.005 and abs(yaw_err) < 0.03) or self.timer[i] > 80:
                 self.phase[i], self.timer[i] = 1, 0
-            return target, OPEN, yaw
+            return target, OPEN, rotation
         if phase == 1:  # down onto the handle
             target = handle - np.array([0.0, 0.0, 0.005])
             self.timer[i] += 1
             if np.linalg.norm(eef - target) < 0.006 or self.timer[i] > 40:
                 self.phase[i], self.timer[i] = 2, 0
-            return target, OPEN, yaw
+            return target, OPEN, rotation
         if phase == 2:  # close
             self.timer[i] += 1
             if self.timer[i] >= 12:
@@ -192,17 +194,17 @@ class SquareExpert(PickPlaceExpert):
             target = np.array([*self.grasp_xy[i], self.carry_z])
             if eef[2] > self.carry_z - 0.02:
                 self.phase[i] = 4
-            return target, CLOSED, yaw
+            return target, CLOSED, rotation
         if phase == 4:  # carry the nut over the peg, squared
             target = np.array([over_peg[0], over_peg[1], self.carry_z])
             if np.linalg.norm(error) < 0.003 and abs(yaw_err) < 0.05:
                 self.phase[i] = 5
-            return target, CLOSED, yaw
+            return target, CLOSED, rotation
         if phase == 5:  # lower it onto the peg
             target = np.array([over_peg[0], over_peg[1], eef[2] - 0.01])
             if nut[2] < self.release_z:
                 self.phase[i], self.timer[i] = 6, 0
-            return target, CLOSED, yaw
+            return target, CLOSED, rotation
         self.timer[i] += 1
         return eef + np.array([0.0, 0.0, 0.01 * (self.timer[i] > 5)]), OPEN, NO_ROTATION  # let go, then back off
 
