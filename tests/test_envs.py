@@ -76,3 +76,21 @@ def test_same_step_autoreset_returns_final_obs_and_matches_a_single_env() -> Non
             break
     else:
         pytest.fail("episode never ended")
+
+
+def test_run_episodes_lets_the_caller_end_an_episode() -> None:
+    """Collection cuts demonstrations after success through this hook: the env it ends stops
+    counting there, the others run to their own end."""
+    from flowrl.evaluation import run_episodes
+
+    env = make("PointReach", 3, seed=0)
+    steps = [0]
+
+    def end_env_1_at_step_5(tr: dict) -> torch.Tensor:
+        steps[0] += 1
+        return torch.tensor([False, steps[0] == 5, False])
+
+    out = run_episodes(env, lambda obs: torch.zeros(obs.shape[0], 1, 2), obs_history=1, act_steps=1, seed=0,
+                       on_step=end_env_1_at_step_5)
+    assert out["lengths"].tolist() == [30, 5, 30]
+    env.close()
