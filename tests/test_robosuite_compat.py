@@ -163,3 +163,26 @@ def test_every_task_builds_steps_and_truncates(task, obs_dim, act_dim) -> None:
         assert bool(truncated.all()) and not terminated.any()
     finally:
         env.close()
+
+
+def test_collect_drops_failed_episodes_and_says_so_when_none_succeed(tmp_path, monkeypatch) -> None:
+    import torch
+
+    from flowrl.agents import scripted
+    from flowrl.agents.collect import collect
+    from flowrl.errors import FlowrlError
+
+    class Idle:  # never grasps: every episode fails
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(obs.shape[0], 1, 7)
+
+    monkeypatch.setitem(scripted.EXPERTS, "robosuite/Lift", Idle)
+    with pytest.raises(FlowrlError, match="only 0 of 3 episodes of robosuite/Lift succeeded"):
+        collect("scripted", tmp_path / "none.hdf5", episodes=1, task="robosuite/Lift", num_envs=1, progress=False)
+    assert not (tmp_path / "none.hdf5").exists()  # nothing half-written
+    kept = collect("scripted", tmp_path / "kept.hdf5", episodes=1, task="robosuite/Lift", num_envs=1,
+                   progress=False, keep_failures=True)
+    assert kept.episode_lengths.tolist() == [400] and kept.truncated[-1]
