@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ from flowrl.run import RunFolder, format_eval_table, stop_on_ctrl_c
 from flowrl.sampler import chain_transitions, euler_sample, gaussian_log_prob, noisy_euler_chain
 
 LOG_2PI_E_HALF = 0.5 * math.log(2 * math.pi * math.e)
+RECENT = 100  # finished episodes behind the rollout/* means
 
 
 class NoiseHead(nn.Module):
@@ -199,9 +201,10 @@ class ReinFlow:
         self.iteration = 0
         self.env_steps = 0
         self.best_return = -math.inf
-        self.recent_returns: list[float] = []
-        self.recent_lengths: list[float] = []
-        self.recent_successes: list[float] = []  # tasks that report success (robosuite)
+        # the last 100 finished episodes (SB3's window for rollout/ep_rew_mean)
+        self.recent_returns: deque[float] = deque(maxlen=RECENT)
+        self.recent_lengths: deque[float] = deque(maxlen=RECENT)
+        self.recent_successes: deque[float] = deque(maxlen=RECENT)  # tasks that report success (robosuite)
         self.episode_success = torch.zeros(t.num_envs, dtype=torch.bool, device=self.device)
         self.eval_history: list[dict[str, float]] = []  # learning curve: env steps, wall clock, return
         self.iteration_seconds: list[float] = []
@@ -274,15 +277,13 @@ class ReinFlow:
                         final_hist = torch.cat([self.history.get()[boot, 1:],
                                                 info["final_obs"][boot].unsqueeze(1).to(hist.dtype)], dim=1)
                         final_values[s, boot] = self.critic(self.policy.encode(final_hist))
-                    self.recent_returns += info["episode_return"][ended].tolist()
-                    self.recent_lengths += info["episode_length"][ended].tolist()
+                    self.recent_returns.extend(info["episode_return"][ended].tolist())
+                    self.recent_lengths.extend(info["episode_length"][ended].tolist())
                     if "success" in info:
-                        self.recent_successes += self.episode_success[ended].float().tolist()
+                        self.recent_successes.extend(self.episode_success[ended].float().tolist())
                 self.episode_success &= ~done
                 alive &= ~done
                 self.history.push(obs, done)
-            self.recent_returns, self.recent_lengths = self.recent_returns[-100:], self.recent_lengths[-100:]
-            self.recent_successes = self.recent_successes[-100:]
             ended_chunk = terminated[s] | truncated[s]
             rewards[s] = (self.scaler(chunk_reward, ended_chunk) if t.reward_scaling else chunk_reward).float()
         self.env_steps += n * steps * act_steps
@@ -402,7 +403,7 @@ class ReinFlow:
                  "critic_opt": self.critic_opt.state_dict(), "scaler": self.scaler.state_dict(),
                  "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                  "history": self.history.get().clone(), "best_return": self.best_return,
-                 "recent_returns": list(self.recent_returns[-100:]), "recent_lengths": list(self.recent_lengths[-100:]),
+                 "recent_returns": list(self.recent_returns), "recent_lengths": list(self.recent_lengths),
                  "eval_history": list(self.eval_history), "iteration_seconds": list(self.iteration_seconds),
                  "rollout_seconds": list(self.rollout_seconds), "recent_successes": list(self.recent_successes),
                  "episode_success": self.episode_success.clone(), "wall_clock": self.wall_clock}
@@ -423,10 +424,11 @@ class ReinFlow:
         self.history.buffer = state["history"].to(self.device)
         self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])
         self.best_return = float(state["best_return"])
-        self.recent_returns, self.recent_lengths = list(state["recent_returns"]), list(state["recent_lengths"])
+        self.recent_returns = deque(state["recent_returns"], maxlen=RECENT)
+        self.recent_lengths = deque(state["recent_lengths"], maxlen=RECENT)
         self.eval_history, self.iteration_seconds = list(state["eval_history"]), list(state["iteration_seconds"])
         self.rollout_seconds = list(state["rollout_seconds"])
-        self.recent_successes = list(state.get("recent_successes", []))
+        self.recent_successes = deque(state.get("recent_successes", []), maxlen=RECENT)
         if "episode_success" in state:
             self.episode_success = state["episode_success"].to(self.device)
         self.wall_clock = float(state["wall_clock"])
@@ -492,8 +494,8 @@ class ReinFlow:
         logs.update({"time/fps": self.steps_per_iteration / elapsed, "time/iteration_s": elapsed,
                      "time/rollout_s": rollout_s, "train/noise_std": self._mean_noise_std(batch["obs"])})
         if self.recent_returns:
-            logs["rollout/ep_rew_mean"] = float(np.mean(self.recent_returns[-100:]))
-            logs["rollout/ep_len_mean"] = float(np.mean(self.recent_lengths[-100:]))
+            logs["rollout/ep_rew_mean"] = float(np.mean(self.recent_returns))
+            logs["rollout/ep_len_mean"] = float(np.mean(self.recent_lengths))
         if self.recent_successes:
             logs["rollout/success_rate"] = float(np.mean(self.recent_successes))
         for k, v in logs.items():
