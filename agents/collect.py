@@ -70,10 +70,12 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     act, task_name, history, act_steps, desc = _source(Path(source), level, task, device)
     n = min(num_envs, episodes)
     env = make(task_name, n, device=device)
+    if fmt == "robomimic" and not hasattr(env, "obs_layout"):  # before any rollout, not after all of them
+        env.close()
+        raise FlowrlError(f"--format robomimic needs a robosuite task, not {task_name}")
     spec = resolve_task(task_name) if not task_name.startswith("robosuite/") else None
     if isinstance(act, type):  # a scripted expert class: one instance per batch of envs
-        expert = act(n)
-        act = expert
+        act = act(n)
     low = torch.as_tensor(env.single_action_space.low, dtype=torch.float32)
     high = torch.as_tensor(env.single_action_space.high, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -102,13 +104,13 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
                     succeeded = tr["success"].cpu() | (since_success >= 0)
                     since_success.copy_(torch.where(succeeded, since_success + 1, since_success))
                     cut = since_success >= after_success
+                truncated = tr["truncated"].cpu() | (cut if cut is not None else False)
+                step = {"observations": tr["obs"].cpu().numpy(), "actions": tr["action"].cpu().numpy(),
+                        "rewards": tr["reward"].cpu().numpy().astype(float),
+                        "terminated": tr["terminated"].cpu().numpy(), "truncated": truncated.numpy()}
                 for i in torch.nonzero(tr["active"]).flatten().tolist():
-                    ep = per_env[i]
-                    ep["observations"].append(tr["obs"][i].cpu().numpy())
-                    ep["actions"].append(tr["action"][i].cpu().numpy())
-                    ep["rewards"].append(float(tr["reward"][i]))
-                    ep["terminated"].append(bool(tr["terminated"][i]))
-                    ep["truncated"].append(bool(tr["truncated"][i]) or bool(cut is not None and cut[i]))
+                    for key, values in step.items():
+                        per_env[i][key].append(values[i])
                 return None if cut is None else cut.to(tr["active"].device)
 
             if hasattr(act, "reset"):
@@ -142,8 +144,6 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
             "wall_clock_s": round(time.time() - start, 1)}
     data = Episodes.from_list(recorded, meta)
     if fmt == "robomimic":
-        if not hasattr(env, "obs_layout"):
-            raise FlowrlError(f"--format robomimic needs a robosuite task, not {task_name}")
         write_robomimic(out, data, env.obs_layout, env.env_args)
     else:
         write_dataset(out, data)
