@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import torch
+from scipy.spatial.transform import Rotation
 
 OPEN, CLOSED = -1.0, 1.0
 POS_SCALE = 0.05  # metres per unit of OSC_POSE position action (robosuite's default output_max)
@@ -108,12 +109,6 @@ class CanExpert(PickPlaceExpert):
     lift_height = 0.2
 
 
-def quat_yaw(q: np.ndarray) -> float:
-    """Heading about world z of an (x, y, z, w) quaternion (robosuite's observation convention)."""
-    x, y, z, w = q
-    return math.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
-
-
 def wrap_angle(a: float, period: float = 2 * math.pi) -> float:
     """``a`` folded into [-period/2, period/2)."""
     return (a + period / 2) % period - period / 2
@@ -147,13 +142,16 @@ class SquareExpert(PickPlaceExpert):
 
     def reset(self, mask: np.ndarray | None = None) -> None:
         super().reset(mask)
-        self.integral[np.ones_like(self.phase, dtype=bool) if mask is None else mask] = 0.0
+        self.integral[slice(None) if mask is None else mask] = 0.0
 
     def _command(self, i: int, o: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
-        nut, nut_yaw = o[7:10], quat_yaw(o[10:14])
+        pose = o[self.object_slice]
+        nut = pose[:3]
+        nut_axes = Rotation.from_quat(pose[3:]).as_matrix()  # robosuite's quaternions are (x, y, z, w)
+        nut_yaw = math.atan2(nut_axes[1, 0], nut_axes[0, 0])  # heading of the handle (local x)
         eef = o[self.eef_index:self.eef_index + 3]
-        rot = _quat_to_matrix(o[self.eef_quat_index:self.eef_quat_index + 4])
-        finger_yaw = math.atan2(rot[1, 1], rot[0, 1])  # direction the fingers close along
+        eef_axes = Rotation.from_quat(o[self.eef_quat_index:self.eef_quat_index + 4]).as_matrix()
+        finger_yaw = math.atan2(eef_axes[1, 1], eef_axes[0, 1])  # direction the fingers close along
         handle = nut + self.handle_offset * np.array([math.cos(nut_yaw), math.sin(nut_yaw), 0.0])
         phase = self.phase[i]
         if phase <= 1:  # fingers across the handle: finger axis along the nut's local y (mod pi)
@@ -162,7 +160,7 @@ class SquareExpert(PickPlaceExpert):
             yaw_err = wrap_angle(-nut_yaw, math.pi / 2)
         rotation = np.array([0.0, 0.0, yaw_err / ROT_SCALE])
         if phase == 5:  # the nut sags in the grasp: tilt the gripper to keep it level going down
-            tilt = np.cross(_quat_to_matrix(o[10:14])[:, 2], [0.0, 0.0, 1.0])
+            tilt = np.cross(nut_axes[:, 2], [0.0, 0.0, 1.0])
             norm = np.linalg.norm(tilt)
             if norm > self.max_tilt_correction:
                 tilt *= self.max_tilt_correction / norm
@@ -207,13 +205,6 @@ class SquareExpert(PickPlaceExpert):
             return target, CLOSED, rotation
         self.timer[i] += 1
         return eef + np.array([0.0, 0.0, 0.01 * (self.timer[i] > 5)]), OPEN, NO_ROTATION  # let go, then back off
-
-
-def _quat_to_matrix(q: np.ndarray) -> np.ndarray:
-    x, y, z, w = q / np.linalg.norm(q)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
 
 
 EXPERTS = {"robosuite/Lift": LiftExpert, "robosuite/PickPlaceCan": CanExpert,
