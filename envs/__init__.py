@@ -21,14 +21,9 @@ def canonical_task(name: str) -> str:
     """The canonical name of any task ``make`` builds: ``hopper`` -> ``Hopper``,
     ``robosuite/lift`` -> ``robosuite/Lift``; an unknown name is a FlowrlError listing the known."""
     if name.strip().lower().startswith("robosuite/"):
-        from flowrl.envs.robosuite_backend import TASKS as ROBOSUITE_TASKS
+        from flowrl.envs.robosuite_backend import robosuite_task
 
-        wanted = name.strip().split("/", 1)[1].lower()
-        for known in ROBOSUITE_TASKS:
-            if known.lower() == wanted:
-                return f"robosuite/{known}"
-        raise FlowrlError(f"unknown robosuite task '{name}'; known: "
-                          + ", ".join(f"robosuite/{t}" for t in ROBOSUITE_TASKS))
+        return f"robosuite/{robosuite_task(name)}"
     return resolve_task(name).name
 
 
@@ -52,7 +47,7 @@ def make(
     if task.lower().startswith("robosuite/"):
         from flowrl.envs.robosuite_backend import RobosuiteEnv
 
-        return RobosuiteEnv(canonical_task(task).split("/", 1)[1], num_envs, device=device, seed=seed, **kwargs)
+        return RobosuiteEnv(task, num_envs, device=device, seed=seed, **kwargs)
     spec = resolve_task(task)
     if spec.name == "PointReach":  # pure torch: one implementation whatever the backend
         from flowrl.envs.point_reach import PointReachEnv

@@ -28,6 +28,15 @@ TASKS = {"Lift": ("Lift", "Panda", 400), "PickPlaceCan": ("PickPlaceCan", "Panda
          "TwoArmTransport": ("TwoArmTransport", ["Panda", "Panda"], 800)}
 
 
+def robosuite_task(name: str) -> str:
+    """``Lift``, ``lift`` or ``robosuite/lift`` -> ``Lift``; an unknown name is a FlowrlError listing the known."""
+    wanted = name.strip().split("/", 1)[-1].lower()
+    for known in TASKS:
+        if known.lower() == wanted:
+            return known
+    raise FlowrlError(f"unknown robosuite task '{name}'; known: " + ", ".join(f"robosuite/{t}" for t in TASKS))
+
+
 def obs_keys(num_robots: int) -> list[str]:
     keys = ["object"]
     for r in range(num_robots):
@@ -88,8 +97,7 @@ class RobosuiteEnv(BatchedEnv):
 
     def __init__(self, task: str, num_envs: int, device: str | torch.device = "cpu", seed: int | None = None,
                  horizon: int | None = None) -> None:
-        if task not in TASKS:
-            raise FlowrlError(f"unknown robosuite task '{task}'; known: {', '.join('robosuite/' + t for t in TASKS)}")
+        task = robosuite_task(task)
         if importlib.util.find_spec("robosuite") is None:  # not imported here: it changes os.environ
             raise FlowrlError("robosuite is not installed; see the README (robosuite)")
         self.task = f"robosuite/{task}"
