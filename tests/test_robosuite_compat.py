@@ -46,9 +46,18 @@ def test_mass_matrix_matches_an_independent_computation() -> None:
 
 
 def test_apply_is_idempotent() -> None:
-    from flowrl.envs.robosuite_compat import apply
+    from robosuite.controllers.parts.controller import Controller
+    from robosuite.utils.binding_utils import MjModel
 
-    assert apply() == apply()
+    from flowrl.envs import robosuite_compat
+
+    first = robosuite_compat.apply()
+    installed = (MjModel.get_joint_qpos_addr, MjModel.get_joint_qvel_addr, Controller.update)
+    assert robosuite_compat.apply() == first
+    # ours are in place, and a second call neither wraps nor replaces them again
+    assert installed == (robosuite_compat._get_joint_qpos_addr, robosuite_compat._get_joint_qvel_addr,
+                         robosuite_compat._controller_update)
+    assert (MjModel.get_joint_qpos_addr, MjModel.get_joint_qvel_addr, Controller.update) == installed
 
 
 @pytest.fixture(scope="module")
