@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, report_checks, results_dir
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.config import PretrainConfig, load_config
 
@@ -68,15 +68,10 @@ def main() -> int:
         (f"shortcut K=1 within 10% of K=4 ({shortcut[1]:.1f} vs {shortcut[4]:.1f}, "
          f"{abs(shortcut[1] - shortcut[4]) / shortcut[4]:.1%})", abs(shortcut[1] - shortcut[4]) <= 0.10 * shortcut[4]),
     ]
-    print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bc_{args.task}.json").write_text(json.dumps(
+    (results_dir() / f"bc_{args.task}.json").write_text(json.dumps(
         {"task": args.task, "data_return_mean": data_mean, "results": results,
          "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]}, indent=2) + "\n")
-    return 0 if all(ok for _, ok in checks) else 1
+    return report_checks(checks)
 
 
 if __name__ == "__main__":

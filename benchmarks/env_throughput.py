@@ -23,12 +23,11 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from common import report_checks, results_dir
 from flowrl.config import PolicyConfig
 from flowrl.envs import make
 from flowrl.envs.locomotion import locomotion_task
@@ -168,15 +167,10 @@ def main() -> int:
         big = [r for r in rows if r["num_envs"] >= 16384 and "warp_policy" in r]
         top = max((r["warp_policy"] for r in big), default=0.0)
         checks.append((f"warp rollout loop with the policy >= 1.5M env steps/s at 16k+ envs ({top:.0f})", top >= 1.5e6))
-    print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
-    out = Path(os.environ.get("FLOWRL_RESULTS", REPO / "benchmarks" / "results"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"env_throughput_{args.task.lower()}.json").write_text(json.dumps(
+    (results_dir() / f"env_throughput_{args.task.lower()}.json").write_text(json.dumps(
         {"task": args.task, "machine": machine, "policy_device": args.device, "rows": rows, "gymnasium": gym_rows,
          "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]}, indent=2) + "\n")
-    return 0 if all(ok for _, ok in checks) else 1
+    return report_checks(checks)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Walker2d >= 4300, one 80k-step Hopper iteration < 2 s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, merge_results, report_checks, results_dir, write_result
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.reinflow import ReinFlow
 from flowrl.config import FinetuneConfig, PretrainConfig, load_config
@@ -46,12 +45,6 @@ PUBLISHED = {  # ReinFlow-R / ReinFlow-S: pretrained -> fine-tuned; seconds per 
     ("humanoid", "reflow"): (1926, 5076, 30.9), ("humanoid", "shortcut"): (2122, 4749, 30.9),
 }
 TARGETS = {"hopper": 3300, "walker2d": 4300}
-
-
-def results_dir() -> Path:
-    out = Path(os.environ.get("FLOWRL_RESULTS", REPO / "benchmarks" / "results"))
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Path, record: dict,
@@ -142,8 +135,7 @@ TAG = [""]
 
 def flush(all_results: dict) -> None:
     for task, rec in all_results.items():
-        name = f"reinflow_{task}{'_' + TAG[0] if TAG[0] else ''}.json"
-        (results_dir() / name).write_text(json.dumps(rec, indent=2) + "\n")
+        write_result(f"reinflow_{task}", rec, TAG[0])
 
 
 def plot(task: str, rec: dict) -> None:
@@ -201,14 +193,7 @@ def main() -> int:
 
     all_results: dict = {}
     if args.report:
-        for path in args.report:
-            rec = json.loads(Path(path).read_text())
-            if rec["task"] in all_results:
-                all_results[rec["task"]]["seeds"] += rec["seeds"]
-                all_results[rec["task"]].update({k: v for k, v in rec.items() if k == "ppo"})
-            else:
-                all_results[rec["task"]] = rec
-        return report(all_results)
+        return report(merge_results(args.report, also=("ppo",)))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     for task in args.tasks:
         rec = {"task": task, "head": args.head, "device": device, "cores": os.cpu_count(), "seeds": []}
@@ -263,10 +248,7 @@ def report(all_results: dict) -> int:
             backends = {s.get("backend") for s in alone}
             if backends == {"MujocoWarpEnv"}:  # the batched-simulation target, warp runs only
                 checks.append((f"hopper 80k-step iteration < 1 s on {device}, warp ({it:.2f} s)", it < 1.0))
-    print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
-    return 0 if all(ok for _, ok in checks) else 1
+    return report_checks(checks)
 
 
 if __name__ == "__main__":

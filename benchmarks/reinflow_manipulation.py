@@ -18,7 +18,6 @@ Can >= 99%, Square >= 85%.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,17 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reinflow_locomotion import REPO, results_dir, run_seed
+from common import REPO, merge_results, report_checks, write_result
+from reinflow_locomotion import run_seed
 
 TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 # ReinFlow (pixels, shortcut policy) pretrained -> fine-tuned success; Gaussian PPO from scratch
 PUBLISHED = {"can": (0.59, 0.987, 0.905), "square": (0.25, 0.748, 0.187)}
 TARGETS = {"lift": 1.0, "can": 0.99, "square": 0.85}
-
-
-def save(task: str, rec: dict, tag: str) -> None:
-    name = f"reinflow_manip_{task}{'_' + tag if tag else ''}.json"
-    (results_dir() / name).write_text(json.dumps(rec, indent=2) + "\n")
 
 
 def report(results: dict) -> int:
@@ -53,11 +48,11 @@ def report(results: dict) -> int:
             continue
         # a run cut short (time limit) reports its last evaluation and does not count for the targets
         done = all("finetuned_success" in s for s in seeds)
+        last = [(s.get("curve") or [{}])[-1] for s in seeds]  # the latest evaluation of each run
         pre = [s["pretrained_success"] for s in seeds]
-        post = [s.get("finetuned_success", (s.get("curve") or [{}])[-1].get("success_rate", float("nan")))
-                for s in seeds]
-        steps = [s.get("env_steps", (s.get("curve") or [{}])[-1].get("env_steps", 0)) for s in seeds]
-        wall = [s.get("wall_clock_s", (s.get("curve") or [{}])[-1].get("wall_clock_s", 0.0)) for s in seeds]
+        post = [s.get("finetuned_success", c.get("success_rate", float("nan"))) for s, c in zip(seeds, last)]
+        steps = [s.get("env_steps", c.get("env_steps", 0)) for s, c in zip(seeds, last)]
+        wall = [s.get("wall_clock_s", c.get("wall_clock_s", 0.0)) for s, c in zip(seeds, last)]
         pub = PUBLISHED.get(task)
         pub_text = f"{100 * pub[0]:>5.1f} -> {100 * pub[1]:>5.1f}" if pub else "-"
         ppo = f"{100 * pub[2]:>5.1f}" if pub else "-"
@@ -70,10 +65,7 @@ def report(results: dict) -> int:
             ok = done and len(seeds) >= 3 and np.mean(post) >= TARGETS[task] - 1e-9
             checks.append((f"{task} fine-tuned success >= {100 * TARGETS[task]:.0f}% over 3 seeds "
                            f"({100 * np.mean(post):.1f}%, {len(seeds)} seed(s){'' if done else ', cut short'})", ok))
-    print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
-    return 0 if checks and all(ok for _, ok in checks) else 1
+    return report_checks(checks, require_some=True)
 
 
 def main() -> int:
@@ -93,15 +85,9 @@ def main() -> int:
     args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
     args.head, args.sim_threads = "reflow", 0
 
-    results: dict = {}
     if args.report:
-        for path in args.report:
-            rec = json.loads(Path(path).read_text())
-            if rec["task"] in results:
-                results[rec["task"]]["seeds"] += rec["seeds"]
-            else:
-                results[rec["task"]] = rec
-        return report(results)
+        return report(merge_results(args.report))
+    results: dict = {}
     missing = [t for t in args.tasks if not (REPO / "data" / f"{t}-scripted.hdf5").is_file()]
     if missing:
         print(f"error: no demonstrations for {', '.join(missing)}: make them with the commands in data/README.md",
@@ -114,8 +100,9 @@ def main() -> int:
         for seed in args.seeds:
             srec: dict = {"seed": seed}
             rec["seeds"].append(srec)
-            run_seed(task, "reflow", seed, args, Path(args.runs), srec, lambda: save(task, rec, args.tag))
-            save(task, rec, args.tag)
+            save = lambda: write_result(f"reinflow_manip_{task}", rec, args.tag)  # noqa: E731
+            run_seed(task, "reflow", seed, args, Path(args.runs), srec, save)
+            save()
     return report(results)
 
 

@@ -13,14 +13,13 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from common import report_checks, results_dir
 from flowrl.agents.scripted import EXPERTS
 from flowrl.envs import make
 
-REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"Lift": 0.95, "PickPlaceCan": 0.95, "NutAssemblySquare": 0.80}
 
 
@@ -59,16 +58,12 @@ def main() -> int:
         print(f"{task:<20} {100 * rate:6.1f}%   {wall:6.0f} s")
         if task in TARGETS:
             checks.append((f"{task} >= {100 * TARGETS[task]:.0f}% ({100 * rate:.1f}%)", rate >= TARGETS[task]))
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
-    out = Path(os.environ.get("FLOWRL_RESULTS", REPO / "benchmarks" / "results"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "scripted_experts.json"  # tasks run separately accumulate in one file
+    path = results_dir() / "scripted_experts.json"  # tasks run separately accumulate in one file
     merged = json.loads(path.read_text()) if path.is_file() else {"results": {}}
     merged["results"].update({t: {"success_rate": r, "wall_s": round(w, 1), "episodes": args.episodes,
                                   "seed": args.seed, "cores": os.cpu_count()} for t, (r, w) in rows.items()})
     path.write_text(json.dumps(merged, indent=2) + "\n")
-    return 0 if all(ok for _, ok in checks) else 1
+    return report_checks(checks)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""What every benchmark script shares: where results go, the PASS/FAIL lines and exit code, and
+merging the JSON files of seeds run as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def results_dir() -> Path:
+    """benchmarks/results, or $FLOWRL_RESULTS (the GPU machine writes under its $OUT)."""
+    out = Path(os.environ.get("FLOWRL_RESULTS", REPO / "benchmarks" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def report_checks(checks: list[tuple[str, bool]], require_some: bool = False) -> int:
+    """Print one PASS/FAIL line per target; the exit code: 0 when all passed (and, with
+    ``require_some``, there was at least one to pass)."""
+    print()
+    for text, ok in checks:
+        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    passed = all(ok for _, ok in checks) and (bool(checks) or not require_some)
+    return 0 if passed else 1
+
+
+def merge_results(paths: list[str], also: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Per-task records from results files of parallel runs: their seeds concatenated, and the
+    top-level keys named in ``also`` taken from whichever file has them."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        rec = json.loads(Path(path).read_text())
+        if rec["task"] in merged:
+            merged[rec["task"]]["seeds"] += rec["seeds"]
+            merged[rec["task"]].update({k: v for k, v in rec.items() if k in also})
+        else:
+            merged[rec["task"]] = rec
+    return merged
+
+
+def write_result(name: str, record: dict, tag: str = "") -> Path:
+    """``<results>/<name>[_<tag>].json``."""
+    path = results_dir() / f"{name}{'_' + tag if tag else ''}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
