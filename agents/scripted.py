@@ -2,7 +2,8 @@
 
 They read the flattened robomimic low-dim observation of :mod:`flowrl.envs.robosuite_backend`
 (sorted keys: ``object`` first, then ``robot0_eef_pos``, ``robot0_eef_quat``,
-``robot0_gripper_qpos``) and keep a phase per env, reset when its episode ends.
+``robot0_gripper_qpos``) and keep a phase per env; the caller resets them (``reset()``) before
+each batch of episodes, as collection and the benchmark do.
 """
 
 from __future__ import annotations
