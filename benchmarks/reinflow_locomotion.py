@@ -55,7 +55,8 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     common = [f"seed={seed}", f"device={args.device}"]
     pre_cfg = load_config(PretrainConfig, REPO / "configs" / task / f"pretrain_{head}.yaml",
                           [*common, "train.eval_every=0", f"eval.episodes={args.episodes}", "eval.steps=[4]",
-                           *([f"train.steps={args.pretrain_steps}"] if args.pretrain_steps else [])])
+                           *([f"train.steps={args.pretrain_steps}"] if args.pretrain_steps else []),
+                           *args.pretrain_set])
     if not Path(pre_cfg.data.path).is_absolute():
         pre_cfg.data.path = str(REPO / pre_cfg.data.path)
     stamp = time.strftime("%H%M%S")
@@ -77,6 +78,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
                           f"train.sim_threads={args.sim_threads}", *args.overrides,
                           *([f"train.env_steps={args.env_steps}"] if args.env_steps else [])])
     record["overrides"] = list(args.overrides)
+    record["pretrain_overrides"] = list(args.pretrain_set)
     agent = ReinFlow(ft_cfg, runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
     agent.on_eval = lambda: (record.update(curve=agent.eval_history, iteration_s=agent.iteration_seconds),
                              save())
@@ -147,6 +149,8 @@ def plot(task: str, rec: dict) -> None:
     except ImportError:
         print("(matplotlib not installed: no plot; pip install 'flowrl[bench]')")
         return
+    if not rec["seeds"]:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for s in rec["seeds"]:
         curve = s.get("curve", [])
@@ -182,6 +186,9 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=10, help="iterations between curve points")
     ap.add_argument("--eval-episodes", type=int, default=10, help="episodes per curve point")
     ap.add_argument("--ppo-baseline", action="store_true", help="add SB3 Gaussian PPO from scratch as a row")
+    ap.add_argument("--ppo-only", action="store_true", help="only the PPO row (e.g. on other cores, merged by --report)")
+    ap.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override of the pretraining preset, e.g. policy.horizon=1 (repeatable)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench"))
     ap.add_argument("--tag", default="", help="suffix of the results file (parallel processes)")
@@ -198,12 +205,12 @@ def main() -> int:
     for task in args.tasks:
         rec = {"task": task, "head": args.head, "device": device, "cores": os.cpu_count(), "seeds": []}
         all_results[task] = rec
-        for seed in args.seeds:
+        for seed in [] if args.ppo_only else args.seeds:
             srec: dict = {"seed": seed}
             rec["seeds"].append(srec)
             run_seed(task, args.head, seed, args, Path(args.runs), srec, lambda: flush(all_results))
             flush(all_results)
-        if args.ppo_baseline:
+        if args.ppo_baseline or args.ppo_only:
             rec["ppo"] = ppo_baseline(task, args.seeds[0], args.env_steps or 10_000_000, args.episodes)
         flush(all_results)
     return report(all_results)
@@ -222,6 +229,10 @@ def report(all_results: dict) -> int:
     checks = []
     for task, rec in all_results.items():
         seeds = rec["seeds"]
+        if not seeds:  # a PPO-only record
+            p = rec["ppo"]
+            print(f"{task + ' PPO':<9} {'-':>11} {p['return']:>17.1f} {p['env_steps']:>10} {p['wall_clock_s']:>7.0f}")
+            continue
         pre = np.mean([s["pretrained"] for s in seeds])
         post = [s["finetuned"] for s in seeds]
         # iteration time only from runs that had the machine to themselves (parallel seeds share cores)
