@@ -35,7 +35,8 @@ import torch
 from common import REPO, merge_results, report_checks, results_dir, write_result
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.reinflow import ReinFlow
-from flowrl.config import FinetuneConfig, PretrainConfig, load_config
+from flowrl.checkpoint import load_policy, resolve_checkpoint
+from flowrl.config import FinetuneConfig, PretrainConfig, load_config, resolve_device
 from flowrl.evaluation import evaluate
 
 PUBLISHED = {  # ReinFlow-R / ReinFlow-S: pretrained -> fine-tuned; seconds per iteration on an RTX 3090
@@ -60,17 +61,25 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     if not Path(pre_cfg.data.path).is_absolute():
         pre_cfg.data.path = str(REPO / pre_cfg.data.path)
     stamp = time.strftime("%H%M%S")
-    start = time.time()
-    bc = BehaviorCloning(pre_cfg, runs / f"{task}-{head}-s{seed}-pretrain-{stamp}", progress=False)
-    bc.learn()
-    record["pretrain_s"] = round(time.time() - start, 1)
-    pre = bc.evaluate(4, args.episodes)
+    if args.pretrained:  # behaviour cloning done elsewhere (e.g. on other machines): evaluate it here
+        init = resolve_checkpoint(args.pretrained.format(task=task, head=head, seed=seed))
+        policy, _ = load_policy(init, device=resolve_device(pre_cfg.device))
+        e = pre_cfg.eval
+        pre = evaluate(policy, pre_cfg.task, 4, episodes=args.episodes, seed=e.seed, backend=e.backend,
+                       max_envs=e.max_envs, device=policy.obs_mean.device)
+        record["pretrained_from"] = str(init)
+    else:
+        start = time.time()
+        bc = BehaviorCloning(pre_cfg, runs / f"{task}-{head}-s{seed}-pretrain-{stamp}", progress=False)
+        bc.learn()
+        record["pretrain_s"] = round(time.time() - start, 1)
+        pre = bc.evaluate(4, args.episodes)
+        record["data_return"] = bc.data_info["return_mean"]
+        init = bc.run.checkpoint_dir(bc.step)
     record["pretrained"] = pre["return_mean"]
     if "success_rate" in pre:
         record["pretrained_success"] = pre["success_rate"]
-    record["data_return"] = bc.data_info["return_mean"]
-    init = bc.run.checkpoint_dir(bc.step)
-    print(f"[{task} s{seed}] pretrained: {describe(pre)} ({record['pretrain_s']} s)", flush=True)
+    print(f"[{task} s{seed}] pretrained: {describe(pre)} ({record.get('pretrain_s', 'loaded')} s)", flush=True)
 
     ft_cfg = load_config(FinetuneConfig, REPO / "configs" / task / f"finetune_{head}.yaml",
                          [*common, f"init={init}", f"eval.episodes={args.episodes}", "eval.steps=[4]",
@@ -96,6 +105,15 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
                   sim_threads=args.sim_threads)
     print(f"[{task} s{seed}] fine-tuned: {describe(final)} after {agent.env_steps} env steps, "
           f"{record['wall_clock_s']} s", flush=True)
+
+
+def add_pretrain_options(ap: argparse.ArgumentParser) -> None:
+    """Options of run_seed's behaviour-cloning stage (shared with reinflow_manipulation.py)."""
+    ap.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override of the pretraining preset, e.g. policy.horizon=1 (repeatable)")
+    ap.add_argument("--pretrained", metavar="PATH",
+                    help="skip behaviour cloning: fine-tune this checkpoint or run folder instead "
+                         "({task}, {head} and {seed} are filled in, e.g. runs/bc/{task}-s{seed})")
 
 
 def describe(result: dict) -> str:
@@ -188,8 +206,7 @@ def main() -> int:
     ap.add_argument("--eval-episodes", type=int, default=10, help="episodes per curve point")
     ap.add_argument("--ppo-baseline", action="store_true", help="add SB3 Gaussian PPO from scratch as a row")
     ap.add_argument("--ppo-only", action="store_true", help="only the PPO row (e.g. on other cores, merged by --report)")
-    ap.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override of the pretraining preset, e.g. policy.horizon=1 (repeatable)")
+    add_pretrain_options(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench"))
     ap.add_argument("--tag", default="", help="suffix of the results file (parallel processes)")

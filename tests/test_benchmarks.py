@@ -1,0 +1,71 @@
+"""The locomotion benchmark's report: merging seeds run as separate processes, a PPO row run on its own,
+and a seed whose final evaluation was cut by a time limit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+reinflow_locomotion = pytest.importorskip("reinflow_locomotion")
+from common import merge_results  # noqa: E402
+
+
+def _curve(points: list[tuple[int, float]], per_iteration: int = 81_920) -> list[dict]:
+    return [{"iteration": steps // per_iteration, "env_steps": steps, "wall_clock_s": steps / 1e5,
+             "return_mean": ret, "return_std": 1.0} for steps, ret in points]
+
+
+def _seed(seed: int, final: float | None, curve: list[dict]) -> dict:
+    rec = {"seed": seed, "pretrained": 2000.0, "curve": curve, "iteration_s": [0.9, 1.0, 1.1]}
+    if final is not None:
+        rec.update(finetuned=final, finetuned_std=5.0, env_steps=curve[-1]["env_steps"], wall_clock_s=120.0,
+                   steps_per_iteration=81_920, backend="MujocoWarpEnv", sim_threads=0)
+    return rec
+
+
+def _write(tmp: Path, name: str, seeds: list[dict], ppo: dict | None = None) -> str:
+    rec = {"task": "walker2d", "head": "reflow", "device": "cpu", "cores": 2, "seeds": seeds}
+    if ppo:
+        rec["ppo"] = ppo
+    path = tmp / name
+    path.write_text(json.dumps(rec))
+    return str(path)
+
+
+def test_cut_seed_takes_its_last_curve_point() -> None:
+    cut = _seed(2, None, _curve([(0, 1800.0), (5_000_000, 4000.0), (10_076_160, 4756.0)]))
+    done = reinflow_locomotion.completed(cut)
+    assert done["final_cut"] and done["finetuned"] == 4756.0 and done["env_steps"] == 10_076_160
+    assert done["steps_per_iteration"] == 81_920
+    finished = _seed(0, 4800.0, _curve([(0, 2000.0), (10_076_160, 4790.0)]))
+    assert reinflow_locomotion.completed(finished) is finished
+
+
+@pytest.fixture(autouse=True)
+def _results_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWRL_RESULTS", str(tmp_path / "results"))  # the plots must not land in the repo
+
+
+def test_report_merges_seeds_and_a_ppo_only_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    full = _curve([(0, 2000.0), (10_076_160, 4700.0)])
+    files = [_write(tmp_path, "s0.json", [_seed(0, 4800.0, full)]),
+             _write(tmp_path, "s1.json", [_seed(1, 4700.0, full)]),
+             _write(tmp_path, "s2.json", [_seed(2, None, full)]),
+             _write(tmp_path, "ppo.json", [], ppo={"return": 2500.0, "env_steps": 10_000_000, "wall_clock_s": 900,
+                                                   "machine": "2 CPU cores"})]
+    merged = merge_results(files, also=("ppo",))
+    assert [s["seed"] for s in merged["walker2d"]["seeds"]] == [0, 1, 2]
+    assert reinflow_locomotion.report(merged) == 0  # mean 4733 >= 4300
+    out = capsys.readouterr().out
+    assert "4700 (last curve point)" in out and "SB3 Gaussian PPO" in out and "[PASS] walker2d" in out
+
+
+def test_report_fails_a_missed_target(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    full = _curve([(0, 2000.0), (10_076_160, 4000.0)])
+    merged = merge_results([_write(tmp_path, "s0.json", [_seed(0, 4000.0, full)])])
+    assert reinflow_locomotion.report(merged) == 1
+    assert "[FAIL] walker2d fine-tuned >= 4300" in capsys.readouterr().out
