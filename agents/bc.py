@@ -186,7 +186,7 @@ class BehaviorCloning:
     def evaluate(self, num_steps: int, episodes: int) -> dict[str, float]:
         e = self.cfg.eval
         return evaluate(self.ema, self.task, num_steps, episodes=episodes, seed=e.seed, backend=e.backend,
-                        max_envs=e.max_envs, device=self.device)
+                        max_envs=e.max_envs, device=self.device, end_on_success=e.end_on_success)
 
     def request_stop(self, *_: Any) -> None:
         """Finish the current step, save a checkpoint and stop (what Ctrl-C does)."""

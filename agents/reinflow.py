@@ -447,7 +447,8 @@ class ReinFlow:
         e = self.cfg.eval
         self.policy.eval()
         return evaluate(self.policy, self.task, num_steps or self.K, episodes=episodes, seed=e.seed,
-                        backend=e.backend, max_envs=e.max_envs, device=self.device)
+                        backend=e.backend, max_envs=e.max_envs, device=self.device,
+                        end_on_success=e.end_on_success)
 
     def close(self) -> None:
         """Release the rollout envs (robosuite's are worker processes)."""

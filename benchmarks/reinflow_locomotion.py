@@ -66,7 +66,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
         policy, _ = load_policy(init, device=resolve_device(pre_cfg.device))
         e = pre_cfg.eval
         pre = evaluate(policy, pre_cfg.task, 4, episodes=args.episodes, seed=e.seed, backend=e.backend,
-                       max_envs=e.max_envs, device=policy.obs_mean.device)
+                       max_envs=e.max_envs, device=policy.obs_mean.device, end_on_success=e.end_on_success)
         record["pretrained_from"] = str(init)
     else:
         start = time.time()

@@ -98,6 +98,9 @@ class EvalConfig:
     """Simulation backend (see flowrl.envs.make)."""
     max_envs: int = 64
     """At most this many envs are stepped together during evaluation."""
+    end_on_success: bool = False
+    """End each episode at its first success (tasks that report one), like robomimic's rollouts:
+    same success rate, faster; return and length then count the steps up to the success."""
 
 
 @dataclass

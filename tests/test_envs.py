@@ -94,3 +94,40 @@ def test_run_episodes_lets_the_caller_end_an_episode() -> None:
                        on_step=end_env_1_at_step_5)
     assert out["lengths"].tolist() == [30, 5, 30]
     env.close()
+
+
+class _SucceedsAtStep:
+    """A batched env whose env i first succeeds at its step 3 + i and is truncated at step 10."""
+
+    def __init__(self, num_envs: int) -> None:
+        self.num_envs, self.t = num_envs, 0
+
+    def reset(self, seed: int | None = None) -> torch.Tensor:
+        self.t = 0
+        return torch.zeros(self.num_envs, 2)
+
+    def step(self, action: torch.Tensor):
+        self.t += 1
+        truncated = torch.full((self.num_envs,), self.t >= 10)
+        success = self.t >= 3 + torch.arange(self.num_envs)
+        return (torch.zeros(self.num_envs, 2), torch.ones(self.num_envs), torch.zeros(self.num_envs, dtype=torch.bool),
+                truncated, {"success": success, "done_mask": truncated})
+
+    def close(self) -> None:
+        pass
+
+
+def test_evaluation_can_end_episodes_at_success(monkeypatch: pytest.MonkeyPatch) -> None:
+    """robomimic-style evaluation: the same success rate, episodes (and returns) end at the first success."""
+    from types import SimpleNamespace
+
+    import flowrl.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "make", lambda task, n, **kw: _SucceedsAtStep(n))
+    policy = SimpleNamespace(cfg=SimpleNamespace(obs_history=1, act_steps=2), obs_mean=torch.zeros(2),
+                             predict=lambda obs, num_steps, generator: torch.zeros(obs.shape[0], 2, 1))
+    full = evaluation.evaluate(policy, "Fake", 1, episodes=3)
+    cut = evaluation.evaluate(policy, "Fake", 1, episodes=3, end_on_success=True)
+    assert full["success_rate"] == cut["success_rate"] == 1.0
+    assert full["length_mean"] == 10 and full["return_mean"] == 10
+    assert cut["length_mean"] == 4 and cut["return_mean"] == 4  # envs end at steps 3, 4, 5
