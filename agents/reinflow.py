@@ -41,7 +41,7 @@ from flowrl.checkpoint import load_policy, save_checkpoint
 from flowrl.config import FinetuneConfig, resolve_device, to_dict, validate_finetune
 from flowrl.envs import canonical_task, make
 from flowrl.errors import FlowrlError, Interrupted
-from flowrl.evaluation import ObsHistory, evaluate
+from flowrl.evaluation import Evaluator, ObsHistory
 from flowrl.nets import SinusoidalEmbedding
 from flowrl.policy import FlowPolicy
 from flowrl.run import RunFolder, format_eval_table, stop_on_ctrl_c
@@ -195,6 +195,8 @@ class ReinFlow:
         if (self.env.obs_dim, self.env.act_dim) != (policy.obs_dim, policy.act_dim):
             raise FlowrlError(f"{cfg.init}: policy has obs/act dims {policy.obs_dim}/{policy.act_dim} but task "
                               f"{self.task} has {self.env.obs_dim}/{self.env.act_dim}")
+        e = cfg.eval
+        self.evaluator = Evaluator(self.task, e.seed, e.backend, e.max_envs, self.device, e.end_on_success)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.scaler = RunningRewardScaler(t.num_envs, t.gamma, self.device)
         self.history = ObsHistory(self.env.reset(), policy.cfg.obs_history)
@@ -444,15 +446,15 @@ class ReinFlow:
         self._stop_requested = True
 
     def evaluate(self, episodes: int, num_steps: int | None = None) -> dict[str, float]:
-        e = self.cfg.eval
+        """The deterministic policy (noise head dropped) on seeded episodes; the evaluation envs are
+        kept for the next call (closed by :meth:`close`)."""
         self.policy.eval()
-        return evaluate(self.policy, self.task, num_steps or self.K, episodes=episodes, seed=e.seed,
-                        backend=e.backend, max_envs=e.max_envs, device=self.device,
-                        end_on_success=e.end_on_success)
+        return self.evaluator(self.policy, num_steps or self.K, episodes)
 
     def close(self) -> None:
-        """Release the rollout envs (robosuite's are worker processes)."""
+        """Release the rollout and evaluation envs (robosuite's are worker processes)."""
         self.env.close()
+        self.evaluator.close()
 
     def learn(self) -> FlowPolicy:
         """Run fine-tuning to the env-step budget; Ctrl-C stops after the current iteration with a

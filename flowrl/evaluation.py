@@ -79,37 +79,64 @@ def run_episodes(env: BatchedEnv, choose_chunk: ChunkFn, obs_history: int, act_s
             "success": success.cpu().numpy(), "has_success": np.array("success" in info)}
 
 
+class Evaluator:
+    """Evaluates policies on one task and keeps its envs between calls: robosuite's envs are worker
+    processes that take seconds each to start, so periodic evaluations during training reuse them.
+    ``close()`` releases them."""
+
+    def __init__(self, task: str, seed: int = 100000, backend: str = "auto", max_envs: int = 64,
+                 device: str | torch.device = "cpu", end_on_success: bool = False) -> None:
+        self.task, self.seed, self.backend, self.max_envs = task, seed, backend, max_envs
+        self.device, self.end_on_success = device, end_on_success
+        self._env: BatchedEnv | None = None
+
+    def _envs(self, n: int) -> BatchedEnv:
+        if self._env is not None and self._env.num_envs != n:
+            self.close()
+        if self._env is None:
+            self._env = make(self.task, n, backend=self.backend, device=self.device)
+        return self._env
+
+    def __call__(self, policy: Any, num_steps: int, episodes: int = 10) -> dict[str, float]:
+        """Mean and std of return and length (and success rate where the task defines it) of the
+        deterministic policy with K = ``num_steps``, over ``episodes`` seeded episodes."""
+        n = min(episodes, self.max_envs)
+        env = self._envs(n)
+        gen = torch.Generator(device=policy.obs_mean.device).manual_seed(self.seed)
+        on_step = (lambda step: step["success"]) if self.end_on_success else None
+        start = time.time()
+        results = [run_episodes(env, lambda o: policy.predict(o, num_steps=num_steps, generator=gen),
+                                policy.cfg.obs_history, policy.cfg.act_steps, seed=self.seed + r * n, on_step=on_step)
+                   for r in range(math.ceil(episodes / n))]
+        rets = np.concatenate([r["returns"] for r in results])[:episodes]
+        lens = np.concatenate([r["lengths"] for r in results])[:episodes]
+        out = {"num_steps": num_steps, "episodes": episodes,
+               "return_mean": float(rets.mean()), "return_std": float(rets.std()),
+               "length_mean": float(lens.mean()), "length_std": float(lens.std()),
+               "wall_clock_s": round(time.time() - start, 2)}
+        if bool(results[0]["has_success"]):
+            out["success_rate"] = float(np.concatenate([r["success"] for r in results])[:episodes].mean())
+        return out
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+
 def evaluate(policy: Any, task: str, num_steps: int, episodes: int = 10, seed: int = 100000,
              backend: str = "auto", max_envs: int = 64, device: str | torch.device = "cpu",
              end_on_success: bool = False) -> dict[str, float]:
-    """Mean and std of return and length (and success rate where the task defines it) of the
-    deterministic policy with K = ``num_steps``, over ``episodes`` seeded episodes.
+    """One evaluation with envs made for it and closed after (see :class:`Evaluator`).
 
     ``end_on_success`` ends each episode at its first success, as robomimic's rollouts do
     (``terminate_on_success``): the success rate is the same, evaluation is faster, and return and
     length then count the steps up to the success."""
-    n = min(episodes, max_envs)
-    env = make(task, n, backend=backend, device=device)
-    gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
-    results: list[dict[str, np.ndarray]] = []
-    start = time.time()
+    evaluator = Evaluator(task, seed, backend, max_envs, device, end_on_success)
     try:
-        for r in range(math.ceil(episodes / n)):
-            results.append(run_episodes(
-                env, lambda o: policy.predict(o, num_steps=num_steps, generator=gen),
-                policy.cfg.obs_history, policy.cfg.act_steps, seed=seed + r * n,
-                on_step=(lambda step: step["success"]) if end_on_success else None))
+        return evaluator(policy, num_steps, episodes)
     finally:
-        env.close()
-    rets = np.concatenate([r["returns"] for r in results])[:episodes]
-    lens = np.concatenate([r["lengths"] for r in results])[:episodes]
-    out = {"num_steps": num_steps, "episodes": episodes,
-           "return_mean": float(rets.mean()), "return_std": float(rets.std()),
-           "length_mean": float(lens.mean()), "length_std": float(lens.std()),
-           "wall_clock_s": round(time.time() - start, 2)}
-    if bool(results[0]["has_success"]):
-        out["success_rate"] = float(np.concatenate([r["success"] for r in results])[:episodes].mean())
-    return out
+        evaluator.close()
 
 
 def record_video(policy: Any, task: str, num_steps: int, path: str | Path, seed: int = 100000,

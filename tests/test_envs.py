@@ -131,3 +131,33 @@ def test_evaluation_can_end_episodes_at_success(monkeypatch: pytest.MonkeyPatch)
     assert full["success_rate"] == cut["success_rate"] == 1.0
     assert full["length_mean"] == 10 and full["return_mean"] == 10
     assert cut["length_mean"] == 4 and cut["return_mean"] == 4  # envs end at steps 3, 4, 5
+
+
+def test_evaluator_keeps_its_envs_between_evaluations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Periodic evaluations reuse the envs (robosuite workers take seconds to start), with the same results."""
+    from types import SimpleNamespace
+
+    import flowrl.evaluation as evaluation
+
+    made: list[_SucceedsAtStep] = []
+    closed: list[_SucceedsAtStep] = []
+
+    class Tracked(_SucceedsAtStep):
+        def close(self) -> None:
+            closed.append(self)
+
+    def fake_make(task: str, n: int, **kw) -> _SucceedsAtStep:
+        made.append(Tracked(n))
+        return made[-1]
+
+    monkeypatch.setattr(evaluation, "make", fake_make)
+    policy = SimpleNamespace(cfg=SimpleNamespace(obs_history=1, act_steps=1), obs_mean=torch.zeros(2),
+                             predict=lambda obs, num_steps, generator: torch.zeros(obs.shape[0], 1, 1))
+    ev = evaluation.Evaluator("Fake", max_envs=4, end_on_success=True)
+    first, second = ev(policy, 1, episodes=8), ev(policy, 1, episodes=8)
+    assert first == {**second, "wall_clock_s": first["wall_clock_s"]}
+    assert len(made) == 1 and not closed
+    ev(policy, 1, episodes=2)  # a different number of envs: new ones, the old ones closed
+    assert len(made) == 2 and closed == [made[0]]
+    ev.close()
+    assert closed == made
