@@ -9,7 +9,8 @@ against env steps and against wall-clock) when matplotlib is there.
 
     python benchmarks/reinflow_locomotion.py --tasks hopper --seeds 0 1 2 [--env-steps 10000000]
         [--pretrain-steps 10000] [--head reflow] [--ppo-baseline] [--device auto] [--tag NAME]
-        [--sim-threads N] [key=value overrides of the fine-tuning preset]
+        [--sim-threads N] [--pretrain-set KEY=VALUE] [--pretrained PATH] [--ppo-only]
+        [key=value overrides of the fine-tuning preset]
     python benchmarks/reinflow_locomotion.py --report benchmarks/results/reinflow_hopper*.json
 
 Seeds can run as parallel processes (one ``--seeds i --tag si --sim-threads N`` each); ``--report``
@@ -246,6 +247,11 @@ def completed(seed: dict) -> dict:
             "steps_per_iteration": last["env_steps"] // max(last["iteration"], 1)}
 
 
+def ppo_row(label: str, p: dict) -> str:
+    return (f"{label:<9} {'-':>11} {p['return']:>17.1f} {p['env_steps']:>10} {p['wall_clock_s']:>7.0f}"
+            f"  (SB3 Gaussian PPO from scratch, {p.get('machine', '?')})")
+
+
 def report(all_results: dict) -> int:
     for task, rec in all_results.items():
         plot(task, rec)
@@ -260,9 +266,7 @@ def report(all_results: dict) -> int:
     for task, rec in all_results.items():
         seeds = rec["seeds"]
         if not seeds:  # a PPO-only record
-            p = rec["ppo"]
-            print(f"{task + ' PPO':<9} {'-':>11} {p['return']:>17.1f} {p['env_steps']:>10} {p['wall_clock_s']:>7.0f}"
-                  f"  (SB3 Gaussian PPO from scratch, {p.get('machine', '?')})")
+            print(ppo_row(task + " PPO", rec["ppo"]))
             continue
         seeds = [completed(s) for s in seeds]
         pre = np.mean([s["pretrained"] for s in seeds])
@@ -278,9 +282,7 @@ def report(all_results: dict) -> int:
               f"{np.mean([s['wall_clock_s'] for s in seeds]):>7.0f} {it:>9.2f} {pub[0]:>7.0f} -> {pub[1]:>5.0f}"
               f" {pub[2]:>9.1f}")
         if "ppo" in rec:
-            p = rec["ppo"]
-            print(f"{'  PPO':<9} {'-':>11} {p['return']:>17.1f} {p['env_steps']:>10} {p['wall_clock_s']:>7.0f}"
-                  f"  (SB3 Gaussian PPO from scratch, {p.get('machine', '?')})")
+            print(ppo_row("  PPO", rec["ppo"]))
         full = min(s["env_steps"] for s in seeds) >= 10_000_000
         if task in TARGETS and full:
             checks.append((f"{task} fine-tuned >= {TARGETS[task]} ({np.mean(post):.0f})", np.mean(post) >= TARGETS[task]))
