@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, report_checks, results_dir
+from common import REPO, report_checks, results_dir, run_main
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.config import PretrainConfig, load_config
 
@@ -75,4 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,3 +48,14 @@ def write_result(name: str, record: dict, tag: str = "") -> Path:
     path = results_dir() / f"{name}{'_' + tag if tag else ''}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """A benchmark's exit code; flowrl's own errors (a missing checkpoint, a bad override) as one line."""
+    from flowrl.errors import FlowrlError
+
+    try:
+        return main()
+    except FlowrlError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from common import report_checks, results_dir
+from common import report_checks, results_dir, run_main
 from flowrl.config import PolicyConfig
 from flowrl.envs import make
 from flowrl.envs.locomotion import locomotion_task
@@ -174,4 +174,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common import REPO, merge_results, report_checks, results_dir, write_result
+from common import REPO, merge_results, report_checks, results_dir, run_main, write_result
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.reinflow import ReinFlow
 from flowrl.checkpoint import load_policy, resolve_checkpoint
@@ -80,7 +80,8 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     record["pretrained"] = pre["return_mean"]
     if "success_rate" in pre:
         record["pretrained_success"] = pre["success_rate"]
-    print(f"[{task} s{seed}] pretrained: {describe(pre)} ({record.get('pretrain_s', 'loaded')} s)", flush=True)
+    source = f"{record['pretrain_s']} s" if "pretrain_s" in record else f"loaded from {init}"
+    print(f"[{task} s{seed}] pretrained: {describe(pre)} ({source})", flush=True)
 
     ft_cfg = load_config(FinetuneConfig, REPO / "configs" / task / f"finetune_{head}.yaml",
                          [*common, f"init={init}", f"eval.episodes={args.episodes}", "eval.steps=[4]",
@@ -299,4 +300,4 @@ def report(all_results: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import REPO, merge_results, report_checks, write_result
+from common import REPO, merge_results, report_checks, run_main, write_result
 from reinflow_locomotion import add_pretrain_options, run_seed
 
 TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
@@ -108,4 +108,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import report_checks, results_dir
+from common import report_checks, results_dir, run_main
 from flowrl.agents.scripted import EXPERTS
 from flowrl.envs import make
 
@@ -67,4 +67,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
