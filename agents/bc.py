@@ -31,7 +31,7 @@ from flowrl.config import PretrainConfig, resolve_device, to_dict, validate_pret
 from flowrl.datasets import ChunkDataset, Episodes, read_dataset
 from flowrl.envs import canonical_task, make
 from flowrl.errors import FlowrlError, Interrupted
-from flowrl.evaluation import evaluate
+from flowrl.evaluation import Evaluator
 from flowrl.policy import FlowPolicy, shortcut_target
 from flowrl.run import RunFolder, format_eval_table, stop_on_ctrl_c
 
@@ -109,6 +109,8 @@ class BehaviorCloning:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        e = cfg.eval
+        self.evaluator = Evaluator(self.task, e.seed, e.backend, e.max_envs, self.device, e.end_on_success)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step = 0
         self._stop_requested = False
@@ -184,9 +186,13 @@ class BehaviorCloning:
         return logs
 
     def evaluate(self, num_steps: int, episodes: int) -> dict[str, float]:
-        e = self.cfg.eval
-        return evaluate(self.ema, self.task, num_steps, episodes=episodes, seed=e.seed, backend=e.backend,
-                        max_envs=e.max_envs, device=self.device, end_on_success=e.end_on_success)
+        """The EMA policy on seeded episodes; the evaluation envs are kept for the next call (closed
+        by :meth:`close`)."""
+        return self.evaluator(self.ema, num_steps, episodes)
+
+    def close(self) -> None:
+        """Release the evaluation envs (robosuite's are worker processes)."""
+        self.evaluator.close()
 
     def request_stop(self, *_: Any) -> None:
         """Finish the current step, save a checkpoint and stop (what Ctrl-C does)."""
@@ -219,6 +225,8 @@ class BehaviorCloning:
                         r = self.evaluate(self.cfg.policy.num_steps, cfg.eval_episodes)
                         writer.add_scalar("eval/mean_reward", r["return_mean"], self.step)
                         writer.add_scalar("eval/mean_ep_length", r["length_mean"], self.step)
+                        if "success_rate" in r:
+                            writer.add_scalar("eval/success_rate", r["success_rate"], self.step)
                         bar.write(f"step {self.step}: eval return {r['return_mean']:.1f} ± {r['return_std']:.1f} "
                                   f"(K={self.cfg.policy.num_steps}, {cfg.eval_episodes} episodes)")
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:

@@ -46,9 +46,12 @@ def main() -> int:
             out = Path(args.out) / f"{args.task}-{head}-s{seed}-{time.strftime('%H%M%S')}"
             start = time.time()
             bc = BehaviorCloning(cfg, out, progress=False)
-            bc.learn()
-            train_s = time.time() - start
-            evals = {r["num_steps"]: r["return_mean"] for r in bc.final_evaluation()}
+            try:
+                bc.learn()
+                train_s = time.time() - start
+                evals = {r["num_steps"]: r["return_mean"] for r in bc.final_evaluation()}
+            finally:
+                bc.close()
             results.setdefault(head, []).append({"seed": seed, "returns": evals, "train_s": round(train_s, 1)})
             data_mean = bc.data_info["return_mean"]
 

@@ -72,9 +72,12 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     else:
         start = time.time()
         bc = BehaviorCloning(pre_cfg, runs / f"{task}-{head}-s{seed}-pretrain-{stamp}", progress=False)
-        bc.learn()
-        record["pretrain_s"] = round(time.time() - start, 1)
-        pre = bc.evaluate(4, args.episodes)
+        try:
+            bc.learn()
+            record["pretrain_s"] = round(time.time() - start, 1)
+            pre = bc.evaluate(4, args.episodes)
+        finally:
+            bc.close()
         record["data_return"] = bc.data_info["return_mean"]
         init = bc.run.checkpoint_dir(bc.step)
     record["pretrained"] = pre["return_mean"]

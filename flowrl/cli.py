@@ -125,9 +125,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     out = args.out or os.path.join("runs", RunFolder.default_name("pretrain", cfg.task, cfg.policy.head))
     bc = BehaviorCloning(cfg, out, resume=args.resume, progress=not args.quiet)
     print(f"run folder: {bc.run.path}  (tensorboard --logdir {bc.run.path})", file=sys.stderr)
-    bc.learn()
-    if not args.no_eval:
-        bc.final_evaluation()
+    try:
+        bc.learn()
+        if not args.no_eval:
+            bc.final_evaluation()
+    finally:
+        bc.close()
     bc.run.close()
 
 
