@@ -30,6 +30,7 @@ from flowrl.errors import FlowrlError
 from flowrl.io import write_atomic
 
 FORMAT_VERSION = 1
+GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}  # lossless; shipped files stay small
 
 
 @dataclass
@@ -109,8 +110,7 @@ def write_dataset(path: str | Path, episodes: Episodes, meta: dict[str, Any] | N
         with h5py.File(tmp, "w") as f:
             f.attrs["flowrl_format"] = FORMAT_VERSION
             for key in ("observations", "actions", "rewards", "terminated", "truncated", "episode_lengths"):
-                f.create_dataset(key, data=getattr(episodes, key), compression="gzip", compression_opts=4,
-                                 shuffle=True)
+                f.create_dataset(key, data=getattr(episodes, key), **GZIP)
             with np.errstate(invalid="ignore"):
                 stats = {"return_mean": float(rets.mean()) if len(rets) else 0.0,
                          "return_std": float(rets.std()) if len(rets) else 0.0}
@@ -130,8 +130,13 @@ def write_robomimic(path: str | Path, episodes: Episodes, obs_layout: list[tuple
     if sum(n for _, n in obs_layout) != episodes.obs_dim:
         raise FlowrlError(f"observation layout covers {sum(n for _, n in obs_layout)} dims, data has {episodes.obs_dim}")
 
+    def put(group: h5py.Group, name: str, array: np.ndarray) -> None:
+        # one compressed chunk per (small) per-demo array: with HDF5's newer file format such a dataset
+        # needs no chunk index, so compression shrinks the file instead of growing it
+        group.create_dataset(name, data=array, chunks=array.shape, **GZIP)
+
     def writer(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver="latest") as f:
             data = f.create_group("data")
             data.attrs["total"] = episodes.num_transitions
             data.attrs["env_args"] = json.dumps(env_args)
@@ -141,11 +146,11 @@ def write_robomimic(path: str | Path, episodes: Episodes, obs_layout: list[tuple
                 demo.attrs["num_samples"] = int(n)
                 col = 0
                 for key, size in obs_layout:
-                    demo.create_dataset(f"obs/{key}", data=episodes.observations[s0:s0 + n, col:col + size])
+                    put(demo, f"obs/{key}", episodes.observations[s0:s0 + n, col:col + size])
                     col += size
-                demo.create_dataset("actions", data=episodes.actions[s0:s0 + n])
-                demo.create_dataset("rewards", data=episodes.rewards[s0:s0 + n])
-                demo.create_dataset("dones", data=episodes.terminated[s0:s0 + n].astype(np.int64))
+                put(demo, "actions", episodes.actions[s0:s0 + n])
+                put(demo, "rewards", episodes.rewards[s0:s0 + n])
+                put(demo, "dones", episodes.terminated[s0:s0 + n].astype(np.int64))
             f.create_group("mask").create_dataset(
                 "train", data=np.array([f"demo_{i}".encode() for i in range(episodes.num_episodes)]))
 
