@@ -109,8 +109,7 @@ class BehaviorCloning:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        e = cfg.eval
-        self.evaluator = Evaluator(self.task, e.seed, e.backend, e.max_envs, self.device, e.end_on_success)
+        self.evaluator = Evaluator.from_config(self.task, cfg.eval, self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step = 0
         self._stop_requested = False

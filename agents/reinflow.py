@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import deque
 import sys
+from collections import deque
 import time
 from pathlib import Path
 from typing import Any
@@ -195,8 +195,7 @@ class ReinFlow:
         if (self.env.obs_dim, self.env.act_dim) != (policy.obs_dim, policy.act_dim):
             raise FlowrlError(f"{cfg.init}: policy has obs/act dims {policy.obs_dim}/{policy.act_dim} but task "
                               f"{self.task} has {self.env.obs_dim}/{self.env.act_dim}")
-        e = cfg.eval
-        self.evaluator = Evaluator(self.task, e.seed, e.backend, e.max_envs, self.device, e.end_on_success)
+        self.evaluator = Evaluator.from_config(self.task, cfg.eval, self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.scaler = RunningRewardScaler(t.num_envs, t.gamma, self.device)
         self.history = ObsHistory(self.env.reset(), policy.cfg.obs_history)

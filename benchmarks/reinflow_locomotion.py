@@ -38,7 +38,7 @@ from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.reinflow import ReinFlow
 from flowrl.checkpoint import load_policy, resolve_checkpoint
 from flowrl.config import FinetuneConfig, PretrainConfig, load_config, resolve_device
-from flowrl.evaluation import evaluate
+from flowrl.evaluation import Evaluator, evaluate
 
 PUBLISHED = {  # ReinFlow-R / ReinFlow-S: pretrained -> fine-tuned; seconds per iteration on an RTX 3090
     ("hopper", "reflow"): (1432, 3205, 11.7), ("hopper", "shortcut"): (1528, 3283, 11.7),
@@ -65,9 +65,11 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     if args.pretrained:  # behaviour cloning done elsewhere (e.g. on other machines): evaluate it here
         init = resolve_checkpoint(args.pretrained.format(task=task, head=head, seed=seed))
         policy, _ = load_policy(init, device=resolve_device(pre_cfg.device))
-        e = pre_cfg.eval
-        pre = evaluate(policy, pre_cfg.task, 4, episodes=args.episodes, seed=e.seed, backend=e.backend,
-                       max_envs=e.max_envs, device=policy.obs_mean.device, end_on_success=e.end_on_success)
+        evaluator = Evaluator.from_config(pre_cfg.task, pre_cfg.eval, policy.obs_mean.device)
+        try:
+            pre = evaluator(policy, 4, args.episodes)
+        finally:
+            evaluator.close()
         record["pretrained_from"] = str(init)
     else:
         start = time.time()

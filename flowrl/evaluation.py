@@ -90,6 +90,11 @@ class Evaluator:
         self.device, self.end_on_success = device, end_on_success
         self._env: BatchedEnv | None = None
 
+    @classmethod
+    def from_config(cls, task: str, cfg: Any, device: str | torch.device) -> "Evaluator":
+        """From a config's ``eval`` section (:class:`flowrl.config.EvalConfig`)."""
+        return cls(task, cfg.seed, cfg.backend, cfg.max_envs, device, cfg.end_on_success)
+
     def _envs(self, n: int) -> BatchedEnv:
         if self._env is not None and self._env.num_envs != n:
             self.close()
