@@ -250,7 +250,8 @@ def completed(seed: dict) -> dict:
     last = seed["curve"][-1]
     return {**seed, "finetuned": last["return_mean"], "finetuned_std": last.get("return_std", float("nan")),
             "env_steps": last["env_steps"], "wall_clock_s": last["wall_clock_s"], "final_cut": True,
-            "steps_per_iteration": last["env_steps"] // max(last["iteration"], 1)}
+            "steps_per_iteration": last["env_steps"] // max(last["iteration"], 1),
+            **({"finetuned_success": last["success_rate"]} if "success_rate" in last else {})}
 
 
 def ppo_row(label: str, p: dict) -> str:

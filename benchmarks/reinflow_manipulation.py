@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from common import REPO, merge_results, report_checks, run_main, write_result
-from reinflow_locomotion import add_pretrain_options, run_seed
+from reinflow_locomotion import add_pretrain_options, completed, run_seed
 
 TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 # ReinFlow (pixels, shortcut policy) pretrained -> fine-tuned success; Gaussian PPO from scratch
@@ -43,16 +43,15 @@ def report(results: dict) -> int:
     print("-" * len(head))
     checks = []
     for task, rec in results.items():
-        seeds = [s for s in rec["seeds"] if "pretrained_success" in s]
+        # a run cut short (time limit) reports its last evaluation and does not count for the targets
+        seeds = [completed(s) for s in rec["seeds"] if "pretrained_success" in s]
         if not seeds:
             continue
-        # a run cut short (time limit) reports its last evaluation and does not count for the targets
-        done = all("finetuned_success" in s for s in seeds)
-        last = [(s.get("curve") or [{}])[-1] for s in seeds]  # the latest evaluation of each run
+        done = all("finetuned_success" in s and not s.get("final_cut") for s in seeds)
         pre = [s["pretrained_success"] for s in seeds]
-        post = [s.get("finetuned_success", c.get("success_rate", float("nan"))) for s, c in zip(seeds, last)]
-        steps = [s.get("env_steps", c.get("env_steps", 0)) for s, c in zip(seeds, last)]
-        wall = [s.get("wall_clock_s", c.get("wall_clock_s", 0.0)) for s, c in zip(seeds, last)]
+        post = [s.get("finetuned_success", float("nan")) for s in seeds]
+        steps = [s.get("env_steps", 0) for s in seeds]
+        wall = [s.get("wall_clock_s", 0.0) for s in seeds]
         pub = PUBLISHED.get(task)
         pub_text = f"{100 * pub[0]:>5.1f} -> {100 * pub[1]:>5.1f}" if pub else "-"
         ppo = f"{100 * pub[2]:>5.1f}" if pub else "-"

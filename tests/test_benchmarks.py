@@ -69,3 +69,9 @@ def test_report_fails_a_missed_target(tmp_path: Path, capsys: pytest.CaptureFixt
     merged = merge_results([_write(tmp_path, "s0.json", [_seed(0, 4000.0, full)])])
     assert reinflow_locomotion.report(merged) == 1
     assert "[FAIL] walker2d fine-tuned >= 4300" in capsys.readouterr().out
+
+
+def test_cut_manipulation_seed_carries_its_last_success_rate() -> None:
+    curve = [{**p, "success_rate": rate} for p, rate in zip(_curve([(0, 1.0), (16_000, 0.9)], 1600), (1.0, 0.65))]
+    done = reinflow_locomotion.completed({"seed": 1, "pretrained": 1.0, "pretrained_success": 0.88, "curve": curve})
+    assert done["final_cut"] and done["finetuned_success"] == 0.65 and done["env_steps"] == 16_000
