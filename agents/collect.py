@@ -32,7 +32,7 @@ def _source(path: Path, level: str, task: str | None, device: str) -> tuple[Any,
             raise FlowrlError(f"no scripted expert for task '{task}'; scripted experts: {', '.join(EXPERTS)}")
         return EXPERTS[task], task, 1, 1, {"kind": "scripted", "expert": EXPERTS[task].__name__}
     if (path / "expert.json").is_file():
-        from flowrl.agents.expert import load_manifest, load_snapshot
+        from flowrl.agents.expert import SnapshotPolicy, load_manifest, load_snapshot
 
         manifest = load_manifest(path)
         step = int(level) if level.isdigit() else int(manifest.get(level, -1))
@@ -40,10 +40,10 @@ def _source(path: Path, level: str, task: str | None, device: str) -> tuple[Any,
         if step not in snaps:
             raise FlowrlError(f"{path}: no snapshot for level '{level}' (steps: {sorted(snaps)})")
         snap = load_snapshot(path, step)
-        act = lambda obs: torch.as_tensor(snap.act(obs[:, -1].cpu().numpy()), dtype=torch.float32).unsqueeze(1)  # noqa: E731
+        act = SnapshotPolicy(snap.act).predict
         desc = {"kind": "sb3_expert", "path": str(path), "level": level, "step": step,
                 "eval_return": snaps[step]["eval_return"], "algo": manifest["algo"]}
-        return act, manifest["task"], 1, 1, desc
+        return act, task or manifest["task"], 1, 1, desc
     if (path / CONFIG).is_file():
         policy, config = load_policy(path, device)
         act = lambda obs: policy.predict(obs)  # noqa: E731
@@ -55,21 +55,22 @@ def _source(path: Path, level: str, task: str | None, device: str) -> tuple[Any,
 def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: float = 0.0, seed: int = 0,
             level: str = "expert", task: str | None = None, num_envs: int = 16, device: str = "cpu",
             progress: bool = True, created_by: str | None = None, fmt: str = "flowrl",
-            after_success: int = 10, keep_failures: bool = False) -> Episodes:
+            after_success: int = 10, keep_failures: bool = False, backend: str = "gymnasium") -> Episodes:
     """Roll ``source`` out for ``episodes`` seeded episodes and write them to ``out``.
 
     On tasks that report success (robosuite), an episode is cut ``after_success`` steps after its
     first success (its last step marked truncated), as robomimic's demonstrations end, and only
     successful episodes are kept unless ``keep_failures``: collection goes on with further seeds
     until ``episodes`` are kept (at most 3x as many tried). ``after_success < 0`` keeps whole
-    episodes. ``created_by`` is the command line recorded in the file (the CLI passes its own)."""
+    episodes. ``backend`` steps MuJoCo tasks (``cpu`` for Humanoid-Newton); robosuite ignores it.
+    ``created_by`` is the command line recorded in the file (the CLI passes its own)."""
     if episodes < 1:
         raise FlowrlError(f"--episodes must be >= 1, got {episodes}")
     if noise < 0:
         raise FlowrlError(f"--noise must be >= 0, got {noise}")
     act, task_name, history, act_steps, desc = _source(Path(source), level, task, device)
     n = min(num_envs, episodes)
-    env = make(task_name, n, device=device)
+    env = make(task_name, n, backend=backend, device=device)
     if fmt == "robomimic" and not hasattr(env, "obs_layout"):  # before any rollout, not after all of them
         env.close()
         raise FlowrlError(f"--format robomimic needs a robosuite task, not {task_name}")

@@ -49,25 +49,45 @@ def train_expert(
     snapshot_every: int = 50_000,
     eval_episodes: int = 10,
     progress: bool = True,
+    backend: str = "gymnasium",
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train PPO on ``task`` and write ``out/expert.json`` and ``out/snapshots/<step>/``."""
+    """Train PPO on ``task`` and write ``out/expert.json`` and ``out/snapshots/<step>/``.
+
+    ``backend="gymnasium"`` (the default, how the shipped demonstrations were made) runs SB3's own
+    vector env with small PPO batches. Any other backend (``cpu``, ``warp``) runs one of our batched
+    envs with batches of ~32k env steps, a 256x256 network and a starting exploration noise of 0.6 of
+    the action half-range (Humanoid's controls span only +-0.4), which is what hundreds or thousands of
+    envs need (Humanoid on MuJoCo Warp: ``--backend warp --device cuda --num-envs 2048``).
+    """
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
-    from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import VecNormalize
 
     spec = resolve_task(task)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
-    venv = VecNormalize(make_vec_env(spec.gym_id, n_envs=num_envs, seed=seed), gamma=0.99)
-    model = PPO(
-        "MlpPolicy", venv, n_steps=256, batch_size=64, n_epochs=10, learning_rate=lambda f: 3e-4 * f,
-        gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, max_grad_norm=0.5, seed=seed, verbose=0,
-        device="cpu",
-    )
+    if backend == "gymnasium":
+        torch.set_num_threads(1)
+    venv = _training_env(spec, backend, num_envs, seed, device)
+    if backend == "gymnasium":
+        model = PPO(
+            "MlpPolicy", venv, n_steps=256, batch_size=64, n_epochs=10, learning_rate=lambda f: 3e-4 * f,
+            gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, max_grad_norm=0.5, seed=seed, verbose=0,
+            device="cpu",
+        )
+    else:
+        n_steps = max(8, min(32768, total_steps) // num_envs)
+        half_range = float(np.mean(venv.action_space.high - venv.action_space.low)) / 2
+        model = PPO(
+            "MlpPolicy", venv, n_steps=n_steps, batch_size=min(8192, n_steps * num_envs // 4), n_epochs=5,
+            learning_rate=lambda f: 3e-4 * f, gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.0,
+            max_grad_norm=0.5, seed=seed, verbose=0, device=device,
+            policy_kwargs={"net_arch": {"pi": [256, 256], "vf": [256, 256]},
+                           "log_std_init": float(np.log(0.6 * half_range))},
+        )
     manifest: dict[str, Any] = {"task": spec.name, "algo": "stable_baselines3.PPO", "seed": seed,
-                                "total_steps": total_steps, "snapshots": []}
+                                "backend": backend, "num_envs": num_envs, "total_steps": total_steps,
+                                "snapshots": []}
     started = time.time()
 
     class Snapshotter(BaseCallback):
@@ -90,8 +110,11 @@ def train_expert(
             save_file({"obs_mean": rms.mean.astype(np.float64), "obs_var": rms.var.astype(np.float64)},
                       str(tmp / "obs_norm.safetensors"),
                       metadata={"clip_obs": str(venv.clip_obs), "epsilon": str(venv.epsilon)})
-        snap = load_snapshot(out, step)
-        ret, std = evaluate_snapshot(snap, spec.gym_id, eval_episodes, seed=10_000 + step)
+        snap = load_snapshot(out, step, device)
+        if backend == "gymnasium":
+            ret, std = evaluate_snapshot(snap, spec.gym_id, eval_episodes, seed=10_000 + step)
+        else:
+            ret, std = evaluate_snapshot_batched(snap, spec.name, eval_episodes, 10_000 + step, backend, device)
         manifest["snapshots"].append({"step": step, "eval_return": ret, "eval_return_std": std})
         best = max(manifest["snapshots"], key=lambda s: s["eval_return"] - s["eval_return_std"])
         medium = min(manifest["snapshots"], key=lambda s: abs(s["eval_return"] - spec.medium_return))
@@ -102,10 +125,55 @@ def train_expert(
             print(f"[expert {spec.name}] step {step:>9d}  eval return {ret:8.1f} ± {std:6.1f}  "
                   f"({manifest['wall_clock_s']:.0f} s)", flush=True)
 
-    model.learn(total_timesteps=total_steps, callback=Snapshotter())
-    if not manifest["snapshots"] or manifest["snapshots"][-1]["step"] != model.num_timesteps:
-        save_snapshot(model.num_timesteps)
+    try:
+        model.learn(total_timesteps=total_steps, callback=Snapshotter())
+        if not manifest["snapshots"] or manifest["snapshots"][-1]["step"] != model.num_timesteps:
+            save_snapshot(model.num_timesteps)
+    finally:
+        venv.close()
     return manifest
+
+
+def _training_env(spec: Any, backend: str, num_envs: int, seed: int, device: str) -> Any:
+    """SB3's VecNormalize over the vector env PPO trains on."""
+    from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
+
+    if backend == "gymnasium":
+        from stable_baselines3.common.env_util import make_vec_env
+
+        return VecNormalize(make_vec_env(spec.gym_id, n_envs=num_envs, seed=seed), gamma=0.99)
+    from flowrl.envs import make
+    from flowrl.envs.adapters import sb3_vec_env
+
+    return VecNormalize(VecMonitor(sb3_vec_env(make(spec.name, num_envs, backend=backend, device=device,
+                                                    seed=seed))), gamma=0.99)
+
+
+class SnapshotPolicy:
+    """A snapshot behind the policy interface flowrl's evaluation and collection use
+    (``predict`` of observation histories to action chunks of one action)."""
+
+    class cfg:  # noqa: N801 - mirrors FlowPolicy.cfg
+        obs_history = 1
+        act_steps = 1
+
+    def __init__(self, act: Any) -> None:
+        self.act = act
+        self.obs_mean = torch.zeros(1)
+
+    def predict(self, obs: torch.Tensor, num_steps: int | None = None, generator: Any = None) -> torch.Tensor:
+        action = self.act(obs[:, -1].cpu().numpy().astype(np.float32))
+        return torch.as_tensor(action, dtype=torch.float32).unsqueeze(1)
+
+
+def evaluate_snapshot_batched(snap: ExpertSnapshot, task: str, episodes: int, seed: int, backend: str,
+                              device: str) -> tuple[float, float]:
+    """Like :func:`evaluate_snapshot`, all episodes at once in one of our batched envs."""
+    from flowrl.evaluation import evaluate
+
+    r = evaluate(SnapshotPolicy(snap.act), task, 1, episodes=episodes, seed=seed, backend=backend,
+                 max_envs=episodes, device=device)
+    return r["return_mean"], r["return_std"]
 
 
 def evaluate_snapshot(snap: ExpertSnapshot, gym_id: str, episodes: int, seed: int) -> tuple[float, float]:
@@ -133,7 +201,7 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_snapshot(folder: str | Path, step: int | str) -> ExpertSnapshot:
+def load_snapshot(folder: str | Path, step: int | str, device: str = "cpu") -> ExpertSnapshot:
     """Load a snapshot by step number or by level name (``medium`` / ``expert``)."""
     from stable_baselines3 import PPO
 
@@ -152,5 +220,5 @@ def load_snapshot(folder: str | Path, step: int | str) -> ExpertSnapshot:
     with safe_open(str(snap_dir / "obs_norm.safetensors"), "np") as f:  # one read: tensors and metadata
         norm = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
-    model = PPO.load(snap_dir / "model.zip", device="cpu")
+    model = PPO.load(snap_dir / "model.zip", device=device)
     return ExpertSnapshot(model, norm["obs_mean"], norm["obs_var"], float(meta["clip_obs"]), float(meta["epsilon"]))

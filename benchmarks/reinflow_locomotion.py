@@ -132,6 +132,7 @@ def ppo_baseline(task: str, seed: int, env_steps: int, episodes: int) -> dict:
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 
+    from flowrl.agents.expert import SnapshotPolicy
     from flowrl.envs import make
     from flowrl.envs.adapters import sb3_vec_env
 
@@ -142,18 +143,8 @@ def ppo_baseline(task: str, seed: int, env_steps: int, episodes: int) -> dict:
     model.learn(total_timesteps=env_steps)
     wall = time.time() - start
     venv.training = False
-
-    class Wrapped:
-        cfg = type("cfg", (), {"obs_history": 1, "act_steps": 1})
-
-        obs_mean = torch.zeros(1)
-
-        @staticmethod
-        def predict(obs, num_steps=None, generator=None):
-            o = venv.normalize_obs(obs[:, -1].cpu().numpy().astype(np.float32))
-            return torch.as_tensor(model.predict(o, deterministic=True)[0]).unsqueeze(1)
-
-    r = evaluate(Wrapped, task.capitalize() if task != "walker2d" else "Walker2d", 1, episodes=episodes)
+    policy = SnapshotPolicy(lambda obs: model.predict(venv.normalize_obs(obs), deterministic=True)[0])
+    r = evaluate(policy, task.capitalize() if task != "walker2d" else "Walker2d", 1, episodes=episodes)
     return {"return": r["return_mean"], "env_steps": env_steps, "wall_clock_s": round(wall, 1),
             "machine": f"{os.cpu_count()} CPU cores"}
 

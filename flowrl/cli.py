@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--num-envs", type=int, default=8)
     ex.add_argument("--snapshot-every", type=int, default=50_000)
+    ex.add_argument("--backend", default="gymnasium", choices=["gymnasium", "cpu", "warp"],
+                    help="gymnasium (default; SB3's vector env, small PPO batches, how the shipped data was "
+                    "made) or one of our batched envs with ~32k-step PPO batches, for hundreds of envs "
+                    "(e.g. --backend warp --device cuda --num-envs 2048 --task Humanoid-Newton)")
+    ex.add_argument("--device", default="cpu", help="torch device of PPO and of a batched env (default cpu)")
 
     co = sub.add_parser("collect", help="roll a policy out into a demonstration dataset",
                         description="Roll an expert (flowrl expert folder) or a flowrl checkpoint out into an "
@@ -97,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--task", help="the task (scripted experts; overrides a checkpoint's)")
     co.add_argument("--format", default="flowrl", choices=["flowrl", "robomimic"], help="dataset layout to write")
     co.add_argument("--num-envs", type=int, default=16)
+    co.add_argument("--backend", default="gymnasium", choices=["gymnasium", "cpu"],
+                    help="MuJoCo tasks: gymnasium (default) or our cpu backend (needed for Humanoid-Newton)")
     co.add_argument("--after-success", type=int, default=10,
                     help="tasks with success (robosuite): cut each episode this many steps after its first "
                     "success, as robomimic's demonstrations end (default 10; -1 keeps whole episodes)")
@@ -213,8 +220,10 @@ def cmd_expert(args: argparse.Namespace) -> None:
     if args.steps < args.snapshot_every:
         raise FlowrlError(f"--steps ({args.steps}) must be >= --snapshot-every ({args.snapshot_every})")
     out = args.out or os.path.join("experts", spec.name.lower())
+    if args.backend == "gymnasium" and spec.name == "Humanoid-Newton":
+        raise FlowrlError("Humanoid-Newton needs --backend cpu or warp (gymnasium's XML uses PGS)")
     manifest = train_expert(spec.name, out, total_steps=args.steps, seed=args.seed, num_envs=args.num_envs,
-                            snapshot_every=args.snapshot_every)
+                            snapshot_every=args.snapshot_every, backend=args.backend, device=args.device)
     print(f"expert: step {manifest['expert']}, medium: step {manifest['medium']}  ({out}/expert.json)")
 
 
@@ -222,7 +231,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     from flowrl.agents.collect import collect
 
     data = collect(args.source, args.out, episodes=args.episodes, noise=args.noise, seed=args.seed,
-                   level=args.level, task=args.task, num_envs=args.num_envs,
+                   level=args.level, task=args.task, num_envs=args.num_envs, backend=args.backend,
                    created_by="flowrl " + shlex.join(args.argv), fmt=args.format,
                    after_success=args.after_success, keep_failures=args.keep_failures)
     info = data.info()
