@@ -24,6 +24,11 @@ from flowrl.errors import FlowrlError
 from flowrl.io import atomic_path, write_json
 
 
+# What PPO keeps between rollouts (the last observations of every env, episode buffers): megabytes
+# with thousands of envs, and not needed to act.
+ROLLOUT_STATE = ["_last_obs", "_last_original_obs", "_last_episode_starts", "ep_info_buffer", "ep_success_buffer"]
+
+
 @dataclass
 class ExpertSnapshot:
     """A PPO policy at one point of training, ready to act on raw observations."""
@@ -105,7 +110,7 @@ def train_expert(
         folder = out / "snapshots" / f"{step:09d}"
         with atomic_path(folder) as tmp:
             tmp.mkdir()
-            model.save(tmp / "model.zip")
+            model.save(tmp / "model.zip", exclude=ROLLOUT_STATE)
             rms = venv.obs_rms
             save_file({"obs_mean": rms.mean.astype(np.float64), "obs_var": rms.var.astype(np.float64)},
                       str(tmp / "obs_norm.safetensors"),
@@ -114,7 +119,8 @@ def train_expert(
         if backend == "gymnasium":
             ret, std = evaluate_snapshot(snap, spec.gym_id, eval_episodes, seed=10_000 + step)
         else:
-            ret, std = evaluate_snapshot_batched(snap, spec.name, eval_episodes, 10_000 + step, backend, device)
+            # MuJoCo Warp would capture a new CUDA graph per evaluation: evaluate on the cpu backend
+            ret, std = evaluate_snapshot_batched(snap, spec.name, eval_episodes, 10_000 + step, "cpu", "cpu")
         manifest["snapshots"].append({"step": step, "eval_return": ret, "eval_return_std": std})
         best = max(manifest["snapshots"], key=lambda s: s["eval_return"] - s["eval_return_std"])
         medium = min(manifest["snapshots"], key=lambda s: abs(s["eval_return"] - spec.medium_return))

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=100000, help="env i is seeded seed+i (default 100000)")
     ev.add_argument("--backend", default="auto", help="simulation backend (default auto)")
     ev.add_argument("--device", default="cpu", help="torch device of the policy (default cpu)")
+    ev.add_argument("--max-envs", type=int, default=0,
+                    help="envs stepped at once; episodes run in rounds of this many (default 64; robosuite: "
+                    "the number of CPU cores, one worker process each)")
     ev.add_argument("--end-on-success", action="store_true",
                     help="end each episode at its first success (robomimic's rollouts; same success rate, faster)")
     ev.add_argument("--video", action="store_true", help="also write one mp4 per K into the run folder's videos/")
@@ -174,7 +177,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from flowrl.checkpoint import load_policy, resolve_checkpoint
-    from flowrl.evaluation import evaluate, record_video
+    from flowrl.evaluation import Evaluator, record_video
     from flowrl.io import write_json
     from flowrl.run import format_eval_table
 
@@ -185,8 +188,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     task = config.get("task")
     if not task:
         raise FlowrlError(f"{folder}/config.json: missing key 'task'")
-    rows = [evaluate(policy, task, k, episodes=args.episodes, seed=args.seed, backend=args.backend,
-                     device=args.device, end_on_success=args.end_on_success) for k in args.steps]
+    max_envs = args.max_envs or (os.cpu_count() or 1 if task.lower().startswith("robosuite/") else 64)
+    if max_envs < 1:
+        raise FlowrlError(f"--max-envs must be >= 1, got {max_envs}")
+    evaluator = Evaluator(task, args.seed, args.backend, max_envs, args.device, args.end_on_success)
+    try:
+        rows = [evaluator(policy, k, args.episodes) for k in args.steps]
+    finally:
+        evaluator.close()
     run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder
     result = {"checkpoint": str(folder), "task": task, "step": config.get("step"), "results": rows}
     if args.video:
