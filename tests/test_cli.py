@@ -96,6 +96,7 @@ def test_checkpoint_problems(tmp_path) -> None:
     one_line_error(run_cli("eval", str(ck)), "missing model.safetensors")
     save_checkpoint(ck, FlowPolicy(PolicyConfig(hidden_dim=8, depth=1), 11, 3), {"task": "Hoppr"})
     one_line_error(run_cli("eval", str(ck), "--episodes", "1", "--steps", "1"), "unknown task 'Hoppr'")
+    one_line_error(run_cli("eval", str(ck), "--max-envs", "-1"), "--max-envs must be >= 1")
 
 
 def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path, preset) -> None:
@@ -114,6 +115,10 @@ def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path, pres
 
 def test_unknown_expert_task_and_collect_source(tmp_path) -> None:
     one_line_error(run_cli("expert", "Cartpole"), "unknown task 'Cartpole'")
+    one_line_error(run_cli("expert", "Humanoid-Newton"), "Humanoid-Newton needs --backend cpu or warp")
+    repo = Path(__file__).resolve().parents[1]
+    one_line_error(run_cli("collect", str(repo / "data" / "experts" / "humanoid"), "--level", "expert",
+                           "--out", str(tmp_path / "x.hdf5")), "missing model.zip")
     one_line_error(run_cli("collect", str(tmp_path), "--out", str(tmp_path / "x.hdf5")), "neither an expert folder")
     assert not (tmp_path / "x.hdf5").exists()
 

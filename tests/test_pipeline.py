@@ -69,6 +69,8 @@ def test_pretrain_eval_video_and_tensorboard(tmp_path, hopper_dataset, capsys) -
     result = json.loads(capsys.readouterr().out)
     assert result["checkpoint"].endswith("checkpoints/8") and [r["num_steps"] for r in result["results"]] == [1, 4]
     assert json.loads((run / "eval.json").read_text()) == result
+    assert main(["eval", str(run), "--episodes", "3", "--steps", "4", "--json", "--max-envs", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["episodes"] == 3  # rounds of 2 envs
 
     # headless rendering (EGL, Mesa's software EGL on CPU machines) is part of what is tested
     assert main(["eval", str(run / "checkpoints" / "4"), "--episodes", "1", "--steps", "2", "--video"]) == 0
@@ -78,3 +80,43 @@ def test_pretrain_eval_video_and_tensorboard(tmp_path, hopper_dataset, capsys) -
 
     frames = imageio.mimread(video, memtest=False)
     assert len(frames) > 5 and frames[0].ndim == 3
+
+
+def test_expert_on_a_batched_backend_keeps_snapshots_small(tmp_path) -> None:
+    """--backend cpu: SB3 PPO over our batched env, snapshots evaluated in one batched env, and no
+    per-env rollout state in the saved model (megabytes with thousands of envs)."""
+    import zipfile
+
+    from flowrl.agents.expert import load_snapshot
+
+    out = tmp_path / "hopper"
+    manifest = train_expert("Hopper", out, total_steps=512, num_envs=16, snapshot_every=256, eval_episodes=2,
+                            progress=False, backend="cpu")
+    assert manifest["backend"] == "cpu" and [s["step"] for s in manifest["snapshots"]] == [256, 512]
+    assert all(abs(s["eval_return"]) > 0 for s in manifest["snapshots"])
+    snap_dir = out / "snapshots" / f"{512:09d}"
+    with zipfile.ZipFile(snap_dir / "model.zip") as z:
+        data = json.loads(z.read("data"))
+    assert "_last_obs" not in data and "ep_info_buffer" not in data
+    snap = load_snapshot(out, "medium")
+    import numpy as np
+
+    assert snap.act(np.zeros((3, 11), np.float32)).shape == (3, 3)
+
+
+def test_humanoid_medium_data_from_the_shipped_snapshot(tmp_path, capsys) -> None:
+    """The shipped Humanoid expert snapshot makes demonstrations of Humanoid-Newton (cpu backend),
+    and behaviour cloning takes them (its task check must not build a gymnasium Humanoid-Newton)."""
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "h.hdf5"
+    assert main(["collect", str(repo / "data" / "experts" / "humanoid"), "--level", "medium", "--episodes", "2",
+                 "--noise", "0.05", "--num-envs", "2", "--backend", "cpu", "--out", str(out)]) == 0
+    data = read_dataset(out)
+    assert data.meta["task"] == "Humanoid-Newton" and data.obs_dim == 348 and data.act_dim == 17
+    assert data.meta["policy"]["step"] == 3250176
+    # the medium snapshot walks for a while: far longer than a random policy's ~20 steps
+    assert data.episode_lengths.min() > 100
+    run = tmp_path / "run"
+    assert main(["pretrain", str(repo / "configs" / "humanoid" / "pretrain_reflow.yaml"), *TINY, f"data.path={out}",
+                 "--steps", "2", "--no-eval", "--out", str(run), "--quiet"]) == 0
+    assert (run / "checkpoints" / "2").is_dir()
