@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--backend", default="gymnasium", choices=["gymnasium", "cpu", "warp"],
                     help="gymnasium (default; SB3's vector env, small PPO batches, how the shipped data was "
                     "made) or one of our batched envs with ~32k-step PPO batches, for hundreds of envs "
-                    "(e.g. --backend warp --device cuda --num-envs 2048 --task Humanoid-Newton)")
+                    "(e.g. flowrl expert Humanoid-Newton --backend warp --device cuda --num-envs 2048)")
     ex.add_argument("--device", default="cpu", help="torch device of PPO and of a batched env (default cpu)")
 
     co = sub.add_parser("collect", help="roll a policy out into a demonstration dataset",
@@ -188,7 +188,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     task = config.get("task")
     if not task:
         raise FlowrlError(f"{folder}/config.json: missing key 'task'")
-    max_envs = args.max_envs or (os.cpu_count() or 1 if task.lower().startswith("robosuite/") else 64)
+    max_envs = args.max_envs
+    if not max_envs:  # robosuite: a worker process per env, so no more envs than cores
+        max_envs = (os.cpu_count() or 1) if task.lower().startswith("robosuite/") else 64
     if max_envs < 1:
         raise FlowrlError(f"--max-envs must be >= 1, got {max_envs}")
     evaluator = Evaluator(task, args.seed, args.backend, max_envs, args.device, args.end_on_success)
