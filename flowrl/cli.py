@@ -81,12 +81,14 @@ def _parser() -> argparse.ArgumentParser:
                         description="Train PPO on a MuJoCo task; snapshots every --snapshot-every steps are "
                         "evaluated; expert.json names the best (`expert`) and the one closest to the task's "
                         "medium return (`medium`).")
-    ex.add_argument("task", help="Hopper, Walker2d, HalfCheetah, Ant or Humanoid")
+    ex.add_argument("task", help="Hopper, Walker2d, HalfCheetah, Ant, Humanoid or Humanoid-Newton (Newton solver; "
+                    "needs --backend cpu or warp)")
     ex.add_argument("--steps", type=int, default=1_000_000, help="env steps (default 1e6)")
     ex.add_argument("--out", help="expert folder (default experts/<task>)")
-    ex.add_argument("--seed", type=int, default=0)
-    ex.add_argument("--num-envs", type=int, default=8)
-    ex.add_argument("--snapshot-every", type=int, default=50_000)
+    ex.add_argument("--seed", type=int, default=0, help="seed of PPO and of the envs (default 0)")
+    ex.add_argument("--num-envs", type=int, default=8, help="envs stepped together (default 8)")
+    ex.add_argument("--snapshot-every", type=int, default=50_000,
+                    help="env steps between evaluated snapshots (default 50000)")
     ex.add_argument("--backend", default="gymnasium", choices=["gymnasium", "cpu", "warp"],
                     help="gymnasium (default; SB3's vector env, small PPO batches, how the shipped data was "
                     "made) or one of our batched envs with ~32k-step PPO batches, for hundreds of envs "
@@ -228,6 +230,8 @@ def cmd_expert(args: argparse.Namespace) -> None:
     from flowrl.envs import resolve_task
 
     spec = resolve_task(args.task)
+    if args.num_envs < 1 or args.snapshot_every < 1:
+        raise FlowrlError(f"--num-envs and --snapshot-every must be >= 1, got {args.num_envs} and {args.snapshot_every}")
     if args.steps < args.snapshot_every:
         raise FlowrlError(f"--steps ({args.steps}) must be >= --snapshot-every ({args.snapshot_every})")
     out = args.out or os.path.join("experts", spec.name.lower())

@@ -116,6 +116,7 @@ def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path, pres
 def test_unknown_expert_task_and_collect_source(tmp_path) -> None:
     one_line_error(run_cli("expert", "Cartpole"), "unknown task 'Cartpole'")
     one_line_error(run_cli("expert", "Humanoid-Newton"), "Humanoid-Newton needs --backend cpu or warp")
+    one_line_error(run_cli("expert", "Hopper", "--num-envs", "0"), "--num-envs and --snapshot-every must be >= 1")
     repo = Path(__file__).resolve().parents[1]
     one_line_error(run_cli("collect", str(repo / "data" / "experts" / "humanoid"), "--level", "expert",
                            "--out", str(tmp_path / "x.hdf5")), "missing model.zip")
