@@ -69,27 +69,22 @@ def train_expert(
     from stable_baselines3.common.callbacks import BaseCallback
 
     spec = resolve_task(task)
+    if backend == "gymnasium" and spec.name == "Humanoid-Newton":  # SB3 would make gymnasium's PGS Humanoid
+        raise FlowrlError("Humanoid-Newton needs --backend cpu or warp (gymnasium's XML uses PGS)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    venv = training_env(spec.name, backend, num_envs, seed, device)
+    common = {"learning_rate": lambda f: 3e-4 * f, "gamma": 0.99, "gae_lambda": 0.95, "clip_range": 0.2,
+              "ent_coef": 0.0, "max_grad_norm": 0.5, "seed": seed, "verbose": 0}
     if backend == "gymnasium":
         torch.set_num_threads(1)
-    venv = _training_env(spec, backend, num_envs, seed, device)
-    if backend == "gymnasium":
-        model = PPO(
-            "MlpPolicy", venv, n_steps=256, batch_size=64, n_epochs=10, learning_rate=lambda f: 3e-4 * f,
-            gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, max_grad_norm=0.5, seed=seed, verbose=0,
-            device="cpu",
-        )
+        model = PPO("MlpPolicy", venv, n_steps=256, batch_size=64, n_epochs=10, device="cpu", **common)
     else:
         n_steps = max(8, min(32768, total_steps) // num_envs)
         half_range = float(np.mean(venv.action_space.high - venv.action_space.low)) / 2
-        model = PPO(
-            "MlpPolicy", venv, n_steps=n_steps, batch_size=min(8192, n_steps * num_envs // 4), n_epochs=5,
-            learning_rate=lambda f: 3e-4 * f, gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.0,
-            max_grad_norm=0.5, seed=seed, verbose=0, device=device,
-            policy_kwargs={"net_arch": {"pi": [256, 256], "vf": [256, 256]},
-                           "log_std_init": float(np.log(0.6 * half_range))},
-        )
+        model = PPO("MlpPolicy", venv, n_steps=n_steps, batch_size=min(8192, n_steps * num_envs // 4), n_epochs=5,
+                    device=device, policy_kwargs={"net_arch": {"pi": [256, 256], "vf": [256, 256]},
+                                                  "log_std_init": float(np.log(0.6 * half_range))}, **common)
     manifest: dict[str, Any] = {"task": spec.name, "algo": "stable_baselines3.PPO", "seed": seed,
                                 "backend": backend, "num_envs": num_envs, "total_steps": total_steps,
                                 "snapshots": []}
@@ -119,8 +114,7 @@ def train_expert(
         if backend == "gymnasium":
             ret, std = evaluate_snapshot(snap, spec.gym_id, eval_episodes, seed=10_000 + step)
         else:
-            # MuJoCo Warp would capture a new CUDA graph per evaluation: evaluate on the cpu backend
-            ret, std = evaluate_snapshot_batched(snap, spec.name, eval_episodes, 10_000 + step, "cpu", "cpu")
+            ret, std = evaluate_snapshot_batched(snap, spec.name, eval_episodes, 10_000 + step)
         manifest["snapshots"].append({"step": step, "eval_return": ret, "eval_return_std": std})
         best = max(manifest["snapshots"], key=lambda s: s["eval_return"] - s["eval_return_std"])
         medium = min(manifest["snapshots"], key=lambda s: abs(s["eval_return"] - spec.medium_return))
@@ -140,19 +134,20 @@ def train_expert(
     return manifest
 
 
-def _training_env(spec: Any, backend: str, num_envs: int, seed: int, device: str) -> Any:
-    """SB3's VecNormalize over the vector env PPO trains on."""
+def training_env(task: str, backend: str, num_envs: int, seed: int, device: str = "cpu") -> Any:
+    """SB3's VecNormalize over the vector env PPO trains on: SB3's own (``gymnasium``) or one of our
+    batched envs (``cpu``, ``warp``) seen as an SB3 VecEnv."""
     from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 
     if backend == "gymnasium":
         from stable_baselines3.common.env_util import make_vec_env
 
-        return VecNormalize(make_vec_env(spec.gym_id, n_envs=num_envs, seed=seed), gamma=0.99)
+        return VecNormalize(make_vec_env(resolve_task(task).gym_id, n_envs=num_envs, seed=seed), gamma=0.99)
     from flowrl.envs import make
     from flowrl.envs.adapters import sb3_vec_env
 
-    return VecNormalize(VecMonitor(sb3_vec_env(make(spec.name, num_envs, backend=backend, device=device,
-                                                    seed=seed))), gamma=0.99)
+    return VecNormalize(VecMonitor(sb3_vec_env(make(task, num_envs, backend=backend, device=device, seed=seed))),
+                        gamma=0.99)
 
 
 class SnapshotPolicy:
@@ -172,13 +167,12 @@ class SnapshotPolicy:
         return torch.as_tensor(action, dtype=torch.float32).unsqueeze(1)
 
 
-def evaluate_snapshot_batched(snap: ExpertSnapshot, task: str, episodes: int, seed: int, backend: str,
-                              device: str) -> tuple[float, float]:
-    """Like :func:`evaluate_snapshot`, all episodes at once in one of our batched envs."""
+def evaluate_snapshot_batched(snap: ExpertSnapshot, task: str, episodes: int, seed: int) -> tuple[float, float]:
+    """Like :func:`evaluate_snapshot`, all episodes at once in our cpu backend (also for experts trained
+    on MuJoCo Warp, which would capture a new CUDA graph for every evaluation)."""
     from flowrl.evaluation import evaluate
 
-    r = evaluate(SnapshotPolicy(snap.act), task, 1, episodes=episodes, seed=seed, backend=backend,
-                 max_envs=episodes, device=device)
+    r = evaluate(SnapshotPolicy(snap.act), task, 1, episodes=episodes, seed=seed, backend="cpu", max_envs=episodes)
     return r["return_mean"], r["return_std"]
 
 

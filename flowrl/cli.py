@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--episodes", type=int, default=100)
     co.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise (default 0)")
     co.add_argument("--seed", type=int, default=0, help="episode i is seeded seed+i")
-    co.add_argument("--task", help="the task (scripted experts; overrides a checkpoint's)")
+    co.add_argument("--task", help="the task (scripted experts; overrides a checkpoint's or an expert folder's, "
+                    "e.g. Humanoid for an expert trained on Humanoid-Newton)")
     co.add_argument("--format", default="flowrl", choices=["flowrl", "robomimic"], help="dataset layout to write")
     co.add_argument("--num-envs", type=int, default=16)
     co.add_argument("--backend", default="gymnasium", choices=["gymnasium", "cpu"],
@@ -235,8 +236,6 @@ def cmd_expert(args: argparse.Namespace) -> None:
     if args.steps < args.snapshot_every:
         raise FlowrlError(f"--steps ({args.steps}) must be >= --snapshot-every ({args.snapshot_every})")
     out = args.out or os.path.join("experts", spec.name.lower())
-    if args.backend == "gymnasium" and spec.name == "Humanoid-Newton":
-        raise FlowrlError("Humanoid-Newton needs --backend cpu or warp (gymnasium's XML uses PGS)")
     manifest = train_expert(spec.name, out, total_steps=args.steps, seed=args.seed, num_envs=args.num_envs,
                             snapshot_every=args.snapshot_every, backend=args.backend, device=args.device)
     print(f"expert: step {manifest['expert']}, medium: step {manifest['medium']}  ({out}/expert.json)")
