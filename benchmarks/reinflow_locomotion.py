@@ -130,13 +130,10 @@ def describe(result: dict) -> str:
 
 def ppo_baseline(task: str, seed: int, env_steps: int, episodes: int) -> dict:
     from stable_baselines3 import PPO
-    from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 
-    from flowrl.agents.expert import SnapshotPolicy
-    from flowrl.envs import make
-    from flowrl.envs.adapters import sb3_vec_env
+    from flowrl.agents.expert import SnapshotPolicy, training_env
 
-    venv = VecNormalize(VecMonitor(sb3_vec_env(make(task, 64, backend="cpu", seed=seed))), gamma=0.99)
+    venv = training_env(task, "cpu", 64, seed)
     model = PPO("MlpPolicy", venv, n_steps=64, batch_size=4096, n_epochs=10, learning_rate=3e-4, seed=seed,
                 device="cpu", verbose=0)
     start = time.time()
@@ -144,7 +141,7 @@ def ppo_baseline(task: str, seed: int, env_steps: int, episodes: int) -> dict:
     wall = time.time() - start
     venv.training = False
     policy = SnapshotPolicy(lambda obs: model.predict(venv.normalize_obs(obs), deterministic=True)[0])
-    r = evaluate(policy, task.capitalize() if task != "walker2d" else "Walker2d", 1, episodes=episodes)
+    r = evaluate(policy, task, 1, episodes=episodes)
     return {"return": r["return_mean"], "env_steps": env_steps, "wall_clock_s": round(wall, 1),
             "machine": f"{os.cpu_count()} CPU cores"}
 
