@@ -26,8 +26,8 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from collections import deque
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
