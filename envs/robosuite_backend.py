@@ -6,6 +6,8 @@ low-dimensional observations under robomimic's keys (``object``, ``robot0_eef_po
 key order (the order our robomimic reader uses), episodes that end only as truncations at the
 horizon (robosuite's tasks have no terminal states), ``info["success"]`` per env, and per-env
 seeding that reseeds each env's own generator in place and never touches numpy's global one.
+``terminate_on_success=True`` ends an episode as a termination at its first success instead
+(robomimic's ``terminate_on_success``): the goal-reaching form of the task that RL fine-tuning uses.
 Each worker applies :mod:`flowrl.envs.robosuite_compat` before it builds its env.
 """
 
@@ -49,7 +51,7 @@ def flatten_obs(obs: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
                            for k in keys])
 
 
-def _worker(conn: Any, task: str, horizon: int) -> None:
+def _worker(conn: Any, task: str, horizon: int, terminate_on_success: bool) -> None:
     # workers never render; importing robosuite sets MUJOCO_GL=egl, which a machine without EGL fails on
     os.environ["MUJOCO_GL"] = "disable"
     from flowrl.envs.robosuite_compat import apply
@@ -80,9 +82,10 @@ def _worker(conn: Any, task: str, horizon: int) -> None:
             obs, reward, _, _ = env.step(arg)
             success = bool(env._check_success())
             ret, length = ret + float(reward), length + 1
-            truncated = length >= horizon
-            out = (flatten_obs(obs, keys), float(reward), truncated, success, ret, length)
-            if truncated:
+            terminated = success and terminate_on_success
+            truncated = length >= horizon and not terminated
+            out = (flatten_obs(obs, keys), float(reward), truncated, success, ret, length, terminated)
+            if terminated or truncated:
                 ret, length = 0.0, 0
                 out = (*out, flatten_obs(env.reset(), keys))
             conn.send(out)
@@ -96,7 +99,7 @@ class RobosuiteEnv(BatchedEnv):
     """N robosuite envs in N worker processes (spawned, so each applies the compatibility layer)."""
 
     def __init__(self, task: str, num_envs: int, device: str | torch.device = "cpu", seed: int | None = None,
-                 horizon: int | None = None) -> None:
+                 horizon: int | None = None, terminate_on_success: bool = False) -> None:
         task = robosuite_task(task)
         if importlib.util.find_spec("robosuite") is None:  # not imported here: it changes os.environ
             raise FlowrlError("robosuite is not installed; see the README (robosuite)")
@@ -109,7 +112,8 @@ class RobosuiteEnv(BatchedEnv):
         self._conns, self._procs = [], []
         for _ in range(num_envs):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, task, self.max_episode_steps), daemon=True)
+            proc = ctx.Process(target=_worker, args=(child, task, self.max_episode_steps, terminate_on_success),
+                               daemon=True)
             proc.start()
             self._conns.append(parent)
             self._procs.append(proc)
@@ -160,13 +164,14 @@ class RobosuiteEnv(BatchedEnv):
             self._send(i, ("step", a))
         results = [self._recv(i) for i in range(self.num_envs)]
         final_obs = np.stack([r[0] for r in results])
-        obs = np.stack([r[6] if r[2] else r[0] for r in results])
+        obs = np.stack([r[7] if r[2] or r[6] else r[0] for r in results])
         truncated = self._t([r[2] for r in results], torch.bool)
-        info = {"final_obs": self._t(final_obs), "done_mask": truncated,
+        terminated = self._t([r[6] for r in results], torch.bool)
+        info = {"final_obs": self._t(final_obs), "done_mask": truncated | terminated,
                 "success": self._t([r[3] for r in results], torch.bool),
                 "episode_return": self._t([r[4] for r in results]),
                 "episode_length": self._t([r[5] for r in results], torch.int64)}
-        return (self._t(obs), self._t([r[1] for r in results]), torch.zeros_like(truncated), truncated, info)
+        return self._t(obs), self._t([r[1] for r in results]), terminated, truncated, info
 
     def close(self) -> None:
         for c in self._conns:

@@ -185,6 +185,9 @@ class ReinFlowConfig:
     """Simulation backend for rollouts (see flowrl.envs.make)."""
     sim_threads: int = 0
     """Threads of the cpu backend (0: all cores)."""
+    terminate_on_success: bool = False
+    """robosuite tasks: a training episode ends (terminated, no bootstrap) at its first success, so the
+    return is the discounted time to success instead of the steps spent successful until the horizon."""
     eval_every: int = 10
     """Evaluate the deterministic policy every N iterations (and at the end)."""
     eval_episodes: int = 10

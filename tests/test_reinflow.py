@@ -220,9 +220,12 @@ def test_finetune_cli_end_to_end_and_bad_input(tmp_path, pretrained, capsys) -> 
     assert main(["eval", str(out / "checkpoints" / "1920"), "--episodes", "2", "--steps", "4"]) == 0
     assert main(["finetune", str(preset), "--out", str(tmp_path / "x")]) == 2
     assert main(["finetune", str(preset), "--init", pretrained, "train.clip_coef=-1", "--out", str(tmp_path / "y")]) == 2
+    assert main(["finetune", str(preset), "--init", pretrained, "train.terminate_on_success=true",
+                 "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err
     assert "init: the pretrained checkpoint is required" in err and "train.clip_coef: must be > 0" in err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert "train.terminate_on_success: only robosuite tasks report success, not PointReach" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_w2_regulariser_is_zero_before_the_first_step_and_logged(tmp_path, pretrained) -> None:

@@ -127,6 +127,31 @@ def test_scripted_experts_succeed_on_seeded_episodes(task, horizon) -> None:
         env.close()
 
 
+def test_terminate_on_success_ends_episodes_as_terminations_at_the_first_success() -> None:
+    import torch
+
+    from flowrl.agents.scripted import EXPERTS
+    from flowrl.envs import make
+
+    env = make("robosuite/Lift", 2, seed=200, horizon=150, terminate_on_success=True)
+    try:
+        obs, expert = env.reset(), EXPERTS["robosuite/Lift"](2)
+        ended = torch.zeros(2, dtype=torch.bool)
+        for _ in range(150):
+            obs, reward, terminated, truncated, info = env.step(expert(obs))
+            assert torch.equal(terminated, info["success"]) and not truncated.any()
+            assert torch.equal(info["done_mask"], terminated)
+            for i in torch.nonzero(terminated & ~ended).flatten().tolist():
+                assert reward[i] > 0 and info["episode_length"][i] < 150
+                assert not torch.equal(info["final_obs"][i], obs[i])  # the next episode started
+            ended |= terminated
+            if ended.all():
+                break
+        assert bool(ended.all())
+    finally:
+        env.close()
+
+
 def test_collected_demonstrations_round_trip_in_the_robomimic_layout(tmp_path) -> None:
     import json
 
