@@ -220,7 +220,7 @@ class ReinFlow:
         self.progress = progress
         self._stop_requested = False
         self.run = RunFolder(out)
-        self.run.start(cfg, resume, resumable_keys=("train.env_steps",))
+        self.run.start(cfg, resume, resumable_keys=("train.env_steps", "train.max_minutes"))
         if resume:
             self._restore()
 
@@ -461,8 +461,10 @@ class ReinFlow:
         self.evaluator.close()
 
     def learn(self) -> FlowPolicy:
-        """Run fine-tuning to the env-step budget; Ctrl-C stops after the current iteration with a
-        checkpoint saved."""
+        """Run fine-tuning to the env-step budget (or ``train.max_minutes``); Ctrl-C stops after the
+        current iteration with a checkpoint saved."""
+        started = time.time()
+        limit_s = 60.0 * self.cfg.train.max_minutes
         writer = self.run.writer(purge_step=self.env_steps if self.env_steps else None)
         bar = tqdm(total=self.iterations * self.steps_per_iteration, initial=self.env_steps, unit="step",
                    desc=f"reinflow {self.task}", disable=not self.progress, dynamic_ncols=True, unit_scale=True)
@@ -475,6 +477,9 @@ class ReinFlow:
                     if self._stop_requested:
                         raise KeyboardInterrupt
                     self._iterate(writer, bar)
+                    if limit_s and time.time() - started >= limit_s and self.iteration < self.iterations:
+                        self._stop_at_time_limit(writer, bar)
+                        break
         except KeyboardInterrupt:
             self.save()
             bar.close()
@@ -484,6 +489,16 @@ class ReinFlow:
         bar.close()
         writer.flush()
         return self.policy
+
+    def _stop_at_time_limit(self, writer: Any, bar: Any) -> None:
+        """End as the env-step budget's end does: an evaluation and a checkpoint of this iteration."""
+        if not self.eval_history or self.eval_history[-1]["iteration"] != self.iteration:
+            self._record_eval(writer, bar)
+        if self.iteration % self.cfg.train.checkpoint_every:
+            self.save()
+        bar.write(f"stopped at the time limit (train.max_minutes={self.cfg.train.max_minutes:g}) after "
+                  f"iteration {self.iteration} of {self.iterations}, {self.env_steps} env steps; "
+                  f"continue with --resume --out {self.run.path}")
 
     def _iterate(self, writer: Any, bar: Any) -> None:
         """One iteration: rollout, PPO update, logs, and the periodic evaluation and checkpoint."""

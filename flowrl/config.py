@@ -127,6 +127,9 @@ class PretrainConfig:
 class ReinFlowConfig:
     env_steps: int = 8_000_000
     """Budget of environment steps in total (one iteration is num_envs * rollout_steps * act_steps)."""
+    max_minutes: float = 0.0
+    """Wall-clock budget of this run's fine-tuning (0: none): stop after the iteration that reaches it,
+    with a checkpoint and an evaluation as at the end of the env-step budget (--resume continues)."""
     num_envs: int = 256
     """Environments stepped together."""
     rollout_steps: int = 80
@@ -285,7 +288,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
                     "minibatch_size", "clip_coef", "sigma_min", "sigma_max", "eval_every", "eval_episodes",
                     "checkpoint_every", "critic_hidden_dim", "critic_depth", "noise_hidden_dim")
     for name in ("num_steps", "target_kl", "ent_coef", "vf_coef", "w2_coef", "max_grad_norm", "actor_lr_min",
-                 "critic_lr_min", "critic_warmup_iterations", "sim_threads"):
+                 "critic_lr_min", "critic_warmup_iterations", "sim_threads", "max_minutes"):
         if getattr(t, name) < 0:
             _fail(f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     for name in ("gamma", "gae_lambda", "sigma_hold", "sigma_final_mix"):

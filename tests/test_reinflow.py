@@ -162,6 +162,27 @@ def test_resumed_finetuning_equals_uninterrupted(tmp_path, pretrained) -> None:
             assert torch.equal(a, b), module
 
 
+def test_time_limit_stops_with_an_evaluation_and_a_checkpoint_and_resume_continues(tmp_path, pretrained,
+                                                                                  capsys) -> None:
+    # 960 env steps per iteration, 4 iterations; a limit of ~0 minutes stops after the first
+    cfg = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=3840",
+                                             "train.num_envs=32", "train.minibatch_size=240",
+                                             "train.max_minutes=1e-6"])
+    agent = ReinFlow(cfg, tmp_path / "run", progress=False)
+    agent.learn()
+    assert agent.iteration == 1 and agent.env_steps == 960
+    assert [e["iteration"] for e in agent.eval_history] == [0, 1]
+    assert (tmp_path / "run" / "checkpoints" / "960" / "model.safetensors").is_file()
+    assert "stopped at the time limit (train.max_minutes=1e-06) after iteration 1 of 4" in capsys.readouterr().out
+    agent.close()
+    more = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=3840",
+                                              "train.num_envs=32", "train.minibatch_size=240", "train.max_minutes=0"])
+    resumed = ReinFlow(more, tmp_path / "run", resume=True, progress=False)
+    resumed.learn()
+    assert resumed.iteration == 4 and resumed.env_steps == 3840
+    resumed.close()
+
+
 def test_cpu_backend_full_state_round_trip() -> None:
     env = make("Hopper", 4, backend="cpu", seed=0)
     env.reset()
