@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing as mp
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -49,6 +49,20 @@ def obs_keys(num_robots: int) -> list[str]:
 def flatten_obs(obs: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
     return np.concatenate([np.asarray(obs["object-state" if k == "object" else k], dtype=np.float64).ravel()
                            for k in keys])
+
+
+class StepResult(NamedTuple):
+    """What a worker sends back for one step (``next_obs``: the next episode's first observation
+    when this one ended, else ``obs``)."""
+
+    obs: np.ndarray
+    reward: float
+    terminated: bool
+    truncated: bool
+    success: bool
+    episode_return: float
+    episode_length: int
+    next_obs: np.ndarray
 
 
 def _worker(conn: Any, task: str, horizon: int, terminate_on_success: bool) -> None:
@@ -84,11 +98,12 @@ def _worker(conn: Any, task: str, horizon: int, terminate_on_success: bool) -> N
             ret, length = ret + float(reward), length + 1
             terminated = success and terminate_on_success
             truncated = length >= horizon and not terminated
-            out = (flatten_obs(obs, keys), float(reward), truncated, success, ret, length, terminated)
+            flat = flatten_obs(obs, keys)
+            result = StepResult(flat, float(reward), terminated, truncated, success, ret, length, flat)
             if terminated or truncated:
                 ret, length = 0.0, 0
-                out = (*out, flatten_obs(env.reset(), keys))
-            conn.send(out)
+                result = result._replace(next_obs=flatten_obs(env.reset(), keys))
+            conn.send(tuple(result))
         else:
             env.close()
             conn.close()
@@ -162,16 +177,15 @@ class RobosuiteEnv(BatchedEnv):
                       self.single_action_space.high)
         for i, a in enumerate(act):
             self._send(i, ("step", a))
-        results = [self._recv(i) for i in range(self.num_envs)]
-        final_obs = np.stack([r[0] for r in results])
-        obs = np.stack([r[7] if r[2] or r[6] else r[0] for r in results])
-        truncated = self._t([r[2] for r in results], torch.bool)
-        terminated = self._t([r[6] for r in results], torch.bool)
-        info = {"final_obs": self._t(final_obs), "done_mask": truncated | terminated,
-                "success": self._t([r[3] for r in results], torch.bool),
-                "episode_return": self._t([r[4] for r in results]),
-                "episode_length": self._t([r[5] for r in results], torch.int64)}
-        return self._t(obs), self._t([r[1] for r in results]), terminated, truncated, info
+        results = [StepResult(*self._recv(i)) for i in range(self.num_envs)]
+        terminated = self._t([r.terminated for r in results], torch.bool)
+        truncated = self._t([r.truncated for r in results], torch.bool)
+        info = {"final_obs": self._t(np.stack([r.obs for r in results])), "done_mask": truncated | terminated,
+                "success": self._t([r.success for r in results], torch.bool),
+                "episode_return": self._t([r.episode_return for r in results]),
+                "episode_length": self._t([r.episode_length for r in results], torch.int64)}
+        next_obs = self._t(np.stack([r.next_obs for r in results]))
+        return next_obs, self._t([r.reward for r in results]), terminated, truncated, info
 
     def close(self) -> None:
         for c in self._conns:
