@@ -191,12 +191,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     task = config.get("task")
     if not task:
         raise FlowrlError(f"{folder}/config.json: missing key 'task'")
-    max_envs = args.max_envs
-    if not max_envs:  # robosuite: a worker process per env, so no more envs than cores
-        max_envs = (os.cpu_count() or 1) if task.lower().startswith("robosuite/") else 64
-    if max_envs < 1:
-        raise FlowrlError(f"--max-envs must be >= 1, got {max_envs}")
-    evaluator = Evaluator(task, args.seed, args.backend, max_envs, args.device, args.end_on_success)
+    if args.max_envs < 0:
+        raise FlowrlError(f"--max-envs must be >= 1, got {args.max_envs}")
+    evaluator = Evaluator(task, args.seed, args.backend, args.max_envs, args.device, args.end_on_success)
     try:
         rows = [evaluator(policy, k, args.episodes) for k in args.steps]
     finally:

@@ -86,6 +86,12 @@ class Evaluator:
 
     def __init__(self, task: str, seed: int = 100000, backend: str = "auto", max_envs: int = 64,
                  device: str | torch.device = "cpu", end_on_success: bool = False) -> None:
+        """``max_envs=0`` picks a default: 64, and for robosuite (a worker process per env) the
+        number of CPU cores."""
+        if max_envs == 0:
+            max_envs = (os.cpu_count() or 1) if task.lower().startswith("robosuite/") else 64
+        if max_envs < 1:
+            raise FlowrlError(f"max_envs must be >= 1 (or 0 for the default), got {max_envs}")
         self.task, self.seed, self.backend, self.max_envs = task, seed, backend, max_envs
         self.device, self.end_on_success = device, end_on_success
         self._env: BatchedEnv | None = None
