@@ -463,8 +463,8 @@ class ReinFlow:
     def learn(self) -> FlowPolicy:
         """Run fine-tuning to the env-step budget (or ``train.max_minutes``); Ctrl-C stops after the
         current iteration with a checkpoint saved."""
-        started = time.time()
         limit_s = 60.0 * self.cfg.train.max_minutes
+        deadline = time.time() + limit_s if limit_s else math.inf
         writer = self.run.writer(purge_step=self.env_steps if self.env_steps else None)
         bar = tqdm(total=self.iterations * self.steps_per_iteration, initial=self.env_steps, unit="step",
                    desc=f"reinflow {self.task}", disable=not self.progress, dynamic_ncols=True, unit_scale=True)
@@ -476,9 +476,11 @@ class ReinFlow:
                 while self.iteration < self.iterations:
                     if self._stop_requested:
                         raise KeyboardInterrupt
-                    self._iterate(writer, bar)
-                    if limit_s and time.time() - started >= limit_s and self.iteration < self.iterations:
-                        self._stop_at_time_limit(writer, bar)
+                    out_of_time = self._iterate(writer, bar, deadline)
+                    if out_of_time and self.iteration < self.iterations:
+                        bar.write(f"stopped at the time limit (train.max_minutes={self.cfg.train.max_minutes:g}) "
+                                  f"after iteration {self.iteration} of {self.iterations}, {self.env_steps} env "
+                                  f"steps; continue with --resume --out {self.run.path}")
                         break
         except KeyboardInterrupt:
             self.save()
@@ -490,18 +492,9 @@ class ReinFlow:
         writer.flush()
         return self.policy
 
-    def _stop_at_time_limit(self, writer: Any, bar: Any) -> None:
-        """End as the env-step budget's end does: an evaluation and a checkpoint of this iteration."""
-        if not self.eval_history or self.eval_history[-1]["iteration"] != self.iteration:
-            self._record_eval(writer, bar)
-        if self.iteration % self.cfg.train.checkpoint_every:
-            self.save()
-        bar.write(f"stopped at the time limit (train.max_minutes={self.cfg.train.max_minutes:g}) after "
-                  f"iteration {self.iteration} of {self.iterations}, {self.env_steps} env steps; "
-                  f"continue with --resume --out {self.run.path}")
-
-    def _iterate(self, writer: Any, bar: Any) -> None:
-        """One iteration: rollout, PPO update, logs, and the periodic evaluation and checkpoint."""
+    def _iterate(self, writer: Any, bar: Any, deadline: float = math.inf) -> bool:
+        """One iteration: rollout, PPO update, logs, and the periodic evaluation and checkpoint, which
+        also come after the last iteration and after one that ends past ``deadline`` (then: True)."""
         t = self.cfg.train
         start = time.time()
         logs = self._schedule()
@@ -525,11 +518,13 @@ class ReinFlow:
                 writer.add_scalar(k, v, self.env_steps)
         bar.update(self.steps_per_iteration)
         bar.set_postfix(ep_rew=f"{logs.get('rollout/ep_rew_mean', float('nan')):.1f}", it_s=f"{elapsed:.2f}")
-        last = self.iteration == self.iterations
+        out_of_time = time.time() >= deadline
+        last = self.iteration == self.iterations or out_of_time
         if self.iteration % t.eval_every == 0 or last:
             self._record_eval(writer, bar)
         if self.iteration % t.checkpoint_every == 0 or last:
             self.save()
+        return out_of_time
 
     @torch.no_grad()
     def _mean_noise_std(self, obs: torch.Tensor) -> float:
