@@ -190,13 +190,15 @@ class ReinFlow:
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=t.critic_lr)
         self.steps_per_iteration = t.num_envs * t.rollout_steps * policy.cfg.act_steps
         self.iterations = max(1, math.ceil(t.env_steps / self.steps_per_iteration))
-        sim = {"threads": t.sim_threads} if t.sim_threads and t.backend in ("auto", "cpu") else {}
+        env_kwargs: dict[str, Any] = {}
+        if t.sim_threads and t.backend in ("auto", "cpu"):
+            env_kwargs["threads"] = t.sim_threads
         if t.terminate_on_success:
             if not self.task.startswith("robosuite/"):
                 raise FlowrlError(f"config: train.terminate_on_success: only robosuite tasks report success, "
                                   f"not {self.task}")
-            sim["terminate_on_success"] = True
-        self.env = make(self.task, t.num_envs, backend=t.backend, device=self.device, seed=cfg.seed, **sim)
+            env_kwargs["terminate_on_success"] = True
+        self.env = make(self.task, t.num_envs, backend=t.backend, device=self.device, seed=cfg.seed, **env_kwargs)
         if (self.env.obs_dim, self.env.act_dim) != (policy.obs_dim, policy.act_dim):
             raise FlowrlError(f"{cfg.init}: policy has obs/act dims {policy.obs_dim}/{policy.act_dim} but task "
                               f"{self.task} has {self.env.obs_dim}/{self.env.act_dim}")

@@ -103,7 +103,7 @@ def _worker(conn: Any, task: str, horizon: int, terminate_on_success: bool) -> N
             if terminated or truncated:
                 ret, length = 0.0, 0
                 result = result._replace(next_obs=flatten_obs(env.reset(), keys))
-            conn.send(tuple(result))
+            conn.send(result)
         else:
             env.close()
             conn.close()
@@ -177,7 +177,7 @@ class RobosuiteEnv(BatchedEnv):
                       self.single_action_space.high)
         for i, a in enumerate(act):
             self._send(i, ("step", a))
-        results = [StepResult(*self._recv(i)) for i in range(self.num_envs)]
+        results: list[StepResult] = [self._recv(i) for i in range(self.num_envs)]
         terminated = self._t([r.terminated for r in results], torch.bool)
         truncated = self._t([r.truncated for r in results], torch.bool)
         info = {"final_obs": self._t(np.stack([r.obs for r in results])), "done_mask": truncated | terminated,
