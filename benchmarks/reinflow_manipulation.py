@@ -12,8 +12,8 @@ benchmarks/results/reinflow_manip_<task>[_<tag>].json.
 
 Each env is a robosuite worker process (~0.8 GB, one core's worth of Python): size train.num_envs
 and eval.max_envs to the machine. On a time-limited machine pass train.max_minutes=N: each run then
-stops itself with its final evaluation instead of being cut before it. Targets (exit code 1 when missed): after fine-tuning Lift 100%,
-Can >= 99%, Square >= 85%.
+stops itself with its final evaluation instead of being cut before it. Targets (exit code 1 when
+missed): after fine-tuning Lift 100%, Can >= 99%, Square >= 85%.
 """
 
 from __future__ import annotations

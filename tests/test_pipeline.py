@@ -4,11 +4,13 @@ TensorBoard names, and the files each stage leaves behind."""
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from flowrl.agents.expert import load_manifest, train_expert
+from flowrl.agents.expert import load_manifest, load_snapshot, train_expert
 from flowrl.cli import main
 from flowrl.datasets import read_dataset
 
@@ -85,10 +87,6 @@ def test_pretrain_eval_video_and_tensorboard(tmp_path, hopper_dataset, capsys) -
 def test_expert_on_a_batched_backend_keeps_snapshots_small(tmp_path) -> None:
     """--backend cpu: SB3 PPO over our batched env, snapshots evaluated in one batched env, and no
     per-env rollout state in the saved model (megabytes with thousands of envs)."""
-    import zipfile
-
-    from flowrl.agents.expert import load_snapshot
-
     out = tmp_path / "hopper"
     manifest = train_expert("Hopper", out, total_steps=512, num_envs=16, snapshot_every=256, eval_episodes=2,
                             progress=False, backend="cpu")
@@ -99,8 +97,6 @@ def test_expert_on_a_batched_backend_keeps_snapshots_small(tmp_path) -> None:
         data = json.loads(z.read("data"))
     assert "_last_obs" not in data and "ep_info_buffer" not in data
     snap = load_snapshot(out, "medium")
-    import numpy as np
-
     assert snap.act(np.zeros((3, 11), np.float32)).shape == (3, 3)
 
 
