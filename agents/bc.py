@@ -38,7 +38,7 @@ from flowrl.run import RunFolder, format_eval_table, stop_on_ctrl_c
 
 def check_dataset_matches_task(episodes: Episodes, task: str, path: str) -> tuple[Any, Any]:
     """The dataset's dims must be the task's; returns the task's action bounds."""
-    env = make(task, 1, backend="auto")  # on the CPU: our cpu backend, which also runs Humanoid-Newton
+    env = make(task, 1, backend="cpu")  # runs every MuJoCo task, Humanoid-Newton too (robosuite ignores it)
     try:
         space = env.single_action_space
         if episodes.obs_dim != env.obs_dim:

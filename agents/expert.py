@@ -74,17 +74,17 @@ def train_expert(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     venv = training_env(spec.name, backend, num_envs, seed, device)
-    common = {"learning_rate": lambda f: 3e-4 * f, "gamma": 0.99, "gae_lambda": 0.95, "clip_range": 0.2,
+    ppo_args = {"learning_rate": lambda f: 3e-4 * f, "gamma": 0.99, "gae_lambda": 0.95, "clip_range": 0.2,
               "ent_coef": 0.0, "max_grad_norm": 0.5, "seed": seed, "verbose": 0}
     if backend == "gymnasium":
         torch.set_num_threads(1)
-        model = PPO("MlpPolicy", venv, n_steps=256, batch_size=64, n_epochs=10, device="cpu", **common)
+        model = PPO("MlpPolicy", venv, n_steps=256, batch_size=64, n_epochs=10, device="cpu", **ppo_args)
     else:
         n_steps = max(8, min(32768, total_steps) // num_envs)
         half_range = float(np.mean(venv.action_space.high - venv.action_space.low)) / 2
         model = PPO("MlpPolicy", venv, n_steps=n_steps, batch_size=min(8192, n_steps * num_envs // 4), n_epochs=5,
                     device=device, policy_kwargs={"net_arch": {"pi": [256, 256], "vf": [256, 256]},
-                                                  "log_std_init": float(np.log(0.6 * half_range))}, **common)
+                                                  "log_std_init": float(np.log(0.6 * half_range))}, **ppo_args)
     manifest: dict[str, Any] = {"task": spec.name, "algo": "stable_baselines3.PPO", "seed": seed,
                                 "backend": backend, "num_envs": num_envs, "total_steps": total_steps,
                                 "snapshots": []}
