@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing as mp
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import gymnasium as gym
@@ -28,6 +30,30 @@ from flowrl.errors import FlowrlError
 TASKS = {"Lift": ("Lift", "Panda", 400), "PickPlaceCan": ("PickPlaceCan", "Panda", 400),
          "NutAssemblySquare": ("NutAssemblySquare", "Panda", 400),
          "TwoArmTransport": ("TwoArmTransport", ["Panda", "Panda"], 800)}
+
+
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextmanager
+def single_threaded_blas_children() -> Iterator[None]:
+    """Processes started inside inherit one BLAS/OpenMP thread unless the user set a number.
+
+    robosuite's controllers do small numpy linear algebra at every physics step; left alone, each
+    worker's BLAS sizes its pool to the whole machine, so N workers on N cores start N x N threads
+    that compete for the cores (on the 2-core dev machine: 4 threads per worker and 10% fewer steps/s).
+    """
+    saved = {k: os.environ.get(k) for k in BLAS_THREAD_VARS}
+    for k in BLAS_THREAD_VARS:
+        os.environ.setdefault(k, "1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def robosuite_task(name: str) -> str:
@@ -125,13 +151,14 @@ class RobosuiteEnv(BatchedEnv):
         self._seed = seed
         ctx = mp.get_context("spawn")
         self._conns, self._procs = [], []
-        for _ in range(num_envs):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, task, self.max_episode_steps, terminate_on_success),
-                               daemon=True)
-            proc.start()
-            self._conns.append(parent)
-            self._procs.append(proc)
+        with single_threaded_blas_children():
+            for _ in range(num_envs):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker, args=(child, task, self.max_episode_steps, terminate_on_success),
+                                   daemon=True)
+                proc.start()
+                self._conns.append(parent)
+                self._procs.append(proc)
         layout, low, high = self._recv(0)
         for i in range(1, num_envs):
             self._recv(i)

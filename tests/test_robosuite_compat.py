@@ -95,6 +95,27 @@ def test_a_dead_worker_is_a_clear_error() -> None:
     env.close()
 
 
+def test_workers_get_one_blas_thread_unless_the_user_chose(monkeypatch) -> None:
+    from flowrl.envs import make
+
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    env = make("robosuite/Lift", 1, seed=0)
+    try:
+        pid = env._procs[0].pid
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            child = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        with open(f"/proc/{pid}/status") as f:
+            threads = int(f.read().split("Threads:")[1].split()[0])
+    finally:
+        env.close()
+    assert child[b"OMP_NUM_THREADS"] == b"1" and child[b"OPENBLAS_NUM_THREADS"] == b"1"
+    assert child[b"MKL_NUM_THREADS"] == b"3"
+    assert threads == 1  # no BLAS pool beside the worker's own thread
+    assert "OPENBLAS_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"  # parent as it was
+
+
 def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
     import torch
 
