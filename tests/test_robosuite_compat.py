@@ -95,6 +95,7 @@ def test_a_dead_worker_is_a_clear_error() -> None:
     env.close()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads the workers' /proc entries (Linux)")
 def test_workers_get_one_blas_thread_unless_the_user_chose(monkeypatch) -> None:
     from flowrl.envs import make
 
