@@ -9,7 +9,7 @@ against env steps and against wall-clock) when matplotlib is there.
 
     python benchmarks/reinflow_locomotion.py --tasks hopper --seeds 0 1 2 [--env-steps 30000000]
         [--pretrain-steps 10000] [--head reflow] [--ppo-baseline] [--device auto] [--tag NAME]
-        [--sim-threads N] [--pretrain-set KEY=VALUE] [--pretrained PATH] [--ppo-only]
+        [--sim-threads N] [--pretrain-set KEY=VALUE] [--pretrained PATH] [--budget-minutes N] [--ppo-only]
         [key=value overrides of the fine-tuning preset]
     python benchmarks/reinflow_locomotion.py --report benchmarks/results/reinflow_hopper*.json
 
@@ -42,6 +42,7 @@ from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.reinflow import ReinFlow
 from flowrl.checkpoint import load_policy, resolve_checkpoint
 from flowrl.config import FinetuneConfig, PretrainConfig, load_config, resolve_device
+from flowrl.errors import FlowrlError
 from flowrl.evaluation import Evaluator, evaluate
 
 PUBLISHED = {  # ReinFlow-R / ReinFlow-S: pretrained -> fine-tuned; seconds per iteration on an RTX 3090
@@ -58,6 +59,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     """Behaviour cloning then ReinFlow from ``configs/<task>/`` for one seed; results into ``record``
     (success rates too where the task reports success), ``save`` called at every curve point.
     Shared with reinflow_manipulation.py."""
+    started = time.time()
     common = [f"seed={seed}", f"device={args.device}"]
     pre_cfg = load_config(PretrainConfig, REPO / "configs" / task / f"pretrain_{head}.yaml",
                           [*common, "train.eval_every=0", f"eval.episodes={args.episodes}", "eval.steps=[4]",
@@ -70,6 +72,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
         init = resolve_checkpoint(args.pretrained.format(task=task, head=head, seed=seed))
         policy, _ = load_policy(init, device=resolve_device(pre_cfg.device))
         evaluator = Evaluator.from_config(pre_cfg.task, pre_cfg.eval, policy.obs_mean.device)
+        eval_start = time.time()
         try:
             pre = evaluator(policy, 4, args.episodes)
         finally:
@@ -81,11 +84,13 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
         try:
             bc.learn()
             record["pretrain_s"] = round(time.time() - start, 1)
+            eval_start = time.time()
             pre = bc.evaluate(4, args.episodes)
         finally:
             bc.close()
         record["data_return"] = bc.data_info["return_mean"]
         init = bc.run.checkpoint_dir(bc.step)
+    eval_s = time.time() - eval_start
     record["pretrained"] = pre["return_mean"]
     if "success_rate" in pre:
         record["pretrained_success"] = pre["success_rate"]
@@ -97,6 +102,10 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
                           f"train.eval_every={args.eval_every}", f"train.eval_episodes={args.eval_episodes}",
                           f"train.sim_threads={args.sim_threads}", *args.overrides,
                           *([f"train.env_steps={args.env_steps}"] if args.env_steps else [])])
+    if args.budget_minutes:
+        minutes = fine_tuning_minutes(args.budget_minutes, time.time() - started, eval_s)
+        ft_cfg.train.max_minutes = min(minutes, ft_cfg.train.max_minutes or minutes)
+        record["max_minutes"] = round(ft_cfg.train.max_minutes, 2)
     record["overrides"] = list(args.overrides)
     record["pretrain_overrides"] = list(args.pretrain_set)
     agent = ReinFlow(ft_cfg, runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
@@ -118,8 +127,26 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
           f"{record['wall_clock_s']} s", flush=True)
 
 
+def fine_tuning_minutes(budget_minutes: float, elapsed_s: float, eval_s: float) -> float:
+    """What is left of a seed's time budget for fine-tuning (``train.max_minutes``).
+
+    A run stopped by its time limit still finishes its iteration, evaluates and saves it, and then
+    the benchmark evaluates it once more over ``--episodes``: this keeps 2.5 times the pretrained
+    policy's evaluation (``eval_s``, the same episodes) and a minute for those, so that a machine
+    with a hard limit does not cut the final evaluation (as it did to every run of one session).
+    """
+    left_s = budget_minutes * 60 - elapsed_s - 2.5 * eval_s - 60
+    if left_s <= 0:
+        raise FlowrlError(f"--budget-minutes {budget_minutes:g}: no time left to fine-tune ({elapsed_s:.0f} s spent "
+                          f"before it and ~{2.5 * eval_s + 60:.0f} s needed after it)")
+    return left_s / 60
+
+
 def add_pretrain_options(ap: argparse.ArgumentParser) -> None:
-    """Options of run_seed's behaviour-cloning stage (shared with reinflow_manipulation.py)."""
+    """Options of run_seed (shared with reinflow_manipulation.py)."""
+    ap.add_argument("--budget-minutes", type=float, default=0.0,
+                    help="wall-clock budget of each seed, behaviour cloning and evaluations included: "
+                         "fine-tuning gets train.max_minutes from what is left (default: none)")
     ap.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override of the pretraining preset, e.g. policy.horizon=1 (repeatable)")
     ap.add_argument("--pretrained", metavar="PATH",

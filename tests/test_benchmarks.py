@@ -75,3 +75,12 @@ def test_cut_manipulation_seed_carries_its_last_success_rate() -> None:
     curve = [{**p, "success_rate": rate} for p, rate in zip(_curve([(0, 1.0), (16_000, 0.9)], 1600), (1.0, 0.65))]
     done = reinflow_locomotion.completed({"seed": 1, "pretrained": 1.0, "pretrained_success": 0.88, "curve": curve})
     assert done["final_cut"] and done["finetuned_success"] == 0.65 and done["env_steps"] == 16_000
+
+
+def test_budget_leaves_time_for_the_final_evaluations() -> None:
+    from flowrl.errors import FlowrlError
+
+    # 10 min budget, 100 s spent before fine-tuning, a 40 s pretrained evaluation: 600 - 100 - 100 - 60 s
+    assert reinflow_locomotion.fine_tuning_minutes(10, 100.0, 40.0) == pytest.approx(340 / 60)
+    with pytest.raises(FlowrlError, match="--budget-minutes 3: no time left to fine-tune"):
+        reinflow_locomotion.fine_tuning_minutes(3, 100.0, 40.0)
