@@ -142,7 +142,7 @@ def fine_tuning_minutes(budget_minutes: float, elapsed_s: float, eval_s: float) 
     return left_s / 60
 
 
-def add_pretrain_options(ap: argparse.ArgumentParser) -> None:
+def add_seed_options(ap: argparse.ArgumentParser) -> None:
     """Options of run_seed (shared with reinflow_manipulation.py)."""
     ap.add_argument("--budget-minutes", type=float, default=0.0,
                     help="wall-clock budget of each seed, behaviour cloning and evaluations included: "
@@ -232,7 +232,7 @@ def main() -> int:
     ap.add_argument("--eval-episodes", type=int, default=10, help="episodes per curve point")
     ap.add_argument("--ppo-baseline", action="store_true", help="add SB3 Gaussian PPO from scratch as a row")
     ap.add_argument("--ppo-only", action="store_true", help="only the PPO row (e.g. on other cores, merged by --report)")
-    add_pretrain_options(ap)
+    add_seed_options(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench"))
     ap.add_argument("--tag", default="", help="suffix of the results file (parallel processes)")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from common import REPO, merge_results, report_checks, run_main, write_result
-from reinflow_locomotion import add_pretrain_options, completed, run_seed
+from reinflow_locomotion import add_seed_options, completed, run_seed
 
 TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 # ReinFlow (pixels, shortcut policy) pretrained -> fine-tuned success; Gaussian PPO from scratch
@@ -76,7 +76,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--env-steps", type=int, help="override train.env_steps of the presets")
     ap.add_argument("--pretrain-steps", type=int, help="override train.steps of the pretraining presets")
-    add_pretrain_options(ap)
+    add_seed_options(ap)
     ap.add_argument("--episodes", type=int, default=50, help="episodes of the evaluations before and after")
     ap.add_argument("--eval-every", type=int, default=5, help="iterations between curve points")
     ap.add_argument("--eval-episodes", type=int, default=25, help="episodes per curve point")
