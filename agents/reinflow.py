@@ -269,8 +269,7 @@ class ReinFlow:
             obs_buf[s], chain_buf[s] = hist, chain
             alive = torch.ones(n, dtype=torch.bool, device=self.device)
             chunk_reward = torch.zeros(n, dtype=torch.float64, device=self.device)
-            for j in range(act_steps):
-                obs, reward, term, trunc, info = env.step(actions[:, j])
+            for obs, reward, term, trunc, info in env.step_chunk(actions[:, :act_steps]):
                 chunk_reward += torch.where(alive, reward.double(), 0.0)
                 done = info["done_mask"]
                 if "success" in info:

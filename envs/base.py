@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any
 
 import gymnasium as gym
@@ -43,6 +44,19 @@ class BatchedEnv(ABC):
         self, action: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Apply (N, act_dim) actions in env units; returns obs, reward, terminated, truncated, info."""
+
+    def step_chunk(
+        self, actions: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """Apply (N, T, act_dim) actions, one step per action, yielding each step's ``step`` result.
+
+        The same transitions as T calls of ``step`` (an env that finishes runs the rest of its actions
+        in its next episode). Here each step runs when the caller asks for it, so a caller may stop
+        early and results may alias buffers the next step reuses; backends whose steps cost a round
+        trip (robosuite's worker processes) run the whole chunk in one.
+        """
+        for j in range(actions.shape[1]):
+            yield self.step(actions[:, j])
 
     def render(self, index: int = 0) -> Any:
         """An RGB frame of env ``index`` (backends that can render)."""

@@ -57,10 +57,8 @@ def run_episodes(env: BatchedEnv, choose_chunk: ChunkFn, obs_history: int, act_s
     lengths = torch.zeros(n, dtype=torch.int64, device=obs.device)
     success = torch.zeros(n, dtype=torch.bool, device=obs.device)
     while active.any():
-        chunk = choose_chunk(history.get())
-        for j in range(act_steps):
-            action = chunk[:, j]
-            next_obs, reward, terminated, truncated, info = env.step(action)
+        chunk = choose_chunk(history.get())[:, :act_steps]
+        for action, (next_obs, reward, terminated, truncated, info) in zip(chunk.unbind(1), env.step_chunk(chunk)):
             ended = None
             if on_step is not None:
                 ended = on_step({"obs": obs, "action": action, "reward": reward, "terminated": terminated,

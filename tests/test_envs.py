@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowrl.envs import make
+from flowrl.envs import BatchedEnv, make
 from flowrl.errors import FlowrlError
 
 
@@ -96,7 +96,7 @@ def test_run_episodes_lets_the_caller_end_an_episode() -> None:
     env.close()
 
 
-class _SucceedsAtStep:
+class _SucceedsAtStep(BatchedEnv):
     """A batched env whose env i first succeeds at its step 3 + i and is truncated at step 10."""
 
     def __init__(self, num_envs: int) -> None:

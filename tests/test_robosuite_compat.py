@@ -117,6 +117,21 @@ def test_workers_get_one_blas_thread_unless_the_user_chose(monkeypatch) -> None:
     assert "OPENBLAS_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"  # parent as it was
 
 
+def test_a_chunk_in_one_round_trip_is_the_same_as_its_steps(lift) -> None:
+    import torch
+
+    actions = torch.rand((3, 8, 7), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    lift.reset(seed=5)
+    chunked = lift.step_chunk(actions[:, :4]) + lift.step_chunk(actions[:, 4:])  # the horizon (6) inside the second
+    lift.reset(seed=5)
+    stepped = [lift.step(actions[:, j]) for j in range(8)]
+    assert len(chunked) == 8 and bool(chunked[5][3].all())  # truncated at step 6, reset inside the chunk
+    for (obs_c, rew_c, term_c, trunc_c, info_c), (obs_s, rew_s, term_s, trunc_s, info_s) in zip(chunked, stepped):
+        assert torch.equal(obs_c, obs_s) and torch.equal(rew_c, rew_s)
+        assert torch.equal(term_c, term_s) and torch.equal(trunc_c, trunc_s)
+        assert info_c.keys() == info_s.keys() and all(torch.equal(info_c[k], info_s[k]) for k in info_c)
+
+
 def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
     import torch
 
