@@ -133,10 +133,12 @@ def _worker(conn: Any, task: str, horizon: int, terminate_on_success: bool) -> N
                     result = result._replace(next_obs=flatten_obs(env.reset(), keys))
                 results.append(result)
             conn.send(results)
-        else:
+        elif cmd == "close":
             env.close()
             conn.close()
             return
+        else:  # the parent runs other code than this worker (e.g. the package changed on disk mid-run)
+            raise RuntimeError(f"robosuite worker: unknown command {cmd!r}")
 
 
 class RobosuiteEnv(BatchedEnv):
