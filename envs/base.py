@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import gymnasium as gym
@@ -47,7 +47,7 @@ class BatchedEnv(ABC):
 
     def step_chunk(
         self, actions: torch.Tensor
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    ) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]]:
         """Apply (N, T, act_dim) actions, one step per action, yielding each step's ``step`` result.
 
         The same transitions as T calls of ``step`` (an env that finishes runs the rest of its actions
