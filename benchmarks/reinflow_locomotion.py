@@ -113,6 +113,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
                              save())
     try:
         agent.learn()
+        agent.close_rollout_envs()
         final = agent.evaluate(args.episodes)
     finally:
         agent.close()

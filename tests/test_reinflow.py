@@ -283,3 +283,18 @@ def test_w2_anchor_keeps_the_deployed_actions_near_the_pretrained_ones(tmp_path,
 
     free, anchored = drift(0.0), drift(100.0)
     assert free > 0 and anchored < 0.1 * free  # measured: 5.6e-3 free, 4.3e-5 anchored
+
+
+def test_final_evaluation_releases_the_rollout_envs_first(tmp_path, pretrained, monkeypatch) -> None:
+    cfg = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=1920",
+                                             "eval.episodes=8", "eval.steps=[2]"])
+    agent = ReinFlow(cfg, tmp_path / "final", progress=False)
+    agent.learn()
+    events: list[str] = []
+    monkeypatch.setattr(agent.env, "close", lambda: events.append("rollout envs closed"))
+    real_make = agent.evaluator._envs
+    monkeypatch.setattr(agent.evaluator, "_envs", lambda n: (events.append("evaluation envs"), real_make(n))[1])
+    rows = agent.final_evaluation()
+    agent.close()
+    assert events[:2] == ["rollout envs closed", "evaluation envs"] and rows[0]["episodes"] == 8
+    assert (tmp_path / "final" / "eval.json").is_file()
