@@ -18,7 +18,7 @@ import torch
 
 from flowrl.checkpoint import CONFIG, load_policy
 from flowrl.datasets import Episodes, write_dataset, write_robomimic
-from flowrl.envs import make, resolve_task
+from flowrl.envs import is_robosuite, make, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.evaluation import run_episodes
 
@@ -74,7 +74,7 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     if fmt == "robomimic" and not hasattr(env, "obs_layout"):  # before any rollout, not after all of them
         env.close()
         raise FlowrlError(f"--format robomimic needs a robosuite task, not {task_name}")
-    spec = resolve_task(task_name) if not task_name.startswith("robosuite/") else None
+    spec = None if is_robosuite(task_name) else resolve_task(task_name)
     if isinstance(act, type):  # a scripted expert class: one instance per batch of envs
         act = act(n)
     low = torch.as_tensor(env.single_action_space.low, dtype=torch.float32)

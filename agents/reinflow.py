@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from flowrl.checkpoint import load_policy, save_checkpoint
 from flowrl.config import FinetuneConfig, resolve_device, to_dict, validate_finetune
-from flowrl.envs import canonical_task, make
+from flowrl.envs import canonical_task, is_robosuite, make
 from flowrl.errors import FlowrlError, Interrupted
 from flowrl.evaluation import Evaluator, ObsHistory
 from flowrl.nets import SinusoidalEmbedding
@@ -194,7 +194,7 @@ class ReinFlow:
         if t.sim_threads and t.backend in ("auto", "cpu"):
             env_kwargs["threads"] = t.sim_threads
         if t.terminate_on_success:
-            if not self.task.startswith("robosuite/"):
+            if not is_robosuite(self.task):
                 raise FlowrlError(f"config: train.terminate_on_success: only robosuite tasks report success, "
                                   f"not {self.task}")
             env_kwargs["terminate_on_success"] = True
@@ -466,7 +466,7 @@ class ReinFlow:
 
     def close(self) -> None:
         """Release the rollout and evaluation envs (robosuite's are worker processes)."""
-        self.env.close()
+        self.close_rollout_envs()
         self.evaluator.close()
 
     def learn(self) -> FlowPolicy:

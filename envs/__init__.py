@@ -17,10 +17,15 @@ from flowrl.errors import FlowrlError
 BACKENDS = ("cpu", "warp", "gymnasium")
 
 
+def is_robosuite(task: str) -> bool:
+    """Whether ``task`` names one of robosuite's tasks (``robosuite/<name>``, any case)."""
+    return task.strip().lower().startswith("robosuite/")
+
+
 def canonical_task(name: str) -> str:
     """The canonical name of any task ``make`` builds: ``hopper`` -> ``Hopper``,
     ``robosuite/lift`` -> ``robosuite/Lift``; an unknown name is a FlowrlError listing the known."""
-    if name.strip().lower().startswith("robosuite/"):
+    if is_robosuite(name):
         from flowrl.envs.robosuite_backend import robosuite_task
 
         return f"robosuite/{robosuite_task(name)}"
@@ -44,7 +49,7 @@ def make(
     """
     if num_envs < 1:
         raise FlowrlError(f"num_envs must be >= 1, got {num_envs}")
-    if task.lower().startswith("robosuite/"):
+    if is_robosuite(task):
         from flowrl.envs.robosuite_backend import RobosuiteEnv
 
         return RobosuiteEnv(task, num_envs, device=device, seed=seed, **kwargs)
@@ -78,4 +83,4 @@ def make(
     raise FlowrlError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}, auto")
 
 
-__all__ = ["BACKENDS", "BatchedEnv", "TASKS", "TaskSpec", "canonical_task", "make", "resolve_task"]
+__all__ = ["BACKENDS", "BatchedEnv", "TASKS", "TaskSpec", "canonical_task", "is_robosuite", "make", "resolve_task"]

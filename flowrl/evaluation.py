@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowrl.envs import BatchedEnv, make
+from flowrl.envs import BatchedEnv, is_robosuite, make
 from flowrl.errors import FlowrlError
 
 
@@ -87,7 +87,7 @@ class Evaluator:
         """``max_envs=0`` picks a default: 64, and for robosuite (a worker process per env) the
         number of CPU cores."""
         if max_envs == 0:
-            max_envs = (os.cpu_count() or 1) if task.lower().startswith("robosuite/") else 64
+            max_envs = (os.cpu_count() or 1) if is_robosuite(task) else 64
         if max_envs < 1:
             raise FlowrlError(f"max_envs must be >= 1 (or 0 for the default), got {max_envs}")
         self.task, self.seed, self.backend, self.max_envs = task, seed, backend, max_envs
