@@ -49,6 +49,9 @@ def save_checkpoint(folder: str | Path, policy: FlowPolicy, info: dict[str, Any]
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict, checked enough that reading it cannot crash later:
+    a JSON object of our format whose ``policy`` is an object and whose dims are positive ints.
+    Anything else is a :class:`FlowrlError` naming the file (a user may hand us any folder)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FlowrlError(f"checkpoint not found: {folder}")
@@ -57,16 +60,33 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise FlowrlError(f"{folder}: not a checkpoint, missing {CONFIG}")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FlowrlError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlowrlError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise FlowrlError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(config, dict):
+        raise FlowrlError(f"{path}: not a flowrl policy checkpoint (a JSON {type(config).__name__}, "
+                          "expected an object)")
+    if config.get("format") != FORMAT:
         raise FlowrlError(f"{path}: not a flowrl policy checkpoint (format {config.get('format')!r})")
+    if not isinstance(config.get("policy"), dict):
+        raise FlowrlError(f"{path}: 'policy' must be an object, got {type(config.get('policy')).__name__}")
+    for key in ("obs_dim", "act_dim"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FlowrlError(f"{path}: '{key}' must be a positive integer, got {value!r}")
+    if "task" in config and not isinstance(config["task"], str):
+        raise FlowrlError(f"{path}: 'task' must be a string, got {config['task']!r}")
     return config
 
 
-def load_policy(folder: str | Path, device: str | torch.device = "cpu") -> tuple[FlowPolicy, dict[str, Any]]:
-    """The policy stored in ``folder`` and its config.json, ready to ``predict``."""
-    folder = Path(folder)
+def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[FlowPolicy, dict[str, Any]]:
+    """The policy stored in a checkpoint folder and its config.json, ready to ``predict``.
+
+    ``path`` may also be a run folder, which means its ``best`` checkpoint if it has one, else its
+    newest (:func:`resolve_checkpoint`, as every command takes it). A malformed checkpoint raises
+    :class:`FlowrlError` with one line naming the file."""
+    folder = resolve_checkpoint(path)
     config = read_config(folder)
     if not (folder / MODEL).is_file():
         raise FlowrlError(f"{folder}: missing {MODEL}")
@@ -76,6 +96,10 @@ def load_policy(folder: str | Path, device: str | torch.device = "cpu") -> tuple
         policy = FlowPolicy(pcfg, int(config["obs_dim"]), int(config["act_dim"]))
     except KeyError as e:
         raise FlowrlError(f"{folder / CONFIG}: missing key {e}") from None
+    except FlowrlError as e:
+        raise FlowrlError(f"{folder / CONFIG}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise FlowrlError(f"{folder / CONFIG}: invalid policy ({str(e).splitlines()[0]})") from None
     try:
         state = load_file(str(folder / MODEL))
     except Exception as e:  # safetensors raises its own error types for truncated files
@@ -93,13 +117,18 @@ def load_policy(folder: str | Path, device: str | torch.device = "cpu") -> tuple
 
 
 def load_train_state(folder: str | Path) -> dict[str, Any]:
+    """The training state saved beside a checkpoint (to resume exactly); garbage is a FlowrlError."""
     path = Path(folder) / TRAIN_STATE
     if not path.is_file():
         raise FlowrlError(f"{folder}: missing {TRAIN_STATE}; cannot resume from it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FlowrlError(f"{path}: corrupt training state ({str(e).splitlines()[0]})") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle, zip and runtime errors for damaged files
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise FlowrlError(f"{path}: corrupt training state ({lines[0]})") from None
+    if not isinstance(state, dict):
+        raise FlowrlError(f"{path}: corrupt training state (a {type(state).__name__}, expected a dict)")
+    return state
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -111,7 +140,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the newest checkpoint of a run folder."""
+    """A checkpoint folder as given, or a run folder's ``best`` checkpoint if it has one, else its newest."""
     path = Path(path)
     if (path / CONFIG).is_file():
         return path
