@@ -10,30 +10,74 @@ single step of 2d lands where two steps of d would.
 
 AdamW with linear warm-up then cosine decay; an EMA of the weights is evaluated and saved.
 Training is exactly resumable: the batch sampler draws from one ``torch.Generator`` whose state is
-checkpointed with the optimiser and the schedule.
+part of the training state with the optimiser and the schedule.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import sys
-import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from flowrl.checkpoint import load_policy, save_checkpoint
-from flowrl.config import PretrainConfig, resolve_device, to_dict, validate_pretrain
+from flowrl.config import (LoopConfig, PretrainConfig, check_fraction, check_non_negative, check_positive, fail,
+                           resolve_device)
 from flowrl.datasets import ChunkDataset, Episodes, read_dataset
 from flowrl.envs import canonical_task, make
-from flowrl.errors import FlowrlError, Interrupted
-from flowrl.evaluation import Evaluator
+from flowrl.errors import FlowrlError
 from flowrl.policy import FlowPolicy, shortcut_target
-from flowrl.run import RunFolder, format_eval_table, stop_on_ctrl_c
+from flowrl.training import Agent
+
+
+@dataclass
+class BCConfig(LoopConfig):
+    """Behaviour cloning (``algo: bc``); its iterations are gradient steps."""
+
+    steps: int = 20000
+    """Gradient steps in total."""
+    batch_size: int = 256
+    """Samples (observation history, action chunk) per gradient step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays the learning rate to lr * min_lr_ratio."""
+    warmup_steps: int = 200
+    """Linear learning-rate warm-up at the start."""
+    weight_decay: float = 1e-6
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the gradient's global norm to this (0: off)."""
+    ema_decay: float = 0.995
+    """Decay of the exponential moving average of the weights; the EMA weights are what is evaluated and saved."""
+    time_sampling: str = "uniform"
+    """Distribution of flow time t in [0, 1] for flow-matching rows: uniform or logit_normal."""
+    shortcut_fraction: float = 0.25
+    """Shortcut heads: fraction of each batch used for self-consistency rows."""
+    log_every: int = 100
+    """Write TensorBoard scalars every N gradient steps."""
+    checkpoint_every: int = 5000
+    """Save a checkpoint every N steps (and always at the end)."""
+    eval_every: int = 5000
+    """Evaluate in simulation every N steps (0: only at the end)."""
+    eval_episodes: int = 5
+    """Episodes of each periodic evaluation during training (their seeds are disjoint from `flowrl eval`'s)."""
+
+    def validate(self, prefix: str = "train.") -> None:
+        super().validate(prefix)
+        check_positive(self, prefix, "steps", "batch_size", "lr")
+        check_non_negative(self, prefix, "warmup_steps", "grad_clip", "weight_decay")
+        check_fraction(self, prefix, "min_lr_ratio")
+        if not 0 <= self.ema_decay < 1:
+            fail(f"{prefix}ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.time_sampling not in ("uniform", "logit_normal"):
+            fail(f"{prefix}time_sampling", f"must be uniform or logit_normal, got '{self.time_sampling}'")
+        if not 0 < self.shortcut_fraction < 1:
+            fail(f"{prefix}shortcut_fraction", f"must be in (0, 1), got {self.shortcut_fraction}")
+
+
 
 
 def check_dataset_matches_task(episodes: Episodes, task: str, path: str) -> tuple[Any, Any]:
@@ -83,39 +127,36 @@ def shortcut_consistency_loss(policy: FlowPolicy, ema: FlowPolicy, cond: torch.T
     return F.mse_loss(policy.velocity(t, x_t, cond, big), target)
 
 
-class BehaviorCloning:
-    """Pretrain a flow policy on demonstrations: ``BehaviorCloning(cfg, out).learn()``."""
+class BehaviorCloning(Agent):
+    """Pretrain a flow policy on demonstrations (``algo: bc``); run it with :class:`flowrl.training.Trainer`."""
 
-    def __init__(self, cfg: PretrainConfig, out: str | Path, resume: bool = False,
-                 progress: bool = True) -> None:
-        validate_pretrain(cfg)
+    algo, stage = "bc", "pretrain"
+
+    def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
         self.task = canonical_task(cfg.task)
         self.device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.run = RunFolder(out)
-        self.progress = progress
         episodes = read_dataset(cfg.data.path).head(cfg.data.max_episodes)
         low, high = check_dataset_matches_task(episodes, self.task, cfg.data.path)
         self.data = ChunkDataset(episodes, cfg.policy.obs_history, cfg.policy.horizon, self.device)
         self.data_info = {**episodes.info(), "path": str(cfg.data.path)}
+        self.iterations = cfg.train.steps
 
         torch.manual_seed(cfg.seed)
-        self.policy = FlowPolicy(cfg.policy, episodes.obs_dim, episodes.act_dim, low, high).to(self.device)
-        std = episodes.observations.std(0)
-        self.policy.set_normalization(episodes.observations.mean(0), std)
-        self.ema = copy.deepcopy(self.policy).requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.train.lr,
+        self.model = FlowPolicy(cfg.policy, episodes.obs_dim, episodes.act_dim, low, high).to(self.device)
+        self.model.set_normalization(episodes.observations.mean(0), episodes.observations.std(0))
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.evaluator = Evaluator.from_config(self.task, cfg.eval, self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.step = 0
-        self._stop_requested = False
-        self.run.start(cfg, resume)
-        if resume:
-            self._restore()
+
+    @property
+    def policy(self) -> FlowPolicy:
+        """The EMA weights: what is evaluated and saved."""
+        return self.ema
 
     def _lr_factor(self, step: int) -> float:
         t = self.cfg.train
@@ -124,37 +165,22 @@ class BehaviorCloning:
         frac = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _info(self) -> dict[str, Any]:
-        return {"task": self.task, "stage": "pretrain", "step": self.step, "dataset": self.data_info,
-                "run_config": to_dict(self.cfg)}
+    def resumable_keys(self) -> tuple[str, ...]:
+        return ("train.steps", "train.max_minutes")
 
-    def save(self, folder: str | Path | None = None) -> Path:
-        """Checkpoint the EMA policy and everything needed to resume."""
-        state = {"step": self.step, "model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "generator": self.gen.get_state(),
-                 "torch_rng": torch.get_rng_state()}
-        return save_checkpoint(folder or self.run.checkpoint_dir(self.step), self.ema, self._info(), state)
+    def checkpoint_info(self) -> dict[str, Any]:
+        return {"dataset": self.data_info, "dataset_return_mean": self.data_info["return_mean"]}
 
-    def _restore(self) -> None:
-        state, ema = self.run.load_latest(self.device)
-        self.ema.load_state_dict(ema.state_dict())
-        self.policy.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step = int(state["step"])
-        print(f"resumed {self.run.path} at step {self.step}", file=sys.stderr)
+    def state_components(self) -> dict[str, Any]:
+        return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "generator": self.gen}
 
-    @staticmethod
-    def load(folder: str | Path, device: str = "cpu") -> FlowPolicy:
-        """The policy of a checkpoint folder (SB3-style ``load``)."""
-        return load_policy(folder, device)[0]
+    def postfix(self, logs: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{logs['train/loss']:.4f}"}
 
-    # -- training ------------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        cfg, policy = self.cfg.train, self.policy
+    def train_iteration(self, iteration: int) -> dict[str, float]:
+        """One gradient step on a batch of demonstration chunks."""
+        cfg, policy = self.cfg.train, self.model
         idx = torch.randint(0, len(self.data), (cfg.batch_size,), generator=self.gen, device=self.device)
         obs, actions = self.data.batch(idx)
         x1 = policy.normalize_action(actions)
@@ -178,80 +204,7 @@ class BehaviorCloning:
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
-            ema_params = list(self.ema.parameters())
-            torch._foreach_lerp_(ema_params, list(policy.parameters()), 1.0 - cfg.ema_decay)
+            torch._foreach_lerp_(list(self.ema.parameters()), list(policy.parameters()), 1.0 - cfg.ema_decay)
         logs["train/loss"] = loss.item()
         logs["train/learning_rate"] = self.scheduler.get_last_lr()[0]
         return logs
-
-    def evaluate(self, num_steps: int, episodes: int) -> dict[str, float]:
-        """The EMA policy on seeded episodes; the evaluation envs are kept for the next call (closed
-        by :meth:`close`)."""
-        return self.evaluator(self.ema, num_steps, episodes)
-
-    def close(self) -> None:
-        """Release the evaluation envs (robosuite's are worker processes)."""
-        self.evaluator.close()
-
-    def request_stop(self, *_: Any) -> None:
-        """Finish the current step, save a checkpoint and stop (what Ctrl-C does)."""
-        self._stop_requested = True
-
-    def learn(self) -> FlowPolicy:
-        """Train to ``train.steps``. Ctrl-C stops at the next step boundary with a checkpoint saved."""
-        cfg = self.cfg.train
-        writer = self.run.writer(purge_step=self.step if self.step else None)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"pretrain {self.task}", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
-        tick, tick_step = time.time(), self.step
-        self._stop_requested = False
-        try:
-            with stop_on_ctrl_c(self.request_stop):
-                while self.step < cfg.steps:
-                    if self._stop_requested:
-                        raise KeyboardInterrupt
-                    logs = self.train_step()
-                    self.step += 1
-                    bar.update(1)
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        now = time.time()
-                        logs["time/fps"] = (self.step - tick_step) * cfg.batch_size / max(now - tick, 1e-9)
-                        tick, tick_step = now, self.step
-                        for k, v in logs.items():
-                            writer.add_scalar(k, v, self.step)
-                        bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                        r = self.evaluate(self.cfg.policy.num_steps, cfg.eval_episodes)
-                        writer.add_scalar("eval/mean_reward", r["return_mean"], self.step)
-                        writer.add_scalar("eval/mean_ep_length", r["length_mean"], self.step)
-                        if "success_rate" in r:
-                            writer.add_scalar("eval/success_rate", r["success_rate"], self.step)
-                        bar.write(f"step {self.step}: eval return {r['return_mean']:.1f} ± {r['return_std']:.1f} "
-                                  f"(K={self.cfg.policy.num_steps}, {cfg.eval_episodes} episodes)")
-                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                        self.save()
-        except KeyboardInterrupt:
-            self.save()
-            bar.close()
-            self.run.close()
-            raise Interrupted(f"interrupted at step {self.step}; checkpoint saved, continue with "
-                              f"--resume --out {self.run.path}") from None
-        bar.close()
-        writer.flush()
-        return self.ema
-
-    def final_evaluation(self) -> list[dict[str, float]]:
-        """Evaluate the EMA policy at every K of ``eval.steps``; print and write ``eval.json``."""
-        e = self.cfg.eval
-        rows = [self.evaluate(k, e.episodes) for k in e.steps]
-        writer = self.run.writer()
-        for r in rows:
-            writer.add_scalar(f"eval/mean_reward_K{r['num_steps']}", r["return_mean"], self.step)
-        writer.flush()
-        checkpoint = self.run.checkpoint_dir(self.step)
-        self.run.write_eval({"checkpoint": str(checkpoint), "task": self.task, "step": self.step,
-                             "dataset_return_mean": self.data_info["return_mean"], "results": rows})
-        print(format_eval_table(rows, f"evaluation of {checkpoint} on {self.task}, "
-                                      f"{e.episodes} episodes per K "
-                                      f"(demonstrations: {self.data_info['return_mean']:.1f})"))
-        return rows

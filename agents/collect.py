@@ -18,19 +18,21 @@ import torch
 
 from flowrl.checkpoint import CONFIG, load_policy
 from flowrl.datasets import Episodes, write_dataset, write_robomimic
-from flowrl.envs import is_robosuite, make, resolve_task
+from flowrl.envs import ChunkResult, canonical_task, make, resolve_task
 from flowrl.errors import FlowrlError
-from flowrl.evaluation import run_episodes
+from flowrl.rollout import ChunkPolicy, FlowChunkPolicy, run_episodes
 
 
-def _source(path: Path, level: str, task: str | None, device: str) -> tuple[Any, str, int, int, dict[str, Any]]:
-    """(chunk function, task, obs_history, act_steps, description) for an expert or a checkpoint."""
+def _source(path: Path, level: str, task: str | None, device: str, num_envs: int
+            ) -> tuple[ChunkPolicy, str, dict[str, Any]]:
+    """(chunk policy, task, description) for a scripted expert, an expert folder or a checkpoint."""
     if str(path) == "scripted":
         from flowrl.agents.scripted import EXPERTS
 
-        if task not in EXPERTS:
+        name = canonical_task(task) if task else ""
+        if name not in EXPERTS:
             raise FlowrlError(f"no scripted expert for task '{task}'; scripted experts: {', '.join(EXPERTS)}")
-        return EXPERTS[task], task, 1, 1, {"kind": "scripted", "expert": EXPERTS[task].__name__}
+        return EXPERTS[name](num_envs), name, {"kind": "scripted", "expert": EXPERTS[name].__name__}
     if (path / "expert.json").is_file():
         from flowrl.agents.expert import SnapshotPolicy, load_manifest, load_snapshot
 
@@ -40,15 +42,13 @@ def _source(path: Path, level: str, task: str | None, device: str) -> tuple[Any,
         if step not in snaps:
             raise FlowrlError(f"{path}: no snapshot for level '{level}' (steps: {sorted(snaps)})")
         snap = load_snapshot(path, step)
-        act = SnapshotPolicy(snap.act).predict
         desc = {"kind": "sb3_expert", "path": str(path), "level": level, "step": step,
                 "eval_return": snaps[step]["eval_return"], "algo": manifest["algo"]}
-        return act, task or manifest["task"], 1, 1, desc
+        return SnapshotPolicy(snap.act), task or manifest["task"], desc
     if (path / CONFIG).is_file():
         policy, config = load_policy(path, device)
-        act = lambda obs: policy.predict(obs)  # noqa: E731
         desc = {"kind": "flowrl_policy", "path": str(path), "head": policy.cfg.head, "num_steps": policy.cfg.num_steps}
-        return act, task or config["task"], policy.cfg.obs_history, policy.cfg.act_steps, desc
+        return FlowChunkPolicy(policy, policy.cfg.num_steps), task or config["task"], desc
     raise FlowrlError(f"{path}: neither an expert folder (expert.json) nor a policy checkpoint ({CONFIG})")
 
 
@@ -68,24 +68,26 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
         raise FlowrlError(f"--episodes must be >= 1, got {episodes}")
     if noise < 0:
         raise FlowrlError(f"--noise must be >= 0, got {noise}")
-    act, task_name, history, act_steps, desc = _source(Path(source), level, task, device)
     n = min(num_envs, episodes)
-    env = make(task_name, n, backend=backend, device=device)
-    if fmt == "robomimic" and not hasattr(env, "obs_layout"):  # before any rollout, not after all of them
-        env.close()
+    policy, task_name, desc = _source(Path(source), level, task, device, n)
+    info = resolve_task(task_name)
+    if fmt == "robomimic" and not info.obs_layout or fmt == "robomimic" and info.family != "robosuite":
         raise FlowrlError(f"--format robomimic needs a robosuite task, not {task_name}")
-    spec = None if is_robosuite(task_name) else resolve_task(task_name)
-    if isinstance(act, type):  # a scripted expert class: one instance per batch of envs
-        act = act(n)
+    env = make(task_name, n, backend=backend, device=device)
     low = torch.as_tensor(env.single_action_space.low, dtype=torch.float32)
     high = torch.as_tensor(env.single_action_space.high, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
 
-    def noisy(obs: torch.Tensor) -> torch.Tensor:
-        chunk = act(obs).float().cpu()
-        if noise > 0:
-            chunk = chunk + noise * torch.randn(chunk.shape, generator=gen)
-        return torch.minimum(torch.maximum(chunk, low), high)
+    class Noisy:
+        """The source with clipped Gaussian action noise (the recorded action is the executed one)."""
+
+        obs_history, act_steps = policy.obs_history, policy.act_steps
+
+        def act_chunk(self, obs: torch.Tensor, noise_in: torch.Tensor | None = None) -> torch.Tensor:
+            chunk = policy.act_chunk(obs).float().cpu()
+            if noise > 0:
+                chunk = chunk + noise * torch.randn(chunk.shape, generator=gen)
+            return torch.minimum(torch.maximum(chunk, low), high)
 
     recorded: list[dict[str, np.ndarray]] = []
     start = time.time()
@@ -99,24 +101,34 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
                                                                "truncated")} for _ in range(n)]
             since_success = torch.full((n,), -1, dtype=torch.int64)
 
-            def record(tr: dict[str, Any]) -> torch.Tensor | None:
-                cut = None
-                if tr["success"] is not None and after_success >= 0:
-                    succeeded = tr["success"].cpu() | (since_success >= 0)
-                    since_success.copy_(torch.where(succeeded, since_success + 1, since_success))
-                    cut = since_success >= after_success
-                truncated = tr["truncated"].cpu() | (cut if cut is not None else False)
-                step = {"observations": tr["obs"].cpu().numpy(), "actions": tr["action"].cpu().numpy(),
-                        "rewards": tr["reward"].cpu().numpy().astype(float),
-                        "terminated": tr["terminated"].cpu().numpy(), "truncated": truncated.numpy()}
-                for i in torch.nonzero(tr["active"]).flatten().tolist():
-                    for key, values in step.items():
-                        per_env[i][key].append(values[i])
-                return None if cut is None else cut.to(tr["active"].device)
+            def record(obs: torch.Tensor, chunk: torch.Tensor, r: ChunkResult, active: torch.Tensor
+                       ) -> torch.Tensor | None:
+                """Append each env's valid steps of this chunk; end an episode ``after_success`` steps
+                after its first success (its last step marked truncated)."""
+                steps = chunk.shape[1]
+                before = torch.cat([obs.unsqueeze(1), r.step_obs[:, :-1]], dim=1).cpu().numpy()  # obs before step j
+                cut = torch.zeros((n, steps), dtype=torch.bool)
+                stopped = ~active.cpu()
+                for j in range(steps):
+                    if r.success is not None and after_success >= 0:
+                        succeeded = r.success[:, j].cpu() | (since_success >= 0)
+                        since_success.copy_(torch.where(succeeded, since_success + 1, since_success))
+                        cut[:, j] = since_success >= after_success
+                    valid = (r.valid[:, j].cpu() & ~stopped).numpy()
+                    last = r.done.cpu().numpy() & ~np.concatenate([r.valid[:, j + 1:].cpu().numpy(),
+                                                                    np.zeros((n, 1), bool)], axis=1).any(1)
+                    for i in np.flatnonzero(valid):
+                        per_env[i]["observations"].append(before[i, j])
+                        per_env[i]["actions"].append(chunk[i, j].cpu().numpy())
+                        per_env[i]["rewards"].append(float(r.rewards[i, j]))
+                        per_env[i]["terminated"].append(bool(last[i] and r.terminated[i]))
+                        per_env[i]["truncated"].append(bool(last[i] and r.truncated[i]) or bool(cut[i, j]))
+                    stopped |= cut[:, j]
+                return cut
 
-            if hasattr(act, "reset"):
-                act.reset()
-            result = run_episodes(env, noisy, history, act_steps, seed=seed + tried, on_step=record)
+            if hasattr(policy, "reset"):
+                policy.reset()
+            result = run_episodes(env, Noisy(), seed=seed + tried, on_chunk=record, record_obs=True)
             for i, ep in enumerate(per_env):
                 if len(recorded) >= episodes:
                     break
@@ -133,7 +145,7 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     finally:
         env.close()
     space = env.single_observation_space
-    meta = {"task": task_name, "gym_id": spec.gym_id if spec else "", "policy": desc, "action_noise": noise,
+    meta = {"task": task_name, "gym_id": info.gym_id, "policy": desc, "action_noise": noise,
             "seed": seed, "episodes_tried": tried, "failed_dropped": failed,
             "after_success": after_success,
             "observation_space": {"shape": list(space.shape)},

@@ -151,18 +151,15 @@ def training_env(task: str, backend: str, num_envs: int, seed: int, device: str 
 
 
 class SnapshotPolicy:
-    """A snapshot behind the policy interface flowrl's evaluation and collection use
-    (``predict`` of observation histories to action chunks of one action)."""
+    """A snapshot as a :class:`flowrl.rollout.ChunkPolicy` of one-action chunks (deterministic)."""
 
-    class cfg:  # noqa: N801 - mirrors FlowPolicy.cfg
-        obs_history = 1
-        act_steps = 1
+    obs_history = 1
+    act_steps = 1
 
     def __init__(self, act: Any) -> None:
         self.act = act
-        self.obs_mean = torch.zeros(1)
 
-    def predict(self, obs: torch.Tensor, num_steps: int | None = None, generator: Any = None) -> torch.Tensor:
+    def act_chunk(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         action = self.act(obs[:, -1].cpu().numpy().astype(np.float32))
         return torch.as_tensor(action, dtype=torch.float32).unsqueeze(1)
 
@@ -170,9 +167,13 @@ class SnapshotPolicy:
 def evaluate_snapshot_batched(snap: ExpertSnapshot, task: str, episodes: int, seed: int) -> tuple[float, float]:
     """Like :func:`evaluate_snapshot`, all episodes at once in our cpu backend (also for experts trained
     on MuJoCo Warp, which would capture a new CUDA graph for every evaluation)."""
-    from flowrl.evaluation import evaluate
+    from flowrl.evaluation import Evaluator
 
-    r = evaluate(SnapshotPolicy(snap.act), task, 1, episodes=episodes, seed=seed, backend="cpu", max_envs=episodes)
+    evaluator = Evaluator(task, seed, backend="cpu", max_envs=episodes)
+    try:
+        r = evaluator.run(SnapshotPolicy(snap.act), episodes)
+    finally:
+        evaluator.close()
     return r["return_mean"], r["return_std"]
 
 

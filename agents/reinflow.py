@@ -16,8 +16,8 @@ Choices worth knowing:
 - Old log-probabilities are evaluated on the same minibatches, in the same order, as the first
   epoch uses, so the ratio of the first minibatch of every update is exactly 1.
 - A chunk's reward is the sum of the rewards of its executed steps; discounting is per decision.
-  If an env finishes inside a chunk, its remaining actions run in the next episode and their
-  rewards are credited to nobody.
+  An episode that ends inside a chunk takes none of its remaining actions; the next episode starts
+  from its reset state at the chunk boundary (:meth:`flowrl.envs.BatchedEnv.step_chunk`).
 - GAE bootstraps through truncations (value of ``info["final_obs"]``), never through terminations.
 """
 
@@ -28,27 +28,122 @@ import math
 import sys
 import time
 from collections import deque
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from flowrl.checkpoint import load_policy, save_checkpoint
-from flowrl.config import FinetuneConfig, resolve_device, to_dict, validate_finetune
-from flowrl.envs import canonical_task, is_robosuite, make
-from flowrl.errors import FlowrlError, Interrupted
-from flowrl.evaluation import Evaluator, ObsHistory
+from flowrl.checkpoint import load_policy
+from flowrl.config import (FinetuneConfig, LoopConfig, check_fraction, check_non_negative, check_positive, fail,
+                           resolve_device, validate_backend)
+from flowrl.envs import canonical_task, make, resolve_task
+from flowrl.errors import FlowrlError
 from flowrl.nets import SinusoidalEmbedding
 from flowrl.policy import FlowPolicy
-from flowrl.run import RunFolder, format_eval_table, stop_on_ctrl_c
+from flowrl.rollout import ObsHistory
 from flowrl.sampler import chain_transitions, euler_sample, gaussian_log_prob, noisy_euler_chain
+from flowrl.training import Agent, mean_or_none
 
 LOG_2PI_E_HALF = 0.5 * math.log(2 * math.pi * math.e)
-RECENT = 100  # finished episodes behind the rollout/* means
+RECENT = 100  # finished episodes behind the rollout/* means (SB3's window for rollout/ep_rew_mean)
+
+
+@dataclass
+class ReinFlowConfig(LoopConfig):
+    """ReinFlow (``algo: reinflow``); an iteration is one rollout of every env and one PPO update."""
+
+    env_steps: int = 8_000_000
+    """Budget of environment steps in total (one iteration is num_envs * rollout_steps * act_steps)."""
+    num_envs: int = 256
+    """Environments stepped together."""
+    rollout_steps: int = 80
+    """Policy decisions (action chunks) per env per iteration."""
+    num_steps: int = 0
+    """Euler steps K of the noisy chain (0: the pretrained policy's K)."""
+    gamma: float = 0.99
+    """Discount per decision (per action chunk)."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    actor_lr: float = 4.5e-5
+    """Learning rate of the velocity field and the noise head, cosine-decayed to actor_lr_min."""
+    actor_lr_min: float = 2e-5
+    """Final actor learning rate."""
+    critic_lr: float = 6.5e-4
+    """Learning rate of the critic, cosine-decayed to critic_lr_min."""
+    critic_lr_min: float = 3e-4
+    """Final critic learning rate."""
+    update_epochs: int = 5
+    """Passes over each iteration's data."""
+    minibatch_size: int = 2560
+    """Decisions per gradient step."""
+    clip_coef: float = 0.01
+    """PPO clip range of the probability ratio."""
+    target_kl: float = 0.0
+    """Stop an iteration's epochs once the approximate KL exceeds this (0: never)."""
+    ent_coef: float = 0.03
+    """Weight of the entropy bonus of the injected noise."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    w2_coef: float = 0.0
+    """Weight of the W2 regulariser toward the frozen pretrained policy (same initial noise, no injection)."""
+    max_grad_norm: float = 1.0
+    """Clip each network's gradient norm to this (0: off)."""
+    sigma_min: float = 0.10
+    """Lower bound of the injected noise std (normalised action units)."""
+    sigma_max: float = 0.24
+    """Upper bound of the injected noise std at the start."""
+    sigma_hold: float = 0.35
+    """Fraction of iterations the upper bound is held before its cosine decay."""
+    sigma_final_mix: float = 0.7
+    """The upper bound decays to (1 - mix) * sigma_min + mix * sigma_max."""
+    logprob_normalization: str = "mean"
+    """`mean`: the ratio uses the chain log-likelihood divided by its number of noisy elements (K*horizon*act_dim), a per-element geometric-mean ratio; `sum`: the exact joint ratio."""
+    reward_scaling: bool = True
+    """Divide rewards by a running std of the discounted return."""
+    critic_warmup_iterations: int = 2
+    """Iterations at the start that train only the critic."""
+    critic_hidden_dim: int = 256
+    """Width of the critic MLP."""
+    critic_depth: int = 3
+    """Hidden layers of the critic MLP."""
+    noise_hidden_dim: int = 128
+    """Width of the noise head MLP."""
+    backend: str = "auto"
+    """Simulation backend for rollouts (see flowrl.envs.make)."""
+    sim_threads: int = 0
+    """Threads of the cpu backend (0: all cores)."""
+    terminate_on_success: bool = False
+    """robosuite tasks: a training episode ends (terminated, no bootstrap) at its first success, so the
+    return is the discounted time to success instead of the steps spent successful until the horizon."""
+
+    def validate(self, prefix: str = "train.") -> None:
+        super().validate(prefix)
+        check_positive(self, prefix, "env_steps", "num_envs", "rollout_steps", "actor_lr", "critic_lr",
+                       "update_epochs", "minibatch_size", "clip_coef", "sigma_min", "sigma_max", "critic_hidden_dim",
+                       "critic_depth", "noise_hidden_dim")
+        check_non_negative(self, prefix, "num_steps", "target_kl", "ent_coef", "vf_coef", "w2_coef", "max_grad_norm",
+                           "actor_lr_min", "critic_lr_min", "critic_warmup_iterations", "sim_threads")
+        check_fraction(self, prefix, "gamma", "gae_lambda", "sigma_hold", "sigma_final_mix")
+        if self.sigma_min > self.sigma_max:
+            fail(f"{prefix}sigma_min", f"must be <= sigma_max ({self.sigma_max}), got {self.sigma_min}")
+        if self.logprob_normalization not in ("mean", "sum"):
+            fail(f"{prefix}logprob_normalization", f"must be mean or sum, got '{self.logprob_normalization}'")
+        validate_backend(self.backend, f"{prefix}backend")
+
+
+@dataclass
+class EpisodeStats:
+    """Statistics of the training episodes (not of the evaluations)."""
+
+    returns: deque = field(default_factory=lambda: deque(maxlen=RECENT))
+    lengths: deque = field(default_factory=lambda: deque(maxlen=RECENT))
+    successes: deque = field(default_factory=lambda: deque(maxlen=RECENT))
+    rollout_seconds: list = field(default_factory=list)
+    episode_success: torch.Tensor | None = None
+    """(N,) whether each env's running episode has succeeded yet (tasks that report success)."""
 
 
 class NoiseHead(nn.Module):
@@ -162,11 +257,14 @@ def cosine(iteration: int, iterations: int, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-class ReinFlow:
-    """Fine-tune a pretrained flow policy online: ``ReinFlow(cfg, out).learn()``."""
+class ReinFlow(Agent):
+    """Fine-tune a pretrained flow policy online (``algo: reinflow``); run it with :class:`flowrl.training.Trainer`."""
 
-    def __init__(self, cfg: FinetuneConfig, out: str | Path, resume: bool = False, progress: bool = True) -> None:
-        validate_finetune(cfg)
+    algo, stage = "reinflow", "finetune"
+    step_unit = "env step"
+    evaluate_at_start = True
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
         t = cfg.train
         self.device = resolve_device(cfg.device)
@@ -179,14 +277,14 @@ class ReinFlow:
         self.init_info = {"path": str(cfg.init), "step": init_config.get("step"), "stage": init_config.get("stage")}
         self.K = t.num_steps or policy.cfg.num_steps
         policy.cfg.num_steps = self.K
-        self.policy = policy.train()
+        self._policy = policy.train()
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         torch.manual_seed(cfg.seed)
         cond_dim = policy.cfg.obs_history * policy.obs_dim
         self.noise = NoiseHead(cond_dim, policy.chunk_shape, t.noise_hidden_dim, policy.cfg.time_embed_dim,
                                t.sigma_min, t.sigma_max).to(self.device)
         self.critic = Critic(cond_dim, t.critic_hidden_dim, t.critic_depth).to(self.device)
-        self.actor_opt = torch.optim.Adam([*self.policy.parameters(), *self.noise.parameters()], lr=t.actor_lr)
+        self.actor_opt = torch.optim.Adam([*self._policy.parameters(), *self.noise.parameters()], lr=t.actor_lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=t.critic_lr)
         self.steps_per_iteration = t.num_envs * t.rollout_steps * policy.cfg.act_steps
         self.iterations = max(1, math.ceil(t.env_steps / self.steps_per_iteration))
@@ -194,37 +292,46 @@ class ReinFlow:
         if t.sim_threads and t.backend in ("auto", "cpu"):
             env_kwargs["threads"] = t.sim_threads
         if t.terminate_on_success:
-            if not is_robosuite(self.task):
-                raise FlowrlError(f"config: train.terminate_on_success: only robosuite tasks report success, "
-                                  f"not {self.task}")
+            if not resolve_task(self.task).has_success:
+                raise FlowrlError(f"config: train.terminate_on_success: task {self.task} reports no success")
             env_kwargs["terminate_on_success"] = True
         self.env = make(self.task, t.num_envs, backend=t.backend, device=self.device, seed=cfg.seed, **env_kwargs)
         if (self.env.obs_dim, self.env.act_dim) != (policy.obs_dim, policy.act_dim):
             raise FlowrlError(f"{cfg.init}: policy has obs/act dims {policy.obs_dim}/{policy.act_dim} but task "
                               f"{self.task} has {self.env.obs_dim}/{self.env.act_dim}")
-        self.evaluator = Evaluator.from_config(self.task, cfg.eval, self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.scaler = RunningRewardScaler(t.num_envs, t.gamma, self.device)
         self.history = ObsHistory(self.env.reset(), policy.cfg.obs_history)
-        self.iteration = 0
-        self.env_steps = 0
-        self.best_return = -math.inf
-        # the last 100 finished episodes (SB3's window for rollout/ep_rew_mean)
-        self.recent_returns: deque[float] = deque(maxlen=RECENT)
-        self.recent_lengths: deque[float] = deque(maxlen=RECENT)
-        self.recent_successes: deque[float] = deque(maxlen=RECENT)  # tasks that report success (robosuite)
-        self.episode_success = torch.zeros(t.num_envs, dtype=torch.bool, device=self.device)
-        self.eval_history: list[dict[str, float]] = []  # learning curve: env steps, wall clock, return
-        self.iteration_seconds: list[float] = []
-        self.rollout_seconds: list[float] = []
-        self.wall_clock = 0.0
-        self.on_eval: Any = None  # called after each evaluation (benchmarks stream their curves)
-        self.progress = progress
-        self._stop_requested = False
-        self.run = RunFolder(out)
-        self.run.start(cfg, resume, resumable_keys=("train.env_steps", "train.max_minutes"))
-        if resume:
-            self._restore()
+        self.stats = EpisodeStats(episode_success=torch.zeros(t.num_envs, dtype=torch.bool, device=self.device))
+        self.iteration = 0  # set by train_iteration; the schedules and the critic warm-up read it
+
+    @property
+    def policy(self) -> FlowPolicy:
+        """The velocity field being trained; with the noise head dropped it is the deployed policy."""
+        return self._policy
+
+    def resumable_keys(self) -> tuple[str, ...]:
+        return ("train.env_steps", "train.max_minutes")
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        return {"init": self.init_info}
+
+    def state_components(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"policy": self._policy, "noise": self.noise, "critic": self.critic,
+                                 "actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "scaler": self.scaler,
+                                 "generator": self.gen, "history": self.history, "stats": self.stats}
+        if hasattr(self.env, "get_full_state"):
+            state["env"] = self.env
+        return state
+
+    def on_resume(self) -> None:
+        if not hasattr(self.env, "get_full_state"):
+            print(f"warning: the {self.cfg.train.backend} backend cannot restore its simulation state; the envs "
+                  "start new episodes, so this run will not match an uninterrupted one exactly", file=sys.stderr)
+
+    def postfix(self, logs: dict[str, float]) -> dict[str, str]:
+        return {"ep_rew": f"{logs.get('rollout/ep_rew_mean') or float('nan'):.1f}",
+                "it_s": f"{logs.get('time/iteration_s', 0.0):.2f}"}
 
     # -- the noisy chain -----------------------------------------------------------------------
     def _chain_fns(self, cond: torch.Tensor, repeat: int = 1):
@@ -254,7 +361,7 @@ class ReinFlow:
     # -- rollout -------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self) -> dict[str, torch.Tensor]:
-        t, env = self.cfg.train, self.env
+        t, env, stats = self.cfg.train, self.env, self.stats
         n, steps, act_steps = t.num_envs, t.rollout_steps, self.policy.cfg.act_steps
         obs_buf = torch.zeros((steps, *self.history.get().shape), device=self.device, dtype=torch.float32)
         chain_buf = torch.zeros((steps, n, self.K + 1, *self.policy.chunk_shape), device=self.device)
@@ -262,38 +369,30 @@ class ReinFlow:
         terminated = torch.zeros((steps, n), dtype=torch.bool, device=self.device)
         truncated = torch.zeros_like(terminated)
         final_values = torch.zeros((steps, n), device=self.device)
+        record_obs = self.policy.cfg.obs_history > 1
         self.policy.eval()
         for s in range(steps):
             hist = self.history.get()
             chain, actions = self.act(hist)
             obs_buf[s], chain_buf[s] = hist, chain
-            alive = torch.ones(n, dtype=torch.bool, device=self.device)
-            chunk_reward = torch.zeros(n, dtype=torch.float64, device=self.device)
-            for obs, reward, term, trunc, info in env.step_chunk(actions[:, :act_steps]):
-                chunk_reward += torch.where(alive, reward.double(), 0.0)
-                done = info["done_mask"]
-                if "success" in info:
-                    self.episode_success |= info["success"].to(self.device)
-                newly = done & alive
-                if newly.any():
-                    ended = torch.nonzero(newly).flatten()
-                    terminated[s, ended] = term[ended]
-                    truncated[s, ended] = trunc[ended] & ~term[ended]
-                    boot = ended[truncated[s, ended]]
-                    if len(boot):
-                        final_hist = torch.cat([self.history.get()[boot, 1:],
-                                                info["final_obs"][boot].unsqueeze(1).to(hist.dtype)], dim=1)
-                        final_values[s, boot] = self.critic(self.policy.encode(final_hist))
-                    self.recent_returns.extend(info["episode_return"][ended].tolist())
-                    self.recent_lengths.extend(info["episode_length"][ended].tolist())
-                    if "success" in info:
-                        self.recent_successes.extend(self.episode_success[ended].float().tolist())
-                self.episode_success &= ~done
-                alive &= ~done
-                self.history.push(obs, done)
-            ended_chunk = terminated[s] | truncated[s]
-            rewards[s] = (self.scaler(chunk_reward, ended_chunk) if t.reward_scaling else chunk_reward).float()
-        self.env_steps += n * steps * act_steps
+            r = env.step_chunk(actions[:, :act_steps], record_obs=record_obs)
+            done = r.done.to(self.device)
+            terminated[s], truncated[s] = r.terminated.to(self.device), (r.truncated & ~r.terminated).to(self.device)
+            if r.success is not None:
+                stats.episode_success |= r.success.any(1).to(self.device)
+            final_hist = self.history.push_chunk(r)
+            if bool(done.any()):
+                ended = torch.nonzero(done).flatten()
+                boot = torch.nonzero(truncated[s]).flatten()
+                if len(boot):
+                    final_values[s, boot] = self.critic(self.policy.encode(final_hist[boot].to(hist.dtype)))
+                stats.returns.extend(r.episode_return[ended].tolist())
+                stats.lengths.extend(r.episode_length[ended].tolist())
+                if r.success is not None:
+                    stats.successes.extend(stats.episode_success[ended].float().tolist())
+                stats.episode_success &= ~done
+            chunk_reward = r.rewards.sum(1).to(self.device)
+            rewards[s] = (self.scaler(chunk_reward, done) if t.reward_scaling else chunk_reward).float()
         features = self.policy.encode(obs_buf.flatten(0, 1))
         values = self.critic(features).view(steps, n)
         next_value = self.critic(self.policy.encode(self.history.get()))
@@ -396,144 +495,22 @@ class ReinFlow:
             g["lr"] = critic_lr
         return {"train/learning_rate": actor_lr, "train/critic_learning_rate": critic_lr, "train/noise_std_max": upper}
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _info(self) -> dict[str, Any]:
-        return {"task": self.task, "stage": "finetune", "algorithm": "reinflow", "step": self.env_steps,
-                "iteration": self.iteration, "init": self.init_info, "run_config": to_dict(self.cfg)}
-
-    def save(self, folder: str | Path | None = None) -> Path:
-        """The deterministic policy (model.safetensors, loadable like any pretrained one) and
-        everything needed to resume exactly."""
-        env_state = self.env.get_full_state() if hasattr(self.env, "get_full_state") else None
-        state = {"iteration": self.iteration, "env_steps": self.env_steps, "noise": self.noise.state_dict(),
-                 "critic": self.critic.state_dict(), "actor_opt": self.actor_opt.state_dict(),
-                 "critic_opt": self.critic_opt.state_dict(), "scaler": self.scaler.state_dict(),
-                 "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-                 "history": self.history.get().clone(), "best_return": self.best_return,
-                 "recent_returns": list(self.recent_returns), "recent_lengths": list(self.recent_lengths),
-                 "eval_history": list(self.eval_history), "iteration_seconds": list(self.iteration_seconds),
-                 "rollout_seconds": list(self.rollout_seconds), "recent_successes": list(self.recent_successes),
-                 "episode_success": self.episode_success.clone(), "wall_clock": self.wall_clock}
-        if env_state is not None:
-            state["env"] = env_state
-        return save_checkpoint(folder or self.run.checkpoint_dir(self.env_steps), self.policy, self._info(), state)
-
-    def _restore(self) -> None:
-        state, policy = self.run.load_latest(self.device)
-        self.policy.load_state_dict(policy.state_dict())
-        self.noise.load_state_dict(state["noise"])
-        self.critic.load_state_dict(state["critic"])
-        self.actor_opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.history.buffer = state["history"].to(self.device)
-        self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])
-        self.best_return = float(state["best_return"])
-        self.recent_returns = deque(state["recent_returns"], maxlen=RECENT)
-        self.recent_lengths = deque(state["recent_lengths"], maxlen=RECENT)
-        self.eval_history, self.iteration_seconds = list(state["eval_history"]), list(state["iteration_seconds"])
-        self.rollout_seconds = list(state["rollout_seconds"])
-        self.recent_successes = deque(state.get("recent_successes", []), maxlen=RECENT)
-        if "episode_success" in state:
-            self.episode_success = state["episode_success"].to(self.device)
-        self.wall_clock = float(state["wall_clock"])
-        if "env" in state and hasattr(self.env, "set_full_state"):
-            self.env.set_full_state(state["env"])
-        else:
-            print(f"warning: the {self.cfg.train.backend} backend cannot restore its simulation state; the envs "
-                  "start new episodes, so this run will not match an uninterrupted one exactly", file=sys.stderr)
-        print(f"resumed {self.run.path} at iteration {self.iteration} ({self.env_steps} env steps)", file=sys.stderr)
-
-    # -- main loop -----------------------------------------------------------------------------
-    def request_stop(self, *_: Any) -> None:
-        self._stop_requested = True
-
-    def evaluate(self, episodes: int, num_steps: int | None = None) -> dict[str, float]:
-        """The deterministic policy (noise head dropped) on seeded episodes; the evaluation envs are
-        kept for the next call (closed by :meth:`close`)."""
-        self.policy.eval()
-        return self.evaluator(self.policy, num_steps or self.K, episodes)
-
-    def close_rollout_envs(self) -> None:
-        """Release the rollout envs once learning is over (``learn`` cannot continue afterwards).
-
-        robosuite's are worker processes of ~0.8 GB each that would otherwise sit idle beside the
-        final evaluation's own (16 + 20 of them ran a 24 GB machine out of memory).
-        """
-        self.env.close()
-
-    def close(self) -> None:
-        """Release the rollout and evaluation envs (robosuite's are worker processes)."""
-        self.close_rollout_envs()
-        self.evaluator.close()
-
-    def learn(self) -> FlowPolicy:
-        """Run fine-tuning to the env-step budget (or ``train.max_minutes``); Ctrl-C stops after the
-        current iteration with a checkpoint saved."""
-        limit_s = 60.0 * self.cfg.train.max_minutes
-        deadline = time.time() + limit_s if limit_s else math.inf
-        writer = self.run.writer(purge_step=self.env_steps if self.env_steps else None)
-        bar = tqdm(total=self.iterations * self.steps_per_iteration, initial=self.env_steps, unit="step",
-                   desc=f"reinflow {self.task}", disable=not self.progress, dynamic_ncols=True, unit_scale=True)
-        self._stop_requested = False
-        try:
-            with stop_on_ctrl_c(self.request_stop):
-                if self.iteration == 0 and self.env_steps == 0:
-                    self._record_eval(writer, bar)
-                while self.iteration < self.iterations:
-                    if self._stop_requested:
-                        raise KeyboardInterrupt
-                    out_of_time = self._iterate(writer, bar, deadline)
-                    if out_of_time and self.iteration < self.iterations:
-                        bar.write(f"stopped at the time limit (train.max_minutes={self.cfg.train.max_minutes:g}) "
-                                  f"after iteration {self.iteration} of {self.iterations}, {self.env_steps} env "
-                                  f"steps; continue with --resume --out {self.run.path}")
-                        break
-        except KeyboardInterrupt:
-            self.save()
-            bar.close()
-            self.run.close()
-            raise Interrupted(f"interrupted at iteration {self.iteration}; checkpoint saved, continue with "
-                              f"--resume --out {self.run.path}") from None
-        bar.close()
-        writer.flush()
-        return self.policy
-
-    def _iterate(self, writer: Any, bar: Any, deadline: float = math.inf) -> bool:
-        """One iteration: rollout, PPO update, logs, and the periodic evaluation and checkpoint, which
-        also come after the last iteration and after one that ends past ``deadline`` (then: True)."""
-        t = self.cfg.train
+    # -- one iteration --------------------------------------------------------------------------
+    def train_iteration(self, iteration: int) -> dict[str, float]:
+        """Rollout of every env, then the PPO update (critic only during the warm-up iterations)."""
         start = time.time()
+        self.iteration = iteration
         logs = self._schedule()
         batch = self.collect()
         rollout_s = time.time() - start
+        self.stats.rollout_seconds.append(rollout_s)
         logs.update(self.update(batch))
-        self.iteration += 1
-        elapsed = time.time() - start
-        self.wall_clock += elapsed
-        self.iteration_seconds.append(elapsed)
-        self.rollout_seconds.append(rollout_s)
-        logs.update({"time/fps": self.steps_per_iteration / elapsed, "time/iteration_s": elapsed,
-                     "time/rollout_s": rollout_s, "train/noise_std": self._mean_noise_std(batch["obs"])})
-        if self.recent_returns:
-            logs["rollout/ep_rew_mean"] = float(np.mean(self.recent_returns))
-            logs["rollout/ep_len_mean"] = float(np.mean(self.recent_lengths))
-        if self.recent_successes:
-            logs["rollout/success_rate"] = float(np.mean(self.recent_successes))
-        for k, v in logs.items():
-            if v is not None:
-                writer.add_scalar(k, v, self.env_steps)
-        bar.update(self.steps_per_iteration)
-        bar.set_postfix(ep_rew=f"{logs.get('rollout/ep_rew_mean', float('nan')):.1f}", it_s=f"{elapsed:.2f}")
-        out_of_time = time.time() >= deadline
-        last = self.iteration == self.iterations or out_of_time
-        if self.iteration % t.eval_every == 0 or last:
-            self._record_eval(writer, bar)
-        if self.iteration % t.checkpoint_every == 0 or last:
-            self.save()
-        return out_of_time
+        logs.update({"time/iteration_s": time.time() - start, "time/rollout_s": rollout_s,
+                     "train/noise_std": self._mean_noise_std(batch["obs"]),
+                     "rollout/ep_rew_mean": mean_or_none(self.stats.returns),
+                     "rollout/ep_len_mean": mean_or_none(self.stats.lengths),
+                     "rollout/success_rate": mean_or_none(self.stats.successes)})
+        return logs
 
     @torch.no_grad()
     def _mean_noise_std(self, obs: torch.Tensor) -> float:
@@ -543,35 +520,14 @@ class ReinFlow:
                 for k in range(self.K)]
         return float(torch.stack(stds).mean())
 
-    def _record_eval(self, writer: Any, bar: Any) -> None:
-        r = self.evaluate(self.cfg.train.eval_episodes)
-        writer.add_scalar("eval/mean_reward", r["return_mean"], self.env_steps)
-        writer.add_scalar("eval/mean_ep_length", r["length_mean"], self.env_steps)
-        if "success_rate" in r:
-            writer.add_scalar("eval/success_rate", r["success_rate"], self.env_steps)
-        bar.write(f"iteration {self.iteration} ({self.env_steps} env steps): eval return "
-                  f"{r['return_mean']:.1f} ± {r['return_std']:.1f}")
-        self.eval_history.append({"iteration": self.iteration, "env_steps": self.env_steps,
-                                  "wall_clock_s": round(self.wall_clock, 2), "return_mean": r["return_mean"],
-                                  "return_std": r["return_std"], **({"success_rate": r["success_rate"]}
-                                                                    if "success_rate" in r else {})})
-        if self.on_eval is not None:
-            self.on_eval()
-        if r["return_mean"] > self.best_return and self.iteration > 0:
-            self.best_return = r["return_mean"]
-            save_checkpoint(self.run.checkpoints / "best", self.policy, {**self._info(), "eval": r})
+    def release_rollout_envs(self) -> None:
+        """Release the rollout envs once learning is over (training cannot continue afterwards):
+        robosuite's are worker processes of ~0.8 GB each that would sit idle beside the final
+        evaluation's own."""
+        self.env.close()
 
-    def final_evaluation(self) -> list[dict[str, float]]:
-        """The end of a run: the eval preset's episodes at each of its K, written to eval.json
-        (the rollout envs are released first)."""
-        self.close_rollout_envs()
-        e = self.cfg.eval
-        rows = [self.evaluate(e.episodes, k) for k in e.steps]
-        checkpoint = self.run.checkpoint_dir(self.env_steps)
-        self.run.write_eval({"checkpoint": str(checkpoint), "task": self.task, "step": self.env_steps,
-                             "init": self.init_info, "results": rows})
-        print(format_eval_table(rows, f"evaluation of {checkpoint} on {self.task}, {e.episodes} episodes per K"))
-        return rows
+    def close(self) -> None:
+        self.env.close()
 
 
 __all__ = ["Critic", "NoiseHead", "ReinFlow", "RunningRewardScaler", "compute_gae", "sigma_upper_bound"]

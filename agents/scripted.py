@@ -1,9 +1,10 @@
 """Scripted experts for robosuite's manipulation tasks (Panda, OSC_POSE deltas).
 
-They read the flattened robomimic low-dim observation of :mod:`flowrl.envs.robosuite_backend`
+They read the flattened robomimic low-dim observation of robosuite's tasks (:mod:`flowrl.envs.tasks.manipulation`)
 (sorted keys: ``object`` first, then ``robot0_eef_pos``, ``robot0_eef_quat``,
 ``robot0_gripper_qpos``) and keep a phase per env; the caller resets them (``reset()``) before
-each batch of episodes, as collection and the benchmark do.
+each batch of episodes, as collection and the benchmark do. Each is a
+:class:`flowrl.rollout.ChunkPolicy` of one-action chunks. The PointReach demonstrator is here too.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class PickPlaceExpert:
     """
 
     object_slice = slice(0, 3)  # the object's position in the observation
+    obs_history = 1
+    act_steps = 1
     eef_index = 10  # where robot0_eef_pos starts (after the ``object`` block)
     goal: np.ndarray | None = None
     lift_height = 0.25
@@ -82,6 +85,10 @@ class PickPlaceExpert:
         """One env's (eef position target, gripper, rotation action (3,)) from its observation."""
         target, gripper = self._target(i, o[self.object_slice], o[self.eef_index:self.eef_index + 3])
         return target, gripper, NO_ROTATION
+
+    def act_chunk(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H, obs_dim) histories -> one-action chunks (N, 1, act_dim) (the expert is deterministic)."""
+        return self(obs)
 
     def __call__(self, obs: torch.Tensor) -> torch.Tensor:
         """(N, obs_dim) -> (N, act_dim); an (N, H, obs_dim) history -> a one-step chunk (N, 1, act_dim)."""
@@ -210,3 +217,25 @@ class SquareExpert(PickPlaceExpert):
 
 EXPERTS = {"robosuite/Lift": LiftExpert, "robosuite/PickPlaceCan": CanExpert,
            "robosuite/NutAssemblySquare": SquareExpert}
+
+
+def write_demonstrations(path: str, episodes: int = 64, seed: int = 0, noise: float = 0.05) -> None:
+    """Scripted demonstrations of PointReach (slow, slightly noisy) in our dataset layout."""
+    from flowrl.datasets import Episodes, write_dataset
+    from flowrl.envs.tasks.point_reach import HORIZON, PointReachEnv, scripted_action
+
+    env = PointReachEnv(episodes, seed=seed)
+    obs = env.reset()
+    gen = torch.Generator().manual_seed(seed)
+    keys = ("observations", "actions", "rewards", "terminated", "truncated")
+    steps: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for _ in range(HORIZON):
+        action = (scripted_action(obs) + noise * torch.randn(obs.shape[0], 2, generator=gen, dtype=torch.float64))
+        action = action.clamp(-1.0, 1.0).float()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        for k, v in zip(keys, (obs, action, reward, terminated, truncated)):
+            steps[k].append(v.numpy())
+        obs = next_obs
+    eps = [{k: np.stack(v)[:, i] for k, v in steps.items()} for i in range(episodes)]
+    write_dataset(path, Episodes.from_list(eps, {"task": "PointReach", "policy": {"kind": "scripted", "speed": 0.4,
+                                                                              "noise": noise}}))

@@ -30,7 +30,7 @@ import torch
 from common import report_checks, results_dir, run_main
 from flowrl.config import PolicyConfig
 from flowrl.envs import make
-from flowrl.envs.locomotion import locomotion_task
+from flowrl.envs import resolve_task
 from flowrl.evaluation import ObsHistory
 from flowrl.policy import FlowPolicy
 
@@ -49,7 +49,7 @@ def timed(step, seconds: float, warmup: int = 3) -> float:
 def raw_batch(task: str, n: int, seconds: float, threads: int) -> float:
     from mujoco.batch import Batch
 
-    spec = locomotion_task(task)
+    spec = resolve_task(task).task()
     batch = Batch(spec.load_model(), n, threads, persistent=True)
     ctrl = batch.bind("ctrl")
     ctrl[:] = 0.1
@@ -92,7 +92,7 @@ def policy_loop(task: str, n: int, seconds: float, threads: int, device: str, ba
 def gymnasium_loop(task: str, n: int, seconds: float, mode: str) -> float:
     import gymnasium as gym
 
-    spec = locomotion_task(task).spec
+    spec = resolve_task(task)
     venv = gym.make_vec(spec.gym_id, num_envs=n, vectorization_mode=mode,
                         vector_kwargs=dict(autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
     venv.reset(seed=0)
@@ -122,7 +122,7 @@ def main() -> int:
                     help="num_envs for gymnasium's sync and async vector envs")
     args = ap.parse_args()
 
-    from flowrl.envs.mujoco_warp_backend import warp_available
+    from flowrl.envs import warp_available
 
     use_warp = torch.cuda.is_available() and warp_available()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -41,9 +41,10 @@ from common import REPO, merge_results, report_checks, results_dir, run_main, wr
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.reinflow import ReinFlow
 from flowrl.checkpoint import load_policy, resolve_checkpoint
-from flowrl.config import FinetuneConfig, PretrainConfig, load_config, resolve_device
+from flowrl.config import load_stage_config, resolve_device
 from flowrl.errors import FlowrlError
-from flowrl.evaluation import Evaluator, evaluate
+from flowrl.evaluation import Evaluator
+from flowrl.training import Trainer
 
 PUBLISHED = {  # ReinFlow-R / ReinFlow-S: pretrained -> fine-tuned; seconds per iteration on an RTX 3090
     ("hopper", "reflow"): (1432, 3205, 11.7), ("hopper", "shortcut"): (1528, 3283, 11.7),
@@ -61,10 +62,10 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     Shared with reinflow_manipulation.py."""
     started = time.time()
     common = [f"seed={seed}", f"device={args.device}"]
-    pre_cfg = load_config(PretrainConfig, REPO / "configs" / task / f"pretrain_{head}.yaml",
-                          [*common, "train.eval_every=0", f"eval.episodes={args.episodes}", "eval.steps=[4]",
-                           *([f"train.steps={args.pretrain_steps}"] if args.pretrain_steps else []),
-                           *args.pretrain_set])
+    pre_cfg = load_stage_config("pretrain", REPO / "configs" / task / f"pretrain_{head}.yaml",
+                                [*common, "train.eval_every=0", f"eval.episodes={args.episodes}", "eval.steps=[4]",
+                                 *([f"train.steps={args.pretrain_steps}"] if args.pretrain_steps else []),
+                                 *args.pretrain_set])
     if not Path(pre_cfg.data.path).is_absolute():
         pre_cfg.data.path = str(REPO / pre_cfg.data.path)
     stamp = time.strftime("%H%M%S")
@@ -80,15 +81,15 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
         record["pretrained_from"] = str(init)
     else:
         start = time.time()
-        bc = BehaviorCloning(pre_cfg, runs / f"{task}-{head}-s{seed}-pretrain-{stamp}", progress=False)
+        bc = Trainer(BehaviorCloning(pre_cfg), runs / f"{task}-{head}-s{seed}-pretrain-{stamp}", progress=False)
         try:
-            bc.learn()
+            bc.fit()
             record["pretrain_s"] = round(time.time() - start, 1)
             eval_start = time.time()
             pre = bc.evaluate(4, args.episodes)
         finally:
             bc.close()
-        record["data_return"] = bc.data_info["return_mean"]
+        record["data_return"] = bc.agent.data_info["return_mean"]
         init = bc.run.checkpoint_dir(bc.step)
     eval_s = time.time() - eval_start
     record["pretrained"] = pre["return_mean"]
@@ -97,34 +98,34 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     source = f"{record['pretrain_s']} s" if "pretrain_s" in record else f"loaded from {init}"
     print(f"[{task} s{seed}] pretrained: {describe(pre)} ({source})", flush=True)
 
-    ft_cfg = load_config(FinetuneConfig, REPO / "configs" / task / f"finetune_{head}.yaml",
-                         [*common, f"init={init}", f"eval.episodes={args.episodes}", "eval.steps=[4]",
+    ft_cfg = load_stage_config("finetune", REPO / "configs" / task / f"finetune_{head}.yaml",
+                               [*common, f"init={init}", f"eval.episodes={args.episodes}", "eval.steps=[4]",
                           f"train.eval_every={args.eval_every}", f"train.eval_episodes={args.eval_episodes}",
-                          f"train.sim_threads={args.sim_threads}", *args.overrides,
-                          *([f"train.env_steps={args.env_steps}"] if args.env_steps else [])])
+                                f"train.sim_threads={args.sim_threads}", *args.overrides,
+                                *([f"train.env_steps={args.env_steps}"] if args.env_steps else [])])
     if args.budget_minutes:
         minutes = fine_tuning_minutes(args.budget_minutes, time.time() - started, eval_s)
         ft_cfg.train.max_minutes = min(minutes, ft_cfg.train.max_minutes or minutes)
         record["max_minutes"] = round(ft_cfg.train.max_minutes, 2)
     record["overrides"] = list(args.overrides)
     record["pretrain_overrides"] = list(args.pretrain_set)
-    agent = ReinFlow(ft_cfg, runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
-    agent.on_eval = lambda: (record.update(curve=agent.eval_history, iteration_s=agent.iteration_seconds),
-                             save())
+    run = Trainer(ReinFlow(ft_cfg), runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
+    agent, st = run.agent, run.state
+    run.on_eval = lambda: (record.update(curve=st.eval_history, iteration_s=st.iteration_seconds), save())
     try:
-        agent.learn()
-        agent.close_rollout_envs()
-        final = agent.evaluate(args.episodes)
+        run.fit()
+        agent.release_rollout_envs()
+        final = run.evaluate(4, args.episodes)
     finally:
-        agent.close()
+        run.close()
     if "success_rate" in final:
         record["finetuned_success"] = final["success_rate"]
-    record.update(finetuned=final["return_mean"], finetuned_std=final["return_std"], env_steps=agent.env_steps,
-                  wall_clock_s=round(agent.wall_clock, 1), curve=agent.eval_history,
-                  iteration_s=agent.iteration_seconds, rollout_s=agent.rollout_seconds,
+    record.update(finetuned=final["return_mean"], finetuned_std=final["return_std"], env_steps=run.step,
+                  wall_clock_s=round(st.wall_clock, 1), curve=st.eval_history,
+                  iteration_s=st.iteration_seconds, rollout_s=agent.stats.rollout_seconds,
                   steps_per_iteration=agent.steps_per_iteration, backend=type(agent.env).__name__,
                   sim_threads=args.sim_threads)
-    print(f"[{task} s{seed}] fine-tuned: {describe(final)} after {agent.env_steps} env steps, "
+    print(f"[{task} s{seed}] fine-tuned: {describe(final)} after {run.step} env steps, "
           f"{record['wall_clock_s']} s", flush=True)
 
 
@@ -173,7 +174,11 @@ def ppo_baseline(task: str, seed: int, env_steps: int, episodes: int) -> dict:
     wall = time.time() - start
     venv.training = False
     policy = SnapshotPolicy(lambda obs: model.predict(venv.normalize_obs(obs), deterministic=True)[0])
-    r = evaluate(policy, task, 1, episodes=episodes)
+    evaluator = Evaluator(task)
+    try:
+        r = evaluator.run(policy, episodes)
+    finally:
+        evaluator.close()
     return {"return": r["return_mean"], "env_steps": env_steps, "wall_clock_s": round(wall, 1),
             "machine": f"{os.cpu_count()} CPU cores"}
 
@@ -203,7 +208,7 @@ def plot(task: str, rec: dict) -> None:
         if not curve:
             continue
         backend = {"MujocoWarpEnv": "warp", "MujocoBatchEnv": "cpu"}.get(s.get("backend", ""), s.get("backend", ""))
-        axes[0].plot([c["env_steps"] / 1e6 for c in curve], [c["return_mean"] for c in curve],
+        axes[0].plot([c.get("step", c.get("env_steps", 0)) / 1e6 for c in curve], [c["return_mean"] for c in curve],
                      label=f"seed {s['seed']}" + (f", {backend} backend" if backend else ""))
         axes[1].plot([c["wall_clock_s"] / 60 for c in curve], [c["return_mean"] for c in curve])
     pub = PUBLISHED.get((task, rec["head"]))

@@ -2,6 +2,8 @@
 
 ``make(task, num_envs, backend=..., device=..., seed=...)`` is the one entry point; every backend
 returns a :class:`BatchedEnv` with the same interface, so agents never depend on which one runs.
+Tasks and their facts live in one registry (:mod:`flowrl.envs.registry`); the backends in
+:mod:`flowrl.envs.backends` run them.
 """
 
 from __future__ import annotations
@@ -10,32 +12,45 @@ from typing import Any
 
 import torch
 
-from flowrl.envs.base import BatchedEnv
-from flowrl.envs.tasks import TASKS, TaskSpec, resolve_task
+from flowrl.envs.base import BatchedEnv, ChunkResult
+from flowrl.envs.registry import BACKENDS, TaskInfo, all_tasks, canonical_task, register, resolve_task
 from flowrl.errors import FlowrlError
-
-BACKENDS = ("cpu", "warp", "gymnasium")
 
 
 def is_robosuite(task: str) -> bool:
-    """Whether ``task`` names one of robosuite's tasks (``robosuite/<name>``, any case)."""
-    return task.strip().lower().startswith("robosuite/")
+    """Whether ``task`` is one of robosuite's tasks (run by robosuite's own worker processes)."""
+    return resolve_task(task).family == "robosuite"
 
 
-def canonical_task(name: str) -> str:
-    """The canonical name of any task ``make`` builds: ``hopper`` -> ``Hopper``,
-    ``robosuite/lift`` -> ``robosuite/Lift``; an unknown name is a FlowrlError listing the known."""
-    if is_robosuite(name):
-        from flowrl.envs.robosuite_backend import robosuite_task
+def warp_available() -> bool:
+    """Whether MuJoCo Warp and Warp are installed (the ``warp`` extra)."""
+    from flowrl.envs.backends.warp import warp_available as available
 
-        return f"robosuite/{robosuite_task(name)}"
-    return resolve_task(name).name
+    return available()
+
+
+def resolve_backend(task: str, backend: str, device: str | torch.device) -> str:
+    """The backend ``make`` would use: ``auto`` becomes warp on a CUDA device when installed and the
+    task runs there, else the task's first other backend (cpu for MuJoCo tasks)."""
+    info = resolve_task(task)
+    if backend == "auto":
+        dev = torch.device(device)
+        on_gpu = dev.type == "cuda" and torch.cuda.is_available()
+        return info.default_backend("cuda" if on_gpu else "cpu", on_gpu and warp_available())
+    if backend not in BACKENDS:
+        raise FlowrlError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}, auto")
+    if info.env is not None:  # its own simulator: one implementation whatever the backend asked for
+        return info.backends[0]
+    if backend not in info.backends:
+        raise FlowrlError(f"task {info.name} does not run on the {backend} backend; it runs on "
+                          f"{', '.join(info.backends)}" + (f" ({info.description})" if info.description else ""))
+    return backend
 
 
 def make(
     task: str,
     num_envs: int = 1,
-    backend: str = "gymnasium",
+    backend: str = "auto",
     device: str | torch.device = "cpu",
     seed: int | None = None,
     **kwargs: Any,
@@ -44,43 +59,33 @@ def make(
 
     Backends: ``cpu`` (mujoco.batch on a thread pool, float64), ``warp`` (MuJoCo Warp, float32, on the
     GPU or Warp's CPU device), ``gymnasium`` (gymnasium's own vector envs; ``vectorization="async"``
-    for subprocesses), ``auto`` (warp on a CUDA device when installed, else cpu).
+    for subprocesses), ``auto`` (the default: warp on a CUDA device when installed, else cpu).
+    robosuite's tasks and pure-torch tasks are their own backend whatever is asked.
     ``seed`` seeds env i with ``seed + i`` at the first ``reset()``.
     """
     if num_envs < 1:
         raise FlowrlError(f"num_envs must be >= 1, got {num_envs}")
-    if is_robosuite(task):
-        from flowrl.envs.robosuite_backend import RobosuiteEnv
-
-        return RobosuiteEnv(task, num_envs, device=device, seed=seed, **kwargs)
-    spec = resolve_task(task)
-    if spec.name == "PointReach":  # pure torch: one implementation whatever the backend
-        from flowrl.envs.point_reach import PointReachEnv
-
-        return PointReachEnv(num_envs, device=device, seed=seed)
-    if backend == "auto":
-        from flowrl.envs.mujoco_warp_backend import warp_available
-
-        on_gpu = torch.device(device).type == "cuda" and torch.cuda.is_available()
-        backend = "warp" if on_gpu and warp_available() and spec.name != "Humanoid" else "cpu"
-    if backend == "warp":
-        from flowrl.envs.locomotion import locomotion_task
-        from flowrl.envs.mujoco_warp_backend import MujocoWarpEnv
+    info = resolve_task(task)
+    backend = resolve_backend(info.name, backend, device)
+    if info.env is not None:
+        return info.env(info, num_envs, device=device, seed=seed, **kwargs)
+    if backend == "gymnasium":
+        from flowrl.envs.backends.gymnasium import GymnasiumEnv
 
         kwargs.pop("threads", None)
-        return MujocoWarpEnv(locomotion_task(spec.name), num_envs, device=device, seed=seed, **kwargs)
-    if backend == "cpu":
-        from flowrl.envs.locomotion import locomotion_task
-        from flowrl.envs.mujoco_batch_backend import MujocoBatchEnv
+        return GymnasiumEnv(info.name, info.gym_id, num_envs, device=device, seed=seed, **kwargs)
+    assert info.task is not None, f"task {info.name} registers neither a task object nor an env"
+    if backend == "warp":
+        from flowrl.envs.backends.warp import MujocoWarpEnv
 
-        return MujocoBatchEnv(locomotion_task(spec.name), num_envs, device=device, seed=seed, **kwargs)
-    if backend == "gymnasium":
-        if spec.name == "Humanoid-Newton":
-            raise FlowrlError("Humanoid-Newton runs on the cpu and warp backends only (gymnasium's XML uses PGS)")
-        from flowrl.envs.gymnasium_backend import GymnasiumEnv
+        kwargs.pop("threads", None)
+        return MujocoWarpEnv(info.task(), num_envs, device=device, seed=seed, **kwargs)
+    from flowrl.envs.backends.cpu import MujocoBatchEnv
 
-        return GymnasiumEnv(spec.name, spec.gym_id, num_envs, device=device, seed=seed, **kwargs)
-    raise FlowrlError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}, auto")
+    return MujocoBatchEnv(info.task(), num_envs, device=device, seed=seed, **kwargs)
 
 
-__all__ = ["BACKENDS", "BatchedEnv", "TASKS", "TaskSpec", "canonical_task", "is_robosuite", "make", "resolve_task"]
+import flowrl.envs.tasks  # noqa: E402,F401  (registers the built-in tasks)
+
+__all__ = ["BACKENDS", "BatchedEnv", "ChunkResult", "TaskInfo", "all_tasks", "canonical_task", "is_robosuite", "make",
+           "register", "resolve_backend", "resolve_task", "warp_available"]

@@ -3,21 +3,64 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
 import torch
 
+from flowrl.errors import FlowrlError
+
+
+@dataclass
+class ChunkResult:
+    """What stepping N envs through a (N, T, act_dim) action chunk gives.
+
+    An env whose episode ends inside the chunk takes none of the chunk's remaining actions into
+    its next episode: that episode starts from its reset state at the chunk boundary, so ``obs``
+    is its first observation. Steps after the end are not part of any episode (``valid`` is False,
+    their rewards 0).
+    """
+
+    obs: torch.Tensor
+    """(N, obs_dim) the observation at the chunk boundary (a new episode's first where ``done``)."""
+    rewards: torch.Tensor
+    """(N, T) float64, 0 where not ``valid``."""
+    valid: torch.Tensor
+    """(N, T) bool: step j was taken in the episode that was running when the chunk began."""
+    terminated: torch.Tensor
+    """(N,) the episode ended inside the chunk by a termination (no bootstrapping)."""
+    truncated: torch.Tensor
+    """(N,) the episode ended inside the chunk at the horizon (bootstrap from ``final_obs``)."""
+    final_obs: torch.Tensor
+    """(N, obs_dim) the last observation of the episode that ended (equals ``obs`` where not ``done``)."""
+    episode_return: torch.Tensor
+    """(N,) float64: the return of the episode that ended (valid where ``done``)."""
+    episode_length: torch.Tensor
+    """(N,) int64: the length of the episode that ended (valid where ``done``)."""
+    success: torch.Tensor | None = None
+    """(N, T) bool per step, for tasks that report success (False where not ``valid``)."""
+    step_obs: torch.Tensor | None = None
+    """(N, T, obs_dim) the observation after each valid step (``record_obs=True`` only)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Backend extras, e.g. ``bad_state_count``."""
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self.terminated | self.truncated
+
 
 class BatchedEnv(ABC):
     """N environments stepped together; every input and output is an (N, ...) torch tensor.
 
-    Autoreset happens in the same step: when env i finishes, ``step`` returns the first
-    observation of its next episode and ``info["final_obs"][i]`` holds the last observation of the
-    finished one (needed to bootstrap values through truncations). ``info["done_mask"]`` is
-    ``terminated | truncated``. Episode statistics of finished episodes come back in
-    ``info["episode_return"]`` and ``info["episode_length"]`` (valid where ``done_mask``).
+    :meth:`step_chunk` runs an action chunk with exact episode boundaries (see :class:`ChunkResult`).
+    :meth:`step` is a chunk of one step in gymnasium's shape: a finished env resets in the same
+    step, ``info["final_obs"]`` holds the last observation of the finished episode (to bootstrap
+    truncations), ``info["done_mask"]`` is ``terminated | truncated`` and ``info["episode_return"]``
+    / ``info["episode_length"]`` describe it.
+
+    A backend implements :meth:`reset`, :meth:`_step` (one step, no reset; ``truncated`` is decided
+    here from the episode length) and :meth:`_reset_envs`, or overrides :meth:`step_chunk` whole.
     """
 
     task: str
@@ -39,24 +82,108 @@ class BatchedEnv(ABC):
     def reset(self, seed: int | None = None) -> torch.Tensor:
         """Reset every env; env i is seeded with ``seed + i``. Returns (N, obs_dim)."""
 
-    @abstractmethod
-    def step(
-        self, action: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Apply (N, act_dim) actions in env units; returns obs, reward, terminated, truncated, info."""
+    def _step(self, action: torch.Tensor, alive: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """One step of every env without resetting any: (obs, reward, terminated, info); ``info`` may
+        hold ``success`` (N,). Envs not ``alive`` have finished their episode earlier in the chunk:
+        their results are discarded (a backend may skip them or step them anyway)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _step nor step_chunk")
 
-    def step_chunk(
-        self, actions: torch.Tensor
-    ) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]]:
-        """Apply (N, T, act_dim) actions, one step per action, yielding each step's ``step`` result.
+    def _reset_envs(self, done: torch.Tensor) -> torch.Tensor:
+        """Start a new episode in the envs where ``done`` (autoreset); returns every env's observation."""
+        raise NotImplementedError
 
-        The same transitions as T calls of ``step`` (an env that finishes runs the rest of its actions
-        in its next episode). Here each step runs when the caller asks for it, so a caller may stop
-        early and results may alias buffers the next step reuses; backends whose steps cost a round
-        trip (robosuite's worker processes) run the whole chunk in one.
-        """
-        for j in range(actions.shape[1]):
-            yield self.step(actions[:, j])
+    def _counters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Running return and length of every env's current episode (kept here for :meth:`step_chunk`)."""
+        if getattr(self, "_ep_return", None) is None or self._ep_return.device != self.device:
+            self._ep_return = torch.zeros(self.num_envs, dtype=torch.float64, device=self.device)
+            self._ep_length = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
+        return self._ep_return, self._ep_length
+
+    @property
+    def elapsed(self) -> torch.Tensor:
+        """(N,) steps taken in every env's current episode."""
+        return self._counters()[1]
+
+    def _clear_counters(self, mask: torch.Tensor | None = None) -> None:
+        ret, length = self._counters()
+        if mask is None:
+            ret.zero_()
+            length.zero_()
+        else:
+            ret.masked_fill_(mask, 0.0)
+            length.masked_fill_(mask, 0)
+
+    def check_actions(self, actions: torch.Tensor, chunk: bool) -> torch.Tensor:
+        """Actions as a tensor of the expected shape, or a FlowrlError naming the problem."""
+        actions = torch.as_tensor(actions)
+        expected = (self.num_envs, "T", self.act_dim) if chunk else (self.num_envs, self.act_dim)
+        ok = actions.dim() == len(expected) and actions.shape[0] == self.num_envs and actions.shape[-1] == self.act_dim
+        if not ok:
+            raise FlowrlError(f"{self.task}: actions of shape {tuple(actions.shape)}, expected "
+                              f"({', '.join(map(str, expected))})")
+        if actions.is_floating_point() and not bool(torch.isfinite(actions).all()):
+            raise FlowrlError(f"{self.task}: actions contain NaN or infinite values")
+        return actions
+
+    def step_chunk(self, actions: torch.Tensor, record_obs: bool = False) -> ChunkResult:
+        """Take (N, T, act_dim) actions in env units, one per step, with exact episode boundaries."""
+        actions = self.check_actions(actions, chunk=True)
+        n, horizon = actions.shape[0], actions.shape[1]
+        dev = self.device
+        ep_return, ep_length = self._counters()
+        alive = torch.ones(n, dtype=torch.bool, device=dev)
+        rewards = torch.zeros((n, horizon), dtype=torch.float64, device=dev)
+        valid = torch.zeros((n, horizon), dtype=torch.bool, device=dev)
+        terminated = torch.zeros(n, dtype=torch.bool, device=dev)
+        truncated = torch.zeros_like(terminated)
+        success: torch.Tensor | None = None
+        step_obs: torch.Tensor | None = None
+        final_obs: torch.Tensor | None = None
+        info: dict[str, Any] = {}
+        for j in range(horizon):
+            valid[:, j] = alive
+            obs, reward, term, info = self._step(actions[:, j], alive)
+            obs, reward, term = obs.to(dev), reward.to(dev), term.to(dev)
+            final_obs = obs.clone() if final_obs is None else torch.where(alive.unsqueeze(1), obs, final_obs)
+            reward = torch.where(alive, reward.double(), 0.0)
+            rewards[:, j] = reward
+            ep_return += reward
+            ep_length += alive.long()
+            if "success" in info:
+                if success is None:
+                    success = torch.zeros((n, horizon), dtype=torch.bool, device=dev)
+                success[:, j] = info["success"].to(dev) & alive
+            if record_obs:
+                if step_obs is None:
+                    step_obs = torch.zeros((n, horizon, obs.shape[1]), dtype=obs.dtype, device=dev)
+                step_obs[:, j] = obs
+            ended_term = alive & term
+            ended_trunc = alive & (ep_length >= self.max_episode_steps)
+            terminated |= ended_term
+            truncated |= ended_trunc
+            alive &= ~(ended_term | ended_trunc)
+            if j + 1 < horizon and not bool(alive.any()):
+                break
+        assert final_obs is not None
+        done = terminated | truncated
+        result = ChunkResult(final_obs, rewards, valid, terminated, truncated, final_obs, ep_return.clone(),
+                             ep_length.clone(), success, step_obs,
+                             {k: v for k, v in info.items() if k != "success"})
+        if bool(done.any()):
+            result.obs = torch.where(done.unsqueeze(1), self._reset_envs(done).to(dev), final_obs)
+            self._clear_counters(done)
+        return result
+
+    def step(self, action: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """One step of (N, act_dim) actions in env units: obs, reward, terminated, truncated, info."""
+        r = self.step_chunk(self.check_actions(action, chunk=False).unsqueeze(1))
+        info = {"final_obs": r.final_obs, "done_mask": r.done, "episode_return": r.episode_return,
+                "episode_length": r.episode_length, **r.info}
+        if r.success is not None:
+            info["success"] = r.success[:, 0]
+        return r.obs, r.rewards[:, 0], r.terminated, r.truncated, info
 
     def render(self, index: int = 0) -> Any:
         """An RGB frame of env ``index`` (backends that can render)."""

@@ -10,16 +10,21 @@ import json
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from flowrl.errors import FlowrlError
+
+EVAL_SEED = 100000  # flowrl.evaluation.EVAL_SEED, without importing torch for --help (a test keeps them equal)
 
 EPILOG = """stages:
   flowrl expert Hopper --out experts/hopper           train a Stable-Baselines3 expert (with snapshots)
   flowrl collect experts/hopper --level medium --episodes 100 --out data/hopper-medium.hdf5
   flowrl pretrain configs/hopper/pretrain_reflow.yaml  behaviour cloning, then evaluation
   flowrl finetune configs/hopper/finetune_reflow.yaml --init runs/NAME   ReinFlow fine-tuning
-  flowrl eval runs/NAME --steps 1 2 4 8                evaluate a checkpoint at several K
+  flowrl eval runs/NAME --k 1 2 4 8                    evaluate a checkpoint at several K
   flowrl data info data/hopper-medium.hdf5             summarise any supported dataset
+  flowrl describe runs/NAME                            observation layout, action bounds, policy of a checkpoint
+  flowrl plot runs/A runs/B --out curves.png           learning curves of runs (mean and spread over seeds)
   flowrl config describe                               every config key, its default and meaning
 """
 
@@ -32,11 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="behaviour cloning of a flow policy on demonstrations",
                          description="Behaviour cloning of a flow or shortcut policy on demonstrations, with "
                          "periodic evaluation, checkpoints, TensorBoard logs and a final evaluation table.")
-    pre.add_argument("config", help="YAML preset (only overrides of the defaults; see `flowrl config describe`)")
+    pre.add_argument("config", nargs="?", help="YAML preset (only overrides of the defaults; see `flowrl config "
+                     "describe`); optional with --resume, which reads the run's own config.yaml")
     pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 policy.head=shortcut")
     pre.add_argument("--steps", type=int, help="total gradient steps (same as train.steps=N)")
     pre.add_argument("--out", help="run folder (default: runs/<task>-pretrain-<head>-<time>)")
-    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
+                     "(from the beginning if it has none yet, so a requeued job can always pass it)")
     pre.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -44,12 +51,14 @@ def _parser() -> argparse.ArgumentParser:
                         description="ReinFlow: PPO over the flow's Euler chain with injected noise, from a pretrained "
                         "checkpoint; periodic evaluation of the deterministic policy, best and last checkpoints, "
                         "TensorBoard logs, a final evaluation table.")
-    ft.add_argument("config", help="YAML preset (see `flowrl config describe finetune`)")
+    ft.add_argument("config", nargs="?", help="YAML preset (see `flowrl config describe finetune`); optional with "
+                    "--resume, which reads the run's own config.yaml (its init included)")
     ft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_envs=512")
     ft.add_argument("--init", help="pretrained checkpoint (or run folder) to start from (same as init=PATH)")
     ft.add_argument("--steps", type=int, help="env-step budget (same as train.env_steps=N)")
     ft.add_argument("--out", help="run folder (default: runs/<task>-finetune-<head>-<time>)")
-    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
+                    "(from the beginning if it has none yet, so a requeued job can always pass it)")
     ft.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -58,10 +67,14 @@ def _parser() -> argparse.ArgumentParser:
                         "latest checkpoint) at each K; prints a table and writes eval.json in the run folder.")
     ev.add_argument("checkpoint", help="checkpoint folder or run folder")
     ev.add_argument("--episodes", type=int, default=10, help="episodes per K (default 10)")
-    ev.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="values of K (default 1 2 4 8)")
-    ev.add_argument("--seed", type=int, default=100000, help="env i is seeded seed+i (default 100000)")
+    ev.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8],
+                    help="numbers of Euler steps K to evaluate (default 1 2 4 8)")
+    ev.add_argument("--steps", type=int, nargs="+", help=argparse.SUPPRESS)  # deprecated spelling of --k
+    ev.add_argument("--seed", type=int, default=EVAL_SEED,
+                    help=f"env i is seeded seed+i (default {EVAL_SEED}; training's periodic evaluations, which "
+                    "choose `best`, use other seeds)")
     ev.add_argument("--backend", default="auto", help="simulation backend (default auto)")
-    ev.add_argument("--device", default="cpu", help="torch device of the policy (default cpu)")
+    ev.add_argument("--device", default="auto", help="torch device of the policy (default auto: cuda when available)")
     ev.add_argument("--max-envs", type=int, default=0,
                     help="envs stepped at once; episodes run in rounds of this many (default 64; robosuite: "
                     "the number of CPU cores, one worker process each)")
@@ -69,6 +82,25 @@ def _parser() -> argparse.ArgumentParser:
                     help="end each episode at its first success (robomimic's rollouts; same success rate, faster)")
     ev.add_argument("--video", action="store_true", help="also write one mp4 per K into the run folder's videos/")
     ev.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    ev.add_argument("--info", action="store_true", help="print what the checkpoint expects and produces (as "
+                    "`flowrl describe`) and evaluate nothing")
+
+    de = sub.add_parser("describe", help="task, policy, observation layout and action bounds of a checkpoint",
+                        description="What a checkpoint expects and produces: its task, its policy (head, K, chunk, "
+                        "history, parameters), the observation's named parts in order with their indices, and the "
+                        "action's dimensions with their bounds; what a robot or another simulator must feed it.")
+    de.add_argument("checkpoint", help="checkpoint folder or run folder")
+    de.add_argument("--json", action="store_true", help="print it as JSON")
+
+    pl = sub.add_parser("plot", help="learning curves of run folders as a PNG",
+                        description="Learning curves from the run folders' TensorBoard logs: evaluation return, "
+                        "success rate and training return against steps or wall-clock, several runs in one "
+                        "figure; runs whose configs differ only in seed are drawn as their mean and min-max band.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    pl.add_argument("--out", help="PNG to write (default: RUN/curves.png for one run, curves.png for several)")
+    pl.add_argument("--x", default="env_steps", choices=["env_steps", "wall_clock"],
+                    help="x axis: the logged step (env steps when fine-tuning, gradient steps when pretraining; "
+                    "default) or wall-clock minutes")
 
     data = sub.add_parser("data", help="inspect datasets").add_subparsers(dest="data_command", required=True,
                                                                            metavar="SUBCOMMAND")
@@ -120,96 +152,133 @@ def _parser() -> argparse.ArgumentParser:
         dest="config_command", required=True, metavar="SUBCOMMAND")
     desc = cf.add_parser("describe", help="every config key with its default and meaning")
     desc.add_argument("stage", nargs="?", default="pretrain", choices=["pretrain", "finetune"])
-    show = cf.add_parser("show", help="the resolved config of a preset plus overrides")
+    desc.add_argument("--algo", help="the algorithm whose train.* keys to list (default: the stage's default)")
+    show = cf.add_parser("show", help="the resolved config of a preset plus overrides (pretrain or finetune, "
+                         "told apart by the algo it names or by its data section)")
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
     return p
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from flowrl.agents.bc import BehaviorCloning
-    from flowrl.config import PretrainConfig, load_config
+def _train(stage: str, args: argparse.Namespace, budget_key: str) -> None:
+    """pretrain and finetune: config -> agent (through the registry) -> the training loop."""
+    from flowrl.config import load_stage_config
+    from flowrl.registry import agent_info
     from flowrl.run import RunFolder
+    from flowrl.training import Trainer
 
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
-    cfg = load_config(PretrainConfig, args.config, overrides)
     if args.resume and not args.out:
         raise FlowrlError("--resume needs --out RUN_FOLDER")
-    out = args.out or os.path.join("runs", RunFolder.default_name("pretrain", cfg.task, cfg.policy.head))
-    bc = BehaviorCloning(cfg, out, resume=args.resume, progress=not args.quiet)
-    print(f"run folder: {bc.run.path}  (tensorboard --logdir {bc.run.path})", file=sys.stderr)
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config and not os.path.isfile(args.config):
+        overrides.insert(0, args.config)  # `--resume --out RUN key=value`: no preset, only overrides
+        args.config = None
+    if stage == "finetune" and args.init:
+        from flowrl.checkpoint import resolve_checkpoint
+
+        overrides.append(f"init={resolve_checkpoint(args.init)}")
+    if args.steps is not None:
+        overrides.append(f"{budget_key}={args.steps}")
+    presets = [args.config] if args.config else []
+    run_config = os.path.join(args.out, "config.yaml") if args.resume and args.out else None
+    if run_config and os.path.isfile(run_config):
+        presets.insert(0, run_config)  # the run's own resolved config: --resume --out RUN needs nothing else
+    if not presets:
+        raise FlowrlError(f"a config is required (flowrl {stage} CONFIG), or --resume --out RUN of a run that "
+                          "has a config.yaml")
+    cfg = load_stage_config(stage, presets, overrides)
+    agent = agent_info(stage, cfg.algo).agent_class()(cfg)
+    head = agent.policy.cfg.head
+    out = args.out or os.path.join("runs", RunFolder.default_name(stage, agent.task, head))
+    trainer = Trainer(agent, out, resume=args.resume, progress=not args.quiet)
+    print(f"run folder: {trainer.run.path}  (tensorboard --logdir {trainer.run.path}); {agent.iterations} iterations"
+          + (f" of {agent.steps_per_iteration} {agent.step_unit}s" if agent.steps_per_iteration > 1 else ""),
+          file=sys.stderr)
     try:
-        bc.learn()
+        trainer.fit()
         if not args.no_eval:
-            bc.final_evaluation()
+            trainer.final_evaluation()
     finally:
-        bc.close()
-    bc.run.close()
+        trainer.close()
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    _train("pretrain", args, "train.steps")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from flowrl.agents.reinflow import ReinFlow
-    from flowrl.checkpoint import read_config, resolve_checkpoint
-    from flowrl.config import FinetuneConfig, load_config
-    from flowrl.run import RunFolder
-
-    overrides = list(args.overrides)
-    if args.init:
-        overrides.append(f"init={resolve_checkpoint(args.init)}")
-    if args.steps is not None:
-        overrides.append(f"train.env_steps={args.steps}")
-    cfg = load_config(FinetuneConfig, args.config, overrides)
-    if args.resume and not args.out:
-        raise FlowrlError("--resume needs --out RUN_FOLDER")
-    if not cfg.init:
-        raise FlowrlError("config: init: the pretrained checkpoint is required (--init PATH)")
-    init = read_config(resolve_checkpoint(cfg.init))
-    task = cfg.task or init.get("task", "task")
-    out = args.out or os.path.join("runs", RunFolder.default_name("finetune", task, init["policy"]["head"]))
-    agent = ReinFlow(cfg, out, resume=args.resume, progress=not args.quiet)
-    print(f"run folder: {agent.run.path}  (tensorboard --logdir {agent.run.path}); {agent.iterations} iterations "
-          f"of {agent.steps_per_iteration} env steps", file=sys.stderr)
-    try:
-        agent.learn()
-        if not args.no_eval:
-            agent.final_evaluation()
-    finally:
-        agent.close()
-    agent.run.close()
+    _train("finetune", args, "train.env_steps")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from flowrl.checkpoint import load_policy, resolve_checkpoint
-    from flowrl.evaluation import Evaluator, record_video
-    from flowrl.io import write_json
-    from flowrl.run import format_eval_table
+    from flowrl.evaluation import Evaluator
+    from flowrl.run import append_eval, format_eval_table
 
-    if args.episodes < 1 or any(k < 1 for k in args.steps):
-        raise FlowrlError("--episodes and --steps must be >= 1")
+    if args.info:
+        cmd_describe(args)
+        return
+    ks = args.k
+    if args.steps is not None:
+        print("flowrl: note: eval --steps is deprecated; use --k", file=sys.stderr)
+        ks = args.steps
+    if args.episodes < 1 or any(k < 1 for k in ks):
+        raise FlowrlError("--episodes and --k must be >= 1")
     folder = resolve_checkpoint(args.checkpoint)
-    policy, config = load_policy(folder, args.device)
+    if Path(args.checkpoint).resolve() != folder.resolve():
+        print(f"evaluating {folder}", file=sys.stderr)
+    policy, config = load_policy(folder, args.device if args.device != "auto" else _auto_device())
     task = config.get("task")
     if not task:
         raise FlowrlError(f"{folder}/config.json: missing key 'task'")
     if args.max_envs < 0:
         raise FlowrlError(f"--max-envs must be >= 1, got {args.max_envs}")
-    evaluator = Evaluator(task, args.seed, args.backend, args.max_envs, args.device, args.end_on_success)
+    evaluator = Evaluator(task, args.seed, args.backend, args.max_envs, policy.obs_mean.device, args.end_on_success)
     try:
-        rows = [evaluator(policy, k, args.episodes) for k in args.steps]
+        rows = [evaluator(policy, k, args.episodes) for k in ks]
     finally:
         evaluator.close()
     run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder
-    result = {"checkpoint": str(folder), "task": task, "step": config.get("step"), "results": rows}
+    result = {"checkpoint": str(folder), "task": task, "step": config.get("step"), "stage": "eval", "results": rows}
+    # the evaluation is on disk and on screen before any video is tried: a rendering problem never loses it
+    append_eval(run_dir / "eval.json", result)
+    if not args.json:
+        print(format_eval_table(rows, f"evaluation of {folder} on {task}, {args.episodes} episodes per K"))
     if args.video:
-        result["videos"] = [str(record_video(policy, task, k, run_dir / "videos" / f"{folder.name}_K{k}.mp4",
-                                             seed=args.seed)) for k in args.steps]
-    write_json(run_dir / "eval.json", result)
+        from flowrl.video import record_video
+
+        result["videos"] = []
+        for k in ks:
+            path = record_video(policy, task, k, run_dir / "videos" / f"{folder.name}_K{k}.mp4", seed=args.seed,
+                                end_on_success=args.end_on_success)
+            result["videos"].append(str(path))
+            if not args.json:
+                print(f"video: {path}")
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(format_eval_table(rows, f"evaluation of {folder} on {task}, {args.episodes} episodes per K"))
-        for v in result.get("videos", []):
-            print(f"video: {v}")
+
+
+def cmd_describe(args: argparse.Namespace) -> None:
+    from flowrl.describe import describe_checkpoint, format_description
+
+    info = describe_checkpoint(args.checkpoint)
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from flowrl.plot import plot_runs, summary
+
+    out = args.out or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 else "curves.png")
+    drawn = plot_runs(args.runs, out, args.x)
+    print(summary(drawn["runs"]))
+    print(f"wrote {drawn['out']} ({', '.join(drawn['panels'])}; {len(drawn['groups'])} curve(s) from "
+          f"{len(args.runs)} run(s))")
+
+
+def _auto_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -224,8 +293,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_expert(args: argparse.Namespace) -> None:
-    from flowrl.agents.expert import train_expert
     from flowrl.envs import resolve_task
+    from flowrl.registry import tool
 
     spec = resolve_task(args.task)
     if args.num_envs < 1 or args.snapshot_every < 1:
@@ -233,15 +302,15 @@ def cmd_expert(args: argparse.Namespace) -> None:
     if args.steps < args.snapshot_every:
         raise FlowrlError(f"--steps ({args.steps}) must be >= --snapshot-every ({args.snapshot_every})")
     out = args.out or os.path.join("experts", spec.name.lower())
-    manifest = train_expert(spec.name, out, total_steps=args.steps, seed=args.seed, num_envs=args.num_envs,
+    manifest = tool("expert")(spec.name, out, total_steps=args.steps, seed=args.seed, num_envs=args.num_envs,
                             snapshot_every=args.snapshot_every, backend=args.backend, device=args.device)
     print(f"expert: step {manifest['expert']}, medium: step {manifest['medium']}  ({out}/expert.json)")
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
-    from flowrl.agents.collect import collect
+    from flowrl.registry import tool
 
-    data = collect(args.source, args.out, episodes=args.episodes, noise=args.noise, seed=args.seed,
+    data = tool("collect")(args.source, args.out, episodes=args.episodes, noise=args.noise, seed=args.seed,
                    level=args.level, task=args.task, num_envs=args.num_envs, backend=args.backend,
                    created_by="flowrl " + shlex.join(args.argv), fmt=args.format,
                    after_success=args.after_success, keep_failures=args.keep_failures)
@@ -251,17 +320,23 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from flowrl.config import FinetuneConfig, PretrainConfig, describe, load_config, to_yaml
+    from flowrl.config import describe, detect_stage, load_stage_config, stage_schema, to_yaml
+    from flowrl.registry import DEFAULT_ALGO, agents
 
     if args.config_command == "describe":
-        for key, default, doc in describe(FinetuneConfig if args.stage == "finetune" else PretrainConfig):
-            print(f"{key:<26} {default:<12} {doc}")
+        algo = args.algo or DEFAULT_ALGO[args.stage]
+        known = agents(args.stage)
+        print(f"{args.stage} algorithms: " + ", ".join(f"{k} ({v.description})" for k, v in sorted(known.items())))
+        print(f"keys of `algo: {algo}`:")
+        for key, default, doc in describe(stage_schema(args.stage, algo)):
+            print(f"{key:<30} {default:<12} {doc}")
     else:
-        print(to_yaml(load_config(PretrainConfig, args.config, args.overrides)), end="")
+        stage = detect_stage(args.config, args.overrides)
+        print(to_yaml(load_stage_config(stage, [args.config], args.overrides)), end="")
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval, "data": cmd_data, "expert": cmd_expert,
-            "collect": cmd_collect, "config": cmd_config}
+            "collect": cmd_collect, "config": cmd_config, "describe": cmd_describe, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

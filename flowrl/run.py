@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from flowrl.checkpoint import list_checkpoints, load_policy, load_train_state
+from flowrl.checkpoint import list_checkpoints
 from flowrl.config import to_dict
 from flowrl.errors import FlowrlError
 from flowrl.io import write_atomic, write_json
@@ -32,24 +32,26 @@ class RunFolder:
         name = task.lower().replace("/", "-")  # robosuite/lift -> robosuite-lift, one folder
         return f"{name}-{stage}-{head}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    def start(self, cfg: Any, resume: bool, resumable_keys: tuple[str, ...] = ("train.steps",)) -> None:
-        """Create the folder and write ``config.yaml``; on resume, check the config did not change."""
+    def start(self, cfg: Any, resume: bool, resumable_keys: tuple[str, ...] = ("train.steps",)) -> bool:
+        """Create the folder and write ``config.yaml``. On resume, check the config did not change and
+        return whether there is a checkpoint to continue from (a run stopped before its first one,
+        or a folder that does not exist yet, starts from the beginning, so a requeued job can always
+        pass ``--resume``)."""
         cfg_path = self.path / "config.yaml"
         new = to_dict(cfg)
-        if resume:
-            if not cfg_path.is_file():
-                raise FlowrlError(f"--resume: {cfg_path} not found; is {self.path} a run folder?")
+        if resume and cfg_path.is_file():
             old = OmegaConf.to_container(OmegaConf.load(cfg_path))
             diffs = [k for k in _flat(new) if k not in resumable_keys and _flat(old).get(k) != _flat(new)[k]]
             if diffs:
                 k = diffs[0]
                 raise FlowrlError(f"--resume: config key '{k}' differs from the run's config.yaml "
                                   f"({_flat(old).get(k)!r} there, {_flat(new)[k]!r} now)")
-        elif self.checkpoints.exists() and list_checkpoints(self.path):
+        elif not resume and self.checkpoints.exists() and list_checkpoints(self.path):
             raise FlowrlError(f"{self.path} already holds checkpoints; pass --resume to continue it "
                               "or choose another --out")
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(cfg_path, lambda p: p.write_text(OmegaConf.to_yaml(OmegaConf.create(new))))
+        return resume and self.latest_checkpoint() is not None
 
     def writer(self, purge_step: int | None = None) -> Any:
         """The TensorBoard writer; ``purge_step`` drops events a resumed run will write again."""
@@ -66,17 +68,10 @@ class RunFolder:
         found = list_checkpoints(self.path)
         return found[-1] if found else None
 
-    def load_latest(self, device: Any) -> tuple[dict[str, Any], Any]:
-        """(training state, policy) of the newest checkpoint, for ``--resume``."""
-        latest = self.latest_checkpoint()
-        if latest is None:
-            raise FlowrlError(f"--resume: {self.path} has no checkpoints yet")
-        return load_train_state(latest), load_policy(latest, device)[0]
-
-    def write_eval(self, results: dict[str, Any]) -> Path:
-        path = self.path / "eval.json"
-        write_json(path, results)
-        return path
+    def append_eval(self, record: dict[str, Any]) -> Path:
+        """Add one evaluation to ``eval.json`` (a list under ``evaluations``, oldest first, each with
+        its checkpoint, K, episodes, seeds and time); earlier records are kept."""
+        return append_eval(self.path / "eval.json", record)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -106,6 +101,27 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def append_eval(path: Path, record: dict[str, Any]) -> Path:
+    """See :meth:`RunFolder.append_eval`; a file in the older one-record layout becomes the first record."""
+    import json
+
+    records: list[Any] = []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if isinstance(old, dict) and isinstance(old.get("evaluations"), list):
+            records = old["evaluations"]
+        elif isinstance(old, dict):
+            records = [old]
+        else:  # unreadable: keep it beside, never lose it
+            path.rename(path.with_suffix(".unreadable.json"))
+    records.append({**record, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_json(path, {"evaluations": records})
+    return path
 
 
 def format_eval_table(rows: list[dict[str, Any]], title: str = "") -> str:

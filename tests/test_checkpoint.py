@@ -51,7 +51,7 @@ def test_missing_and_corrupt_files_are_named(tmp_path) -> None:
     with pytest.raises(FlowrlError, match="config.json: not valid JSON"):
         load_policy(tmp_path / "ck")
     (tmp_path / "ck" / "config.json").unlink()
-    with pytest.raises(FlowrlError, match="missing config.json"):
+    with pytest.raises(FlowrlError, match="neither a checkpoint \\(no config.json\\)"):
         load_policy(tmp_path / "ck")
     with pytest.raises(FlowrlError, match="checkpoint not found"):
         load_policy(tmp_path / "nowhere")

@@ -31,17 +31,17 @@ def test_unknown_task_is_one_clear_error() -> None:
 
 
 def test_task_names_are_canonical_for_every_family() -> None:
-    from flowrl.config import PretrainConfig, load_config, validate_pretrain
+    from flowrl.config import load_stage_config
     from flowrl.envs import canonical_task
 
     assert canonical_task("hopper-v5") == "Hopper"
     assert canonical_task("robosuite/nutassemblysquare") == "robosuite/NutAssemblySquare"
-    with pytest.raises(FlowrlError, match="unknown robosuite task 'robosuite/Stack'; known: robosuite/Lift"):
+    with pytest.raises(FlowrlError, match="unknown task 'robosuite/Stack'; known tasks: .*robosuite/Lift"):
         canonical_task("robosuite/Stack")
     # configs accept robosuite tasks (validated without importing robosuite) and name a bad one
-    validate_pretrain(load_config(PretrainConfig, None, ["task=robosuite/Lift", "data.path=x.hdf5"]))
-    with pytest.raises(FlowrlError, match="task: unknown robosuite task"):
-        validate_pretrain(load_config(PretrainConfig, None, ["task=robosuite/Lifft", "data.path=x.hdf5"]))
+    load_stage_config("pretrain", None, ["task=robosuite/Lift", "data.path=x.hdf5"])
+    with pytest.raises(FlowrlError, match="task: unknown task 'robosuite/Lifft'"):
+        load_stage_config("pretrain", None, ["task=robosuite/Lifft", "data.path=x.hdf5"])
 
 
 def test_per_env_seeding_matches_gymnasium() -> None:
@@ -78,20 +78,31 @@ def test_same_step_autoreset_returns_final_obs_and_matches_a_single_env() -> Non
         pytest.fail("episode never ended")
 
 
+class _Zero:
+    """A chunk policy of zero actions."""
+
+    def __init__(self, act_steps: int, act_dim: int) -> None:
+        self.obs_history, self.act_steps, self.act_dim = 1, act_steps, act_dim
+
+    def act_chunk(self, obs, noise=None):
+        return torch.zeros(obs.shape[0], self.act_steps, self.act_dim)
+
+
 def test_run_episodes_lets_the_caller_end_an_episode() -> None:
     """Collection cuts demonstrations after success through this hook: the env it ends stops
     counting there, the others run to their own end."""
-    from flowrl.evaluation import run_episodes
+    from flowrl.rollout import run_episodes
 
     env = make("PointReach", 3, seed=0)
-    steps = [0]
+    chunks = [0]
 
-    def end_env_1_at_step_5(tr: dict) -> torch.Tensor:
-        steps[0] += 1
-        return torch.tensor([False, steps[0] == 5, False])
+    def end_env_1_after_its_5th_step(obs, chunk, result, active) -> torch.Tensor:
+        chunks[0] += 1
+        ended = torch.zeros(3, 2, dtype=torch.bool)
+        ended[1, 0] = chunks[0] == 3  # the first step of the third chunk: step 5
+        return ended
 
-    out = run_episodes(env, lambda obs: torch.zeros(obs.shape[0], 1, 2), obs_history=1, act_steps=1, seed=0,
-                       on_step=end_env_1_at_step_5)
+    out = run_episodes(env, _Zero(2, 2), seed=0, on_chunk=end_env_1_after_its_5th_step)
     assert out["lengths"].tolist() == [30, 5, 30]
     env.close()
 
@@ -99,35 +110,50 @@ def test_run_episodes_lets_the_caller_end_an_episode() -> None:
 class _SucceedsAtStep(BatchedEnv):
     """A batched env whose env i first succeeds at its step 3 + i and is truncated at step 10."""
 
+    task = "Fake"
+    act_dim = 1
+    max_episode_steps = 10
+
     def __init__(self, num_envs: int) -> None:
-        self.num_envs, self.t = num_envs, 0
+        self.num_envs, self.t, self.device = num_envs, 0, torch.device("cpu")
 
     def reset(self, seed: int | None = None) -> torch.Tensor:
         self.t = 0
+        self._clear_counters()
         return torch.zeros(self.num_envs, 2)
 
-    def step(self, action: torch.Tensor):
+    def _step(self, action, alive):
         self.t += 1
-        truncated = torch.full((self.num_envs,), self.t >= 10)
         success = self.t >= 3 + torch.arange(self.num_envs)
-        return (torch.zeros(self.num_envs, 2), torch.ones(self.num_envs), torch.zeros(self.num_envs, dtype=torch.bool),
-                truncated, {"success": success, "done_mask": truncated})
+        return torch.zeros(self.num_envs, 2), torch.ones(self.num_envs), torch.zeros(self.num_envs, dtype=torch.bool), \
+            {"success": success}
 
-    def close(self) -> None:
-        pass
+    def _reset_envs(self, done):
+        self.t = 0
+        return torch.zeros(self.num_envs, 2)
+
+
+class _FakeFlow:
+    """Enough of a FlowPolicy for the evaluator: zero chunks of ``act_steps``."""
+
+    def __init__(self, act_steps: int) -> None:
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(obs_history=1, act_steps=act_steps)
+        self.obs_mean = torch.zeros(2)
+
+    def predict(self, obs, num_steps, noise=None, generator=None):
+        return torch.zeros(obs.shape[0], self.cfg.act_steps, 1)
 
 
 def test_evaluation_can_end_episodes_at_success(monkeypatch: pytest.MonkeyPatch) -> None:
     """robomimic-style evaluation: the same success rate, episodes (and returns) end at the first success."""
-    from types import SimpleNamespace
-
     import flowrl.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "make", lambda task, n, **kw: _SucceedsAtStep(n))
-    policy = SimpleNamespace(cfg=SimpleNamespace(obs_history=1, act_steps=2), obs_mean=torch.zeros(2),
-                             predict=lambda obs, num_steps, generator: torch.zeros(obs.shape[0], 2, 1))
-    full = evaluation.evaluate(policy, "Fake", 1, episodes=3)
-    cut = evaluation.evaluate(policy, "Fake", 1, episodes=3, end_on_success=True)
+    monkeypatch.setattr(evaluation, "is_robosuite", lambda task: False)
+    full = evaluation.evaluate(_FakeFlow(2), "Fake", 1, episodes=3)
+    cut = evaluation.evaluate(_FakeFlow(2), "Fake", 1, episodes=3, end_on_success=True)
     assert full["success_rate"] == cut["success_rate"] == 1.0
     assert full["length_mean"] == 10 and full["return_mean"] == 10
     assert cut["length_mean"] == 4 and cut["return_mean"] == 4  # envs end at steps 3, 4, 5
@@ -135,7 +161,6 @@ def test_evaluation_can_end_episodes_at_success(monkeypatch: pytest.MonkeyPatch)
 
 def test_evaluator_keeps_its_envs_between_evaluations(monkeypatch: pytest.MonkeyPatch) -> None:
     """Periodic evaluations reuse the envs (robosuite workers take seconds to start), with the same results."""
-    from types import SimpleNamespace
 
     import flowrl.evaluation as evaluation
 
@@ -151,8 +176,8 @@ def test_evaluator_keeps_its_envs_between_evaluations(monkeypatch: pytest.Monkey
         return made[-1]
 
     monkeypatch.setattr(evaluation, "make", fake_make)
-    policy = SimpleNamespace(cfg=SimpleNamespace(obs_history=1, act_steps=1), obs_mean=torch.zeros(2),
-                             predict=lambda obs, num_steps, generator: torch.zeros(obs.shape[0], 1, 1))
+    monkeypatch.setattr(evaluation, "is_robosuite", lambda task: False)
+    policy = _FakeFlow(1)
     ev = evaluation.Evaluator("Fake", max_envs=4, end_on_success=True)
     first, second = ev(policy, 1, episodes=8), ev(policy, 1, episodes=8)
     assert first == {**second, "wall_clock_s": first["wall_clock_s"]}

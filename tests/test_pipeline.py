@@ -56,10 +56,10 @@ def test_pretrain_eval_video_and_tensorboard(tmp_path, hopper_dataset, capsys) -
     assert main(["pretrain", str(preset), *TINY, "--steps", "8", "--out", str(run), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "return mean" in printed and "evaluation of" in printed
-    saved = json.loads((run / "eval.json").read_text())
-    assert [r["num_steps"] for r in saved["results"]] == [1, 2] and saved["step"] == 8
+    saved = json.loads((run / "eval.json").read_text())["evaluations"]
+    assert len(saved) == 1 and [r["num_steps"] for r in saved[0]["results"]] == [1, 2] and saved[0]["step"] == 8
     assert (run / "config.yaml").is_file()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "8"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "8", "best"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -67,21 +67,24 @@ def test_pretrain_eval_video_and_tensorboard(tmp_path, hopper_dataset, capsys) -
     assert {"train/loss", "train/bc_loss", "train/learning_rate", "time/fps", "eval/mean_reward",
             "eval/mean_ep_length"} <= tags
 
-    assert main(["eval", str(run), "--episodes", "2", "--steps", "1", "4", "--json"]) == 0
+    assert main(["eval", str(run / "checkpoints" / "8"), "--episodes", "2", "--k", "1", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["checkpoint"].endswith("checkpoints/8") and [r["num_steps"] for r in result["results"]] == [1, 4]
-    assert json.loads((run / "eval.json").read_text()) == result
-    assert main(["eval", str(run), "--episodes", "3", "--steps", "4", "--json", "--max-envs", "2"]) == 0
+    records = json.loads((run / "eval.json").read_text())["evaluations"]
+    assert len(records) == 2 and records[0] == saved[0]  # the pretraining's record is kept
+    assert {k: v for k, v in records[1].items() if k != "time"} == result
+    assert main(["eval", str(run), "--episodes", "3", "--k", "4", "--json", "--max-envs", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["episodes"] == 3  # rounds of 2 envs
 
     # headless rendering (EGL, Mesa's software EGL on CPU machines) is part of what is tested
-    assert main(["eval", str(run / "checkpoints" / "4"), "--episodes", "1", "--steps", "2", "--video"]) == 0
+    assert main(["eval", str(run / "checkpoints" / "4"), "--episodes", "1", "--k", "2", "--video"]) == 0
     video = run / "videos" / "4_K2.mp4"
     assert video.is_file() and video.stat().st_size > 1000
     import imageio.v2 as imageio
 
     frames = imageio.mimread(video, memtest=False)
-    assert len(frames) > 5 and frames[0].ndim == 3
+    length = json.loads((run / "eval.json").read_text())["evaluations"][-1]["results"][0]["length_mean"]
+    assert len(frames) == len(range(0, int(length), 5)) and frames[0].ndim == 3  # real time: every 5th step
 
 
 def test_expert_on_a_batched_backend_keeps_snapshots_small(tmp_path) -> None:

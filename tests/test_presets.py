@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flowrl.config import FinetuneConfig, PretrainConfig, load_config, validate_finetune, validate_pretrain
+from flowrl.config import detect_stage, load_stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
@@ -15,11 +15,12 @@ UNSHIPPED_DATA = {"data/humanoid-medium.hdf5"}  # made by the commands in data/R
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_loads_and_validates(preset: str) -> None:
-    if Path(preset).name.startswith("finetune"):
-        validate_finetune(load_config(FinetuneConfig, REPO / preset, ["init=some/checkpoint"]))
+    stage = detect_stage(REPO / preset)
+    assert stage == ("finetune" if Path(preset).name.startswith("finetune") else "pretrain")
+    if stage == "finetune":
+        load_stage_config(stage, REPO / preset, ["init=some/checkpoint"])
     else:
-        cfg = load_config(PretrainConfig, REPO / preset)
-        validate_pretrain(cfg)
+        cfg = load_stage_config(stage, REPO / preset)
         assert cfg.data.path in UNSHIPPED_DATA or (REPO / cfg.data.path).is_file(), cfg.data.path
 
 

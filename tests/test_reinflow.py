@@ -12,12 +12,29 @@ from torch.distributions import Normal
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.reinflow import ReinFlow, compute_gae, sigma_upper_bound
 from flowrl.checkpoint import load_policy
-from flowrl.config import FinetuneConfig, PretrainConfig, load_config
+from flowrl.agents.scripted import write_demonstrations
+from flowrl.config import load_stage_config
 from flowrl.envs import make
-from flowrl.envs.point_reach import write_demonstrations
 from flowrl.errors import Interrupted
 from flowrl.evaluation import evaluate
+from flowrl.training import Trainer
 from flowrl.sampler import chain_log_prob, euler_sample, noisy_euler_chain
+
+def _pretrain_cfg(*overrides: str):
+    return load_stage_config("pretrain", None, list(overrides))
+
+
+def _cfg(*overrides: str):
+    return load_stage_config("finetune", None, list(overrides))
+
+
+def _agent(*overrides: str) -> ReinFlow:
+    return ReinFlow(_cfg(*overrides))
+
+
+def _run(cfg, out, resume: bool = False) -> Trainer:
+    return Trainer(ReinFlow(cfg), out, resume=resume, progress=False)
+
 
 FINETUNE = ["device=cpu", "train.num_envs=128", "train.rollout_steps=15", "train.actor_lr=3e-4",
             "train.actor_lr_min=1e-4", "train.critic_lr=1e-3", "train.critic_lr_min=1e-3", "train.minibatch_size=480",
@@ -31,12 +48,12 @@ def pretrained(tmp_path_factory) -> str:
     """A behaviour-cloned PointReach policy (the demonstrator moves at 40% speed)."""
     root = tmp_path_factory.mktemp("pointreach")
     write_demonstrations(str(root / "demos.hdf5"), episodes=64, seed=0)
-    cfg = load_config(PretrainConfig, None, [
+    cfg = _pretrain_cfg(*[
         "task=PointReach", f"data.path={root / 'demos.hdf5'}", "device=cpu", "policy.hidden_dim=64", "policy.depth=2",
         "policy.horizon=2", "policy.act_steps=2", "policy.num_steps=4", "policy.time_embed_dim=16",
         "train.steps=600", "train.batch_size=128", "train.eval_every=0", "train.checkpoint_every=600",
         "train.warmup_steps=20"])
-    BehaviorCloning(cfg, root / "bc", progress=False).learn()
+    Trainer(BehaviorCloning(cfg), root / "bc", progress=False).fit()
     return str(root / "bc" / "checkpoints" / "600")
 
 
@@ -112,10 +129,8 @@ def test_noise_bound_schedule() -> None:
 
 @pytest.mark.parametrize("normalization", ["mean", "sum"])
 def test_ratio_is_exactly_one_on_the_first_minibatch(tmp_path, pretrained, normalization) -> None:
-    cfg = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=11520",
-                                             "train.critic_warmup_iterations=0",
-                                             f"train.logprob_normalization={normalization}"])
-    agent = ReinFlow(cfg, tmp_path / "ratio", progress=False)
+    agent = _agent(f"init={pretrained}", *FINETUNE, "train.env_steps=11520", "train.critic_warmup_iterations=0",
+                   f"train.logprob_normalization={normalization}")
     for _ in range(2):
         logs = agent.update(agent.collect())
         agent.iteration += 1
@@ -127,9 +142,7 @@ def test_reinflow_improves_a_behaviour_cloned_policy(tmp_path, pretrained) -> No
     """PointReach: BC learns the 40%-speed demonstrator; ReinFlow must speed it up (< 60 s on CPU)."""
     policy, _ = load_policy(pretrained)
     before = evaluate(policy, "PointReach", 4, episodes=64, seed=5)["return_mean"]
-    cfg = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=92160"])
-    agent = ReinFlow(cfg, tmp_path / "ft", progress=False)
-    agent.learn()
+    _run(_cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=92160"), tmp_path / "ft").fit()
     after_policy, config = load_policy(tmp_path / "ft" / "checkpoints" / "92160")
     after = evaluate(after_policy, "PointReach", 4, episodes=64, seed=5)["return_mean"]
     assert config["stage"] == "finetune" and config["task"] == "PointReach"
@@ -137,49 +150,48 @@ def test_reinflow_improves_a_behaviour_cloned_policy(tmp_path, pretrained) -> No
 
 
 def test_resumed_finetuning_equals_uninterrupted(tmp_path, pretrained) -> None:
-    cfg = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=15360",
-                                             "train.checkpoint_every=1"])
-    full = ReinFlow(cfg, tmp_path / "full", progress=False)
-    full.learn()
+    cfg = _cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=15360", "train.checkpoint_every=1")
+    full = _run(cfg, tmp_path / "full")
+    full.fit()
 
-    part = ReinFlow(cfg, tmp_path / "part", progress=False)
-    original = part.update
+    part = _run(cfg, tmp_path / "part")
+    original = part.agent.update
 
     def update_then_ctrl_c(batch):
         logs = original(batch)
-        if part.iteration == 1:
+        if part.agent.iteration == 1:
             os.kill(os.getpid(), signal.SIGINT)
         return logs
 
-    part.update = update_then_ctrl_c  # type: ignore[method-assign]
+    part.agent.update = update_then_ctrl_c  # type: ignore[method-assign]
     with pytest.raises(Interrupted, match="interrupted at iteration 2"):
-        part.learn()
-    resumed = ReinFlow(cfg, tmp_path / "part", resume=True, progress=False)
-    assert resumed.iteration == 2
-    resumed.learn()
+        part.fit()
+    resumed = _run(cfg, tmp_path / "part", resume=True)
+    assert resumed.state.iteration == 2
+    resumed.fit()
     for module in ("policy", "noise", "critic"):
-        for a, b in zip(getattr(full, module).state_dict().values(), getattr(resumed, module).state_dict().values()):
+        for a, b in zip(getattr(full.agent, module).state_dict().values(),
+                        getattr(resumed.agent, module).state_dict().values()):
             assert torch.equal(a, b), module
 
 
 def test_time_limit_stops_with_an_evaluation_and_a_checkpoint_and_resume_continues(tmp_path, pretrained,
                                                                                   capsys) -> None:
     # 960 env steps per iteration, 4 iterations; a limit of ~0 minutes stops after the first
-    cfg = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=3840",
-                                             "train.num_envs=32", "train.minibatch_size=240",
-                                             "train.max_minutes=1e-6"])
-    agent = ReinFlow(cfg, tmp_path / "run", progress=False)
-    agent.learn()
-    assert agent.iteration == 1 and agent.env_steps == 960
-    assert [e["iteration"] for e in agent.eval_history] == [0, 1]
+    cfg = _cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=3840", "train.num_envs=32",
+               "train.minibatch_size=240", "train.max_minutes=1e-6")
+    run = _run(cfg, tmp_path / "run")
+    run.fit()
+    assert run.state.iteration == 1 and run.step == 960
+    assert [e["iteration"] for e in run.state.eval_history] == [0, 1]
     assert (tmp_path / "run" / "checkpoints" / "960" / "model.safetensors").is_file()
     assert "stopped at the time limit (train.max_minutes=1e-06) after iteration 1 of 4" in capsys.readouterr().out
-    agent.close()
-    more = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=3840",
-                                              "train.num_envs=32", "train.minibatch_size=240", "train.max_minutes=0"])
-    resumed = ReinFlow(more, tmp_path / "run", resume=True, progress=False)
-    resumed.learn()
-    assert resumed.iteration == 4 and resumed.env_steps == 3840
+    run.close()
+    more = _cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=3840", "train.num_envs=32",
+                "train.minibatch_size=240", "train.max_minutes=0")
+    resumed = _run(more, tmp_path / "run", resume=True)
+    resumed.fit()
+    assert resumed.state.iteration == 4 and resumed.step == 3840
     resumed.close()
 
 
@@ -202,21 +214,21 @@ def test_cpu_backend_full_state_round_trip() -> None:
 def test_shortcut_head_at_another_k(tmp_path) -> None:
     """A shortcut policy fine-tuned at K=2 (pretrained for K=4): the chain uses d = 1/2."""
     write_demonstrations(str(tmp_path / "demos.hdf5"), episodes=16, seed=1)
-    cfg = load_config(PretrainConfig, None, [
+    cfg = _pretrain_cfg(*[
         "task=PointReach", f"data.path={tmp_path / 'demos.hdf5'}", "device=cpu", "policy.head=shortcut",
         "policy.hidden_dim=32", "policy.depth=1", "policy.horizon=2", "policy.act_steps=2", "policy.time_embed_dim=8",
         "policy.max_shortcut_steps=8", "train.steps=40", "train.batch_size=64", "train.eval_every=0",
         "train.checkpoint_every=40", "train.warmup_steps=5"])
-    BehaviorCloning(cfg, tmp_path / "bc", progress=False).learn()
-    ft = load_config(FinetuneConfig, None, [f"init={tmp_path / 'bc' / 'checkpoints' / '40'}", *FINETUNE,
-                                            "train.num_steps=2", "train.num_envs=32", "train.minibatch_size=120",
-                                            "train.env_steps=3840", "train.critic_warmup_iterations=0"])
-    agent = ReinFlow(ft, tmp_path / "ft", progress=False)
+    Trainer(BehaviorCloning(cfg), tmp_path / "bc", progress=False).fit()
+    ft = _cfg(f"init={tmp_path / 'bc' / 'checkpoints' / '40'}", *FINETUNE, "train.num_steps=2", "train.num_envs=32",
+              "train.minibatch_size=120", "train.env_steps=3840", "train.critic_warmup_iterations=0")
+    run = _run(ft, tmp_path / "ft")
+    agent = run.agent
     batch = agent.collect()
     assert batch["chain"].shape[1:] == (3, 2, 2)  # K+1 states of a (horizon, act_dim) chunk
     assert agent.update(batch)["train/first_ratio_deviation"] == 0.0
-    agent.iteration += 1
-    folder = agent.save()
+    run.state.iteration += 1
+    folder = run.save()
     policy, config = load_policy(folder)
     assert policy.is_shortcut and config["policy"]["num_steps"] == 2 and config["stage"] == "finetune"
 
@@ -238,22 +250,20 @@ def test_finetune_cli_end_to_end_and_bad_input(tmp_path, pretrained, capsys) -> 
     assert {"rollout/ep_rew_mean", "train/approx_kl", "train/clip_fraction", "train/entropy_loss",
             "train/value_loss", "train/explained_variance", "train/noise_std", "time/fps",
             "eval/mean_reward"} <= tags
-    assert main(["eval", str(out / "checkpoints" / "1920"), "--episodes", "2", "--steps", "4"]) == 0
+    assert main(["eval", str(out / "checkpoints" / "1920"), "--episodes", "2", "--k", "4"]) == 0
     assert main(["finetune", str(preset), "--out", str(tmp_path / "x")]) == 2
     assert main(["finetune", str(preset), "--init", pretrained, "train.clip_coef=-1", "--out", str(tmp_path / "y")]) == 2
     assert main(["finetune", str(preset), "--init", pretrained, "train.terminate_on_success=true",
                  "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err
     assert "init: the pretrained checkpoint is required" in err and "train.clip_coef: must be > 0" in err
-    assert "train.terminate_on_success: only robosuite tasks report success, not PointReach" in err
+    assert "train.terminate_on_success: task PointReach reports no success" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_w2_regulariser_is_zero_before_the_first_step_and_logged(tmp_path, pretrained) -> None:
-    cfg = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=3840",
-                                             "train.critic_warmup_iterations=0", "train.w2_coef=0.1",
-                                             "train.update_epochs=1", "train.minibatch_size=960"])
-    agent = ReinFlow(cfg, tmp_path / "w2", progress=False)
+    agent = _agent(f"init={pretrained}", *FINETUNE, "train.env_steps=3840", "train.critic_warmup_iterations=0",
+                   "train.w2_coef=0.1", "train.update_epochs=1", "train.minibatch_size=960")
     batch = agent.collect()
     obs, x0 = batch["obs"][:64], batch["chain"][:64, 0]
     same = agent._deterministic_actions(agent.policy, obs, x0) - agent._deterministic_actions(agent.reference, obs, x0)
@@ -268,10 +278,8 @@ def test_w2_anchor_keeps_the_deployed_actions_near_the_pretrained_ones(tmp_path,
     deterministic actions less than the same update without it."""
 
     def drift(w2_coef: float) -> float:
-        cfg = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=3840",
-                                                 "train.critic_warmup_iterations=0", f"train.w2_coef={w2_coef}",
-                                                 "train.update_epochs=4", "seed=3"])
-        agent = ReinFlow(cfg, tmp_path / f"anchor{w2_coef}", progress=False)
+        agent = _agent(f"init={pretrained}", *FINETUNE, "train.env_steps=3840", "train.critic_warmup_iterations=0",
+                       f"train.w2_coef={w2_coef}", "train.update_epochs=4", "seed=3")
         batch = agent.collect()
         agent.update(batch)
         obs, x0 = batch["obs"], batch["chain"][:, 0]
@@ -286,15 +294,14 @@ def test_w2_anchor_keeps_the_deployed_actions_near_the_pretrained_ones(tmp_path,
 
 
 def test_final_evaluation_releases_the_rollout_envs_first(tmp_path, pretrained, monkeypatch) -> None:
-    cfg = load_config(FinetuneConfig, None, [f"init={pretrained}", *FINETUNE, "train.env_steps=1920",
-                                             "eval.episodes=8", "eval.steps=[2]"])
-    agent = ReinFlow(cfg, tmp_path / "final", progress=False)
-    agent.learn()
+    run = _run(_cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=1920", "eval.episodes=8", "eval.steps=[2]"),
+               tmp_path / "final")
+    run.fit()
     events: list[str] = []
-    monkeypatch.setattr(agent.env, "close", lambda: events.append("rollout envs closed"))
-    real_make = agent.evaluator._envs
-    monkeypatch.setattr(agent.evaluator, "_envs", lambda n: (events.append("evaluation envs"), real_make(n))[1])
-    rows = agent.final_evaluation()
-    agent.close()
+    monkeypatch.setattr(run.agent.env, "close", lambda: events.append("rollout envs closed"))
+    real_make = run.evaluator._envs
+    monkeypatch.setattr(run.evaluator, "_envs", lambda n: (events.append("evaluation envs"), real_make(n))[1])
+    rows = run.final_evaluation()
+    run.close()
     assert events[:2] == ["rollout envs closed", "evaluation envs"] and rows[0]["episodes"] == 8
     assert (tmp_path / "final" / "eval.json").is_file()

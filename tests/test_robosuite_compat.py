@@ -13,7 +13,7 @@ os.environ.setdefault("MUJOCO_GL", "disable")
 
 
 def test_self_check_builds_steps_and_checks() -> None:
-    from flowrl.envs.robosuite_compat import self_check
+    from flowrl.envs.backends.robosuite_compat import self_check
 
     report = self_check("Lift", steps=3)
     assert report["robosuite"] == "1.5.2" and report["mass_matrix_shape"] == [7, 7]
@@ -23,7 +23,7 @@ def test_self_check_builds_steps_and_checks() -> None:
 def test_mass_matrix_matches_an_independent_computation() -> None:
     import mujoco
 
-    from flowrl.envs.robosuite_compat import apply
+    from flowrl.envs.backends.robosuite_compat import apply
 
     apply()
     env = robosuite.make("Lift", robots="Panda", has_renderer=False, has_offscreen_renderer=False,
@@ -49,7 +49,7 @@ def test_apply_is_idempotent() -> None:
     from robosuite.controllers.parts.controller import Controller
     from robosuite.utils.binding_utils import MjModel
 
-    from flowrl.envs import robosuite_compat
+    from flowrl.envs.backends import robosuite_compat
 
     first = robosuite_compat.apply()
     installed = (MjModel.get_joint_qpos_addr, MjModel.get_joint_qvel_addr, Controller.update)
@@ -118,18 +118,23 @@ def test_workers_get_one_blas_thread_unless_the_user_chose(monkeypatch) -> None:
 
 
 def test_a_chunk_in_one_round_trip_is_the_same_as_its_steps(lift) -> None:
+    """Chunks sent to the workers in one message each give the transitions of single steps; the
+    horizon (6) falls inside the second chunk, whose remaining actions are never taken."""
     import torch
 
     actions = torch.rand((3, 8, 7), generator=torch.Generator().manual_seed(0)) * 2 - 1
     lift.reset(seed=5)
-    chunked = lift.step_chunk(actions[:, :4]) + lift.step_chunk(actions[:, 4:])  # the horizon (6) inside the second
+    first, second = lift.step_chunk(actions[:, :4]), lift.step_chunk(actions[:, 4:])
     lift.reset(seed=5)
-    stepped = [lift.step(actions[:, j]) for j in range(8)]
-    assert len(chunked) == 8 and bool(chunked[5][3].all())  # truncated at step 6, reset inside the chunk
-    for (obs_c, rew_c, term_c, trunc_c, info_c), (obs_s, rew_s, term_s, trunc_s, info_s) in zip(chunked, stepped):
-        assert torch.equal(obs_c, obs_s) and torch.equal(rew_c, rew_s)
-        assert torch.equal(term_c, term_s) and torch.equal(trunc_c, trunc_s)
-        assert info_c.keys() == info_s.keys() and all(torch.equal(info_c[k], info_s[k]) for k in info_c)
+    stepped = [lift.step(actions[:, j]) for j in range(6)]
+    rewards = torch.stack([s[1] for s in stepped], dim=1)
+    assert torch.equal(torch.cat([first.rewards, second.rewards[:, :2]], dim=1), rewards)
+    assert torch.equal(torch.cat([first.success, second.success[:, :2]], dim=1),
+                       torch.stack([s[4]["success"] for s in stepped], dim=1))
+    assert not first.done.any() and bool(second.truncated.all()) and not second.valid[:, 2:].any()
+    assert torch.equal(second.final_obs, stepped[-1][4]["final_obs"])
+    assert torch.equal(second.obs, stepped[-1][0])  # the next episode's first observation, untouched
+    assert torch.equal(second.episode_length, torch.full((3,), 6))
 
 
 def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
@@ -244,10 +249,12 @@ def test_collect_drops_failed_episodes_and_says_so_when_none_succeed(tmp_path, m
     from flowrl.errors import FlowrlError
 
     class Idle:  # never grasps: every episode fails
+        obs_history, act_steps = 1, 1
+
         def __init__(self, n: int) -> None:
             self.n = n
 
-        def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        def act_chunk(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
             return torch.zeros(obs.shape[0], 1, 7)
 
     monkeypatch.setitem(scripted.EXPERTS, "robosuite/Lift", Idle)

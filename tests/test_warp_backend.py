@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flowrl.envs import make
-from flowrl.envs.mujoco_warp_backend import warp_available
+from flowrl.envs import warp_available
 from flowrl.errors import FlowrlError
 
 pytestmark = pytest.mark.skipif(not warp_available(), reason="mujoco-warp not installed (pip install 'flowrl[warp]')")

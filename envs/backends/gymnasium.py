@@ -13,7 +13,8 @@ from flowrl.envs.base import BatchedEnv
 
 
 class GymnasiumEnv(BatchedEnv):
-    """A gymnasium vector env (sync or async) in same-step autoreset mode, seen through torch."""
+    """A gymnasium vector env (sync or async) without autoreset, seen through torch; finished envs
+    are reset at the chunk boundary (``reset_mask``), as :class:`BatchedEnv` promises."""
 
     def __init__(
         self,
@@ -36,15 +37,13 @@ class GymnasiumEnv(BatchedEnv):
             gym_id,
             num_envs=num_envs,
             vectorization_mode=vectorization,
-            vector_kwargs=dict(autoreset_mode=gym.vector.AutoresetMode.SAME_STEP),
+            vector_kwargs=dict(autoreset_mode=gym.vector.AutoresetMode.DISABLED),
             **kwargs,
         )
         self.single_observation_space = self._env.single_observation_space
         self.single_action_space = self._env.single_action_space
         self.max_episode_steps = int(gym.spec(gym_id).max_episode_steps or 0)
         self._seed = seed
-        self._returns = np.zeros(num_envs)
-        self._lengths = np.zeros(num_envs, dtype=np.int64)
         self._low = self.single_action_space.low
         self._high = self.single_action_space.high
 
@@ -55,38 +54,20 @@ class GymnasiumEnv(BatchedEnv):
         seed = self._seed if seed is None else seed
         seeds = None if seed is None else [int(seed) + i for i in range(self.num_envs)]
         obs, _ = self._env.reset(seed=seeds)
-        self._returns[:] = 0.0
-        self._lengths[:] = 0
+        self._clear_counters()
         return self._t(obs)
 
-    def step(self, action: torch.Tensor):
+    def _step(self, action: torch.Tensor, alive: torch.Tensor):
         act = np.clip(action.detach().cpu().numpy().astype(self.single_action_space.dtype), self._low, self._high)
-        obs, reward, terminated, truncated, info = self._env.step(act)
-        done = np.logical_or(terminated, truncated)
-        self._returns += reward
-        self._lengths += 1
-        out_info: dict[str, Any] = {
-            "done_mask": self._t(done, torch.bool),
-            "episode_return": self._t(self._returns.copy()),
-            "episode_length": self._t(self._lengths.copy(), torch.int64),
-        }
-        final_obs = np.array(obs, dtype=np.float64, copy=True)
-        if done.any():
-            mask = info["_final_obs"]
-            for i in np.flatnonzero(mask):
-                final_obs[i] = info["final_obs"][i]
-            if "final_info" in info and "success" in info["final_info"]:
-                out_info["success"] = self._t(info["final_info"]["success"], torch.bool)
-            self._returns[done] = 0.0
-            self._lengths[done] = 0
-        out_info["final_obs"] = self._t(final_obs)
-        return (
-            self._t(obs),
-            self._t(reward),
-            self._t(terminated, torch.bool),
-            self._t(truncated, torch.bool),
-            out_info,
-        )
+        obs, reward, terminated, _, info = self._env.step(act)  # truncation: BatchedEnv counts the horizon
+        out: dict[str, Any] = {}
+        if "success" in info:
+            out["success"] = self._t(info["success"], torch.bool)
+        return self._t(obs), self._t(reward), self._t(terminated, torch.bool), out
+
+    def _reset_envs(self, done: torch.Tensor) -> torch.Tensor:
+        obs, _ = self._env.reset(options={"reset_mask": done.cpu().numpy()})
+        return self._t(obs)
 
     def render(self, index: int = 0) -> np.ndarray:
         frames = self._env.render()

@@ -14,6 +14,7 @@ Every process that builds a robosuite env must call :func:`apply` (worker proces
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import mujoco
@@ -69,7 +70,9 @@ def _enum_compares_with_numpy() -> bool:
 
 
 def apply() -> dict[str, bool]:
-    """Install the replacements this MuJoCo needs; returns which ones are active."""
+    """Install the replacements this MuJoCo needs (and quiet robosuite's routine log lines, see
+    :func:`quiet_logs`); returns which replacements are active."""
+    quiet_logs()
     from robosuite.controllers.parts import controller
     from robosuite.utils import binding_utils
 
@@ -111,3 +114,19 @@ def self_check(task: str = "Lift", steps: int = 5) -> dict[str, Any]:
                 "task": task, "steps": steps, "mass_matrix_shape": list(mass.shape)}
     finally:
         env.close()
+
+
+class _DropRoutineRecords(logging.Filter):
+    """robosuite's import-time notices (no private macro file, robosuite_models and mink not installed:
+    neither is used by flowrl's Panda tasks) and its INFO lines; its errors still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def quiet_logs() -> None:
+    """Keep robosuite's routine log lines out of flowrl's output (call before importing robosuite;
+    idempotent): only its errors get through."""
+    logger = logging.getLogger("robosuite_logs")  # the logger robosuite configures on import
+    if not any(isinstance(f, _DropRoutineRecords) for f in logger.filters):
+        logger.addFilter(_DropRoutineRecords())

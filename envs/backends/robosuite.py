@@ -1,4 +1,4 @@
-"""robosuite's manipulation tasks as a batched env: one worker process per env.
+"""Backend ``robosuite``: robosuite's own manipulation envs, one worker process per env.
 
 Panda arm(s) with robosuite's default BASIC composite controller (OSC_POSE arm, gripper),
 low-dimensional observations under robomimic's keys (``object``, ``robot0_eef_pos``,
@@ -8,7 +8,9 @@ horizon (robosuite's tasks have no terminal states), ``info["success"]`` per env
 seeding that reseeds each env's own generator in place and never touches numpy's global one.
 ``terminate_on_success=True`` ends an episode as a termination at its first success instead
 (robomimic's ``terminate_on_success``): the goal-reaching form of the task that RL fine-tuning uses.
-Each worker applies :mod:`flowrl.envs.robosuite_compat` before it builds its env.
+An episode that ends inside an action chunk takes no further actions: its worker resets it at the
+chunk boundary. Each worker applies :mod:`flowrl.envs.backends.robosuite_compat` before it builds its env.
+The tasks and their facts are registered in :mod:`flowrl.envs.tasks.manipulation`.
 """
 
 from __future__ import annotations
@@ -24,12 +26,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from flowrl.envs.base import BatchedEnv
+from flowrl.envs.base import BatchedEnv, ChunkResult
+from flowrl.envs.registry import TaskInfo
 from flowrl.errors import FlowrlError
-
-TASKS = {"Lift": ("Lift", "Panda", 400), "PickPlaceCan": ("PickPlaceCan", "Panda", 400),
-         "NutAssemblySquare": ("NutAssemblySquare", "Panda", 400),
-         "TwoArmTransport": ("TwoArmTransport", ["Panda", "Panda"], 800)}
 
 
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -56,15 +55,6 @@ def single_threaded_blas_children() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def robosuite_task(name: str) -> str:
-    """``Lift``, ``lift`` or ``robosuite/lift`` -> ``Lift``; an unknown name is a FlowrlError listing the known."""
-    wanted = name.strip().split("/", 1)[-1].lower()
-    for known in TASKS:
-        if known.lower() == wanted:
-            return known
-    raise FlowrlError(f"unknown robosuite task '{name}'; known: " + ", ".join(f"robosuite/{t}" for t in TASKS))
-
-
 def obs_keys(num_robots: int) -> list[str]:
     keys = ["object"]
     for r in range(num_robots):
@@ -77,30 +67,29 @@ def flatten_obs(obs: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
                            for k in keys])
 
 
-class StepResult(NamedTuple):
-    """What a worker sends back for one step (``next_obs``: the next episode's first observation
-    when this one ended, else ``obs``)."""
+class ChunkReply(NamedTuple):
+    """What a worker sends back for one action chunk: per step taken (it stops at the episode's
+    end), and the observation at the chunk boundary (the next episode's first if this one ended)."""
 
-    obs: np.ndarray
-    reward: float
+    rewards: list[float]
+    successes: list[bool]
+    step_obs: list[np.ndarray]
     terminated: bool
     truncated: bool
-    success: bool
     episode_return: float
     episode_length: int
-    next_obs: np.ndarray
+    obs: np.ndarray
 
 
-def _worker(conn: Any, task: str, horizon: int, terminate_on_success: bool) -> None:
+def _worker(conn: Any, env_name: str, robots: Any, horizon: int, terminate_on_success: bool) -> None:
     # workers never render; importing robosuite sets MUJOCO_GL=egl, which a machine without EGL fails on
     os.environ["MUJOCO_GL"] = "disable"
-    from flowrl.envs.robosuite_compat import apply
+    from flowrl.envs.backends.robosuite_compat import apply
 
     apply()
     import robosuite
 
-    name, robots, _ = TASKS[task]
-    env = robosuite.make(name, robots=robots, has_renderer=False, has_offscreen_renderer=False,
+    env = robosuite.make(env_name, robots=robots, has_renderer=False, has_offscreen_renderer=False,
                          use_camera_obs=False, ignore_done=True, horizon=horizon, reward_shaping=False)
     keys = obs_keys(len(env.robots))
     low, high = env.action_spec
@@ -118,21 +107,27 @@ def _worker(conn: Any, task: str, horizon: int, terminate_on_success: bool) -> N
                 env.rng.bit_generator.state = np.random.default_rng(arg).bit_generator.state
             ret, length = 0.0, 0
             conn.send(flatten_obs(env.reset(), keys))
-        elif cmd == "chunk":  # (T, act_dim) actions: T steps, one reply
-            results = []
+        elif cmd == "chunk":  # (T, act_dim) actions, until the episode ends; one reply
+            rewards, successes, step_obs = [], [], []
+            terminated = truncated = False
+            flat = None
             for action in arg:
                 obs, reward, _, _ = env.step(action)
                 success = bool(env._check_success())
                 ret, length = ret + float(reward), length + 1
-                terminated = success and terminate_on_success
-                truncated = length >= horizon and not terminated
                 flat = flatten_obs(obs, keys)
-                result = StepResult(flat, float(reward), terminated, truncated, success, ret, length, flat)
+                rewards.append(float(reward))
+                successes.append(success)
+                step_obs.append(flat)
+                terminated = success and terminate_on_success
+                truncated = length >= horizon
                 if terminated or truncated:
-                    ret, length = 0.0, 0
-                    result = result._replace(next_obs=flatten_obs(env.reset(), keys))
-                results.append(result)
-            conn.send(results)
+                    break
+            reply = ChunkReply(rewards, successes, step_obs, terminated, truncated, ret, length, flat)
+            if terminated or truncated:
+                ret, length = 0.0, 0
+                reply = reply._replace(obs=flatten_obs(env.reset(), keys))
+            conn.send(reply)
         elif cmd == "close":
             env.close()
             conn.close()
@@ -144,22 +139,23 @@ def _worker(conn: Any, task: str, horizon: int, terminate_on_success: bool) -> N
 class RobosuiteEnv(BatchedEnv):
     """N robosuite envs in N worker processes (spawned, so each applies the compatibility layer)."""
 
-    def __init__(self, task: str, num_envs: int, device: str | torch.device = "cpu", seed: int | None = None,
+    def __init__(self, info: TaskInfo, num_envs: int, device: str | torch.device = "cpu", seed: int | None = None,
                  horizon: int | None = None, terminate_on_success: bool = False) -> None:
-        task = robosuite_task(task)
         if importlib.util.find_spec("robosuite") is None:  # not imported here: it changes os.environ
             raise FlowrlError("robosuite is not installed; see the README (robosuite)")
-        self.task = f"robosuite/{task}"
+        self.task = info.name
         self.num_envs = num_envs
         self.device = torch.device(device)
-        self.max_episode_steps = horizon or TASKS[task][2]
+        self.max_episode_steps = horizon or info.max_episode_steps
+        env_name, robots = info.extra["env_name"], info.extra["robots"]
         self._seed = seed
         ctx = mp.get_context("spawn")
         self._conns, self._procs = [], []
         with single_threaded_blas_children():
             for _ in range(num_envs):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker, args=(child, task, self.max_episode_steps, terminate_on_success),
+                proc = ctx.Process(target=_worker, args=(child, env_name, robots, self.max_episode_steps,
+                                                         terminate_on_success),
                                    daemon=True)
                 proc.start()
                 self._conns.append(parent)
@@ -169,8 +165,12 @@ class RobosuiteEnv(BatchedEnv):
             self._recv(i)
         self.obs_layout: list[tuple[str, int]] = layout  # (robomimic key, size) in observation order
         obs_dim = sum(size for _, size in layout)
-        self.env_args = {"env_name": TASKS[task][0], "type": 1,
-                         "env_kwargs": {"robots": TASKS[task][1], "controller": "BASIC (OSC_POSE arm)",
+        if tuple(layout) != info.obs_layout:
+            self.close()
+            raise FlowrlError(f"{self.task}: robosuite's observation layout {layout} differs from the registered "
+                              f"{list(info.obs_layout)} (another robosuite version?)")
+        self.env_args = {"env_name": env_name, "type": 1,
+                         "env_kwargs": {"robots": robots, "controller": "BASIC (OSC_POSE arm)",
                                         "horizon": self.max_episode_steps, "reward_shaping": False,
                                         "use_camera_obs": False}}
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
@@ -201,37 +201,31 @@ class RobosuiteEnv(BatchedEnv):
             self._send(i, ("reset", None if seed is None else seed + i))
         return self._t(np.stack([self._recv(i) for i in range(self.num_envs)]))
 
-    def step(self, action: torch.Tensor):
-        expected = (self.num_envs, *self.single_action_space.shape)
-        if tuple(action.shape) != expected:
-            raise FlowrlError(f"{self.task}: actions of shape {tuple(action.shape)}, expected {expected}")
-        return self.step_chunk(action.unsqueeze(1))[0]
-
-    def step_chunk(self, actions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                              torch.Tensor, dict[str, Any]]]:
-        """All T steps of a (N, T, act_dim) chunk in one round trip per worker (a list of ``step`` results):
-        4-action chunks ran 1.02-1.24x faster than single steps on a 16-core machine
-        (benchmarks/results/robosuite_throughput_h200_16core.txt)."""
-        if actions.dim() != 3 or tuple(actions.shape[::2]) != (self.num_envs, self.act_dim):
-            raise FlowrlError(f"{self.task}: action chunks of shape {tuple(actions.shape)}, expected "
-                              f"({self.num_envs}, T, {self.act_dim})")
+    def step_chunk(self, actions: torch.Tensor, record_obs: bool = False) -> ChunkResult:
+        """A (N, T, act_dim) chunk in one round trip per worker."""
+        actions = self.check_actions(actions, chunk=True)
         act = np.clip(actions.detach().cpu().numpy().astype(np.float64), self.single_action_space.low,
                       self.single_action_space.high)
         for i, a in enumerate(act):
             self._send(i, ("chunk", a))
-        per_env: list[list[StepResult]] = [self._recv(i) for i in range(self.num_envs)]
-        return [self._batch([steps[j] for steps in per_env]) for j in range(act.shape[1])]
-
-    def _batch(self, results: list[StepResult]):
-        """One step's replies of all workers as ``step``'s batched tensors."""
-        terminated = self._t([r.terminated for r in results], torch.bool)
-        truncated = self._t([r.truncated for r in results], torch.bool)
-        info = {"final_obs": self._t(np.stack([r.obs for r in results])), "done_mask": truncated | terminated,
-                "success": self._t([r.success for r in results], torch.bool),
-                "episode_return": self._t([r.episode_return for r in results]),
-                "episode_length": self._t([r.episode_length for r in results], torch.int64)}
-        next_obs = self._t(np.stack([r.next_obs for r in results]))
-        return next_obs, self._t([r.reward for r in results]), terminated, truncated, info
+        replies: list[ChunkReply] = [self._recv(i) for i in range(self.num_envs)]
+        n, horizon = act.shape[:2]
+        rewards = np.zeros((n, horizon))
+        success = np.zeros((n, horizon), dtype=bool)
+        valid = np.zeros((n, horizon), dtype=bool)
+        step_obs = np.zeros((n, horizon, self.obs_dim)) if record_obs else None
+        for i, r in enumerate(replies):
+            k = len(r.rewards)
+            rewards[i, :k], success[i, :k], valid[i, :k] = r.rewards, r.successes, True
+            if step_obs is not None:
+                step_obs[i, :k] = r.step_obs
+        final_obs = np.stack([r.step_obs[-1] for r in replies])
+        return ChunkResult(self._t(np.stack([r.obs for r in replies])), self._t(rewards), self._t(valid, torch.bool),
+                           self._t([r.terminated for r in replies], torch.bool),
+                           self._t([r.truncated and not r.terminated for r in replies], torch.bool),
+                           self._t(final_obs), self._t([r.episode_return for r in replies]),
+                           self._t([r.episode_length for r in replies], torch.int64), self._t(success, torch.bool),
+                           None if step_obs is None else self._t(step_obs))
 
     def close(self) -> None:
         for c in self._conns:

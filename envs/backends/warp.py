@@ -5,7 +5,8 @@ CUDA device the ``frame_skip`` physics steps of one env step (and the contact-fo
 task reads ``cfrc_ext``) are captured once as a CUDA graph and replayed. It also runs on Warp's
 CPU device (slowly), so tests cover its code on machines without a GPU.
 
-Contact and constraint buffers are per world and sized per task; a world whose buffers overflow
+Contact and constraint buffers are per world and sized per task (the registry's ``warp_buffers``:
+measured to hold each task with margin); a world whose buffers overflow
 is reset and counted like a diverged one (overflow leaves its results undefined).
 """
 
@@ -16,13 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowrl.envs.locomotion import LocomotionTask
-from flowrl.envs.locomotion_env import LocomotionEnv
+from flowrl.envs.backends.mujoco import MujocoEnv
+from flowrl.envs.tasks.base import MujocoTask
 from flowrl.errors import FlowrlError
-
-# contacts and constraint rows per world: measured to hold these tasks with margin
-BUFFERS = {"Hopper": (16, 64), "Walker2d": (24, 96), "HalfCheetah": (24, 96), "Ant": (48, 192),
-           "Humanoid-Newton": (64, 256), "Humanoid": (64, 256)}
 
 
 def warp_available() -> bool:
@@ -34,8 +31,8 @@ def warp_available() -> bool:
     return True
 
 
-class MujocoWarpEnv(LocomotionEnv):
-    """N copies of a locomotion task on MuJoCo Warp (``device``: cuda, cuda:N or cpu).
+class MujocoWarpEnv(MujocoEnv):
+    """N copies of a MuJoCo task on MuJoCo Warp (``device``: cuda, cuda:N or cpu).
 
     Autoresets draw their noise on the device (``batched_autoreset``): float32 already rules out
     bit parity with gymnasium, and a host loop over thousands of finishing envs per step would cost
@@ -44,7 +41,7 @@ class MujocoWarpEnv(LocomotionEnv):
 
     batched_autoreset = True
 
-    def __init__(self, task: LocomotionTask, num_envs: int, device: str | torch.device = "cuda",
+    def __init__(self, task: MujocoTask, num_envs: int, device: str | torch.device = "cuda",
                  seed: int | None = None, nconmax: int | None = None, njmax: int | None = None) -> None:
         if not warp_available():
             raise FlowrlError("the warp backend needs mujoco-warp and warp-lang: pip install 'flowrl[warp]'")
@@ -54,7 +51,7 @@ class MujocoWarpEnv(LocomotionEnv):
 
         model = task.load_model()
         if model.opt.solver == int(mujoco.mjtSolver.mjSOL_PGS):
-            raise FlowrlError(f"{task.spec.name} uses the PGS solver, which MuJoCo Warp lacks; "
+            raise FlowrlError(f"{task.info.name} uses the PGS solver, which MuJoCo Warp lacks; "
                               "use the Newton variant (task Humanoid-Newton)")
         torch_device = torch.device(device)
         if torch_device.type == "cuda" and torch_device.index is None:
@@ -64,7 +61,7 @@ class MujocoWarpEnv(LocomotionEnv):
         wp.init()
         self.wp, self.mjw = wp, mjw
         self.wp_device = f"cuda:{torch_device.index}" if torch_device.type == "cuda" else "cpu"
-        con, efc = BUFFERS.get(task.spec.name, (64, 256))
+        con, efc = task.info.warp_buffers
         with wp.ScopedDevice(self.wp_device):
             self.m = mjw.put_model(model)
             self.d = mjw.make_data(model, nworld=num_envs, nconmax=nconmax or con, njmax=njmax or efc)
@@ -96,18 +93,25 @@ class MujocoWarpEnv(LocomotionEnv):
             wp.capture_launch(self._graphs[name])
 
     def _physics(self) -> None:
-        for _ in range(self.spec.frame_skip):
+        for _ in range(self.task_def.frame_skip):
             self.mjw.step(self.m, self.d)
-        if self.spec.needs_contact_forces:
+        if self.task_def.needs_contact_forces:
             self.mjw.rne_postconstraint(self.m, self.d)
 
     def _simulate(self) -> None:
         self._run("step", self._physics)
 
+    def _substep(self) -> None:
+        # The controller's torch computation runs between captured substeps, not inside one graph.
+        self._run("substep", lambda: self.mjw.step(self.m, self.d))
+
+    def _contact_forces(self) -> None:
+        self._run("contact_forces", lambda: self.mjw.rne_postconstraint(self.m, self.d))
+
     def _forward(self, ids: np.ndarray | None) -> None:
         # After per-env resets only tasks that read derived fields need them now; every step
         # recomputes them anyway.
-        if ids is None or self.spec.derived_fields:
+        if ids is None or self.task_def.derived_fields:
             self._run("forward", lambda: self.mjw.forward(self.m, self.d))
 
     def _clear(self, ids: np.ndarray | torch.Tensor) -> None:

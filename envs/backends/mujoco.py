@@ -1,8 +1,9 @@
-"""The stepping logic every MuJoCo backend shares: task terms, autoreset, seeding, bad states.
+"""The stepping logic every MuJoCo backend shares: task terms, resets, seeding, bad states.
 
 A backend subclass only moves physics: it exposes its state as torch tensors (``qpos``, ``qvel``,
 ``ctrl`` and the derived fields the task reads, in ``state``) and implements ``_simulate``,
-``_forward``, ``_reset_physics`` and access to the solver warm start.
+``_substep``, ``_forward``, ``_clear`` and access to the solver warm start. The task
+(:class:`flowrl.envs.tasks.base.MujocoTask`) supplies every term.
 """
 
 from __future__ import annotations
@@ -16,39 +17,38 @@ import numpy as np
 import torch
 
 from flowrl.envs.base import BatchedEnv
-from flowrl.envs.locomotion import LocomotionTask
+from flowrl.envs.tasks.base import MujocoTask
 
 
-class LocomotionEnv(BatchedEnv):
-    """N copies of a locomotion task; see :class:`BatchedEnv` for the interface."""
+class MujocoEnv(BatchedEnv):
+    """N copies of a MuJoCo task; see :class:`BatchedEnv` for the interface."""
 
     qpos: torch.Tensor
     qvel: torch.Tensor
     ctrl: torch.Tensor
     state: dict[str, torch.Tensor]
 
-    def __init__(self, task: LocomotionTask, model: Any, num_envs: int, device: str | torch.device,
+    def __init__(self, task: MujocoTask, model: Any, num_envs: int, device: str | torch.device,
                  seed: int | None, sim_device: torch.device, dtype: torch.dtype) -> None:
-        self.spec = task
-        self.task = task.spec.name
+        self.task_def = task
+        self.task = task.info.name
         self.model = model
         self.num_envs = num_envs
         self.device = torch.device(device)
         self.sim_device, self.dtype = sim_device, dtype
-        self.max_episode_steps = task.spec.max_episode_steps
+        self.max_episode_steps = task.info.max_episode_steps
         self.dt = task.dt(model)
-        low, high = model.actuator_ctrlrange.T.astype(np.float32)
-        self.single_action_space = gym.spaces.Box(low, high, dtype=np.float32)
-        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (task.spec.obs_dim,), np.float64)
-        self._low = torch.as_tensor(model.actuator_ctrlrange[:, 0], device=sim_device)
-        self._high = torch.as_tensor(model.actuator_ctrlrange[:, 1], device=sim_device)
+        low, high = task.action_bounds(model)
+        self.single_action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
+        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (task.info.obs_dim,), np.float64)
+        self._low = torch.as_tensor(low, device=sim_device)
+        self._high = torch.as_tensor(high, device=sim_device)
+        self.controller = task.controller(model, num_envs, sim_device, dtype)
         self.model_info = {"body_mass": torch.as_tensor(model.body_mass, device=sim_device, dtype=dtype)}
         self.qpos0 = model.qpos0.copy()
         self._seed = seed
         self.rngs = [np.random.default_rng(None if seed is None else seed + i) for i in range(num_envs)]
-        self.elapsed = torch.zeros(num_envs, dtype=torch.int64, device=sim_device)
-        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=sim_device)
-        self._position = torch.zeros(num_envs, dtype=dtype, device=sim_device)  # progress coordinate now
+        self._tracked = torch.zeros(num_envs, dtype=dtype, device=sim_device)  # the task's tracked quantity now
         self.bad_state_count = torch.zeros((), dtype=torch.int64, device=sim_device)  # a tensor: no sync per step
         self._reset_gen = torch.Generator(device=sim_device)
         if seed is not None:
@@ -59,6 +59,13 @@ class LocomotionEnv(BatchedEnv):
     @abstractmethod
     def _simulate(self) -> None:
         """``frame_skip`` physics steps from ``ctrl``; then ``cfrc_ext`` if the task reads it."""
+
+    @abstractmethod
+    def _substep(self) -> None:
+        """One physics step from ``ctrl`` (tasks with a per-substep controller)."""
+
+    def _contact_forces(self) -> None:
+        """``cfrc_ext`` after the last substep, for tasks that read it."""
 
     @abstractmethod
     def _forward(self, ids: np.ndarray | None) -> None:
@@ -81,12 +88,31 @@ class LocomotionEnv(BatchedEnv):
         return x if x.device == self.device else x.to(self.device)
 
     def _obs(self) -> torch.Tensor:
-        return self.spec.observation(self.state)
+        return self.task_def.observation(self.state)
 
     batched_autoreset = False
     """Draw autoreset noise for all finishing envs at once on the simulation device (one seeded
     torch generator) instead of from each env's own numpy generator: no per-env host loop, at the
     price of gymnasium's exact per-env reset sequence. ``reset(seed)`` stays per env either way."""
+
+    def _run_physics(self, action: torch.Tensor) -> None:
+        """One env step: the action straight into ``ctrl`` for ``frame_skip`` substeps, or through
+        the task's controller: its goal set once, its output recomputed before every substep from
+        the forwarded state (as robosuite runs its controllers)."""
+        controller = self.controller
+        if controller is None:
+            self.ctrl.copy_(action)
+            self._simulate()
+            return
+        self._forward(None)
+        controller.set_goal(self.state, action)
+        for i in range(self.task_def.frame_skip):
+            if i:
+                self._forward(None)
+            self.ctrl.copy_(controller.ctrl(self.state))
+            self._substep()
+        if self.task_def.needs_contact_forces:
+            self._contact_forces()
 
     def _reset_ids(self, ids: np.ndarray | torch.Tensor, autoreset: bool = False) -> None:
         if len(ids) == 0:
@@ -94,19 +120,17 @@ class LocomotionEnv(BatchedEnv):
         self._clear(ids)
         idx = torch.as_tensor(ids, device=self.sim_device)
         if autoreset and self.batched_autoreset:
-            dq, qvel = self.spec.reset_noise_batch(self._reset_gen, len(idx), self.model.nq, self.model.nv, self.qpos)
+            dq, qvel = self.task_def.reset_noise_batch(self._reset_gen, len(idx), self.model.nq, self.model.nv, self.qpos)
             self.qpos[idx] = self._qpos0 + dq
             self.qvel[idx] = qvel
         else:
             ids_np = idx.cpu().numpy()
-            fresh = [self.spec.reset_state(self.rngs[i], self.qpos0, self.model.nv) for i in ids_np]
+            fresh = [self.task_def.reset_state(self.rngs[i], self.qpos0, self.model.nv) for i in ids_np]
             self.qpos[idx] = torch.as_tensor(np.stack([f[0] for f in fresh]), dtype=self.dtype, device=self.sim_device)
             self.qvel[idx] = torch.as_tensor(np.stack([f[1] for f in fresh]), dtype=self.dtype, device=self.sim_device)
         self._forward(ids)
-        self._position[idx] = self.spec.position(self.state, self.model_info)[idx]
-        self.elapsed[idx] = 0
-        self.returns[idx] = 0.0
-        if self.spec.needs_contact_forces:
+        self._tracked[idx] = self.task_def.tracked(self.state, self.model_info)[idx].to(self.dtype)
+        if self.task_def.needs_contact_forces:
             self.state["cfrc_ext"][idx] = 0.0  # gymnasium runs no mj_rnePostConstraint after a reset
 
     def reset(self, seed: int | None = None) -> torch.Tensor:
@@ -115,41 +139,33 @@ class LocomotionEnv(BatchedEnv):
             self.rngs = [np.random.default_rng(seed + i) for i in range(self.num_envs)]
             self._reset_gen.manual_seed(seed)
         self._reset_ids(np.arange(self.num_envs))
+        self._clear_counters()
         return self._out(self._obs())
 
-    def step(self, action: torch.Tensor):
+    def _step(self, action: torch.Tensor, alive: torch.Tensor):
         given = torch.as_tensor(action).detach().to(self.sim_device)
         given = given if given.is_floating_point() else given.double()
         given = torch.minimum(torch.maximum(given, self._low.to(given.dtype)), self._high.to(given.dtype))
-        x_before = self._position.clone()
-        self.ctrl.copy_(given)
-        self._simulate()
-        self._position.copy_(self.spec.position(self.state, self.model_info))
-        x_velocity = (self._position - x_before) / self.dt
+        before = self._tracked.clone()
+        self._run_physics(given)
+        self._tracked.copy_(self.task_def.tracked(self.state, self.model_info))
         obs = self._obs()
-        reward, terminated = self.spec.reward_and_termination(self.state, x_velocity, given)
-        self.elapsed += 1
-        truncated = self.elapsed >= self.max_episode_steps
+        reward, terminated = self.task_def.reward_and_termination(self.state, before, self._tracked, self.dt, given)
         bad = ~(torch.isfinite(self.qpos).all(dim=1) & torch.isfinite(self.qvel).all(dim=1)
                 & torch.isfinite(obs).all(dim=1) & torch.isfinite(reward)) | self._backend_bad()
+        bad &= alive.to(self.sim_device)
         self.bad_state_count += bad.sum()
         obs = torch.nan_to_num(obs, nan=0.0, posinf=0.0, neginf=0.0)
         reward = torch.where(bad, 0.0, reward)
-        terminated = terminated | bad
-        self.returns += reward
-        done = terminated | truncated
-        info: dict[str, Any] = {"done_mask": done, "episode_return": self.returns.clone(),
-                                "episode_length": self.elapsed.clone(), "bad_state": bad,
-                                "bad_state_count": self.bad_state_count.clone()}
-        final_obs = obs
-        done_ids = torch.nonzero(done).flatten()
-        if len(done_ids):
-            final_obs = obs.clone()
-            self._reset_ids(done_ids, autoreset=True)
-            obs = torch.where(done.unsqueeze(1), self._obs(), obs)
-        info["final_obs"] = self._out(final_obs)
-        info = {k: self._out(v) if isinstance(v, torch.Tensor) else v for k, v in info.items()}
-        return self._out(obs), self._out(reward), self._out(terminated), self._out(truncated), info
+        info: dict[str, Any] = {"bad_state": self._out(bad), "bad_state_count": self._out(self.bad_state_count.clone())}
+        success = self.task_def.success(self.state)
+        if success is not None:
+            info["success"] = self._out(success)
+        return self._out(obs), self._out(reward), self._out(terminated | bad), info
+
+    def _reset_envs(self, done: torch.Tensor) -> torch.Tensor:
+        self._reset_ids(torch.nonzero(done.to(self.sim_device)).flatten(), autoreset=True)
+        return self._out(self._obs())
 
     def get_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qpos (N, nq), qvel (N, nv)) copies."""
@@ -160,18 +176,19 @@ class LocomotionEnv(BatchedEnv):
         self.qpos.copy_(torch.as_tensor(qpos).to(self.sim_device, self.dtype))
         self.qvel.copy_(torch.as_tensor(qvel).to(self.sim_device, self.dtype))
         self._forward(None)
-        self._position.copy_(self.spec.position(self.state, self.model_info))
-        if self.spec.needs_contact_forces:
+        self._tracked.copy_(self.task_def.tracked(self.state, self.model_info))
+        if self.task_def.needs_contact_forces:
             self.state["cfrc_ext"].zero_()
         return self._out(self._obs())
 
     def get_full_state(self) -> dict[str, Any]:
         """Everything the next steps depend on (for exact resume); tensors and strings only."""
+        returns, elapsed = self._counters()
         state = {"qpos": self.qpos.clone(), "qvel": self.qvel.clone(), "qacc_warmstart": self._warmstart().clone(),
-                 "elapsed": self.elapsed.clone(), "returns": self.returns.clone(), "position": self._position.clone(),
+                 "elapsed": elapsed.clone(), "returns": returns.clone(), "position": self._tracked.clone(),
                  "rngs": json.dumps([r.bit_generator.state for r in self.rngs]),
                  "reset_generator": self._reset_gen.get_state()}
-        if self.spec.needs_contact_forces:
+        if self.task_def.needs_contact_forces:
             state["cfrc_ext"] = self.state["cfrc_ext"].clone()
         return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
@@ -181,9 +198,10 @@ class LocomotionEnv(BatchedEnv):
         self.qvel.copy_(state["qvel"].to(dev))
         self._forward(None)
         self._warmstart().copy_(state["qacc_warmstart"].to(dev))
-        self.elapsed.copy_(state["elapsed"].to(dev))
-        self.returns.copy_(state["returns"].to(dev))
-        self._position.copy_(state["position"].to(dev))
+        returns, elapsed = self._counters()
+        elapsed.copy_(state["elapsed"].to(elapsed.device))
+        returns.copy_(state["returns"].to(returns.device))
+        self._tracked.copy_(state["position"].to(dev))
         for rng, st in zip(self.rngs, json.loads(state["rngs"])):
             rng.bit_generator.state = st
         self._reset_gen.set_state(state["reset_generator"])

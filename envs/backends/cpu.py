@@ -2,8 +2,8 @@
 
 float64 and bit-identical to ``mj_step``; the state arrays of the batch are shared with torch
 without copies (qpos, qvel, ctrl), derived fields are read through views of the batch's output
-arrays. Task logic comes from :mod:`flowrl.envs.locomotion`, stepping logic from
-:mod:`flowrl.envs.locomotion_env`.
+arrays. Task logic comes from the task object (:mod:`flowrl.envs.tasks`), stepping logic from
+:mod:`flowrl.envs.backends.mujoco`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from mujoco.batch import Batch
 
-from flowrl.envs.locomotion import LocomotionTask
-from flowrl.envs.locomotion_env import LocomotionEnv
+from flowrl.envs.backends.mujoco import MujocoEnv
+from flowrl.envs.tasks.base import MujocoTask
 
 
 def _view(array: np.ndarray) -> torch.Tensor:
@@ -26,10 +26,10 @@ def _view(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-class MujocoBatchEnv(LocomotionEnv):
-    """N copies of a locomotion task on ``mujoco.batch`` (threads: 0 means all cores)."""
+class MujocoBatchEnv(MujocoEnv):
+    """N copies of a MuJoCo task on ``mujoco.batch`` (threads: 0 means all cores)."""
 
-    def __init__(self, task: LocomotionTask, num_envs: int, device: str | torch.device = "cpu",
+    def __init__(self, task: MujocoTask, num_envs: int, device: str | torch.device = "cpu",
                  seed: int | None = None, threads: int = 0) -> None:
         model = task.load_model()
         # MuJoCo would silently restart a diverged simulation from qpos0; we want to see it, reset it
@@ -51,13 +51,19 @@ class MujocoBatchEnv(LocomotionEnv):
         """``frame_skip`` substeps of ``mj_step``, then, where contact forces are observed, the
         ``mj_rnePostConstraint`` that gymnasium runs after its step, on each simulation's MjData
         (the batch has no such call; the forces of the fused ``mj_step`` differ from it)."""
-        self.batch.step(nstep=self.spec.frame_skip)
-        if self.spec.needs_contact_forces:
-            out = self.state["cfrc_ext"].numpy()
-            for i, data in enumerate(self._datas):
-                self.batch.get_data(i, data)
-                mujoco.mj_rnePostConstraint(self.model, data)
-                out[i] = data.cfrc_ext
+        self.batch.step(nstep=self.task_def.frame_skip)
+        if self.task_def.needs_contact_forces:
+            self._contact_forces()
+
+    def _substep(self) -> None:
+        self.batch.step(nstep=1)
+
+    def _contact_forces(self) -> None:
+        out = self.state["cfrc_ext"].numpy()
+        for i, data in enumerate(self._datas):
+            self.batch.get_data(i, data)
+            mujoco.mj_rnePostConstraint(self.model, data)
+            out[i] = data.cfrc_ext
 
     def _forward(self, ids: np.ndarray | torch.Tensor | None) -> None:
         self.batch.forward(None if ids is None else np.asarray(ids))

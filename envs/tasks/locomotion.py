@@ -19,68 +19,32 @@ import os
 from dataclasses import dataclass
 
 import gymnasium
-import mujoco
-import numpy as np
 import torch
 
-from flowrl.envs.tasks import TaskSpec, resolve_task
+from flowrl.envs.registry import TaskInfo, register
+from flowrl.envs.tasks.base import MujocoTask, State
 
 ASSETS = os.path.join(os.path.dirname(gymnasium.__file__), "envs", "mujoco", "assets")
 
-State = dict[str, torch.Tensor]
-"""qpos (N, nq), qvel (N, nv) and the derived fields a task asks for, e.g. xpos (N, nbody, 3)."""
-
 
 @dataclass(frozen=True)
-class LocomotionTask:
-    """gymnasium v5 semantics of one task; subclasses fill in the task-specific terms."""
+class LocomotionTask(MujocoTask):
+    """gymnasium v5 semantics: reward from the forward velocity, terminations from health."""
 
-    spec: TaskSpec
-    xml_file: str
-    frame_skip: int
-    reset_noise_scale: float
-    derived_fields: tuple[str, ...] = ()
-    needs_contact_forces: bool = False
-    solver: str | None = None  # override of the XML's solver (e.g. "newton" for Warp)
+    xml_file: str = ""
 
-    def load_model(self) -> mujoco.MjModel:
-        """gymnasium's XML, loaded as gymnasium loads it (the Newton variant switches the solver)."""
-        model = mujoco.MjModel.from_xml_path(os.path.join(ASSETS, self.xml_file))
-        if self.solver == "newton":
-            model.opt.solver = int(mujoco.mjtSolver.mjSOL_NEWTON)
-        return model
+    def model_path(self) -> str:
+        return os.path.join(ASSETS, self.xml_file)
 
-    def dt(self, model: mujoco.MjModel) -> float:
-        return float(model.opt.timestep) * self.frame_skip
-
-    def reset_state(self, rng: np.random.Generator, qpos0: np.ndarray, nv: int) -> tuple[np.ndarray, np.ndarray]:
-        """(qpos, qvel) of a fresh episode, drawn exactly as gymnasium's ``reset_model``."""
-        s = self.reset_noise_scale
-        qpos = qpos0 + rng.uniform(low=-s, high=s, size=len(qpos0))
-        qvel = np.zeros(nv) + rng.uniform(low=-s, high=s, size=nv)
-        return qpos, qvel
-
-    def reset_noise_batch(self, gen: torch.Generator, n: int, nq: int, nv: int, like: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(qpos noise, qvel) for n fresh episodes at once, from the same distributions as
-        :meth:`reset_state`, drawn on the simulation's device (for autoresets on the GPU)."""
-        s = self.reset_noise_scale
-        uniform = lambda k: (torch.rand((n, k), generator=gen, device=like.device, dtype=like.dtype) * 2 - 1) * s  # noqa: E731
-        if self.velocity_noise_normal:
-            return uniform(nq), s * torch.randn((n, nv), generator=gen, device=like.device, dtype=like.dtype)
-        return uniform(nq), uniform(nv)
-
-    velocity_noise_normal = False
-
-    def position(self, s: State, model_info: dict[str, torch.Tensor]) -> torch.Tensor:
+    def tracked(self, s: State, model_info: dict[str, torch.Tensor]) -> torch.Tensor:
         """The x coordinate whose change per step is the forward velocity."""
         return s["qpos"][:, 0]
 
-    def observation(self, s: State) -> torch.Tensor:
-        raise NotImplementedError
+    def reward_and_termination(self, s, before, after, dt, action):
+        return self.locomotion_reward(s, (after - before) / dt, action)
 
-    def reward_and_termination(self, s: State, x_velocity: torch.Tensor,
-                               action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def locomotion_reward(self, s: State, x_velocity: torch.Tensor,
+                          action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -116,7 +80,7 @@ class Hopper(LocomotionTask):
     def observation(self, s: State) -> torch.Tensor:
         return _planar_obs(s)
 
-    def reward_and_termination(self, s, x_velocity, action):
+    def locomotion_reward(self, s, x_velocity, action):
         qpos, qvel = s["qpos"], s["qvel"]
         z, angle = qpos[:, 1], qpos[:, 2]
         state = torch.cat([qpos, qvel], dim=1)[:, 2:]
@@ -129,7 +93,7 @@ class Walker2d(LocomotionTask):
     def observation(self, s: State) -> torch.Tensor:
         return _planar_obs(s)
 
-    def reward_and_termination(self, s, x_velocity, action):
+    def locomotion_reward(self, s, x_velocity, action):
         z, angle = s["qpos"][:, 1], s["qpos"][:, 2]
         healthy = (z > 0.8) & (z < 2.0) & (angle > -1.0) & (angle < 1.0)
         reward = (x_velocity + healthy.double()) - _ctrl_cost(action, 1e-3)
@@ -139,31 +103,24 @@ class Walker2d(LocomotionTask):
 class HalfCheetah(LocomotionTask):
     velocity_noise_normal = True
 
-    def reset_state(self, rng, qpos0, nv):
-        s = self.reset_noise_scale
-        qpos = qpos0 + rng.uniform(low=-s, high=s, size=len(qpos0))
-        qvel = np.zeros(nv) + s * rng.standard_normal(nv)
-        return qpos, qvel
-
     def observation(self, s: State) -> torch.Tensor:
         return torch.cat([s["qpos"][:, 1:], s["qvel"]], dim=1)
 
-    def reward_and_termination(self, s, x_velocity, action):
+    def locomotion_reward(self, s, x_velocity, action):
         return x_velocity - _ctrl_cost(action, 0.1), torch.zeros_like(x_velocity, dtype=torch.bool)
 
 
 class Ant(LocomotionTask):
-    reset_state = HalfCheetah.reset_state
     velocity_noise_normal = True
 
-    def position(self, s, model_info):
+    def tracked(self, s, model_info):
         return s["xpos"][:, 1, 0]  # the torso ("main body" 1)
 
     def observation(self, s: State) -> torch.Tensor:
         forces = s["cfrc_ext"].clamp(-1.0, 1.0)[:, 1:].flatten(1)
         return torch.cat([s["qpos"][:, 2:], s["qvel"], forces], dim=1)
 
-    def reward_and_termination(self, s, x_velocity, action):
+    def locomotion_reward(self, s, x_velocity, action):
         qpos, qvel = s["qpos"], s["qvel"]
         finite = torch.isfinite(torch.cat([qpos, qvel], dim=1)).all(dim=1)
         healthy = finite & (qpos[:, 2] >= 0.2) & (qpos[:, 2] <= 1.0)
@@ -175,7 +132,7 @@ class Ant(LocomotionTask):
 class Humanoid(LocomotionTask):
     """gymnasium charges the control cost on ``data.ctrl`` (float64) here, not on the action."""
 
-    def position(self, s, model_info):
+    def tracked(self, s, model_info):
         mass = model_info["body_mass"]
         return (mass * s["xipos"][:, :, 0]).sum(dim=1) / mass.sum()
 
@@ -183,7 +140,7 @@ class Humanoid(LocomotionTask):
         return torch.cat([s["qpos"][:, 2:], s["qvel"], s["cinert"][:, 1:].flatten(1), s["cvel"][:, 1:].flatten(1),
                           s["qfrc_actuator"][:, 6:], s["cfrc_ext"][:, 1:].flatten(1)], dim=1)
 
-    def reward_and_termination(self, s, x_velocity, action):
+    def locomotion_reward(self, s, x_velocity, action):
         z = s["qpos"][:, 2]
         healthy = (z > 1.0) & (z < 2.0)
         contact_cost = (5e-7 * s["cfrc_ext"].square().sum(dim=(1, 2))).clamp(max=10.0)
@@ -191,20 +148,28 @@ class Humanoid(LocomotionTask):
         return reward, ~healthy
 
 
-def locomotion_task(name: str) -> LocomotionTask:
-    """The task definition for a task name (``Humanoid-Newton``: Humanoid with the Newton solver)."""
-    spec = resolve_task(name)
-    if spec.name == "Hopper":
-        return Hopper(spec, "hopper.xml", 4, 5e-3)
-    if spec.name == "Walker2d":
-        return Walker2d(spec, "walker2d_v5.xml", 4, 5e-3)
-    if spec.name == "HalfCheetah":
-        return HalfCheetah(spec, "half_cheetah.xml", 5, 0.1)
-    if spec.name == "Ant":
-        return Ant(spec, "ant.xml", 5, 0.1, ("xpos", "cfrc_ext"), True)
-    fields = ("xipos", "cinert", "cvel", "qfrc_actuator", "cfrc_ext")
-    if spec.name == "Humanoid":
-        return Humanoid(spec, "humanoid.xml", 5, 1e-2, fields, True)
-    if spec.name == "Humanoid-Newton":
-        return Humanoid(spec, "humanoid.xml", 5, 1e-2, fields, True, solver="newton")
-    raise KeyError(spec.name)
+def _register(name: str, cls: type[LocomotionTask], xml: str, frame_skip: int, noise: float, obs_dim: int,
+              act_dim: int, medium_return: float, buffers: tuple[int, int], fields: tuple[str, ...] = (),
+              contact: bool = False, solver: str | None = None, aliases: tuple[str, ...] = (),
+              backends: tuple[str, ...] = ("cpu", "warp", "gymnasium"), description: str = "") -> None:
+    def build() -> LocomotionTask:
+        return cls(info, frame_skip, noise, fields, contact, solver, xml_file=xml)
+
+    info = register(TaskInfo(name, obs_dim, act_dim, 1000, backends, aliases=aliases, task=build,
+                             gym_id="Humanoid-v5" if name.startswith("Humanoid") else f"{name}-v5",
+                             model_file=f"gymnasium/envs/mujoco/assets/{xml}", warp_buffers=buffers,
+                             medium_return=medium_return, description=description or f"gymnasium's {name}-v5"))
+
+
+HUMANOID_FIELDS = ("xipos", "cinert", "cvel", "qfrc_actuator", "cfrc_ext")
+_register("Hopper", Hopper, "hopper.xml", 4, 5e-3, 11, 3, 1600.0, (16, 64), aliases=("Hopper-v5",))
+_register("Walker2d", Walker2d, "walker2d_v5.xml", 4, 5e-3, 17, 6, 2500.0, (24, 96), aliases=("Walker2d-v5",))
+_register("HalfCheetah", HalfCheetah, "half_cheetah.xml", 5, 0.1, 17, 6, 4500.0, (24, 96),
+          aliases=("HalfCheetah-v5",))
+_register("Ant", Ant, "ant.xml", 5, 0.1, 105, 8, 2500.0, (48, 192), ("xpos", "cfrc_ext"), True, aliases=("Ant-v5",))
+_register("Humanoid", Humanoid, "humanoid.xml", 5, 1e-2, 348, 17, 2000.0, (64, 256), HUMANOID_FIELDS, True,
+          aliases=("Humanoid-v5",), backends=("cpu", "gymnasium"),
+          description="gymnasium's Humanoid-v5 (PGS solver: MuJoCo Warp lacks it, use Humanoid-Newton)")
+_register("Humanoid-Newton", Humanoid, "humanoid.xml", 5, 1e-2, 348, 17, 2000.0, (64, 256), HUMANOID_FIELDS, True,
+          solver="newton", backends=("cpu", "warp"),
+          description="Humanoid-v5 with the Newton solver instead of the XML's PGS (what MuJoCo Warp runs)")

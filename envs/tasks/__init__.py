@@ -1,0 +1,5 @@
+"""The built-in task families; importing this package registers their tasks (see :mod:`flowrl.envs.registry`)."""
+
+from flowrl.envs.tasks import locomotion, manipulation, point_reach  # noqa: F401
+
+__all__ = ["locomotion", "manipulation", "point_reach"]

@@ -1,0 +1,63 @@
+"""The task registry and the task abstraction's per-substep control hook."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from flowrl.envs import BACKENDS, all_tasks, make, resolve_backend, resolve_task
+from flowrl.envs.backends.cpu import MujocoBatchEnv
+from flowrl.errors import FlowrlError
+
+
+def test_every_task_states_its_facts_once() -> None:
+    for name, info in all_tasks().items():
+        assert info.backends and set(info.backends) <= set(BACKENDS), name
+        assert info.obs_dim > 0 and info.act_dim > 0 and info.max_episode_steps > 0, name
+        assert (info.task is None) != (info.env is None), name
+        if info.obs_layout:
+            assert sum(size for _, size in info.obs_layout) == info.obs_dim, name
+    assert resolve_task("hopper-v5").name == "Hopper" and resolve_task("lift").name == "robosuite/Lift"
+
+
+def test_unknown_tasks_and_backends_are_one_line_errors() -> None:
+    with pytest.raises(FlowrlError, match="unknown task 'Hoper'; known tasks: .*Hopper"):
+        make("Hoper")
+    with pytest.raises(FlowrlError, match="Humanoid-Newton does not run on the gymnasium backend"):
+        make("Humanoid-Newton", backend="gymnasium")
+    assert resolve_backend("Hopper", "auto", "cpu") == "cpu"
+    assert resolve_backend("Humanoid", "auto", "cpu") == "cpu"
+
+
+class HalfGain:
+    """A per-substep controller: the actuators get half the action, recomputed before every substep."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def set_goal(self, state, action):
+        self.goal = action
+
+    def ctrl(self, state):
+        self.calls += 1
+        return 0.5 * self.goal
+
+
+def test_a_per_substep_controller_runs_inside_the_substep_loop() -> None:
+    info = resolve_task("Hopper")
+    base = info.task()
+    controller = HalfGain()
+    controlled = dataclasses.replace(base)
+    object.__setattr__(controlled, "controller", lambda *a: controller)
+    with_hook = MujocoBatchEnv(controlled, 2, seed=0)
+    plain = MujocoBatchEnv(base, 2, seed=0)
+    with_hook.reset(), plain.reset()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        a = (torch.rand((2, 3), generator=gen, dtype=torch.float64) * 2 - 1) * 0.8
+        o1 = with_hook.step(a)[0]
+        o2 = plain.step(0.5 * a)[0]
+        assert torch.equal(o1, o2)
+    assert controller.calls == 5 * base.frame_skip
