@@ -39,7 +39,7 @@ def resolve_backend(task: str, backend: str, device: str | torch.device) -> str:
         return info.default_backend("cuda" if on_gpu else "cpu", on_gpu and warp_available())
     if backend not in BACKENDS:
         raise FlowrlError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}, auto")
-    if info.env is not None:  # its own simulator: one implementation whatever the backend asked for
+    if info.task is None:  # its own simulator only: one implementation whatever the backend asked for
         return info.backends[0]
     if backend not in info.backends:
         raise FlowrlError(f"task {info.name} does not run on the {backend} backend; it runs on "
@@ -67,8 +67,8 @@ def make(
         raise FlowrlError(f"num_envs must be >= 1, got {num_envs}")
     info = resolve_task(task)
     backend = resolve_backend(info.name, backend, device)
-    if info.env is not None:
-        return info.env(info, num_envs, device=device, seed=seed, **kwargs)
+    if backend in info.envs:
+        return info.envs[backend](info, num_envs, device=device, seed=seed, **kwargs)
     if backend == "gymnasium":
         from flowrl.envs.backends.gymnasium import GymnasiumEnv
 

@@ -37,9 +37,10 @@ class TaskInfo:
     """Other spellings users may write (matched case-insensitively, like the name)."""
     task: Callable[[], Any] | None = None
     """Builds the task object (:class:`flowrl.envs.tasks.base.MujocoTask`) the cpu and warp backends run."""
-    env: Callable[..., Any] | None = None
-    """Builds the env directly, ``env(task_info, num_envs, device=, seed=, **kwargs)``, for tasks
-    that are their own simulator (``torch``) or run in another program (``robosuite``)."""
+    envs: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    """Env builders of the backends that are not MuJoCo backends of ours, by backend:
+    ``envs[backend](task_info, num_envs, device=, seed=, **kwargs)``; for tasks that are their own
+    simulator (``torch``) or run in another program (``robosuite``)."""
     gym_id: str = ""
     """gymnasium's id of the same task, for the ``gymnasium`` backend (and parity tests)."""
     model_file: str = ""

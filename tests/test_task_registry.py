@@ -16,7 +16,9 @@ def test_every_task_states_its_facts_once() -> None:
     for name, info in all_tasks().items():
         assert info.backends and set(info.backends) <= set(BACKENDS), name
         assert info.obs_dim > 0 and info.act_dim > 0 and info.max_episode_steps > 0, name
-        assert (info.task is None) != (info.env is None), name
+        mujoco_backends = {"cpu", "warp", "gymnasium"} & set(info.backends)
+        assert set(info.envs) == set(info.backends) - mujoco_backends, name  # a builder for each other backend
+        assert (info.task is not None) == bool({"cpu", "warp"} & mujoco_backends), name
         if info.obs_layout:
             assert sum(size for _, size in info.obs_layout) == info.obs_dim, name
     assert resolve_task("hopper-v5").name == "Hopper" and resolve_task("lift").name == "robosuite/Lift"

@@ -151,25 +151,38 @@ class Humanoid(LocomotionTask):
 def _register(name: str, cls: type[LocomotionTask], xml: str, frame_skip: int, noise: float, obs_dim: int,
               act_dim: int, medium_return: float, buffers: tuple[int, int], fields: tuple[str, ...] = (),
               contact: bool = False, solver: str | None = None, aliases: tuple[str, ...] = (),
-              backends: tuple[str, ...] = ("cpu", "warp", "gymnasium"), description: str = "") -> None:
+              backends: tuple[str, ...] = ("cpu", "warp", "gymnasium"), description: str = "",
+              layout: tuple[tuple[str, int], ...] = ()) -> None:
     def build() -> LocomotionTask:
         return cls(info, frame_skip, noise, fields, contact, solver, xml_file=xml)
 
     info = register(TaskInfo(name, obs_dim, act_dim, 1000, backends, aliases=aliases, task=build,
                              gym_id="Humanoid-v5" if name.startswith("Humanoid") else f"{name}-v5",
                              model_file=f"gymnasium/envs/mujoco/assets/{xml}", warp_buffers=buffers,
-                             medium_return=medium_return, description=description or f"gymnasium's {name}-v5"))
+                             medium_return=medium_return, description=description or f"gymnasium's {name}-v5",
+                             obs_layout=layout))
+
+
+def _planar(nq: int, nv: int) -> tuple[tuple[str, int], ...]:
+    return (("qpos[1:] (all but the x position)", nq - 1), ("qvel (clipped to +-10)", nv))
+
+
+HUMANOID_LAYOUT = (("qpos[2:] (all but x, y)", 22), ("qvel", 23), ("cinert[1:] (body inertias)", 130),
+                   ("cvel[1:] (body velocities)", 78), ("qfrc_actuator[6:]", 17), ("cfrc_ext[1:] (contact forces)", 78))
 
 
 HUMANOID_FIELDS = ("xipos", "cinert", "cvel", "qfrc_actuator", "cfrc_ext")
-_register("Hopper", Hopper, "hopper.xml", 4, 5e-3, 11, 3, 1600.0, (16, 64), aliases=("Hopper-v5",))
-_register("Walker2d", Walker2d, "walker2d_v5.xml", 4, 5e-3, 17, 6, 2500.0, (24, 96), aliases=("Walker2d-v5",))
+_register("Hopper", Hopper, "hopper.xml", 4, 5e-3, 11, 3, 1600.0, (16, 64), aliases=("Hopper-v5",),
+          layout=_planar(6, 6))
+_register("Walker2d", Walker2d, "walker2d_v5.xml", 4, 5e-3, 17, 6, 2500.0, (24, 96), aliases=("Walker2d-v5",),
+          layout=_planar(9, 9))
 _register("HalfCheetah", HalfCheetah, "half_cheetah.xml", 5, 0.1, 17, 6, 4500.0, (24, 96),
-          aliases=("HalfCheetah-v5",))
-_register("Ant", Ant, "ant.xml", 5, 0.1, 105, 8, 2500.0, (48, 192), ("xpos", "cfrc_ext"), True, aliases=("Ant-v5",))
+          aliases=("HalfCheetah-v5",), layout=(("qpos[1:] (all but the x position)", 8), ("qvel", 9)))
+_register("Ant", Ant, "ant.xml", 5, 0.1, 105, 8, 2500.0, (48, 192), ("xpos", "cfrc_ext"), True, aliases=("Ant-v5",),
+          layout=(("qpos[2:] (all but x, y)", 13), ("qvel", 14), ("cfrc_ext[1:] (contact forces, clipped to +-1)", 78)))
 _register("Humanoid", Humanoid, "humanoid.xml", 5, 1e-2, 348, 17, 2000.0, (64, 256), HUMANOID_FIELDS, True,
-          aliases=("Humanoid-v5",), backends=("cpu", "gymnasium"),
+          aliases=("Humanoid-v5",), backends=("cpu", "gymnasium"), layout=HUMANOID_LAYOUT,
           description="gymnasium's Humanoid-v5 (PGS solver: MuJoCo Warp lacks it, use Humanoid-Newton)")
 _register("Humanoid-Newton", Humanoid, "humanoid.xml", 5, 1e-2, 348, 17, 2000.0, (64, 256), HUMANOID_FIELDS, True,
-          solver="newton", backends=("cpu", "warp"),
+          solver="newton", backends=("cpu", "warp"), layout=HUMANOID_LAYOUT,
           description="Humanoid-v5 with the Newton solver instead of the XML's PGS (what MuJoCo Warp runs)")

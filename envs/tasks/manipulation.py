@@ -31,7 +31,7 @@ def _register(env_name: str, robots: str | list[str], object_dim: int, horizon: 
     n = 1 if isinstance(robots, str) else len(robots)
     layout = robot_keys(n, object_dim)
     register(TaskInfo(f"robosuite/{env_name}", sum(s for _, s in layout), 7 * n, horizon, ("robosuite",),
-                      aliases=(env_name,), env=_robosuite_env, has_success=True, obs_layout=layout,
+                      aliases=(env_name,), envs={"robosuite": _robosuite_env}, has_success=True, obs_layout=layout,
                       description=description, extra={"env_name": env_name, "robots": robots}))
 
 

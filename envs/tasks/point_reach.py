@@ -79,5 +79,7 @@ def scripted_action(obs: torch.Tensor, speed: float = 0.4) -> torch.Tensor:
         delta.norm(dim=1, keepdim=True) / 0.1, max=1.0)
 
 
-register(TaskInfo("PointReach", 4, 2, 30, ("torch",), env=lambda info, n, device="cpu", seed=None, **kw: PointReachEnv(n, device, seed, **kw),
+register(TaskInfo("PointReach", 4, 2, 30, ("torch",),
+                  envs={"torch": lambda info, n, device="cpu", seed=None, **kw: PointReachEnv(n, device, seed, **kw)},
+                  obs_layout=(("position", 2), ("goal - position", 2)),
                   description="a point reaches a goal in [-1, 1]^2 (pure torch; fast tests of learning)"))

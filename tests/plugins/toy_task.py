@@ -38,7 +38,8 @@ class ToyLineEnv(BatchedEnv):
         return self.x.clone()
 
 
-register(TaskInfo("ToyLine", 1, 1, 10, ("torch",), env=lambda info, n, device="cpu", seed=None, **kw: ToyLineEnv(n, device, seed),
+register(TaskInfo("ToyLine", 1, 1, 10, ("torch",),
+                  envs={"torch": lambda info, n, device="cpu", seed=None, **kw: ToyLineEnv(n, device, seed)},
                   obs_layout=(("x", 1),), description="a point on a line moves to the origin"))
 
 
