@@ -129,6 +129,9 @@ class MujocoEnv(BatchedEnv):
             self.qpos[idx] = torch.as_tensor(np.stack([f[0] for f in fresh]), dtype=self.dtype, device=self.sim_device)
             self.qvel[idx] = torch.as_tensor(np.stack([f[1] for f in fresh]), dtype=self.dtype, device=self.sim_device)
         self._forward(ids)
+        reset_controller = getattr(self.controller, "reset", None)
+        if reset_controller is not None:  # per-episode controller state (robosuite: nullspace target, gripper)
+            reset_controller(self.state, idx)
         self._tracked[idx] = self.task_def.tracked(self.state, self.model_info)[idx].to(self.dtype)
         if self.task_def.needs_contact_forces:
             self.state["cfrc_ext"][idx] = 0.0  # gymnasium runs no mj_rnePostConstraint after a reset

@@ -207,7 +207,9 @@ def _pinv_sym(a: Tensor) -> Tensor:
 
 def opspace_matrices(mass: Tensor, jac: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """robosuite's ``opspace_matrices``: (Lambda_full, Lambda_pos, Lambda_ori, nullspace N, M^-1)."""
-    mass_inv = torch.linalg.inv(mass)
+    # inv_ex: the same LU inverse as inv without its per-call singularity check, which costs milliseconds per
+    # call on CPU (a host sync over the batch); the mass matrix is positive definite
+    mass_inv = torch.linalg.inv_ex(mass)[0]
     jm = jac @ mass_inv  # (N, 6, n)
     lam_full_inv = jm @ jac.transpose(-1, -2)
     lam_pos_inv = jm[..., :3, :] @ jac[..., :3, :].transpose(-1, -2)

@@ -1,5 +1,5 @@
 """The built-in task families; importing this package registers their tasks (see :mod:`flowrl.envs.registry`)."""
 
-from flowrl.envs.tasks import locomotion, manipulation, point_reach  # noqa: F401
+from flowrl.envs.tasks import locomotion, manipulation, point_reach, robosuite_scenes  # noqa: F401
 
-__all__ = ["locomotion", "manipulation", "point_reach"]
+__all__ = ["locomotion", "manipulation", "point_reach", "robosuite_scenes"]

@@ -1,0 +1,313 @@
+"""robosuite's Lift, PickPlaceCan and NutAssemblySquare as batched tasks on our cpu and warp backends
+(:mod:`flowrl.envs.tasks.robosuite_scenes`): registry, reset distribution, scripted experts, bad actions, and
+parity with robosuite 1.5.2 itself (skipped where robosuite is not installed).
+
+Parity is checked from the same simulator state: robosuite's qpos/qvel (and solver warm start) are copied into our
+batched env with ``set_state``; robosuite's observation for that state is its ``_get_observations(force_update=True)``
+after ``sim.forward()``, taken twice so that its relative-pose sensors read the refreshed object pose (see the
+task module's docstring for that cache quirk), its reward ``reward()`` and its success ``_check_success()``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from flowrl.envs import make, resolve_task
+from flowrl.envs.tasks.robosuite_scenes import TASKS, RobosuiteSceneTask, _ids, scene_facts
+from flowrl.errors import FlowrlError
+
+pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
+
+ENV_KWARGS = dict(robots="Panda", has_renderer=False, has_offscreen_renderer=False, use_camera_obs=False,
+                  ignore_done=True, horizon=400, reward_shaping=False)
+OBS_TOL = 1e-6  # robosuite's relative poses go through float32-rounded rotation matrices; the rest is exact
+
+
+def _task(scene: str) -> RobosuiteSceneTask:
+    task = resolve_task(f"robosuite/{scene}").task()
+    assert isinstance(task, RobosuiteSceneTask)
+    return task
+
+
+# ----------------------------------------------------------------------------------------------------------
+# without robosuite
+
+
+@pytest.mark.parametrize("scene", TASKS)
+def test_registered_on_three_backends(scene: str) -> None:
+    info = resolve_task(scene)
+    assert info.backends == ("robosuite", "cpu", "warp")
+    assert info.default_backend("cpu", True) == "robosuite" and info.default_backend("cuda", True) == "warp"
+    env = make(info.name, 2, backend="cpu", seed=0)
+    obs = env.reset()
+    assert obs.shape == (2, info.obs_dim) and env.act_dim == 7 and env.max_episode_steps == 400
+    np.testing.assert_array_equal(env.single_action_space.low, -np.ones(7))
+    np.testing.assert_array_equal(env.single_action_space.high, np.ones(7))
+    names = [k for k, _ in info.obs_layout]
+    assert names == ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+    np.testing.assert_allclose(obs[:, -2:].numpy(), [[0.020833, -0.020833]] * 2)  # fingers at robosuite's init
+
+
+def _placement_bounds(scene: str) -> list[dict[str, Any]]:
+    return [dict(obj, x=RobosuiteSceneTask._ranges(obj)[0], y=RobosuiteSceneTask._ranges(obj)[1])
+            for obj in _ids(scene).objects]
+
+
+def _check_placements(scene: str, qpos: np.ndarray) -> None:
+    """qpos (n, nq): arm near init_qpos, fingers at their init, objects inside robosuite's sampler ranges, upright
+    with a rotation about z only, not overlapping each other, cleared objects at (10, 10, 10)."""
+    facts = scene_facts(scene)
+    ids = _ids(scene)
+    arm = qpos[:, list(ids.arm_qpos)] - np.asarray(facts["robot"]["init_qpos"])
+    assert np.abs(arm).max() < 0.02 * 6 and 0.015 < arm.std() < 0.025
+    np.testing.assert_array_equal(qpos[:, list(ids.gripper_qpos)], np.broadcast_to(
+        facts["robot"]["gripper_init_qpos"], (len(qpos), 2)))
+    placed = []
+    for obj in _placement_bounds(scene):
+        q = qpos[:, obj["qpos_adr"]:obj["qpos_adr"] + 7]
+        if obj["cleared"]:
+            np.testing.assert_array_equal(q, np.broadcast_to(facts["cleared_object_qpos"], q.shape))
+            continue
+        ref = obj["sampler"]["reference_pos"]
+        assert (q[:, 0] >= ref[0] + obj["x"][0]).all() and (q[:, 0] <= ref[0] + obj["x"][1]).all()
+        assert (q[:, 1] >= ref[1] + obj["y"][0]).all() and (q[:, 1] <= ref[1] + obj["y"][1]).all()
+        np.testing.assert_allclose(q[:, 2], ref[2] + obj["sampler"]["z_offset"] - obj["bottom"], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.linalg.norm(q[:, 3:], axis=1), 1.0, atol=1e-12)
+        assert (q[:, 4:6] == 0).all()
+        # spread over the ranges (uniform), and over the rotations (uniform in [0, 2 pi))
+        span = (obj["x"][1] - obj["x"][0], obj["y"][1] - obj["y"][0])
+        for axis in (0, 1):
+            if span[axis] > 0:
+                assert np.ptp(q[:, axis]) > 0.8 * span[axis]
+        angle = 2 * np.arctan2(q[:, 6], q[:, 3]) % (2 * np.pi)
+        assert np.ptp(angle) > 5.0
+        for other, oq in placed:
+            d = np.hypot(q[:, 0] - oq[:, 0], q[:, 1] - oq[:, 1])
+            assert (d > obj["radius"] + other["radius"]).all(), (obj["name"], other["name"])
+        placed.append((obj, q))
+
+
+@pytest.mark.parametrize("scene", TASKS)
+def test_placement_per_env_and_batched(scene: str) -> None:
+    """Both reset paths draw from robosuite's placement distributions (and the arm's init noise)."""
+    task = _task(scene)
+    ids = _ids(scene)
+    qpos0 = np.asarray(ids.qpos0)
+    n = 200
+    nv = len(qpos0) - sum(1 for o in ids.objects)  # a free joint has 7 qpos and 6 dofs
+    per_env = np.stack([task.reset_state(np.random.default_rng(i), qpos0, nv)[0] for i in range(n)])
+    _check_placements(scene, per_env)
+    gen = torch.Generator().manual_seed(0)
+    like = torch.zeros(1, dtype=torch.float64)
+    dq, qvel = task.reset_noise_batch(gen, n, len(qpos0), nv, like)
+    assert qvel.shape == (n, nv) and (qvel == 0).all()
+    _check_placements(scene, (torch.as_tensor(qpos0) + dq).numpy())
+    # the same seed gives the same episode
+    np.testing.assert_array_equal(task.reset_state(np.random.default_rng(3), qpos0, nv)[0], per_env[3])
+
+
+def test_batched_autoreset_places_objects() -> None:
+    env = make("robosuite/PickPlaceCan", 3, backend="cpu", seed=0)
+    env.batched_autoreset = True
+    env.reset()
+    env._reset_ids(torch.tensor([0, 2]), autoreset=True)
+    _check_placements_subset = env.qpos.numpy()[[0, 2]]
+    can = _ids("PickPlaceCan").objects[-1]
+    assert can["name"] == "Can"
+    xy = _check_placements_subset[:, can["qpos_adr"]:can["qpos_adr"] + 2]
+    assert (np.abs(xy - [0.1, -0.25]) < [0.145, 0.195]).all()
+
+
+def test_bad_actions_give_clear_errors() -> None:
+    env = make("robosuite/Lift", 2, backend="cpu", seed=0)
+    env.reset()
+    with pytest.raises(FlowrlError, match="shape"):
+        env.step(torch.zeros(2, 6))
+    with pytest.raises(FlowrlError, match="NaN"):
+        env.step(torch.full((2, 7), float("nan")))
+    obs, *_ = env.step(torch.zeros(2, 7))
+    assert torch.isfinite(obs).all()
+
+
+def _run_expert(env: Any, scene: str, max_steps: int = 400) -> torch.Tensor:
+    from flowrl.agents.scripted import EXPERTS
+
+    expert = EXPERTS[f"robosuite/{scene}"](env.num_envs)
+    obs = env.reset()
+    expert.reset()
+    success = torch.zeros(env.num_envs, dtype=torch.bool)
+    for _ in range(max_steps):
+        obs, _, _, _, info = env.step(expert(obs))
+        success |= info["success"].cpu()
+        if success.all():
+            break
+    return success
+
+
+def test_scripted_lift_expert_succeeds_on_cpu_batched_task() -> None:
+    env = make("robosuite/Lift", 8, backend="cpu", seed=100)
+    success = _run_expert(env, "Lift")
+    assert success.all(), success
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scene", ["PickPlaceCan", "NutAssemblySquare"])
+def test_scripted_experts_succeed_on_cpu_batched_task(scene: str) -> None:
+    env = make(f"robosuite/{scene}", 8, backend="cpu", seed=100)
+    success = _run_expert(env, scene)
+    assert success.float().mean() >= 0.75, success
+
+
+@pytest.mark.slow
+def test_warp_backend_on_cpu_steps_lift() -> None:
+    """MuJoCo Warp on Warp's CPU device (float32; kernels compile on first use, minutes on 2 cores): Lift with
+    the OSC controller, 2 worlds, no buffer overflow, close to the cpu backend."""
+    pytest.importorskip("mujoco_warp")
+    warp_env = make("robosuite/Lift", 2, backend="warp", device="cpu", seed=0)
+    cpu_env = make("robosuite/Lift", 2, backend="cpu", seed=0)
+    qpos, qvel = cpu_env.reset(), None
+    qpos, qvel = cpu_env.get_state()
+    warp_env.reset()
+    warp_env.set_state(qpos, qvel)
+    warp_env.controller.reset(warp_env.state, torch.arange(2))
+    action = torch.tensor([[0.3, -0.2, -0.5, 0.1, 0.0, -0.1, 1.0]] * 2)
+    for _ in range(3):
+        wo, wr, *_ = warp_env.step(action)
+        co, cr, *_ = cpu_env.step(action)
+    assert int(warp_env._overflow.sum()) == 0
+    assert (wo.double() - co).abs().max() < 2e-3, (wo.double() - co).abs().max()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# against robosuite
+
+
+def _robosuite() -> Any:
+    os.environ.setdefault("MUJOCO_GL", "disable")
+    robosuite = pytest.importorskip("robosuite", reason="robosuite not installed (see README: robosuite)")
+    from flowrl.envs.backends.robosuite_compat import apply
+
+    apply()
+    return robosuite
+
+
+def _make_robosuite(scene: str, seed: int) -> Any:
+    env = _robosuite().make(scene, **ENV_KWARGS)
+    env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+    env.reset()
+    return env
+
+
+def _robosuite_flat(env: Any, obs: dict[str, np.ndarray]) -> np.ndarray:
+    from flowrl.envs.backends.robosuite import flatten_obs, obs_keys
+
+    return flatten_obs(obs, obs_keys(1))
+
+
+def _copy_state(rs: Any, ours: Any) -> None:
+    """robosuite's simulator state and controller state into every env of ours."""
+    d = rs.sim.data._data
+    n = ours.num_envs
+    ours.set_state(torch.as_tensor(np.array(d.qpos))[None].expand(n, -1),
+                   torch.as_tensor(np.array(d.qvel))[None].expand(n, -1))
+    ours._warmstart().copy_(torch.as_tensor(np.array(d.qacc_warmstart))[None].expand(n, -1))
+    robot = rs.robots[0]
+    c = ours.controller
+    c.osc.initial_joint.copy_(torch.as_tensor(robot.part_controllers["right"].initial_joint)[None].expand(n, -1))
+    c.gripper.state.copy_(torch.as_tensor(np.array(robot.gripper["right"].current_action))[None].expand(n, -1))
+
+
+def _success_pose(scene: str, rs: Any) -> None:
+    """Move robosuite's object where its task counts as done (and the gripper away from it), then forward."""
+    d, facts = rs.sim.data._data, scene_facts(scene)
+    obj = next(o for o in _ids(scene).objects if not o["cleared"])
+    a = obj["qpos_adr"]
+    rule = facts["success"]
+    if scene == "Lift":
+        d.qpos[a + 2] += 0.1
+    elif scene == "PickPlaceCan":
+        d.qpos[a:a + 3] = [np.mean(rule["x_range"]), np.mean(rule["y_range"]), rule["z_range"][0] + 0.05]
+    else:
+        peg = rule["peg_pos"]
+        d.qpos[a:a + 3] = [peg[0] + 0.01, peg[1] - 0.01, rule["table_offset"][2] + 0.02]
+    rs.sim.forward()
+
+
+@pytest.mark.parametrize("scene", TASKS)
+def test_observation_reward_success_match_robosuite(scene: str) -> None:
+    rs = _make_robosuite(scene, seed=7)
+    ours = make(f"robosuite/{scene}", 1, backend="cpu", seed=0)
+    ours.reset()
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    seen = set()
+    for k in range(6):
+        if k:
+            rs.step(rng.uniform(-1, 1, 7))
+        if k == 5:
+            _success_pose(scene, rs)
+        rs.sim.forward()
+        rs._get_observations(force_update=True)
+        expected = _robosuite_flat(rs, rs._get_observations(force_update=True))
+        _copy_state(rs, ours)
+        obs = ours.task_def.observation(ours.state)[0].numpy()
+        worst = max(worst, float(np.abs(obs - expected).max()))
+        success = bool(ours.task_def.success(ours.state)[0])
+        reward, term = ours.task_def.reward_and_termination(ours.state, None, None, 0.05, None)
+        assert success == bool(rs._check_success()) and float(reward[0]) == float(rs.reward()) and not term.any()
+        seen.add(success)
+    rs.close()
+    print(f"{scene}: observation from the same state: max |difference| {worst:.1e}")
+    assert worst < OBS_TOL, worst
+    assert seen == {False, True}
+
+
+@pytest.mark.parametrize("scene", TASKS)
+def test_one_env_step_matches_robosuite(scene: str) -> None:
+    """From robosuite's state (and its controller's nullspace target and gripper state), one env step under the
+    same action: the next state, observation (its current-state parts), reward and success. Seed 0: robosuite
+    redraws Lift's cube size at every reset, and seed 0's is the shipped scene's."""
+    rs = _make_robosuite(scene, seed=0)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        rs.step(rng.uniform(-1, 1, 7))
+    ours = make(f"robosuite/{scene}", 2, backend="cpu", seed=0)
+    ours.reset()
+    _copy_state(rs, ours)
+    action = rng.uniform(-1, 1, 7)
+    obs_rs, reward_rs, _, _ = rs.step(action)
+    obs, reward, term, trunc, info = ours.step(torch.as_tensor(action)[None].expand(2, -1))
+    d = rs.sim.data._data
+    dq = float((ours.qpos - torch.as_tensor(np.array(d.qpos))).abs().max())
+    dv = float((ours.qvel - torch.as_tensor(np.array(d.qvel))).abs().max())
+    flat = _robosuite_flat(rs, obs_rs)
+    # Lift: the whole observation; Can/Square: not the relative pose (robosuite's reads last step's object pose)
+    start = 0 if scene == "Lift" else 7
+    dobs = float(np.abs(obs[0, start:].numpy() - flat[start:]).max())
+    rs.close()
+    print(f"{scene}: one env step from robosuite's state: |qpos| {dq:.1e}, |qvel| {dv:.1e}, |obs| {dobs:.1e}")
+    assert dq < 1e-9 and dv < 1e-7 and dobs < 1e-9, (dq, dv, dobs)
+    assert float(reward[0]) == reward_rs and not term.any() and not trunc.any()
+
+
+def test_robosuite_placements_lie_in_our_ranges() -> None:
+    """robosuite's own resets (Can: all four objects sampled, then three cleared) satisfy the ranges we sample from."""
+    rs = _make_robosuite("PickPlaceCan", seed=0)
+    qpos = []
+    for i in range(20):
+        rs.reset()
+        qpos.append(np.array(rs.sim.data.qpos))
+    rs.close()
+    qpos = np.stack(qpos)
+    can = _ids("PickPlaceCan").objects[-1]
+    x, y = RobosuiteSceneTask._ranges(can)
+    ref = can["sampler"]["reference_pos"]
+    q = qpos[:, can["qpos_adr"]:can["qpos_adr"] + 3]
+    assert ((q[:, 0] >= ref[0] + x[0]) & (q[:, 0] <= ref[0] + x[1])).all()
+    assert ((q[:, 1] >= ref[1] + y[0]) & (q[:, 1] <= ref[1] + y[1])).all()
+    np.testing.assert_allclose(q[:, 2], ref[2] - can["bottom"], atol=1e-12)
