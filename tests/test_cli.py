@@ -1,10 +1,16 @@
-"""Bad input at the command line: one line naming the problem, exit code 2, nothing damaged."""
+"""Bad input at the command line: one line naming the problem, exit code 2, nothing damaged.
+
+The CLI runs in-process (``main`` with its output captured, argparse's exits caught), as fast as a
+function call; one test runs ``python -m flowrl`` for real to cover the entry point."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +27,22 @@ TINY = ["policy.hidden_dim=16", "policy.depth=1", "policy.time_embed_dim=8", "tr
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flowrl", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    """``flowrl ARGS`` in this process: its exit code, stdout and stderr; an exception escaping ``main``
+    (a traceback in the shell) fails the test."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["flowrl", *args], code, out.getvalue(), err.getvalue())
+
+
+def test_the_entry_point_reports_errors_in_one_line(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "flowrl", "eval", str(tmp_path / "nowhere")], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    one_line_error(proc, "checkpoint not found")
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -150,7 +150,8 @@ def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
     assert not torch.equal(obs, first)  # continuing generators: a new placement
 
 
-@pytest.mark.parametrize("task,horizon", [("Lift", 150), ("PickPlaceCan", 300), ("NutAssemblySquare", 300)])
+@pytest.mark.parametrize("task,horizon", [("Lift", 150), pytest.param("PickPlaceCan", 300, marks=pytest.mark.slow),
+                                          pytest.param("NutAssemblySquare", 300, marks=pytest.mark.slow)])
 def test_scripted_experts_succeed_on_seeded_episodes(task, horizon) -> None:
     import torch
 
@@ -241,6 +242,7 @@ def test_every_task_builds_steps_and_truncates(task, obs_dim, act_dim) -> None:
         env.close()
 
 
+@pytest.mark.slow
 def test_collect_drops_failed_episodes_and_says_so_when_none_succeed(tmp_path, monkeypatch) -> None:
     import torch
 

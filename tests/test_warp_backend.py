@@ -63,7 +63,7 @@ def _mean_return(task: str, backend: str, n: int, steps: int) -> float:
     return float(total.mean())
 
 
-@pytest.mark.parametrize("task,steps", [("Hopper", 150), ("Ant", 60)])
+@pytest.mark.parametrize("task,steps", [("Hopper", 150), pytest.param("Ant", 60, marks=pytest.mark.slow)])
 def test_returns_of_a_fixed_policy_agree_statistically(task, steps) -> None:
     # Ant's capsule-floor contacts use another friction frame under the pyramidal cone in MuJoCo
     # Warp, so single steps differ; returns over many envs must still agree.
