@@ -63,3 +63,20 @@ def test_a_per_substep_controller_runs_inside_the_substep_loop() -> None:
         o2 = plain.step(0.5 * a)[0]
         assert torch.equal(o1, o2)
     assert controller.calls == 5 * base.frame_skip
+
+
+def test_the_readme_task_table_matches_the_registry() -> None:
+    """The README's table of tasks states each built-in task's dims, horizon and backends as registered."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip().split("`")[1]: [c.strip() for c in line.split("|")[2:6]]
+            for line in readme.splitlines() if line.startswith("| `")}
+    for name, info in all_tasks().items():
+        builder = info.task or next(iter(info.envs.values()))
+        if not builder.__module__.startswith("flowrl."):
+            continue  # registered by a test, not shipped
+        assert name in rows, f"README's task table lacks {name}"
+        obs, act, horizon, backends = rows[name]
+        assert (int(obs), int(act), int(horizon)) == (info.obs_dim, info.act_dim, info.max_episode_steps), name
+        assert [b.strip() for b in backends.split(",")] == list(info.backends), name
