@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--format", default="flowrl", choices=["flowrl", "robomimic"], help="dataset layout to write")
     co.add_argument("--num-envs", type=int, default=16)
     co.add_argument("--backend", default="gymnasium", choices=["gymnasium", "cpu", "warp", "auto"],
-                    help="MuJoCo tasks and robosuite/Lift, PickPlaceCan, NutAssemblySquare: gymnasium (default; robosuite for its tasks), cpu, warp or auto")
+                    help="gymnasium (default), cpu, warp or auto; robosuite's Lift, Can, Square: cpu or warp")
     co.add_argument("--after-success", type=int, default=10,
                     help="tasks with success (robosuite): cut each episode this many steps after its first "
                     "success, as robomimic's demonstrations end (default 10; -1 keeps whole episodes)")

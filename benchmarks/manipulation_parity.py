@@ -1,0 +1,94 @@
+"""Scripted experts on robosuite's tasks: success on our batched cpu task (shipped scene, batched OSC, no robosuite
+at run time) beside success in robosuite itself, over the same number of seeded episodes each.
+
+    python benchmarks/manipulation_parity.py [--tasks Lift PickPlaceCan NutAssemblySquare] [--episodes 200]
+        [--num-envs 50] [--robosuite-envs 2] [--backends cpu robosuite]
+
+Target (issue 15, item 4c; exit code 1 when missed): the two success rates within 3 points over 200 episodes each.
+The episodes are not the same ones (each side draws its own placements from robosuite's distributions; Lift's
+batched cube keeps its nominal size). Writes benchmarks/results/manipulation_parity.json (tasks run separately
+accumulate in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from common import report_checks, results_dir, run_main
+from flowrl.agents.scripted import EXPERTS
+from flowrl.envs import make
+
+TOLERANCE = 0.03
+
+
+def success_rate(task: str, backend: str, episodes: int, num_envs: int, seed: int) -> tuple[float, float, int]:
+    """(success rate, wall seconds, episodes run): batches of ``num_envs`` seeded episodes, each run until every
+    env has succeeded or the horizon."""
+    env = make(f"robosuite/{task}", num_envs, backend=backend, seed=seed)
+    expert = EXPERTS[f"robosuite/{task}"](num_envs)
+    wins, done, start = 0, 0, time.time()
+    try:
+        while done < episodes:
+            obs = env.reset(seed=seed + done)
+            expert.reset()
+            success = torch.zeros(num_envs, dtype=torch.bool)
+            take = min(num_envs, episodes - done)
+            for _ in range(env.max_episode_steps):
+                obs, _, _, _, info = env.step(expert(obs))
+                success |= info["success"].cpu()
+                if success[:take].all():
+                    break
+            wins += int(success[:take].sum())
+            done += take
+            print(f"  {task} [{backend}]: {wins}/{done} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+    finally:
+        env.close()
+    return wins / done, time.time() - start, done
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=["Lift", "PickPlaceCan", "NutAssemblySquare"])
+    ap.add_argument("--episodes", type=int, default=200)
+    ap.add_argument("--num-envs", type=int, default=50, help="batched cpu envs (default 50)")
+    ap.add_argument("--robosuite-envs", type=int, default=os.cpu_count() or 1, help="robosuite worker processes")
+    ap.add_argument("--backends", nargs="+", default=["cpu", "robosuite"], choices=["cpu", "warp", "robosuite"])
+    ap.add_argument("--seed", type=int, default=1000)
+    args = ap.parse_args()
+    rows: dict[str, dict[str, dict]] = {}
+    for task in args.tasks:
+        rows[task] = {}
+        for backend in args.backends:
+            n = args.robosuite_envs if backend == "robosuite" else args.num_envs
+            rate, wall, done = success_rate(task, backend, args.episodes, n, args.seed)
+            rows[task][backend] = {"success_rate": rate, "episodes": done, "wall_s": round(wall, 1), "num_envs": n}
+    print(f"\nscripted experts, seeded episodes (seeds {args.seed}...), {os.cpu_count()} cores")
+    checks = []
+    for task, by_backend in rows.items():
+        line = "   ".join(f"{b}: {100 * r['success_rate']:5.1f}% of {r['episodes']} ({r['wall_s']:.0f} s)"
+                          for b, r in by_backend.items())
+        print(f"{task:<20} {line}")
+        if "robosuite" in by_backend and len(by_backend) > 1:
+            ref = by_backend["robosuite"]["success_rate"]
+            for b, r in by_backend.items():
+                if b != "robosuite":
+                    gap = abs(r["success_rate"] - ref)
+                    checks.append((f"{task}: {b} within {100 * TOLERANCE:.0f} points of robosuite "
+                                   f"({100 * gap:.1f})", gap <= TOLERANCE + 1e-12))
+    path = results_dir() / "manipulation_parity.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {"results": {}}
+    for task, by_backend in rows.items():
+        merged["results"].setdefault(task, {}).update(
+            {b: dict(r, seed=args.seed, cores=os.cpu_count()) for b, r in by_backend.items()})
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    return report_checks(checks)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
