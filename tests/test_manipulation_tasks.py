@@ -116,10 +116,10 @@ def test_batched_autoreset_places_objects() -> None:
     env.batched_autoreset = True
     env.reset()
     env._reset_ids(torch.tensor([0, 2]), autoreset=True)
-    _check_placements_subset = env.qpos.numpy()[[0, 2]]
+    qpos = env.qpos.numpy()[[0, 2]]
     can = _ids("PickPlaceCan").objects[-1]
     assert can["name"] == "Can"
-    xy = _check_placements_subset[:, can["qpos_adr"]:can["qpos_adr"] + 2]
+    xy = qpos[:, can["qpos_adr"]:can["qpos_adr"] + 2]
     assert (np.abs(xy - [0.1, -0.25]) < [0.145, 0.195]).all()
 
 
@@ -170,7 +170,7 @@ def test_warp_backend_on_cpu_steps_lift() -> None:
     pytest.importorskip("mujoco_warp")
     warp_env = make("robosuite/Lift", 2, backend="warp", device="cpu", seed=0)
     cpu_env = make("robosuite/Lift", 2, backend="cpu", seed=0)
-    qpos, qvel = cpu_env.reset(), None
+    cpu_env.reset()
     qpos, qvel = cpu_env.get_state()
     warp_env.reset()
     warp_env.set_state(qpos, qvel)
