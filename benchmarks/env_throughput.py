@@ -2,6 +2,13 @@
 
     python benchmarks/env_throughput.py [--task Hopper] [--num-envs 64 256 1024 4096 16384 65536]
                                         [--seconds 2] [--device cuda] [--threads 0]
+    python benchmarks/env_throughput.py --task robosuite/Lift --num-envs 1024 4096 16384 [--robosuite-envs 16]
+
+Manipulation tasks (``robosuite/...``, OSC_POSE at robosuite's timing: 20 Hz control, 25 physics
+substeps): our warp backend with random actions and with a K=4 flow policy (3x512) choosing chunks
+of 4 actions, the cpu backend at up to ``--cpu-max-envs``, beside robosuite's own worker processes
+(one per env, ``--robosuite-envs``, default one per core). Target: warp >= 50k env steps/s and
+>= 40x robosuite's workers on the same machine.
 
 Rows (env steps/s; an env step of Hopper/Walker2d is 4 physics steps, Ant/Humanoid 5):
 - raw mujoco.batch: ``Batch.step(nstep=frame_skip)`` with constant controls, no task logic;
@@ -31,7 +38,7 @@ from common import report_checks, results_dir, run_main
 from flowrl.config import PolicyConfig
 from flowrl.envs import make
 from flowrl.envs import resolve_task
-from flowrl.evaluation import ObsHistory
+from flowrl.rollout import ObsHistory
 from flowrl.policy import FlowPolicy
 
 
@@ -82,11 +89,67 @@ def policy_loop(task: str, n: int, seconds: float, threads: int, device: str, ba
 
     def chunk():
         actions = policy.predict(history.get(), num_steps=4, generator=gen)
-        for j in range(4):
-            obs, _, _, _, info = env.step(actions[:, j])
-            history.push(obs, info["done_mask"])
+        history.push_chunk(env.step_chunk(actions.clamp(-1, 1)))
 
-    return 4 * n * timed(chunk, seconds, warmup=1)
+    rate = 4 * n * timed(chunk, seconds, warmup=1)
+    env.close()
+    return rate
+
+
+def chunk_loop(task: str, n: int, seconds: float, backend: str, device: str) -> float:
+    """Env steps/s of random 4-action chunks (robosuite's workers take a chunk in one round trip)."""
+    env = make(task, n, backend=backend, seed=0, device=device)
+    env.reset()
+    gen = torch.Generator().manual_seed(0)
+    actions = [(torch.rand(n, 4, env.act_dim, generator=gen) * 2 - 1).to(device) for _ in range(4)]
+    i = [0]
+
+    def step():
+        env.step_chunk(actions[i[0] % 4])
+        i[0] += 1
+
+    rate = 4 * n * timed(step, seconds, warmup=1)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    env.close()
+    return rate
+
+
+def manipulation(args: argparse.Namespace, machine: dict, use_warp: bool) -> int:
+    """Rows and targets of a manipulation task (see the module docstring)."""
+    robo_n = args.robosuite_envs or os.cpu_count() or 1
+    robosuite_rate = chunk_loop(args.task, robo_n, max(args.seconds, 5.0), "robosuite", "cpu")
+    print(f"  robosuite workers ({robo_n}): {robosuite_rate:.0f} env steps/s", file=sys.stderr, flush=True)
+    rows = []
+    for n in args.num_envs:
+        row: dict = {"num_envs": n}
+        if n <= args.cpu_max_envs:
+            row["cpu"] = chunk_loop(args.task, n, args.seconds, "cpu", "cpu")
+        if use_warp:
+            row["warp"] = chunk_loop(args.task, n, args.seconds, "warp", "cuda")
+            row["warp_policy"] = policy_loop(args.task, n, args.seconds, 0, "cuda", "warp")
+        rows.append(row)
+        print(f"  measured num_envs={n}: {row}", file=sys.stderr, flush=True)
+    print(f"\n{args.task} env steps/s (OSC_POSE, 25 substeps per env step) on {machine['cores']} cores"
+          f"{', ' + machine['gpu'] if machine['gpu'] else ''}; robosuite's {robo_n} worker processes: "
+          f"{robosuite_rate:.0f}")
+    head = f"{'num_envs':>9} {'cpu':>11} {'warp (GPU)':>11} {'warp+policy':>12} {'warp / robosuite':>17}"
+    print(head)
+    print("-" * len(head))
+    f = lambda r, k: f"{r[k]:>11.0f}" if k in r else f"{'-':>11}"  # noqa: E731
+    for r in rows:
+        ratio = f"{r['warp'] / robosuite_rate:>16.0f}x" if "warp" in r else f"{'-':>17}"
+        print(f"{r['num_envs']:>9} {f(r, 'cpu')} {f(r, 'warp')} {f(r, 'warp_policy'):>12} {ratio}")
+    checks = []
+    if use_warp:
+        top = max(r["warp"] for r in rows)
+        checks += [(f"warp >= 50k env steps/s ({top:.0f})", top >= 5e4),
+                   (f"warp >= 40x robosuite's {robo_n} workers ({top / robosuite_rate:.0f}x)", top >= 40 * robosuite_rate)]
+    name = args.task.lower().replace("/", "_")
+    (results_dir() / f"env_throughput_{name}.json").write_text(json.dumps(
+        {"task": args.task, "machine": machine, "robosuite_workers": robo_n, "robosuite": robosuite_rate, "rows": rows,
+         "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]}, indent=2) + "\n")
+    return report_checks(checks, require_some=use_warp)
 
 
 def gymnasium_loop(task: str, n: int, seconds: float, mode: str) -> float:
@@ -120,6 +183,8 @@ def main() -> int:
     ap.add_argument("--cpu-max-envs", type=int, default=16384, help="largest num_envs for the cpu backend")
     ap.add_argument("--gym-envs", type=int, nargs="+", default=[16, 40, 128],
                     help="num_envs for gymnasium's sync and async vector envs")
+    ap.add_argument("--robosuite-envs", type=int, default=0,
+                    help="manipulation tasks: robosuite worker processes to compare with (0: one per core)")
     args = ap.parse_args()
 
     from flowrl.envs import warp_available
@@ -127,6 +192,8 @@ def main() -> int:
     use_warp = torch.cuda.is_available() and warp_available()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    if resolve_task(args.task).family == "robosuite":
+        return manipulation(args, machine, use_warp)
     # gymnasium's subprocesses first, while this process is small (fork copies its address space)
     gym_rows = [{"num_envs": n, "gym_sync": gymnasium_loop(args.task, n, args.seconds, "sync"),
                  "gym_async": gymnasium_loop(args.task, n, args.seconds, "async")} for n in args.gym_envs]
