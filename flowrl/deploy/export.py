@@ -1,0 +1,239 @@
+"""Export a policy's deterministic K-step sampler as one graph: ONNX or a torch.export program.
+
+The exported graph takes ``obs`` (batch, obs_history, obs_dim) raw observations and ``noise``
+(batch, horizon, act_dim) initial noise and returns ``actions`` (batch, horizon, act_dim) in env
+units: the observation normalisation, the K Euler steps on the grid ``t_k = k/K`` (shortcut heads
+with d = 1/K), the clipping to [-1, 1] and the scaling to the action bounds are all inside, so a
+controller needs nothing of flowrl. The batch dimension is dynamic.
+
+The unrolled graph is the policy's computation rearranged for inference, not a new model: the time
+(and step-size) embeddings of the K fixed times are constants, computed once at export and folded
+with the first layer's bias, and the observation part of the first layer is applied once per call
+instead of once per step (a policy whose velocity is more than the plain network is unrolled through
+its own ``velocity``). :func:`export` checks the result against the eager
+:meth:`FlowPolicy.predict` on random inputs and refuses to keep an export that differs by more
+than ``tolerance`` (1e-4 by default).
+
+A JSON file beside the export (``<out>.json``) records what a controller must know: task, dims,
+K, horizon, act_steps, obs_history, head, observation layout, action bounds, flowrl version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import flowrl
+from flowrl.checkpoint import load_policy, resolve_checkpoint
+from flowrl.deploy._deps import require
+from flowrl.errors import FlowrlError
+from flowrl.io import atomic_path, write_json
+from flowrl.policy import OBS_CLIP, FlowPolicy
+
+FORMATS = ("onnx", "torch-export")
+META_FORMAT = "flowrl.export/1"
+TOLERANCE = 1e-4
+
+
+class UnrolledSampler(nn.Module):
+    """``(obs, noise) -> actions``: the deterministic sampler of ``policy`` at K steps, unrolled.
+
+    Equal to ``policy.predict(obs, K, noise)`` up to float rounding (the first layer is split into
+    its action, observation and embedding columns, and the embeddings of the K times are constants).
+    """
+
+    def __init__(self, policy: FlowPolicy, num_steps: int) -> None:
+        super().__init__()
+        if num_steps < 1:
+            raise FlowrlError(f"K must be >= 1, got {num_steps}")
+        cfg = policy.cfg
+        self.num_steps = num_steps
+        # the rearranged graph knows the plain velocity network only; a policy whose velocity has more
+        # (a subclass, an added residual field) is unrolled through its own ``velocity`` instead
+        self.fused = type(policy).velocity is FlowPolicy.velocity and getattr(policy, "residual", None) is None
+        self.policy = None if self.fused else policy
+        self.is_shortcut = policy.is_shortcut
+        self.chunk_shape = (cfg.horizon, policy.act_dim)
+        chunk = cfg.horizon * policy.act_dim
+        feat = cfg.obs_history * policy.obs_dim
+        inp = policy.velocity_net.inp
+        with torch.no_grad():
+            w = inp.weight.detach().clone()
+            self.register_buffer("obs_mean", policy.obs_mean.detach().clone())
+            self.register_buffer("obs_std", policy.obs_std.detach().clone())
+            self.register_buffer("action_low", policy.action_low.detach().clone())
+            self.register_buffer("action_high", policy.action_high.detach().clone())
+            self.register_buffer("w_action", w[:, :chunk].T.contiguous())
+            self.register_buffer("w_obs", w[:, chunk:chunk + feat].T.contiguous())
+            # per step: W_emb [temb(t_k), demb(1/K)] + b, one (1, hidden) row each
+            t = torch.arange(num_steps, dtype=torch.float32) / num_steps
+            emb = [policy.time_embed(t)]
+            if policy.step_embed is not None:
+                emb.append(policy.step_embed(torch.full((num_steps,), 1.0 / num_steps)))
+            step_bias = torch.cat(emb, dim=-1) @ w[:, chunk + feat:].T + inp.bias
+            self.register_buffer("step_bias", step_bias.detach().clone())
+        self.blocks = policy.velocity_net.blocks
+        self.out = policy.velocity_net.out
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        z = ((obs - self.obs_mean) / self.obs_std).clamp(-OBS_CLIP, OBS_CLIP).flatten(1)
+        dt = 1.0 / self.num_steps
+        if self.policy is not None:
+            x = noise
+            ones = z.new_ones(z.shape[0])
+            d = ones * dt if self.is_shortcut else None
+            for k in range(self.num_steps):
+                x = x + dt * self.policy.velocity(ones * (k / self.num_steps), x, z, d)
+            x = x.flatten(1)
+        else:
+            h_obs = z @ self.w_obs
+            x = noise.flatten(1)
+            for k in range(self.num_steps):
+                h = x @ self.w_action + h_obs + self.step_bias[k]
+                x = x + dt * self.out(self.blocks(h))
+        a = x.clamp(-1.0, 1.0).view(-1, *self.chunk_shape)
+        return self.action_low + 0.5 * (a + 1.0) * (self.action_high - self.action_low)
+
+
+def export_metadata(policy: FlowPolicy, config: dict[str, Any], num_steps: int, fmt: str) -> dict[str, Any]:
+    """The facts a controller needs to run the export, written beside it as JSON."""
+    cfg = policy.cfg
+    return {
+        "format": META_FORMAT,
+        "export_format": fmt,
+        "task": config.get("task"),
+        "obs_dim": policy.obs_dim,
+        "act_dim": policy.act_dim,
+        "num_steps": num_steps,
+        "horizon": cfg.horizon,
+        "act_steps": cfg.act_steps,
+        "obs_history": cfg.obs_history,
+        "head": cfg.head,
+        "step_size": 1.0 / num_steps if cfg.head == "shortcut" else None,
+        "observation_layout": config.get("observation_layout"),
+        "action_low": [float(v) for v in policy.action_low.cpu()],
+        "action_high": [float(v) for v in policy.action_high.cpu()],
+        "inputs": {"obs": ["batch", cfg.obs_history, policy.obs_dim], "noise": ["batch", cfg.horizon, policy.act_dim]},
+        "outputs": {"actions": ["batch", cfg.horizon, policy.act_dim]},
+        "flowrl_version": flowrl.__version__,
+    }
+
+
+def metadata_path(path: str | Path) -> Path:
+    """Where the JSON of an export lives: ``<export file>.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _example_inputs(policy: FlowPolicy, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random observations around the normalisation statistics (3 std: some get clipped) and noise."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = policy.cfg
+    z = 3.0 * torch.randn((batch, cfg.obs_history, policy.obs_dim), generator=gen)
+    obs = policy.obs_mean.cpu() + z * policy.obs_std.cpu()
+    noise = torch.randn((batch, cfg.horizon, policy.act_dim), generator=gen)
+    return obs, noise
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporters' deprecation notes and registry chatter (torchvision ops) are not the user's concern."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _write_onnx(module: UnrolledSampler, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> None:
+    require("onnx")
+    require("onnxscript")
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        program = torch.onnx.export(module, example, input_names=["obs", "noise"], output_names=["actions"],
+                                    dynamic_shapes={"obs": {0: batch}, "noise": {0: batch}}, dynamo=True,
+                                    optimize=True, verbose=False)
+    except Exception as e:  # the exporter raises many types; an export failure is a bug to report, kept to one line
+        raise FlowrlError(f"ONNX export failed: {str(e).strip().splitlines()[0]}") from None
+    program.save(str(path))
+
+
+def _write_torch_export(module: UnrolledSampler, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(module, example, dynamic_shapes={"obs": {0: batch}, "noise": {0: batch}})
+    torch.export.save(program, str(path))
+
+
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", num_steps: int | None = None,
+           tolerance: float = TOLERANCE, check_batch: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Export ``checkpoint``'s deterministic sampler at K = ``num_steps`` (default: the policy's own)
+    to ``out`` (ONNX or a torch.export ``.pt2`` program) with ``<out>.json`` beside it.
+
+    The export is loaded back (ONNX Runtime for ONNX, the saved program for torch.export) and
+    compared with eager ``predict`` on ``check_batch`` random observations and noises; above
+    ``tolerance`` nothing is written and a :class:`FlowrlError` says by how much. Both files are
+    written atomically. Returns the metadata with ``max_abs_error`` added."""
+    if fmt not in FORMATS:
+        raise FlowrlError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    policy, config = load_policy(resolve_checkpoint(checkpoint), "cpu")
+    k = policy.cfg.num_steps if num_steps is None else int(num_steps)
+    if k < 1:
+        raise FlowrlError(f"--k must be >= 1, got {k}")
+    if check_batch < 2:
+        raise FlowrlError(f"check_batch must be >= 2, got {check_batch}")
+    out = Path(out)
+    if out.is_dir():
+        raise FlowrlError(f"--out {out} is a folder; give a file path (e.g. {out / 'policy.onnx'})")
+    module = UnrolledSampler(policy, k).eval()
+    meta = export_metadata(policy, config, k, fmt)
+    with torch.no_grad():
+        example = _example_inputs(policy, 2, seed)
+        obs, noise = _example_inputs(policy, check_batch, seed + 1)
+        expected = policy.predict(obs, k, noise).numpy()
+    with atomic_path(out) as tmp:
+        with _quiet_exporter():
+            if fmt == "onnx":
+                _write_onnx(module, example, tmp)
+            else:
+                _write_torch_export(module, example, tmp)
+        from flowrl.deploy.runtime import make_backend
+
+        got = make_backend(tmp, fmt)(obs.numpy(), noise.numpy())
+        err = float(abs(got - expected).max())
+        if not err <= tolerance:  # NaN fails too
+            raise FlowrlError(f"export differs from eager by {err:.3g} (> {tolerance:g}); nothing written")
+    meta["max_abs_error"] = err
+    write_json(metadata_path(out), meta)
+    return meta
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON beside an export, checked enough to drive a runtime; a bad one is a one-line error."""
+    mpath = metadata_path(path)
+    if not mpath.is_file():
+        raise FlowrlError(f"{path}: no {mpath.name} beside it (written by `flowrl export`)")
+    try:
+        meta = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlowrlError(f"{mpath}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise FlowrlError(f"{mpath}: not a flowrl export description (format {META_FORMAT} expected)")
+    for key in ("obs_dim", "act_dim", "num_steps", "horizon", "act_steps", "obs_history"):
+        v = meta.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise FlowrlError(f"{mpath}: '{key}' must be a positive integer, got {v!r}")
+    if meta["act_steps"] > meta["horizon"]:
+        raise FlowrlError(f"{mpath}: act_steps ({meta['act_steps']}) > horizon ({meta['horizon']})")
+    return meta
