@@ -44,6 +44,11 @@ class PolicyConfig:
     """Size of the sinusoidal embedding of t (and of the step size d for shortcut heads)."""
     max_shortcut_steps: int = 128
     """Shortcut heads: finest step size is 1/max_shortcut_steps (a power of two)."""
+    residual_hidden_dim: int = 0
+    """Width of a contracting residual field added to the velocity (0: none; MLE fine-tuning's ResFT adds it)."""
+    residual_gain_min: float = 0.0
+    """The residual's damping gain k is at least this (ResFT sets it above the frozen field's estimated
+    Lipschitz bound, so the combined field contracts in the action)."""
 
 
 @dataclass
@@ -165,7 +170,8 @@ def validate_policy(p: PolicyConfig, prefix: str = "policy.") -> None:
     if p.head not in ("reflow", "shortcut"):
         fail(f"{prefix}head", f"must be reflow or shortcut, got '{p.head}'")
     check_positive(p, prefix, "obs_history", "horizon", "act_steps", "num_steps", "hidden_dim", "depth",
-                    "time_embed_dim", "max_shortcut_steps")
+                   "time_embed_dim", "max_shortcut_steps")
+    check_non_negative(p, prefix, "residual_hidden_dim", "residual_gain_min")
     if p.act_steps > p.horizon:
         fail(f"{prefix}act_steps", f"must be <= horizon ({p.horizon}), got {p.act_steps}")
     if p.time_embed_dim % 2:

@@ -78,5 +78,7 @@ def tool(name: str) -> Any:
 
 register_agent("bc", "pretrain", "flowrl.agents.bc:BehaviorCloning", "flowrl.agents.bc:BCConfig",
                "behaviour cloning (flow matching; shortcut self-consistency for shortcut heads)")
+register_agent("mle", "finetune", "flowrl.agents.mle:MLEFineTuning", "flowrl.agents.mle:MLEConfig",
+               "MLE of the policy's own K-step reconstructions of demonstrations (ft, or resft: a contracting residual)")
 register_agent("reinflow", "finetune", "flowrl.agents.reinflow:ReinFlow", "flowrl.agents.reinflow:ReinFlowConfig",
                "ReinFlow: PPO over the flow's noise-injected Euler chain")
