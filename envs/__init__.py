@@ -89,3 +89,5 @@ import flowrl.envs.tasks  # noqa: E402,F401  (registers the built-in tasks)
 
 __all__ = ["BACKENDS", "BatchedEnv", "ChunkResult", "TaskInfo", "all_tasks", "canonical_task", "is_robosuite", "make",
            "register", "resolve_backend", "resolve_task", "warp_available"]
+
+from flowrl.envs.gym_registration import register_gym_envs as _register_gym_envs; _register_gym_envs(make)  # noqa: E402,E702,I001  (gymnasium ids flowrl/<task>-v<n>)

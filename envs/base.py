@@ -185,6 +185,53 @@ class BatchedEnv(ABC):
             info["success"] = r.success[:, 0]
         return r.obs, r.rewards[:, 0], r.terminated, r.truncated, info
 
+    def step_or_reset(self, action: torch.Tensor, reset_mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """One step of the envs not in ``reset_mask``; a new episode, instead of a step, in those in it.
+
+        gymnasium's NEXT_STEP autoreset on the backend's primitives (for
+        :class:`flowrl.envs.adapters.GymnasiumVectorEnv`): the step that ends an episode returns its
+        true last observation and resets nothing; the caller passes the finished envs in
+        ``reset_mask`` on the next call, where their actions are ignored and they return their reset
+        observation, reward 0 and terminated = truncated = False. No env takes more physics steps
+        than ``step`` would give it. ``info`` holds ``done_mask``, ``episode_return`` and
+        ``episode_length`` (of the episodes that ended in this call) and ``success`` where reported.
+        """
+        if type(self)._step is BatchedEnv._step:
+            raise FlowrlError(f"{self.task}: {type(self).__name__} steps whole chunks and has no per-step "
+                              "primitives; step one env at a time with step()")
+        action = self.check_actions(action, chunk=False)
+        dev = self.device
+        reset_mask = torch.as_tensor(reset_mask, device=dev)
+        if reset_mask.shape != (self.num_envs,) or reset_mask.dtype != torch.bool:
+            raise FlowrlError(f"{self.task}: reset_mask must be a bool tensor of shape ({self.num_envs},), got "
+                              f"{reset_mask.dtype} {tuple(reset_mask.shape)}")
+        ep_return, ep_length = self._counters()
+        alive = ~reset_mask
+        terminated = torch.zeros(self.num_envs, dtype=torch.bool, device=dev)
+        truncated = torch.zeros_like(terminated)
+        reward = torch.zeros(self.num_envs, dtype=torch.float64, device=dev)
+        info: dict[str, Any] = {}
+        obs: torch.Tensor | None = None
+        if bool(alive.any()):  # the finished envs' lanes may be stepped too; they are reset below
+            obs, step_reward, term, info = self._step(action, alive)
+            obs = obs.to(dev)
+            reward = torch.where(alive, step_reward.to(dev).double(), 0.0)
+            ep_return += reward
+            ep_length += alive.long()
+            terminated = alive & term.to(dev)
+            truncated = alive & (ep_length >= self.max_episode_steps)
+            if "success" in info:
+                info["success"] = info["success"].to(dev) & alive
+        done = terminated | truncated
+        out = {**info, "done_mask": done, "episode_return": ep_return.clone(), "episode_length": ep_length.clone()}
+        if bool(reset_mask.any()):
+            fresh = self._reset_envs(reset_mask).to(dev)
+            obs = fresh if obs is None else torch.where(reset_mask.unsqueeze(1), fresh, obs)
+            self._clear_counters(reset_mask)
+        assert obs is not None
+        return obs, reward, terminated, truncated, out
+
     def render(self, index: int = 0) -> Any:
         """An RGB frame of env ``index`` (backends that can render)."""
         raise NotImplementedError(f"{type(self).__name__} cannot render")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from gymnasium.vector import AutoresetMode
 
 from flowrl.envs import make
 from flowrl.envs.adapters import GymnasiumVectorEnv, sb3_vec_env
 
 
 def test_gymnasium_vector_env_same_step_autoreset() -> None:
-    venv = GymnasiumVectorEnv(make("Hopper", 3, backend="cpu", seed=0))
+    venv = GymnasiumVectorEnv(make("Hopper", 3, backend="cpu", seed=0), autoreset_mode=AutoresetMode.SAME_STEP)
+    assert venv.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
     obs, _ = venv.reset(seed=0)
     assert obs.shape == (3, 11) and venv.action_space.shape == (3, 3)
     for _ in range(200):
@@ -19,6 +21,7 @@ def test_gymnasium_vector_env_same_step_autoreset() -> None:
             i = int(np.flatnonzero(term)[0])
             assert info["_final_obs"][i] and info["final_obs"][i].shape == (11,)
             assert not np.array_equal(info["final_obs"][i], obs[i])
+            assert all(info["final_obs"][j] is None for j in range(3) if not (term | trunc)[j])
             break
     else:
         raise AssertionError("no termination seen")
