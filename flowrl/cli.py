@@ -176,6 +176,25 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     xp.add_argument("--k", type=int, help="Euler steps K unrolled into the graph (default: the policy's own; "
                     "shortcut heads use step size 1/K)")
 
+    ds = sub.add_parser("deploy-sim", help="run a policy in a fixed-rate control loop against a simulated robot",
+                        description="The deploy control loop (flowrl.deploy.control) at a fixed rate against one env "
+                        "of a task behind the robot interface: receding horizon over act_steps, deadline accounting "
+                        "(a chunk not ready by the deadline holds the last action and counts a miss), optional "
+                        "asynchronous inference; prints the latency table (p50, p99, max) and each episode's return.")
+    ds.add_argument("checkpoint", help="checkpoint or run folder (eager), or an exported .onnx / .pt2 file")
+    ds.add_argument("--task", help="task to simulate (default: the policy's own)")
+    ds.add_argument("--rate", type=float, required=True, help="control rate in Hz")
+    ds.add_argument("--episodes", type=int, default=1, help="episodes to run (default 1)")
+    ds.add_argument("--k", type=int, help="Euler steps K (checkpoints only; an export has its own)")
+    ds.add_argument("--async", dest="async_inference", action="store_true",
+                    help="compute the next chunk while the current one executes (LeRobot's asynchronous inference)")
+    ds.add_argument("--threshold", type=float, default=0.5, help="--async: ask for the next chunk when the queue "
+                    "holds at most this fraction of act_steps (default 0.5)")
+    ds.add_argument("--deadline", type=float, default=0.8, help="an action is due this fraction of the period after "
+                    "its tick starts (default 0.8)")
+    ds.add_argument("--seed", type=int, default=0, help="env and noise seed (default 0)")
+    ds.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
 
 def _train(stage: str, args: argparse.Namespace, budget_key: str) -> None:
     """pretrain and finetune: config -> agent (through the registry) -> the training loop."""
@@ -361,9 +380,31 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"{metadata_path(args.out)}; max |export - eager| = {meta['max_abs_error']:.2g}")
 
 
+def cmd_deploy_sim(args: argparse.Namespace) -> None:
+    from flowrl.deploy.control import run_simulated
+    from flowrl.deploy.runtime import load
+
+    if args.episodes < 1:
+        raise FlowrlError(f"--episodes must be >= 1, got {args.episodes}")
+    policy = load(args.checkpoint, num_steps=args.k, seed=args.seed)
+    task = args.task or policy.meta.get("task")
+    if not task:
+        raise FlowrlError(f"{args.checkpoint}: records no task; pass --task")
+    stats = run_simulated(policy, task, args.rate, args.episodes, args.seed, args.async_inference, args.threshold,
+                          args.deadline)
+    if args.json:
+        print(json.dumps({"task": task, **policy.describe(), **stats.summary()}, indent=2))
+        return
+    mode = f"async (threshold {args.threshold:g})" if args.async_inference else "sync"
+    print(f"deploy-sim: {task} at {args.rate:g} Hz, {policy.backend}, K={policy.num_steps}, {mode}")
+    print(stats.table())
+    for i, ep in enumerate(stats.episodes):
+        print(f"episode {i}: return {ep['return']:.2f}, length {ep['length']}")
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval, "data": cmd_data, "expert": cmd_expert,
             "collect": cmd_collect, "config": cmd_config, "describe": cmd_describe, "plot": cmd_plot,
-            "export": cmd_export}
+            "export": cmd_export, "deploy-sim": cmd_deploy_sim}
 
 
 def main(argv: list[str] | None = None) -> int:
