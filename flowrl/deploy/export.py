@@ -20,26 +20,25 @@ K, horizon, act_steps, obs_history, head, observation layout, action bounds, flo
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-import flowrl
 from flowrl.checkpoint import load_policy, resolve_checkpoint
 from flowrl.deploy._deps import require
+from flowrl.deploy.meta import META_FORMAT, export_metadata, metadata_path, read_metadata  # noqa: F401 (re-exported)
+from flowrl.deploy.runtime import make_backend
 from flowrl.errors import FlowrlError
 from flowrl.io import atomic_path, write_json
 from flowrl.policy import OBS_CLIP, FlowPolicy
 
 FORMATS = ("onnx", "torch-export")
-META_FORMAT = "flowrl.export/1"
 TOLERANCE = 1e-4
 
 
@@ -101,36 +100,6 @@ class UnrolledSampler(nn.Module):
                 x = x + dt * self.out(self.blocks(h))
         a = x.clamp(-1.0, 1.0).view(-1, *self.chunk_shape)
         return self.action_low + 0.5 * (a + 1.0) * (self.action_high - self.action_low)
-
-
-def export_metadata(policy: FlowPolicy, config: dict[str, Any], num_steps: int, fmt: str) -> dict[str, Any]:
-    """The facts a controller needs to run the export, written beside it as JSON."""
-    cfg = policy.cfg
-    return {
-        "format": META_FORMAT,
-        "export_format": fmt,
-        "task": config.get("task"),
-        "obs_dim": policy.obs_dim,
-        "act_dim": policy.act_dim,
-        "num_steps": num_steps,
-        "horizon": cfg.horizon,
-        "act_steps": cfg.act_steps,
-        "obs_history": cfg.obs_history,
-        "head": cfg.head,
-        "step_size": 1.0 / num_steps if cfg.head == "shortcut" else None,
-        "observation_layout": config.get("observation_layout"),
-        "action_low": [float(v) for v in policy.action_low.cpu()],
-        "action_high": [float(v) for v in policy.action_high.cpu()],
-        "inputs": {"obs": ["batch", cfg.obs_history, policy.obs_dim], "noise": ["batch", cfg.horizon, policy.act_dim]},
-        "outputs": {"actions": ["batch", cfg.horizon, policy.act_dim]},
-        "flowrl_version": flowrl.__version__,
-    }
-
-
-def metadata_path(path: str | Path) -> Path:
-    """Where the JSON of an export lives: ``<export file>.json``."""
-    path = Path(path)
-    return path.with_name(path.name + ".json")
 
 
 def _example_inputs(policy: FlowPolicy, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,32 +177,10 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", num_steps
                 _write_onnx(module, example, tmp)
             else:
                 _write_torch_export(module, example, tmp)
-        from flowrl.deploy.runtime import make_backend
-
         got = make_backend(tmp, fmt)(obs.numpy(), noise.numpy())
         err = float(abs(got - expected).max())
         if not err <= tolerance:  # NaN fails too
             raise FlowrlError(f"export differs from eager by {err:.3g} (> {tolerance:g}); nothing written")
     meta["max_abs_error"] = err
     write_json(metadata_path(out), meta)
-    return meta
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON beside an export, checked enough to drive a runtime; a bad one is a one-line error."""
-    mpath = metadata_path(path)
-    if not mpath.is_file():
-        raise FlowrlError(f"{path}: no {mpath.name} beside it (written by `flowrl export`)")
-    try:
-        meta = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FlowrlError(f"{mpath}: not valid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
-        raise FlowrlError(f"{mpath}: not a flowrl export description (format {META_FORMAT} expected)")
-    for key in ("obs_dim", "act_dim", "num_steps", "horizon", "act_steps", "obs_history"):
-        v = meta.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise FlowrlError(f"{mpath}: '{key}' must be a positive integer, got {v!r}")
-    if meta["act_steps"] > meta["horizon"]:
-        raise FlowrlError(f"{mpath}: act_steps ({meta['act_steps']}) > horizon ({meta['horizon']})")
     return meta

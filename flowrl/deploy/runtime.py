@@ -241,7 +241,7 @@ def load(path: str | Path, backend: str = "auto", num_steps: int | None = None,
         if backend not in ("auto", "eager"):
             raise FlowrlError(f"{path} is a checkpoint: it runs eagerly; for {backend}, `flowrl export` it first")
         from flowrl.checkpoint import load_policy, resolve_checkpoint
-        from flowrl.deploy.export import export_metadata
+        from flowrl.deploy.meta import export_metadata
 
         policy, config = load_policy(resolve_checkpoint(path), "cpu")
         k = policy.cfg.num_steps if num_steps is None else int(num_steps)
@@ -251,7 +251,7 @@ def load(path: str | Path, backend: str = "auto", num_steps: int | None = None,
         return DeployedPolicy(eager_backend(policy, k, threads), meta, "eager", temporal_ensemble, seed)
     if not path.is_file():
         raise FlowrlError(f"policy not found: {path}")
-    from flowrl.deploy.export import read_metadata
+    from flowrl.deploy.meta import read_metadata
 
     meta = read_metadata(path)
     fmt = _format_of(path, meta)
