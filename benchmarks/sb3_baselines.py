@@ -1,0 +1,189 @@
+"""Stable-Baselines3 PPO and SAC from scratch on the locomotion tasks, through our adapters on the
+batched backends: the baselines beside ReinFlow in the results table (issue 19, item 3).
+
+For each task, algorithm and seed: train on ``flowrl.envs.make(task, N, backend=...)`` seen as an SB3
+``VecEnv`` (``flowrl.envs.adapters.sb3_vec_env``, under ``VecMonitor`` and ``VecNormalize``), then
+evaluate the deterministic policy on the cpu backend (env i seeded 100000 + i, as ``flowrl eval``).
+PPO runs at ReinFlow's env-step budget of the task; SAC, whose cost is its gradient updates (one per
+env step at the default update-to-data ratio 1), at ``--sac-steps`` (default 1M). Prints a table
+with ReinFlow's fine-tuned return at the same budget where benchmarks/results/reinflow_<task>*.json
+has it, and writes benchmarks/results/sb3_<task>[_<tag>].json (per seed: return, env steps,
+wall-clock, backend, and the command).
+
+    python benchmarks/sb3_baselines.py --tasks hopper walker2d ant humanoid --algos ppo sac --seeds 0 1 2
+        [--backend auto] [--device auto] [--ppo-steps N] [--sac-steps N] [--ppo-num-envs N]
+        [--ppo-n-steps N] [--sac-num-envs N] [--sac-utd R] [--episodes N] [--tag NAME]
+    python benchmarks/sb3_baselines.py --report benchmarks/results/sb3_*.json
+
+``humanoid`` is Humanoid-Newton (what ReinFlow's Humanoid row ran on MuJoCo Warp). On a GPU:
+
+    python benchmarks/sb3_baselines.py --tasks hopper walker2d ant humanoid --algos ppo sac --seeds 0 1 2 \\
+        --backend warp --device cuda --ppo-num-envs 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import results_dir, run_main, write_result
+from flowrl.envs import canonical_task, make, resolve_backend
+from flowrl.errors import FlowrlError
+
+TASKS = {"hopper": "Hopper", "walker2d": "Walker2d", "ant": "Ant", "humanoid": "Humanoid-Newton"}
+REINFLOW_STEPS = {"hopper": 30_000_000, "walker2d": 10_000_000, "ant": 10_000_000, "humanoid": 6_060_000}
+"""ReinFlow's env-step budget per task in the README's results (Ant: its preset's budget)."""
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def train_env(task: str, backend: str, device: str, num_envs: int, seed: int):
+    """Our batched env as SB3's VecEnv, with episode statistics and observation/reward normalisation."""
+    from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
+
+    from flowrl.envs.adapters import sb3_vec_env
+
+    venv = sb3_vec_env(make(task, num_envs, backend=backend, device=device, seed=seed))
+    return VecNormalize(VecMonitor(venv), gamma=0.99)
+
+
+def evaluate(task: str, act, episodes: int) -> tuple[float, float]:
+    """Return mean and std of ``episodes`` deterministic episodes, all at once on the cpu backend."""
+    env = make(task, episodes, backend="cpu", seed=100_000)
+    obs = env.reset()
+    done = torch.zeros(episodes, dtype=torch.bool)
+    returns = torch.zeros(episodes, dtype=torch.float64)
+    while not bool(done.all()):
+        action = torch.as_tensor(act(obs.numpy().astype(np.float32)), dtype=torch.float32)
+        result = env.step_chunk(action.unsqueeze(1))
+        returns += torch.where(done, 0.0, result.rewards[:, 0])
+        done |= result.done
+        obs = result.obs
+    env.close()
+    return float(returns.mean()), float(returns.std(unbiased=False))
+
+
+def run_one(key: str, algo: str, seed: int, args: argparse.Namespace) -> dict:
+    """Train one algorithm on one task for one seed; its row."""
+    from stable_baselines3 import PPO, SAC
+
+    task = TASKS[key]
+    device = _device(args.device)
+    backend = resolve_backend(task, args.backend, device)
+    if algo == "ppo":
+        steps, n = args.ppo_steps or REINFLOW_STEPS[key], args.ppo_num_envs
+        venv = train_env(task, backend, device, n, seed)
+        model = PPO("MlpPolicy", venv, n_steps=args.ppo_n_steps, batch_size=min(4096, n * args.ppo_n_steps), n_epochs=10,
+                    learning_rate=3e-4, seed=seed, device=device, verbose=0)
+    else:
+        steps, n = args.sac_steps, args.sac_num_envs
+        venv = train_env(task, backend, device, n, seed)
+        model = SAC("MlpPolicy", venv, learning_starts=min(10_000, steps // 10), batch_size=256,
+                    train_freq=1, gradient_steps=max(1, round(args.sac_utd * n)), seed=seed, device=device,
+                    verbose=0)
+    start = time.time()
+    model.learn(total_timesteps=steps)
+    wall = time.time() - start
+    venv.training = False
+    ret, std = evaluate(task, lambda o: model.predict(venv.normalize_obs(o), deterministic=True)[0], args.episodes)
+    venv.close()
+    row = {"seed": seed, "return": round(ret, 1), "return_std": round(std, 1), "env_steps": int(model.num_timesteps),
+           "wall_clock_s": round(wall, 1), "backend": backend, "device": device, "num_envs": n}
+    if algo == "sac":
+        row["utd"] = args.sac_utd
+    print(f"{task} {algo} seed {seed}: return {ret:.1f} +- {std:.1f} after {model.num_timesteps} env steps, "
+          f"{wall:.0f} s ({backend}, {n} envs)", flush=True)
+    return row
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{os.cpu_count()} CPU cores"
+
+
+def reinflow_return(key: str) -> str:
+    """ReinFlow's fine-tuned return, mean over the seeds of its result files that ran the task's budget
+    (within 5% of ``REINFLOW_STEPS``), when there are any."""
+    finals = []
+    for path in sorted(results_dir().glob(f"reinflow_{key}*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        finals += [s["finetuned"] for s in rec.get("seeds", [])
+                   if "finetuned" in s and abs(s.get("env_steps", 0) / REINFLOW_STEPS[key] - 1) < 0.05]
+    return f"{np.mean(finals):.0f} ({len(finals)} runs)" if finals else "-"
+
+
+def report(records: dict[str, dict]) -> int:
+    print(f"\n{'task':<10} {'algo':<5} {'return (mean +- std over seeds)':<32} {'env steps':>11} "
+          f"{'wall-clock':>11}  seeds  ReinFlow")
+    for key, rec in records.items():
+        for algo, rows in sorted(rec["rows"].items()):
+            if not rows:
+                continue
+            r = np.array([row["return"] for row in rows])
+            print(f"{key:<10} {algo:<5} {f'{r.mean():.0f} +- {r.std():.0f}':<32} {rows[0]['env_steps']:>11} "
+                  f"{np.mean([row['wall_clock_s'] for row in rows]):>10.0f}s  {len(rows):>5}  {reinflow_return(key)}")
+    return 0
+
+
+def merge(paths: list[str]) -> dict[str, dict]:
+    """Records of separate runs (tags) merged per task: rows concatenated per algorithm."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        rec = json.loads(Path(path).read_text())
+        into = merged.setdefault(rec["task"], {**rec, "rows": {}})
+        for algo, rows in rec["rows"].items():
+            into["rows"].setdefault(algo, []).extend(rows)
+    return merged
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--algos", nargs="+", default=["ppo", "sac"], choices=["ppo", "sac"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--backend", default="auto", help="cpu, warp or auto (warp on CUDA)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--ppo-steps", type=int, default=0, help="default: ReinFlow's budget of the task")
+    ap.add_argument("--sac-steps", type=int, default=1_000_000)
+    ap.add_argument("--ppo-num-envs", type=int, default=64)
+    ap.add_argument("--ppo-n-steps", type=int, default=64, help="PPO's rollout length per env per update")
+    ap.add_argument("--sac-num-envs", type=int, default=8)
+    ap.add_argument("--sac-utd", type=float, default=1.0, help="gradient updates per env step")
+    ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--report", nargs="+", metavar="JSON")
+    args = ap.parse_args()
+    if args.report:
+        return report(merge(args.report))
+    if min(args.ppo_num_envs, args.ppo_n_steps, args.sac_num_envs, args.episodes) < 1 or args.sac_utd <= 0:
+        raise FlowrlError("--ppo-num-envs, --ppo-n-steps, --sac-num-envs, --episodes and --sac-utd must be positive")
+    device = _device(args.device)
+    records: dict[str, dict] = {}
+    for key in args.tasks:
+        rec = {"task": key, "flowrl_task": canonical_task(TASKS[key]), "machine": machine(device),
+               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "rows": {a: [] for a in args.algos}}
+        records[key] = rec
+        for algo in args.algos:
+            for seed in args.seeds:
+                rec["rows"][algo].append(run_one(key, algo, seed, args))
+                write_result(f"sb3_{key}", rec, args.tag)
+    return report(records)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
