@@ -55,14 +55,15 @@ def _source(path: Path, level: str, task: str | None, device: str, num_envs: int
 def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: float = 0.0, seed: int = 0,
             level: str = "expert", task: str | None = None, num_envs: int = 16, device: str = "cpu",
             progress: bool = True, created_by: str | None = None, fmt: str = "flowrl",
-            after_success: int = 10, keep_failures: bool = False, backend: str = "gymnasium") -> Episodes:
+            after_success: int = 10, keep_failures: bool = False, backend: str = "auto") -> Episodes:
     """Roll ``source`` out for ``episodes`` seeded episodes and write them to ``out``.
 
     On tasks that report success (robosuite), an episode is cut ``after_success`` steps after its
     first success (its last step marked truncated), as robomimic's demonstrations end, and only
     successful episodes are kept unless ``keep_failures``: collection goes on with further seeds
     until ``episodes`` are kept (at most 3x as many tried). ``after_success < 0`` keeps whole
-    episodes. ``backend`` steps MuJoCo tasks (``cpu`` for Humanoid-Newton); robosuite ignores it.
+    episodes. ``backend`` is any backend the task runs on (``auto``: the task's default, see
+    :func:`flowrl.envs.make`).
     ``created_by`` is the command line recorded in the file (the CLI passes its own)."""
     if episodes < 1:
         raise FlowrlError(f"--episodes must be >= 1, got {episodes}")
@@ -71,7 +72,7 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     n = min(num_envs, episodes)
     policy, task_name, desc = _source(Path(source), level, task, device, n)
     info = resolve_task(task_name)
-    if fmt == "robomimic" and not info.obs_layout or fmt == "robomimic" and info.family != "robosuite":
+    if fmt == "robomimic" and info.family != "robosuite":
         raise FlowrlError(f"--format robomimic needs a robosuite task, not {task_name}")
     env = make(task_name, n, backend=backend, device=device)
     low = torch.as_tensor(env.single_action_space.low, dtype=torch.float32)
@@ -157,7 +158,9 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
             "wall_clock_s": round(time.time() - start, 1)}
     data = Episodes.from_list(recorded, meta)
     if fmt == "robomimic":
-        write_robomimic(out, data, env.obs_layout, env.env_args)
+        from flowrl.envs.tasks.manipulation import robomimic_env_args
+
+        write_robomimic(out, data, list(info.obs_layout), robomimic_env_args(info, env.max_episode_steps))
     else:
         write_dataset(out, data)
     return data

@@ -118,7 +118,10 @@ def chunk_loop(task: str, n: int, seconds: float, backend: str, device: str) -> 
 def manipulation(args: argparse.Namespace, machine: dict, use_warp: bool) -> int:
     """Rows and targets of a manipulation task (see the module docstring)."""
     robo_n = args.robosuite_envs or os.cpu_count() or 1
-    robosuite_rate = chunk_loop(args.task, robo_n, max(args.seconds, 5.0), "robosuite", "cpu")
+    if args.robosuite_rate:  # measured before on this machine (a machine without robosuite installed)
+        robosuite_rate = args.robosuite_rate
+    else:
+        robosuite_rate = chunk_loop(args.task, robo_n, max(args.seconds, 5.0), "robosuite", "cpu")
     print(f"  robosuite workers ({robo_n}): {robosuite_rate:.0f} env steps/s", file=sys.stderr, flush=True)
     rows = []
     for n in args.num_envs:
@@ -185,6 +188,9 @@ def main() -> int:
                     help="num_envs for gymnasium's sync and async vector envs")
     ap.add_argument("--robosuite-envs", type=int, default=0,
                     help="manipulation tasks: robosuite worker processes to compare with (0: one per core)")
+    ap.add_argument("--robosuite-rate", type=float, default=0.0,
+                    help="robosuite's env steps/s measured before on this machine with --robosuite-envs workers "
+                         "(benchmarks/robosuite_throughput.py), instead of measuring it here")
     args = ap.parse_args()
 
     from flowrl.envs import warp_available

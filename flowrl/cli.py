@@ -140,8 +140,9 @@ def _parser() -> argparse.ArgumentParser:
                     "e.g. Humanoid for an expert trained on Humanoid-Newton)")
     co.add_argument("--format", default="flowrl", choices=["flowrl", "robomimic"], help="dataset layout to write")
     co.add_argument("--num-envs", type=int, default=16)
-    co.add_argument("--backend", default="gymnasium", choices=["gymnasium", "cpu", "warp", "auto"],
-                    help="gymnasium (default), cpu, warp or auto; robosuite's Lift, Can, Square: cpu or warp")
+    co.add_argument("--backend", default="auto", choices=["auto", "gymnasium", "cpu", "warp", "robosuite"],
+                    help="auto (default: the task's own default, robosuite for robosuite's tasks on a CPU machine), "
+                    "gymnasium, cpu (Humanoid-Newton; robosuite's Lift, Can, Square batched), warp or robosuite")
     co.add_argument("--after-success", type=int, default=10,
                     help="tasks with success (robosuite): cut each episode this many steps after its first "
                     "success, as robomimic's demonstrations end (default 10; -1 keeps whole episodes)")

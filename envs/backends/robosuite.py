@@ -169,10 +169,9 @@ class RobosuiteEnv(BatchedEnv):
             self.close()
             raise FlowrlError(f"{self.task}: robosuite's observation layout {layout} differs from the registered "
                               f"{list(info.obs_layout)} (another robosuite version?)")
-        self.env_args = {"env_name": env_name, "type": 1,
-                         "env_kwargs": {"robots": robots, "controller": "BASIC (OSC_POSE arm)",
-                                        "horizon": self.max_episode_steps, "reward_shaping": False,
-                                        "use_camera_obs": False}}
+        from flowrl.envs.tasks.manipulation import robomimic_env_args
+
+        self.env_args = robomimic_env_args(info, self.max_episode_steps)
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
         self.single_action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
 
