@@ -311,3 +311,23 @@ def test_robosuite_placements_lie_in_our_ranges() -> None:
     assert ((q[:, 0] >= ref[0] + x[0]) & (q[:, 0] <= ref[0] + x[1])).all()
     assert ((q[:, 1] >= ref[1] + y[0]) & (q[:, 1] <= ref[1] + y[1])).all()
     np.testing.assert_allclose(q[:, 2], ref[2] - can["bottom"], atol=1e-12)
+
+
+def test_terminate_on_success_ends_batched_episodes_at_their_first_success() -> None:
+    from flowrl.agents.scripted import EXPERTS
+
+    env = make("robosuite/Lift", 4, backend="cpu", seed=0, terminate_on_success=True)
+    expert = EXPERTS["robosuite/Lift"](4)
+    obs = env.reset()
+    ended = torch.zeros(4, dtype=torch.bool)
+    for _ in range(150):
+        r = env.step_chunk(expert.act_chunk(obs.unsqueeze(1)))
+        assert not bool((r.done & ~r.terminated).any())  # the horizon (400) is never reached
+        assert bool((r.success[:, 0] == r.terminated).all())  # terminated exactly at success
+        ended |= r.terminated
+        expert.reset(r.done.numpy())
+        obs = r.obs
+        if bool(ended.all()):
+            break
+    assert bool(ended.all())
+    env.close()

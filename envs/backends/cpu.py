@@ -30,12 +30,12 @@ class MujocoBatchEnv(MujocoEnv):
     """N copies of a MuJoCo task on ``mujoco.batch`` (threads: 0 means all cores)."""
 
     def __init__(self, task: MujocoTask, num_envs: int, device: str | torch.device = "cpu",
-                 seed: int | None = None, threads: int = 0) -> None:
+                 seed: int | None = None, threads: int = 0, terminate_on_success: bool = False) -> None:
         model = task.load_model()
         # MuJoCo would silently restart a diverged simulation from qpos0; we want to see it, reset it
         # with proper reset noise and count it.
         model.opt.disableflags |= int(mujoco.mjtDisableBit.mjDSBL_AUTORESET)
-        super().__init__(task, model, num_envs, device, seed, torch.device("cpu"), torch.float64)
+        super().__init__(task, model, num_envs, device, seed, torch.device("cpu"), torch.float64, terminate_on_success)
         self.batch = Batch(model, num_envs, threads, persistent=True)
         self.qpos = _view(self.batch.bind("qpos"))
         self.qvel = _view(self.batch.bind("qvel"))

@@ -18,6 +18,7 @@ import torch
 
 from flowrl.envs.base import BatchedEnv
 from flowrl.envs.tasks.base import MujocoTask
+from flowrl.errors import FlowrlError
 
 
 class MujocoEnv(BatchedEnv):
@@ -29,7 +30,8 @@ class MujocoEnv(BatchedEnv):
     state: dict[str, torch.Tensor]
 
     def __init__(self, task: MujocoTask, model: Any, num_envs: int, device: str | torch.device,
-                 seed: int | None, sim_device: torch.device, dtype: torch.dtype) -> None:
+                 seed: int | None, sim_device: torch.device, dtype: torch.dtype,
+                 terminate_on_success: bool = False) -> None:
         self.task_def = task
         self.task = task.info.name
         self.model = model
@@ -44,6 +46,8 @@ class MujocoEnv(BatchedEnv):
         self._low = torch.as_tensor(low, device=sim_device)
         self._high = torch.as_tensor(high, device=sim_device)
         self.controller = task.controller(model, num_envs, sim_device, dtype)
+        self.terminate_on_success = terminate_on_success
+        """End an episode as a termination at its first success (robomimic's goal-reaching form)."""
         self.model_info = {"body_mass": torch.as_tensor(model.body_mass, device=sim_device, dtype=dtype)}
         self.qpos0 = model.qpos0.copy()
         self._seed = seed
@@ -164,6 +168,10 @@ class MujocoEnv(BatchedEnv):
         success = self.task_def.success(self.state)
         if success is not None:
             info["success"] = self._out(success)
+            if self.terminate_on_success:
+                terminated = terminated | success
+        elif self.terminate_on_success:
+            raise FlowrlError(f"terminate_on_success: task {self.task} reports no success")
         return self._out(obs), self._out(reward), self._out(terminated | bad), info
 
     def _reset_envs(self, done: torch.Tensor) -> torch.Tensor:

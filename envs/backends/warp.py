@@ -42,7 +42,8 @@ class MujocoWarpEnv(MujocoEnv):
     batched_autoreset = True
 
     def __init__(self, task: MujocoTask, num_envs: int, device: str | torch.device = "cuda",
-                 seed: int | None = None, nconmax: int | None = None, njmax: int | None = None) -> None:
+                 seed: int | None = None, nconmax: int | None = None, njmax: int | None = None,
+                 terminate_on_success: bool = False) -> None:
         if not warp_available():
             raise FlowrlError("the warp backend needs mujoco-warp and warp-lang: pip install 'flowrl[warp]'")
         import mujoco
@@ -56,7 +57,7 @@ class MujocoWarpEnv(MujocoEnv):
         torch_device = torch.device(device)
         if torch_device.type == "cuda" and torch_device.index is None:
             torch_device = torch.device("cuda", torch.cuda.current_device())
-        super().__init__(task, model, num_envs, torch_device, seed, torch_device, torch.float32)
+        super().__init__(task, model, num_envs, torch_device, seed, torch_device, torch.float32, terminate_on_success)
         wp.config.quiet = True
         wp.init()
         self.wp, self.mjw = wp, mjw
