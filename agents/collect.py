@@ -158,7 +158,7 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
             "wall_clock_s": round(time.time() - start, 1)}
     data = Episodes.from_list(recorded, meta)
     if fmt == "robomimic":
-        from flowrl.envs.tasks.manipulation import robomimic_env_args
+        from flowrl.envs.backends.robosuite import robomimic_env_args
 
         write_robomimic(out, data, list(info.obs_layout), robomimic_env_args(info, env.max_episode_steps))
     else:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowrl.checkpoint import load_policy, read_config, resolve_checkpoint
+from flowrl.checkpoint import load_policy, resolve_checkpoint
 from flowrl.config import (FinetuneConfig, LoopConfig, check_non_negative, check_positive, fail, resolve_device)
 from flowrl.datasets import ChunkDataset, read_dataset
 from flowrl.envs import canonical_task

@@ -55,6 +55,14 @@ def single_threaded_blas_children() -> Iterator[None]:
                 os.environ[k] = v
 
 
+def robomimic_env_args(info: TaskInfo, horizon: int | None = None) -> dict[str, Any]:
+    """robomimic's ``env_args`` record of a robosuite task (written into robomimic-layout datasets)."""
+    return {"env_name": info.extra["env_name"], "type": 1,
+            "env_kwargs": {"robots": info.extra["robots"], "controller": "BASIC (OSC_POSE arm)",
+                           "horizon": horizon or info.max_episode_steps, "reward_shaping": False,
+                           "use_camera_obs": False}}
+
+
 def obs_keys(num_robots: int) -> list[str]:
     keys = ["object"]
     for r in range(num_robots):
@@ -169,8 +177,6 @@ class RobosuiteEnv(BatchedEnv):
             self.close()
             raise FlowrlError(f"{self.task}: robosuite's observation layout {layout} differs from the registered "
                               f"{list(info.obs_layout)} (another robosuite version?)")
-        from flowrl.envs.tasks.manipulation import robomimic_env_args
-
         self.env_args = robomimic_env_args(info, self.max_episode_steps)
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
         self.single_action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)

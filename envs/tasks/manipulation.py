@@ -63,11 +63,3 @@ _register("Lift", "Panda", 10, 400, "lift a cube off the table", warp_buffers=(6
 _register("PickPlaceCan", "Panda", 14, 400, "move a can from one bin to its place in another", warp_buffers=(64, 512))
 _register("NutAssemblySquare", "Panda", 14, 400, "fit the square nut onto its peg", warp_buffers=(192, 1024))
 _register("TwoArmTransport", ["Panda", "Panda"], 41, 800, "two arms hand an object over a barrier into a bin")
-
-
-def robomimic_env_args(info: TaskInfo, horizon: int | None = None) -> dict[str, Any]:
-    """robomimic's ``env_args`` record of a robosuite task (written into robomimic-layout datasets)."""
-    return {"env_name": info.extra["env_name"], "type": 1,
-            "env_kwargs": {"robots": info.extra["robots"], "controller": "BASIC (OSC_POSE arm)",
-                           "horizon": horizon or info.max_episode_steps, "reward_shaping": False,
-                           "use_camera_obs": False}}

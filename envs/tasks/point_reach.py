@@ -8,8 +8,6 @@ and online RL has a clear margin to improve on (moving at full speed).
 
 from __future__ import annotations
 
-from typing import Any
-
 import gymnasium as gym
 import numpy as np
 import torch
