@@ -38,7 +38,7 @@ from gymnasium.vector import AutoresetMode
 
 from flowrl.envs.adapters import GymnasiumVectorEnv, finite_box, has_step_primitives, numpy_obs, seed_for_reset
 from flowrl.envs.base import BatchedEnv
-from flowrl.envs.registry import TaskInfo, _TASKS, all_tasks, resolve_task
+from flowrl.envs.registry import TaskInfo, _TASKS, all_tasks, on_register, resolve_task
 from flowrl.errors import FlowrlError
 
 NAMESPACE = "flowrl"
@@ -167,7 +167,7 @@ def register_gym_envs(make: Callable[..., BatchedEnv] | None = None, include_plu
 
     ``make``: :func:`flowrl.envs.make` (the package passes it on import). Ids gymnasium already holds
     are left as they are, so calling this again (a re-import, or after registering more tasks) is
-    safe. ``include_plugins``: also load the ``flowrl.plugins`` entry points first (import time does
+    safe; tasks registered afterwards get their ids when they are registered. ``include_plugins``: also load the ``flowrl.plugins`` entry points first (import time does
     not, so a broken plugin cannot break ``import flowrl.envs``); call it that way to give plugin tasks
     their ids.
     """
@@ -185,7 +185,14 @@ def register_gym_envs(make: Callable[..., BatchedEnv] | None = None, include_plu
         gym.register(env_id, entry_point=ENTRY_POINT, vector_entry_point=VECTOR_ENTRY_POINT,
                      max_episode_steps=info.max_episode_steps, kwargs={"task": info.name})
         added.append(env_id)
+    global _following
+    if not _following:  # tasks registered later (plugins, a user's own) get their ids as they come
+        on_register(lambda info: register_gym_envs())
+        _following = True
     return added
+
+
+_following = False
 
 
 def gym_env_ids() -> dict[str, str]:

@@ -73,6 +73,12 @@ class TaskInfo:
 
 
 _TASKS: dict[str, TaskInfo] = {}
+_OBSERVERS: list[Callable[[TaskInfo], None]] = []
+
+
+def on_register(callback: Callable[[TaskInfo], None]) -> None:
+    """Call ``callback(info)`` for every task registered from now on (gymnasium's ids follow the registry so)."""
+    _OBSERVERS.append(callback)
 
 
 def register(info: TaskInfo) -> TaskInfo:
@@ -86,6 +92,8 @@ def register(info: TaskInfo) -> TaskInfo:
     if unknown or not info.backends:
         raise FlowrlError(f"task {info.name}: unknown backends {unknown}; known: {', '.join(BACKENDS)}")
     _TASKS[info.name] = info
+    for callback in _OBSERVERS:
+        callback(info)
     return info
 
 

@@ -46,6 +46,8 @@ class MujocoEnv(BatchedEnv):
         self._low = torch.as_tensor(low, device=sim_device)
         self._high = torch.as_tensor(high, device=sim_device)
         self.controller = task.controller(model, num_envs, sim_device, dtype)
+        if terminate_on_success and not task.info.has_success:
+            raise FlowrlError(f"terminate_on_success: task {task.info.name} reports no success")
         self.terminate_on_success = terminate_on_success
         """End an episode as a termination at its first success (robomimic's goal-reaching form)."""
         self.model_info = {"body_mass": torch.as_tensor(model.body_mass, device=sim_device, dtype=dtype)}
@@ -170,8 +172,6 @@ class MujocoEnv(BatchedEnv):
             info["success"] = self._out(success)
             if self.terminate_on_success:
                 terminated = terminated | success
-        elif self.terminate_on_success:
-            raise FlowrlError(f"terminate_on_success: task {self.task} reports no success")
         return self._out(obs), self._out(reward), self._out(terminated | bad), info
 
     def _reset_envs(self, done: torch.Tensor) -> torch.Tensor:
