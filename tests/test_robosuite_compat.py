@@ -222,7 +222,8 @@ def test_collected_demonstrations_round_trip_in_the_robomimic_layout(tmp_path) -
     assert back.episode_lengths.tolist() == written.episode_lengths.tolist()
 
 
-@pytest.mark.parametrize("task,obs_dim,act_dim", [("PickPlaceCan", 23, 7), ("NutAssemblySquare", 23, 7),
+@pytest.mark.parametrize("task,obs_dim,act_dim", [pytest.param("PickPlaceCan", 23, 7, marks=pytest.mark.slow),
+                                                  pytest.param("NutAssemblySquare", 23, 7, marks=pytest.mark.slow),
                                                   ("TwoArmTransport", 59, 14)])
 def test_every_task_builds_steps_and_truncates(task, obs_dim, act_dim) -> None:
     import torch
