@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flowrl.errors import FlowrlError
 
-EVAL_SEED = 100000  # flowrl.evaluation.EVAL_SEED, without importing torch for --help (a test keeps them equal)
+from flowrl.config import EVAL_SEED  # noqa: E402
 
 EPILOG = """stages:
   flowrl expert Hopper --out experts/hopper           train a Stable-Baselines3 expert (with snapshots)
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("config", nargs="?", help="YAML preset (only overrides of the defaults; see `flowrl config "
                      "describe`); optional with --resume, which reads the run's own config.yaml")
     pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 policy.head=shortcut")
-    pre.add_argument("--steps", type=int, help="total gradient steps (same as train.steps=N)")
+    pre.add_argument("--steps", type=int, help="gradient-step budget (same as train.steps=N)")
     pre.add_argument("--out", help="run folder (default: runs/<task>-pretrain-<head>-<time>)")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
                      "(from the beginning if it has none yet, so a requeued job can always pass it)")
@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                     "--resume, which reads the run's own config.yaml (its init included)")
     ft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_envs=512")
     ft.add_argument("--init", help="pretrained checkpoint (or run folder) to start from (same as init=PATH)")
-    ft.add_argument("--steps", type=int, help="env-step budget (same as train.env_steps=N)")
+    ft.add_argument("--env-steps", type=int, help="env-step budget of online algorithms (same as train.env_steps=N)")
+    ft.add_argument("--steps", type=int, help="gradient-step budget of offline algorithms such as mle (same as "
+                    "train.steps=N); for ReinFlow a deprecated spelling of --env-steps")
     ft.add_argument("--out", help="run folder (default: runs/<task>-finetune-<head>-<time>)")
     ft.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
                     "(from the beginning if it has none yet, so a requeued job can always pass it)")
@@ -115,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
                         "medium return (`medium`).")
     ex.add_argument("task", help="Hopper, Walker2d, HalfCheetah, Ant, Humanoid or Humanoid-Newton (Newton solver; "
                     "needs --backend cpu or warp)")
-    ex.add_argument("--steps", type=int, default=1_000_000, help="env steps (default 1e6)")
+    ex.add_argument("--env-steps", type=int, default=1_000_000, help="env steps (default 1e6)")
+    ex.add_argument("--steps", type=int, help=argparse.SUPPRESS)  # deprecated spelling of --env-steps
     ex.add_argument("--out", help="expert folder (default experts/<task>)")
     ex.add_argument("--seed", type=int, default=0, help="seed of PPO and of the envs (default 0)")
     ex.add_argument("--num-envs", type=int, default=8, help="envs stepped together (default 8)")
@@ -211,7 +214,7 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--seed", type=int, default=0, help="seed of the noise the server draws (default 0)")
 
 
-def _train(stage: str, args: argparse.Namespace, budget_key: str) -> None:
+def _train(stage: str, args: argparse.Namespace) -> None:
     """pretrain and finetune: config -> agent (through the registry) -> the training loop."""
     from flowrl.config import load_stage_config
     from flowrl.registry import agent_info
@@ -228,8 +231,6 @@ def _train(stage: str, args: argparse.Namespace, budget_key: str) -> None:
         from flowrl.checkpoint import resolve_checkpoint
 
         overrides.append(f"init={resolve_checkpoint(args.init)}")
-    if args.steps is not None:
-        overrides.append(f"{budget_key}={args.steps}")
     presets = [args.config] if args.config else []
     run_config = os.path.join(args.out, "config.yaml") if args.resume and args.out else None
     if run_config and os.path.isfile(run_config):
@@ -238,6 +239,7 @@ def _train(stage: str, args: argparse.Namespace, budget_key: str) -> None:
         raise FlowrlError(f"a config is required (flowrl {stage} CONFIG), or --resume --out RUN of a run that "
                           "has a config.yaml")
     cfg = load_stage_config(stage, presets, overrides)
+    _apply_budget(cfg, args.steps, getattr(args, "env_steps", None))
     agent = agent_info(stage, cfg.algo).agent_class()(cfg)
     head = agent.policy.cfg.head
     out = args.out or os.path.join("runs", RunFolder.default_name(stage, agent.task, head))
@@ -253,12 +255,28 @@ def _train(stage: str, args: argparse.Namespace, budget_key: str) -> None:
         trainer.close()
 
 
+def _apply_budget(cfg: object, steps: int | None, env_steps: int | None) -> None:
+    """``--steps`` (gradient steps: train.steps) and ``--env-steps`` (train.env_steps), for the algorithms
+    whose config has that budget; ``--steps`` of an env-step algorithm is the deprecated spelling."""
+    train = cfg.train  # type: ignore[attr-defined]
+    if steps is not None and not hasattr(train, "steps") and hasattr(train, "env_steps") and env_steps is None:
+        print("flowrl: note: finetune --steps for an env-step budget is deprecated; use --env-steps", file=sys.stderr)
+        steps, env_steps = None, steps
+    for key, value in (("steps", steps), ("env_steps", env_steps)):
+        if value is None:
+            continue
+        if not hasattr(train, key):
+            raise FlowrlError(f"--{key.replace('_', '-')}: algorithm '{cfg.algo}' has no train.{key} budget")  # type: ignore[attr-defined]
+        setattr(train, key, value)
+    train.validate()
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    _train("pretrain", args, "train.steps")
+    _train("pretrain", args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    _train("finetune", args, "train.env_steps")
+    _train("finetune", args)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -350,10 +368,13 @@ def cmd_expert(args: argparse.Namespace) -> None:
     spec = resolve_task(args.task)
     if args.num_envs < 1 or args.snapshot_every < 1:
         raise FlowrlError(f"--num-envs and --snapshot-every must be >= 1, got {args.num_envs} and {args.snapshot_every}")
-    if args.steps < args.snapshot_every:
-        raise FlowrlError(f"--steps ({args.steps}) must be >= --snapshot-every ({args.snapshot_every})")
+    if args.steps is not None:
+        print("flowrl: note: expert --steps is deprecated; use --env-steps", file=sys.stderr)
+        args.env_steps = args.steps
+    if args.env_steps < args.snapshot_every:
+        raise FlowrlError(f"--env-steps ({args.env_steps}) must be >= --snapshot-every ({args.snapshot_every})")
     out = args.out or os.path.join("experts", spec.name.lower())
-    manifest = tool("expert")(spec.name, out, total_steps=args.steps, seed=args.seed, num_envs=args.num_envs,
+    manifest = tool("expert")(spec.name, out, total_steps=args.env_steps, seed=args.seed, num_envs=args.num_envs,
                             snapshot_every=args.snapshot_every, backend=args.backend, device=args.device)
     print(f"expert: step {manifest['expert']}, medium: step {manifest['medium']}  ({out}/expert.json)")
 

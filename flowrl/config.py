@@ -23,6 +23,9 @@ from flowrl.errors import FlowrlError
 
 T = TypeVar("T")
 
+EVAL_SEED = 100000
+"""Env i of an evaluation is seeded ``EVAL_SEED + i`` unless told otherwise (``eval.seed``, ``flowrl eval --seed``)."""
+
 
 @dataclass
 class PolicyConfig:
@@ -88,7 +91,7 @@ class EvalConfig:
     """Episodes per K in the final evaluation."""
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """Numbers of Euler steps K to evaluate."""
-    seed: int = 100000
+    seed: int = EVAL_SEED
     """Env i of the final evaluation is seeded with seed + i (the periodic evaluations during training,
     which choose the `best` checkpoint, use other seeds)."""
     backend: str = "auto"

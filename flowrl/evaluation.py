@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowrl.config import EVAL_SEED
 from flowrl.envs import BatchedEnv, is_robosuite, make
 from flowrl.errors import FlowrlError
 from flowrl.policy import FlowPolicy
 from flowrl.rollout import ChunkPolicy, FlowChunkPolicy, run_episodes
 
-EVAL_SEED = 100000
-"""Env i of an evaluation is seeded ``EVAL_SEED + i`` unless told otherwise."""
 SELECTION_SEED = 900000
 """Seeds of the periodic evaluations during training, which choose the ``best`` checkpoint: disjoint
 from ``EVAL_SEED``'s (for fewer than 800000 episodes), so evaluating ``best`` is not optimistic."""

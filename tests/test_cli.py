@@ -151,3 +151,23 @@ def test_help_explains_every_command() -> None:
     assert "--resume" in run_cli("pretrain", "--help").stdout
     describe = run_cli("config", "describe").stdout
     assert "train.ema_decay" in describe and "exponential moving average" in describe
+
+
+def test_one_meaning_per_budget_flag(capsys) -> None:
+    """--steps is a gradient-step budget, --env-steps an env-step one; --steps of ReinFlow is the old spelling."""
+    from flowrl.cli import _apply_budget
+    from flowrl.config import load_stage_config
+    from flowrl.errors import FlowrlError
+
+    reinflow = load_stage_config("finetune", None, ["init=x"])
+    _apply_budget(reinflow, None, 1234)
+    assert reinflow.train.env_steps == 1234
+    _apply_budget(reinflow, 999, None)
+    assert reinflow.train.env_steps == 999 and "deprecated; use --env-steps" in capsys.readouterr().err
+    mle = load_stage_config("finetune", None, ["init=x", "algo=mle"])
+    _apply_budget(mle, 77, None)
+    assert mle.train.steps == 77
+    with pytest.raises(FlowrlError, match="--env-steps: algorithm 'mle' has no train.env_steps budget"):
+        _apply_budget(mle, None, 5)
+    with pytest.raises(FlowrlError, match="train.steps: must be > 0"):
+        _apply_budget(mle, -1, None)

@@ -240,7 +240,7 @@ def test_finetune_cli_end_to_end_and_bad_input(tmp_path, pretrained, capsys) -> 
     preset.write_text("device: cpu\ntrain:\n  num_envs: 32\n  rollout_steps: 15\n  minibatch_size: 240\n"
                       "  eval_every: 1\n  eval_episodes: 4\n  checkpoint_every: 1\n  critic_warmup_iterations: 1\neval:\n  episodes: 4\n  steps: [2, 4]\n")
     out = tmp_path / "run"
-    assert main(["finetune", str(preset), "--init", pretrained, "--steps", "1920", "--out", str(out), "--quiet"]) == 0
+    assert main(["finetune", str(preset), "--init", pretrained, "--env-steps", "1920", "--out", str(out), "--quiet"]) == 0
     assert "return mean" in capsys.readouterr().out
     assert (out / "checkpoints" / "best" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1920", "960", "best"]
