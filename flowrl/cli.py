@@ -47,10 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    ft = sub.add_parser("finetune", help="fine-tune a pretrained policy online with ReinFlow (noise-injected PPO)",
-                        description="ReinFlow: PPO over the flow's Euler chain with injected noise, from a pretrained "
-                        "checkpoint; periodic evaluation of the deterministic policy, best and last checkpoints, "
-                        "TensorBoard logs, a final evaluation table.")
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained policy: ReinFlow (online PPO, the default) or "
+                        "MLE reconstruction (algo: mle, demonstrations only)",
+                        description="Fine-tune a pretrained checkpoint with the algorithm the config's `algo` names: "
+                        "reinflow (PPO over the flow's Euler chain with injected noise, in simulation) or mle "
+                        "(maximum likelihood of the policy's own K-step reconstructions of demonstrations). "
+                        "Periodic evaluation of the deterministic policy, best and last checkpoints, TensorBoard "
+                        "logs, a final evaluation table.")
     ft.add_argument("config", nargs="?", help="YAML preset (see `flowrl config describe finetune`); optional with "
                     "--resume, which reads the run's own config.yaml (its init included)")
     ft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_envs=512")

@@ -260,8 +260,10 @@ def stage_schema(stage: str, algo: str | None = None) -> type:
     from flowrl.registry import DEFAULT_ALGO, agent_info
 
     base = STAGE_CONFIGS[stage]
-    train_cls = agent_info(stage, algo or DEFAULT_ALGO[stage]).config_class()
-    return dataclasses.make_dataclass(base.__name__, [("train", train_cls, field(default_factory=train_cls))],
+    algo = algo or DEFAULT_ALGO[stage]
+    train_cls = agent_info(stage, algo).config_class()
+    return dataclasses.make_dataclass(base.__name__, [("algo", str, field(default=algo)),
+                                                      ("train", train_cls, field(default_factory=train_cls))],
                                       bases=(base,))
 
 
