@@ -150,6 +150,7 @@ def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
     assert not torch.equal(obs, first)  # continuing generators: a new placement
 
 
+@pytest.mark.slow  # the batched cpu task's Lift expert test runs by default (tests/test_manipulation_tasks.py)
 @pytest.mark.parametrize("task,horizon", [("Lift", 150), pytest.param("PickPlaceCan", 300, marks=pytest.mark.slow),
                                           pytest.param("NutAssemblySquare", 300, marks=pytest.mark.slow)])
 def test_scripted_experts_succeed_on_seeded_episodes(task, horizon) -> None:

@@ -101,6 +101,7 @@ def test_pgs_humanoid_is_refused_with_a_pointer_to_the_newton_variant() -> None:
         make("Humanoid", 2, backend="warp", device="cpu")
 
 
+@pytest.mark.slow
 def test_batched_autoresets_are_seeded_and_within_the_reset_noise() -> None:
     def run(seed: int) -> list[torch.Tensor]:
         env = make("Hopper", 6, backend="warp", device="cpu", seed=seed)
