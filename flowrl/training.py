@@ -145,7 +145,8 @@ class LoopState:
 
     iteration: int = 0
     wall_clock: float = 0.0
-    best_return: float = -math.inf
+    best_score: float = -math.inf
+    """Success rate where the task reports success, else mean return, of the ``best`` checkpoint."""
     best_step: int = -1
     eval_history: list = dataclasses.field(default_factory=list)
     """Learning curve: one record per evaluation (iteration, step, wall clock, return, success)."""
@@ -232,8 +233,8 @@ class Trainer:
         bar.write(f"{self.agent.step_unit} {self.step} (iteration {self.state.iteration}): {text} "
                   f"(K={k}, {self.loop.eval_episodes} episodes)")
         score = r.get("success_rate", r["return_mean"])
-        if score > self.state.best_return:
-            self.state.best_return, self.state.best_step = score, self.step
+        if score > self.state.best_score:
+            self.state.best_score, self.state.best_step = score, self.step
             save_checkpoint(self.run.checkpoints / "best", self.agent.policy, {**self.info(), "eval": r})
         if self.on_eval is not None:
             self.on_eval()
