@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from flowrl.config import (LoopConfig, PretrainConfig, check_fraction, check_non_negative, check_positive, fail,
-                           resolve_device)
+                           setup_torch)
 from flowrl.datasets import ChunkDataset, Episodes, read_dataset
 from flowrl.envs import canonical_task, make
 from flowrl.errors import FlowrlError
@@ -135,9 +135,7 @@ class BehaviorCloning(Agent):
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
         self.task = canonical_task(cfg.task)
-        self.device = resolve_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.device = setup_torch(cfg)
         episodes = read_dataset(cfg.data.path).head(cfg.data.max_episodes)
         low, high = check_dataset_matches_task(episodes, self.task, cfg.data.path)
         self.data = ChunkDataset(episodes, cfg.policy.obs_history, cfg.policy.horizon, self.device)

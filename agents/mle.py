@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowrl.checkpoint import load_policy, resolve_checkpoint
-from flowrl.config import (FinetuneConfig, LoopConfig, check_non_negative, check_positive, fail, resolve_device)
+from flowrl.config import (FinetuneConfig, LoopConfig, check_non_negative, check_positive, fail, setup_torch)
 from flowrl.datasets import ChunkDataset, read_dataset
 from flowrl.envs import canonical_task
 from flowrl.errors import FlowrlError
@@ -154,9 +154,7 @@ class MLEFineTuning(Agent):
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
         t = cfg.train
-        self.device = resolve_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.device = setup_torch(cfg)
         init = resolve_checkpoint(cfg.init)
         pretrained, init_config = load_policy(init, self.device)
         self.task = canonical_task(cfg.task or init_config["task"])

@@ -38,7 +38,7 @@ from torch import nn
 
 from flowrl.checkpoint import load_policy
 from flowrl.config import (FinetuneConfig, LoopConfig, check_fraction, check_non_negative, check_positive, fail,
-                           resolve_device, validate_backend)
+                           setup_torch, validate_backend)
 from flowrl.envs import canonical_task, make, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.nets import SinusoidalEmbedding
@@ -267,9 +267,7 @@ class ReinFlow(Agent):
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
         t = cfg.train
-        self.device = resolve_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.device = setup_torch(cfg)
         policy, init_config = load_policy(cfg.init, self.device)
         if "task" not in init_config:
             raise FlowrlError(f"{cfg.init}/config.json: missing key 'task'")

@@ -12,36 +12,18 @@ import argparse
 import json
 import os
 import sys
-import time
-
-import torch
 
 from common import report_checks, results_dir, run_main
 from flowrl.agents.scripted import EXPERTS
-from flowrl.envs import make
+from manipulation_parity import success_rate as robosuite_success_rate
 
 TARGETS = {"Lift": 0.95, "PickPlaceCan": 0.95, "NutAssemblySquare": 0.80}
 
 
 def success_rate(task: str, episodes: int, num_envs: int, seed: int) -> tuple[float, float]:
-    env = make(f"robosuite/{task}", num_envs, seed=seed)
-    expert = EXPERTS[f"robosuite/{task}"](num_envs)
-    wins, done, start = 0, 0, time.time()
-    try:
-        while done < episodes:
-            obs = env.reset(seed=seed + done)
-            expert.reset()
-            success = torch.zeros(num_envs, dtype=torch.bool)
-            for _ in range(env.max_episode_steps):
-                obs, _, _, _, info = env.step(expert(obs))
-                success |= info["success"]
-            take = min(num_envs, episodes - done)
-            wins += int(success[:take].sum())
-            done += take
-            print(f"  {task}: {wins}/{done}", file=sys.stderr, flush=True)
-    finally:
-        env.close()
-    return wins / episodes, time.time() - start
+    """(success rate, wall seconds) of ``task``'s scripted expert in robosuite itself."""
+    rate, wall, _ = robosuite_success_rate(task, "robosuite", episodes, num_envs, seed)
+    return rate, wall
 
 
 def main() -> int:

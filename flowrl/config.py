@@ -251,6 +251,16 @@ def resolve_device(device: str) -> "Any":
     return torch.device(device)
 
 
+def setup_torch(cfg: Any) -> "Any":
+    """A stage config's torch device (``device``), with torch's CPU threads set from ``threads`` (0: torch's
+    default)."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg.device)
+
+
 STAGE_CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
