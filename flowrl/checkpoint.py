@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from flowrl.config import PolicyConfig, from_dict, to_dict, validate_policy
 from flowrl.errors import FlowrlError
-from flowrl.io import atomic_path
+from flowrl.io import atomic_path, read_json
 from flowrl.policy import FlowPolicy
 
 CONFIG = "config.json"
@@ -58,12 +58,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     path = folder / CONFIG
     if not path.is_file():
         raise FlowrlError(f"{folder}: not a checkpoint, missing {CONFIG}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FlowrlError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
-    except OSError as e:
-        raise FlowrlError(f"{path}: cannot read ({e.strerror})") from None
+    config = read_json(path)
     if not isinstance(config, dict):
         raise FlowrlError(f"{path}: not a flowrl policy checkpoint (a JSON {type(config).__name__}, "
                           "expected an object)")

@@ -54,23 +54,27 @@ class Evaluator:
             self._env = make(self.task, n, backend=self.backend, device=self.device)
         return self._env
 
-    def __call__(self, policy: FlowPolicy, num_steps: int, episodes: int = 10) -> dict[str, float]:
+    def __call__(self, policy: FlowPolicy, num_steps: int, episodes: int = 10,
+                 seed: int | None = None) -> dict[str, float]:
         """Mean and std of return and length (and success rate where the task defines it) of the
         deterministic flow policy with K = ``num_steps``, over ``episodes`` seeded episodes."""
-        gen = torch.Generator(device=policy.obs_mean.device).manual_seed(self.seed)
-        return {"num_steps": num_steps, **self.run(FlowChunkPolicy(policy, num_steps, gen), episodes)}
+        seed = self.seed if seed is None else seed
+        gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
+        return {"num_steps": num_steps, **self.run(FlowChunkPolicy(policy, num_steps, gen), episodes, seed)}
 
-    def run(self, policy: ChunkPolicy, episodes: int = 10) -> dict[str, float]:
-        """The same statistics for any :class:`ChunkPolicy` (an expert, an exported model)."""
+    def run(self, policy: ChunkPolicy, episodes: int = 10, seed: int | None = None) -> dict[str, float]:
+        """The same statistics for any :class:`ChunkPolicy` (an expert, an exported model); ``seed``
+        replaces the evaluator's own for this call (the same envs serve both)."""
+        seed = self.seed if seed is None else seed
         n = min(episodes, self.max_envs)
         env = self._envs(n)
         on_chunk = (lambda obs, chunk, result, active: result.success) if self.end_on_success else None
         start = time.time()
-        results = [run_episodes(env, policy, seed=self.seed + r * n, on_chunk=on_chunk)
+        results = [run_episodes(env, policy, seed=seed + r * n, on_chunk=on_chunk)
                    for r in range(math.ceil(episodes / n))]
         rets = np.concatenate([r["returns"] for r in results])[:episodes]
         lens = np.concatenate([r["lengths"] for r in results])[:episodes]
-        out = {"episodes": episodes, "seed": self.seed,
+        out = {"episodes": episodes, "seed": seed,
                "return_mean": float(rets.mean()), "return_std": float(rets.std()),
                "length_mean": float(lens.mean()), "length_std": float(lens.std()),
                "wall_clock_s": round(time.time() - start, 2)}

@@ -47,3 +47,15 @@ def write_atomic(target: str | os.PathLike[str], writer: Callable[[Path], Any]) 
 
 def write_json(target: str | os.PathLike[str], obj: Any) -> None:
     write_atomic(target, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in ``path``; a file that cannot be read or parsed is a one-line FlowrlError naming it."""
+    from flowrl.errors import FlowrlError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlowrlError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise FlowrlError(f"{path}: cannot read ({e.strerror})") from None

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from flowrl.checkpoint import list_checkpoints
 from flowrl.config import to_dict
 from flowrl.errors import FlowrlError
-from flowrl.io import write_atomic, write_json
+from flowrl.io import read_json, write_atomic, write_json
 
 
 class RunFolder:
@@ -105,20 +106,21 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def append_eval(path: Path, record: dict[str, Any]) -> Path:
     """See :meth:`RunFolder.append_eval`; a file in the older one-record layout becomes the first record."""
-    import json
-
     records: list[Any] = []
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
+            old = read_json(path)
+        except FlowrlError:
             old = None
         if isinstance(old, dict) and isinstance(old.get("evaluations"), list):
             records = old["evaluations"]
         elif isinstance(old, dict):
             records = [old]
-        else:  # unreadable: keep it beside, never lose it
-            path.rename(path.with_suffix(".unreadable.json"))
+        else:  # unreadable: keep it beside, never lose it, and say so
+            aside = path.with_suffix(".unreadable.json")
+            path.rename(aside)
+            print(f"warning: {path} was not an evaluation record; kept as {aside}, starting a new one",
+                  file=sys.stderr)
     records.append({**record, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_json(path, {"evaluations": records})
     return path

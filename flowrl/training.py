@@ -162,8 +162,6 @@ class Trainer:
         self.progress = progress
         self.state = LoopState()
         self.evaluator = Evaluator.from_config(agent.task, agent.cfg.eval, agent.device)
-        self.selection = Evaluator(agent.task, SELECTION_SEED, agent.cfg.eval.backend, agent.cfg.eval.max_envs,
-                                   agent.device, agent.cfg.eval.end_on_success)
         self.on_eval: Any = None  # called after each evaluation (benchmarks stream their curves)
         self._stop_requested = False
         self.run = RunFolder(out)
@@ -207,18 +205,20 @@ class Trainer:
               file=sys.stderr)
 
     # -- evaluation ------------------------------------------------------------------------------
-    def evaluate(self, num_steps: int, episodes: int, evaluator: Evaluator | None = None) -> dict[str, float]:
+    def evaluate(self, num_steps: int, episodes: int, seed: int | None = None) -> dict[str, float]:
+        """The deployed policy on ``episodes`` seeded episodes (the eval section's seed unless given);
+        periodic and final evaluations share one set of envs (robosuite's are worker processes)."""
         policy = self.agent.policy
         was_training = policy.training
         policy.eval()
         try:
-            return (evaluator or self.evaluator)(policy, num_steps, episodes)
+            return self.evaluator(policy, num_steps, episodes, seed)
         finally:
             policy.train(was_training)
 
     def _periodic_eval(self, writer: Any, bar: Any) -> None:
         k = self.agent.policy.cfg.num_steps
-        r = self.evaluate(k, self.loop.eval_episodes, self.selection)
+        r = self.evaluate(k, self.loop.eval_episodes, SELECTION_SEED)
         writer.add_scalar("eval/mean_reward", r["return_mean"], self.step)
         writer.add_scalar("eval/mean_ep_length", r["length_mean"], self.step)
         unit = self.agent.step_unit.replace(" ", "_") + "s"  # env_steps, steps
@@ -317,7 +317,6 @@ class Trainer:
     def close(self) -> None:
         self.agent.close()
         self.evaluator.close()
-        self.selection.close()
         self.run.close()
 
 

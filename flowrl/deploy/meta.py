@@ -6,12 +6,12 @@ head (and the shortcut step size), observation layout, action bounds, flowrl ver
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import flowrl
 from flowrl.errors import FlowrlError
+from flowrl.io import read_json
 
 META_FORMAT = "flowrl.export/1"
 
@@ -51,10 +51,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     mpath = metadata_path(path)
     if not mpath.is_file():
         raise FlowrlError(f"{path}: no {mpath.name} beside it (written by `flowrl export`)")
-    try:
-        meta = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FlowrlError(f"{mpath}: not valid JSON ({str(e).splitlines()[0]})") from None
+    meta = read_json(mpath)
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise FlowrlError(f"{mpath}: not a flowrl export description (format {META_FORMAT} expected)")
     for key in ("obs_dim", "act_dim", "num_steps", "horizon", "act_steps", "obs_history"):
