@@ -38,7 +38,7 @@ from gymnasium.vector import AutoresetMode
 
 from flowrl.envs.adapters import GymnasiumVectorEnv, finite_box, has_step_primitives, numpy_obs, seed_for_reset
 from flowrl.envs.base import BatchedEnv
-from flowrl.envs.registry import TaskInfo, _TASKS, all_tasks, on_register, resolve_task
+from flowrl.envs.registry import TaskInfo, all_tasks, on_register, registered_tasks, resolve_task
 from flowrl.errors import FlowrlError
 
 NAMESPACE = "flowrl"
@@ -174,7 +174,7 @@ def register_gym_envs(make: Callable[..., BatchedEnv] | None = None, include_plu
     global _make
     if make is not None:
         _make = make
-    tasks = all_tasks() if include_plugins else dict(_TASKS)
+    tasks = all_tasks() if include_plugins else registered_tasks()
     taken: list[str] = []
     added: list[str] = []
     for info in tasks.values():

@@ -97,6 +97,11 @@ def register(info: TaskInfo) -> TaskInfo:
     return info
 
 
+def registered_tasks() -> dict[str, TaskInfo]:
+    """The tasks registered so far, without loading plugins (for code that runs while flowrl.envs imports)."""
+    return dict(_TASKS)
+
+
 def all_tasks() -> dict[str, TaskInfo]:
     """Every registered task by canonical name."""
     load_plugins()
