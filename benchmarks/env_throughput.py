@@ -5,7 +5,8 @@
     python benchmarks/env_throughput.py --task robosuite/Lift --num-envs 1024 4096 16384 [--robosuite-envs 16]
 
 Manipulation tasks (``robosuite/...``, OSC_POSE at robosuite's timing: 20 Hz control, 25 physics
-substeps): our warp backend with random actions and with a K=4 flow policy (3x512) choosing chunks
+substeps): our warp backend with random actions (each control step one CUDA graph, and for comparison
+the controller launched between per-stage graphs) and with a K=4 flow policy (3x512) choosing chunks
 of 4 actions, the cpu backend at up to ``--cpu-max-envs``, beside robosuite's own worker processes
 (one per env, ``--robosuite-envs``, default one per core). Target: warp >= 50k env steps/s and
 >= 40x robosuite's workers on the same machine.
@@ -96,9 +97,9 @@ def policy_loop(task: str, n: int, seconds: float, threads: int, device: str, ba
     return rate
 
 
-def chunk_loop(task: str, n: int, seconds: float, backend: str, device: str) -> float:
+def chunk_loop(task: str, n: int, seconds: float, backend: str, device: str, **env_kwargs) -> float:
     """Env steps/s of random 4-action chunks (robosuite's workers take a chunk in one round trip)."""
-    env = make(task, n, backend=backend, seed=0, device=device)
+    env = make(task, n, backend=backend, seed=0, device=device, **env_kwargs)
     env.reset()
     gen = torch.Generator().manual_seed(0)
     actions = [(torch.rand(n, 4, env.act_dim, generator=gen) * 2 - 1).to(device) for _ in range(4)]
@@ -130,19 +131,24 @@ def manipulation(args: argparse.Namespace, machine: dict, use_warp: bool) -> int
             row["cpu"] = chunk_loop(args.task, n, args.seconds, "cpu", "cpu")
         if use_warp:
             row["warp"] = chunk_loop(args.task, n, args.seconds, "warp", "cuda")
+            row["warp_stage_graphs"] = chunk_loop(args.task, n, args.seconds, "warp", "cuda", capture_controller=False)
             row["warp_policy"] = policy_loop(args.task, n, args.seconds, 0, "cuda", "warp")
         rows.append(row)
         print(f"  measured num_envs={n}: {row}", file=sys.stderr, flush=True)
     print(f"\n{args.task} env steps/s (OSC_POSE, 25 substeps per env step) on {machine['cores']} cores"
           f"{', ' + machine['gpu'] if machine['gpu'] else ''}; robosuite's {robo_n} worker processes: "
           f"{robosuite_rate:.0f}")
-    head = f"{'num_envs':>9} {'cpu':>11} {'warp (GPU)':>11} {'warp+policy':>12} {'warp / robosuite':>17}"
+    head = (f"{'num_envs':>9} {'cpu':>11} {'warp (GPU)':>11} {'stage graphs':>13} {'warp+policy':>12}"
+            f" {'warp / robosuite':>17}")
     print(head)
     print("-" * len(head))
     f = lambda r, k: f"{r[k]:>11.0f}" if k in r else f"{'-':>11}"  # noqa: E731
     for r in rows:
         ratio = f"{r['warp'] / robosuite_rate:>16.0f}x" if "warp" in r else f"{'-':>17}"
-        print(f"{r['num_envs']:>9} {f(r, 'cpu')} {f(r, 'warp')} {f(r, 'warp_policy'):>12} {ratio}")
+        print(f"{r['num_envs']:>9} {f(r, 'cpu')} {f(r, 'warp')} {f(r, 'warp_stage_graphs'):>13}"
+              f" {f(r, 'warp_policy'):>12} {ratio}")
+    print("warp: each control step (goal, 25 substeps of torques and physics) replayed as one CUDA graph; "
+          "stage graphs: the controller's torch code launched between captured physics stages")
     checks = []
     if use_warp:
         top = max(r["warp"] for r in rows)

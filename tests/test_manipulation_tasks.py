@@ -11,6 +11,7 @@ task module's docstring for that cache quirk), its reward ``reward()`` and its s
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -181,6 +182,26 @@ def test_warp_backend_on_cpu_steps_lift() -> None:
         co, cr, *_ = cpu_env.step(action)
     assert int(warp_env._overflow.sum()) == 0
     assert (wo.double() - co).abs().max() < 2e-3, (wo.double() - co).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_warp_control_step_graph_matches_stage_graphs() -> None:
+    """On a GPU the whole control step (goal, 25 substeps of OSC torques and physics) is one CUDA graph; it steps
+    as the uncaptured path does (launching the controller between per-stage graphs)."""
+    pytest.importorskip("mujoco_warp")
+    envs = [make("robosuite/Lift", 64, backend="warp", device="cuda", seed=0, capture_controller=c)
+            for c in (True, False)]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    actions = [torch.rand(64, 7, device="cuda", generator=gen) * 2 - 1 for _ in range(8)]
+    obs = []
+    for env in envs:
+        env.reset(seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns
+            out = [env.step(a)[0] for a in actions]
+        obs.append(torch.stack(out))
+    assert envs[0]._control_graph is not None and envs[1]._control_graph is None
+    assert (obs[0] - obs[1]).abs().max() < 1e-3, (obs[0] - obs[1]).abs().max()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -205,14 +205,15 @@ def _hook(env: Any) -> list[dict[str, Any]]:
     return records
 
 
-def _replay(env: Any, records: list[dict[str, Any]], dtype: torch.dtype = torch.float64) -> dict[str, float]:
+def _replay(env: Any, records: list[dict[str, Any]], dtype: torch.dtype = torch.float64,
+            lambda_inverse: str = "pinv") -> dict[str, float]:
     """Our controller on the recorded states: max differences from robosuite's torques and ctrl."""
     f = facts(type(env).__name__)
     model = env.sim.model._model
     idx = ArmIndices.from_model(model, f["robot"]["arm_joints"]["names"], f["robot"]["eef_site"]["name"])
     arm_act = f["robot"]["arm_actuators"]["ids"]
     grip_act = f["robot"]["gripper_actuators"]["ids"]
-    osc = OSCPose(OSCConfig.from_scene(f), num_envs=1, dtype=dtype)
+    osc = OSCPose(OSCConfig.from_scene(f), num_envs=1, dtype=dtype, lambda_inverse=lambda_inverse)
     grip = PandaGripper.from_scene(f, num_envs=1, dtype=dtype)
     eye = torch.eye(3, dtype=dtype)[None]
     osc.reset(torch.as_tensor(records[0]["initial_joint"])[None], torch.zeros(1, 3), eye)
@@ -260,7 +261,8 @@ def test_one_control_step_matches_robosuite(task: str) -> None:
 
 def test_fifty_control_steps_match_robosuite() -> None:
     """Random actions (with saturated ones, so that the torque clip and the gripper limits are exercised) over 50
-    control steps of PickPlaceCan, compared at all 1250 substeps."""
+    control steps of PickPlaceCan, compared at all 1250 substeps; also with the LU inverse of the task-space
+    matrices that the controller uses inside CUDA graphs."""
     env = _make("PickPlaceCan", seed=5)
     records = _hook(env)
     rng = np.random.default_rng(1)
@@ -268,9 +270,11 @@ def test_fifty_control_steps_match_robosuite() -> None:
         env.step(np.clip(rng.uniform(-1.5, 1.5, env.action_dim), -1, 1))
     assert len(records) == 50 * 25
     worst = _replay(env, records)
+    worst_lu = _replay(env, records, lambda_inverse="inv")
     clipped = sum(bool((np.abs(r["torques"]) > np.abs(r["ctrl"][:7]) + 1e-12).any()) for r in records)
     env.close()
     assert worst["torque"] < 1e-6 and worst["ctrl"] < 1e-6 and worst["gripper"] == 0.0, worst
+    assert worst_lu["torque"] < 1e-6 and worst_lu["ctrl"] < 1e-6, worst_lu
     assert clipped > 0  # the clip was exercised
 
 

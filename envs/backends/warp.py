@@ -2,8 +2,13 @@
 
 The state arrays of MuJoCo Warp are shared with torch without copies (``wp.to_torch``); on a
 CUDA device the ``frame_skip`` physics steps of one env step (and the contact-force pass where the
-task reads ``cfrc_ext``) are captured once as a CUDA graph and replayed. It also runs on Warp's
-CPU device (slowly), so tests cover its code on machines without a GPU.
+task reads ``cfrc_ext``) are captured once as a CUDA graph and replayed. Tasks with a per-substep
+controller run each substep as ``step1`` (kinematics, mass matrix, bias forces) -> the controller's
+torch code -> ``step2`` (actuation, constraints, integration), as robosuite runs ``mj_step1`` /
+``mj_step2``; on CUDA the whole control step (goal, every substep's torques and physics) is one
+CUDA graph holding both Warp's and torch's kernels, captured on first use on a torch stream that
+Warp shares. It also runs on Warp's CPU device (slowly), so tests cover its code on machines
+without a GPU.
 
 Contact and constraint buffers are per world and sized per task (the registry's ``warp_buffers``:
 measured to hold each task with margin); a world whose buffers overflow
@@ -13,6 +18,8 @@ is reset and counted like a diverged one (overflow leaves its results undefined)
 from __future__ import annotations
 
 from typing import Any
+
+import warnings
 
 import numpy as np
 import torch
@@ -43,7 +50,7 @@ class MujocoWarpEnv(MujocoEnv):
 
     def __init__(self, task: MujocoTask, num_envs: int, device: str | torch.device = "cuda",
                  seed: int | None = None, nconmax: int | None = None, njmax: int | None = None,
-                 terminate_on_success: bool = False) -> None:
+                 terminate_on_success: bool = False, capture_controller: bool = True) -> None:
         if not warp_available():
             raise FlowrlError("the warp backend needs mujoco-warp and warp-lang: pip install 'flowrl[warp]'")
         import mujoco
@@ -77,6 +84,11 @@ class MujocoWarpEnv(MujocoEnv):
         self._overflow = wp.to_torch(self.d.overflow)
         self._warm = wp.to_torch(self.d.qacc_warmstart)
         self._graphs: dict[str, Any] = {}
+        self.capture_controller = capture_controller and self.wp_device != "cpu"
+        """On CUDA, capture a controlled task's whole control step as one graph (else: one graph per physics
+        stage, the controller's torch code launched between them)."""
+        self._control_graph: torch.cuda.CUDAGraph | None = None
+        self._action_in: torch.Tensor | None = None
 
     def _run(self, name: str, fn: Any) -> None:
         """Run ``fn`` (a sequence of MuJoCo Warp calls); on CUDA, as a graph captured on first use,
@@ -103,8 +115,66 @@ class MujocoWarpEnv(MujocoEnv):
         self._run("step", self._physics)
 
     def _substep(self) -> None:
-        # The controller's torch computation runs between captured substeps, not inside one graph.
         self._run("substep", lambda: self.mjw.step(self.m, self.d))
+
+    def _run_physics(self, action: torch.Tensor) -> None:
+        if self.controller is None:
+            super()._run_physics(action)
+            return
+        if self._action_in is None:
+            self._action_in = torch.zeros(action.shape, dtype=self.dtype, device=self.sim_device)
+        self._action_in.copy_(action)
+        if not self.capture_controller:
+            with self.wp.ScopedDevice(self.wp_device):
+                self._control_step(graphs=self.wp_device != "cpu")
+        elif self._control_graph is None:
+            self._capture_control_step()
+        else:
+            self._control_graph.replay()
+
+    def _control_step(self, graphs: bool) -> None:
+        """One env step of a controlled task from ``_action_in``: the goal on the first substep's kinematics, then
+        at each substep ``step1`` -> torques -> ``step2``. ``graphs``: launch ``step1``/``step2`` as Warp graphs
+        (one per stage) rather than kernel by kernel."""
+        mjw, m, d, controller = self.mjw, self.m, self.d, self.controller
+        for i in range(self.task_def.frame_skip):
+            if graphs:
+                self._run("step1", lambda: mjw.step1(m, d))
+            else:
+                mjw.step1(m, d)
+            if i == 0:
+                controller.set_goal(self.state, self._action_in)
+            self.ctrl.copy_(controller.ctrl(self.state))
+            if graphs:
+                self._run("step2", lambda: mjw.step2(m, d))
+            else:
+                mjw.step2(m, d)
+        if self.task_def.needs_contact_forces:
+            mjw.rne_postconstraint(m, d)
+
+    def _capture_control_step(self) -> None:
+        """Run this control step eagerly on a side stream (it loads the kernels and initialises cuBLAS), then
+        capture the same work, Warp's kernels and torch's, as one CUDA graph on that stream. Should the capture
+        fail, later steps fall back to one graph per physics stage, with a warning saying why."""
+        wp = self.wp
+        current = torch.cuda.current_stream(self.sim_device)
+        stream = torch.cuda.Stream(self.sim_device)
+        warp_stream = wp.stream_from_torch(stream)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream), wp.ScopedDevice(self.wp_device), wp.ScopedStream(warp_stream):
+            self._control_step(graphs=False)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                    with wp.ScopedCapture(stream=warp_stream, external=True):
+                        self._control_step(graphs=False)
+            except Exception as err:  # noqa: BLE001 - any capture failure leaves a working, slower path
+                self.capture_controller = False
+                warnings.warn(f"{self.task}: the control step could not be captured as one CUDA graph ({err}); "
+                              "substeps run as separate graphs", RuntimeWarning, stacklevel=3)
+        current.wait_stream(stream)
+        if self.capture_controller:
+            self._control_graph = graph
 
     def _contact_forces(self) -> None:
         self._run("contact_forces", lambda: self.mjw.rne_postconstraint(self.m, self.d))

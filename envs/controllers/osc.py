@@ -205,16 +205,32 @@ def _pinv_sym(a: Tensor) -> Tensor:
     return torch.linalg.pinv(a, rtol=1e-15, hermitian=True)
 
 
-def opspace_matrices(mass: Tensor, jac: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """robosuite's ``opspace_matrices``: (Lambda_full, Lambda_pos, Lambda_ori, nullspace N, M^-1)."""
-    # inv_ex: the same LU inverse as inv without its per-call singularity check, which costs milliseconds per
-    # call on CPU (a host sync over the batch); the mass matrix is positive definite
-    mass_inv = torch.linalg.inv_ex(mass)[0]
+def _inv(a: Tensor) -> Tensor:
+    """LU inverse without ``inv``'s singularity check: that check is a host sync over the batch (milliseconds per
+    call on CPU) and cannot run inside a CUDA graph."""
+    return torch.linalg.inv_ex(a)[0]
+
+
+LAMBDA_INVERSES = ("pinv", "inv")
+
+
+def opspace_matrices(mass: Tensor, jac: Tensor, lambda_inverse: str = "pinv"
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """robosuite's ``opspace_matrices``: (Lambda_full, Lambda_pos, Lambda_ori, nullspace N, M^-1).
+
+    ``lambda_inverse``: ``"pinv"`` inverts the task-space matrices as robosuite does (numpy's pinv, through an
+    eigendecomposition); ``"inv"`` with an LU inverse, equal away from kinematic singularities (where both give
+    torques beyond the actuators' range) and free of host syncs, so the controller can be captured in a CUDA graph.
+    """
+    mass_inv = _inv(mass)  # positive definite
     jm = jac @ mass_inv  # (N, 6, n)
     lam_full_inv = jm @ jac.transpose(-1, -2)
     lam_pos_inv = jm[..., :3, :] @ jac[..., :3, :].transpose(-1, -2)
     lam_ori_inv = jm[..., 3:, :] @ jac[..., 3:, :].transpose(-1, -2)
-    lam_full, lam_pos, lam_ori = _pinv_sym(lam_full_inv), _pinv_sym(lam_pos_inv), _pinv_sym(lam_ori_inv)
+    if lambda_inverse not in LAMBDA_INVERSES:
+        raise FlowrlError(f"lambda_inverse {lambda_inverse!r}: expected one of {LAMBDA_INVERSES}")
+    invert = _pinv_sym if lambda_inverse == "pinv" else _inv
+    lam_full, lam_pos, lam_ori = invert(lam_full_inv), invert(lam_pos_inv), invert(lam_ori_inv)
     jbar = mass_inv @ jac.transpose(-1, -2) @ lam_full  # (N, n, 6)
     eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
     nullspace = eye - jbar @ jac
@@ -230,12 +246,16 @@ class OSCPose:
 
     Per episode: :meth:`reset` with the initial arm posture (the nullspace target). Per control step:
     :meth:`set_goal`. Per physics substep: :meth:`torques` -> the arm actuators' ``ctrl``.
+    ``lambda_inverse``: see :func:`opspace_matrices` (``"inv"`` for CUDA-graph capture).
     """
 
     def __init__(self, config: OSCConfig | None = None, num_envs: int = 1, n_joints: int = 7,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
-                 robosuite_rounding: bool = True) -> None:
+                 robosuite_rounding: bool = True, lambda_inverse: str = "pinv") -> None:
+        if lambda_inverse not in LAMBDA_INVERSES:
+            raise FlowrlError(f"lambda_inverse {lambda_inverse!r}: expected one of {LAMBDA_INVERSES}")
         self.config = config or OSCConfig()
+        self.lambda_inverse = lambda_inverse
         self.num_envs, self.n_joints = num_envs, n_joints
         self.device, self.dtype = torch.device(device), dtype
         self.robosuite_rounding = robosuite_rounding
@@ -312,7 +332,7 @@ class OSCPose:
             vel = vel - origin_vel.to(dt)
         force = self.kp[:3] * pos_err - self.kd[:3] * vel[:, :3]
         torque = self.kp[3:] * ori_err - self.kd[3:] * vel[:, 3:]
-        lam_full, lam_pos, lam_ori, nullspace, _ = opspace_matrices(mass, jac)
+        lam_full, lam_pos, lam_ori, nullspace, _ = opspace_matrices(mass, jac, self.lambda_inverse)
         if self.config.uncouple_pos_ori:
             wrench = torch.cat([(lam_pos @ force.unsqueeze(-1)).squeeze(-1),
                                 (lam_ori @ torque.unsqueeze(-1)).squeeze(-1)], dim=-1)
@@ -390,6 +410,13 @@ class ArmIndices:
         dofs = [int(model.jnt_dofadr[j]) for j in ids]
         return cls(torch.as_tensor(ids), torch.as_tensor([int(model.jnt_qposadr[j]) for j in ids]),
                    torch.as_tensor(dofs), site, mass_matrix_index(model, dofs))
+
+    def to(self, device: str | torch.device) -> ArmIndices:
+        """A copy with the index tensors on ``device``: :meth:`state` then copies nothing from the host, as CUDA-graph
+        capture requires."""
+        move = (lambda t: t.to(device))
+        return ArmIndices(move(self.joint_ids), move(self.qpos_adr), move(self.dof_adr), self.site_id,
+                          move(self.mass_index))
 
     def state(self, qpos: Tensor, qvel: Tensor, xanchor: Tensor, xaxis: Tensor, site_xpos: Tensor, site_xmat: Tensor,
               qfrc_bias: Tensor, m_csr: Tensor) -> dict[str, Tensor]:

@@ -172,8 +172,11 @@ class PandaOSCController:
                  dtype: torch.dtype) -> None:
         facts = scene_facts(scene)
         robot = facts["robot"]
-        self.arm = ArmIndices.from_model(model, robot["arm_joints"]["names"], robot["eef_site"]["name"])
-        self.osc = OSCPose(OSCConfig.from_scene(facts), num_envs=num_envs, device=device, dtype=dtype)
+        self.arm = ArmIndices.from_model(model, robot["arm_joints"]["names"], robot["eef_site"]["name"]).to(device)
+        # on a GPU the controller runs inside a CUDA graph, which the eigendecomposition behind robosuite's pinv
+        # cannot join (it checks its result on the host)
+        self.osc = OSCPose(OSCConfig.from_scene(facts), num_envs=num_envs, device=device, dtype=dtype,
+                           lambda_inverse="inv" if torch.device(device).type == "cuda" else "pinv")
         self.gripper = PandaGripper.from_scene(facts, num_envs=num_envs, device=device, dtype=dtype)
         ids = _ids(scene)
         self.arm_act = torch.as_tensor(ids.arm_actuators, device=device)
