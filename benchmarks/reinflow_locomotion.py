@@ -98,7 +98,9 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     source = f"{record['pretrain_s']} s" if "pretrain_s" in record else f"loaded from {init}"
     print(f"[{task} s{seed}] pretrained: {describe(pre)} ({source})", flush=True)
 
-    ft_cfg = load_stage_config("finetune", REPO / "configs" / task / f"finetune_{head}.yaml",
+    preset = getattr(args, "finetune_preset", "") or f"finetune_{head}.yaml"
+    record["pretrained_checkpoint"] = str(init)
+    ft_cfg = load_stage_config("finetune", REPO / "configs" / task / preset,
                                [*common, f"init={init}", f"eval.episodes={args.episodes}", "eval.steps=[4]",
                           f"train.eval_every={args.eval_every}", f"train.eval_episodes={args.eval_episodes}",
                                 f"train.sim_threads={args.sim_threads}", *args.overrides,
@@ -121,6 +123,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     if "success_rate" in final:
         record["finetuned_success"] = final["success_rate"]
     record.update(finetuned=final["return_mean"], finetuned_std=final["return_std"], env_steps=run.step,
+                  finetuned_checkpoint=str(run.run.checkpoint_dir(run.step)), preset=preset,
                   wall_clock_s=round(st.wall_clock, 1), curve=st.eval_history,
                   iteration_s=st.iteration_seconds, rollout_s=agent.stats.rollout_seconds,
                   steps_per_iteration=agent.steps_per_iteration, backend=type(agent.env).__name__,
