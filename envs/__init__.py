@@ -61,7 +61,8 @@ def make(
     GPU or Warp's CPU device), ``gymnasium`` (gymnasium's own vector envs; ``vectorization="async"``
     for subprocesses), ``auto`` (the default: warp on a CUDA device when installed, else cpu).
     robosuite's tasks and pure-torch tasks are their own backend whatever is asked.
-    ``seed`` seeds env i with ``seed + i`` at the first ``reset()``.
+    ``seed`` seeds env i with ``seed + i`` at the first ``reset()``. Other keyword arguments go to the
+    backend: ``threads`` (cpu), ``nconmax``/``njmax``/``capture_controller`` (warp), ``terminate_on_success``.
     """
     if num_envs < 1:
         raise FlowrlError(f"num_envs must be >= 1, got {num_envs}")

@@ -77,6 +77,16 @@ class Episodes:
         return Episodes(self.observations[:n], self.actions[:n], self.rewards[:n], self.terminated[:n],
                         self.truncated[:n], self.episode_lengths[:num_episodes], dict(self.meta), self.format)
 
+    def tail(self, num_episodes: int) -> "Episodes":
+        """The last ``num_episodes`` episodes (held out from a ``head`` of the rest)."""
+        if num_episodes <= 0:
+            raise ValueError(f"tail: num_episodes must be positive, got {num_episodes}")
+        if num_episodes >= self.num_episodes:
+            return self
+        n = int(self.episode_lengths[-num_episodes:].sum())
+        return Episodes(self.observations[-n:], self.actions[-n:], self.rewards[-n:], self.terminated[-n:],
+                        self.truncated[-n:], self.episode_lengths[-num_episodes:], dict(self.meta), self.format)
+
     def info(self) -> dict[str, Any]:
         """The summary `flowrl data info` prints."""
         rets = self.episode_returns()

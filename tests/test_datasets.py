@@ -205,3 +205,17 @@ def test_failed_write_keeps_the_old_file(tmp_path) -> None:
         write_dataset(path, broken)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.hdf5"]
+
+
+def test_head_and_tail_split_episodes() -> None:
+    lengths = [3, 5, 2, 4]
+    eps = Episodes.from_list([{"observations": np.full((n, 2), i), "actions": np.full((n, 1), i),
+                               "rewards": np.zeros(n), "terminated": np.zeros(n, bool), "truncated": np.zeros(n, bool)}
+                              for i, n in enumerate(lengths)])
+    head, tail = eps.head(3), eps.tail(1)
+    assert list(head.episode_lengths) == [3, 5, 2] and list(tail.episode_lengths) == [4]
+    assert head.num_transitions + tail.num_transitions == eps.num_transitions
+    assert (tail.observations == 3).all() and (head.actions[-2:] == 2).all()
+    assert eps.tail(10) is eps
+    with pytest.raises(ValueError):
+        eps.tail(0)

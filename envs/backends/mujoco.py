@@ -192,6 +192,11 @@ class MujocoEnv(BatchedEnv):
             self.state["cfrc_ext"].zero_()
         return self._out(self._obs())
 
+    def _controller_state(self) -> dict[str, torch.Tensor]:
+        """The controller's per-env state tensors (none without a controller, or for one that keeps none)."""
+        state_tensors = getattr(self.controller, "state_tensors", None)
+        return state_tensors() if state_tensors is not None else {}
+
     def get_full_state(self) -> dict[str, Any]:
         """Everything the next steps depend on (for exact resume); tensors and strings only."""
         returns, elapsed = self._counters()
@@ -201,6 +206,7 @@ class MujocoEnv(BatchedEnv):
                  "reset_generator": self._reset_gen.get_state()}
         if self.task_def.needs_contact_forces:
             state["cfrc_ext"] = self.state["cfrc_ext"].clone()
+        state.update({f"controller.{k}": v.clone() for k, v in self._controller_state().items()})
         return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
     def set_full_state(self, state: dict[str, Any]) -> None:
@@ -218,3 +224,7 @@ class MujocoEnv(BatchedEnv):
         self._reset_gen.set_state(state["reset_generator"])
         if "cfrc_ext" in state:
             self.state["cfrc_ext"].copy_(state["cfrc_ext"].to(dev))
+        for name, tensor in self._controller_state().items():  # in place: CUDA graphs hold these tensors
+            if f"controller.{name}" not in state:
+                raise FlowrlError(f"set_full_state: the saved state lacks the controller's {name!r}")
+            tensor.copy_(state[f"controller.{name}"].to(tensor.device))

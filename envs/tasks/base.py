@@ -32,6 +32,10 @@ class Controller(Protocol):
     def ctrl(self, state: State) -> torch.Tensor:
         """(N, nu) actuator inputs for the next physics substep, from the current (forwarded) state."""
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Optional. The controller's per-env state (goals, posture targets, gripper state), by name: the tensors
+        themselves, which a backend saves with its full state and restores in place."""
+
 
 @dataclass(frozen=True)
 class MujocoTask:

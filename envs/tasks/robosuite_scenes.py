@@ -201,6 +201,11 @@ class PandaOSCController:
             self.osc.set_goal(action[:, :6], x["eef_pos"], x["eef_rot"])
             self.out[:, self.grip_act] = self.gripper.step(action[:, 6])
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        o = self.osc
+        return {"goal_pos": o.goal_pos, "goal_rot": o.goal_rot, "initial_joint": o.initial_joint,
+                "origin_pos": o.origin_pos, "origin_rot": o.origin_rot, "gripper": self.gripper.state, "ctrl": self.out}
+
     def ctrl(self, state: State) -> torch.Tensor:
         with _one_torch_thread(self.out.device):
             x = self._inputs(state)
