@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from flowrl import distributed
 from flowrl.config import (LoopConfig, PretrainConfig, check_fraction, check_non_negative, check_positive, fail,
                            setup_torch)
 from flowrl.datasets import ChunkDataset, Episodes, read_dataset
@@ -131,11 +132,17 @@ class BehaviorCloning(Agent):
     """Pretrain a flow policy on demonstrations (``algo: bc``); run it with :class:`flowrl.training.Trainer`."""
 
     algo, stage = "bc", "pretrain"
+    supports_distributed = True
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
         self.task = canonical_task(cfg.task)
         self.device = setup_torch(cfg)
+        self.dist = distributed.current()
+        if cfg.train.batch_size % self.dist.world_size:
+            raise FlowrlError(f"config: train.batch_size {cfg.train.batch_size} is not divisible by the "
+                              f"{self.dist.world_size} ranks (each takes an equal share of every batch)")
+        self.rank_batch = cfg.train.batch_size // self.dist.world_size
         episodes = read_dataset(cfg.data.path).head(cfg.data.max_episodes)
         low, high = check_dataset_matches_task(episodes, self.task, cfg.data.path)
         self.data = ChunkDataset(episodes, cfg.policy.obs_history, cfg.policy.horizon, self.device)
@@ -145,11 +152,14 @@ class BehaviorCloning(Agent):
         torch.manual_seed(cfg.seed)
         self.model = FlowPolicy(cfg.policy, episodes.obs_dim, episodes.act_dim, low, high).to(self.device)
         self.model.set_normalization(episodes.observations.mean(0), episodes.observations.std(0))
+        self.dist.broadcast_module(self.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # rank r samples its share of every batch from its own shard of the chunks (r, r + W, r + 2W, ...)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
+        self.shard_size = (len(self.data) - self.dist.rank + self.dist.world_size - 1) // self.dist.world_size
 
     @property
     def policy(self) -> FlowPolicy:
@@ -178,25 +188,27 @@ class BehaviorCloning(Agent):
 
     def train_iteration(self, iteration: int) -> dict[str, float]:
         """One gradient step on a batch of demonstration chunks."""
-        cfg, policy = self.cfg.train, self.model
-        idx = torch.randint(0, len(self.data), (cfg.batch_size,), generator=self.gen, device=self.device)
+        cfg, policy, n = self.cfg.train, self.model, self.rank_batch
+        idx = torch.randint(0, self.shard_size, (n,), generator=self.gen, device=self.device)
+        idx = idx * self.dist.world_size + self.dist.rank
         obs, actions = self.data.batch(idx)
         x1 = policy.normalize_action(actions)
         cond = policy.encode(obs)
         logs: dict[str, float] = {}
         if policy.is_shortcut:
-            n_sc = max(1, int(round(cfg.batch_size * cfg.shortcut_fraction)))
-            n_fm = cfg.batch_size - n_sc
+            n_sc = max(1, int(round(n * cfg.shortcut_fraction)))
+            n_fm = n - n_sc
             fm = flow_matching_loss(policy, cond[:n_fm], x1[:n_fm], self.gen, cfg.time_sampling)
             sc = shortcut_consistency_loss(policy, self.ema, cond[n_fm:], self.ema.encode(obs[n_fm:]), x1[n_fm:],
                                            self.gen)
-            loss = (fm * n_fm + sc * n_sc) / cfg.batch_size
+            loss = (fm * n_fm + sc * n_sc) / n
             logs["train/shortcut_loss"] = sc.item()
         else:
             fm = loss = flow_matching_loss(policy, cond, x1, self.gen, cfg.time_sampling)
         logs["train/bc_loss"] = fm.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.dist.average_gradients(policy.parameters())
         if cfg.grad_clip > 0:
             logs["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
         self.optimizer.step()
@@ -204,5 +216,6 @@ class BehaviorCloning(Agent):
         with torch.no_grad():
             torch._foreach_lerp_(list(self.ema.parameters()), list(policy.parameters()), 1.0 - cfg.ema_decay)
         logs["train/loss"] = loss.item()
+        logs = self.dist.mean(logs)
         logs["train/learning_rate"] = self.scheduler.get_last_lr()[0]
         return logs

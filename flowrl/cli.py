@@ -243,19 +243,28 @@ def _train(stage: str, args: argparse.Namespace) -> None:
                           "has a config.yaml")
     cfg = load_stage_config(stage, presets, overrides)
     _apply_budget(cfg, args.steps, getattr(args, "env_steps", None))
-    agent = agent_info(stage, cfg.algo).agent_class()(cfg)
-    head = agent.policy.cfg.head
-    out = args.out or os.path.join("runs", RunFolder.default_name(stage, agent.task, head))
-    trainer = Trainer(agent, out, resume=args.resume, progress=not args.quiet)
-    print(f"run folder: {trainer.run.path}  (tensorboard --logdir {trainer.run.path}); {agent.iterations} iterations"
-          + (f" of {agent.steps_per_iteration} {agent.step_unit}s" if agent.steps_per_iteration > 1 else ""),
-          file=sys.stderr)
+    from flowrl import distributed
+
+    ranks = distributed.init_from_env(cfg.device)  # a no-op outside torchrun
     try:
-        trainer.fit()
-        if not args.no_eval:
-            trainer.final_evaluation()
+        agent = agent_info(stage, cfg.algo).agent_class()(cfg)
+        head = agent.policy.cfg.head
+        out = args.out or os.path.join("runs", RunFolder.default_name(stage, agent.task, head))
+        if ranks.active and not args.out:
+            out = ranks.broadcast_object(out)  # the folder name holds the time: rank 0's
+        trainer = Trainer(agent, out, resume=args.resume, progress=not args.quiet)
+        if ranks.is_main:
+            print(f"run folder: {trainer.run.path}  (tensorboard --logdir {trainer.run.path}); {agent.iterations} "
+                  "iterations" + (f" of {agent.steps_per_iteration} {agent.step_unit}s" if agent.steps_per_iteration > 1
+                                  else "") + (f" on {ranks.world_size} ranks" if ranks.active else ""), file=sys.stderr)
+        try:
+            trainer.fit()
+            if not args.no_eval:
+                trainer.final_evaluation()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        distributed.shutdown()
 
 
 def _apply_budget(cfg: object, steps: int | None, env_steps: int | None) -> None:

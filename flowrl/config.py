@@ -256,9 +256,11 @@ def setup_torch(cfg: Any) -> "Any":
     default)."""
     import torch
 
+    from flowrl.distributed import rank_device
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return resolve_device(cfg.device)
+    return rank_device(resolve_device(cfg.device))
 
 
 STAGE_CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}

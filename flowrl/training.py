@@ -6,7 +6,9 @@ iteration (a gradient step, or a rollout and an update) and returns its log scal
 rest, the same way for every agent: a progress bar with rate and ETA, Ctrl-C (checkpoint, then
 exit), periodic evaluation and checkpoints, ``best`` (the starting policy is a candidate when the
 agent fine-tunes) and the last checkpoint, ``train.max_minutes``, TensorBoard, the final
-evaluation table and exact resume (the training state saved and restored whole).
+evaluation table and exact resume (the training state saved and restored whole). Under torchrun
+(:mod:`flowrl.distributed`) every rank runs the loop; rank 0 alone evaluates and writes, and a stop
+(Ctrl-C, the time limit) taken on any rank is taken on all at the same iteration.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from flowrl.checkpoint import save_checkpoint
+from flowrl import distributed
 from flowrl.config import LoopConfig, to_dict
 from flowrl.envs import resolve_task
 from flowrl.errors import FlowrlError, Interrupted
@@ -51,6 +54,9 @@ class Agent(ABC):
     step_unit: str = "step"
     evaluate_at_start: bool = False
     """Evaluate the starting policy before the first iteration (fine-tuning: it is a candidate for best)."""
+    supports_distributed: bool = False
+    """The agent shards its data or envs over torchrun's ranks and averages its gradients
+    (:mod:`flowrl.distributed`); others refuse to run on more than one rank."""
 
     @property
     @abstractmethod
@@ -157,15 +163,20 @@ class Trainer:
     """Runs an agent to its budget in a run folder: ``Trainer(agent, out).fit()``."""
 
     def __init__(self, agent: Agent, out: str | Path, resume: bool = False, progress: bool = True) -> None:
+        self.dist = distributed.current()
+        if self.dist.active and not agent.supports_distributed:
+            raise FlowrlError(f"algorithm '{agent.algo}' does not run on several ranks yet (WORLD_SIZE="
+                              f"{self.dist.world_size}); run it in one process")
         self.agent = agent
         self.loop: LoopConfig = agent.cfg.train
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         self.state = LoopState()
         self.evaluator = Evaluator.from_config(agent.task, agent.cfg.eval, agent.device)
         self.on_eval: Any = None  # called after each evaluation (benchmarks stream their curves)
         self._stop_requested = False
         self.run = RunFolder(out)
-        started = self.run.start(agent.cfg, resume, resumable_keys=agent.resumable_keys())
+        started = self.run.start(agent.cfg, resume, resumable_keys=agent.resumable_keys()) if self.dist.is_main else False
+        started = self.dist.broadcast_object(started)
         if resume and started:
             self._restore()
         elif resume:
@@ -187,8 +198,12 @@ class Trainer:
                 **a.checkpoint_info(), "run_config": to_dict(a.cfg)}
 
     def save(self) -> Path:
+        """Write the checkpoint of this step (rank 0; the others only return its path)."""
+        path = self.run.checkpoint_dir(self.step)
+        if not self.dist.is_main:
+            return path
         state = {"components": capture(self._components()), "torch_rng": torch.get_rng_state()}
-        return save_checkpoint(self.run.checkpoint_dir(self.step), self.agent.policy, self.info(), state)
+        return save_checkpoint(path, self.agent.policy, self.info(), state)
 
     def _restore(self) -> None:
         latest = self.run.latest_checkpoint()
@@ -201,6 +216,8 @@ class Trainer:
         restore(self._components(), state["components"])
         torch.set_rng_state(state["torch_rng"])
         self.agent.on_resume()
+        if not self.dist.is_main:
+            return
         print(f"resumed {self.run.path} at iteration {self.state.iteration} ({self.step} {self.agent.step_unit}s)",
               file=sys.stderr)
 
@@ -217,6 +234,8 @@ class Trainer:
             policy.train(was_training)
 
     def _periodic_eval(self, writer: Any, bar: Any) -> None:
+        if not self.dist.is_main:
+            return
         k = self.agent.policy.cfg.num_steps
         r = self.evaluate(k, self.loop.eval_episodes, SELECTION_SEED)
         writer.add_scalar("eval/mean_reward", r["return_mean"], self.step)
@@ -251,7 +270,7 @@ class Trainer:
         """Train to the budget, ``train.max_minutes`` or Ctrl-C, whichever comes first."""
         a, loop, st = self.agent, self.loop, self.state
         deadline = time.time() + 60.0 * loop.max_minutes if loop.max_minutes else math.inf
-        writer = self.run.writer(purge_step=self.step if self.step else None)
+        writer = self.run.writer(purge_step=self.step if self.step else None) if self.dist.is_main else _NoWriter()
         bar = tqdm(total=a.iterations * a.steps_per_iteration, initial=self.step, unit=a.step_unit, unit_scale=True,
                    desc=f"{a.algo} {a.task}", disable=not self.progress, dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
@@ -261,7 +280,7 @@ class Trainer:
                 if st.iteration == 0 and a.evaluate_at_start:
                     self._periodic_eval(writer, bar)
                 while st.iteration < a.iterations:
-                    if self._stop_requested:
+                    if self.dist.any(self._stop_requested):
                         raise KeyboardInterrupt
                     start = time.time()
                     logs = a.train_iteration(st.iteration)
@@ -276,7 +295,7 @@ class Trainer:
                             if v is not None:
                                 writer.add_scalar(k, v, self.step)
                         bar.set_postfix(a.postfix(logs), refresh=False)
-                    out_of_time = time.time() >= deadline
+                    out_of_time = self.dist.any(time.time() >= deadline)
                     last = st.iteration == a.iterations or out_of_time
                     if (loop.eval_every and st.iteration % loop.eval_every == 0) or last:
                         self._periodic_eval(writer, bar)
@@ -296,8 +315,11 @@ class Trainer:
         return a.policy
 
     def final_evaluation(self) -> list[dict[str, float]]:
-        """The eval section's episodes at each of its K, printed and added to ``eval.json``."""
+        """The eval section's episodes at each of its K, printed and added to ``eval.json`` (rank 0; the
+        others return no rows)."""
         self.agent.release_rollout_envs()
+        if not self.dist.is_main:
+            return []
         e = self.agent.cfg.eval
         rows = [self.evaluate(k, e.episodes) for k in e.steps]
         writer = self.run.writer()
@@ -318,6 +340,16 @@ class Trainer:
         self.agent.close()
         self.evaluator.close()
         self.run.close()
+
+
+class _NoWriter:
+    """The TensorBoard writer of ranks other than 0."""
+
+    def add_scalar(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 def mean_or_none(values: Any) -> float | None:
