@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowrl import distributed
 from flowrl.checkpoint import load_policy
 from flowrl.config import (FinetuneConfig, LoopConfig, check_fraction, check_non_negative, check_positive, fail,
                            setup_torch, validate_backend)
@@ -194,8 +195,10 @@ class Critic(nn.Module):
 class RunningRewardScaler:
     """Divides rewards by the running std of the discounted return (reset at episode ends)."""
 
-    def __init__(self, num_envs: int, gamma: float, device: torch.device) -> None:
+    def __init__(self, num_envs: int, gamma: float, device: torch.device,
+                 ranks: distributed.Dist | None = None) -> None:
         self.gamma = gamma
+        self.ranks = ranks or distributed.Dist()  # the statistics are over every rank's envs
         self.ret = torch.zeros(num_envs, dtype=torch.float64, device=device)
         self.count = torch.tensor(1e-4, dtype=torch.float64)
         self.mean = torch.tensor(0.0, dtype=torch.float64)
@@ -204,7 +207,14 @@ class RunningRewardScaler:
     def __call__(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         self.ret = self.ret * self.gamma + reward.double()
         x = self.ret.cpu()
-        batch_mean, batch_var, n = x.mean(), x.var(unbiased=False), x.numel()
+        if self.ranks.active:
+            total = self.ranks.sum(torch.stack([x.sum(), x.square().sum(), torch.tensor(float(x.numel()),
+                                                                                     dtype=torch.float64)]))
+            n = int(total[2])
+            batch_mean = total[0] / n
+            batch_var = (total[1] / n - batch_mean.square()).clamp_min(0.0)
+        else:
+            batch_mean, batch_var, n = x.mean(), x.var(unbiased=False), x.numel()
         delta, total = batch_mean - self.mean, self.count + n
         self.mean = self.mean + delta * n / total
         self.var = (self.var * self.count + batch_var * n + delta.square() * self.count * n / total) / total
@@ -263,11 +273,22 @@ class ReinFlow(Agent):
     algo, stage = "reinflow", "finetune"
     step_unit = "env step"
     evaluate_at_start = True
+    supports_distributed = True
+    optional_state = ("env", "history", "stats", "generator", "scaler")
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
         t = cfg.train
         self.device = setup_torch(cfg)
+        # Each rank steps num_envs / W of the envs (env i of rank r seeded as env r * num_envs / W + i of one
+        # process) and takes minibatch_size / W of every minibatch; gradients, advantage normalisation,
+        # reward-scaling statistics, the KL stop and the logs are reduced over the ranks.
+        self.dist = distributed.current()
+        for key in ("num_envs", "minibatch_size"):
+            if getattr(t, key) % self.dist.world_size:
+                raise FlowrlError(f"config: train.{key} {getattr(t, key)} is not divisible by the "
+                                  f"{self.dist.world_size} ranks")
+        self.local_envs = t.num_envs // self.dist.world_size
         policy, init_config = load_policy(cfg.init, self.device)
         if "task" not in init_config:
             raise FlowrlError(f"{cfg.init}/config.json: missing key 'task'")
@@ -282,6 +303,8 @@ class ReinFlow(Agent):
         self.noise = NoiseHead(cond_dim, policy.chunk_shape, t.noise_hidden_dim, policy.cfg.time_embed_dim,
                                t.sigma_min, t.sigma_max).to(self.device)
         self.critic = Critic(cond_dim, t.critic_hidden_dim, t.critic_depth).to(self.device)
+        for module in (self._policy, self.noise, self.critic):
+            self.dist.broadcast_module(module)
         self.actor_opt = torch.optim.Adam([*self._policy.parameters(), *self.noise.parameters()], lr=t.actor_lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=t.critic_lr)
         self.steps_per_iteration = t.num_envs * t.rollout_steps * policy.cfg.act_steps
@@ -293,14 +316,15 @@ class ReinFlow(Agent):
             if not resolve_task(self.task).has_success:
                 raise FlowrlError(f"config: train.terminate_on_success: task {self.task} reports no success")
             env_kwargs["terminate_on_success"] = True
-        self.env = make(self.task, t.num_envs, backend=t.backend, device=self.device, seed=cfg.seed, **env_kwargs)
+        self.env = make(self.task, self.local_envs, backend=t.backend, device=self.device,
+                        seed=cfg.seed + self.dist.rank * self.local_envs, **env_kwargs)
         if (self.env.obs_dim, self.env.act_dim) != (policy.obs_dim, policy.act_dim):
             raise FlowrlError(f"{cfg.init}: policy has obs/act dims {policy.obs_dim}/{policy.act_dim} but task "
                               f"{self.task} has {self.env.obs_dim}/{self.env.act_dim}")
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.scaler = RunningRewardScaler(t.num_envs, t.gamma, self.device)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
+        self.scaler = RunningRewardScaler(self.local_envs, t.gamma, self.device, self.dist)
         self.history = ObsHistory(self.env.reset(), policy.cfg.obs_history)
-        self.stats = EpisodeStats(episode_success=torch.zeros(t.num_envs, dtype=torch.bool, device=self.device))
+        self.stats = EpisodeStats(episode_success=torch.zeros(self.local_envs, dtype=torch.bool, device=self.device))
         self.iteration = 0  # set by train_iteration; the schedules and the critic warm-up read it
 
     @property
@@ -316,14 +340,19 @@ class ReinFlow(Agent):
 
     def state_components(self) -> dict[str, Any]:
         state: dict[str, Any] = {"policy": self._policy, "noise": self.noise, "critic": self.critic,
-                                 "actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "scaler": self.scaler,
-                                 "generator": self.gen, "history": self.history, "stats": self.stats}
+                                 "actor_opt": self.actor_opt, "critic_opt": self.critic_opt}
+        if self.dist.active:  # the rest is per rank: a distributed run's checkpoint holds the shared state only
+            return state
+        state.update(scaler=self.scaler, generator=self.gen, history=self.history, stats=self.stats)
         if hasattr(self.env, "get_full_state"):
             state["env"] = self.env
         return state
 
-    def on_resume(self) -> None:
-        if not hasattr(self.env, "get_full_state"):
+    def on_resume(self, missing: list[str] | None = None) -> None:
+        if missing and self.dist.is_main:
+            print(f"note: the checkpoint holds no {', '.join(missing)} (a distributed run's, or the other way "
+                  "round): the envs start new episodes and the reward scaling new statistics", file=sys.stderr)
+        elif not hasattr(self.env, "get_full_state"):
             print(f"warning: the {self.cfg.train.backend} backend cannot restore its simulation state; the envs "
                   "start new episodes, so this run will not match an uninterrupted one exactly", file=sys.stderr)
 
@@ -360,7 +389,7 @@ class ReinFlow(Agent):
     @torch.no_grad()
     def collect(self) -> dict[str, torch.Tensor]:
         t, env, stats = self.cfg.train, self.env, self.stats
-        n, steps, act_steps = t.num_envs, t.rollout_steps, self.policy.cfg.act_steps
+        n, steps, act_steps = self.local_envs, t.rollout_steps, self.policy.cfg.act_steps
         obs_buf = torch.zeros((steps, *self.history.get().shape), device=self.device, dtype=torch.float32)
         chain_buf = torch.zeros((steps, n, self.K + 1, *self.policy.chunk_shape), device=self.device)
         rewards = torch.zeros((steps, n), device=self.device)
@@ -401,7 +430,7 @@ class ReinFlow(Agent):
 
     # -- update --------------------------------------------------------------------------------
     def _minibatches(self, size: int) -> list[torch.Tensor]:
-        mb = self.cfg.train.minibatch_size
+        mb = self.cfg.train.minibatch_size // self.dist.world_size
         perm = torch.randperm(size, generator=self.gen, device=self.device)
         return [perm[i:i + mb] for i in range(0, size, mb)]
 
@@ -429,6 +458,7 @@ class ReinFlow(Agent):
                 if warmup:
                     self.critic_opt.zero_grad(set_to_none=True)
                     value_loss.backward()
+                    self.dist.average_gradients(self.critic.parameters())
                     self._clip(self.critic.parameters())
                     self.critic_opt.step()
                     stats["value"].append(value_loss.item())
@@ -438,8 +468,7 @@ class ReinFlow(Agent):
                 ratio = log_ratio.exp()
                 if first_ratio_dev is None:
                     first_ratio_dev = float((ratio.detach() - 1).abs().max())
-                adv = batch["advantages"][idx]
-                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                adv = self._normalize(batch["advantages"][idx])
                 pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - t.clip_coef, 1 + t.clip_coef)).mean()
                 entropy_loss = -entropy.mean()
                 loss = pg_loss + t.ent_coef * entropy_loss + t.vf_coef * value_loss
@@ -452,6 +481,8 @@ class ReinFlow(Agent):
                 self.actor_opt.zero_grad(set_to_none=True)
                 self.critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
+                self.dist.average_gradients([*self.policy.parameters(), *self.noise.parameters(),
+                                             *self.critic.parameters()])
                 self._clip([*self.policy.parameters(), *self.noise.parameters()])
                 self._clip(self.critic.parameters())
                 self.actor_opt.step()
@@ -462,7 +493,7 @@ class ReinFlow(Agent):
                 stats["pg"].append(pg_loss.item())
                 stats["value"].append(value_loss.item())
                 stats["entropy"].append(entropy_loss.item())
-            if t.target_kl and stats["kl"] and np.mean(stats["kl"][-len(batches):]) > t.target_kl:
+            if t.target_kl and stats["kl"] and self._mean(np.mean(stats["kl"][-len(batches):])) > t.target_kl:
                 break
         y, v = batch["returns"], batch["values"]
         logs = {"train/value_loss": float(np.mean(stats["value"])),
@@ -477,6 +508,19 @@ class ReinFlow(Agent):
         if stats["w2"]:
             logs["train/w2_loss"] = float(np.mean(stats["w2"]))
         return logs
+
+    def _normalize(self, adv: torch.Tensor) -> torch.Tensor:
+        """Advantages of a minibatch standardised (over every rank's share of it)."""
+        if not self.dist.active:
+            return (adv - adv.mean()) / (adv.std() + 1e-8)
+        s = self.dist.sum(torch.stack([adv.sum(), adv.square().sum(), torch.tensor(float(len(adv)), device=adv.device)]))
+        n = s[2]
+        mean = s[0] / n
+        std = ((s[1] - n * mean.square()) / (n - 1)).clamp_min(0.0).sqrt()  # unbiased, as torch.std
+        return (adv - mean) / (std + 1e-8)
+
+    def _mean(self, value: float) -> float:
+        return float(self.dist.mean({"v": value})["v"])  # type: ignore[arg-type]
 
     def _clip(self, params: Any) -> None:
         if self.cfg.train.max_grad_norm > 0:
@@ -508,7 +552,7 @@ class ReinFlow(Agent):
                      "rollout/ep_rew_mean": mean_or_none(self.stats.returns),
                      "rollout/ep_len_mean": mean_or_none(self.stats.lengths),
                      "rollout/success_rate": mean_or_none(self.stats.successes)})
-        return logs
+        return self.dist.mean(logs)
 
     @torch.no_grad()
     def _mean_noise_std(self, obs: torch.Tensor) -> float:

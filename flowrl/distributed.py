@@ -64,14 +64,24 @@ class Dist:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """Per-key means over the ranks of scalar statistics (for logging)."""
+    def mean(self, values: dict[str, float | None]) -> dict[str, float | None]:
+        """Per-key means over the ranks of scalar statistics (for logging). Every rank passes the same keys;
+        a None (nothing measured on that rank) is left out of its key's mean (None where no rank has one)."""
         if not self.active or not values:
             return values
-        keys = sorted(k for k, v in values.items() if v is not None)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self._device())
+        keys = sorted(values)
+        pairs = [(0.0, 0.0) if values[k] is None else (float(values[k]), 1.0) for k in keys]  # type: ignore[arg-type]
+        t = torch.tensor(pairs, dtype=torch.float64, device=self._device())
         dist.all_reduce(t)
-        return {**values, **{k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}}
+        return {k: (float(s) / c if c else None) for k, (s, c) in zip(keys, t.tolist())}
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum over the ranks (a new tensor; the input itself when alone)."""
+        if not self.active:
+            return tensor
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (a stop, a time limit reached first on one rank)."""

@@ -76,7 +76,11 @@ class Agent(ABC):
         """Config keys that may change when a run is resumed (its budget and time limit)."""
         return ("train.max_minutes",)
 
-    def on_resume(self) -> None:
+    optional_state: tuple[str, ...] = ()
+    """Training-state components a checkpoint may lack (per-rank state such as running episodes, which a
+    checkpoint of a distributed run does not hold): left as built, and passed to :meth:`on_resume`."""
+
+    def on_resume(self, missing: list[str] | None = None) -> None:
         """Called after the training state was restored."""
 
     def checkpoint_info(self) -> dict[str, Any]:
@@ -113,9 +117,14 @@ def capture(components: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def restore(components: dict[str, Any], state: dict[str, Any]) -> None:
+def restore(components: dict[str, Any], state: dict[str, Any], optional: tuple[str, ...] = ()) -> list[str]:
+    """Load ``state`` into ``components``; returns the ``optional`` ones the state lacks (left as they are)."""
+    missing = []
     for name, obj in components.items():
         if name not in state:
+            if name in optional:
+                missing.append(name)
+                continue
             raise FlowrlError(f"training state lacks '{name}' (written by another version of the agent?)")
         value = state[name]
         if isinstance(obj, torch.Generator):
@@ -133,6 +142,7 @@ def restore(components: dict[str, Any], state: dict[str, Any]) -> None:
                 elif hasattr(current, "maxlen"):  # a deque keeps its window
                     loaded = type(current)(loaded, maxlen=current.maxlen)
                 setattr(obj, f.name, loaded)
+    return missing
 
 
 def _plain(value: Any) -> Any:
@@ -213,9 +223,9 @@ class Trainer:
         state = load_train_state(latest)
         if "components" not in state:
             raise FlowrlError(f"{latest}: training state of an older flowrl; it cannot be resumed by this one")
-        restore(self._components(), state["components"])
+        missing = restore(self._components(), state["components"], self.agent.optional_state)
         torch.set_rng_state(state["torch_rng"])
-        self.agent.on_resume()
+        self.agent.on_resume(missing)
         if not self.dist.is_main:
             return
         print(f"resumed {self.run.path} at iteration {self.state.iteration} ({self.step} {self.agent.step_unit}s)",

@@ -137,12 +137,94 @@ def test_batch_must_split_evenly_over_ranks(tmp_path, hopper_dataset, monkeypatc
 def test_pretrain_cli_under_torchrun(tmp_path, hopper_dataset) -> None:
     """`flowrl pretrain` unchanged under torchrun (2 CPU processes, gloo)."""
     out = tmp_path / "run"
+    (tmp_path / "bc.yaml").write_text(f"task: Hopper\ndata:\n  path: {hopper_dataset}\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "flowrl", "pretrain", "--out", str(out), "--quiet", "--no-eval", "task=Hopper",
-           f"data.path={hopper_dataset}", *TINY]
+           str(_free_port()), "-m", "flowrl", "pretrain", str(tmp_path / "bc.yaml"), "--out", str(out), "--quiet",
+           "--no-eval", *TINY]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on 2 ranks" in done.stderr
     assert (out / "checkpoints" / "6" / "model.safetensors").is_file()
     assert len(list(out.glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.slow
+def test_finetune_cli_under_torchrun(tmp_path, point_reach_policy) -> None:
+    """`flowrl finetune` (ReinFlow) unchanged under torchrun, then resumed in one process."""
+    out = tmp_path / "rf"
+    (tmp_path / "rf.yaml").write_text("algo: reinflow\n")
+    args = ["finetune", str(tmp_path / "rf.yaml"), "--init", point_reach_policy, "--out", str(out), "--quiet",
+            "--no-eval", *RF,
+            "train.env_steps=64", "train.checkpoint_every=1", "train.eval_every=0", "train.eval_episodes=2"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(_free_port()), "-m", "flowrl", *args], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "checkpoints" / "64" / "model.safetensors").is_file()
+    resumed = subprocess.run([sys.executable, "-m", "flowrl", *args[:-4], "train.env_steps=96", "--resume"],
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "start new episodes" in resumed.stderr
+    assert (out / "checkpoints" / "96").is_dir()
+
+
+RF = ["device=cpu", "train.num_envs=8", "train.rollout_steps=2", "train.minibatch_size=16", "train.update_epochs=2",
+      "train.critic_warmup_iterations=0", "train.clip_coef=0.05", "train.ent_coef=0.01", "train.w2_coef=0.5",
+      "train.actor_lr=1e-3", "train.critic_lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def point_reach_policy(tmp_path_factory) -> str:
+    from flowrl.agents.scripted import write_demonstrations
+
+    root = tmp_path_factory.mktemp("pointreach")
+    write_demonstrations(str(root / "demos.hdf5"), episodes=8, seed=0)
+    cfg = load_stage_config("pretrain", None, [
+        "task=PointReach", f"data.path={root / 'demos.hdf5'}", "device=cpu", "policy.hidden_dim=16", "policy.depth=1",
+        "policy.horizon=2", "policy.act_steps=2", "policy.num_steps=2", "policy.time_embed_dim=8", "train.steps=5",
+        "train.batch_size=16", "train.eval_every=0", "train.checkpoint_every=5", "train.eval_episodes=1"])
+    Trainer(BehaviorCloning(cfg), root / "bc", progress=False).fit()
+    return str(root / "bc" / "checkpoints" / "5")
+
+
+def _rf_batch(agent) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    p = agent.policy
+    n = 16
+    return {"obs": torch.randn(n, p.cfg.obs_history, p.obs_dim, generator=gen),
+            "chain": torch.randn(n, agent.K + 1, *p.chunk_shape, generator=gen),
+            "advantages": torch.randn(n, generator=gen), "returns": torch.randn(n, generator=gen),
+            "values": torch.randn(n, generator=gen)}
+
+
+def _rf_params(agent) -> list[torch.Tensor]:
+    return [q.detach().clone() for m in (agent.policy, agent.noise, agent.critic) for q in m.parameters()]
+
+
+def _rf_worker(rank: int, world: int, port: int, init: str, out: str) -> None:
+    from flowrl.agents.reinflow import ReinFlow
+
+    _join(rank, world, port)
+    agent = ReinFlow(load_stage_config("finetune", None, [f"init={init}", *RF]))
+    batch = {k: v[8 * rank:8 * rank + 8] for k, v in _rf_batch(agent).items()}
+    logs = agent.update(batch)
+    torch.save({"params": _rf_params(agent), "kl": logs["train/approx_kl"]}, Path(out) / f"rank{rank}.pt")
+    distributed.shutdown()
+
+
+def test_two_rank_reinflow_update_equals_one_rank_update(tmp_path, point_reach_policy) -> None:
+    """PPO over the noisy chain on 2 ranks, each with half of a batch (and of each minibatch): advantages
+    standardised over both halves, gradients averaged, the same parameters as one process on the whole batch."""
+    from flowrl.agents.reinflow import ReinFlow
+
+    mp.spawn(_rf_worker, args=(2, _free_port(), point_reach_policy, str(tmp_path)), nprocs=2, join=True)
+    single = ReinFlow(load_stage_config("finetune", None, [f"init={point_reach_policy}", *RF]))
+    before = _rf_params(single)
+    single.update(_rf_batch(single))
+    after = _rf_params(single)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        for a, b in zip(saved["params"], after):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
