@@ -1,0 +1,114 @@
+"""Data-parallel scaling of ReinFlow on Hopper: env steps/s and seconds per iteration on 1..N GPUs.
+
+For each GPU count G: weak scaling (``--envs-per-gpu`` envs on every GPU, so G times the batch) and strong
+scaling (``--total-envs`` split over the G GPUs), each a short ``flowrl finetune
+configs/hopper/finetune_reflow.yaml`` under ``torchrun --nproc-per-node G`` from a behaviour-cloned policy
+(``--init``; made with configs/hopper/pretrain_reflow.yaml when not given). Iteration times come from the
+run's own training state (the first iteration, which compiles and captures CUDA graphs, is left out).
+
+    python benchmarks/scaling.py --gpus 1 2 [--envs-per-gpu 2048] [--total-envs 4096] [--rollout-steps 10]
+        [--iterations 6] [--init CHECKPOINT] [--nnodes 1] [--backend warp] [--device cuda]
+
+An 80k-env-step iteration is ``--envs-per-gpu 2048 --rollout-steps 10`` (2048 x 10 x 4 actions) on one GPU.
+Several machines: run the same command on each with torchrun's rendezvous options in ``--torchrun-args``
+(e.g. "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400"); G is then GPUs per node.
+Targets (exit code 1 when missed): weak-scaling efficiency >= 90% from 1 to 2 GPUs.
+Writes benchmarks/results/scaling_hopper[_<tag>].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import REPO, report_checks, run_main, write_result
+from flowrl.checkpoint import load_train_state
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain(args: argparse.Namespace, runs: Path) -> str:
+    out = runs / f"scaling-bc-{time.strftime('%H%M%S')}"
+    subprocess.run([sys.executable, "-m", "flowrl", "pretrain", str(REPO / "configs" / "hopper" / "pretrain_reflow.yaml"),
+                    "--out", str(out), "--quiet", "--no-eval", f"device={args.device}", "train.eval_every=0",
+                    f"data.path={REPO / 'data' / 'hopper-medium.hdf5'}"], check=True, cwd=runs)
+    return str(max((out / "checkpoints").glob("[0-9]*"), key=lambda p: int(p.name)))
+
+
+def measure(gpus: int, envs: int, args: argparse.Namespace, runs: Path, init: str) -> dict:
+    """One short distributed fine-tuning run with ``envs`` envs in total on ``gpus`` ranks per node."""
+    per_iteration = envs * args.rollout_steps * 4
+    out = runs / f"scaling-g{gpus}-e{envs}-{time.strftime('%H%M%S')}"
+    minibatch = max(gpus, min(25600, envs * args.rollout_steps) // gpus * gpus)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
+           *(shlex.split(args.torchrun_args) or ["--master-port", str(_free_port())]),
+           "-m", "flowrl", "finetune", str(REPO / "configs" / "hopper" / "finetune_reflow.yaml"), "--init", init,
+           "--out", str(out), "--quiet", "--no-eval", f"device={args.device}", f"train.backend={args.backend}",
+           f"train.num_envs={envs}", f"train.rollout_steps={args.rollout_steps}", f"train.minibatch_size={minibatch}",
+           f"train.env_steps={per_iteration * args.iterations}", "train.eval_every=0",
+           f"train.checkpoint_every={args.iterations}", "train.eval_episodes=1"]
+    started = time.time()
+    subprocess.run(cmd, check=True, cwd=runs, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    wall = time.time() - started
+    last = max((out / "checkpoints").glob("[0-9]*"), key=lambda p: int(p.name))
+    seconds = load_train_state(last)["components"]["loop"]["iteration_seconds"]
+    steady = float(np.median(seconds[1:] if len(seconds) > 1 else seconds))
+    row = {"gpus": gpus, "envs": envs, "env_steps_per_iteration": per_iteration, "iteration_s": steady,
+           "env_steps_per_s": per_iteration / steady, "iterations": len(seconds), "wall_s": round(wall, 1)}
+    print(f"  {row}", file=sys.stderr, flush=True)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="GPUs (ranks) per node to compare")
+    ap.add_argument("--envs-per-gpu", type=int, default=2048, help="weak scaling: envs on each GPU")
+    ap.add_argument("--total-envs", type=int, default=4096, help="strong scaling: envs over all GPUs")
+    ap.add_argument("--rollout-steps", type=int, default=10)
+    ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--init", help="behaviour-cloned Hopper checkpoint (default: pretrain one first)")
+    ap.add_argument("--backend", default="warp")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--torchrun-args", default="", help="extra torchrun options (several nodes: rendezvous)")
+    ap.add_argument("--runs", default=str(REPO / "runs" / "bench"))
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    init = args.init or pretrain(args, runs)
+    weak = [measure(g, args.envs_per_gpu * g, args, runs, init) for g in args.gpus]
+    strong = [measure(g, args.total_envs, args, runs, init) for g in args.gpus]
+    base_weak, base_strong = weak[0], strong[0]
+    print(f"\nReinFlow on Hopper ({args.backend}, {args.device}), {args.rollout_steps} decisions x 4 actions per env "
+          f"per iteration")
+    head = f"{'scaling':>8} {'GPUs':>5} {'envs':>7} {'s/iteration':>12} {'env steps/s':>12} {'efficiency':>11}"
+    print(head)
+    print("-" * len(head))
+    for name, rows, base in (("weak", weak, base_weak), ("strong", strong, base_strong)):
+        for r in rows:
+            scale = r["gpus"] / base["gpus"]
+            r["efficiency"] = r["env_steps_per_s"] / (base["env_steps_per_s"] * scale)
+            print(f"{name:>8} {r['gpus']:>5} {r['envs']:>7} {r['iteration_s']:>12.2f} {r['env_steps_per_s']:>12.0f} "
+                  f"{r['efficiency']:>10.0%}")
+    checks = [(f"weak-scaling efficiency >= 90% on {r['gpus']} GPUs ({r['efficiency']:.0%})", r["efficiency"] >= 0.9)
+              for r in weak if r["gpus"] == 2 * base_weak["gpus"]]
+    write_result("scaling_hopper", {"backend": args.backend, "device": args.device, "init": init,
+                                    "rollout_steps": args.rollout_steps, "weak": weak, "strong": strong,
+                                    "checks": [{"check": t, "pass": ok} for t, ok in checks]}, args.tag)
+    return report_checks(checks, require_some=True)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
