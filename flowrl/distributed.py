@@ -79,9 +79,9 @@ class Dist:
         """The elementwise sum over the ranks (a new tensor; the input itself when alone)."""
         if not self.active:
             return tensor
-        out = tensor.clone()
+        out = tensor.to(self._device(), copy=True)  # NCCL reduces CUDA tensors only
         dist.all_reduce(out)
-        return out
+        return out.to(tensor.device)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (a stop, a time limit reached first on one rank)."""

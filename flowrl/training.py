@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowrl.checkpoint import save_checkpoint
 from flowrl import distributed
+from flowrl.checkpoint import save_checkpoint
 from flowrl.config import LoopConfig, to_dict
 from flowrl.envs import resolve_task
 from flowrl.errors import FlowrlError, Interrupted

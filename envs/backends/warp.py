@@ -17,9 +17,8 @@ is reset and counted like a diverged one (overflow leaves its results undefined)
 
 from __future__ import annotations
 
-from typing import Any
-
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
