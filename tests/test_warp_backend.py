@@ -63,11 +63,12 @@ def _mean_return(task: str, backend: str, n: int, steps: int) -> float:
     return float(total.mean())
 
 
-@pytest.mark.parametrize("task,steps", [("Hopper", 150), pytest.param("Ant", 60, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("task,steps", [("Hopper", 100), pytest.param("Ant", 60, marks=pytest.mark.slow)])
 def test_returns_of_a_fixed_policy_agree_statistically(task, steps) -> None:
     # Ant's capsule-floor contacts use another friction frame under the pyramidal cone in MuJoCo
     # Warp, so single steps differ; returns over many envs must still agree.
-    warp, cpu = _mean_return(task, "warp", 24, steps), _mean_return(task, "cpu", 24, steps)
+    n = 16 if task == "Hopper" else 24
+    warp, cpu = _mean_return(task, "warp", n, steps), _mean_return(task, "cpu", n, steps)
     assert abs(warp - cpu) <= 0.05 * abs(cpu) + 5.0, (warp, cpu)
 
 
