@@ -343,6 +343,7 @@ def test_cli_video_writes_a_real_time_mp4(capsys, checkpoint: Path) -> None:
     assert frames[0].std() > 5  # a picture, not a blank frame
 
 
+@pytest.mark.slow  # robosuite worker processes: seconds each; run with -m slow
 def test_robosuite_video_from_agentview() -> None:
     pytest.importorskip("robosuite")
     import mujoco

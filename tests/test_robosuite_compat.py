@@ -80,6 +80,7 @@ def test_lift_seeding_per_env_and_global_rng_untouched(lift) -> None:
     assert np.array_equal(np.random.get_state()[1], before)
 
 
+@pytest.mark.slow  # robosuite worker processes: seconds each; run with -m slow
 def test_a_dead_worker_is_a_clear_error() -> None:
     import torch
 
@@ -171,6 +172,7 @@ def test_scripted_experts_succeed_on_seeded_episodes(task, horizon) -> None:
         env.close()
 
 
+@pytest.mark.slow  # robosuite worker processes: seconds each; run with -m slow
 def test_terminate_on_success_ends_episodes_as_terminations_at_the_first_success() -> None:
     import torch
 
