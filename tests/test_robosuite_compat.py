@@ -97,6 +97,7 @@ def test_a_dead_worker_is_a_clear_error() -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads the workers' /proc entries (Linux)")
+@pytest.mark.slow  # robosuite worker processes: seconds each; run with -m slow
 def test_workers_get_one_blas_thread_unless_the_user_chose(monkeypatch) -> None:
     from flowrl.envs import make
 
