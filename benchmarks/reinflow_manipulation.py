@@ -29,6 +29,7 @@ Can >= 99%, Square >= 85%; warp preset, measured in robosuite: Lift 100%, Can 10
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -78,11 +79,8 @@ def add_robosuite_evaluations(task: str, record: dict, episodes: int) -> None:
 
 
 def robosuite_installed() -> bool:
-    try:
-        import robosuite  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Without importing it: importing robosuite changes os.environ (as envs/backends/robosuite.py notes)."""
+    return importlib.util.find_spec("robosuite") is not None
 
 
 def report(results: dict) -> int:

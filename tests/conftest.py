@@ -58,3 +58,21 @@ def shipped_medium() -> Path:
     path = REPO / "data" / "hopper-medium.hdf5"
     assert path.is_file(), "the shipped Hopper medium dataset is missing"
     return path
+
+
+def assert_full_state_resumes(env, actions: list, saved_after: int, detour=None) -> list:
+    """Step ``actions``, saving the full state after the first ``saved_after``; step the rest, optionally
+    ``detour`` (an action) to move away, restore, step the rest again: the two continuations must be equal.
+    Returns the first continuation's step results."""
+    for a in actions[:saved_after]:
+        env.step(a)
+    saved = env.get_full_state()
+    first = [env.step(a) for a in actions[saved_after:]]
+    if detour is not None:
+        env.step(detour)
+    env.set_full_state(saved)
+    second = [env.step(a) for a in actions[saved_after:]]
+    for one, two in zip(first, second):
+        for x, y in zip(one[:4], two[:4]):
+            assert torch.equal(x, y)
+    return first

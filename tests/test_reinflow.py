@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import torch
+from conftest import assert_full_state_resumes
 from torch.distributions import Normal
 
 from flowrl.agents.bc import BehaviorCloning
@@ -200,14 +201,7 @@ def test_cpu_backend_full_state_round_trip() -> None:
     env.reset()
     gen = torch.Generator().manual_seed(0)
     actions = [torch.rand(4, 3, generator=gen) * 2 - 1 for _ in range(60)]
-    for a in actions[:20]:
-        env.step(a)
-    saved = env.get_full_state()
-    first = [env.step(a) for a in actions[20:]]
-    env.set_full_state(saved)
-    second = [env.step(a) for a in actions[20:]]
-    for (o1, r1, te1, tr1, _), (o2, r2, te2, tr2, _) in zip(first, second):
-        assert torch.equal(o1, o2) and torch.equal(r1, r2) and torch.equal(te1, te2) and torch.equal(tr1, tr2)
+    first = assert_full_state_resumes(env, actions, 20)
     assert any(bool(x[2].any()) for x in first)  # resets happened in between, with restored RNGs
 
 

@@ -66,9 +66,10 @@ class MujocoEnv(BatchedEnv):
     def _simulate(self) -> None:
         """``frame_skip`` physics steps from ``ctrl``; then ``cfrc_ext`` if the task reads it."""
 
-    @abstractmethod
     def _substep(self) -> None:
-        """One physics step from ``ctrl`` (tasks with a per-substep controller)."""
+        """One physics step from ``ctrl``, for :meth:`_run_physics`'s controller loop (a backend that runs
+        controlled steps its own way, like warp, need not provide it)."""
+        raise NotImplementedError(f"{type(self).__name__} runs controlled steps in its own _run_physics")
 
     def _contact_forces(self) -> None:
         """``cfrc_ext`` after the last substep, for tasks that read it."""

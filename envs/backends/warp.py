@@ -113,9 +113,6 @@ class MujocoWarpEnv(MujocoEnv):
     def _simulate(self) -> None:
         self._run("step", self._physics)
 
-    def _substep(self) -> None:
-        self._run("substep", lambda: self.mjw.step(self.m, self.d))
-
     def _run_physics(self, action: torch.Tensor) -> None:
         if self.controller is None:
             super()._run_physics(action)
@@ -136,18 +133,13 @@ class MujocoWarpEnv(MujocoEnv):
         at each substep ``step1`` -> torques -> ``step2``. ``graphs``: launch ``step1``/``step2`` as Warp graphs
         (one per stage) rather than kernel by kernel."""
         mjw, m, d, controller = self.mjw, self.m, self.d, self.controller
+        run = self._run if graphs else (lambda _name, fn: fn())
         for i in range(self.task_def.frame_skip):
-            if graphs:
-                self._run("step1", lambda: mjw.step1(m, d))
-            else:
-                mjw.step1(m, d)
+            run("step1", lambda: mjw.step1(m, d))
             if i == 0:
                 controller.set_goal(self.state, self._action_in)
             self.ctrl.copy_(controller.ctrl(self.state))
-            if graphs:
-                self._run("step2", lambda: mjw.step2(m, d))
-            else:
-                mjw.step2(m, d)
+            run("step2", lambda: mjw.step2(m, d))
         if self.task_def.needs_contact_forces:
             mjw.rne_postconstraint(m, d)
 
