@@ -7,12 +7,16 @@ configs/hopper/finetune_reflow.yaml`` under ``torchrun --nproc-per-node G`` from
 run's own training state (the first iteration, which compiles and captures CUDA graphs, is left out).
 
     python benchmarks/scaling.py --gpus 1 2 [--envs-per-gpu 2048] [--total-envs 4096] [--rollout-steps 10]
-        [--iterations 6] [--init CHECKPOINT] [--nnodes 1] [--backend warp] [--device cuda]
+        [--iterations 6] [--init CHECKPOINT] [--backend warp] [--device cuda] [--reach 3200]
+        [--torchrun-args "..."]
 
 An 80k-env-step iteration is ``--envs-per-gpu 2048 --rollout-steps 10`` (2048 x 10 x 4 actions) on one GPU.
 Several machines: run the same command on each with torchrun's rendezvous options in ``--torchrun-args``
 (e.g. "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400"); G is then GPUs per node.
-Targets (exit code 1 when missed): weak-scaling efficiency >= 90% from 1 to 2 GPUs.
+``--reach R`` also runs each GPU count (weak scaling) until an evaluation of the deterministic policy reaches
+return R (``train.stop_at_score``) and compares the training time to get there.
+Targets (exit code 1 when missed): weak-scaling efficiency >= 90% from 1 to 2 GPUs; with ``--reach``,
+2 GPUs reach R in no more training time than 1.
 Writes benchmarks/results/scaling_hopper[_<tag>].json.
 """
 
@@ -47,26 +51,52 @@ def pretrain(args: argparse.Namespace, runs: Path) -> str:
     return str(max((out / "checkpoints").glob("[0-9]*"), key=lambda p: int(p.name)))
 
 
-def measure(gpus: int, envs: int, args: argparse.Namespace, runs: Path, init: str) -> dict:
-    """One short distributed fine-tuning run with ``envs`` envs in total on ``gpus`` ranks per node."""
-    per_iteration = envs * args.rollout_steps * 4
-    out = runs / f"scaling-g{gpus}-e{envs}-{time.strftime('%H%M%S')}"
+def finetune(gpus: int, envs: int, args: argparse.Namespace, runs: Path, init: str, name: str,
+             *overrides: str) -> tuple[dict, float]:
+    """A distributed ``flowrl finetune`` of the Hopper preset with ``envs`` envs in total on ``gpus`` ranks
+    per node; returns its loop state (from the last checkpoint) and its wall-clock."""
+    out = runs / f"scaling-{name}-g{gpus}-e{envs}-{time.strftime('%H%M%S')}"
     minibatch = max(gpus, min(25600, envs * args.rollout_steps) // gpus * gpus)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
            *(shlex.split(args.torchrun_args) or ["--master-port", str(_free_port())]),
            "-m", "flowrl", "finetune", str(REPO / "configs" / "hopper" / "finetune_reflow.yaml"), "--init", init,
            "--out", str(out), "--quiet", "--no-eval", f"device={args.device}", f"train.backend={args.backend}",
            f"train.num_envs={envs}", f"train.rollout_steps={args.rollout_steps}", f"train.minibatch_size={minibatch}",
-           f"train.env_steps={per_iteration * args.iterations}", "train.eval_every=0",
-           f"train.checkpoint_every={args.iterations}", "train.eval_episodes=1"]
+           *overrides]
     started = time.time()
     subprocess.run(cmd, check=True, cwd=runs, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     wall = time.time() - started
     last = max((out / "checkpoints").glob("[0-9]*"), key=lambda p: int(p.name))
-    seconds = load_train_state(last)["components"]["loop"]["iteration_seconds"]
+    return load_train_state(last)["components"]["loop"], wall
+
+
+def measure(gpus: int, envs: int, args: argparse.Namespace, runs: Path, init: str) -> dict:
+    """Seconds per iteration of a short run (its first iteration, which compiles, left out)."""
+    per_iteration = envs * args.rollout_steps * 4
+    loop, wall = finetune(gpus, envs, args, runs, init, "iterations", f"train.env_steps={per_iteration * args.iterations}",
+                          "train.eval_every=0", f"train.checkpoint_every={args.iterations}", "train.eval_episodes=1")
+    seconds = loop["iteration_seconds"]
     steady = float(np.median(seconds[1:] if len(seconds) > 1 else seconds))
     row = {"gpus": gpus, "envs": envs, "env_steps_per_iteration": per_iteration, "iteration_s": steady,
            "env_steps_per_s": per_iteration / steady, "iterations": len(seconds), "wall_s": round(wall, 1)}
+    print(f"  {row}", file=sys.stderr, flush=True)
+    return row
+
+
+def time_to_return(gpus: int, args: argparse.Namespace, runs: Path, init: str) -> dict:
+    """Weak scaling to a return: ``--envs-per-gpu`` envs on each GPU, evaluated every
+    ``--eval-every-env-steps``, stopped at the first evaluation reaching ``--reach``. The time is the
+    training's own (iterations, evaluations left out), from the run's learning curve."""
+    envs = args.envs_per_gpu * gpus
+    per_iteration = envs * args.rollout_steps * 4
+    every = max(1, round(args.eval_every_env_steps / per_iteration))
+    loop, wall = finetune(gpus, envs, args, runs, init, "reach", f"train.env_steps={args.reach_env_steps}",
+                          f"train.eval_every={every}", f"train.eval_episodes={args.eval_episodes}",
+                          f"train.stop_at_score={args.reach}", f"train.checkpoint_every={10 ** 6}")
+    hit = next((e for e in loop["eval_history"] if e["return_mean"] >= args.reach), None)
+    row = {"gpus": gpus, "envs": envs, "eval_every_env_steps": every * per_iteration, "reached": hit is not None,
+           "train_s": hit["wall_clock_s"] if hit else None, "env_steps": hit["env_steps"] if hit else None,
+           "best_return": max(e["return_mean"] for e in loop["eval_history"]), "wall_s": round(wall, 1)}
     print(f"  {row}", file=sys.stderr, flush=True)
     return row
 
@@ -78,6 +108,11 @@ def main() -> int:
     ap.add_argument("--total-envs", type=int, default=4096, help="strong scaling: envs over all GPUs")
     ap.add_argument("--rollout-steps", type=int, default=10)
     ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--reach", type=float, default=0.0,
+                    help="also time weak-scaling runs to this evaluation return (Hopper: 3200; 0: skip)")
+    ap.add_argument("--reach-env-steps", type=int, default=20_000_000, help="env-step budget of each --reach run")
+    ap.add_argument("--eval-every-env-steps", type=int, default=327_680, help="evaluation interval of --reach runs")
+    ap.add_argument("--eval-episodes", type=int, default=16, help="episodes per evaluation of --reach runs")
     ap.add_argument("--init", help="behaviour-cloned Hopper checkpoint (default: pretrain one first)")
     ap.add_argument("--backend", default="warp")
     ap.add_argument("--device", default="cuda")
@@ -102,10 +137,24 @@ def main() -> int:
             r["efficiency"] = r["env_steps_per_s"] / (base["env_steps_per_s"] * scale)
             print(f"{name:>8} {r['gpus']:>5} {r['envs']:>7} {r['iteration_s']:>12.2f} {r['env_steps_per_s']:>12.0f} "
                   f"{r['efficiency']:>10.0%}")
+    reach = [time_to_return(g, args, runs, init) for g in args.gpus] if args.reach else []
+    if reach:
+        print(f"\nTime to an evaluation return of {args.reach:g} ({args.envs_per_gpu} envs per GPU; training time, "
+              f"evaluations left out)")
+        print(f"{'GPUs':>5} {'envs':>7} {'env steps':>10} {'train s':>8} {'best return':>12} {'wall s':>7}")
+        for r in reach:
+            steps = f"{r['env_steps'] / 1e6:.2f}M" if r["reached"] else "not reached"
+            train = f"{r['train_s']:.1f}" if r["reached"] else "-"
+            print(f"{r['gpus']:>5} {r['envs']:>7} {steps:>10} {train:>8} {r['best_return']:>12.1f} {r['wall_s']:>7.1f}")
     checks = [(f"weak-scaling efficiency >= 90% on {r['gpus']} GPUs ({r['efficiency']:.0%})", r["efficiency"] >= 0.9)
               for r in weak if r["gpus"] == 2 * base_weak["gpus"]]
+    for r in reach[1:]:
+        base = reach[0]
+        checks.append((f"{r['gpus']} GPUs reach {args.reach:g} in no more training time than {base['gpus']} "
+                       f"({r['train_s']} s vs {base['train_s']} s)",
+                       r["reached"] and base["reached"] and r["train_s"] <= base["train_s"]))
     write_result("scaling_hopper", {"backend": args.backend, "device": args.device, "init": init,
-                                    "rollout_steps": args.rollout_steps, "weak": weak, "strong": strong,
+                                    "rollout_steps": args.rollout_steps, "weak": weak, "strong": strong, "reach": reach,
                                     "checks": [{"check": t, "pass": ok} for t, ok in checks]}, args.tag)
     return report_checks(checks, require_some=True)
 

@@ -14,7 +14,7 @@ import inspect
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -79,6 +79,9 @@ class LoopConfig:
     """Episodes of each periodic evaluation (their seeds are disjoint from `flowrl eval`'s)."""
     checkpoint_every: int = 10
     """Save a checkpoint every N iterations (and at the end)."""
+    stop_at_score: Optional[float] = None
+    """Stop after the first periodic evaluation that reaches this score (success rate where the task
+    reports success, else mean return), with a checkpoint (None: train to the budget)."""
 
     def validate(self, prefix: str = "train.") -> None:
         check_positive(self, prefix, "log_every", "eval_episodes", "checkpoint_every")

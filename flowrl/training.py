@@ -183,7 +183,7 @@ class Trainer:
         self.state = LoopState()
         self.evaluator = Evaluator.from_config(agent.task, agent.cfg.eval, agent.device)
         self.on_eval: Any = None  # called after each evaluation (benchmarks stream their curves)
-        self._stop_requested = False
+        self._stop_requested = self._score_reached = False
         self.run = RunFolder(out)
         started = self.run.start(agent.cfg, resume, resumable_keys=agent.resumable_keys()) if self.dist.is_main else False
         started = self.dist.broadcast_object(started)
@@ -262,6 +262,8 @@ class Trainer:
         bar.write(f"{self.agent.step_unit} {self.step} (iteration {self.state.iteration}): {text} "
                   f"(K={k}, {self.loop.eval_episodes} episodes)")
         score = r.get("success_rate", r["return_mean"])
+        if self.loop.stop_at_score is not None and score >= self.loop.stop_at_score:
+            self._score_reached = True
         if score > self.state.best_score:
             self.state.best_score, self.state.best_step = score, self.step
             save_checkpoint(self.run.checkpoints / "best", self.agent.policy, {**self.info(), "eval": r})
@@ -269,6 +271,13 @@ class Trainer:
             self.on_eval()
 
     # -- the loop --------------------------------------------------------------------------------
+    def _say(self, bar: Any, text: str) -> None:
+        if self.dist.is_main:
+            bar.write(text)
+
+    def _target_reached(self) -> bool:
+        return self.loop.stop_at_score is not None and self.dist.any(self._score_reached)
+
     def request_stop(self, *_: Any) -> None:
         """Finish the current iteration, save a checkpoint and stop (what Ctrl-C does)."""
         self._stop_requested = True
@@ -277,19 +286,21 @@ class Trainer:
         return f"continue with: flowrl {self.agent.stage} --resume --out {self.run.path}"
 
     def fit(self) -> FlowPolicy:
-        """Train to the budget, ``train.max_minutes`` or Ctrl-C, whichever comes first."""
+        """Train to the budget, ``train.max_minutes``, ``train.stop_at_score`` or Ctrl-C, whichever comes
+        first."""
         a, loop, st = self.agent, self.loop, self.state
         deadline = time.time() + 60.0 * loop.max_minutes if loop.max_minutes else math.inf
         writer = self.run.writer(purge_step=self.step if self.step else None) if self.dist.is_main else _NoWriter()
         bar = tqdm(total=a.iterations * a.steps_per_iteration, initial=self.step, unit=a.step_unit, unit_scale=True,
                    desc=f"{a.algo} {a.task}", disable=not self.progress, dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        self._stop_requested = False
+        self._stop_requested = self._score_reached = False
         try:
             with stop_on_ctrl_c(self.request_stop):
                 if st.iteration == 0 and a.evaluate_at_start:
                     self._periodic_eval(writer, bar)
-                while st.iteration < a.iterations:
+                reached = self._target_reached()
+                while st.iteration < a.iterations and not reached:
                     if self.dist.any(self._stop_requested):
                         raise KeyboardInterrupt
                     start = time.time()
@@ -309,12 +320,18 @@ class Trainer:
                     last = st.iteration == a.iterations or out_of_time
                     if (loop.eval_every and st.iteration % loop.eval_every == 0) or last:
                         self._periodic_eval(writer, bar)
-                    if st.iteration % loop.checkpoint_every == 0 or last:
+                    reached = self._target_reached()
+                    if st.iteration % loop.checkpoint_every == 0 or last or reached:
                         self.save()
                     if out_of_time and st.iteration < a.iterations:
-                        bar.write(f"stopped at the time limit (train.max_minutes={loop.max_minutes:g}) after "
-                                  f"iteration {st.iteration} of {a.iterations}; {self.resume_hint()}")
+                        self._say(bar, f"stopped at the time limit (train.max_minutes={loop.max_minutes:g}) after "
+                                       f"iteration {st.iteration} of {a.iterations}; {self.resume_hint()}")
                         break
+                if reached and st.iteration < a.iterations:
+                    if st.iteration == 0:
+                        self.save()
+                    self._say(bar, f"stopped at iteration {st.iteration}: the evaluation reached train.stop_at_score="
+                                   f"{loop.stop_at_score:g}")
         except KeyboardInterrupt:
             self.save()
             bar.close()
