@@ -10,7 +10,8 @@ run's own training state (the first iteration, which compiles and captures CUDA 
         [--iterations 6] [--init CHECKPOINT] [--backend warp] [--device cuda] [--reach 3200]
         [--torchrun-args "..."]
 
-An 80k-env-step iteration is ``--envs-per-gpu 2048 --rollout-steps 10`` (2048 x 10 x 4 actions) on one GPU.
+An 80k-env-step iteration is ``--envs-per-gpu 2048 --rollout-steps 10`` (2048 x 10 x 4 actions) on one GPU,
+updated in minibatches of ``--minibatch-per-gpu`` decisions per GPU (the preset's 2560: 40 gradient steps).
 Several machines: run the same command on each with torchrun's rendezvous options in ``--torchrun-args``
 (e.g. "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400"); G is then GPUs per node.
 ``--reach R`` also runs each GPU count (weak scaling) until an evaluation of the deterministic policy reaches
@@ -51,12 +52,12 @@ def pretrain(args: argparse.Namespace, runs: Path) -> str:
     return str(max((out / "checkpoints").glob("[0-9]*"), key=lambda p: int(p.name)))
 
 
-def finetune(gpus: int, envs: int, args: argparse.Namespace, runs: Path, init: str, name: str,
+def finetune(gpus: int, envs: int, minibatch: int, args: argparse.Namespace, runs: Path, init: str, name: str,
              *overrides: str) -> tuple[dict, float]:
-    """A distributed ``flowrl finetune`` of the Hopper preset with ``envs`` envs in total on ``gpus`` ranks
-    per node; returns its loop state (from the last checkpoint) and its wall-clock."""
+    """A distributed ``flowrl finetune`` of the Hopper preset with ``envs`` envs and PPO minibatches of
+    ``minibatch`` decisions in total on ``gpus`` ranks per node; returns its loop state (from the last
+    checkpoint) and its wall-clock."""
     out = runs / f"scaling-{name}-g{gpus}-e{envs}-{time.strftime('%H%M%S')}"
-    minibatch = max(gpus, min(25600, envs * args.rollout_steps) // gpus * gpus)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
            *(shlex.split(args.torchrun_args) or ["--master-port", str(_free_port())]),
            "-m", "flowrl", "finetune", str(REPO / "configs" / "hopper" / "finetune_reflow.yaml"), "--init", init,
@@ -70,15 +71,17 @@ def finetune(gpus: int, envs: int, args: argparse.Namespace, runs: Path, init: s
     return load_train_state(last)["components"]["loop"], wall
 
 
-def measure(gpus: int, envs: int, args: argparse.Namespace, runs: Path, init: str) -> dict:
+def measure(gpus: int, envs: int, minibatch: int, args: argparse.Namespace, runs: Path, init: str) -> dict:
     """Seconds per iteration of a short run (its first iteration, which compiles, left out)."""
     per_iteration = envs * args.rollout_steps * 4
-    loop, wall = finetune(gpus, envs, args, runs, init, "iterations", f"train.env_steps={per_iteration * args.iterations}",
+    loop, wall = finetune(gpus, envs, minibatch, args, runs, init, "iterations",
+                          f"train.env_steps={per_iteration * args.iterations}",
                           "train.eval_every=0", f"train.checkpoint_every={args.iterations}", "train.eval_episodes=1")
     seconds = loop["iteration_seconds"]
     steady = float(np.median(seconds[1:] if len(seconds) > 1 else seconds))
-    row = {"gpus": gpus, "envs": envs, "env_steps_per_iteration": per_iteration, "iteration_s": steady,
-           "env_steps_per_s": per_iteration / steady, "iterations": len(seconds), "wall_s": round(wall, 1)}
+    row = {"gpus": gpus, "envs": envs, "minibatch": minibatch, "env_steps_per_iteration": per_iteration,
+           "iteration_s": steady, "env_steps_per_s": per_iteration / steady, "iterations": len(seconds),
+           "wall_s": round(wall, 1)}
     print(f"  {row}", file=sys.stderr, flush=True)
     return row
 
@@ -90,7 +93,8 @@ def time_to_return(gpus: int, args: argparse.Namespace, runs: Path, init: str) -
     envs = args.envs_per_gpu * gpus
     per_iteration = envs * args.rollout_steps * 4
     every = max(1, round(args.eval_every_env_steps / per_iteration))
-    loop, wall = finetune(gpus, envs, args, runs, init, "reach", f"train.env_steps={args.reach_env_steps}",
+    loop, wall = finetune(gpus, envs, args.minibatch_per_gpu * gpus, args, runs, init, "reach",
+                          f"train.env_steps={args.reach_env_steps}",
                           f"train.eval_every={every}", f"train.eval_episodes={args.eval_episodes}",
                           f"train.stop_at_score={args.reach}", f"train.checkpoint_every={10 ** 6}")
     hit = next((e for e in loop["eval_history"] if e["return_mean"] >= args.reach), None)
@@ -108,6 +112,10 @@ def main() -> int:
     ap.add_argument("--total-envs", type=int, default=4096, help="strong scaling: envs over all GPUs")
     ap.add_argument("--rollout-steps", type=int, default=10)
     ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--minibatch-per-gpu", type=int, default=2560,
+                    help="PPO minibatch (decisions) per GPU: weak scaling keeps it per GPU (the global minibatch "
+                         "grows with the GPUs, the gradient steps per iteration stay), strong scaling keeps the "
+                         "first GPU count's global minibatch (default: the Hopper preset's 2560)")
     ap.add_argument("--reach", type=float, default=0.0,
                     help="also time weak-scaling runs to this evaluation return (Hopper: 3200; 0: skip)")
     ap.add_argument("--reach-env-steps", type=int, default=20_000_000, help="env-step budget of each --reach run")
@@ -123,8 +131,9 @@ def main() -> int:
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     init = args.init or pretrain(args, runs)
-    weak = [measure(g, args.envs_per_gpu * g, args, runs, init) for g in args.gpus]
-    strong = [measure(g, args.total_envs, args, runs, init) for g in args.gpus]
+    weak = [measure(g, args.envs_per_gpu * g, args.minibatch_per_gpu * g, args, runs, init) for g in args.gpus]
+    strong_minibatch = args.minibatch_per_gpu * args.gpus[0]
+    strong = [measure(g, args.total_envs, strong_minibatch // g * g, args, runs, init) for g in args.gpus]
     base_weak, base_strong = weak[0], strong[0]
     print(f"\nReinFlow on Hopper ({args.backend}, {args.device}), {args.rollout_steps} decisions x 4 actions per env "
           f"per iteration")
