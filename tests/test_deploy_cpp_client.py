@@ -18,9 +18,9 @@ grpc = pytest.importorskip("grpc")
 pytest.importorskip("grpc_tools")
 
 import flowrl.deploy  # noqa: E402
-from flowrl.deploy.server import PolicyClient, PolicyServer  # noqa: E402
+from flowrl.deploy.server import PolicyClient  # noqa: E402
 
-from tests.test_deploy import make_checkpoint  # noqa: E402
+from tests.test_deploy_server import served  # noqa: E402,F401  (two policies behind one server: a fixture)
 
 SOURCE = Path(flowrl.deploy.__file__).parent / "cpp_client"
 
@@ -43,16 +43,6 @@ def client_binary(tmp_path_factory) -> Path:
     subprocess.run(["cmake", "-S", str(SOURCE), "-B", str(build)], check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "-j", "2"], check=True, capture_output=True)
     return build / "flowrl_client"
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve_cpp")
-    policies = {"reach": flowrl.deploy.load(make_checkpoint(root / "a", "reflow", obs_history=2)),
-                "short": flowrl.deploy.load(make_checkpoint(root / "b", "shortcut", obs_history=1, seed=1))}
-    server = PolicyServer(policies, port=0).start()
-    yield server, policies
-    server.stop()
 
 
 def _run(binary: Path, *args: str) -> subprocess.CompletedProcess:
