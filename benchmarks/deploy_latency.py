@@ -1,7 +1,7 @@
 """Latency of the deploy runtime on the CPU: ``act`` at batch 1, throughput at larger batches, and
 the gRPC round trip on loopback.
 
-    python benchmarks/deploy_latency.py [--iters 2000] [--batches 64 256] [--grpc-iters 1000]
+    python benchmarks/deploy_latency.py [--iters 2000] [--batches 64 256] [--grpc-iters 1000] [--cpp-client PATH]
 
 Policies (random weights: latency does not depend on them), Hopper's dims (obs 11, act 3), chunks of
 4, ReinFlow's architecture (residual MLP 3x512):
@@ -13,12 +13,13 @@ so that every call runs the network (a call that pops the action queue costs mic
 observation history update, the seeded noise draw, inference and the queue.
 Throughput: chunks per second from ``act_chunk`` at each ``--batches`` size, one thread.
 gRPC: ``flowrl serve`` of the ONNX exports in a separate process, a client in this one sending one
-observation and receiving its chunk (raw float32 bytes), per request.
+observation and receiving its chunk (raw float32 bytes), per request; with ``--cpp-client
+build/cpp_client/flowrl_client`` also the C++ client, unary and over one stream.
 
 Targets (exit code 1 when missed):
 - ONNX Runtime, 4-step 3x512, batch 1: act p99 < 0.5 ms;
 - ONNX Runtime, 1-step shortcut, batch 1: act p99 < 0.2 ms;
-- gRPC round trip on loopback (4-step 3x512 ONNX): p99 < 2 ms.
+- gRPC round trip on loopback (4-step 3x512 ONNX): p99 < 2 ms, for each client.
 Writes benchmarks/results/deploy_latency.json.
 """
 
@@ -79,7 +80,18 @@ def throughput(policy, batch: int, seconds: float = 1.0) -> float:
     return n * batch / (time.perf_counter() - start)
 
 
-def grpc_round_trip(path: Path, iters: int) -> dict:
+def cpp_round_trip(binary: str, address: str, iters: int, stream: bool) -> dict:
+    """The C++ client's own timing of ``iters`` round trips (flowrl_client --requests)."""
+    out = subprocess.run([binary, "--address", address, "--requests", str(iters), *(["--stream"] if stream else [])],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    line = next(s for s in out.splitlines() if s.startswith("round trip"))
+    value = {key: float(line.split(f"{key} ")[1].split(" ms")[0]) for key in ("p50", "p99", "max")}
+    return {"count": iters, "p50_ms": value["p50"], "p99_ms": value["p99"], "max_ms": value["max"]}
+
+
+def grpc_round_trip(path: Path, iters: int, cpp_client: str | None = None) -> dict[str, dict]:
+    """Round trips to ``flowrl serve PATH`` in another process: the Python client (unary Act), and with
+    ``cpp_client`` the C++ client (unary Act and one StreamAct stream)."""
     from flowrl.deploy.server import PolicyClient
 
     proc = subprocess.Popen([sys.executable, "-m", "flowrl", "serve", str(path), "--port", "0"],
@@ -97,7 +109,11 @@ def grpc_round_trip(path: Path, iters: int) -> dict:
                 client.act(o)
                 if i >= 100:
                     times.append(time.perf_counter() - start)
-        return latency_summary(times)
+        result = {"python": latency_summary(times)}
+        if cpp_client:
+            result["cpp"] = cpp_round_trip(cpp_client, address, iters, stream=False)
+            result["cpp_stream"] = cpp_round_trip(cpp_client, address, iters, stream=True)
+        return result
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -108,6 +124,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=2000, help="act calls per row (after 100 of warm-up)")
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="batch sizes of the throughput rows")
     ap.add_argument("--grpc-iters", type=int, default=1000, help="gRPC round trips (after 100 of warm-up)")
+    ap.add_argument("--cpp-client", help="also time this build of flowrl_client (flowrl/deploy/cpp_client)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="deploy-latency-"))
     ckpts = {head: make_checkpoint(tmp / head, head) for head in ("reflow", "shortcut")}
@@ -133,9 +150,10 @@ def main() -> int:
                   + "".join(f"{tput[b]:>13.0f}" for b in args.batches), flush=True)
     grpc = {}
     for head, k in (("reflow", 4), ("shortcut", 1)):
-        grpc[f"{head} K={k}"] = s = grpc_round_trip(exports[head, k, "onnx"], args.grpc_iters)
-        print(f"gRPC round trip, ONNX {head} K={k}, batch 1: p50 {s['p50_ms']:.3f} ms, p99 {s['p99_ms']:.3f} ms, "
-              f"max {s['max_ms']:.3f} ms", flush=True)
+        grpc[f"{head} K={k}"] = clients = grpc_round_trip(exports[head, k, "onnx"], args.grpc_iters, args.cpp_client)
+        for client, s in clients.items():
+            print(f"gRPC round trip, ONNX {head} K={k}, batch 1, {client} client: p50 {s['p50_ms']:.3f} ms, "
+                  f"p99 {s['p99_ms']:.3f} ms, max {s['max_ms']:.3f} ms", flush=True)
     record.update(rows=rows, grpc=grpc, load_avg_after=os.getloadavg())
     path = write_result("deploy_latency", record)
     print(f"load average before {record['machine']['load_avg_before'][0]:.2f}, after {os.getloadavg()[0]:.2f}; "
@@ -148,8 +166,9 @@ def main() -> int:
     checks = [
         (f"ONNX 4-step 3x512 act p99 {p99('3x512 reflow', 4):.3f} ms < 0.5 ms", p99("3x512 reflow", 4) < 0.5),
         (f"ONNX 1-step shortcut act p99 {p99('3x512 shortcut', 1):.3f} ms < 0.2 ms", p99("3x512 shortcut", 1) < 0.2),
-        (f"gRPC round trip p99 {grpc['reflow K=4']['p99_ms']:.3f} ms < 2 ms", grpc["reflow K=4"]["p99_ms"] < 2.0),
     ]
+    for client, stats in grpc["reflow K=4"].items():
+        checks.append((f"gRPC round trip ({client} client) p99 {stats['p99_ms']:.3f} ms < 2 ms", stats["p99_ms"] < 2.0))
     return report_checks(checks)
 
 
