@@ -16,11 +16,16 @@ Methods (``train.method``):
   MSE through the unrolled solver) or learned (one log-std per chunk element). The flow-matching
   loss can be kept as a regulariser (``fm_coef``).
 - ``resft``: the pretrained field is frozen and a contracting residual ``-k (a - m(t, obs))`` is added
-  (:class:`flowrl.policy.ContractingResidual`). Its action Jacobian is ``-k I``; ``k`` is bounded below
-  by ``contraction_margin`` times the frozen field's Lipschitz constant, estimated (and logged) as the
-  largest spectral norm of its action Jacobian at sampled points, so the combined field contracts in
-  the action. Only the residual trains; the checkpoint holds both and loads, evaluates and exports
-  like any policy.
+  (:class:`flowrl.policy.ContractingResidual`). Its action Jacobian is ``-k I``, so the combined
+  field contracts in the action where ``k`` exceeds the frozen field's one-sided Lipschitz constant
+  (the largest eigenvalue of the symmetric part of its action Jacobian; contraction is decided by
+  that, not by the Jacobian's norm: a rectified flow near its data is already contracting, with a
+  Jacobian near ``-I / (1 - t)``). ``k`` is bounded below by that constant, estimated at sampled
+  points where positive, plus ``contraction_margin - 1`` times the Jacobian's estimated norm, a
+  safety for the points not sampled; both estimates are logged. A gain above the norm itself (our
+  first design) dominated the frozen field where it already contracts and, with ``m`` starting at 0,
+  pulled every action chunk toward 0 before training could move ``m``. Only the residual trains; the
+  checkpoint holds both and loads, evaluates and exports like any policy.
 """
 
 from __future__ import annotations
@@ -78,7 +83,8 @@ class MLEConfig(LoopConfig):
     residual_hidden_dim: int = 128
     """ResFT: width of the residual's MLP."""
     contraction_margin: float = 1.1
-    """ResFT: the residual's gain is at least this times the frozen field's estimated Lipschitz bound."""
+    """ResFT: the residual's gain is at least the frozen field's estimated one-sided Lipschitz constant
+    (where positive) plus (this - 1) times its estimated Lipschitz constant."""
     lipschitz_samples: int = 256
     """ResFT: (obs, t, a) points at which the frozen field's action Jacobian norm is estimated."""
     log_every: int = 50
@@ -112,29 +118,52 @@ def invert(policy: FlowPolicy, obs: torch.Tensor, actions: torch.Tensor, num_ste
     return x
 
 
-def lipschitz_estimate(policy: FlowPolicy, obs: torch.Tensor, num_steps: int, iterations: int = 20,
-                       generator: torch.Generator | None = None) -> float:
-    """The largest spectral norm of the field's action Jacobian over sampled (obs, t, a) points
-    (power iteration on J^T J per point, with autograd's Jacobian-vector products)."""
+def jacobian_bounds(policy: FlowPolicy, obs: torch.Tensor, num_steps: int, iterations: int = 20,
+                    generator: torch.Generator | None = None) -> tuple[float, float]:
+    """``(lipschitz, one_sided)`` of the field's action Jacobian J over sampled (obs, t, a) points: the
+    largest spectral norm of J, and the largest eigenvalue of its symmetric part (J + J^T) / 2, the
+    one-sided Lipschitz constant that decides contraction (negative: the field already contracts
+    there). Power iterations per point with autograd's Jacobian-vector products: on J^T J, then on
+    the symmetric part shifted by the spectral norm (which makes it positive semi-definite)."""
     n = obs.shape[0]
     cond = policy.encode(obs).detach()
     t = torch.randint(0, num_steps, (n,), generator=generator, device=obs.device).float() / num_steps
     a = torch.randn((n, *policy.chunk_shape), generator=generator, device=obs.device)
-    v = torch.randn(a.shape, generator=generator, device=obs.device)
     d = torch.full((n,), 1.0 / num_steps, device=obs.device) if policy.is_shortcut else None
 
     def field(x: torch.Tensor) -> torch.Tensor:
         return policy.velocity(t, x, cond, d)
 
+    _, vjp = torch.func.vjp(field, a)
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+
+    def jv(v: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(field, (a,), (v,))[1]
+
+    v = torch.randn(a.shape, generator=generator, device=obs.device)
     sigma = torch.zeros(n, device=obs.device)
     for _ in range(iterations):
-        v = v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
-        _, jv = torch.func.jvp(field, (a,), (v,))
-        _, vjp = torch.func.vjp(field, a)
-        (jtjv,) = vjp(jv)
-        sigma = jv.flatten(1).norm(dim=1)
-        v = jtjv
-    return float(sigma.max().detach())
+        v = unit(v)
+        j = jv(v)
+        sigma = j.flatten(1).norm(dim=1)
+        v = vjp(j)[0]
+    shift = sigma.view(-1, 1, 1)
+    w = unit(torch.randn(a.shape, generator=generator, device=obs.device))
+    rayleigh = torch.zeros(n, device=obs.device)
+    for _ in range(iterations):
+        sym = 0.5 * (jv(w) + vjp(w)[0])
+        rayleigh = (w * sym).flatten(1).sum(dim=1)  # w^T S w with |w| = 1: the eigenvalue estimate
+        w = unit(sym + shift * w)
+    return float(sigma.max().detach()), float(rayleigh.max().detach())
+
+
+def residual_gain_min(lipschitz: float, one_sided: float, margin: float) -> float:
+    """The ResFT residual's smallest gain: the frozen field's one-sided Lipschitz estimate (where
+    positive) plus ``margin - 1`` times its Lipschitz estimate, a safety for the points not sampled.
+    The combined field's one-sided Lipschitz constant is then below ``-(margin - 1) * lipschitz``."""
+    return max(one_sided, 0.0) + (margin - 1.0) * lipschitz
 
 
 class LogStd(nn.Module):
@@ -171,13 +200,14 @@ class MLEFineTuning(Agent):
         self.data = ChunkDataset(episodes, pretrained.cfg.obs_history, pretrained.cfg.horizon, self.device)
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.lipschitz = None
+        self.lipschitz = self.one_sided = None
         if t.method == "resft":
             sample = self.data.batch(torch.randint(0, len(self.data), (t.lipschitz_samples,), generator=self.gen,
                                                    device=self.device))[0]
-            self.lipschitz = lipschitz_estimate(pretrained, sample, self.K, generator=self.gen)
+            self.lipschitz, self.one_sided = jacobian_bounds(pretrained, sample, self.K, generator=self.gen)
+            gain_min = residual_gain_min(self.lipschitz, self.one_sided, t.contraction_margin)
             pcfg = dataclasses.replace(pretrained.cfg, residual_hidden_dim=t.residual_hidden_dim,
-                                       residual_gain_min=t.contraction_margin * self.lipschitz)
+                                       residual_gain_min=gain_min)
             self.model = FlowPolicy(pcfg, pretrained.obs_dim, pretrained.act_dim).to(self.device)
             missing = self.model.load_state_dict(pretrained.state_dict(), strict=False).missing_keys
             assert all(k.startswith("residual.") for k in missing), missing
@@ -218,7 +248,8 @@ class MLEFineTuning(Agent):
         info: dict[str, Any] = {"init": self.init_info, "dataset": {"path": self.data_path},
                                 "mle": {"method": self.cfg.train.method, "latents": self.cfg.train.latents, "K": self.K}}
         if self.lipschitz is not None:
-            info["mle"]["lipschitz_estimate"] = self.lipschitz
+            info["mle"].update(lipschitz_estimate=self.lipschitz, one_sided_lipschitz_estimate=self.one_sided,
+                               residual_gain_min=float(self.model.residual.gain_min))
         return info
 
     def state_components(self) -> dict[str, Any]:
@@ -264,6 +295,7 @@ class MLEFineTuning(Agent):
         self.optimizer.step()
         if self.lipschitz is not None:
             logs["train/lipschitz_estimate"] = self.lipschitz
+            logs["train/one_sided_lipschitz_estimate"] = self.one_sided
         return logs
 
 
@@ -286,4 +318,4 @@ def held_out_reconstruction(policy: FlowPolicy, data: ChunkDataset, num_steps: i
     return total / max(count, 1)
 
 
-__all__ = ["MLEConfig", "MLEFineTuning", "held_out_reconstruction", "invert", "lipschitz_estimate"]
+__all__ = ["MLEConfig", "MLEFineTuning", "held_out_reconstruction", "invert", "jacobian_bounds", "residual_gain_min"]

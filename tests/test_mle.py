@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flowrl.agents.bc import BehaviorCloning
-from flowrl.agents.mle import MLEFineTuning, held_out_reconstruction, invert
+from flowrl.agents.mle import MLEFineTuning, held_out_reconstruction, invert, jacobian_bounds
 from flowrl.config import load_stage_config
 from flowrl.datasets import Episodes, write_dataset
 from flowrl.errors import Interrupted
@@ -69,11 +69,27 @@ def test_gradients_reach_every_solver_step(bimodal) -> None:
     assert len(outputs) == 3 and all(o.grad is not None and float(o.grad.abs().sum()) > 0 for o in outputs)
 
 
+def test_jacobian_bounds_of_a_linear_field_are_its_norm_and_its_symmetric_parts_top_eigenvalue(bimodal) -> None:
+    from flowrl.checkpoint import load_policy
+
+    policy = load_policy(bimodal[0])[0]
+    gen = torch.Generator().manual_seed(0)
+    n = policy.chunk_shape[0] * policy.chunk_shape[1]
+    obs = torch.zeros(8, policy.cfg.obs_history, policy.obs_dim)
+    for _ in range(3):
+        a = torch.randn(n, n, generator=gen) * 3  # not symmetric: its norm and its one-sided bound differ
+        policy.velocity = lambda t, x, cond, d=None, a=a: (x.flatten(1) @ a.T).view_as(x)  # J = a everywhere
+        lipschitz, one_sided = jacobian_bounds(policy, obs, 4, iterations=100, generator=gen)
+        assert lipschitz == pytest.approx(float(torch.linalg.matrix_norm(a, 2)), rel=1e-4)
+        assert one_sided == pytest.approx(float(torch.linalg.eigvalsh(0.5 * (a + a.T)).max()), rel=1e-4, abs=1e-5)
+
+
 def test_resft_trains_only_a_contracting_residual(bimodal) -> None:
     agent = MLEFineTuning(_cfg(bimodal[0], "train.method=resft", "train.latents=prior", "train.lipschitz_samples=64"))
     model = agent.model
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("residual.")}
-    assert agent.lipschitz > 0 and float(model.residual.gain_min) == pytest.approx(1.1 * agent.lipschitz)
+    assert agent.lipschitz > 0 and agent.one_sided <= agent.lipschitz
+    assert float(model.residual.gain_min) == pytest.approx(max(agent.one_sided, 0) + 0.1 * agent.lipschitz)
     for i in range(3):
         agent.train_iteration(i)
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("residual."))
