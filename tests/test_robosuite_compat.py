@@ -208,8 +208,9 @@ def test_collected_demonstrations_round_trip_in_the_robomimic_layout(tmp_path) -
     from flowrl.datasets import read_dataset
 
     path = tmp_path / "lift.hdf5"
+    # the batched cpu Lift (robosuite's observation keys, no worker processes): the layout is the writer's
     written = collect("scripted", path, episodes=2, task="robosuite/Lift", num_envs=2, seed=3, fmt="robomimic",
-                      progress=False)
+                      backend="cpu", progress=False)
     with h5py.File(path) as f:
         assert sorted(f["data"].keys()) == ["demo_0", "demo_1"]
         assert sorted(f["data/demo_0/obs"].keys()) == ["object", "robot0_eef_pos", "robot0_eef_quat",
