@@ -22,10 +22,10 @@ Methods (``train.method``):
   that, not by the Jacobian's norm: a rectified flow near its data is already contracting, with a
   Jacobian near ``-I / (1 - t)``). ``k`` is bounded below by that constant, estimated at sampled
   points where positive, plus ``contraction_margin - 1`` times the Jacobian's estimated norm, a
-  safety for the points not sampled; both estimates are logged. A gain above the norm itself (our
-  first design) dominated the frozen field where it already contracts and, with ``m`` starting at 0,
-  pulled every action chunk toward 0 before training could move ``m``. Only the residual trains; the
-  checkpoint holds both and loads, evaluates and exports like any policy.
+  safety for the points not sampled; both estimates are logged. (A gain above the norm itself would
+  dominate the frozen field where it already contracts and, with ``m`` starting at 0, pull every
+  action chunk toward 0 before training moves ``m``.) Only the residual trains; the checkpoint holds
+  both and loads, evaluates and exports like any policy.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class MLEConfig(LoopConfig):
     """ResFT: the residual's gain is at least the frozen field's estimated one-sided Lipschitz constant
     (where positive) plus (this - 1) times its estimated Lipschitz constant."""
     lipschitz_samples: int = 256
-    """ResFT: (obs, t, a) points at which the frozen field's action Jacobian norm is estimated."""
+    """ResFT: (obs, t, a) points at which the frozen field's Jacobian bounds are estimated."""
     log_every: int = 50
     """Write TensorBoard scalars every N gradient steps."""
     eval_every: int = 500
@@ -162,7 +162,8 @@ def jacobian_bounds(policy: FlowPolicy, obs: torch.Tensor, num_steps: int, itera
 def residual_gain_min(lipschitz: float, one_sided: float, margin: float) -> float:
     """The ResFT residual's smallest gain: the frozen field's one-sided Lipschitz estimate (where
     positive) plus ``margin - 1`` times its Lipschitz estimate, a safety for the points not sampled.
-    The combined field's one-sided Lipschitz constant is then below ``-(margin - 1) * lipschitz``."""
+    At the sampled points the combined field's one-sided Lipschitz constant is then at most
+    ``-(margin - 1) * lipschitz``."""
     return max(one_sided, 0.0) + (margin - 1.0) * lipschitz
 
 

@@ -121,8 +121,9 @@ class ContractingResidual(nn.Module):
     """A residual velocity ``-k(t, obs) * (a - m(t, obs))`` added to a (frozen) field.
 
     Its Jacobian in the action is ``-diag(k)``: with every ``k >= gain_min`` above the frozen field's
-    Lipschitz bound, the combined field's Jacobian has a negative-definite symmetric part, so the
-    flow contracts in the action and solver errors shrink instead of grow. ``m`` and ``k`` depend on
+    one-sided Lipschitz constant (the largest eigenvalue of its Jacobian's symmetric part), the
+    combined field's Jacobian has a negative-definite symmetric part, so the flow contracts in the
+    action and solver errors shrink instead of grow. ``m`` and ``k`` depend on
     time and observation only. At initialisation ``k`` is ``gain_min`` (+0.018) and ``m = 0``.
     """
 

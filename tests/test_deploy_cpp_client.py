@@ -98,6 +98,10 @@ def test_cpp_client_error_replies_and_the_server_keeps_serving(client_binary, se
     (tmp_path / "short.bin").write_bytes(b"\0" * 12)
     out = _run(client_binary, "--address", server.address, "--obs", str(tmp_path / "short.bin"))
     assert out.returncode == 2 and "holds 12 bytes, expected 32" in out.stderr
+    out = _run(client_binary, "--address", server.address, "--bogus")
+    assert out.returncode == 2 and "unknown argument --bogus" in out.stderr
+    out = _run(client_binary, "--help")
+    assert out.returncode == 0 and out.stdout.count("usage: flowrl_client --address HOST:PORT") == 1
     out = _run(client_binary, "--address", "127.0.0.1:1", "--timeout-ms", "500")
     assert out.returncode == 3 and "server error 14" in out.stderr  # UNAVAILABLE: nothing listens there
     with PolicyClient(server.address, policy="reach") as client:

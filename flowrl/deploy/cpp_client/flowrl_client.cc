@@ -24,9 +24,12 @@
 
 namespace {
 
+const char* const kUsage =
+    "usage: flowrl_client --address HOST:PORT [--policy NAME] [--batch B] [--obs FILE] [--noise FILE] "
+    "[--out FILE] [--requests N] [--stream] [--timeout-ms T]\n";
+
 [[noreturn]] void Usage(const std::string& problem) {
-  std::cerr << "flowrl_client: " << problem << "\nusage: flowrl_client --address HOST:PORT [--policy NAME] "
-            << "[--batch B] [--obs FILE] [--noise FILE] [--out FILE] [--requests N] [--stream] [--timeout-ms T]\n";
+  std::cerr << "flowrl_client: " << problem << "\n" << kUsage;
   std::exit(2);
 }
 
@@ -61,7 +64,9 @@ int main(int argc, char** argv) {
     if (a == "--stream") {
       stream = true;
     } else if (a == "--help" || a == "-h") {
-      Usage("a C++ client of `flowrl serve`");
+      std::cout << "flowrl_client: a C++ client of `flowrl serve` (see the comment at the top of flowrl_client.cc)\n"
+                << kUsage;
+      return 0;
     } else if (opt.count(a) || a == "--address" || a == "--obs" || a == "--noise" || a == "--out") {
       if (i + 1 >= argc) Usage(a + " needs a value");
       opt[a] = argv[++i];

@@ -51,7 +51,8 @@ class PolicyClient {
   std::string Health();
   PolicyInfo Info();
   // obs: batch x obs_history x obs_dim floats (shape {batch, obs_history, obs_dim}); noise (optional):
-  // batch x horizon x act_dim floats of initial noise, empty to let the server draw it.
+  // batch x horizon x act_dim floats of initial noise, empty to let the server draw it. Values that do
+  // not fill their shape throw std::invalid_argument before anything is sent.
   ActionChunk Act(const std::vector<float>& obs, const std::vector<int64_t>& obs_shape,
                   const std::vector<float>& noise = {}, const std::vector<int64_t>& noise_shape = {});
   // Act over one long-lived StreamAct stream (what a control loop at a fixed rate uses): Open, then Next
