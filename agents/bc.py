@@ -139,10 +139,7 @@ class BehaviorCloning(Agent):
         self.task = canonical_task(cfg.task)
         self.device = setup_torch(cfg)
         self.dist = distributed.current()
-        if cfg.train.batch_size % self.dist.world_size:
-            raise FlowrlError(f"config: train.batch_size {cfg.train.batch_size} is not divisible by the "
-                              f"{self.dist.world_size} ranks (each takes an equal share of every batch)")
-        self.rank_batch = cfg.train.batch_size // self.dist.world_size
+        self.rank_batch = self.dist.share(cfg.train.batch_size, "train.batch_size")
         episodes = read_dataset(cfg.data.path).head(cfg.data.max_episodes)
         low, high = check_dataset_matches_task(episodes, self.task, cfg.data.path)
         self.data = ChunkDataset(episodes, cfg.policy.obs_history, cfg.policy.horizon, self.device)

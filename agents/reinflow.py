@@ -206,15 +206,7 @@ class RunningRewardScaler:
 
     def __call__(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         self.ret = self.ret * self.gamma + reward.double()
-        x = self.ret.cpu()
-        if self.ranks.active:
-            total = self.ranks.sum(torch.stack([x.sum(), x.square().sum(), torch.tensor(float(x.numel()),
-                                                                                     dtype=torch.float64)]))
-            n = int(total[2])
-            batch_mean = total[0] / n
-            batch_var = (total[1] / n - batch_mean.square()).clamp_min(0.0)
-        else:
-            batch_mean, batch_var, n = x.mean(), x.var(unbiased=False), x.numel()
+        batch_mean, batch_var, n = self.ranks.moments(self.ret.cpu())
         delta, total = batch_mean - self.mean, self.count + n
         self.mean = self.mean + delta * n / total
         self.var = (self.var * self.count + batch_var * n + delta.square() * self.count * n / total) / total
@@ -284,11 +276,8 @@ class ReinFlow(Agent):
         # process) and takes minibatch_size / W of every minibatch; gradients, advantage normalisation,
         # reward-scaling statistics, the KL stop and the logs are reduced over the ranks.
         self.dist = distributed.current()
-        for key in ("num_envs", "minibatch_size"):
-            if getattr(t, key) % self.dist.world_size:
-                raise FlowrlError(f"config: train.{key} {getattr(t, key)} is not divisible by the "
-                                  f"{self.dist.world_size} ranks")
-        self.local_envs = t.num_envs // self.dist.world_size
+        self.local_envs = self.dist.share(t.num_envs, "train.num_envs")
+        self.local_minibatch = self.dist.share(t.minibatch_size, "train.minibatch_size")
         policy, init_config = load_policy(cfg.init, self.device)
         if "task" not in init_config:
             raise FlowrlError(f"{cfg.init}/config.json: missing key 'task'")
@@ -430,7 +419,7 @@ class ReinFlow(Agent):
 
     # -- update --------------------------------------------------------------------------------
     def _minibatches(self, size: int) -> list[torch.Tensor]:
-        mb = self.cfg.train.minibatch_size // self.dist.world_size
+        mb = self.local_minibatch
         perm = torch.randperm(size, generator=self.gen, device=self.device)
         return [perm[i:i + mb] for i in range(0, size, mb)]
 
@@ -510,14 +499,9 @@ class ReinFlow(Agent):
         return logs
 
     def _normalize(self, adv: torch.Tensor) -> torch.Tensor:
-        """Advantages of a minibatch standardised (over every rank's share of it)."""
-        if not self.dist.active:
-            return (adv - adv.mean()) / (adv.std() + 1e-8)
-        s = self.dist.sum(torch.stack([adv.sum(), adv.square().sum(), torch.tensor(float(len(adv)), device=adv.device)]))
-        n = s[2]
-        mean = s[0] / n
-        std = ((s[1] - n * mean.square()) / (n - 1)).clamp_min(0.0).sqrt()  # unbiased, as torch.std
-        return (adv - mean) / (std + 1e-8)
+        """Advantages of a minibatch standardised (over every rank's share of it; unbiased std, as torch.std)."""
+        mean, var, _ = self.dist.moments(adv, unbiased=True)
+        return (adv - mean) / (var.sqrt() + 1e-8)
 
     def _mean(self, value: float) -> float:
         return float(self.dist.mean({"v": value})["v"])  # type: ignore[arg-type]

@@ -48,6 +48,25 @@ class Dist:
         """Rank 0: writes files, evaluates, prints."""
         return self.rank == 0
 
+    def share(self, total: int, key: str) -> int:
+        """This rank's equal share of ``total`` (envs, a batch), which config key ``key`` sets."""
+        if total % self.world_size:
+            raise FlowrlError(f"config: {key} {total} is not divisible by the {self.world_size} ranks (each takes "
+                              "an equal share)")
+        return total // self.world_size
+
+    def moments(self, x: torch.Tensor, unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(mean, variance, count)`` of the elements of ``x`` over every rank's ``x`` (one all-reduce of the
+        sums; alone, torch's own mean and variance)."""
+        if not self.active:
+            return x.mean(), x.var(unbiased=unbiased), x.numel()
+        s = self.sum(torch.stack([x.sum(), x.square().sum(), torch.tensor(float(x.numel()), dtype=x.dtype,
+                                                                          device=x.device)]))
+        n = int(s[2])
+        mean = s[0] / n
+        var = ((s[1] - n * mean.square()) / (n - 1 if unbiased else n)).clamp_min(0.0)
+        return mean, var, n
+
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Replace each gradient by its mean over the ranks (parameters without a gradient are left alone:
         the same ones on every rank, since all ranks run the same computation)."""

@@ -300,6 +300,8 @@ class Trainer:
                 if st.iteration == 0 and a.evaluate_at_start:
                     self._periodic_eval(writer, bar)
                 reached = self._target_reached()
+                if reached:  # the starting policy already scores enough: its checkpoint ends the run
+                    self.save()
                 while st.iteration < a.iterations and not reached:
                     if self.dist.any(self._stop_requested):
                         raise KeyboardInterrupt
@@ -328,8 +330,6 @@ class Trainer:
                                        f"iteration {st.iteration} of {a.iterations}; {self.resume_hint()}")
                         break
                 if reached and st.iteration < a.iterations:
-                    if st.iteration == 0:
-                        self.save()
                     self._say(bar, f"stopped at iteration {st.iteration}: the evaluation reached train.stop_at_score="
                                    f"{loop.stop_at_score:g}")
         except KeyboardInterrupt:
