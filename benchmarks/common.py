@@ -1,5 +1,5 @@
-"""What every benchmark script shares: where results go, the PASS/FAIL lines and exit code, and
-merging the JSON files of seeds run as separate processes."""
+"""What every benchmark script shares: where results go, the PASS/FAIL lines and exit code, merging the
+JSON files of seeds run as separate processes, and reading a run's learning curve."""
 
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def merge_results(paths: list[str], also: tuple[str, ...] = ()) -> dict[str, dic
         else:
             merged[rec["task"]] = rec
     return merged
+
+
+def first_reaching(history: list[dict], target: float) -> dict | None:
+    """The first evaluation of a learning curve (the Trainer's ``eval_history``) whose mean return reaches
+    ``target``."""
+    return next((point for point in history if point.get("return_mean", float("-inf")) >= target), None)
 
 
 def write_result(name: str, record: dict, tag: str = "") -> Path:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import REPO, merge_results, report_checks, run_main, write_result
+from common import REPO, first_reaching, merge_results, report_checks, run_main, write_result
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.mle import MLEFineTuning, held_out_reconstruction
 from flowrl.checkpoint import load_policy, resolve_checkpoint
@@ -63,14 +63,6 @@ def measure(policy: FlowPolicy, k: int, evaluator: Evaluator, episodes: int, hel
             "held_out_mse": held_out_reconstruction(policy, held, k, reference=reference)}
 
 
-def first_reaching(history: list[dict], target: float) -> int | None:
-    """Env steps of the first evaluation whose return reaches ``target``."""
-    for point in history:
-        if point.get("return_mean", -np.inf) >= target:
-            return int(point["env_steps"])
-    return None
-
-
 def reinflow_from(task: str, checkpoint: str, k: int, seed: int, args: argparse.Namespace, out: Path) -> dict:
     from flowrl.agents.reinflow import ReinFlow
 
@@ -84,7 +76,8 @@ def reinflow_from(task: str, checkpoint: str, k: int, seed: int, args: argparse.
     finally:
         run.close()
     history = run.state.eval_history
-    return {"env_steps_to_target": first_reaching(history, REINFLOW_TARGET[task]), "curve": history,
+    hit = first_reaching(history, REINFLOW_TARGET[task])
+    return {"env_steps_to_target": int(hit["env_steps"]) if hit else None, "curve": history,
             "final_return": history[-1]["return_mean"] if history else None}
 
 

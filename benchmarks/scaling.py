@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, report_checks, run_main, write_result
+from common import REPO, first_reaching, report_checks, run_main, write_result
 from flowrl.checkpoint import load_train_state
 
 
@@ -97,7 +97,7 @@ def time_to_return(gpus: int, args: argparse.Namespace, runs: Path, init: str) -
                           f"train.env_steps={args.reach_env_steps}",
                           f"train.eval_every={every}", f"train.eval_episodes={args.eval_episodes}",
                           f"train.stop_at_score={args.reach}", f"train.checkpoint_every={10 ** 6}")
-    hit = next((e for e in loop["eval_history"] if e["return_mean"] >= args.reach), None)
+    hit = first_reaching(loop["eval_history"], args.reach)
     row = {"gpus": gpus, "envs": envs, "eval_every_env_steps": every * per_iteration, "reached": hit is not None,
            "train_s": hit["wall_clock_s"] if hit else None, "env_steps": hit["env_steps"] if hit else None,
            "best_return": max(e["return_mean"] for e in loop["eval_history"]), "wall_s": round(wall, 1)}
