@@ -19,6 +19,11 @@ Choices worth knowing:
   An episode that ends inside a chunk takes none of its remaining actions; the next episode starts
   from its reset state at the chunk boundary (:meth:`flowrl.envs.BatchedEnv.step_chunk`).
 - GAE bootstraps through truncations (value of ``info["final_obs"]``), never through terminations.
+- ``exploration: flow_sde`` adds the score correction to each noisy step's mean, so the chain keeps
+  the deterministic flow's marginals: PPO then improves the distribution that is deployed, where
+  ReinFlow's plain injection trains a wider, shifted one.
+- ``critic_warmup_ev``: the actor waits for a critic that explains the returns, not for a fixed
+  number of iterations.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from flowrl.errors import FlowrlError
 from flowrl.nets import SinusoidalEmbedding
 from flowrl.policy import FlowPolicy
 from flowrl.rollout import ObsHistory
-from flowrl.sampler import chain_transitions, euler_sample, gaussian_log_prob, noisy_euler_chain
+from flowrl.sampler import (chain_transitions, euler_sample, gaussian_log_prob, marginal_preserving_drift,
+                            noisy_euler_chain)
 from flowrl.training import Agent, mean_or_none
 
 LOG_2PI_E_HALF = 0.5 * math.log(2 * math.pi * math.e)
@@ -101,11 +107,17 @@ class ReinFlowConfig(LoopConfig):
     sigma_final_mix: float = 0.7
     """The upper bound decays to (1 - mix) * sigma_min + mix * sigma_max."""
     logprob_normalization: str = "mean"
-    """`mean`: the ratio uses the chain log-likelihood divided by its number of noisy elements (K*horizon*act_dim), a per-element geometric-mean ratio; `sum`: the exact joint ratio."""
+    """`mean`: the ratio uses the chain log-likelihood divided by its number of noisy elements (K*horizon*act_dim), a per-element geometric-mean ratio; `mean_with_initial`: divided by (K+1)*horizon*act_dim, counting the initial noise as ReinFlow's reference does (the same ratio to the power K/(K+1): a wider effective clip); `sum`: the exact joint ratio."""
+    exploration: str = "reinflow"
+    """`reinflow`: the noise is added to the Euler step's mean (ReinFlow); `flow_sde`: the step's mean also takes the score correction that keeps the flow's marginals (flowrl.sampler.marginal_preserving_drift), so the noisy chain PPO trains samples, in distribution, the deterministic flow that is deployed."""
     reward_scaling: bool = True
     """Divide rewards by a running std of the discounted return."""
     critic_warmup_iterations: int = 2
     """Iterations at the start that train only the critic."""
+    critic_warmup_ev: float = 0.0
+    """After those, keep training only the critic until its explained variance on an iteration's fresh rollout reaches this (0: off)."""
+    critic_warmup_max_iterations: int = 50
+    """The explained-variance warm-up ends at this iteration whatever the critic's accuracy."""
     critic_hidden_dim: int = 256
     """Width of the critic MLP."""
     critic_depth: int = 3
@@ -126,12 +138,16 @@ class ReinFlowConfig(LoopConfig):
                        "update_epochs", "minibatch_size", "clip_coef", "sigma_min", "sigma_max", "critic_hidden_dim",
                        "critic_depth", "noise_hidden_dim")
         check_non_negative(self, prefix, "num_steps", "target_kl", "ent_coef", "vf_coef", "w2_coef", "max_grad_norm",
-                           "actor_lr_min", "critic_lr_min", "critic_warmup_iterations", "sim_threads")
-        check_fraction(self, prefix, "gamma", "gae_lambda", "sigma_hold", "sigma_final_mix")
+                           "actor_lr_min", "critic_lr_min", "critic_warmup_iterations", "critic_warmup_max_iterations",
+                           "sim_threads")
+        check_fraction(self, prefix, "gamma", "gae_lambda", "sigma_hold", "sigma_final_mix", "critic_warmup_ev")
         if self.sigma_min > self.sigma_max:
             fail(f"{prefix}sigma_min", f"must be <= sigma_max ({self.sigma_max}), got {self.sigma_min}")
-        if self.logprob_normalization not in ("mean", "sum"):
-            fail(f"{prefix}logprob_normalization", f"must be mean or sum, got '{self.logprob_normalization}'")
+        if self.logprob_normalization not in ("mean", "mean_with_initial", "sum"):
+            fail(f"{prefix}logprob_normalization",
+                 f"must be mean, mean_with_initial or sum, got '{self.logprob_normalization}'")
+        if self.exploration not in ("reinflow", "flow_sde"):
+            fail(f"{prefix}exploration", f"must be reinflow or flow_sde, got '{self.exploration}'")
         validate_backend(self.backend, f"{prefix}backend")
 
 
@@ -145,6 +161,13 @@ class EpisodeStats:
     rollout_seconds: list = field(default_factory=list)
     episode_success: torch.Tensor | None = None
     """(N,) whether each env's running episode has succeeded yet (tasks that report success)."""
+
+
+@dataclass
+class CriticWarmup:
+    """Whether the critic has passed ``train.critic_warmup_ev`` (the actor trains from then on)."""
+
+    ready: bool = False
 
 
 class NoiseHead(nn.Module):
@@ -266,7 +289,7 @@ class ReinFlow(Agent):
     step_unit = "env step"
     evaluate_at_start = True
     supports_distributed = True
-    optional_state = ("env", "history", "stats", "generator", "scaler")
+    optional_state = ("env", "history", "stats", "generator", "scaler", "critic_warmup")
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
@@ -315,6 +338,7 @@ class ReinFlow(Agent):
         self.history = ObsHistory(self.env.reset(), policy.cfg.obs_history)
         self.stats = EpisodeStats(episode_success=torch.zeros(self.local_envs, dtype=torch.bool, device=self.device))
         self.iteration = 0  # set by train_iteration; the schedules and the critic warm-up read it
+        self.critic_warmup = CriticWarmup()
 
     @property
     def policy(self) -> FlowPolicy:
@@ -329,7 +353,8 @@ class ReinFlow(Agent):
 
     def state_components(self) -> dict[str, Any]:
         state: dict[str, Any] = {"policy": self._policy, "noise": self.noise, "critic": self.critic,
-                                 "actor_opt": self.actor_opt, "critic_opt": self.critic_opt}
+                                 "actor_opt": self.actor_opt, "critic_opt": self.critic_opt,
+                                 "critic_warmup": self.critic_warmup}
         if self.dist.active:  # the rest is per rank: a distributed run's checkpoint holds the shared state only
             return state
         state.update(scaler=self.scaler, generator=self.gen, history=self.history, stats=self.stats)
@@ -338,6 +363,7 @@ class ReinFlow(Agent):
         return state
 
     def on_resume(self, missing: list[str] | None = None) -> None:
+        missing = [name for name in missing or [] if name != "critic_warmup"]  # older checkpoints: not warming
         if missing and self.dist.is_main:
             print(f"note: the checkpoint holds no {', '.join(missing)} (a distributed run's, or the other way "
                   "round): the envs start new episodes and the reward scaling new statistics", file=sys.stderr)
@@ -352,7 +378,10 @@ class ReinFlow(Agent):
     # -- the noisy chain -----------------------------------------------------------------------
     def _chain_fns(self, cond: torch.Tensor, repeat: int = 1):
         cond = cond.repeat_interleave(repeat, dim=0) if repeat > 1 else cond
-        return self.policy.velocity_fn(cond, self.K), lambda tt, x: self.noise(tt, cond)
+        velocity, noise_std = self.policy.velocity_fn(cond, self.K), lambda tt, x: self.noise(tt, cond)
+        if self.cfg.train.exploration == "flow_sde":
+            velocity = marginal_preserving_drift(velocity, noise_std, self.K)
+        return velocity, noise_std
 
     def log_prob_and_entropy(self, obs: torch.Tensor, chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample chain log-likelihood (without the parameter-free x0 term) and noise entropy,
@@ -361,8 +390,10 @@ class ReinFlow(Agent):
         mean, std = chain_transitions(velocity, noise_std, chain, self.K)
         lp = gaussian_log_prob(chain[:, 1:], mean, std).flatten(1).sum(dim=1)
         entropy = (std.log() + LOG_2PI_E_HALF).flatten(1).sum(dim=1)
-        if self.cfg.train.logprob_normalization == "mean":
+        normalization = self.cfg.train.logprob_normalization
+        if normalization != "sum":
             n = chain[:, 1:].flatten(1).shape[1]
+            n = n * (self.K + 1) // self.K if normalization == "mean_with_initial" else n
             lp, entropy = lp / n, entropy / n
         return lp, entropy
 
@@ -435,7 +466,9 @@ class ReinFlow(Agent):
             old_logprob = torch.zeros(size, device=self.device)
             for idx in first_epoch:
                 old_logprob[idx] = self.log_prob_and_entropy(batch["obs"][idx], batch["chain"][idx])[0]
-        warmup = self.iteration < t.critic_warmup_iterations
+        y, v = batch["returns"], batch["values"]
+        explained_variance = self._mean(float(1 - (y - v).var() / y.var().clamp_min(1e-8)))
+        warmup = self._critic_warmup(explained_variance)
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "value", "entropy", "kl", "clip", "w2")}
         first_ratio_dev = None
         for epoch in range(t.update_epochs):
@@ -484,10 +517,8 @@ class ReinFlow(Agent):
                 stats["entropy"].append(entropy_loss.item())
             if t.target_kl and stats["kl"] and self._mean(np.mean(stats["kl"][-len(batches):])) > t.target_kl:
                 break
-        y, v = batch["returns"], batch["values"]
-        logs = {"train/value_loss": float(np.mean(stats["value"])),
-                "train/explained_variance": float(1 - (y - v).var() / y.var().clamp_min(1e-8)),
-                "train/epochs": epoch + 1}
+        logs = {"train/value_loss": float(np.mean(stats["value"])), "train/explained_variance": explained_variance,
+                "train/epochs": epoch + 1, "train/critic_warmup": float(warmup)}
         if stats["pg"]:
             logs.update({"train/policy_gradient_loss": float(np.mean(stats["pg"])),
                          "train/entropy_loss": float(np.mean(stats["entropy"])),
@@ -497,6 +528,23 @@ class ReinFlow(Agent):
         if stats["w2"]:
             logs["train/w2_loss"] = float(np.mean(stats["w2"]))
         return logs
+
+    def _critic_warmup(self, explained_variance: float) -> bool:
+        """Whether this iteration trains the critic alone: the first ``critic_warmup_iterations``, then
+        (with ``critic_warmup_ev``) until the critic's explained variance on a fresh rollout, before its
+        update, reaches the threshold or ``critic_warmup_max_iterations`` pass; once over, never again."""
+        t = self.cfg.train
+        if self.iteration < t.critic_warmup_iterations:
+            return True
+        if t.critic_warmup_ev <= 0 or self.critic_warmup.ready:
+            return False
+        if explained_variance >= t.critic_warmup_ev or self.iteration >= t.critic_warmup_max_iterations:
+            self.critic_warmup.ready = True
+            if self.dist.is_main:
+                print(f"critic warm-up over at iteration {self.iteration} (explained variance "
+                      f"{explained_variance:.3f})", file=sys.stderr)
+            return False
+        return True
 
     def _normalize(self, adv: torch.Tensor) -> torch.Tensor:
         """Advantages of a minibatch standardised (over every rank's share of it; unbiased std, as torch.std)."""

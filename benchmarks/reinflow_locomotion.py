@@ -282,6 +282,12 @@ def completed(seed: dict) -> dict:
             **({"finetuned_success": last["success_rate"]} if "success_rate" in last else {})}
 
 
+def lowest_fraction(seed: dict) -> float:
+    """The lowest evaluation of a seed's learning curve as a fraction of its first (the collapse)."""
+    returns = [c["return_mean"] for c in seed["curve"]]
+    return min(returns) / returns[0] if returns[0] > 0 else float("nan")
+
+
 def ppo_row(label: str, p: dict) -> str:
     return (f"{label:<9} {'-':>11} {p['return']:>17.1f} {p['env_steps']:>10} {p['wall_clock_s']:>7.0f}"
             f"  (SB3 Gaussian PPO from scratch, {p.get('machine', '?')})")
@@ -313,6 +319,9 @@ def report(all_results: dict) -> int:
         print(f"  seeds {[s['seed'] for s in seeds]}: " + ", ".join(
             f"{s['pretrained']:.0f} -> {s['finetuned']:.0f}" + (" (last curve point)" if s.get("final_cut") else "")
             for s in seeds))
+        lowest = [lowest_fraction(s) for s in seeds if s.get("curve")]
+        if lowest:
+            print(f"  lowest evaluation during fine-tuning / start: {', '.join(f'{f:.2f}' for f in lowest)}")
         print(f"{task:<9} {pre:>11.1f} {np.mean(post):>9.1f} ± {np.std(post):>5.1f} {seeds[0]['env_steps']:>10} "
               f"{np.mean([s['wall_clock_s'] for s in seeds]):>7.0f} {it:>9.2f} {pub[0]:>7.0f} -> {pub[1]:>5.0f}"
               f" {pub[2]:>9.1f}")

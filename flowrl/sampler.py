@@ -54,6 +54,28 @@ def noisy_euler_chain(velocity: VelocityFn, noise_std: NoiseFn, x0: torch.Tensor
     return torch.stack(chain, dim=1)
 
 
+def marginal_preserving_drift(velocity: VelocityFn, noise_std: NoiseFn, num_steps: int) -> VelocityFn:
+    """The drift that makes the noisy Euler chain an Euler-Maruyama discretisation of an SDE with the
+    flow's own marginals (a Flow-SDE): ``v - (sigma^2 / (2 dt)) (x - t v) / (1 - t)``.
+
+    For the linear path ``x_t = (1 - t) x_0 + t x_1`` from Gaussian noise ``x_0``, ``E[x_0 | x_t] =
+    x_t - t v(t, x_t)``, so the score is ``-(x - t v) / (1 - t)``; an SDE ``dx = (v + g^2/2 score) dt + g dW``
+    has the same marginals as the ODE ``dx = v dt`` for any diffusion ``g``. With ``sigma = g sqrt(dt)``
+    the per-step noise of :func:`noisy_euler_chain`, injecting noise then no longer shifts the
+    distribution of actions away from the deterministic flow's (to first order in ``dt``): the policy
+    the noisy chain trains is, in distribution, the policy that is deployed. The grid ``t_k = k/K``
+    never reaches ``t = 1``, where the score is undefined.
+    """
+    dt = 1.0 / num_steps
+
+    def drift(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        v = velocity(t, x)
+        tt = t.view(-1, *([1] * (x.dim() - 1)))
+        return v - noise_std(t, x).square() / (2 * dt) * (x - tt * v) / (1 - tt)
+
+    return drift
+
+
 def chain_transitions(velocity: VelocityFn, noise_std: NoiseFn, chain: torch.Tensor,
                       num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Means and stds of every transition of a chain, (B, K, ...) each, in one batched call.

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 reinflow_locomotion = pytest.importorskip("reinflow_locomotion")
+reinflow_ablation = pytest.importorskip("reinflow_ablation")
 from common import merge_results  # noqa: E402
 
 
@@ -62,6 +63,7 @@ def test_report_merges_seeds_and_a_ppo_only_file(tmp_path: Path, capsys: pytest.
     assert reinflow_locomotion.report(merged) == 0  # mean 4733 >= 4300
     out = capsys.readouterr().out
     assert "4700 (last curve point)" in out and "SB3 Gaussian PPO" in out and "[PASS] walker2d" in out
+    assert "lowest evaluation during fine-tuning / start: 1.00, 1.00, 1.00" in out
 
 
 def test_report_fails_a_missed_target(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -84,3 +86,34 @@ def test_budget_leaves_time_for_the_final_evaluations() -> None:
     assert reinflow_locomotion.fine_tuning_minutes(10, 100.0, 40.0) == pytest.approx(340 / 60)
     with pytest.raises(FlowrlError, match="--budget-minutes 3: no time left to fine-tune"):
         reinflow_locomotion.fine_tuning_minutes(3, 100.0, 40.0)
+
+
+def _ablation_run(variant: str, seed: int, points: list[tuple[int, float]]) -> dict:
+    return {"task": "hopper", "variant": variant, "seed": seed, "device": "NVIDIA H200", "curve": _curve(points),
+            "wall_clock_s": 100.0}
+
+
+def test_ablation_scores_the_collapse_the_time_to_the_reference_and_the_final_return() -> None:
+    summary = reinflow_ablation.curve_summary("hopper", _curve([(0, 1600.0), (655_360, 800.0), (4_915_200, 3210.0),
+                                                                (10_076_160, 3300.0)]))
+    assert summary["min_fraction"] == 0.5 and summary["min_at"] == 655_360
+    assert summary["reached_at"] == 4_915_200 and summary["final"] == 3300.0 and summary["start"] == 1600.0
+    never = reinflow_ablation.curve_summary("hopper", _curve([(0, 1600.0), (81_920, 3100.0)]))
+    assert never["reached_at"] is None and never["min_fraction"] == 1.0
+
+
+def test_ablation_report_checks_only_the_final_variant_with_three_full_seeds(capsys: pytest.CaptureFixture) -> None:
+    good = [(0, 1600.0), (1_638_400, 1500.0), (4_915_200, 3250.0), (10_076_160, 3450.0)]
+    collapsing = [(0, 1600.0), (655_360, 700.0), (7_000_000, 3200.0), (10_076_160, 3300.0)]
+    runs = [_ablation_run("flow_sde", s, good) for s in range(3)] + [_ablation_run("base", s, collapsing)
+                                                                    for s in range(3)]
+    assert reinflow_ablation.report(runs, "flow_sde") == 0
+    out = capsys.readouterr().out
+    assert "[PASS] hopper flow_sde: lowest evaluation >= 90% of the start (worst 0.94)" in out
+    assert "[PASS] hopper flow_sde: 3200 within 5M env steps (4.9M,4.9M,4.9M)" in out
+    assert reinflow_ablation.report(runs, "base") == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] hopper base: lowest evaluation >= 90% of the start (worst 0.44)" in out
+    assert "[FAIL] hopper base: final >= 3400 (3300)" in out
+    assert reinflow_ablation.report(runs[:2], "flow_sde") == 0  # two seeds: reported, not checked
+    assert "[PASS]" not in capsys.readouterr().out

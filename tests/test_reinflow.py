@@ -128,15 +128,64 @@ def test_noise_bound_schedule() -> None:
     assert all(a >= b for a, b in zip(vals, vals[1:]))
 
 
-@pytest.mark.parametrize("normalization", ["mean", "sum"])
-def test_ratio_is_exactly_one_on_the_first_minibatch(tmp_path, pretrained, normalization) -> None:
+@pytest.mark.parametrize("normalization,exploration", [("mean", "reinflow"), ("sum", "reinflow"),
+                                                      ("mean", "flow_sde")])
+def test_ratio_is_exactly_one_on_the_first_minibatch(tmp_path, pretrained, normalization, exploration) -> None:
     agent = _agent(f"init={pretrained}", *FINETUNE, "train.env_steps=11520", "train.critic_warmup_iterations=0",
-                   f"train.logprob_normalization={normalization}")
+                   f"train.logprob_normalization={normalization}", f"train.exploration={exploration}")
     for _ in range(2):
         logs = agent.update(agent.collect())
         agent.iteration += 1
         assert logs["train/first_ratio_deviation"] == 0.0
         assert logs["train/approx_kl"] > 0  # later minibatches did move the policy
+
+
+def test_normalising_with_the_initial_noise_scales_the_log_likelihood_by_k_over_k_plus_1(pretrained) -> None:
+    agents = {n: _agent(f"init={pretrained}", *FINETUNE, f"train.logprob_normalization={n}", "seed=4")
+              for n in ("mean", "mean_with_initial")}
+    batch = agents["mean"].collect()
+    obs, chain = batch["obs"][:32], batch["chain"][:32]
+    lp, ent = agents["mean"].log_prob_and_entropy(obs, chain)
+    lp0, ent0 = agents["mean_with_initial"].log_prob_and_entropy(obs, chain)
+    k = agents["mean"].K
+    torch.testing.assert_close(lp0, lp * k / (k + 1))
+    torch.testing.assert_close(ent0, ent * k / (k + 1))
+
+
+def test_flow_sde_chain_likelihood_uses_the_score_corrected_mean(pretrained) -> None:
+    """The chain the agent samples with ``exploration=flow_sde`` is scored with the same corrected
+    drift: its log-likelihood equals the exact one of flowrl.sampler with that drift."""
+    agent = _agent(f"init={pretrained}", *FINETUNE, "train.exploration=flow_sde", "train.logprob_normalization=sum")
+    obs = agent.history.get()[:16]
+    chain, _ = agent.act(obs)
+    velocity, noise_std = agent._chain_fns(agent.policy.encode(obs), repeat=agent.K)
+    plain_velocity = agent.policy.velocity_fn(agent.policy.encode(obs).repeat_interleave(agent.K, 0), agent.K)
+    with torch.no_grad():
+        lp, _ = agent.log_prob_and_entropy(obs, chain)
+        exact = chain_log_prob(velocity, noise_std, chain, agent.K, include_initial=False)
+        plain = chain_log_prob(plain_velocity, noise_std, chain, agent.K, include_initial=False)
+    torch.testing.assert_close(lp, exact)
+    assert float((lp - plain).abs().max()) > 1e-3  # the correction is not a no-op
+
+
+def test_critic_warmup_waits_for_explained_variance_then_never_returns(pretrained) -> None:
+    agent = _agent(f"init={pretrained}", *FINETUNE, "train.critic_warmup_iterations=1", "train.critic_warmup_ev=0.999",
+                   "train.critic_warmup_max_iterations=3", "train.env_steps=11520")
+    start = [p.detach().clone() for p in agent.policy.parameters()]
+    flags = []
+    for iteration in range(5):
+        agent.iteration = iteration
+        logs = agent.update(agent.collect())
+        flags.append(logs["train/critic_warmup"])
+        if iteration < 3:
+            assert all(torch.equal(a, b) for a, b in zip(start, agent.policy.parameters()))
+            assert "train/approx_kl" not in logs
+    assert flags == [1.0, 1.0, 1.0, 0.0, 0.0]  # never reaches 0.999: ends at the iteration cap
+    assert agent.critic_warmup.ready and "critic_warmup" in agent.state_components()
+    reached = _agent(f"init={pretrained}", *FINETUNE, "train.critic_warmup_iterations=0", "train.critic_warmup_ev=0.01")
+    reached.critic_warmup.ready = False
+    assert not reached._critic_warmup(0.5) and reached.critic_warmup.ready
+    assert reached._critic_warmup(-1.0) is False  # once over, a worse critic does not restart it
 
 
 def test_reinflow_improves_a_behaviour_cloned_policy(tmp_path, pretrained) -> None:

@@ -1,0 +1,157 @@
+"""What removes ReinFlow's early collapse on locomotion, and what raises its final return: an ablation.
+
+Every locomotion fine-tuning run first loses much of its starting return, then climbs. Each variant
+below changes one thing against the preset (``base``) and fine-tunes the same behaviour-cloned
+checkpoint with the same seed; every run is scored by its learning curve (deterministic-flow
+evaluations every ``--eval-every`` iterations, the first at the start):
+
+- ``min/start``: the lowest evaluation during fine-tuning as a fraction of the starting return
+  (the collapse; the target is >= 0.9),
+- env steps to the task's reference return (Hopper 3200, Walker2d 4300, Humanoid 5000),
+- the final return after the budget.
+
+    python benchmarks/reinflow_ablation.py --tasks hopper --variants base flow_sde critic_ev --seeds 0 \\
+        --pretrained 'runs/bc/{task}-s{seed}' [--env-steps 10000000] [--eval-every 4] [--eval-episodes 10] \\
+        [--device auto] [--tag NAME] [key=value overrides for every variant, e.g. train.backend=warp]
+    python benchmarks/reinflow_ablation.py --report benchmarks/results/reinflow_ablation_*.json [--final VARIANT]
+
+On a GPU (one H200), as the presets run there:
+
+    python benchmarks/reinflow_ablation.py --tasks hopper --seeds 0 --pretrained ... \\
+        train.backend=warp train.num_envs=2048 train.rollout_steps=10
+
+Writes ``benchmarks/results/reinflow_ablation_<task>[_<tag>].json`` (per variant and seed: the curve,
+the overrides, wall-clock). ``--report`` merges files of parallel processes and prints one table per
+task; with ``--final VARIANT`` it checks that variant against the targets (>= 3 seeds at >= 10M env
+steps): no collapse below 90% of the start on every task, the final returns (Hopper >= 3400, Walker2d
+>= 5200, Humanoid >= 6000) and Hopper at 3200 within 5M env steps. Exit code 1 when one is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import REPO, first_reaching, report_checks, run_main, write_result
+from reinflow_locomotion import lowest_fraction, run_seed
+
+VARIANTS: dict[str, tuple[list[str], str]] = {
+    "base": ([], "the preset"),
+    "long_rollouts": (["train.num_envs=512", "train.rollout_steps=40"],
+                      "4x fewer envs, 4x longer rollouts (same decisions per iteration on 2048 x 10)"),
+    "full_batch": (["train.minibatch_size=20480", "train.update_epochs=20"],
+                   "minibatches of 20,480 decisions (all of 2048 envs x 10), 20 epochs: the reference's ~20 near-full-batch steps"),
+    "target_kl": (["train.target_kl=0.0001"], "stop an update's epochs at approximate KL 1e-4 (per element)"),
+    "norm_initial": (["train.logprob_normalization=mean_with_initial"],
+                     "log-likelihood / ((K+1) x horizon x act_dim), as the reference"),
+    "critic_ev": (["train.critic_warmup_ev=0.8"], "critic alone until its explained variance reaches 0.8"),
+    "critic_long": (["train.critic_warmup_iterations=10"], "critic alone for 10 iterations"),
+    "low_noise": (["train.sigma_min=0.05", "train.sigma_max=0.12"], "injected noise std in [0.05, 0.12]"),
+    "flow_sde": (["train.exploration=flow_sde"], "score-corrected noisy chain: trains the deployed flow's marginals"),
+    "flow_sde_critic_ev": (["train.exploration=flow_sde", "train.critic_warmup_ev=0.8"], "both"),
+}
+REFERENCE = {"hopper": 3200.0, "walker2d": 4300.0, "humanoid": 5000.0}
+FINAL_TARGET = {"hopper": 3400.0, "walker2d": 5200.0, "humanoid": 6000.0}
+
+
+def curve_summary(task: str, curve: list[dict]) -> dict:
+    """Start, lowest evaluation as a fraction of the start, env steps to the reference return, final."""
+    returns = [c["return_mean"] for c in curve]
+    start = returns[0]
+    hit = first_reaching(curve, REFERENCE.get(task, float("inf")))
+    return {"start": start, "min_fraction": lowest_fraction({"curve": curve}),
+            "min_at": curve[int(np.argmin(returns))]["env_steps"], "reached_at": hit["env_steps"] if hit else None,
+            "final": returns[-1], "env_steps": curve[-1]["env_steps"]}
+
+
+def run_variant(task: str, variant: str, seed: int, args: argparse.Namespace, record: dict, save) -> None:
+    overrides, _ = VARIANTS[variant]
+    seed_args = argparse.Namespace(
+        device=args.device, pretrain_steps=None, episodes=args.eval_episodes, pretrain_set=[],
+        pretrained=args.pretrained, finetune_preset="", eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+        sim_threads=0, overrides=[*args.overrides, *overrides], env_steps=args.env_steps, budget_minutes=0.0)
+    run_seed(task, "reflow", seed, seed_args, Path(args.runs) / "ablation" / variant, record, save)
+    record.update(variant=variant, **curve_summary(task, record["curve"]))
+
+
+def report(records: list[dict], final: str) -> int:
+    checks = []
+    tasks = sorted({r["task"] for r in records})
+    for task in tasks:
+        rows = [r for r in records if r["task"] == task]
+        print(f"\n{task} (device: {rows[0].get('device', '?')}), reference return {REFERENCE.get(task, '-')}")
+        head = (f"{'variant':<20} {'seeds':>5} {'start':>7} {'min/start':>10} {'worst':>6} {'env steps to ref':>22} "
+                f"{'final':>15} {'env steps':>10} {'wall s':>7}")
+        print(head)
+        print("-" * len(head))
+        for variant in [v for v in VARIANTS if any(r["variant"] == v for r in rows)]:
+            runs = [r for r in rows if r["variant"] == variant and r.get("curve")]
+            runs = [{**r, **curve_summary(task, r["curve"])} for r in runs]
+            if not runs:
+                continue
+            fr = [r["min_fraction"] for r in runs]
+            reach = ",".join("-" if r["reached_at"] is None else f"{r['reached_at'] / 1e6:.1f}M" for r in runs)
+            finals = [r["final"] for r in runs]
+            print(f"{variant:<20} {len(runs):>5} {np.mean([r['start'] for r in runs]):>7.0f} {np.mean(fr):>10.2f} "
+                  f"{min(fr):>6.2f} {reach:>22} {np.mean(finals):>7.0f} ± {np.std(finals):>5.0f} "
+                  f"{min(r['env_steps'] for r in runs):>10} {np.mean([r.get('wall_clock_s', 0) for r in runs]):>7.0f}")
+            if variant == final and len(runs) >= 3 and min(r["env_steps"] for r in runs) >= 10_000_000:
+                checks.append((f"{task} {variant}: lowest evaluation >= 90% of the start (worst {min(fr):.2f})",
+                               min(fr) >= 0.9))
+                if task in FINAL_TARGET:
+                    checks.append((f"{task} {variant}: final >= {FINAL_TARGET[task]:.0f} ({np.mean(finals):.0f})",
+                                   np.mean(finals) >= FINAL_TARGET[task]))
+                if task == "hopper":
+                    ok = all(r["reached_at"] is not None and r["reached_at"] <= 5_000_000 for r in runs)
+                    checks.append((f"hopper {variant}: 3200 within 5M env steps ({reach})", ok))
+        for variant, (overrides, what) in VARIANTS.items():
+            if any(r["variant"] == variant for r in rows):
+                print(f"  {variant}: {what} {' '.join(overrides)}")
+    return report_checks(checks)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", nargs="+", default=["hopper"], choices=sorted(REFERENCE))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--pretrained", help="behaviour-cloned checkpoint or run folder ({task} and {seed} filled in)")
+    ap.add_argument("--env-steps", type=int, default=10_000_000)
+    ap.add_argument("--eval-every", type=int, default=4, help="iterations between curve points")
+    ap.add_argument("--eval-episodes", type=int, default=10, help="episodes per curve point")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--runs", default=str(REPO / "runs" / "bench"))
+    ap.add_argument("--tag", default="", help="suffix of the results files (parallel processes)")
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="only merge these results files and report")
+    ap.add_argument("--final", default="", help="the variant checked against the targets in the report")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning preset, for every variant")
+    args = ap.parse_intermixed_args()
+    if args.report:
+        return report([r for path in args.report for r in json.loads(Path(path).read_text())["runs"]], args.final)
+    if not args.pretrained:
+        ap.error("--pretrained is required (a behaviour-cloned checkpoint per task and seed)")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    records: list[dict] = []
+    for task in args.tasks:
+        out: dict = {"task": task, "command": " ".join(sys.argv), "runs": []}
+        for variant in args.variants:
+            for seed in args.seeds:
+                rec: dict = {"task": task, "variant": variant, "seed": seed, "device": device}
+                records.append(rec)
+                out["runs"].append(rec)
+                started = time.time()
+                run_variant(task, variant, seed, args, rec, lambda: write_result(f"reinflow_ablation_{task}", out,
+                                                                                  args.tag))
+                rec["total_s"] = round(time.time() - started, 1)
+                write_result(f"reinflow_ablation_{task}", out, args.tag)
+    return report(records, args.final)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
