@@ -47,7 +47,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                       "4x fewer envs, 4x longer rollouts (same decisions per iteration on 2048 x 10)"),
     "full_batch": (["train.minibatch_size=20480", "train.update_epochs=20"],
                    "minibatches of 20,480 decisions (all of 2048 envs x 10), 20 epochs: the reference's ~20 near-full-batch steps"),
-    "target_kl": (["train.target_kl=0.0001"], "stop an update's epochs at approximate KL 1e-4 (per element)"),
+    "target_kl": (["train.target_kl=0.00002"], "stop an update's epochs at approximate KL 2e-5 (per element)"),
     "norm_initial": (["train.logprob_normalization=mean_with_initial"],
                      "log-likelihood / ((K+1) x horizon x act_dim), as the reference"),
     "critic_ev": (["train.critic_warmup_ev=0.8"], "critic alone until its explained variance reaches 0.8"),
