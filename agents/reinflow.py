@@ -36,7 +36,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -266,6 +265,11 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_value: torch.T
     return advantages, advantages + values
 
 
+def _mean(values: list[torch.Tensor]) -> float:
+    """The mean of scalar tensors accumulated on the device, read back once."""
+    return float(torch.stack(values).mean())
+
+
 def sigma_upper_bound(iteration: int, iterations: int, sigma_min: float, sigma_max: float, hold: float,
                       final_mix: float) -> float:
     """Held at sigma_max for ``hold`` of the iterations, then cosine-annealed to the final mix."""
@@ -469,11 +473,14 @@ class ReinFlow(Agent):
         y, v = batch["returns"], batch["values"]
         explained_variance = self._mean(float(1 - (y - v).var() / y.var().clamp_min(1e-8)))
         warmup = self._critic_warmup(explained_variance)
-        stats: dict[str, list[float]] = {k: [] for k in ("pg", "value", "entropy", "kl", "clip", "w2")}
+        # statistics stay on the device until the end: no host round trip inside the loop, so that on
+        # several GPUs the gradient all-reduces queue up behind the compute instead of waiting for the host
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "value", "entropy", "kl", "clip", "w2")}
         first_ratio_dev = None
         for epoch in range(t.update_epochs):
             batches = first_epoch if epoch == 0 else self._minibatches(size)
-            for idx in batches:
+            adv_mean, adv_std = self._minibatch_moments(batch["advantages"], batches)
+            for j, idx in enumerate(batches):
                 obs, chain = batch["obs"][idx], batch["chain"][idx]
                 value = self.critic(self.policy.encode(obs))
                 value_loss = 0.5 * F.mse_loss(value, batch["returns"][idx])
@@ -483,14 +490,14 @@ class ReinFlow(Agent):
                     self.dist.average_gradients(self.critic.parameters())
                     self._clip(self.critic.parameters())
                     self.critic_opt.step()
-                    stats["value"].append(value_loss.item())
+                    stats["value"].append(value_loss.detach())
                     continue
                 logprob, entropy = self.log_prob_and_entropy(obs, chain)
                 log_ratio = logprob - old_logprob[idx]
                 ratio = log_ratio.exp()
                 if first_ratio_dev is None:
-                    first_ratio_dev = float((ratio.detach() - 1).abs().max())
-                adv = self._normalize(batch["advantages"][idx])
+                    first_ratio_dev = (ratio.detach() - 1).abs().max()
+                adv = (batch["advantages"][idx] - adv_mean[j]) / (adv_std[j] + 1e-8)
                 pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - t.clip_coef, 1 + t.clip_coef)).mean()
                 entropy_loss = -entropy.mean()
                 loss = pg_loss + t.ent_coef * entropy_loss + t.vf_coef * value_loss
@@ -499,7 +506,7 @@ class ReinFlow(Agent):
                     w2 = (self._deterministic_actions(self.policy, obs, x0)
                           - self._deterministic_actions(self.reference, obs, x0)).square().mean()
                     loss = loss + t.w2_coef * w2
-                    stats["w2"].append(w2.item())
+                    stats["w2"].append(w2.detach())
                 self.actor_opt.zero_grad(set_to_none=True)
                 self.critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -510,23 +517,21 @@ class ReinFlow(Agent):
                 self.actor_opt.step()
                 self.critic_opt.step()
                 with torch.no_grad():
-                    stats["kl"].append(float(((ratio - 1) - log_ratio).mean()))
-                    stats["clip"].append(float(((ratio - 1).abs() > t.clip_coef).float().mean()))
-                stats["pg"].append(pg_loss.item())
-                stats["value"].append(value_loss.item())
-                stats["entropy"].append(entropy_loss.item())
-            if t.target_kl and stats["kl"] and self._mean(np.mean(stats["kl"][-len(batches):])) > t.target_kl:
+                    stats["kl"].append(((ratio - 1) - log_ratio).mean())
+                    stats["clip"].append(((ratio - 1).abs() > t.clip_coef).float().mean())
+                stats["pg"].append(pg_loss.detach())
+                stats["value"].append(value_loss.detach())
+                stats["entropy"].append(entropy_loss.detach())
+            if t.target_kl and stats["kl"] and self._mean(_mean(stats["kl"][-len(batches):])) > t.target_kl:
                 break
-        logs = {"train/value_loss": float(np.mean(stats["value"])), "train/explained_variance": explained_variance,
+        logs = {"train/value_loss": _mean(stats["value"]), "train/explained_variance": explained_variance,
                 "train/epochs": epoch + 1, "train/critic_warmup": float(warmup)}
         if stats["pg"]:
-            logs.update({"train/policy_gradient_loss": float(np.mean(stats["pg"])),
-                         "train/entropy_loss": float(np.mean(stats["entropy"])),
-                         "train/approx_kl": float(np.mean(stats["kl"])),
-                         "train/clip_fraction": float(np.mean(stats["clip"])),
-                         "train/first_ratio_deviation": first_ratio_dev})
+            logs.update({"train/policy_gradient_loss": _mean(stats["pg"]), "train/entropy_loss": _mean(stats["entropy"]),
+                         "train/approx_kl": _mean(stats["kl"]), "train/clip_fraction": _mean(stats["clip"]),
+                         "train/first_ratio_deviation": float(first_ratio_dev)})
         if stats["w2"]:
-            logs["train/w2_loss"] = float(np.mean(stats["w2"]))
+            logs["train/w2_loss"] = _mean(stats["w2"])
         return logs
 
     def _critic_warmup(self, explained_variance: float) -> bool:
@@ -546,10 +551,16 @@ class ReinFlow(Agent):
             return False
         return True
 
-    def _normalize(self, adv: torch.Tensor) -> torch.Tensor:
-        """Advantages of a minibatch standardised (over every rank's share of it; unbiased std, as torch.std)."""
-        mean, var, _ = self.dist.moments(adv, unbiased=True)
-        return (adv - mean) / (var.sqrt() + 1e-8)
+    def _minibatch_moments(self, adv: torch.Tensor, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased std (as torch.std) of the advantages of each of an epoch's minibatches, over
+        every rank's share of it: (M,) each, from one all-reduce per epoch on several ranks."""
+        if not self.dist.active:
+            return torch.stack([adv[idx].mean() for idx in batches]), torch.stack([adv[idx].std() for idx in batches])
+        sums = self.dist.sum(torch.stack([torch.stack([adv[idx].sum(), adv[idx].square().sum()]) for idx in batches]))
+        n = torch.tensor([len(idx) * self.dist.world_size for idx in batches], dtype=adv.dtype, device=adv.device)
+        mean = sums[:, 0] / n
+        var = ((sums[:, 1] - n * mean.square()) / (n - 1)).clamp_min(0.0)
+        return mean, var.sqrt()
 
     def _mean(self, value: float) -> float:
         return float(self.dist.mean({"v": value})["v"])  # type: ignore[arg-type]
