@@ -170,7 +170,8 @@ def test_flow_sde_chain_likelihood_uses_the_score_corrected_mean(pretrained) -> 
 
 def test_critic_warmup_waits_for_explained_variance_then_never_returns(pretrained) -> None:
     agent = _agent(f"init={pretrained}", *FINETUNE, "train.critic_warmup_iterations=1", "train.critic_warmup_ev=0.999",
-                   "train.critic_warmup_max_iterations=3", "train.env_steps=11520")
+                   "train.critic_warmup_max_iterations=3", "train.num_envs=32", "train.rollout_steps=5",
+                   "train.minibatch_size=80", "train.env_steps=3200")
     start = [p.detach().clone() for p in agent.policy.parameters()]
     flags = []
     for iteration in range(5):

@@ -88,16 +88,16 @@ def _gaussian_flow(m: float, s: float):
 def test_flow_sde_keeps_the_flows_marginals_where_plain_injection_widens_them() -> None:
     """On a flow with a known velocity, Euler-Maruyama with the score-corrected drift ends at the data
     distribution; the same noise added to the plain Euler mean inflates its variance."""
-    m, s, k, sigma = 0.7, 0.3, 200, 0.04  # per-step noise std 0.04: diffusion g = sigma * sqrt(K) ~ 0.57
+    m, s, k, sigma = 0.7, 0.3, 100, 0.06  # per-step noise std 0.06: diffusion g = sigma * sqrt(K) = 0.6
     velocity = _gaussian_flow(m, s)
     noise = lambda t, x: torch.full_like(x, sigma)  # noqa: E731
-    x0 = torch.randn(200_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x0 = torch.randn(40_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     deterministic = euler_sample(velocity, x0, k)
     sde = noisy_euler_chain(marginal_preserving_drift(velocity, noise, k), noise, x0, k,
                             torch.Generator().manual_seed(1))[:, -1]
     plain = noisy_euler_chain(velocity, noise, x0, k, torch.Generator().manual_seed(1))[:, -1]
     assert float(deterministic.mean()) == pytest.approx(m, abs=0.005)
-    assert float(deterministic.std()) == pytest.approx(s, abs=0.005)
+    assert float(deterministic.std()) == pytest.approx(s, abs=0.01)
     assert float(sde.mean()) == pytest.approx(m, abs=0.01)
     assert float(sde.std()) == pytest.approx(s, abs=0.015)
     assert float(plain.std()) > s + 0.1
