@@ -13,7 +13,7 @@ W=/tmp/w; mkdir -p $W/logs $W/results; cd $W; rm -rf configs data; cp -r $REPO/c
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > $W/logs/gpu.txt
 date +%s > $W/logs/t0
 say() { echo "$* at $(( $(date +%s) - $(cat $W/logs/t0) )) s" >> $W/logs/pipeline.log; }
-HOPPER=$REPO/.gpu/bc_hopper0/10000
+HOPPER=/tmp/bch/10000  # the dev machine's Hopper BC (configs/hopper/pretrain_reflow.yaml, seed 0), copied there
 bc() {  # gpu task seed
   CUDA_VISIBLE_DEVICES=$1 python3 -m flowrl pretrain configs/$2/pretrain_reflow.yaml --out $W/bc_$2$3 seed=$3 device=cuda \
     --no-eval train.eval_every=0 > $W/logs/bc_$2$3.log 2>&1
