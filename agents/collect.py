@@ -55,7 +55,8 @@ def _source(path: Path, level: str, task: str | None, device: str, num_envs: int
 def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: float = 0.0, seed: int = 0,
             level: str = "expert", task: str | None = None, num_envs: int = 16, device: str = "cpu",
             progress: bool = True, created_by: str | None = None, fmt: str = "flowrl",
-            after_success: int = 10, keep_failures: bool = False, backend: str = "auto") -> Episodes:
+            after_success: int = 10, keep_failures: bool = False, backend: str = "auto",
+            cameras: tuple[str, ...] | list[str] = (), image_size: int = 84) -> Episodes:
     """Roll ``source`` out for ``episodes`` seeded episodes and write them to ``out``.
 
     On tasks that report success (robosuite), an episode is cut ``after_success`` steps after its
@@ -63,7 +64,9 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     successful episodes are kept unless ``keep_failures``: collection goes on with further seeds
     until ``episodes`` are kept (at most 3x as many tried). ``after_success < 0`` keeps whole
     episodes. ``backend`` is any backend the task runs on (``auto``: the task's default, see
-    :func:`flowrl.envs.make`).
+    :func:`flowrl.envs.make`). ``cameras``: also record these cameras' ``image_size`` x ``image_size``
+    RGB images of the state before each step (robomimic's ``obs/<camera>_image``; robosuite scenes on
+    the cpu backend, robomimic format, 1-step chunks such as the scripted experts').
     ``created_by`` is the command line recorded in the file (the CLI passes its own)."""
     if episodes < 1:
         raise FlowrlError(f"--episodes must be >= 1, got {episodes}")
@@ -74,7 +77,22 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     info = resolve_task(task_name)
     if fmt == "robomimic" and info.family != "robosuite":
         raise FlowrlError(f"--format robomimic needs a robosuite task, not {task_name}")
+    if cameras and fmt != "robomimic":
+        raise FlowrlError("--cameras: images are written in robomimic's layout; add --format robomimic")
+    if cameras and policy.act_steps != 1:
+        raise FlowrlError(f"--cameras: images are recorded before every step, so the policy must act one step at a "
+                          f"time; this one executes chunks of {policy.act_steps}")
     env = make(task_name, n, backend=backend, device=device)
+    renderer = None
+    if cameras:
+        from flowrl.envs.cameras import CameraRenderer
+
+        try:
+            renderer = CameraRenderer(env, cameras, image_size, image_size)
+        except FlowrlError:
+            env.close()
+            raise
+    shown: dict[str, torch.Tensor] = {}  # each env's images of its current state (before the step to come)
     low = torch.as_tensor(env.single_action_space.low, dtype=torch.float32)
     high = torch.as_tensor(env.single_action_space.high, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -85,6 +103,8 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
         obs_history, act_steps = policy.obs_history, policy.act_steps
 
         def act_chunk(self, obs: torch.Tensor, noise_in: torch.Tensor | None = None) -> torch.Tensor:
+            if renderer is not None:
+                shown.update(renderer.render())
             chunk = policy.act_chunk(obs).float().cpu()
             if noise > 0:
                 chunk = chunk + noise * torch.randn(chunk.shape, generator=gen)
@@ -99,7 +119,8 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
                 raise FlowrlError(f"only {len(recorded)} of {tried} episodes of {task_name} succeeded; "
                                   f"wanted {episodes} (pass --keep-failures to keep failed ones)")
             per_env: list[dict[str, list]] = [{k: [] for k in ("observations", "actions", "rewards", "terminated",
-                                                               "truncated")} for _ in range(n)]
+                                                               "truncated", *(f"image:{c}" for c in cameras))}
+                                              for _ in range(n)]
             since_success = torch.full((n,), -1, dtype=torch.int64)
 
             def record(obs: torch.Tensor, chunk: torch.Tensor, r: ChunkResult, active: torch.Tensor
@@ -124,6 +145,8 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
                         per_env[i]["rewards"].append(float(r.rewards[i, j]))
                         per_env[i]["terminated"].append(bool(last[i] and r.terminated[i]))
                         per_env[i]["truncated"].append(bool(last[i] and r.truncated[i]) or bool(cut[i, j]))
+                        for c in cameras:  # 1-step chunks: the images rendered just before this step
+                            per_env[i][f"image:{c}"].append(shown[c][i].numpy())
                     stopped |= cut[:, j]
                 return cut
 
@@ -136,7 +159,10 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
                 if bool(result["has_success"]) and not keep_failures and not result["success"][i]:
                     failed += 1
                     continue
-                recorded.append({k: np.asarray(v) for k, v in ep.items()})
+                episode = {k: np.asarray(v) for k, v in ep.items() if not k.startswith("image:")}
+                if cameras:
+                    episode["images"] = {c: np.asarray(ep[f"image:{c}"], dtype=np.uint8) for c in cameras}
+                recorded.append(episode)
             tried += n
             if progress:
                 rets = [e["rewards"].sum() for e in recorded] or [0.0]
@@ -144,11 +170,14 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
                 print(f"[collect {task_name}] {len(recorded)}/{episodes} episodes{dropped}, "
                       f"return {np.mean(rets):.1f} ± {np.std(rets):.1f}", file=sys.stderr, flush=True)
     finally:
+        if renderer is not None:
+            renderer.close()
         env.close()
     space = env.single_observation_space
     meta = {"task": task_name, "gym_id": info.gym_id, "policy": desc, "action_noise": noise,
             "seed": seed, "episodes_tried": tried, "failed_dropped": failed,
             "after_success": after_success,
+            **({"cameras": list(cameras), "image_size": image_size} if cameras else {}),
             "observation_space": {"shape": list(space.shape)},
             "action_space": {"shape": list(env.single_action_space.shape),
                              "low": env.single_action_space.low.tolist(), "high": env.single_action_space.high.tolist()},

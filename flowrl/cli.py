@@ -154,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
                     "success, as robomimic's demonstrations end (default 10; -1 keeps whole episodes)")
     co.add_argument("--keep-failures", action="store_true",
                     help="keep episodes that never succeed (default: drop them and collect more)")
+    co.add_argument("--cameras", nargs="+", default=[], metavar="CAMERA",
+                    help="also record these cameras' RGB images before each step as obs/<camera>_image (robosuite "
+                    "scenes on --backend cpu, --format robomimic, 1-step experts; e.g. agentview robot0_eye_in_hand)")
+    co.add_argument("--image-size", type=int, default=84, help="height and width of the images (default 84)")
 
     cf = sub.add_parser("config", help="show the config schema or a resolved config").add_subparsers(
         dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -397,7 +401,8 @@ def cmd_collect(args: argparse.Namespace) -> None:
     data = tool("collect")(args.source, args.out, episodes=args.episodes, noise=args.noise, seed=args.seed,
                    level=args.level, task=args.task, num_envs=args.num_envs, backend=args.backend,
                    created_by="flowrl " + shlex.join(args.argv), fmt=args.format,
-                   after_success=args.after_success, keep_failures=args.keep_failures)
+                   after_success=args.after_success, keep_failures=args.keep_failures, cameras=args.cameras,
+                   image_size=args.image_size)
     info = data.info()
     print(f"wrote {args.out}: {info['episodes']} episodes, {info['transitions']} transitions, "
           f"return {info['return_mean']:.1f} ± {info['return_std']:.1f}")

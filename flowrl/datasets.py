@@ -45,6 +45,9 @@ class Episodes:
     episode_lengths: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
     format: str = "flowrl"
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    """Camera images beside the observations: ``{camera: (transitions, H, W, 3) uint8}`` (robomimic's
+    ``obs/<camera>_image``), when collected with cameras or read with ``cameras``."""
 
     @property
     def num_episodes(self) -> int:
@@ -75,7 +78,8 @@ class Episodes:
             return self
         n = int(self.episode_lengths[:num_episodes].sum())
         return Episodes(self.observations[:n], self.actions[:n], self.rewards[:n], self.terminated[:n],
-                        self.truncated[:n], self.episode_lengths[:num_episodes], dict(self.meta), self.format)
+                        self.truncated[:n], self.episode_lengths[:num_episodes], dict(self.meta), self.format,
+                        {c: im[:n] for c, im in self.images.items()})
 
     def tail(self, num_episodes: int) -> "Episodes":
         """The last ``num_episodes`` episodes (held out from a ``head`` of the rest)."""
@@ -85,7 +89,8 @@ class Episodes:
             return self
         n = int(self.episode_lengths[-num_episodes:].sum())
         return Episodes(self.observations[-n:], self.actions[-n:], self.rewards[-n:], self.terminated[-n:],
-                        self.truncated[-n:], self.episode_lengths[-num_episodes:], dict(self.meta), self.format)
+                        self.truncated[-n:], self.episode_lengths[-num_episodes:], dict(self.meta), self.format,
+                        {c: im[-n:] for c, im in self.images.items()})
 
     def info(self) -> dict[str, Any]:
         """The summary `flowrl data info` prints."""
@@ -98,15 +103,21 @@ class Episodes:
             "act_dim": self.act_dim,
             "return_mean": float(rets.mean()) if len(rets) else 0.0,
             "return_std": float(rets.std()) if len(rets) else 0.0,
+            **({"cameras": {c: list(im.shape[1:]) for c, im in self.images.items()} if self.images
+                else self.meta["cameras"]} if self.images or self.meta.get("cameras") else {}),
         }
 
     @staticmethod
     def from_list(episodes: list[dict[str, np.ndarray]], meta: dict[str, Any] | None = None) -> "Episodes":
-        """From per-episode dicts with observations, actions, rewards, terminated, truncated."""
+        """From per-episode dicts with observations, actions, rewards, terminated, truncated (and
+        ``images``: ``{camera: (T, H, W, 3) uint8}``, the same cameras in every episode)."""
         cat = lambda k, dt: np.concatenate([np.asarray(e[k], dtype=dt) for e in episodes])  # noqa: E731
+        cameras = list(episodes[0].get("images", {})) if episodes else []
+        images = {c: np.concatenate([np.asarray(e["images"][c], dtype=np.uint8) for e in episodes]) for c in cameras}
         return Episodes(cat("observations", np.float32), cat("actions", np.float32), cat("rewards", np.float32),
                         cat("terminated", bool), cat("truncated", bool),
-                        np.array([len(e["actions"]) for e in episodes], dtype=np.int64), dict(meta or {}))
+                        np.array([len(e["actions"]) for e in episodes], dtype=np.int64), dict(meta or {}),
+                        images=images)
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -136,7 +147,7 @@ def write_robomimic(path: str | Path, episodes: Episodes, obs_layout: list[tuple
                     env_args: dict[str, Any]) -> None:
     """Write ``episodes`` in robomimic's layout (``data/demo_i/{obs/<key>, actions, rewards, dones}``,
     ``data.attrs["env_args"]`` as JSON, ``total``), atomically. ``obs_layout`` splits the flat
-    observation into its keys."""
+    observation into its keys; camera images go to ``obs/<camera>_image``, compressed, one chunk per image."""
     if sum(n for _, n in obs_layout) != episodes.obs_dim:
         raise FlowrlError(f"observation layout covers {sum(n for _, n in obs_layout)} dims, data has {episodes.obs_dim}")
 
@@ -158,6 +169,9 @@ def write_robomimic(path: str | Path, episodes: Episodes, obs_layout: list[tuple
                 for key, size in obs_layout:
                     put(demo, f"obs/{key}", episodes.observations[s0:s0 + n, col:col + size])
                     col += size
+                for camera, images in episodes.images.items():
+                    frames = images[s0:s0 + n]
+                    demo.create_dataset(f"obs/{camera}_image", data=frames, chunks=(1, *frames.shape[1:]), **GZIP)
                 put(demo, "actions", episodes.actions[s0:s0 + n])
                 put(demo, "rewards", episodes.rewards[s0:s0 + n])
                 put(demo, "dones", episodes.terminated[s0:s0 + n].astype(np.int64))
@@ -235,12 +249,19 @@ def _numbered(names: Any, prefix: str) -> list[str]:
     return [k for _, k in sorted(found)]
 
 
+def _low_dim_keys(group: Any) -> list[str]:
+    """A group's observation keys without its images (robomimic's ``<camera>_image``, one H x W x C
+    array per step)."""
+    return sorted(k for k in group.keys() if not (k.endswith("_image") and group[k].ndim == 4))
+
+
 def _obs_from(node: Any, path: Path, keys: list[str] | None) -> np.ndarray:
-    """An observation array, or a group of arrays concatenated along the feature axis."""
+    """An observation array, or a group of arrays concatenated along the feature axis (images left out
+    unless named)."""
     if isinstance(node, h5py.Dataset):
         arr = np.asarray(node[()], dtype=np.float32)
         return arr.reshape(len(arr), -1)
-    names = keys or sorted(node.keys())
+    names = keys or _low_dim_keys(node)
     parts = []
     for k in names:
         arr = _array(node, k, path, np.float32)
@@ -248,7 +269,7 @@ def _obs_from(node: Any, path: Path, keys: list[str] | None) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def _read_robomimic(f: h5py.File, path: Path, obs_keys: list[str] | None) -> Episodes:
+def _read_robomimic(f: h5py.File, path: Path, obs_keys: list[str] | None, cameras: list[str]) -> Episodes:
     episodes = []
     for name in _numbered(f["data"].keys(), "demo_"):
         demo = f["data"][name]
@@ -260,12 +281,23 @@ def _read_robomimic(f: h5py.File, path: Path, obs_keys: list[str] | None) -> Epi
         truncated = np.zeros(t, bool)
         truncated[-1] = not dones[-1]
         rewards = _array(demo, "rewards", path, np.float32) if "rewards" in demo else np.zeros(t, np.float32)
+        images = {}
+        for camera in cameras:
+            key = f"{camera}_image"
+            if key not in demo["obs"]:
+                raise FlowrlError(f"{path}: missing dataset 'data/{name}/obs/{key}' (camera {camera}; the file has "
+                                  f"{', '.join(k for k in demo['obs'] if k.endswith('_image')) or 'no images'})")
+            images[camera] = np.asarray(demo["obs"][key][:t], dtype=np.uint8)
         episodes.append({"observations": _obs_from(demo["obs"], path, obs_keys)[:t], "actions": actions,
-                         "rewards": rewards, "terminated": dones, "truncated": truncated})
+                         "rewards": rewards, "terminated": dones, "truncated": truncated, "images": images})
     if not episodes:
         raise FlowrlError(f"{path}: robomimic file holds no 'data/demo_N' groups")
     meta = {k: _attr(v) for k, v in f["data"].attrs.items()}
-    meta["obs_keys"] = obs_keys or sorted(f["data"][_numbered(f["data"].keys(), "demo_")[0]]["obs"].keys())
+    first = f["data"][_numbered(f["data"].keys(), "demo_")[0]]["obs"]
+    meta["obs_keys"] = obs_keys or _low_dim_keys(first)
+    images = sorted(set(first.keys()) - set(_low_dim_keys(first)))
+    if images:  # what the file offers (read with ``cameras``)
+        meta["cameras"] = {k[: -len("_image")]: list(first[k].shape[1:]) for k in images}
     out = Episodes.from_list(episodes, meta)
     out.format = "robomimic"
     return out
@@ -293,8 +325,9 @@ def _read_minari(f: h5py.File, path: Path, obs_keys: list[str] | None) -> Episod
     return out
 
 
-def read_dataset(path: str | Path, obs_keys: list[str] | None = None) -> Episodes:
-    """Read any supported layout; errors name the file and the offending key."""
+def read_dataset(path: str | Path, obs_keys: list[str] | None = None, cameras: list[str] | None = None) -> Episodes:
+    """Read any supported layout; errors name the file and the offending key. ``cameras``: also read
+    these cameras' images (robomimic files: ``obs/<camera>_image``) into ``Episodes.images``."""
     path = Path(path)
     if not path.is_file():
         raise FlowrlError(f"dataset not found: {path}")
@@ -304,13 +337,15 @@ def read_dataset(path: str | Path, obs_keys: list[str] | None = None) -> Episode
         raise FlowrlError(f"{path}: not a readable HDF5 file ({str(e).splitlines()[0]})") from None
     with f:
         fmt = detect_format(f)
+        if cameras and fmt != "robomimic":
+            raise FlowrlError(f"{path}: camera images are read from robomimic files; this one is {fmt}")
         try:
             if fmt == "flowrl":
                 eps = _read_flowrl(f, path)
             elif fmt == "d4rl":
                 eps = _read_d4rl(f, path)
             elif fmt == "robomimic":
-                eps = _read_robomimic(f, path, obs_keys)
+                eps = _read_robomimic(f, path, obs_keys, list(cameras or []))
             else:
                 eps = _read_minari(f, path, obs_keys)
         except FlowrlError:
@@ -330,6 +365,9 @@ def check_episodes(eps: Episodes, path: Path | str) -> None:
     for key in ("observations", "rewards", "terminated", "truncated"):
         if len(getattr(eps, key)) != n:
             raise FlowrlError(f"{path}: '{key}' has {len(getattr(eps, key))} rows but 'actions' has {n}")
+    for camera, images in eps.images.items():
+        if len(images) != n or images.ndim != 4 or images.shape[-1] != 3:
+            raise FlowrlError(f"{path}: images of camera {camera} have shape {images.shape}, expected ({n}, H, W, 3)")
     if int(eps.episode_lengths.sum()) != n or (eps.episode_lengths <= 0).any():
         raise FlowrlError(f"{path}: episode lengths add up to {int(eps.episode_lengths.sum())}, not {n} transitions")
     for key in ("observations", "actions", "rewards"):

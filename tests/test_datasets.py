@@ -219,3 +219,32 @@ def test_head_and_tail_split_episodes() -> None:
     assert eps.tail(10) is eps
     with pytest.raises(ValueError):
         eps.tail(0)
+
+
+def test_camera_images_round_trip_in_the_robomimic_layout_and_stay_out_of_the_observations(tmp_path) -> None:
+    from flowrl.datasets import write_robomimic as write_ours
+
+    rng = np.random.default_rng(3)
+    eps = _episodes()
+    for e in eps:
+        e["images"] = {"agentview": rng.integers(0, 256, size=(len(e["actions"]), 6, 5, 3), dtype=np.uint8)}
+    data = Episodes.from_list(eps)
+    path = tmp_path / "images.hdf5"
+    write_ours(path, data, [("robot0_eef_pos", 3), ("object", 1)], {"env_name": "Lift"})
+    with h5py.File(path) as f:
+        frames = f["data/demo_2/obs/agentview_image"]
+        assert frames.shape == (7, 6, 5, 3) and frames.dtype == np.uint8 and frames.chunks == (1, 6, 5, 3)
+    low_dim = read_dataset(path)  # images never enter the flat observation
+    np.testing.assert_array_equal(low_dim.observations[:, [1, 2, 3, 0]], data.observations)  # keys sorted
+    assert low_dim.images == {} and low_dim.info()["cameras"] == {"agentview": [6, 5, 3]}
+    back = read_dataset(path, cameras=["agentview"])
+    np.testing.assert_array_equal(back.images["agentview"], data.images["agentview"])
+    np.testing.assert_array_equal(back.tail(1).images["agentview"], eps[-1]["images"]["agentview"])
+    assert back.head(1).images["agentview"].shape == (5, 6, 5, 3)
+    with pytest.raises(FlowrlError, match=r"missing dataset 'data/demo_0/obs/wrist_image' \(camera wrist; the file "
+                                          r"has agentview_image\)"):
+        read_dataset(path, cameras=["wrist"])
+    ours = tmp_path / "ours.hdf5"
+    write_dataset(ours, Episodes.from_list(_episodes()))
+    with pytest.raises(FlowrlError, match="camera images are read from robomimic files; this one is flowrl"):
+        read_dataset(ours, cameras=["agentview"])
