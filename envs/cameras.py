@@ -55,8 +55,7 @@ class CameraRenderer:
             cam.type = mujoco.mjtCamera.mjCAMERA_FIXED
             cam.fixedcamid = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, name)
             self._cams[name] = cam
-        self._renderer: Any = MujocoRenderer(model, width, height)
-        self._renderer._opt.geomgroup[0] = 0  # robosuite hides its collision geoms
+        self._renderer: Any = MujocoRenderer(model, width, height, hidden_geom_groups=(0,))  # robosuite's collision geoms
         self._data = mujoco.MjData(model)
 
     def render(self, ids: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> dict[str, torch.Tensor]:

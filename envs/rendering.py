@@ -44,7 +44,7 @@ def gl_context(width: int, height: int) -> Any:
 class MujocoRenderer:
     """Offscreen rendering of one MuJoCo model into RGB arrays, in an OpenGL context of its own."""
 
-    def __init__(self, model: Any, width: int, height: int) -> None:
+    def __init__(self, model: Any, width: int, height: int, hidden_geom_groups: tuple[int, ...] = ()) -> None:
         import mujoco
 
         self._ctx = gl_context(width, height)
@@ -56,6 +56,8 @@ class MujocoRenderer:
         mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._con)
         self._scene = mujoco.MjvScene(model, maxgeom=10000)
         self._opt = mujoco.MjvOption()
+        for group in hidden_geom_groups:
+            self._opt.geomgroup[group] = 0
         self._viewport = mujoco.MjrRect(0, 0, width, height)
         self._rgb = np.empty((height, width, 3), dtype=np.uint8)
 

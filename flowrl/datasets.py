@@ -95,6 +95,7 @@ class Episodes:
     def info(self) -> dict[str, Any]:
         """The summary `flowrl data info` prints."""
         rets = self.episode_returns()
+        cameras = {c: list(im.shape[1:]) for c, im in self.images.items()} or self.meta.get("cameras")
         return {
             "format": self.format,
             "episodes": self.num_episodes,
@@ -103,8 +104,7 @@ class Episodes:
             "act_dim": self.act_dim,
             "return_mean": float(rets.mean()) if len(rets) else 0.0,
             "return_std": float(rets.std()) if len(rets) else 0.0,
-            **({"cameras": {c: list(im.shape[1:]) for c, im in self.images.items()} if self.images
-                else self.meta["cameras"]} if self.images or self.meta.get("cameras") else {}),
+            **({"cameras": cameras} if cameras else {}),
         }
 
     @staticmethod

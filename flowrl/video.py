@@ -206,7 +206,8 @@ def robosuite_episode(task: str, policy: Any, seed: int, end_on_success: bool = 
         obs = flatten_obs(env.reset(), keys)
         model, data = env.sim.model._model, env.sim.data._data  # after the reset: a hard reset rebuilds the sim
         stride, fps = frame_stride(float(env.control_freq))
-        draw = (renderer or MujocoRenderer)(model, *size)
+        # robosuite's collision geoms (group 0) hidden, as its own renderer does
+        draw = renderer(model, *size) if renderer else MujocoRenderer(model, *size, hidden_geom_groups=(0,))
         camera = fixed_camera(model, ("agentview", "frontview"))
         low, high = env.action_spec
         history = ObsHistory(torch.as_tensor(obs).unsqueeze(0), policy.obs_history)
