@@ -140,15 +140,17 @@ class BehaviorCloning(Agent):
         self.device = setup_torch(cfg)
         self.dist = distributed.current()
         self.rank_batch = self.dist.share(cfg.train.batch_size, "train.batch_size")
-        episodes = read_dataset(cfg.data.path).head(cfg.data.max_episodes)
+        episodes = read_dataset(cfg.data.path, cameras=list(cfg.policy.cameras)).head(cfg.data.max_episodes)
         low, high = check_dataset_matches_task(episodes, self.task, cfg.data.path)
-        self.data = ChunkDataset(episodes, cfg.policy.obs_history, cfg.policy.horizon, self.device)
+        self.data = ChunkDataset(episodes, cfg.policy.obs_history, cfg.policy.horizon, self.device,
+                                 cameras=cfg.policy.cameras)
         self.data_info = {**episodes.info(), "path": str(cfg.data.path)}
         self.iterations = cfg.train.steps
 
         torch.manual_seed(cfg.seed)
         self.model = FlowPolicy(cfg.policy, episodes.obs_dim, episodes.act_dim, low, high).to(self.device)
         self.model.set_normalization(episodes.observations.mean(0), episodes.observations.std(0))
+        self.evaluates_in_simulation = not self.model.uses_images
         self.dist.broadcast_module(self.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
@@ -189,15 +191,17 @@ class BehaviorCloning(Agent):
         idx = torch.randint(0, self.shard_size, (n,), generator=self.gen, device=self.device)
         idx = idx * self.dist.world_size + self.dist.rank
         obs, actions = self.data.batch(idx)
+        images = self.data.batch_images(idx)
         x1 = policy.normalize_action(actions)
-        cond = policy.encode(obs)
+        cond = policy.encode(obs, images)
         logs: dict[str, float] = {}
         if policy.is_shortcut:
             n_sc = max(1, int(round(n * cfg.shortcut_fraction)))
             n_fm = n - n_sc
             fm = flow_matching_loss(policy, cond[:n_fm], x1[:n_fm], self.gen, cfg.time_sampling)
-            sc = shortcut_consistency_loss(policy, self.ema, cond[n_fm:], self.ema.encode(obs[n_fm:]), x1[n_fm:],
-                                           self.gen)
+            ema_images = None if images is None else {c: x[n_fm:] for c, x in images.items()}
+            sc = shortcut_consistency_loss(policy, self.ema, cond[n_fm:], self.ema.encode(obs[n_fm:], ema_images),
+                                           x1[n_fm:], self.gen)
             loss = (fm * n_fm + sc * n_sc) / n
             logs["train/shortcut_loss"] = sc.item()
         else:

@@ -45,7 +45,7 @@ from flowrl.config import (FinetuneConfig, LoopConfig, check_non_negative, check
 from flowrl.datasets import ChunkDataset, read_dataset
 from flowrl.envs import canonical_task
 from flowrl.errors import FlowrlError
-from flowrl.policy import FlowPolicy
+from flowrl.policy import FlowPolicy, require_state_only
 from flowrl.sampler import euler_sample, time_grid
 from flowrl.training import Agent
 
@@ -187,6 +187,7 @@ class MLEFineTuning(Agent):
         self.device = setup_torch(cfg)
         init = resolve_checkpoint(cfg.init)
         pretrained, init_config = load_policy(init, self.device)
+        require_state_only(pretrained, f"{init}: MLE fine-tuning")
         self.task = canonical_task(cfg.task or init_config["task"])
         self.init_info = {"path": str(init), "step": init_config.get("step"), "stage": init_config.get("stage")}
         data_path = t.data or (init_config.get("dataset") or {}).get("path", "")

@@ -47,7 +47,7 @@ from flowrl.config import (FinetuneConfig, LoopConfig, check_fraction, check_non
 from flowrl.envs import canonical_task, make, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.nets import SinusoidalEmbedding
-from flowrl.policy import FlowPolicy
+from flowrl.policy import FlowPolicy, require_state_only
 from flowrl.rollout import ObsHistory
 from flowrl.sampler import (chain_transitions, euler_sample, gaussian_log_prob, marginal_preserving_drift,
                             noisy_euler_chain)
@@ -306,6 +306,7 @@ class ReinFlow(Agent):
         self.local_envs = self.dist.share(t.num_envs, "train.num_envs")
         self.local_minibatch = self.dist.share(t.minibatch_size, "train.minibatch_size")
         policy, init_config = load_policy(cfg.init, self.device)
+        require_state_only(policy, f"{cfg.init}: ReinFlow")
         if "task" not in init_config:
             raise FlowrlError(f"{cfg.init}/config.json: missing key 'task'")
         self.task = canonical_task(cfg.task or init_config["task"])

@@ -52,6 +52,15 @@ class PolicyConfig:
     residual_gain_min: float = 0.0
     """The residual's damping gain k is at least this (ResFT sets it above the frozen field's estimated
     Lipschitz bound, so the combined field contracts in the action)."""
+    cameras: list[str] = field(default_factory=list)
+    """Cameras the policy sees besides the state (pixel policies; e.g. [agentview]): their images are read
+    from the dataset's obs/<camera>_image and encoded by flowrl.vision.ImageEncoder. Empty: state only."""
+    image_size: int = 84
+    """Height and width of the camera images."""
+    image_features: int = 64
+    """Features per camera image out of the image encoder."""
+    image_shift: int = 4
+    """Random-shift augmentation of the images while training, in pixels (0: none)."""
 
 
 @dataclass
@@ -177,7 +186,10 @@ def validate_policy(p: PolicyConfig, prefix: str = "policy.") -> None:
         fail(f"{prefix}head", f"must be reflow or shortcut, got '{p.head}'")
     check_positive(p, prefix, "obs_history", "horizon", "act_steps", "num_steps", "hidden_dim", "depth",
                    "time_embed_dim", "max_shortcut_steps")
-    check_non_negative(p, prefix, "residual_hidden_dim", "residual_gain_min")
+    check_non_negative(p, prefix, "residual_hidden_dim", "residual_gain_min", "image_shift")
+    check_positive(p, prefix, "image_size", "image_features")
+    if len(set(p.cameras)) != len(p.cameras):
+        fail(f"{prefix}cameras", f"names a camera twice: {list(p.cameras)}")
     if p.act_steps > p.horizon:
         fail(f"{prefix}act_steps", f"must be <= horizon ({p.horizon}), got {p.act_steps}")
     if p.time_embed_dim % 2:

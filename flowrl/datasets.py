@@ -389,10 +389,12 @@ class ChunkDataset:
     Sample i starts at step s of an episode: its history is the observations at s-H+1..s, where
     steps before the episode's first are filled with that first observation; its chunk is the
     actions at s..s+horizon-1, so s runs only over steps with a full chunk inside the episode.
-    Everything is held as torch tensors on ``device``; ``batch(idx)`` gathers without copying loops.
+    Everything is held as torch tensors on ``device``; ``batch(idx)`` gathers without copying loops,
+    and ``batch_images(idx)`` the same history steps' camera images (``cameras``).
     """
 
-    def __init__(self, episodes: Episodes, obs_history: int, horizon: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, episodes: Episodes, obs_history: int, horizon: int, device: str | torch.device = "cpu",
+                 cameras: list[str] | tuple[str, ...] = ()) -> None:
         starts = episodes.episode_starts
         ends = starts + episodes.episode_lengths
         begin, hist, chunk = [], [], []
@@ -410,6 +412,10 @@ class ChunkDataset:
         self.actions = torch.as_tensor(episodes.actions, device=self.device)
         self.hist_index = torch.as_tensor(np.concatenate(hist), device=self.device)
         self.chunk_index = torch.as_tensor(np.concatenate(chunk), device=self.device)
+        missing = [c for c in cameras if c not in episodes.images]
+        if missing:
+            raise FlowrlError(f"the demonstrations hold no images of camera(s) {', '.join(missing)}")
+        self.images = {c: torch.as_tensor(episodes.images[c], device=self.device) for c in cameras}  # uint8
 
     def __len__(self) -> int:
         return len(self.hist_index)
@@ -417,3 +423,10 @@ class ChunkDataset:
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, obs_history, obs_dim) observations and (B, horizon, act_dim) actions in env units."""
         return self.obs[self.hist_index[idx]], self.actions[self.chunk_index[idx]]
+
+    def batch_images(self, idx: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """``{camera: (B, obs_history, H, W, 3) uint8}`` beside :meth:`batch` (None without cameras)."""
+        if not self.images:
+            return None
+        rows = self.hist_index[idx]
+        return {c: im[rows] for c, im in self.images.items()}

@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from flowrl.config import PolicyConfig
+from flowrl.errors import FlowrlError
 from flowrl.nets import ResidualMLP, SinusoidalEmbedding
 from flowrl.sampler import euler_sample
+from flowrl.vision import ImageEncoder
 
 OBS_CLIP = 10.0
 
@@ -41,9 +43,13 @@ class FlowPolicy(nn.Module):
         emb = cfg.time_embed_dim
         self.time_embed = SinusoidalEmbedding(emb)
         self.step_embed = SinusoidalEmbedding(emb) if self.is_shortcut else None
-        in_dim = cfg.horizon * act_dim + cfg.obs_history * obs_dim + emb * (2 if self.is_shortcut else 1)
+        self.image_encoder = (ImageEncoder(list(cfg.cameras), cfg.image_size, cfg.image_features, cfg.image_shift)
+                              if cfg.cameras else None)
+        image_dim = self.image_encoder.out_dim if self.image_encoder is not None else 0
+        self.cond_dim = cfg.obs_history * (obs_dim + image_dim)
+        in_dim = cfg.horizon * act_dim + self.cond_dim + emb * (2 if self.is_shortcut else 1)
         self.velocity_net = ResidualMLP(in_dim, cfg.horizon * act_dim, cfg.hidden_dim, cfg.depth)
-        self.residual = (ContractingResidual(cfg.obs_history * obs_dim, self.chunk_shape, cfg.residual_hidden_dim,
+        self.residual = (ContractingResidual(self.cond_dim, self.chunk_shape, cfg.residual_hidden_dim,
                                              emb, cfg.residual_gain_min) if cfg.residual_hidden_dim else None)
 
     # -- normalisation -------------------------------------------------------------------------
@@ -52,10 +58,23 @@ class FlowPolicy(nn.Module):
         self.obs_mean.copy_(torch.as_tensor(obs_mean, dtype=torch.float32))
         self.obs_std.copy_(torch.as_tensor(obs_std, dtype=torch.float32).clamp_min(1e-3))
 
-    def encode(self, obs: torch.Tensor) -> torch.Tensor:
-        """(B, obs_history, obs_dim) raw observations -> (B, obs_history * obs_dim) features."""
-        z = ((obs.to(self.obs_mean.dtype) - self.obs_mean) / self.obs_std).clamp(-OBS_CLIP, OBS_CLIP)
-        return z.flatten(1)
+    @property
+    def uses_images(self) -> bool:
+        """Whether the policy sees camera images (``cfg.cameras``) besides the state."""
+        return self.image_encoder is not None
+
+    def encode(self, obs: torch.Tensor, images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, obs_history, obs_dim) raw observations -> (B, cond_dim) features: the standardised
+        states, then (pixel policies) each history step's image features, ``images`` holding
+        ``{camera: (B, obs_history, H, W, 3) uint8}``."""
+        z = ((obs.to(self.obs_mean.dtype) - self.obs_mean) / self.obs_std).clamp(-OBS_CLIP, OBS_CLIP).flatten(1)
+        if self.image_encoder is None:
+            return z
+        if images is None:
+            raise ValueError(f"this policy sees camera images ({', '.join(self.cfg.cameras)}); none were given")
+        b, h = obs.shape[:2]
+        flat = {c: x.reshape(b * h, *x.shape[2:]) for c, x in images.items()}
+        return torch.cat([z, self.image_encoder(flat).view(b, -1)], dim=1)
 
     def normalize_action(self, action: torch.Tensor) -> torch.Tensor:
         """Env units -> [-1, 1]."""
@@ -93,28 +112,42 @@ class FlowPolicy(nn.Module):
         return torch.randn((batch, *self.chunk_shape), generator=generator, device=device)
 
     def sample(self, obs: torch.Tensor, num_steps: int | None = None, noise: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None,
+               images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Normalised action chunks (B, horizon, act_dim), unclamped; deterministic given ``noise``."""
         k = num_steps or self.cfg.num_steps
-        cond = self.encode(obs)
+        cond = self.encode(obs, images)
         x0 = self.initial_noise(obs.shape[0], generator) if noise is None else noise
         return euler_sample(self.velocity_fn(cond, k), x0, k)
 
     @torch.no_grad()
     def predict(self, obs: torch.Tensor | np.ndarray, num_steps: int | None = None,
-                noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Env-ready action chunks (B, horizon, act_dim) for raw observations.
 
-        ``obs`` is (B, obs_history, obs_dim), or (B, obs_dim) for a history of one.
+        ``obs`` is (B, obs_history, obs_dim), or (B, obs_dim) for a history of one; pixel policies
+        also take ``images`` ``{camera: (B, obs_history, H, W, 3) uint8}`` (or (B, H, W, 3)).
         """
         obs = torch.as_tensor(obs, dtype=torch.float32, device=self.obs_mean.device)
         if obs.dim() == 2:
             obs = obs.unsqueeze(1)
-        return self.unnormalize_action(self.sample(obs, num_steps, noise, generator))
+        if images is not None:
+            images = {c: torch.as_tensor(x, device=self.obs_mean.device) for c, x in images.items()}
+            images = {c: x.unsqueeze(1) if x.dim() == 4 else x for c, x in images.items()}
+        return self.unnormalize_action(self.sample(obs, num_steps, noise, generator, images))
 
     def describe(self) -> dict[str, Any]:
         n = sum(p.numel() for p in self.parameters())
         return {"head": self.cfg.head, "parameters": n, "obs_dim": self.obs_dim, "act_dim": self.act_dim}
+
+
+def require_state_only(policy: FlowPolicy, what: str) -> None:
+    """A one-line error when a pixel policy reaches a stage that does not feed it images yet."""
+    if getattr(policy, "uses_images", False):  # stand-ins of tests and tools are state-only
+        raise FlowrlError(f"{what}: this policy sees camera images ({', '.join(policy.cfg.cameras)}); pixel "
+                          "policies are trained by behaviour cloning only so far (evaluation in simulation, "
+                          "fine-tuning and export take state-only policies)")
 
 
 class ContractingResidual(nn.Module):

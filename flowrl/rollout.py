@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from flowrl.envs import BatchedEnv, ChunkResult
-from flowrl.policy import FlowPolicy
+from flowrl.policy import FlowPolicy, require_state_only
 
 
 class ObsHistory:
@@ -86,6 +86,9 @@ class FlowChunkPolicy:
     policy: FlowPolicy
     num_steps: int
     generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        require_state_only(self.policy, "rolling the policy out")
 
     @property
     def obs_history(self) -> int:

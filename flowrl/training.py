@@ -54,6 +54,8 @@ class Agent(ABC):
     step_unit: str = "step"
     evaluate_at_start: bool = False
     """Evaluate the starting policy before the first iteration (fine-tuning: it is a candidate for best)."""
+    evaluates_in_simulation: bool = True
+    """False where the policy cannot be rolled out yet (pixel policies): no periodic or final evaluation."""
     supports_distributed: bool = False
     """The agent shards its data or envs over torchrun's ranks and averages its gradients
     (:mod:`flowrl.distributed`); others refuse to run on more than one rank."""
@@ -244,7 +246,7 @@ class Trainer:
             policy.train(was_training)
 
     def _periodic_eval(self, writer: Any, bar: Any) -> None:
-        if not self.dist.is_main:
+        if not self.dist.is_main or not self.agent.evaluates_in_simulation:
             return
         k = self.agent.policy.cfg.num_steps
         r = self.evaluate(k, self.loop.eval_episodes, SELECTION_SEED)
@@ -346,6 +348,10 @@ class Trainer:
         others return no rows)."""
         self.agent.release_rollout_envs()
         if not self.dist.is_main:
+            return []
+        if not self.agent.evaluates_in_simulation:
+            print(f"no evaluation: {self.agent.task} policies with camera images are not rolled out in simulation yet",
+                  file=sys.stderr)
             return []
         e = self.agent.cfg.eval
         rows = [self.evaluate(k, e.episodes) for k in e.steps]

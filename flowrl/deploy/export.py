@@ -36,7 +36,7 @@ from flowrl.deploy.meta import META_FORMAT, export_metadata, metadata_path, read
 from flowrl.deploy.runtime import make_backend
 from flowrl.errors import FlowrlError
 from flowrl.io import atomic_path, write_json
-from flowrl.policy import OBS_CLIP, FlowPolicy
+from flowrl.policy import OBS_CLIP, FlowPolicy, require_state_only
 
 FORMATS = ("onnx", "torch-export")
 TOLERANCE = 1e-4
@@ -53,6 +53,7 @@ class UnrolledSampler(nn.Module):
         super().__init__()
         if num_steps < 1:
             raise FlowrlError(f"K must be >= 1, got {num_steps}")
+        require_state_only(policy, "export")
         cfg = policy.cfg
         self.num_steps = num_steps
         # the rearranged graph knows the plain velocity network only; a policy whose velocity has more

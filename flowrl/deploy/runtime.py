@@ -243,7 +243,10 @@ def load(path: str | Path, backend: str = "auto", num_steps: int | None = None,
         from flowrl.checkpoint import load_policy, resolve_checkpoint
         from flowrl.deploy.meta import export_metadata
 
+        from flowrl.policy import require_state_only
+
         policy, config = load_policy(resolve_checkpoint(path), "cpu")
+        require_state_only(policy, f"{path}: deployment")
         k = policy.cfg.num_steps if num_steps is None else int(num_steps)
         if k < 1:
             raise FlowrlError(f"num_steps must be >= 1, got {k}")
