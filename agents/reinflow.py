@@ -49,8 +49,7 @@ from flowrl.errors import FlowrlError
 from flowrl.nets import SinusoidalEmbedding
 from flowrl.policy import FlowPolicy, require_state_only
 from flowrl.rollout import ObsHistory
-from flowrl.sampler import (chain_transitions, euler_sample, gaussian_log_prob, marginal_preserving_drift,
-                            noisy_euler_chain)
+from flowrl.sampler import chain_transitions, euler_sample, gaussian_log_prob, noisy_euler_chain
 from flowrl.training import Agent, mean_or_none
 
 LOG_2PI_E_HALF = 0.5 * math.log(2 * math.pi * math.e)
@@ -108,7 +107,7 @@ class ReinFlowConfig(LoopConfig):
     logprob_normalization: str = "mean"
     """`mean`: the ratio uses the chain log-likelihood divided by its number of noisy elements (K*horizon*act_dim), a per-element geometric-mean ratio; `mean_with_initial`: divided by (K+1)*horizon*act_dim, counting the initial noise as ReinFlow's reference does (the same ratio to the power K/(K+1): a wider effective clip); `sum`: the exact joint ratio."""
     exploration: str = "reinflow"
-    """`reinflow`: the noise is added to the Euler step's mean (ReinFlow); `flow_sde`: the step's mean also takes the score correction that keeps the flow's marginals (flowrl.sampler.marginal_preserving_drift), so the noisy chain PPO trains samples, in distribution, the deterministic flow that is deployed."""
+    """`reinflow`: the noise is added to the Euler step's mean (ReinFlow); `flow_sde`: the step's mean also takes the score correction that keeps the flow's marginals (flowrl.sampler.step_mean), so the noisy chain PPO trains samples, in distribution, the deterministic flow that is deployed."""
     reward_scaling: bool = True
     """Divide rewards by a running std of the discounted return."""
     critic_warmup_iterations: int = 2
@@ -265,7 +264,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_value: torch.T
     return advantages, advantages + values
 
 
-def _mean(values: list[torch.Tensor]) -> float:
+def _device_mean(values: list[torch.Tensor]) -> float:
     """The mean of scalar tensors accumulated on the device, read back once."""
     return float(torch.stack(values).mean())
 
@@ -383,16 +382,17 @@ class ReinFlow(Agent):
     # -- the noisy chain -----------------------------------------------------------------------
     def _chain_fns(self, cond: torch.Tensor, repeat: int = 1):
         cond = cond.repeat_interleave(repeat, dim=0) if repeat > 1 else cond
-        velocity, noise_std = self.policy.velocity_fn(cond, self.K), lambda tt, x: self.noise(tt, cond)
-        if self.cfg.train.exploration == "flow_sde":
-            velocity = marginal_preserving_drift(velocity, noise_std, self.K)
-        return velocity, noise_std
+        return self.policy.velocity_fn(cond, self.K), lambda tt, x: self.noise(tt, cond)
+
+    @property
+    def _score_correction(self) -> bool:
+        return self.cfg.train.exploration == "flow_sde"
 
     def log_prob_and_entropy(self, obs: torch.Tensor, chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample chain log-likelihood (without the parameter-free x0 term) and noise entropy,
         both normalised as ``logprob_normalization`` says."""
         velocity, noise_std = self._chain_fns(self.policy.encode(obs), repeat=self.K)
-        mean, std = chain_transitions(velocity, noise_std, chain, self.K)
+        mean, std = chain_transitions(velocity, noise_std, chain, self.K, self._score_correction)
         lp = gaussian_log_prob(chain[:, 1:], mean, std).flatten(1).sum(dim=1)
         entropy = (std.log() + LOG_2PI_E_HALF).flatten(1).sum(dim=1)
         normalization = self.cfg.train.logprob_normalization
@@ -407,7 +407,7 @@ class ReinFlow(Agent):
         """Sample chains for (N, H, obs_dim) observations: (chain, env-unit action chunk)."""
         velocity, noise_std = self._chain_fns(self.policy.encode(obs))
         x0 = torch.randn((obs.shape[0], *self.policy.chunk_shape), generator=self.gen, device=self.device)
-        chain = noisy_euler_chain(velocity, noise_std, x0, self.K, self.gen)
+        chain = noisy_euler_chain(velocity, noise_std, x0, self.K, self.gen, self._score_correction)
         return chain, self.policy.unnormalize_action(chain[:, -1])
 
     # -- rollout -------------------------------------------------------------------------------
@@ -467,20 +467,24 @@ class ReinFlow(Agent):
         size = len(batch["advantages"])
         first_epoch = self._minibatches(size)
         self.policy.train()
-        with torch.no_grad():  # same minibatches as the first epoch: its first ratio is exactly 1
-            old_logprob = torch.zeros(size, device=self.device)
-            for idx in first_epoch:
-                old_logprob[idx] = self.log_prob_and_entropy(batch["obs"][idx], batch["chain"][idx])[0]
         y, v = batch["returns"], batch["values"]
-        explained_variance = self._mean(float(1 - (y - v).var() / y.var().clamp_min(1e-8)))
+        explained_variance = self._rank_mean(float(1 - (y - v).var() / y.var().clamp_min(1e-8)))
         warmup = self._critic_warmup(explained_variance)
+        if not warmup:
+            with torch.no_grad():  # same minibatches as the first epoch: its first ratio is exactly 1
+                old_logprob = torch.zeros(size, device=self.device)
+                for idx in first_epoch:
+                    old_logprob[idx] = self.log_prob_and_entropy(batch["obs"][idx], batch["chain"][idx])[0]
         # statistics stay on the device until the end: no host round trip inside the loop, so that on
         # several GPUs the gradient all-reduces queue up behind the compute instead of waiting for the host
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "value", "entropy", "kl", "clip", "w2")}
         first_ratio_dev = None
         for epoch in range(t.update_epochs):
             batches = first_epoch if epoch == 0 else self._minibatches(size)
-            adv_mean, adv_std = self._minibatch_moments(batch["advantages"], batches)
+            if not warmup:  # each minibatch's advantages standardised over every rank's share of it
+                adv_mean, adv_var, _ = self.dist.group_moments([batch["advantages"][idx] for idx in batches],
+                                                               unbiased=True)
+                adv_std = adv_var.sqrt()
             for j, idx in enumerate(batches):
                 obs, chain = batch["obs"][idx], batch["chain"][idx]
                 value = self.critic(self.policy.encode(obs))
@@ -523,16 +527,19 @@ class ReinFlow(Agent):
                 stats["pg"].append(pg_loss.detach())
                 stats["value"].append(value_loss.detach())
                 stats["entropy"].append(entropy_loss.detach())
-            if t.target_kl and stats["kl"] and self._mean(_mean(stats["kl"][-len(batches):])) > t.target_kl:
-                break
-        logs = {"train/value_loss": _mean(stats["value"]), "train/explained_variance": explained_variance,
+            if t.target_kl and stats["kl"]:
+                if self._rank_mean(_device_mean(stats["kl"][-len(batches):])) > t.target_kl:
+                    break
+        logs = {"train/value_loss": _device_mean(stats["value"]), "train/explained_variance": explained_variance,
                 "train/epochs": epoch + 1, "train/critic_warmup": float(warmup)}
         if stats["pg"]:
-            logs.update({"train/policy_gradient_loss": _mean(stats["pg"]), "train/entropy_loss": _mean(stats["entropy"]),
-                         "train/approx_kl": _mean(stats["kl"]), "train/clip_fraction": _mean(stats["clip"]),
+            logs.update({"train/policy_gradient_loss": _device_mean(stats["pg"]),
+                         "train/entropy_loss": _device_mean(stats["entropy"]),
+                         "train/approx_kl": _device_mean(stats["kl"]),
+                         "train/clip_fraction": _device_mean(stats["clip"]),
                          "train/first_ratio_deviation": float(first_ratio_dev)})
         if stats["w2"]:
-            logs["train/w2_loss"] = _mean(stats["w2"])
+            logs["train/w2_loss"] = _device_mean(stats["w2"])
         return logs
 
     def _critic_warmup(self, explained_variance: float) -> bool:
@@ -552,18 +559,7 @@ class ReinFlow(Agent):
             return False
         return True
 
-    def _minibatch_moments(self, adv: torch.Tensor, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and unbiased std (as torch.std) of the advantages of each of an epoch's minibatches, over
-        every rank's share of it: (M,) each, from one all-reduce per epoch on several ranks."""
-        if not self.dist.active:
-            return torch.stack([adv[idx].mean() for idx in batches]), torch.stack([adv[idx].std() for idx in batches])
-        sums = self.dist.sum(torch.stack([torch.stack([adv[idx].sum(), adv[idx].square().sum()]) for idx in batches]))
-        n = torch.tensor([len(idx) * self.dist.world_size for idx in batches], dtype=adv.dtype, device=adv.device)
-        mean = sums[:, 0] / n
-        var = ((sums[:, 1] - n * mean.square()) / (n - 1)).clamp_min(0.0)
-        return mean, var.sqrt()
-
-    def _mean(self, value: float) -> float:
+    def _rank_mean(self, value: float) -> float:
         return float(self.dist.mean({"v": value})["v"])  # type: ignore[arg-type]
 
     def _clip(self, params: Any) -> None:

@@ -55,17 +55,24 @@ class Dist:
                               "an equal share)")
         return total // self.world_size
 
-    def moments(self, x: torch.Tensor, unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``(mean, variance, count)`` of the elements of ``x`` over every rank's ``x`` (one all-reduce of the
-        sums; alone, torch's own mean and variance)."""
+    def group_moments(self, groups: list[torch.Tensor], unbiased: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(mean, variance, count)`` of each group's elements over every rank's share of that group, (M,)
+        each: one all-reduce of the sums for all groups (alone, torch's own mean and variance per group)."""
         if not self.active:
-            return x.mean(), x.var(unbiased=unbiased), x.numel()
-        s = self.sum(torch.stack([x.sum(), x.square().sum(), torch.tensor(float(x.numel()), dtype=x.dtype,
-                                                                          device=x.device)]))
-        n = int(s[2])
-        mean = s[0] / n
-        var = ((s[1] - n * mean.square()) / (n - 1 if unbiased else n)).clamp_min(0.0)
+            return (torch.stack([g.mean() for g in groups]), torch.stack([g.var(unbiased=unbiased) for g in groups]),
+                    torch.tensor([g.numel() for g in groups]))
+        s = self.sum(torch.stack([torch.stack([g.sum(), g.square().sum(), g.new_tensor(float(g.numel()))])
+                                  for g in groups]))
+        n = s[:, 2]
+        mean = s[:, 0] / n
+        var = ((s[:, 1] - n * mean.square()) / (n - 1 if unbiased else n)).clamp_min(0.0)
         return mean, var, n
+
+    def moments(self, x: torch.Tensor, unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(mean, variance, count)`` of the elements of ``x`` over every rank's ``x``."""
+        mean, var, n = self.group_moments([x], unbiased)
+        return mean[0], var[0], int(n[0])
 
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Replace each gradient by its mean over the ranks (parameters without a gradient are left alone:

@@ -40,44 +40,45 @@ NoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def step_mean(x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, std: torch.Tensor, dt: float,
+              score_correction: bool = False) -> torch.Tensor:
+    """The mean of one noisy Euler step from ``x`` at times ``t`` (B,): ``x + v dt`` (ReinFlow), and with
+    ``score_correction`` also ``- (std^2 / 2) (x - t v) / (1 - t)``, which makes the noisy chain an
+    Euler-Maruyama discretisation of an SDE with the flow's own marginals (a Flow-SDE).
+
+    For the linear path ``x_t = (1 - t) x_0 + t x_1`` from Gaussian noise ``x_0``, ``E[x_0 | x_t] =
+    x_t - t v(t, x_t)``, so the score is ``-(x - t v) / (1 - t)``; an SDE ``dx = (v + g^2/2 score) dt + g dW``
+    has the same marginals as the ODE ``dx = v dt`` for any diffusion ``g``. With ``std = g sqrt(dt)``
+    the per-step noise, injecting noise then no longer shifts the distribution of actions away from the
+    deterministic flow's (to first order in ``dt``): the policy the noisy chain trains is, in
+    distribution, the policy that is deployed. The grid ``t_k = k/K`` never reaches ``t = 1``, where the
+    score is undefined.
+    """
+    mean = x + dt * v
+    if score_correction:
+        tt = t.view(-1, *([1] * (x.dim() - 1)))
+        mean = mean - 0.5 * std.square() * (x - tt * v) / (1 - tt)
+    return mean
+
+
 def noisy_euler_chain(velocity: VelocityFn, noise_std: NoiseFn, x0: torch.Tensor, num_steps: int,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, score_correction: bool = False) -> torch.Tensor:
     """The Euler chain with Gaussian noise injected at every step (ReinFlow):
-    ``x_{k+1} = x_k + v(t_k, x_k) dt + sigma(t_k, x_k) eps_k``. Returns (B, K+1, ...), x0 first."""
+    ``x_{k+1} = x_k + v(t_k, x_k) dt + sigma(t_k, x_k) eps_k`` (the mean as :func:`step_mean` says).
+    Returns (B, K+1, ...), x0 first."""
     dt = 1.0 / num_steps
     chain = [x0]
     x = x0
     for t in time_grid(num_steps, x0.shape[0], x0.device, x0.dtype):
-        mean = x + dt * velocity(t, x)
-        x = mean + noise_std(t, x) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        std = noise_std(t, x)
+        mean = step_mean(x, t, velocity(t, x), std, dt, score_correction)
+        x = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         chain.append(x)
     return torch.stack(chain, dim=1)
 
 
-def marginal_preserving_drift(velocity: VelocityFn, noise_std: NoiseFn, num_steps: int) -> VelocityFn:
-    """The drift that makes the noisy Euler chain an Euler-Maruyama discretisation of an SDE with the
-    flow's own marginals (a Flow-SDE): ``v - (sigma^2 / (2 dt)) (x - t v) / (1 - t)``.
-
-    For the linear path ``x_t = (1 - t) x_0 + t x_1`` from Gaussian noise ``x_0``, ``E[x_0 | x_t] =
-    x_t - t v(t, x_t)``, so the score is ``-(x - t v) / (1 - t)``; an SDE ``dx = (v + g^2/2 score) dt + g dW``
-    has the same marginals as the ODE ``dx = v dt`` for any diffusion ``g``. With ``sigma = g sqrt(dt)``
-    the per-step noise of :func:`noisy_euler_chain`, injecting noise then no longer shifts the
-    distribution of actions away from the deterministic flow's (to first order in ``dt``): the policy
-    the noisy chain trains is, in distribution, the policy that is deployed. The grid ``t_k = k/K``
-    never reaches ``t = 1``, where the score is undefined.
-    """
-    dt = 1.0 / num_steps
-
-    def drift(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        v = velocity(t, x)
-        tt = t.view(-1, *([1] * (x.dim() - 1)))
-        return v - noise_std(t, x).square() / (2 * dt) * (x - tt * v) / (1 - tt)
-
-    return drift
-
-
 def chain_transitions(velocity: VelocityFn, noise_std: NoiseFn, chain: torch.Tensor,
-                      num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      num_steps: int, score_correction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Means and stds of every transition of a chain, (B, K, ...) each, in one batched call.
 
     ``velocity`` and ``noise_std`` receive the K states of each chain flattened into the batch,
@@ -88,8 +89,8 @@ def chain_transitions(velocity: VelocityFn, noise_std: NoiseFn, chain: torch.Ten
         raise ValueError(f"chain holds {chain.shape[1]} states, expected K+1 = {k + 1}")
     states = chain[:, :-1].reshape(b * k, *chain.shape[2:])
     t = (torch.arange(k, device=chain.device, dtype=chain.dtype) / k).repeat(b)
-    mean = states + (1.0 / k) * velocity(t, states)
     std = noise_std(t, states)
+    mean = step_mean(states, t, velocity(t, states), std, 1.0 / k, score_correction)
     shape = (b, k, *chain.shape[2:])
     return mean.reshape(shape), std.reshape(shape)
 
@@ -99,10 +100,10 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 
 
 def chain_log_prob(velocity: VelocityFn, noise_std: NoiseFn, chain: torch.Tensor, num_steps: int,
-                   include_initial: bool = True) -> torch.Tensor:
+                   include_initial: bool = True, score_correction: bool = False) -> torch.Tensor:
     """Exact log-likelihood of whole chains, (B,):
-    ``log N(x_0; 0, I) + sum_k log N(x_{k+1}; x_k + v dt, sigma_k^2)``, summed over all elements."""
-    mean, std = chain_transitions(velocity, noise_std, chain, num_steps)
+    ``log N(x_0; 0, I) + sum_k log N(x_{k+1}; step mean, sigma_k^2)``, summed over all elements."""
+    mean, std = chain_transitions(velocity, noise_std, chain, num_steps, score_correction)
     lp = gaussian_log_prob(chain[:, 1:], mean, std).flatten(1).sum(dim=1)
     if include_initial:
         x0 = chain[:, 0]

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from flowrl.envs.rendering import MujocoRenderer, gl_context  # noqa: F401 (gl_context: re-exported)
+from flowrl.envs.rendering import MujocoRenderer
 from flowrl.errors import FlowrlError
 
 DEFAULT_SIZE = (512, 384)

@@ -10,6 +10,7 @@ import torch
 
 from flowrl.datasets import Episodes, write_dataset
 from flowrl.envs import make
+from flowrl.errors import FlowrlError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,3 +77,14 @@ def assert_full_state_resumes(env, actions: list, saved_after: int, detour=None)
         for x, y in zip(one[:4], two[:4]):
             assert torch.equal(x, y)
     return first
+
+
+def gl_missing() -> str | None:
+    """Why offscreen OpenGL does not work here (None when it does): rendering tests skip with it."""
+    from flowrl.envs.rendering import gl_context
+
+    try:
+        gl_context(8, 8).free()
+    except FlowrlError as e:
+        return str(e)
+    return None

@@ -6,22 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import gl_missing
 
 from flowrl.envs import make
 from flowrl.errors import FlowrlError
 
 
-def _gl_missing() -> str | None:
-    from flowrl.envs.rendering import gl_context
-
-    try:
-        gl_context(8, 8).free()
-    except FlowrlError as e:
-        return str(e)
-    return None
-
-
-needs_gl = pytest.mark.skipif(_gl_missing() is not None, reason="no offscreen OpenGL here")
+needs_gl = pytest.mark.skipif(gl_missing() is not None, reason="no offscreen OpenGL here")
 
 
 @needs_gl

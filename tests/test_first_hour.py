@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import gl_missing
 
 from flowrl.checkpoint import load_policy, load_train_state, save_checkpoint
 from flowrl.cli import main
@@ -296,17 +297,6 @@ def test_locomotion_video_is_one_whole_episode_from_a_tracking_camera() -> None:
     assert cam.type == mujoco.mjtCamera.mjCAMERA_TRACKING and cam.trackbodyid == 1  # follows the torso
 
 
-def _gl_works() -> str | None:
-    """None when offscreen OpenGL works here, else why not."""
-    from flowrl.video import gl_context
-
-    try:
-        gl_context(8, 8).free()
-    except FlowrlError as e:
-        return str(e)
-    return None
-
-
 def test_cli_video_after_the_evaluation_is_saved(capsys, checkpoint: Path, monkeypatch) -> None:
     """A failing video costs nothing of the evaluation: the table is printed and eval.json written first."""
     import flowrl.video
@@ -323,7 +313,7 @@ def test_cli_video_after_the_evaluation_is_saved(capsys, checkpoint: Path, monke
 
 
 def test_cli_video_writes_a_real_time_mp4(capsys, checkpoint: Path) -> None:
-    why = _gl_works()
+    why = gl_missing()
     if why:
         pytest.skip(f"no offscreen OpenGL here: {why}")
     import imageio.v2 as imageio

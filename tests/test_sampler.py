@@ -7,7 +7,7 @@ import torch
 
 from flowrl.config import PolicyConfig
 from flowrl.policy import FlowPolicy
-from flowrl.sampler import euler_sample, marginal_preserving_drift, noisy_euler_chain, time_grid
+from flowrl.sampler import euler_sample, noisy_euler_chain, step_mean, time_grid
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
@@ -93,8 +93,7 @@ def test_flow_sde_keeps_the_flows_marginals_where_plain_injection_widens_them() 
     noise = lambda t, x: torch.full_like(x, sigma)  # noqa: E731
     x0 = torch.randn(40_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     deterministic = euler_sample(velocity, x0, k)
-    sde = noisy_euler_chain(marginal_preserving_drift(velocity, noise, k), noise, x0, k,
-                            torch.Generator().manual_seed(1))[:, -1]
+    sde = noisy_euler_chain(velocity, noise, x0, k, torch.Generator().manual_seed(1), score_correction=True)[:, -1]
     plain = noisy_euler_chain(velocity, noise, x0, k, torch.Generator().manual_seed(1))[:, -1]
     assert float(deterministic.mean()) == pytest.approx(m, abs=0.005)
     assert float(deterministic.std()) == pytest.approx(s, abs=0.01)
@@ -105,6 +104,7 @@ def test_flow_sde_keeps_the_flows_marginals_where_plain_injection_widens_them() 
 
 def test_flow_sde_drift_without_noise_is_the_velocity() -> None:
     velocity = _gaussian_flow(0.2, 0.5)
-    drift = marginal_preserving_drift(velocity, lambda t, x: torch.zeros_like(x), 4)
     x, t = torch.randn(8, 1, dtype=torch.float64), torch.rand(8, dtype=torch.float64) * 0.9
-    torch.testing.assert_close(drift(t, x), velocity(t, x), rtol=0, atol=0)
+    v = velocity(t, x)
+    corrected = step_mean(x, t, v, torch.zeros_like(x), 0.25, score_correction=True)
+    torch.testing.assert_close(corrected, x + 0.25 * v, rtol=0, atol=0)
