@@ -110,6 +110,8 @@ class ReinFlowConfig(LoopConfig):
     """`reinflow`: the noise is added to the Euler step's mean (ReinFlow); `flow_sde`: the step's mean also takes the score correction that keeps the flow's marginals (flowrl.sampler.step_mean), so the noisy chain PPO trains samples, in distribution, the deterministic flow that is deployed."""
     reward_scaling: bool = True
     """Divide rewards by a running std of the discounted return."""
+    normalize_advantages: bool = True
+    """Standardise each minibatch's advantages (over every rank's share). Off: the policy gradient sees the advantages in the scaled reward's units, so near-constant returns (a sparse-success task near 100%) give a small step instead of critic noise blown up to unit scale."""
     critic_warmup_iterations: int = 2
     """Iterations at the start that train only the critic."""
     critic_warmup_ev: float = 0.0
@@ -481,7 +483,7 @@ class ReinFlow(Agent):
         first_ratio_dev = None
         for epoch in range(t.update_epochs):
             batches = first_epoch if epoch == 0 else self._minibatches(size)
-            if not warmup:  # each minibatch's advantages standardised over every rank's share of it
+            if not warmup and t.normalize_advantages:  # each minibatch's, over every rank's share of it
                 adv_mean, adv_var, _ = self.dist.group_moments([batch["advantages"][idx] for idx in batches],
                                                                unbiased=True)
                 adv_std = adv_var.sqrt()
@@ -502,7 +504,9 @@ class ReinFlow(Agent):
                 ratio = log_ratio.exp()
                 if first_ratio_dev is None:
                     first_ratio_dev = (ratio.detach() - 1).abs().max()
-                adv = (batch["advantages"][idx] - adv_mean[j]) / (adv_std[j] + 1e-8)
+                adv = batch["advantages"][idx]
+                if t.normalize_advantages:
+                    adv = (adv - adv_mean[j]) / (adv_std[j] + 1e-8)
                 pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - t.clip_coef, 1 + t.clip_coef)).mean()
                 entropy_loss = -entropy.mean()
                 loss = pg_loss + t.ent_coef * entropy_loss + t.vf_coef * value_loss

@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "low_noise": (["train.sigma_min=0.05", "train.sigma_max=0.12"], "injected noise std in [0.05, 0.12]"),
     "flow_sde": (["train.exploration=flow_sde"], "score-corrected noisy chain: trains the deployed flow's marginals"),
     "flow_sde_critic_ev": (["train.exploration=flow_sde", "train.critic_warmup_ev=0.8"], "both"),
+    "raw_advantages": (["train.normalize_advantages=false"], "advantages in scaled-reward units, not standardised"),
 }
 REFERENCE = {"hopper": 3200.0, "walker2d": 4300.0, "humanoid": 5000.0}
 FINAL_TARGET = {"hopper": 3400.0, "walker2d": 5200.0, "humanoid": 6000.0}

@@ -4,10 +4,11 @@ For each GPU count G: weak scaling (``--envs-per-gpu`` envs on every GPU, so G t
 scaling (``--total-envs`` split over the G GPUs), each a short ``flowrl finetune
 configs/hopper/finetune_reflow.yaml`` under ``torchrun --nproc-per-node G`` from a behaviour-cloned policy
 (``--init``; made with configs/hopper/pretrain_reflow.yaml when not given). Iteration times come from the
-run's own training state (the first iteration, which compiles and captures CUDA graphs, is left out).
+run's own training state (the first iteration, which compiles and captures CUDA graphs, is left out), the
+rollout's share of them from its TensorBoard log (``time/rollout_s``; the update is the rest).
 
     python benchmarks/scaling.py --gpus 1 2 [--envs-per-gpu 2048] [--total-envs 4096] [--rollout-steps 10]
-        [--iterations 6] [--init CHECKPOINT] [--backend warp] [--device cuda] [--reach 3200]
+        [--iterations 6] [--init CHECKPOINT] [--backend warp] [--device cuda] [--reach 3200] [--no-strong]
         [--torchrun-args "..."]
 
 An 80k-env-step iteration is ``--envs-per-gpu 2048 --rollout-steps 10`` (2048 x 10 x 4 actions) on one GPU,
@@ -68,7 +69,18 @@ def finetune(gpus: int, envs: int, minibatch: int, args: argparse.Namespace, run
     subprocess.run(cmd, check=True, cwd=runs, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     wall = time.time() - started
     last = max((out / "checkpoints").glob("[0-9]*"), key=lambda p: int(p.name))
-    return load_train_state(last)["components"]["loop"], wall
+    loop = load_train_state(last)["components"]["loop"]
+    loop["rollout_seconds"] = _logged(out, "time/rollout_s")
+    return loop, wall
+
+
+def _logged(run: Path, tag: str) -> list[float]:
+    """A scalar's values in step order from the run's TensorBoard events (the ranks' mean, as logged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)] if tag in acc.Tags()["scalars"] else []
 
 
 def measure(gpus: int, envs: int, minibatch: int, args: argparse.Namespace, runs: Path, init: str) -> dict:
@@ -77,11 +89,13 @@ def measure(gpus: int, envs: int, minibatch: int, args: argparse.Namespace, runs
     loop, wall = finetune(gpus, envs, minibatch, args, runs, init, "iterations",
                           f"train.env_steps={per_iteration * args.iterations}",
                           "train.eval_every=0", f"train.checkpoint_every={args.iterations}", "train.eval_episodes=1")
-    seconds = loop["iteration_seconds"]
+    seconds, rollout = loop["iteration_seconds"], loop["rollout_seconds"]
     steady = float(np.median(seconds[1:] if len(seconds) > 1 else seconds))
+    rollout_s = float(np.median(rollout[1:] if len(rollout) > 1 else rollout)) if rollout else None
     row = {"gpus": gpus, "envs": envs, "minibatch": minibatch, "env_steps_per_iteration": per_iteration,
-           "iteration_s": steady, "env_steps_per_s": per_iteration / steady, "iterations": len(seconds),
-           "wall_s": round(wall, 1)}
+           "iteration_s": steady, "rollout_s": rollout_s,
+           "update_s": steady - rollout_s if rollout_s is not None else None,
+           "env_steps_per_s": per_iteration / steady, "iterations": len(seconds), "wall_s": round(wall, 1)}
     print(f"  {row}", file=sys.stderr, flush=True)
     return row
 
@@ -116,6 +130,7 @@ def main() -> int:
                     help="PPO minibatch (decisions) per GPU: weak scaling keeps it per GPU (the global minibatch "
                          "grows with the GPUs, the gradient steps per iteration stay), strong scaling keeps the "
                          "first GPU count's global minibatch (default: the Hopper preset's 2560)")
+    ap.add_argument("--no-strong", action="store_true", help="skip the strong-scaling runs")
     ap.add_argument("--reach", type=float, default=0.0,
                     help="also time weak-scaling runs to this evaluation return (Hopper: 3200; 0: skip)")
     ap.add_argument("--reach-env-steps", type=int, default=20_000_000, help="env-step budget of each --reach run")
@@ -133,19 +148,22 @@ def main() -> int:
     init = args.init or pretrain(args, runs)
     weak = [measure(g, args.envs_per_gpu * g, args.minibatch_per_gpu * g, args, runs, init) for g in args.gpus]
     strong_minibatch = args.minibatch_per_gpu * args.gpus[0]
-    strong = [measure(g, args.total_envs, strong_minibatch // g * g, args, runs, init) for g in args.gpus]
-    base_weak, base_strong = weak[0], strong[0]
+    strong = [] if args.no_strong else [measure(g, args.total_envs, strong_minibatch // g * g, args, runs, init)
+                                        for g in args.gpus]
     print(f"\nReinFlow on Hopper ({args.backend}, {args.device}), {args.rollout_steps} decisions x 4 actions per env "
           f"per iteration")
-    head = f"{'scaling':>8} {'GPUs':>5} {'envs':>7} {'s/iteration':>12} {'env steps/s':>12} {'efficiency':>11}"
+    head = (f"{'scaling':>8} {'GPUs':>5} {'envs':>7} {'s/iteration':>12} {'rollout s':>10} {'update s':>9} "
+            f"{'env steps/s':>12} {'efficiency':>11}")
     print(head)
     print("-" * len(head))
-    for name, rows, base in (("weak", weak, base_weak), ("strong", strong, base_strong)):
+    for name, rows in (("weak", weak), ("strong", strong)):
         for r in rows:
-            scale = r["gpus"] / base["gpus"]
-            r["efficiency"] = r["env_steps_per_s"] / (base["env_steps_per_s"] * scale)
-            print(f"{name:>8} {r['gpus']:>5} {r['envs']:>7} {r['iteration_s']:>12.2f} {r['env_steps_per_s']:>12.0f} "
-                  f"{r['efficiency']:>10.0%}")
+            base = rows[0]
+            r["efficiency"] = r["env_steps_per_s"] / (base["env_steps_per_s"] * r["gpus"] / base["gpus"])
+            split = (f"{r['rollout_s']:>10.3f} {r['update_s']:>9.3f}" if r["rollout_s"] is not None
+                     else f"{'-':>10} {'-':>9}")
+            print(f"{name:>8} {r['gpus']:>5} {r['envs']:>7} {r['iteration_s']:>12.3f} {split} "
+                  f"{r['env_steps_per_s']:>12.0f} {r['efficiency']:>10.0%}")
     reach = [time_to_return(g, args, runs, init) for g in args.gpus] if args.reach else []
     if reach:
         print(f"\nTime to an evaluation return of {args.reach:g} ({args.envs_per_gpu} envs per GPU; training time, "
@@ -156,7 +174,7 @@ def main() -> int:
             train = f"{r['train_s']:.1f}" if r["reached"] else "-"
             print(f"{r['gpus']:>5} {r['envs']:>7} {steps:>10} {train:>8} {r['best_return']:>12.1f} {r['wall_s']:>7.1f}")
     checks = [(f"weak-scaling efficiency >= 90% on {r['gpus']} GPUs ({r['efficiency']:.0%})", r["efficiency"] >= 0.9)
-              for r in weak if r["gpus"] == 2 * base_weak["gpus"]]
+              for r in weak if r["gpus"] == 2 * weak[0]["gpus"]]
     for r in reach[1:]:
         base = reach[0]
         checks.append((f"{r['gpus']} GPUs reach {args.reach:g} in no more training time than {base['gpus']} "

@@ -140,6 +140,21 @@ def test_ratio_is_exactly_one_on_the_first_minibatch(tmp_path, pretrained, norma
         assert logs["train/approx_kl"] > 0  # later minibatches did move the policy
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_advantage_standardisation_can_be_turned_off(pretrained, normalize) -> None:
+    """One epoch of one minibatch, whose ratio is exactly 1: the clipped surrogate is then minus the mean
+    advantage, raw or standardised (mean 0)."""
+    agent = _agent(f"init={pretrained}", *FINETUNE, "train.critic_warmup_iterations=0", "train.update_epochs=1",
+                   "train.num_envs=16", "train.rollout_steps=4", "train.minibatch_size=64",
+                   f"train.normalize_advantages={normalize}")
+    batch = agent.collect()
+    assert len(batch["advantages"]) == 64
+    logs = agent.update(batch)
+    expected = 0.0 if normalize else -float(batch["advantages"].mean())
+    assert logs["train/policy_gradient_loss"] == pytest.approx(expected, abs=1e-6)
+    assert normalize or abs(expected) > 1e-3
+
+
 def test_normalising_with_the_initial_noise_scales_the_log_likelihood_by_k_over_k_plus_1(pretrained) -> None:
     agents = {n: _agent(f"init={pretrained}", *FINETUNE, f"train.logprob_normalization={n}", "seed=4")
               for n in ("mean", "mean_with_initial")}
