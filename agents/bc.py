@@ -150,7 +150,6 @@ class BehaviorCloning(Agent):
         torch.manual_seed(cfg.seed)
         self.model = FlowPolicy(cfg.policy, episodes.obs_dim, episodes.act_dim, low, high).to(self.device)
         self.model.set_normalization(episodes.observations.mean(0), episodes.observations.std(0))
-        self.evaluates_in_simulation = not self.model.uses_images
         self.dist.broadcast_module(self.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,8 +127,11 @@ class BatchedEnv(ABC):
             raise FlowrlError(f"{self.task}: actions contain NaN or infinite values")
         return actions
 
-    def step_chunk(self, actions: torch.Tensor, record_obs: bool = False) -> ChunkResult:
-        """Take (N, T, act_dim) actions in env units, one per step, with exact episode boundaries."""
+    def step_chunk(self, actions: torch.Tensor, record_obs: bool = False,
+                   after_step: Callable[[int], None] | None = None) -> ChunkResult:
+        """Take (N, T, act_dim) actions in env units, one per step, with exact episode boundaries.
+        ``after_step(j)`` is called after step j, before any env is reset (e.g. to render every env's
+        state after each step)."""
         actions = self.check_actions(actions, chunk=True)
         n, horizon = actions.shape[0], actions.shape[1]
         dev = self.device
@@ -144,6 +148,8 @@ class BatchedEnv(ABC):
         for j in range(horizon):
             valid[:, j] = alive
             obs, reward, term, info = self._step(actions[:, j], alive)
+            if after_step is not None:
+                after_step(j)
             obs, reward, term = obs.to(dev), reward.to(dev), term.to(dev)
             final_obs = obs.clone() if final_obs is None else torch.where(alive.unsqueeze(1), obs, final_obs)
             reward = torch.where(alive, reward.double(), 0.0)

@@ -41,17 +41,19 @@ class Evaluator:
         self.task, self.seed, self.backend, self.max_envs = task, seed, backend, max_envs
         self.device, self.end_on_success = device, end_on_success
         self._env: BatchedEnv | None = None
+        self._env_backend = backend
 
     @classmethod
     def from_config(cls, task: str, cfg: Any, device: str | torch.device) -> "Evaluator":
         """From a config's ``eval`` section (:class:`flowrl.config.EvalConfig`)."""
         return cls(task, cfg.seed, cfg.backend, cfg.max_envs, device, cfg.end_on_success)
 
-    def _envs(self, n: int) -> BatchedEnv:
-        if self._env is not None and self._env.num_envs != n:
+    def _envs(self, n: int, backend: str) -> BatchedEnv:
+        if self._env is not None and (self._env.num_envs != n or self._env_backend != backend):
             self.close()
         if self._env is None:
-            self._env = make(self.task, n, backend=self.backend, device=self.device)
+            self._env = make(self.task, n, backend=backend, device=self.device)
+            self._env_backend = backend
         return self._env
 
     def __call__(self, policy: FlowPolicy, num_steps: int, episodes: int = 10,
@@ -67,7 +69,9 @@ class Evaluator:
         replaces the evaluator's own for this call (the same envs serve both)."""
         seed = self.seed if seed is None else seed
         n = min(episodes, self.max_envs)
-        env = self._envs(n)
+        # camera images are rendered from the cpu backend's states: what "auto" means for a pixel policy
+        backend = "cpu" if getattr(policy, "cameras", ()) and self.backend == "auto" else self.backend
+        env = self._envs(n, backend)
         on_chunk = (lambda obs, chunk, result, active: result.success) if self.end_on_success else None
         start = time.time()
         results = [run_episodes(env, policy, seed=seed + r * n, on_chunk=on_chunk)

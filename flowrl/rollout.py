@@ -17,40 +17,51 @@ import numpy as np
 import torch
 
 from flowrl.envs import BatchedEnv, ChunkResult
-from flowrl.policy import FlowPolicy, require_state_only
+from flowrl.policy import FlowPolicy
 
 
 class ObsHistory:
-    """The last ``length`` observations of every env, (N, length, obs_dim); a new episode's history
-    is its first observation repeated (as the chunked datasets pad it)."""
+    """The last ``length`` observations of every env, (N, length, *shape): state vectors, or one
+    camera's images; a new episode's history is its first observation repeated (as the chunked
+    datasets pad it)."""
 
     def __init__(self, first_obs: torch.Tensor, length: int) -> None:
-        self.buffer = first_obs.unsqueeze(1).repeat(1, length, 1)
+        self.buffer = first_obs.unsqueeze(1).repeat(1, length, *[1] * (first_obs.dim() - 1))
+
+    def _rows(self, mask: torch.Tensor) -> torch.Tensor:
+        """An (N,) mask shaped to select whole histories."""
+        return mask.view(-1, *[1] * (self.buffer.dim() - 1))
 
     def push(self, obs: torch.Tensor, new_episode: torch.Tensor) -> None:
         """Append ``obs``; envs that just started a new episode forget their old history."""
         self.buffer = torch.cat([self.buffer[:, 1:], obs.unsqueeze(1).to(self.buffer.dtype)], dim=1)
         if bool(new_episode.any()):
-            fresh = obs.unsqueeze(1).to(self.buffer.dtype).expand(-1, self.buffer.shape[1], -1)
-            self.buffer = torch.where(new_episode.view(-1, 1, 1), fresh, self.buffer)
+            fresh = obs.unsqueeze(1).to(self.buffer.dtype).expand_as(self.buffer)
+            self.buffer = torch.where(self._rows(new_episode), fresh, self.buffer)
 
     def push_chunk(self, result: ChunkResult) -> torch.Tensor:
         """Take in the observations of a chunk (``result.step_obs`` is needed for histories longer
         than one). Returns every env's history at its last observation of the chunk (the final one of
         an episode that ended: what a truncated episode is bootstrapped from); envs whose episode
         ended start their next with ``result.obs``."""
+        return self.push_steps(result.obs, result.final_obs, result.step_obs, result.valid, result.done)
+
+    def push_steps(self, obs: torch.Tensor, final_obs: torch.Tensor, step_obs: torch.Tensor | None,
+                   valid: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """:meth:`push_chunk` from its parts: the observations at the chunk boundary (a new episode's
+        first where ``done``), at each env's last valid step, after each step (N, T, *shape; needed for
+        histories longer than one), the (N, T) valid steps and the (N,) ended episodes."""
         if self.buffer.shape[1] == 1:
-            final = result.final_obs.unsqueeze(1).to(self.buffer.dtype)
+            final = final_obs.unsqueeze(1).to(self.buffer.dtype)
         else:
-            if result.step_obs is None:
+            if step_obs is None:
                 raise ValueError("histories longer than one observation need step_chunk(..., record_obs=True)")
             final = self.buffer
-            for j in range(result.step_obs.shape[1]):
-                pushed = torch.cat([final[:, 1:], result.step_obs[:, j:j + 1].to(final.dtype)], dim=1)
-                final = torch.where(result.valid[:, j].view(-1, 1, 1), pushed, final)
-        done = result.done.view(-1, 1, 1)
-        fresh = result.obs.unsqueeze(1).to(self.buffer.dtype).expand(-1, self.buffer.shape[1], -1)
-        self.buffer = torch.where(done, fresh, final)
+            for j in range(step_obs.shape[1]):
+                pushed = torch.cat([final[:, 1:], step_obs[:, j:j + 1].to(final.dtype)], dim=1)
+                final = torch.where(self._rows(valid[:, j]), pushed, final)
+        fresh = obs.unsqueeze(1).to(self.buffer.dtype).expand_as(self.buffer)
+        self.buffer = torch.where(self._rows(done), fresh, final)
         return final
 
     def get(self) -> torch.Tensor:
@@ -65,7 +76,11 @@ class ObsHistory:
 
 @runtime_checkable
 class ChunkPolicy(Protocol):
-    """Observation history + initial noise -> action chunk."""
+    """Observation history + initial noise -> action chunk.
+
+    A policy that also sees camera images has ``cameras`` (names) and ``image_size`` attributes and
+    takes ``images={camera: (N, obs_history, image_size, image_size, 3) uint8}`` in ``act_chunk``;
+    :func:`run_episodes` renders them (cpu backend)."""
 
     obs_history: int
     """How many past observations it reads (the current one included)."""
@@ -81,14 +96,11 @@ class ChunkPolicy(Protocol):
 @dataclass
 class FlowChunkPolicy:
     """A flow policy's deterministic sampler at K Euler steps, as a :class:`ChunkPolicy`; initial noise
-    is drawn from ``generator`` when not given."""
+    is drawn from ``generator`` when not given. Pixel policies take the rendered images too."""
 
     policy: FlowPolicy
     num_steps: int
     generator: torch.Generator | None = None
-
-    def __post_init__(self) -> None:
-        require_state_only(self.policy, "rolling the policy out")
 
     @property
     def obs_history(self) -> int:
@@ -98,8 +110,59 @@ class FlowChunkPolicy:
     def act_steps(self) -> int:
         return self.policy.cfg.act_steps
 
-    def act_chunk(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        return self.policy.predict(obs, self.num_steps, noise, self.generator)
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        return tuple(self.policy.cfg.cameras or ())
+
+    @property
+    def image_size(self) -> int:
+        return self.policy.cfg.image_size
+
+    def act_chunk(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
+                  images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.policy.predict(obs, self.num_steps, noise, self.generator, images)
+
+
+class CameraObserver:
+    """Image histories of ``cameras`` for every env of ``env``, rendered (cpu backend) at each decision
+    and, for histories longer than one, after every step in between: what a pixel policy sees."""
+
+    def __init__(self, env: BatchedEnv, cameras: tuple[str, ...], size: int, length: int) -> None:
+        from flowrl.envs.cameras import CameraRenderer
+
+        self.renderer = CameraRenderer(env, cameras, size, size)
+        self.length = length
+        self.histories = {c: ObsHistory(img, length) for c, img in self.renderer.render().items()}
+        self._steps: list[dict[str, torch.Tensor]] = []
+
+    def get(self) -> dict[str, torch.Tensor]:
+        return {c: h.get() for c, h in self.histories.items()}
+
+    def after_step(self, j: int) -> None:
+        self._steps.append(self.renderer.render())
+
+    @property
+    def step_hook(self) -> Callable[[int], None] | None:
+        """What :meth:`BatchedEnv.step_chunk` calls after each step: only histories longer than one
+        need the images between decisions."""
+        return self.after_step if self.length > 1 else None
+
+    def push_chunk(self, result: ChunkResult, envs: torch.Tensor | None = None) -> None:
+        """Render the chunk boundary (``envs``: only these, the rest left black) and take in the chunk."""
+        ids = None if envs is None else envs.nonzero().flatten().cpu()
+        boundary = self.renderer.render(ids)
+        steps, self._steps = self._steps, []
+        valid, done = result.valid.cpu(), result.done.cpu()
+        for c, history in self.histories.items():
+            now = boundary[c]
+            if ids is not None:
+                now = history.get().new_zeros(history.get()[:, 0].shape)
+                now[ids] = boundary[c]
+            step = torch.stack([s[c] for s in steps], dim=1) if steps else None
+            history.push_steps(now, now, step, valid[:, :step.shape[1]] if step is not None else valid, done)
+
+    def close(self) -> None:
+        self.renderer.close()
 
 
 ChunkCallback = Callable[[torch.Tensor, torch.Tensor, ChunkResult, torch.Tensor], "torch.Tensor | None"]
@@ -118,6 +181,18 @@ def run_episodes(env: BatchedEnv, policy: ChunkPolicy, seed: int, on_chunk: Chun
     n = env.num_envs
     obs = env.reset(seed=seed)
     history = ObsHistory(obs, policy.obs_history)
+    cameras = tuple(getattr(policy, "cameras", ()) or ())
+    observer = CameraObserver(env, cameras, policy.image_size, policy.obs_history) if cameras else None  # type: ignore[attr-defined]
+    try:
+        return _run(env, policy, obs, history, observer, on_chunk, record_obs)
+    finally:
+        if observer is not None:
+            observer.close()
+
+
+def _run(env: BatchedEnv, policy: ChunkPolicy, obs: torch.Tensor, history: ObsHistory,
+         observer: CameraObserver | None, on_chunk: ChunkCallback | None, record_obs: bool) -> dict[str, np.ndarray]:
+    n = env.num_envs
     dev = obs.device
     active = torch.ones(n, dtype=torch.bool, device=dev)
     returns = torch.zeros(n, dtype=torch.float64, device=dev)
@@ -125,8 +200,12 @@ def run_episodes(env: BatchedEnv, policy: ChunkPolicy, seed: int, on_chunk: Chun
     success = torch.zeros(n, dtype=torch.bool, device=dev)
     has_success = False
     while bool(active.any()):
-        chunk = policy.act_chunk(history.get())[:, :policy.act_steps]
-        result = env.step_chunk(chunk, record_obs=record_obs or policy.obs_history > 1)
+        if observer is None:
+            chunk = policy.act_chunk(history.get())[:, :policy.act_steps]
+        else:
+            chunk = policy.act_chunk(history.get(), images=observer.get())[:, :policy.act_steps]  # type: ignore[call-arg]
+        hook = {} if observer is None or observer.step_hook is None else {"after_step": observer.step_hook}
+        result = env.step_chunk(chunk, record_obs=record_obs or policy.obs_history > 1, **hook)
         valid = result.valid & active.unsqueeze(1)
         ended = None
         if on_chunk is not None:
@@ -142,6 +221,8 @@ def run_episodes(env: BatchedEnv, policy: ChunkPolicy, seed: int, on_chunk: Chun
         done = result.done if ended is None else result.done | ended.any(1)
         active &= ~done
         history.push_chunk(result)
+        if observer is not None:
+            observer.push_chunk(result, active)  # envs done with their one episode are not rendered again
         obs = result.obs
     return {"returns": returns.cpu().numpy(), "lengths": lengths.cpu().numpy(),
             "success": success.cpu().numpy(), "has_success": np.array(has_success)}

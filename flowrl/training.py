@@ -55,7 +55,7 @@ class Agent(ABC):
     evaluate_at_start: bool = False
     """Evaluate the starting policy before the first iteration (fine-tuning: it is a candidate for best)."""
     evaluates_in_simulation: bool = True
-    """False where the policy cannot be rolled out yet (pixel policies): no periodic or final evaluation."""
+    """False for an agent whose policies are not rolled out in simulation: no periodic or final evaluation."""
     supports_distributed: bool = False
     """The agent shards its data or envs over torchrun's ranks and averages its gradients
     (:mod:`flowrl.distributed`); others refuse to run on more than one rank."""
@@ -350,8 +350,7 @@ class Trainer:
         if not self.dist.is_main:
             return []
         if not self.agent.evaluates_in_simulation:
-            print(f"no evaluation: {self.agent.task} policies with camera images are not rolled out in simulation yet",
-                  file=sys.stderr)
+            print(f"no evaluation: {self.agent.algo} does not evaluate in simulation", file=sys.stderr)
             return []
         e = self.agent.cfg.eval
         rows = [self.evaluate(k, e.episodes) for k in e.steps]

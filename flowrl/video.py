@@ -118,9 +118,10 @@ class EpisodeVideo:
 def _chunk_policy(policy: Any, num_steps: int, seed: int) -> Any:
     """A FlowPolicy at K = ``num_steps`` (initial noise from a generator seeded like the evaluation's),
     or any ChunkPolicy as it is."""
-    from flowrl.policy import FlowPolicy
+    from flowrl.policy import FlowPolicy, require_state_only
     from flowrl.rollout import FlowChunkPolicy
 
+    require_state_only(policy, "video")  # the episodes below feed the policy states only
     if isinstance(policy, FlowPolicy):
         gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
         return FlowChunkPolicy(policy, num_steps, gen)

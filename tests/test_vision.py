@@ -85,7 +85,9 @@ def test_a_pixel_policy_learns_what_only_the_images_tell(tmp_path) -> None:
         "train.steps=300", "train.batch_size=64", "train.lr=2e-3", "train.warmup_steps=10", "train.ema_decay=0.9",
         "train.eval_every=0",
         "train.checkpoint_every=300"])
-    Trainer(BehaviorCloning(cfg), tmp_path / "bc", progress=False).fit()
+    agent = BehaviorCloning(cfg)
+    agent.evaluates_in_simulation = False  # Lift episodes rendered in software take minutes: test_pixel_rollout's
+    Trainer(agent, tmp_path / "bc", progress=False).fit()
     policy, config = load_policy(tmp_path / "bc" / "checkpoints" / "300")
     assert config["policy"]["cameras"] == ["agentview"] and policy.uses_images
     n = 32  # initial noises per image
@@ -95,10 +97,10 @@ def test_a_pixel_policy_learns_what_only_the_images_tell(tmp_path) -> None:
     error = (actions - torch.tensor([0.5, -0.5]).view(2, 1, 1)).abs().mean(dim=2)  # (image, noise)
     assert (error.median(dim=1).values < 0.1).all(), error  # a state-only policy splits its samples: ~0.5
     assert (actions[0].mean(1) > 0).all() and (actions[1].mean(1) < 0).all()
-    with pytest.raises(FlowrlError, match="pixel policies are trained by behaviour cloning only so far"):
-        from flowrl.rollout import FlowChunkPolicy
+    with pytest.raises(FlowrlError, match="fine-tuning, videos and the deploy runtime take state-only policies"):
+        from flowrl.policy import require_state_only
 
-        FlowChunkPolicy(policy, 2)
+        require_state_only(policy, "ReinFlow")
 
 
 def test_bad_image_settings_are_one_line_config_errors() -> None:

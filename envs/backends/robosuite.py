@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing as mp
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -206,8 +206,12 @@ class RobosuiteEnv(BatchedEnv):
             self._send(i, ("reset", None if seed is None else seed + i))
         return self._t(np.stack([self._recv(i) for i in range(self.num_envs)]))
 
-    def step_chunk(self, actions: torch.Tensor, record_obs: bool = False) -> ChunkResult:
-        """A (N, T, act_dim) chunk in one round trip per worker."""
+    def step_chunk(self, actions: torch.Tensor, record_obs: bool = False,
+                   after_step: Callable[[int], None] | None = None) -> ChunkResult:
+        """A (N, T, act_dim) chunk in one round trip per worker (the workers step it: no ``after_step``)."""
+        if after_step is not None:
+            raise FlowrlError(f"{self.task}: the robosuite backend steps a chunk inside its worker processes; "
+                              "per-step hooks (images after each step) need the cpu backend")
         actions = self.check_actions(actions, chunk=True)
         act = np.clip(actions.detach().cpu().numpy().astype(np.float64), self.single_action_space.low,
                       self.single_action_space.high)

@@ -6,16 +6,23 @@ units: the observation normalisation, the K Euler steps on the grid ``t_k = k/K`
 with d = 1/K), the clipping to [-1, 1] and the scaling to the action bounds are all inside, so a
 controller needs nothing of flowrl. The batch dimension is dynamic.
 
+A pixel policy's graph also takes one uint8 input per camera, after ``noise`` in the order of the
+policy's ``cameras``: ``image_<camera>`` (batch, obs_history, image_size, image_size, 3), RGB, top
+row first (as :class:`flowrl.envs.cameras.CameraRenderer` and robomimic-layout datasets give them).
+The image encoder runs inside, once per call, through the policy's own :meth:`FlowPolicy.encode`.
+
 The unrolled graph is the policy's computation rearranged for inference, not a new model: the time
 (and step-size) embeddings of the K fixed times are constants, computed once at export and folded
-with the first layer's bias, and the observation part of the first layer is applied once per call
-instead of once per step (a policy whose velocity is more than the plain network is unrolled through
-its own ``velocity``). :func:`export` checks the result against the eager
-:meth:`FlowPolicy.predict` on random inputs and refuses to keep an export that differs by more
-than ``tolerance`` (1e-4 by default).
+with the first layer's bias, and the observation part of the first layer (its columns of the
+conditioning features: the standardised states, for a pixel policy followed by the image features)
+is applied once per call instead of once per step (a policy whose velocity is more than the plain
+network is unrolled through its own ``velocity``). :func:`export` checks the result against the eager
+:meth:`FlowPolicy.predict` on random inputs (random uint8 images for pixel policies) and refuses to
+keep an export that differs by more than ``tolerance`` (1e-4 by default).
 
 A JSON file beside the export (``<out>.json``) records what a controller must know: task, dims,
-K, horizon, act_steps, obs_history, head, observation layout, action bounds, flowrl version.
+K, horizon, act_steps, obs_history, head, observation layout, action bounds, the graph's inputs
+(and for pixel policies the cameras, the image size and the image inputs' names), flowrl version.
 """
 
 from __future__ import annotations
@@ -32,38 +39,49 @@ from torch import nn
 
 from flowrl.checkpoint import load_policy, resolve_checkpoint
 from flowrl.deploy._deps import require
-from flowrl.deploy.meta import META_FORMAT, export_metadata, metadata_path, read_metadata  # noqa: F401 (re-exported)
+from flowrl.deploy.meta import (
+    META_FORMAT,  # noqa: F401 (re-exported)
+    export_metadata,
+    image_input_name,
+    metadata_path,
+    read_metadata,  # noqa: F401 (re-exported)
+)
 from flowrl.deploy.runtime import make_backend
 from flowrl.errors import FlowrlError
 from flowrl.io import atomic_path, write_json
-from flowrl.policy import OBS_CLIP, FlowPolicy, require_state_only
+from flowrl.policy import OBS_CLIP, FlowPolicy
 
 FORMATS = ("onnx", "torch-export")
 TOLERANCE = 1e-4
 
 
 class UnrolledSampler(nn.Module):
-    """``(obs, noise) -> actions``: the deterministic sampler of ``policy`` at K steps, unrolled.
+    """``(obs, noise[, *images]) -> actions``: the deterministic sampler of ``policy`` at K steps, unrolled.
 
-    Equal to ``policy.predict(obs, K, noise)`` up to float rounding (the first layer is split into
-    its action, observation and embedding columns, and the embeddings of the K times are constants).
+    Equal to ``policy.predict(obs, K, noise, images=...)`` up to float rounding (the first layer is split
+    into its action, conditioning and embedding columns, and the embeddings of the K times are constants).
+    A pixel policy's images come after ``noise``, one (B, obs_history, H, W, 3) uint8 tensor per camera
+    in the order of ``cameras``.
     """
 
     def __init__(self, policy: FlowPolicy, num_steps: int) -> None:
         super().__init__()
         if num_steps < 1:
             raise FlowrlError(f"K must be >= 1, got {num_steps}")
-        require_state_only(policy, "export")
         cfg = policy.cfg
         self.num_steps = num_steps
         # the rearranged graph knows the plain velocity network only; a policy whose velocity has more
         # (a subclass, an added residual field) is unrolled through its own ``velocity`` instead
         self.fused = type(policy).velocity is FlowPolicy.velocity and getattr(policy, "residual", None) is None
         self.policy = None if self.fused else policy
+        # pixel policies: the conditioning features (states, then image features) come from the policy's own
+        # ``encode``, once per call; state-only ones standardise the states inline, as they always have
+        self.cameras: tuple[str, ...] = tuple(cfg.cameras) if getattr(policy, "uses_images", False) else ()
+        self.encoder = policy if self.cameras else None
         self.is_shortcut = policy.is_shortcut
         self.chunk_shape = (cfg.horizon, policy.act_dim)
         chunk = cfg.horizon * policy.act_dim
-        feat = cfg.obs_history * policy.obs_dim
+        feat = policy.cond_dim  # obs_history * obs_dim for state-only policies
         inp = policy.velocity_net.inp
         with torch.no_grad():
             w = inp.weight.detach().clone()
@@ -83,8 +101,14 @@ class UnrolledSampler(nn.Module):
         self.blocks = policy.velocity_net.blocks
         self.out = policy.velocity_net.out
 
-    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        z = ((obs - self.obs_mean) / self.obs_std).clamp(-OBS_CLIP, OBS_CLIP).flatten(1)
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor, *images: torch.Tensor) -> torch.Tensor:
+        if len(images) != len(self.cameras):
+            raise FlowrlError(f"the sampler takes {len(self.cameras)} image input(s) "
+                              f"({', '.join(self.cameras) or 'state only'}), got {len(images)}")
+        if self.encoder is not None:
+            z = self.encoder.encode(obs, dict(zip(self.cameras, images)))
+        else:
+            z = ((obs - self.obs_mean) / self.obs_std).clamp(-OBS_CLIP, OBS_CLIP).flatten(1)
         dt = 1.0 / self.num_steps
         if self.policy is not None:
             x = noise
@@ -103,14 +127,18 @@ class UnrolledSampler(nn.Module):
         return self.action_low + 0.5 * (a + 1.0) * (self.action_high - self.action_low)
 
 
-def _example_inputs(policy: FlowPolicy, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random observations around the normalisation statistics (3 std: some get clipped) and noise."""
+def _example_inputs(policy: FlowPolicy, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random observations around the normalisation statistics (3 std: some get clipped) and noise, then
+    (pixel policies) uniformly random uint8 images, one tensor per camera in the policy's order."""
     gen = torch.Generator().manual_seed(seed)
     cfg = policy.cfg
     z = 3.0 * torch.randn((batch, cfg.obs_history, policy.obs_dim), generator=gen)
     obs = policy.obs_mean.cpu() + z * policy.obs_std.cpu()
     noise = torch.randn((batch, cfg.horizon, policy.act_dim), generator=gen)
-    return obs, noise
+    shape = (batch, cfg.obs_history, cfg.image_size, cfg.image_size, 3)
+    images = [torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+              for _ in (cfg.cameras if policy.uses_images else ())]
+    return obs, noise, *images
 
 
 @contextmanager
@@ -127,22 +155,30 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _write_onnx(module: UnrolledSampler, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> None:
+def _dynamic_shapes(module: UnrolledSampler) -> dict[str, Any]:
+    """A dynamic batch (dimension 0) for every input; the images, ``forward``'s ``*images``, as a tuple."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    shapes: dict[str, Any] = {"obs": {0: batch}, "noise": {0: batch}}
+    if module.cameras:
+        shapes["images"] = tuple({0: batch} for _ in module.cameras)
+    return shapes
+
+
+def _write_onnx(module: UnrolledSampler, example: tuple[torch.Tensor, ...], path: Path) -> None:
     require("onnx")
     require("onnxscript")
-    batch = torch.export.Dim("batch", min=1, max=65536)
+    names = ["obs", "noise", *(image_input_name(c) for c in module.cameras)]
     try:
-        program = torch.onnx.export(module, example, input_names=["obs", "noise"], output_names=["actions"],
-                                    dynamic_shapes={"obs": {0: batch}, "noise": {0: batch}}, dynamo=True,
-                                    optimize=True, verbose=False)
+        program = torch.onnx.export(module, example, input_names=names, output_names=["actions"],
+                                    dynamic_shapes=_dynamic_shapes(module), dynamo=True, optimize=True,
+                                    verbose=False)
     except Exception as e:  # the exporter raises many types; an export failure is a bug to report, kept to one line
         raise FlowrlError(f"ONNX export failed: {str(e).strip().splitlines()[0]}") from None
     program.save(str(path))
 
 
-def _write_torch_export(module: UnrolledSampler, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> None:
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(module, example, dynamic_shapes={"obs": {0: batch}, "noise": {0: batch}})
+def _write_torch_export(module: UnrolledSampler, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    program = torch.export.export(module, example, dynamic_shapes=_dynamic_shapes(module))
     torch.export.save(program, str(path))
 
 
@@ -152,7 +188,8 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", num_steps
     to ``out`` (ONNX or a torch.export ``.pt2`` program) with ``<out>.json`` beside it.
 
     The export is loaded back (ONNX Runtime for ONNX, the saved program for torch.export) and
-    compared with eager ``predict`` on ``check_batch`` random observations and noises; above
+    compared with eager ``predict`` on ``check_batch`` random observations and noises (and uint8
+    images for a pixel policy); above
     ``tolerance`` nothing is written and a :class:`FlowrlError` says by how much. Both files are
     written atomically. Returns the metadata with ``max_abs_error`` added."""
     if fmt not in FORMATS:
@@ -170,15 +207,16 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", num_steps
     meta = export_metadata(policy, config, k, fmt)
     with torch.no_grad():
         example = _example_inputs(policy, 2, seed)
-        obs, noise = _example_inputs(policy, check_batch, seed + 1)
-        expected = policy.predict(obs, k, noise).numpy()
+        obs, noise, *images = _example_inputs(policy, check_batch, seed + 1)
+        expected = policy.predict(obs, k, noise, images=dict(zip(module.cameras, images)) or None).numpy()
     with atomic_path(out) as tmp:
         with _quiet_exporter():
             if fmt == "onnx":
                 _write_onnx(module, example, tmp)
             else:
                 _write_torch_export(module, example, tmp)
-        got = make_backend(tmp, fmt)(obs.numpy(), noise.numpy())
+        run = make_backend(tmp, fmt, cameras=module.cameras)
+        got = run(obs.numpy(), noise.numpy(), {c: x.numpy() for c, x in zip(module.cameras, images)} or None)
         err = float(abs(got - expected).max())
         if not err <= tolerance:  # NaN fails too
             raise FlowrlError(f"export differs from eager by {err:.3g} (> {tolerance:g}); nothing written")

@@ -1,7 +1,10 @@
 """The JSON that travels with an exported policy (``<export file>.json``) and its checks.
 
 What a controller must know to run an export: task, dims, K, horizon, act_steps, obs_history,
-head (and the shortcut step size), observation layout, action bounds, flowrl version.
+head (and the shortcut step size), observation layout, action bounds, the graph's inputs and
+outputs, flowrl version. A pixel policy's JSON also has ``cameras``, ``image_size`` and
+``image_inputs`` (the graph inputs ``image_<camera>``, uint8, in the order of ``cameras``); a
+state-only policy's has none of them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,15 @@ from flowrl.io import read_json
 META_FORMAT = "flowrl.export/1"
 
 
+def image_input_name(camera: str) -> str:
+    """The graph input of an export that carries ``camera``'s images: ``image_<camera>``."""
+    return f"image_{camera}"
+
+
 def export_metadata(policy: Any, config: dict[str, Any], num_steps: int, fmt: str) -> dict[str, Any]:
     """The facts a controller needs to run the export, written beside it as JSON."""
     cfg = policy.cfg
-    return {
+    meta: dict[str, Any] = {
         "format": META_FORMAT,
         "export_format": fmt,
         "task": config.get("task"),
@@ -38,6 +46,15 @@ def export_metadata(policy: Any, config: dict[str, Any], num_steps: int, fmt: st
         "outputs": {"actions": ["batch", cfg.horizon, policy.act_dim]},
         "flowrl_version": flowrl.__version__,
     }
+    if getattr(policy, "uses_images", False):  # stand-ins of tests and tools are state-only
+        size = cfg.image_size
+        names = [image_input_name(c) for c in cfg.cameras]
+        meta["cameras"] = list(cfg.cameras)
+        meta["image_size"] = size
+        meta["image_inputs"] = names
+        meta["inputs"].update({n: ["batch", cfg.obs_history, size, size, 3] for n in names})
+        meta["input_dtypes"] = {"obs": "float32", "noise": "float32", **{n: "uint8" for n in names}}
+    return meta
 
 
 def metadata_path(path: str | Path) -> Path:
@@ -60,4 +77,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             raise FlowrlError(f"{mpath}: '{key}' must be a positive integer, got {v!r}")
     if meta["act_steps"] > meta["horizon"]:
         raise FlowrlError(f"{mpath}: act_steps ({meta['act_steps']}) > horizon ({meta['horizon']})")
+    cameras = meta.get("cameras")
+    if cameras is not None:  # a pixel policy's export
+        if not isinstance(cameras, list) or not all(isinstance(c, str) and c for c in cameras):
+            raise FlowrlError(f"{mpath}: 'cameras' must be a list of camera names, got {cameras!r}")
+        size = meta.get("image_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise FlowrlError(f"{mpath}: 'image_size' must be a positive integer, got {size!r}")
     return meta

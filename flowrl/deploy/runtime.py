@@ -14,6 +14,10 @@ torch.export ``.pt2`` program, and returns a :class:`DeployedPolicy`:
 - ``act_chunk(obs_history, noise=None)`` is the stateless batch call, so the policy is a
   :class:`flowrl.rollout.ChunkPolicy` (``run_episodes``, ``Evaluator.run``).
 
+The runtime feeds state only: a pixel policy (one that sees camera images) is refused by :func:`load`
+with a one-line error, whether a checkpoint or an export; run a pixel export's graph with its image
+inputs directly (:func:`make_backend` takes them).
+
 ONNX Runtime runs with one intra-op and one inter-op thread and sequential execution by default:
 its default pool (a thread per core, spinning) starves a control loop sharing the cores and makes
 p99 latency jump.
@@ -21,10 +25,10 @@ p99 latency jump.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,8 +36,16 @@ import torch
 from flowrl.deploy._deps import require
 from flowrl.errors import FlowrlError
 
-Backend = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""(obs (B, obs_history, obs_dim) float32, noise (B, horizon, act_dim) float32) -> actions, env units."""
+
+class Backend(Protocol):
+    """(obs (B, obs_history, obs_dim) float32, noise (B, horizon, act_dim) float32) -> actions, env units.
+
+    A pixel policy's backend also takes ``images`` ``{camera: (B, obs_history, H, W, 3) uint8}``; the
+    runtime itself never passes them (it feeds state only)."""
+
+    def __call__(self, obs: np.ndarray, noise: np.ndarray,
+                 images: dict[str, np.ndarray] | None = None) -> np.ndarray: ...
+
 
 BACKENDS = ("eager", "onnx", "torch-export")
 ACT_ENSEMBLE_M = 0.01
@@ -71,13 +83,36 @@ def onnx_session(path: str | Path, intra_op_threads: int = 1, inter_op_threads: 
         raise FlowrlError(f"{path}: ONNX Runtime cannot load it ({str(e).strip().splitlines()[0]})") from None
 
 
-def make_backend(path: str | Path, fmt: str, threads: int = 1) -> Backend:
-    """The inference function of an exported file (``fmt`` onnx or torch-export)."""
+def _image_arrays(images: dict[str, np.ndarray] | None, cameras: Sequence[str]) -> list[np.ndarray]:
+    """The images of an export's graph inputs, one uint8 array per camera in the export's order."""
+    if not cameras:
+        if images:
+            raise FlowrlError(f"this export is state only; it takes no images (got {', '.join(images)})")
+        return []
+    missing = [c for c in cameras if images is None or c not in images]
+    if images is None or missing:
+        raise FlowrlError(f"this export sees camera(s) {', '.join(cameras)}; images of {', '.join(missing)} "
+                          "are missing")
+    arrays = [np.ascontiguousarray(images[c]) for c in cameras]
+    bad = [f"{c} ({a.dtype})" for c, a in zip(cameras, arrays) if a.dtype != np.uint8]
+    if bad:
+        raise FlowrlError(f"images must be uint8 RGB; got {', '.join(bad)}")
+    return arrays
+
+
+def make_backend(path: str | Path, fmt: str, threads: int = 1, cameras: Sequence[str] = ()) -> Backend:
+    """The inference function of an exported file (``fmt`` onnx or torch-export). A pixel export takes
+    the images of ``cameras`` (its metadata's ``cameras``, in that order) besides ``obs`` and ``noise``."""
+    from flowrl.deploy.meta import image_input_name
+
+    cameras = tuple(cameras)
     if fmt == "onnx":
         session = onnx_session(path, threads, 1)
+        names = [image_input_name(c) for c in cameras]
 
-        def run_onnx(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
-            return session.run(["actions"], {"obs": obs, "noise": noise})[0]
+        def run_onnx(obs: np.ndarray, noise: np.ndarray, images: dict[str, np.ndarray] | None = None) -> np.ndarray:
+            feeds = {"obs": obs, "noise": noise, **dict(zip(names, _image_arrays(images, cameras)))}
+            return session.run(["actions"], feeds)[0]
 
         return run_onnx
     if fmt == "torch-export":
@@ -87,9 +122,11 @@ def make_backend(path: str | Path, fmt: str, threads: int = 1) -> Backend:
         except Exception as e:  # a damaged archive raises zip, JSON or runtime errors
             raise FlowrlError(f"{path}: not a torch.export program ({str(e).strip().splitlines()[0]})") from None
 
-        def run_program(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        def run_program(obs: np.ndarray, noise: np.ndarray,
+                        images: dict[str, np.ndarray] | None = None) -> np.ndarray:
+            pixels = [torch.from_numpy(a) for a in _image_arrays(images, cameras)]
             with torch_threads(threads), torch.inference_mode():
-                return module(torch.from_numpy(obs), torch.from_numpy(noise)).numpy()
+                return module(torch.from_numpy(obs), torch.from_numpy(noise), *pixels).numpy()
 
         return run_program
     raise FlowrlError(f"unknown export format '{fmt}'; choose one of onnx, torch-export")
@@ -98,18 +135,37 @@ def make_backend(path: str | Path, fmt: str, threads: int = 1) -> Backend:
 def eager_backend(policy: Any, num_steps: int, threads: int = 1) -> Backend:
     """The checkpoint's own :meth:`FlowPolicy.predict` at K = ``num_steps`` (the reference)."""
 
-    def run_eager(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    def run_eager(obs: np.ndarray, noise: np.ndarray, images: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        pixels = None if images is None else {c: torch.from_numpy(np.ascontiguousarray(a)) for c, a in images.items()}
         with torch_threads(threads), torch.inference_mode():
-            return policy.predict(torch.from_numpy(obs), num_steps, torch.from_numpy(noise)).numpy()
+            return policy.predict(torch.from_numpy(obs), num_steps, torch.from_numpy(noise), images=pixels).numpy()
 
     return run_eager
 
 
+def check_state_only(meta: dict[str, Any], where: str, exported: bool = True) -> None:
+    """A one-line :class:`FlowrlError` when ``meta`` (an export's JSON, or a checkpoint's facts) describes a
+    pixel policy: the runtime and the server feed observations only, never camera images."""
+    cameras = meta.get("cameras") or []
+    if not cameras:
+        return
+    from flowrl.deploy.meta import image_input_name
+
+    names = meta.get("image_inputs") or [image_input_name(c) for c in cameras]
+    size = meta.get("image_size")
+    how = "run the exported graph" if exported else "`flowrl export` it and run the graph"
+    raise FlowrlError(f"{where}: this policy sees camera images ({', '.join(cameras)}); the deploy runtime feeds "
+                      f"state only: {how} with its image inputs ({', '.join(names)}: uint8 (batch, "
+                      f"{meta.get('obs_history')}, {size}, {size}, 3)) in ONNX Runtime or torch directly")
+
+
 class DeployedPolicy:
-    """A policy for a controller: ``reset``, ``act`` and ``act_chunk`` over any backend (module doc)."""
+    """A policy for a controller: ``reset``, ``act`` and ``act_chunk`` over any backend (module doc).
+    State only: ``meta`` of a pixel policy is refused."""
 
     def __init__(self, backend: Backend, meta: dict[str, Any], backend_name: str,
                  temporal_ensemble: float | None = None, seed: int = 0) -> None:
+        check_state_only(meta, f"{backend_name} policy", exported=backend_name != "eager")
         self._run = backend
         self.meta = meta
         self.backend = backend_name
@@ -230,8 +286,10 @@ def _format_of(path: Path, meta: dict[str, Any]) -> str:
 def load(path: str | Path, backend: str = "auto", num_steps: int | None = None,
          temporal_ensemble: float | None = None, threads: int = 1, seed: int = 0) -> DeployedPolicy:
     """A :class:`DeployedPolicy` from a checkpoint or run folder (``backend`` eager, K = ``num_steps``
-    or the policy's own) or from an exported file (its backend, its K). ``threads``: ONNX Runtime's intra-op pool, torch's
-    thread count during a call (default 1 for both). ``temporal_ensemble=m`` turns on ACT's ensembling in ``act``."""
+    or the policy's own) or from an exported file (its backend, its K). ``threads``: ONNX Runtime's
+    intra-op pool, torch's thread count during a call (default 1 for both). ``temporal_ensemble=m``
+    turns on ACT's ensembling in ``act``. A pixel policy (checkpoint or export) is a one-line
+    :class:`FlowrlError`: the runtime feeds state only."""
     path = Path(path)
     if backend not in ("auto", *BACKENDS):
         raise FlowrlError(f"unknown backend '{backend}'; choose one of auto, {', '.join(BACKENDS)}")
@@ -243,20 +301,19 @@ def load(path: str | Path, backend: str = "auto", num_steps: int | None = None,
         from flowrl.checkpoint import load_policy, resolve_checkpoint
         from flowrl.deploy.meta import export_metadata
 
-        from flowrl.policy import require_state_only
-
         policy, config = load_policy(resolve_checkpoint(path), "cpu")
-        require_state_only(policy, f"{path}: deployment")
         k = policy.cfg.num_steps if num_steps is None else int(num_steps)
         if k < 1:
             raise FlowrlError(f"num_steps must be >= 1, got {k}")
         meta = export_metadata(policy, config, k, "eager")
+        check_state_only(meta, str(path), exported=False)
         return DeployedPolicy(eager_backend(policy, k, threads), meta, "eager", temporal_ensemble, seed)
     if not path.is_file():
         raise FlowrlError(f"policy not found: {path}")
     from flowrl.deploy.meta import read_metadata
 
     meta = read_metadata(path)
+    check_state_only(meta, str(path))
     fmt = _format_of(path, meta)
     if backend not in ("auto", fmt):
         raise FlowrlError(f"{path} is a {fmt} export; it cannot run on the {backend} backend")

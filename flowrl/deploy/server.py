@@ -4,7 +4,9 @@ The schema is ``flowrl/deploy/policy.proto`` (package ``flowrl.deploy.v1``): typ
 tensors as packed repeated floats or raw little-endian bytes with their shape, no pickle on the wire.
 Services: ``Act`` (one request, one chunk), ``StreamAct`` (a bidirectional stream of them, for a
 controller that keeps one stream open), ``Info`` (dims, chunking, bounds of a policy) and
-``Health``.
+``Health``. Requests carry observations only: the served policies are state-only
+:class:`DeployedPolicy` objects (:func:`flowrl.deploy.runtime.load` refuses a pixel policy, one that
+sees camera images, with a one-line error before a server starts).
 
 Python stubs are compiled from the .proto when first needed, by grpcio-tools
 (``grpc.protos_and_services``), rather than committed: the .proto is the one source for Python and
