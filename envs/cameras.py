@@ -1,15 +1,18 @@
-"""Camera images of batched MuJoCo envs: robomimic's cameras rendered for every env of the ``cpu`` backend.
+"""Camera images of batched MuJoCo envs: robomimic's cameras rendered for every env.
 
-:class:`CameraRenderer` renders named cameras of each env's current state with MuJoCo's own renderer
-(offscreen OpenGL: EGL or OSMesa, :mod:`flowrl.envs.rendering`), as robosuite renders them: collision
-geoms hidden (robosuite's geom group 0), the model's lights and materials. Images are uint8
-``(N, height, width, 3)`` RGB, top row first (as an image is displayed); robosuite's own camera
-observations come bottom row first under its default ``IMAGE_CONVENTION = "opengl"`` and equal
-these flipped vertically (``tests/test_cameras.py`` checks the same state in both).
+:class:`CameraRenderer` renders named cameras of each env's current state of the ``cpu`` backend with
+MuJoCo's own renderer (offscreen OpenGL: EGL or OSMesa, :mod:`flowrl.envs.rendering`), as robosuite
+renders them: collision geoms hidden (robosuite's geom group 0), the model's lights and materials.
+:class:`WarpCameraRenderer` ray traces the same cameras of every world of the ``warp`` backend in one
+batch with MuJoCo Warp's renderer, on the env's device. Images are uint8 ``(N, height, width, 3)``
+RGB, top row first (as an image is displayed), from both; robosuite's own camera observations come
+bottom row first under its default ``IMAGE_CONVENTION = "opengl"`` and equal these flipped vertically
+(``tests/test_cameras.py`` checks the same state in all of them). :func:`camera_renderer` picks the
+renderer of an env's backend.
 
-Rendering is per env on the CPU (tens of milliseconds per image with a software OpenGL): enough for
-datasets, checks and evaluation, not for training at scale; batched rendering on the GPU belongs to
-the ``warp`` backend.
+OpenGL rendering is per env on the CPU (tens of milliseconds per image with a software OpenGL):
+enough for datasets, checks and evaluation. The ray tracer's lighting differs slightly from OpenGL's
+(a few grey levels on average), so a pixel policy is best trained and evaluated on images of one kind.
 """
 
 from __future__ import annotations
@@ -28,6 +31,40 @@ DEFAULT_SIZE = 84
 """robomimic's image size (84 x 84)."""
 
 
+def _camera_ids(env: Any, cameras: Sequence[str], height: int, width: int) -> list[int]:
+    """The model's ids of ``cameras``; one-line errors for unknown names and bad sizes."""
+    import mujoco
+
+    if height < 1 or width < 1:
+        raise FlowrlError(f"camera images: size must be positive, got {height} x {width}")
+    model = env.model
+    names = [model.camera(i).name for i in range(model.ncam)]
+    unknown = [c for c in cameras if c not in names]
+    if unknown or not cameras:
+        raise FlowrlError(f"camera images: {env.task_def.info.name} has no camera {', '.join(unknown) or '(none given)'}"
+                          f" (it has: {', '.join(names) or 'none'})")
+    return [mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, c) for c in cameras]
+
+
+def _env_ids(ids: Sequence[int] | np.ndarray | torch.Tensor | None, n_envs: int) -> list[int] | None:
+    if ids is None:
+        return None
+    envs = [int(i) for i in torch.as_tensor(ids).flatten().tolist()]
+    bad = [i for i in envs if not 0 <= i < n_envs]
+    if bad:
+        raise FlowrlError(f"camera images: env ids {bad} out of range (the env has {n_envs})")
+    return envs
+
+
+def camera_renderer(env: Any, cameras: Sequence[str] = ROBOMIMIC_CAMERAS, height: int = DEFAULT_SIZE,
+                    width: int = DEFAULT_SIZE) -> "CameraRenderer | WarpCameraRenderer":
+    """The renderer of ``env``'s backend: MuJoCo Warp's batched ray tracer on the warp backend, MuJoCo's
+    OpenGL renderer on the cpu backend (other backends render none: a one-line error)."""
+    if hasattr(env, "wp_device"):
+        return WarpCameraRenderer(env, cameras, height, width)
+    return CameraRenderer(env, cameras, height, width)
+
+
 class CameraRenderer:
     """RGB images from named cameras of every env of a ``cpu``-backend env (``flowrl.envs.make(...,
     backend="cpu")``), e.g. robosuite's scenes. Use as a context manager or call :meth:`close`."""
@@ -39,21 +76,15 @@ class CameraRenderer:
         from flowrl.envs.rendering import MujocoRenderer
 
         if not hasattr(env, "batch") or not hasattr(env, "model"):
-            raise FlowrlError(f"camera images: the {type(env).__name__} env renders none (the cpu backend does)")
-        if height < 1 or width < 1:
-            raise FlowrlError(f"camera images: size must be positive, got {height} x {width}")
+            raise FlowrlError(f"camera images: the {type(env).__name__} env renders none (the cpu and warp backends do)")
         model = env.model
-        names = [model.camera(i).name for i in range(model.ncam)]
-        unknown = [c for c in cameras if c not in names]
-        if unknown or not cameras:
-            raise FlowrlError(f"camera images: {env.task_def.info.name} has no camera {', '.join(unknown) or '(none given)'}"
-                              f" (it has: {', '.join(names) or 'none'})")
+        ids = _camera_ids(env, cameras, height, width)
         self.env, self.cameras, self.height, self.width = env, tuple(cameras), height, width
         self._cams = {}
-        for name in self.cameras:
+        for name, cam_id in zip(self.cameras, ids):
             cam = mujoco.MjvCamera()
             cam.type = mujoco.mjtCamera.mjCAMERA_FIXED
-            cam.fixedcamid = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, name)
+            cam.fixedcamid = cam_id
             self._cams[name] = cam
         self._renderer: Any = MujocoRenderer(model, width, height, hidden_geom_groups=(0,))  # robosuite's collision geoms
         self._data = mujoco.MjData(model)
@@ -64,11 +95,8 @@ class CameraRenderer:
 
         if self._renderer is None:
             raise FlowrlError("camera images: the renderer is closed")
-        n_envs = self.env.num_envs
-        envs = range(n_envs) if ids is None else [int(i) for i in torch.as_tensor(ids).flatten().tolist()]
-        bad = [i for i in envs if not 0 <= i < n_envs]
-        if bad:
-            raise FlowrlError(f"camera images: env ids {bad} out of range (the env has {n_envs})")
+        envs = _env_ids(ids, self.env.num_envs)
+        envs = range(self.env.num_envs) if envs is None else envs
         out = {c: torch.empty((len(envs), self.height, self.width, 3), dtype=torch.uint8) for c in self.cameras}
         for row, i in enumerate(envs):
             self.env.batch.get_data(i, self._data)
@@ -89,4 +117,60 @@ class CameraRenderer:
         self.close()
 
 
-__all__ = ["CameraRenderer", "DEFAULT_SIZE", "ROBOMIMIC_CAMERAS"]
+class WarpCameraRenderer:
+    """RGB images from named cameras of every world of a ``warp``-backend env, ray traced in one batch by
+    MuJoCo Warp (``create_render_context`` / ``render`` / ``get_rgb``) on the env's device, collision
+    geoms hidden as robosuite hides them. :meth:`render` returns tensors on that device."""
+
+    def __init__(self, env: Any, cameras: Sequence[str] = ROBOMIMIC_CAMERAS, height: int = DEFAULT_SIZE,
+                 width: int = DEFAULT_SIZE) -> None:
+        import mujoco_warp as mjw
+        import warp as wp
+
+        if not hasattr(env, "wp_device"):
+            raise FlowrlError(f"camera images: the {type(env).__name__} env is not a warp-backend env")
+        ids = _camera_ids(env, cameras, height, width)
+        self.env, self.cameras, self.height, self.width = env, tuple(cameras), height, width
+        model = env.model
+        self._mjw, self._wp = mjw, wp
+        with wp.ScopedDevice(env.wp_device):
+            self._context = mjw.create_render_context(
+                model, nworld=env.num_envs, cam_res=(width, height), render_rgb=True, render_depth=False,
+                enabled_geom_groups=[1, 2], cam_active=[i in ids for i in range(model.ncam)])
+            self._rgb = wp.zeros((env.num_envs, height, width), dtype=wp.vec3f)
+        active = sorted(set(ids))  # the context's images are in the model's camera order
+        self._slot = {name: active.index(cam_id) for name, cam_id in zip(self.cameras, ids)}
+
+    def render(self, ids: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{camera: (n, height, width, 3) uint8}`` on the env's device for the envs ``ids`` (default:
+        all; every world is traced either way), in that order."""
+        if self._context is None:
+            raise FlowrlError("camera images: the renderer is closed")
+        envs = _env_ids(ids, self.env.num_envs)
+        mjw, wp, env = self._mjw, self._wp, self.env
+        out = {}
+        if str(env.wp_device).startswith("cuda"):
+            torch.cuda.synchronize()  # the env's last step may still run on torch's stream
+        with wp.ScopedDevice(env.wp_device):
+            mjw.kinematics(env.m, env.d)  # poses of the current state (a step leaves its last substep's)
+            mjw.camlight(env.m, env.d)
+            mjw.refit_bvh(env.m, env.d, self._context)
+            mjw.render(env.m, env.d, self._context)
+            for name in self.cameras:
+                mjw.get_rgb(self._context, self._slot[name], self._rgb)
+                wp.synchronize_device(env.wp_device)
+                image = (wp.to_torch(self._rgb) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+                out[name] = image if envs is None else image[torch.as_tensor(envs, dtype=torch.long, device=image.device)]
+        return out
+
+    def close(self) -> None:
+        self._context = None
+
+    def __enter__(self) -> WarpCameraRenderer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["CameraRenderer", "DEFAULT_SIZE", "ROBOMIMIC_CAMERAS", "WarpCameraRenderer", "camera_renderer"]

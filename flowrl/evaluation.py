@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from flowrl.config import EVAL_SEED
-from flowrl.envs import BatchedEnv, is_robosuite, make
+from flowrl.envs import BatchedEnv, is_robosuite, make, resolve_backend
 from flowrl.errors import FlowrlError
 from flowrl.policy import FlowPolicy
 from flowrl.rollout import ChunkPolicy, FlowChunkPolicy, run_episodes
@@ -69,8 +69,10 @@ class Evaluator:
         replaces the evaluator's own for this call (the same envs serve both)."""
         seed = self.seed if seed is None else seed
         n = min(episodes, self.max_envs)
-        # camera images are rendered from the cpu backend's states: what "auto" means for a pixel policy
-        backend = "cpu" if getattr(policy, "cameras", ()) and self.backend == "auto" else self.backend
+        backend = self.backend
+        if getattr(policy, "cameras", ()) and backend == "auto":  # the backends that render camera images
+            backend = resolve_backend(self.task, "auto", self.device)
+            backend = backend if backend in ("cpu", "warp") else "cpu"
         env = self._envs(n, backend)
         on_chunk = (lambda obs, chunk, result, active: result.success) if self.end_on_success else None
         start = time.time()

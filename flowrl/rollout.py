@@ -124,13 +124,14 @@ class FlowChunkPolicy:
 
 
 class CameraObserver:
-    """Image histories of ``cameras`` for every env of ``env``, rendered (cpu backend) at each decision
-    and, for histories longer than one, after every step in between: what a pixel policy sees."""
+    """Image histories of ``cameras`` for every env of ``env``, rendered (cpu backend: OpenGL; warp:
+    MuJoCo Warp's batched ray tracer) at each decision and, for histories longer than one, after every
+    step in between: what a pixel policy sees."""
 
     def __init__(self, env: BatchedEnv, cameras: tuple[str, ...], size: int, length: int) -> None:
-        from flowrl.envs.cameras import CameraRenderer
+        from flowrl.envs.cameras import camera_renderer
 
-        self.renderer = CameraRenderer(env, cameras, size, size)
+        self.renderer = camera_renderer(env, cameras, size, size)
         self.length = length
         self.histories = {c: ObsHistory(img, length) for c, img in self.renderer.render().items()}
         self._steps: list[dict[str, torch.Tensor]] = []
@@ -152,12 +153,13 @@ class CameraObserver:
         ids = None if envs is None else envs.nonzero().flatten().cpu()
         boundary = self.renderer.render(ids)
         steps, self._steps = self._steps, []
-        valid, done = result.valid.cpu(), result.done.cpu()
         for c, history in self.histories.items():
+            dev = history.get().device
+            valid, done = result.valid.to(dev), result.done.to(dev)
             now = boundary[c]
             if ids is not None:
                 now = history.get().new_zeros(history.get()[:, 0].shape)
-                now[ids] = boundary[c]
+                now[ids.to(dev)] = boundary[c]
             step = torch.stack([s[c] for s in steps], dim=1) if steps else None
             history.push_steps(now, now, step, valid[:, :step.shape[1]] if step is not None else valid, done)
 

@@ -47,20 +47,23 @@ def _end_after(chunks: int):
     return on_chunk
 
 
-@pytest.mark.parametrize("obs_history", [1, 2])
-def test_each_decision_sees_the_renders_of_its_states(obs_history: int) -> None:
-    from flowrl.envs import make
-    from flowrl.envs.cameras import CameraRenderer
+@pytest.mark.parametrize("backend,obs_history", [("cpu", 1), ("cpu", 2),
+                                                 pytest.param("warp", 2, marks=pytest.mark.slow)])
+def test_each_decision_sees_the_renders_of_its_states(backend: str, obs_history: int) -> None:
+    from flowrl.envs import make, warp_available
+    from flowrl.envs.cameras import camera_renderer
     from flowrl.rollout import run_episodes
 
-    env = make(TASK, 2, backend="cpu", seed=0)
+    if backend == "warp" and not warp_available():
+        pytest.skip("mujoco-warp not installed")
+    env = make(TASK, 2, backend=backend, device="cpu", seed=0)
     policy = RecordingPixelPolicy(obs_history, env.act_dim)
     run_episodes(env, policy, seed=11, on_chunk=_end_after(CHUNKS))
     assert len(policy.calls) == CHUNKS
 
-    replay = make(TASK, 2, backend="cpu", seed=0)
+    replay = make(TASK, 2, backend=backend, device="cpu", seed=0)
     replay.reset(seed=11)
-    with CameraRenderer(replay, [CAMERA], SIZE, SIZE) as renderer:
+    with camera_renderer(replay, [CAMERA], SIZE, SIZE) as renderer:
         rendered = [renderer.render()[CAMERA]]  # the state at each step, starting with the reset state
         for _, _, actions in policy.calls:
             for j in range(ACT_STEPS):
