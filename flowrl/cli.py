@@ -178,7 +178,8 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
                         description="Unroll the policy's K-step deterministic sampler into one graph (observation "
                         "normalisation, clipping and scaling to the action bounds inside): inputs obs (batch, "
                         "obs_history, obs_dim) and noise (batch, horizon, act_dim), output actions (batch, horizon, "
-                        "act_dim) in env units; writes OUT and OUT.json (task, dims, K, chunking, bounds, version). "
+                        "act_dim) in env units (pixel policies: also one uint8 input image_<camera> (batch, obs_history, "
+                        "size, size, 3) per camera); writes OUT and OUT.json (task, dims, K, chunking, bounds, version). "
                         "The export is checked against eager on random inputs and refused above 1e-4.")
     xp.add_argument("checkpoint", help="checkpoint folder or run folder")
     xp.add_argument("--format", required=True, choices=["onnx", "torch-export"], help="onnx (ONNX Runtime, C++ "
