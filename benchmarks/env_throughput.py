@@ -3,13 +3,17 @@
     python benchmarks/env_throughput.py [--task Hopper] [--num-envs 64 256 1024 4096 16384 65536]
                                         [--seconds 2] [--device cuda] [--threads 0]
     python benchmarks/env_throughput.py --task robosuite/Lift --num-envs 1024 4096 16384 [--robosuite-envs 16]
+        [--cameras agentview --image-size 84]
 
 Manipulation tasks (``robosuite/...``, OSC_POSE at robosuite's timing: 20 Hz control, 25 physics
 substeps): our warp backend with random actions (each control step one CUDA graph, and for comparison
 the controller launched between per-stage graphs) and with a K=4 flow policy (3x512) choosing chunks
 of 4 actions, the cpu backend at up to ``--cpu-max-envs``, beside robosuite's own worker processes
 (one per env, ``--robosuite-envs``, default one per core). Target: warp >= 50k env steps/s and
->= 40x robosuite's workers on the same machine.
+>= 40x robosuite's workers on the same machine. With ``--cameras agentview [--image-size 84]``: the warp
+backend with MuJoCo Warp's batched renderer drawing the cameras after every env step, and a K=4 pixel
+flow policy choosing 4-action chunks from the images rendered at each decision; target (one 84x84
+camera): >= 30k env steps/s rendered every step.
 
 Rows (env steps/s; an env step of Hopper/Walker2d is 4 physics steps, Ant/Humanoid 5):
 - raw mujoco.batch: ``Batch.step(nstep=frame_skip)`` with constant controls, no task logic;
@@ -116,6 +120,47 @@ def chunk_loop(task: str, n: int, seconds: float, backend: str, device: str, **e
     return rate
 
 
+def render_loop(task: str, n: int, seconds: float, device: str, cameras: list[str], size: int,
+                with_policy: bool) -> float:
+    """Env steps/s on the warp backend with camera images rendered by MuJoCo Warp's batched ray tracer:
+    random actions with every env step's images rendered, or (``with_policy``) a K=4 pixel flow policy
+    (3x512, image encoder) choosing 4-action chunks from the images rendered at each decision."""
+    from flowrl.envs.cameras import camera_renderer
+
+    env = make(task, n, backend="warp", seed=0, device=device)
+    obs = env.reset()
+    renderer = camera_renderer(env, cameras, size, size)
+    if with_policy:
+        torch.manual_seed(0)
+        cfg = PolicyConfig(cameras=list(cameras), image_size=size)
+        policy = FlowPolicy(cfg, env.obs_dim, env.act_dim, env.single_action_space.low,
+                            env.single_action_space.high).to(device).eval()
+        gen = torch.Generator(device=device).manual_seed(0)
+        state = [obs]
+
+        def chunk():
+            actions = policy.predict(state[0], num_steps=4, generator=gen, images=renderer.render())
+            state[0] = env.step_chunk(actions).obs
+
+        rate = 4 * n * timed(chunk, seconds, warmup=1)
+    else:
+        gen = torch.Generator().manual_seed(0)
+        actions = [(torch.rand(n, 1, env.act_dim, generator=gen) * 2 - 1).to(device) for _ in range(4)]
+        i = [0]
+
+        def step():
+            env.step_chunk(actions[i[0] % 4])
+            renderer.render()
+            i[0] += 1
+
+        rate = n * timed(step, seconds, warmup=1)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    renderer.close()
+    env.close()
+    return rate
+
+
 def manipulation(args: argparse.Namespace, machine: dict, use_warp: bool) -> int:
     """Rows and targets of a manipulation task (see the module docstring)."""
     robo_n = args.robosuite_envs or os.cpu_count() or 1
@@ -133,6 +178,11 @@ def manipulation(args: argparse.Namespace, machine: dict, use_warp: bool) -> int
             row["warp"] = chunk_loop(args.task, n, args.seconds, "warp", "cuda")
             row["warp_stage_graphs"] = chunk_loop(args.task, n, args.seconds, "warp", "cuda", capture_controller=False)
             row["warp_policy"] = policy_loop(args.task, n, args.seconds, 0, "cuda", "warp")
+        if args.cameras and (use_warp or args.warp_device == "cpu"):
+            dev = args.warp_device
+            row["warp_render"] = render_loop(args.task, n, args.seconds, dev, args.cameras, args.image_size, False)
+            row["warp_render_policy"] = render_loop(args.task, n, args.seconds, dev, args.cameras, args.image_size,
+                                                    True)
         rows.append(row)
         print(f"  measured num_envs={n}: {row}", file=sys.stderr, flush=True)
     print(f"\n{args.task} env steps/s (OSC_POSE, 25 substeps per env step) on {machine['cores']} cores"
@@ -149,11 +199,22 @@ def manipulation(args: argparse.Namespace, machine: dict, use_warp: bool) -> int
               f" {f(r, 'warp_policy'):>12} {ratio}")
     print("warp: each control step (goal, 25 substeps of torques and physics) replayed as one CUDA graph; "
           "stage graphs: the controller's torch code launched between captured physics stages")
+    rendered = [r for r in rows if "warp_render" in r]
+    if rendered:
+        size = args.image_size
+        print(f"\nwith {', '.join(args.cameras)} at {size}x{size} (MuJoCo Warp's ray tracer on {args.warp_device})")
+        print(f"{'num_envs':>9} {'render every step':>18} {'K=4 pixel policy':>17}")
+        for r in rendered:
+            print(f"{r['num_envs']:>9} {r['warp_render']:>18.0f} {r['warp_render_policy']:>17.0f}")
     checks = []
     if use_warp:
         top = max(r["warp"] for r in rows)
         checks += [(f"warp >= 50k env steps/s ({top:.0f})", top >= 5e4),
                    (f"warp >= 40x robosuite's {robo_n} workers ({top / robosuite_rate:.0f}x)", top >= 40 * robosuite_rate)]
+        if rendered and len(args.cameras) == 1 and args.image_size == 84:
+            best = max(r["warp_render"] for r in rendered)
+            checks.append((f"warp with one 84x84 camera rendered every step >= 30k env steps/s ({best:.0f})",
+                           best >= 3e4))
     name = args.task.lower().replace("/", "_")
     (results_dir() / f"env_throughput_{name}.json").write_text(json.dumps(
         {"task": args.task, "machine": machine, "robosuite_workers": robo_n, "robosuite": robosuite_rate, "rows": rows,
@@ -197,6 +258,12 @@ def main() -> int:
     ap.add_argument("--robosuite-rate", type=float, default=0.0,
                     help="robosuite's env steps/s measured before on this machine with --robosuite-envs workers "
                          "(benchmarks/robosuite_throughput.py), instead of measuring it here")
+    ap.add_argument("--cameras", nargs="+", default=[],
+                    help="manipulation tasks: also measure the warp backend with these cameras rendered by MuJoCo "
+                         "Warp (e.g. agentview)")
+    ap.add_argument("--image-size", type=int, default=84, help="with --cameras: square image size")
+    ap.add_argument("--warp-device", default="cuda",
+                    help="with --cameras: device of the rendering rows (cpu: Warp's CPU device, a smoke run)")
     args = ap.parse_args()
 
     from flowrl.envs import warp_available
