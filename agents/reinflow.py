@@ -47,8 +47,8 @@ from flowrl.config import (FinetuneConfig, LoopConfig, check_fraction, check_non
 from flowrl.envs import canonical_task, make, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.nets import SinusoidalEmbedding
-from flowrl.policy import FlowPolicy, require_state_only
-from flowrl.rollout import ObsHistory
+from flowrl.policy import FlowPolicy
+from flowrl.rollout import CameraObserver, ObsHistory
 from flowrl.sampler import chain_transitions, euler_sample, gaussian_log_prob, noisy_euler_chain
 from flowrl.training import Agent, mean_or_none
 
@@ -307,7 +307,6 @@ class ReinFlow(Agent):
         self.local_envs = self.dist.share(t.num_envs, "train.num_envs")
         self.local_minibatch = self.dist.share(t.minibatch_size, "train.minibatch_size")
         policy, init_config = load_policy(cfg.init, self.device)
-        require_state_only(policy, f"{cfg.init}: ReinFlow")
         if "task" not in init_config:
             raise FlowrlError(f"{cfg.init}/config.json: missing key 'task'")
         self.task = canonical_task(cfg.task or init_config["task"])
@@ -317,7 +316,7 @@ class ReinFlow(Agent):
         self._policy = policy.train()
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         torch.manual_seed(cfg.seed)
-        cond_dim = policy.cfg.obs_history * policy.obs_dim
+        cond_dim = policy.cond_dim
         self.noise = NoiseHead(cond_dim, policy.chunk_shape, t.noise_hidden_dim, policy.cfg.time_embed_dim,
                                t.sigma_min, t.sigma_max).to(self.device)
         self.critic = Critic(cond_dim, t.critic_hidden_dim, t.critic_depth).to(self.device)
@@ -342,6 +341,8 @@ class ReinFlow(Agent):
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
         self.scaler = RunningRewardScaler(self.local_envs, t.gamma, self.device, self.dist)
         self.history = ObsHistory(self.env.reset(), policy.cfg.obs_history)
+        self.observer = (CameraObserver(self.env, policy.cfg.cameras, policy.cfg.image_size, policy.cfg.obs_history,
+                                        self.device) if policy.uses_images else None)
         self.stats = EpisodeStats(episode_success=torch.zeros(self.local_envs, dtype=torch.bool, device=self.device))
         self.iteration = 0  # set by train_iteration; the schedules and the critic warm-up read it
         self.critic_warmup = CriticWarmup()
@@ -369,6 +370,8 @@ class ReinFlow(Agent):
         return state
 
     def on_resume(self, missing: list[str] | None = None) -> None:
+        if self.observer is not None:  # the images of the restored states (longer histories: repeated)
+            self.observer.restart()
         missing = [name for name in missing or [] if name != "critic_warmup"]  # older checkpoints: not warming
         if missing and self.dist.is_main:
             print(f"note: the checkpoint holds no {', '.join(missing)} (a distributed run's, or the other way "
@@ -390,10 +393,14 @@ class ReinFlow(Agent):
     def _score_correction(self) -> bool:
         return self.cfg.train.exploration == "flow_sde"
 
-    def log_prob_and_entropy(self, obs: torch.Tensor, chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob_and_entropy(self, obs: torch.Tensor, chain: torch.Tensor,
+                             images: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample chain log-likelihood (without the parameter-free x0 term) and noise entropy,
-        both normalised as ``logprob_normalization`` says."""
-        velocity, noise_std = self._chain_fns(self.policy.encode(obs), repeat=self.K)
+        both normalised as ``logprob_normalization`` says (pixel policies: with their ``images``)."""
+        return self._log_prob_and_entropy(self.policy.encode(obs, images), chain)
+
+    def _log_prob_and_entropy(self, cond: torch.Tensor, chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        velocity, noise_std = self._chain_fns(cond, repeat=self.K)
         mean, std = chain_transitions(velocity, noise_std, chain, self.K, self._score_correction)
         lp = gaussian_log_prob(chain[:, 1:], mean, std).flatten(1).sum(dim=1)
         entropy = (std.log() + LOG_2PI_E_HALF).flatten(1).sum(dim=1)
@@ -405,9 +412,11 @@ class ReinFlow(Agent):
         return lp, entropy
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample chains for (N, H, obs_dim) observations: (chain, env-unit action chunk)."""
-        velocity, noise_std = self._chain_fns(self.policy.encode(obs))
+    def act(self, obs: torch.Tensor, images: dict[str, torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample chains for (N, H, obs_dim) observations (and a pixel policy's images): (chain, env-unit
+        action chunk)."""
+        velocity, noise_std = self._chain_fns(self.policy.encode(obs, images))
         x0 = torch.randn((obs.shape[0], *self.policy.chunk_shape), generator=self.gen, device=self.device)
         chain = noisy_euler_chain(velocity, noise_std, x0, self.K, self.gen, self._score_correction)
         return chain, self.policy.unnormalize_action(chain[:, -1])
@@ -424,22 +433,32 @@ class ReinFlow(Agent):
         truncated = torch.zeros_like(terminated)
         final_values = torch.zeros((steps, n), device=self.device)
         record_obs = self.policy.cfg.obs_history > 1
+        observer = self.observer
+        image_buf = ({c: torch.zeros((steps, *h.shape), dtype=torch.uint8, device=self.device)
+                      for c, h in observer.get().items()} if observer else None)
+        hook = {"after_step": observer.after_step} if observer else {}
         self.policy.eval()
         for s in range(steps):
             hist = self.history.get()
-            chain, actions = self.act(hist)
+            images = observer.get() if observer else None
+            chain, actions = self.act(hist, images)
             obs_buf[s], chain_buf[s] = hist, chain
-            r = env.step_chunk(actions[:, :act_steps], record_obs=record_obs)
+            if image_buf is not None and images is not None:
+                for c, x in images.items():
+                    image_buf[c][s] = x
+            r = env.step_chunk(actions[:, :act_steps], record_obs=record_obs, **hook)
             done = r.done.to(self.device)
             terminated[s], truncated[s] = r.terminated.to(self.device), (r.truncated & ~r.terminated).to(self.device)
             if r.success is not None:
                 stats.episode_success |= r.success.any(1).to(self.device)
             final_hist = self.history.push_chunk(r)
+            final_images = observer.push_chunk(r) if observer else None
             if bool(done.any()):
                 ended = torch.nonzero(done).flatten()
                 boot = torch.nonzero(truncated[s]).flatten()
                 if len(boot):
-                    final_values[s, boot] = self.critic(self.policy.encode(final_hist[boot].to(hist.dtype)))
+                    boot_images = {c: x[boot] for c, x in final_images.items()} if final_images else None
+                    final_values[s, boot] = self.critic(self.policy.encode(final_hist[boot].to(hist.dtype), boot_images))
                 stats.returns.extend(r.episode_return[ended].tolist())
                 stats.lengths.extend(r.episode_length[ended].tolist())
                 if r.success is not None:
@@ -447,13 +466,31 @@ class ReinFlow(Agent):
                 stats.episode_success &= ~done
             chunk_reward = r.rewards.sum(1).to(self.device)
             rewards[s] = (self.scaler(chunk_reward, done) if t.reward_scaling else chunk_reward).float()
-        features = self.policy.encode(obs_buf.flatten(0, 1))
-        values = self.critic(features).view(steps, n)
-        next_value = self.critic(self.policy.encode(self.history.get()))
+        obs_flat = obs_buf.flatten(0, 1)
+        images_flat = {c: x.flatten(0, 1) for c, x in image_buf.items()} if image_buf else None
+        values = self._values(obs_flat, images_flat).view(steps, n)
+        next_value = self.critic(self.policy.encode(self.history.get(), observer.get() if observer else None))
         advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, final_values,
                                           t.gamma, t.gae_lambda)
-        return {"obs": obs_buf.flatten(0, 1), "chain": chain_buf.flatten(0, 1), "advantages": advantages.flatten(),
-                "returns": returns.flatten(), "values": values.flatten()}
+        batch = {"obs": obs_flat, "chain": chain_buf.flatten(0, 1), "advantages": advantages.flatten(),
+                 "returns": returns.flatten(), "values": values.flatten()}
+        if images_flat is not None:
+            batch.update({f"image:{c}": x for c, x in images_flat.items()})
+        return batch
+
+    def _values(self, obs: torch.Tensor, images: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """The critic's values of a rollout's decisions (a pixel policy's images encoded a slice at a time)."""
+        if images is None:
+            return self.critic(self.policy.encode(obs))
+        size = self.local_minibatch
+        return torch.cat([self.critic(self.policy.encode(obs[i:i + size], {c: x[i:i + size] for c, x in images.items()}))
+                          for i in range(0, len(obs), size)])
+
+    def _images(self, batch: dict[str, torch.Tensor], idx: torch.Tensor | slice) -> dict[str, torch.Tensor] | None:
+        """A pixel policy's images of the batch's decisions ``idx`` (None for state-only policies)."""
+        if self.observer is None:
+            return None
+        return {c: batch[f"image:{c}"][idx] for c in self.policy.cfg.cameras}
 
     # -- update --------------------------------------------------------------------------------
     def _minibatches(self, size: int) -> list[torch.Tensor]:
@@ -461,14 +498,17 @@ class ReinFlow(Agent):
         perm = torch.randperm(size, generator=self.gen, device=self.device)
         return [perm[i:i + mb] for i in range(0, size, mb)]
 
-    def _deterministic_actions(self, policy: FlowPolicy, obs: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return euler_sample(policy.velocity_fn(policy.encode(obs), self.K), x0, self.K)
+    def _deterministic_actions(self, policy: FlowPolicy, obs: torch.Tensor, x0: torch.Tensor,
+                               images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return euler_sample(policy.velocity_fn(policy.encode(obs, images), self.K), x0, self.K)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         t = self.cfg.train
         size = len(batch["advantages"])
         first_epoch = self._minibatches(size)
         self.policy.train()
+        if self.policy.image_encoder is not None:  # no augmentation: old and new log-probabilities see the same
+            self.policy.image_encoder.eval()       # features, so the first ratio stays exactly 1
         y, v = batch["returns"], batch["values"]
         explained_variance = self._rank_mean(float(1 - (y - v).var() / y.var().clamp_min(1e-8)))
         warmup = self._critic_warmup(explained_variance)
@@ -476,7 +516,8 @@ class ReinFlow(Agent):
             with torch.no_grad():  # same minibatches as the first epoch: its first ratio is exactly 1
                 old_logprob = torch.zeros(size, device=self.device)
                 for idx in first_epoch:
-                    old_logprob[idx] = self.log_prob_and_entropy(batch["obs"][idx], batch["chain"][idx])[0]
+                    old_logprob[idx] = self.log_prob_and_entropy(batch["obs"][idx], batch["chain"][idx],
+                                                                 self._images(batch, idx))[0]
         # statistics stay on the device until the end: no host round trip inside the loop, so that on
         # several GPUs the gradient all-reduces queue up behind the compute instead of waiting for the host
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "value", "entropy", "kl", "clip", "w2")}
@@ -488,8 +529,9 @@ class ReinFlow(Agent):
                                                                unbiased=True)
                 adv_std = adv_var.sqrt()
             for j, idx in enumerate(batches):
-                obs, chain = batch["obs"][idx], batch["chain"][idx]
-                value = self.critic(self.policy.encode(obs))
+                obs, chain, images = batch["obs"][idx], batch["chain"][idx], self._images(batch, idx)
+                cond = self.policy.encode(obs, images)
+                value = self.critic(cond.detach())  # a pixel policy's image encoder learns from the policy loss only
                 value_loss = 0.5 * F.mse_loss(value, batch["returns"][idx])
                 if warmup:
                     self.critic_opt.zero_grad(set_to_none=True)
@@ -499,7 +541,7 @@ class ReinFlow(Agent):
                     self.critic_opt.step()
                     stats["value"].append(value_loss.detach())
                     continue
-                logprob, entropy = self.log_prob_and_entropy(obs, chain)
+                logprob, entropy = self._log_prob_and_entropy(cond, chain)
                 log_ratio = logprob - old_logprob[idx]
                 ratio = log_ratio.exp()
                 if first_ratio_dev is None:
@@ -512,8 +554,8 @@ class ReinFlow(Agent):
                 loss = pg_loss + t.ent_coef * entropy_loss + t.vf_coef * value_loss
                 if t.w2_coef > 0:
                     x0 = chain[:, 0]
-                    w2 = (self._deterministic_actions(self.policy, obs, x0)
-                          - self._deterministic_actions(self.reference, obs, x0)).square().mean()
+                    w2 = (self._deterministic_actions(self.policy, obs, x0, images)
+                          - self._deterministic_actions(self.reference, obs, x0, images)).square().mean()
                     loss = loss + t.w2_coef * w2
                     stats["w2"].append(w2.detach())
                 self.actor_opt.zero_grad(set_to_none=True)
@@ -592,17 +634,17 @@ class ReinFlow(Agent):
         self.stats.rollout_seconds.append(rollout_s)
         logs.update(self.update(batch))
         logs.update({"time/iteration_s": time.time() - start, "time/rollout_s": rollout_s,
-                     "train/noise_std": self._mean_noise_std(batch["obs"]),
+                     "train/noise_std": self._mean_noise_std(batch),
                      "rollout/ep_rew_mean": mean_or_none(self.stats.returns),
                      "rollout/ep_len_mean": mean_or_none(self.stats.lengths),
                      "rollout/success_rate": mean_or_none(self.stats.successes)})
         return self.dist.mean(logs)
 
     @torch.no_grad()
-    def _mean_noise_std(self, obs: torch.Tensor) -> float:
-        sample = obs[: min(len(obs), 1024)]
-        cond = self.policy.encode(sample)
-        stds = [self.noise(torch.full((len(sample),), k / self.K, device=self.device), cond).mean()
+    def _mean_noise_std(self, batch: dict[str, torch.Tensor]) -> float:
+        sample = slice(0, min(len(batch["obs"]), 1024))
+        cond = self.policy.encode(batch["obs"][sample], self._images(batch, sample))
+        stds = [self.noise(torch.full((len(cond),), k / self.K, device=self.device), cond).mean()
                 for k in range(self.K)]
         return float(torch.stack(stds).mean())
 

@@ -128,10 +128,10 @@ class BatchedEnv(ABC):
         return actions
 
     def step_chunk(self, actions: torch.Tensor, record_obs: bool = False,
-                   after_step: Callable[[int], None] | None = None) -> ChunkResult:
+                   after_step: Callable[[int, torch.Tensor], None] | None = None) -> ChunkResult:
         """Take (N, T, act_dim) actions in env units, one per step, with exact episode boundaries.
-        ``after_step(j)`` is called after step j, before any env is reset (e.g. to render every env's
-        state after each step)."""
+        ``after_step(j, ended)`` is called after step j with the (N,) envs whose episode ended there,
+        before any env is reset (e.g. to render the states after each step, or the last ones)."""
         actions = self.check_actions(actions, chunk=True)
         n, horizon = actions.shape[0], actions.shape[1]
         dev = self.device
@@ -148,8 +148,6 @@ class BatchedEnv(ABC):
         for j in range(horizon):
             valid[:, j] = alive
             obs, reward, term, info = self._step(actions[:, j], alive)
-            if after_step is not None:
-                after_step(j)
             obs, reward, term = obs.to(dev), reward.to(dev), term.to(dev)
             final_obs = obs.clone() if final_obs is None else torch.where(alive.unsqueeze(1), obs, final_obs)
             reward = torch.where(alive, reward.double(), 0.0)
@@ -168,6 +166,8 @@ class BatchedEnv(ABC):
             ended_trunc = alive & (ep_length >= self.max_episode_steps)
             terminated |= ended_term
             truncated |= ended_trunc
+            if after_step is not None:
+                after_step(j, ended_term | ended_trunc)
             alive &= ~(ended_term | ended_trunc)
             if j + 1 < horizon and not bool(alive.any()):
                 break

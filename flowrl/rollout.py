@@ -126,33 +126,53 @@ class FlowChunkPolicy:
 class CameraObserver:
     """Image histories of ``cameras`` for every env of ``env``, rendered (cpu backend: OpenGL; warp:
     MuJoCo Warp's batched ray tracer) at each decision and, for histories longer than one, after every
-    step in between: what a pixel policy sees."""
+    step in between: what a pixel policy sees. Also the last images of each episode that ends inside a
+    chunk, before its reset (what a truncated episode is bootstrapped from)."""
 
-    def __init__(self, env: BatchedEnv, cameras: tuple[str, ...], size: int, length: int) -> None:
+    def __init__(self, env: BatchedEnv, cameras: tuple[str, ...] | list[str], size: int, length: int,
+                 device: str | torch.device | None = None) -> None:
         from flowrl.envs.cameras import camera_renderer
 
-        self.renderer = camera_renderer(env, cameras, size, size)
-        self.length = length
-        self.histories = {c: ObsHistory(img, length) for c, img in self.renderer.render().items()}
+        self.renderer = camera_renderer(env, list(cameras), size, size)
+        self.length, self.device = length, device
+        self.histories: dict[str, ObsHistory] = {}
         self._steps: list[dict[str, torch.Tensor]] = []
+        self._final: dict[str, torch.Tensor] = {}
+        self.restart()
+
+    def _render(self, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        images = self.renderer.render(ids)
+        return images if self.device is None else {c: x.to(self.device) for c, x in images.items()}
+
+    def restart(self) -> None:
+        """Histories of the envs' current states alone (a start, or a resumed simulation)."""
+        self.histories = {c: ObsHistory(img, self.length) for c, img in self._render().items()}
+        self._steps, self._final = [], {}
 
     def get(self) -> dict[str, torch.Tensor]:
         return {c: h.get() for c, h in self.histories.items()}
 
-    def after_step(self, j: int) -> None:
-        self._steps.append(self.renderer.render())
+    def after_step(self, j: int, ended: torch.Tensor) -> None:
+        """:meth:`BatchedEnv.step_chunk`'s hook: every env's images after each step (histories longer
+        than one), else those of the envs whose episode just ended."""
+        if self.length > 1:
+            self._steps.append(self._render())
+        elif bool(ended.any()):
+            ids = ended.nonzero().flatten().cpu()
+            for c, image in self._render(ids).items():
+                if c not in self._final:
+                    self._final[c] = torch.zeros_like(self.histories[c].get()[:, 0])
+                self._final[c][ids.to(image.device)] = image
 
-    @property
-    def step_hook(self) -> Callable[[int], None] | None:
-        """What :meth:`BatchedEnv.step_chunk` calls after each step: only histories longer than one
-        need the images between decisions."""
-        return self.after_step if self.length > 1 else None
-
-    def push_chunk(self, result: ChunkResult, envs: torch.Tensor | None = None) -> None:
-        """Render the chunk boundary (``envs``: only these, the rest left black) and take in the chunk."""
+    def push_chunk(self, result: ChunkResult, envs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Render the chunk boundary (``envs``: only these, the rest left black) and take in the chunk;
+        returns each camera's history at every env's last step of the chunk (as
+        :meth:`ObsHistory.push_chunk`)."""
         ids = None if envs is None else envs.nonzero().flatten().cpu()
-        boundary = self.renderer.render(ids)
-        steps, self._steps = self._steps, []
+        boundary = self._render(ids)
+        steps, final_images = self._steps, self._final
+        self._steps, self._final = [], {}
+        finals = {}
         for c, history in self.histories.items():
             dev = history.get().device
             valid, done = result.valid.to(dev), result.done.to(dev)
@@ -161,7 +181,12 @@ class CameraObserver:
                 now = history.get().new_zeros(history.get()[:, 0].shape)
                 now[ids.to(dev)] = boundary[c]
             step = torch.stack([s[c] for s in steps], dim=1) if steps else None
-            history.push_steps(now, now, step, valid[:, :step.shape[1]] if step is not None else valid, done)
+            final = now
+            if c in final_images:
+                final = torch.where(done.view(-1, 1, 1, 1), final_images[c], now)
+            finals[c] = history.push_steps(now, final, step, valid[:, :step.shape[1]] if step is not None else valid,
+                                           done)
+        return finals
 
     def close(self) -> None:
         self.renderer.close()
@@ -206,7 +231,7 @@ def _run(env: BatchedEnv, policy: ChunkPolicy, obs: torch.Tensor, history: ObsHi
             chunk = policy.act_chunk(history.get())[:, :policy.act_steps]
         else:
             chunk = policy.act_chunk(history.get(), images=observer.get())[:, :policy.act_steps]  # type: ignore[call-arg]
-        hook = {} if observer is None or observer.step_hook is None else {"after_step": observer.step_hook}
+        hook = {} if observer is None else {"after_step": observer.after_step}
         result = env.step_chunk(chunk, record_obs=record_obs or policy.obs_history > 1, **hook)
         valid = result.valid & active.unsqueeze(1)
         ended = None

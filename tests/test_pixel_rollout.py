@@ -79,6 +79,34 @@ def test_each_decision_sees_the_renders_of_its_states(backend: str, obs_history:
     assert not torch.equal(rendered[0], rendered[-1])  # the actions did move the scene
 
 
+def test_an_episode_that_ends_inside_a_chunk_keeps_its_last_images_before_the_reset() -> None:
+    """What a truncated episode is bootstrapped from: the images of its last state, not of its successor's
+    first (the boundary images, which the history takes)."""
+    from flowrl.envs import make
+    from flowrl.envs.cameras import camera_renderer
+    from flowrl.rollout import CameraObserver
+
+    env = make(TASK, 2, backend="cpu", seed=0)
+    env.reset(seed=5)
+    env.max_episode_steps = 3  # both episodes truncate at the first step of the second chunk
+    observer = CameraObserver(env, [CAMERA], SIZE, 1)
+    actions = 0.3 * torch.randn((2, 4, env.act_dim), generator=torch.Generator().manual_seed(1)).double()
+    finals = []
+    for chunk in (actions[:, :2], actions[:, 2:]):
+        result = env.step_chunk(chunk, after_step=observer.after_step)
+        finals.append(observer.push_chunk(result)[CAMERA])
+    assert bool(result.truncated.all())
+    replay = make(TASK, 2, backend="cpu", seed=0)
+    replay.reset(seed=5)
+    with camera_renderer(replay, [CAMERA], SIZE, SIZE) as renderer:
+        for j in range(3):
+            replay.step_chunk(actions[:, j:j + 1])
+        last = renderer.render()[CAMERA]
+    torch.testing.assert_close(finals[1][:, -1], last, rtol=0, atol=0)
+    assert not torch.equal(observer.get()[CAMERA][:, -1], last)  # the history moved on to the new episode
+    observer.close()
+
+
 def test_state_histories_still_pad_and_reset_as_before() -> None:
     from flowrl.rollout import ObsHistory
 

@@ -207,7 +207,7 @@ class RobosuiteEnv(BatchedEnv):
         return self._t(np.stack([self._recv(i) for i in range(self.num_envs)]))
 
     def step_chunk(self, actions: torch.Tensor, record_obs: bool = False,
-                   after_step: Callable[[int], None] | None = None) -> ChunkResult:
+                   after_step: Callable[[int, torch.Tensor], None] | None = None) -> ChunkResult:
         """A (N, T, act_dim) chunk in one round trip per worker (the workers step it: no ``after_step``)."""
         if after_step is not None:
             raise FlowrlError(f"{self.task}: the robosuite backend steps a chunk inside its worker processes; "
