@@ -44,7 +44,7 @@ from flowrl import distributed
 from flowrl.checkpoint import load_policy
 from flowrl.config import (FinetuneConfig, LoopConfig, check_fraction, check_non_negative, check_positive, fail,
                            setup_torch, validate_backend)
-from flowrl.envs import canonical_task, make, resolve_task
+from flowrl.envs import canonical_task, make, resolve_backend, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.nets import SinusoidalEmbedding
 from flowrl.policy import FlowPolicy
@@ -333,7 +333,8 @@ class ReinFlow(Agent):
             if not resolve_task(self.task).has_success:
                 raise FlowrlError(f"config: train.terminate_on_success: task {self.task} reports no success")
             env_kwargs["terminate_on_success"] = True
-        self.env = make(self.task, self.local_envs, backend=t.backend, device=self.device,
+        backend = resolve_backend(self.task, t.backend, self.device, images=policy.uses_images)
+        self.env = make(self.task, self.local_envs, backend=backend, device=self.device,
                         seed=cfg.seed + self.dist.rank * self.local_envs, **env_kwargs)
         if (self.env.obs_dim, self.env.act_dim) != (policy.obs_dim, policy.act_dim):
             raise FlowrlError(f"{cfg.init}: policy has obs/act dims {policy.obs_dim}/{policy.act_dim} but task "
@@ -652,9 +653,11 @@ class ReinFlow(Agent):
         """Release the rollout envs once learning is over (training cannot continue afterwards):
         robosuite's are worker processes of ~0.8 GB each that would sit idle beside the final
         evaluation's own."""
-        self.env.close()
+        self.close()
 
     def close(self) -> None:
+        if self.observer is not None:
+            self.observer.close()
         self.env.close()
 
 

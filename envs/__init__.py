@@ -29,14 +29,22 @@ def warp_available() -> bool:
     return available()
 
 
-def resolve_backend(task: str, backend: str, device: str | torch.device) -> str:
+RENDERING_BACKENDS = ("cpu", "warp")
+"""The backends that render camera images (flowrl.envs.cameras)."""
+
+
+def resolve_backend(task: str, backend: str, device: str | torch.device, images: bool = False) -> str:
     """The backend ``make`` would use: ``auto`` becomes warp on a CUDA device when installed and the
-    task runs there, else the task's first other backend (cpu for MuJoCo tasks)."""
+    task runs there, else the task's first other backend (cpu for MuJoCo tasks); with ``images`` (a
+    pixel policy's envs) ``auto`` picks one of the backends that render camera images."""
     info = resolve_task(task)
     if backend == "auto":
         dev = torch.device(device)
         on_gpu = dev.type == "cuda" and torch.cuda.is_available()
-        return info.default_backend("cuda" if on_gpu else "cpu", on_gpu and warp_available())
+        chosen = info.default_backend("cuda" if on_gpu else "cpu", on_gpu and warp_available())
+        if images and chosen not in RENDERING_BACKENDS and "cpu" in info.backends:
+            return "cpu"
+        return chosen
     if backend not in BACKENDS:
         raise FlowrlError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}, auto")
     if info.task is None:  # its own simulator only: one implementation whatever the backend asked for
@@ -89,6 +97,6 @@ def make(
 import flowrl.envs.tasks  # noqa: E402,F401  (registers the built-in tasks)
 
 __all__ = ["BACKENDS", "BatchedEnv", "ChunkResult", "TaskInfo", "all_tasks", "canonical_task", "is_robosuite", "make",
-           "register", "resolve_backend", "resolve_task", "warp_available"]
+           "register", "RENDERING_BACKENDS", "resolve_backend", "resolve_task", "warp_available"]
 
 from flowrl.envs.gym_registration import register_gym_envs as _register_gym_envs; _register_gym_envs(make)  # noqa: E402,E702,I001  (gymnasium ids flowrl/<task>-v<n>)

@@ -70,9 +70,8 @@ class Evaluator:
         seed = self.seed if seed is None else seed
         n = min(episodes, self.max_envs)
         backend = self.backend
-        if getattr(policy, "cameras", ()) and backend == "auto":  # the backends that render camera images
-            backend = resolve_backend(self.task, "auto", self.device)
-            backend = backend if backend in ("cpu", "warp") else "cpu"
+        if getattr(policy, "cameras", ()) and backend == "auto":  # a backend that renders camera images
+            backend = resolve_backend(self.task, "auto", self.device, images=True)
         env = self._envs(n, backend)
         on_chunk = (lambda obs, chunk, result, active: result.success) if self.end_on_success else None
         start = time.time()
