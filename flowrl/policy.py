@@ -146,8 +146,8 @@ def require_state_only(policy: FlowPolicy, what: str) -> None:
     """A one-line error when a pixel policy reaches a stage that does not feed it images yet."""
     if getattr(policy, "uses_images", False):  # stand-ins of tests and tools are state-only
         raise FlowrlError(f"{what}: this policy sees camera images ({', '.join(policy.cfg.cameras)}); pixel "
-                          "policies are trained by behaviour cloning, evaluated on the cpu backend and exported "
-                          "so far (fine-tuning, videos and the deploy runtime take state-only policies)")
+                          "policies are trained by behaviour cloning and ReinFlow, evaluated and exported so far "
+                          "(MLE fine-tuning, videos and the deploy runtime take state-only policies)")
 
 
 class ContractingResidual(nn.Module):
