@@ -18,7 +18,7 @@ import torch
 
 from flowrl.checkpoint import CONFIG, load_policy
 from flowrl.datasets import Episodes, write_dataset, write_robomimic
-from flowrl.envs import ChunkResult, canonical_task, make, resolve_task
+from flowrl.envs import ChunkResult, canonical_task, make, resolve_backend, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.rollout import ChunkPolicy, FlowChunkPolicy, run_episodes
 
@@ -66,7 +66,8 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     episodes. ``backend`` is any backend the task runs on (``auto``: the task's default, see
     :func:`flowrl.envs.make`). ``cameras``: also record these cameras' ``image_size`` x ``image_size``
     RGB images of the state before each step (robomimic's ``obs/<camera>_image``; robosuite scenes on
-    the cpu backend, robomimic format, 1-step chunks such as the scripted experts').
+    the cpu backend (OpenGL) or the warp backend (MuJoCo Warp's batched ray tracer), robomimic format,
+    1-step chunks such as the scripted experts').
     ``created_by`` is the command line recorded in the file (the CLI passes its own)."""
     if episodes < 1:
         raise FlowrlError(f"--episodes must be >= 1, got {episodes}")
@@ -82,13 +83,13 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     if cameras and policy.act_steps != 1:
         raise FlowrlError(f"--cameras: images are recorded before every step, so the policy must act one step at a "
                           f"time; this one executes chunks of {policy.act_steps}")
-    env = make(task_name, n, backend=backend, device=device)
+    env = make(task_name, n, backend=resolve_backend(task_name, backend, device, images=bool(cameras)), device=device)
     renderer = None
     if cameras:
-        from flowrl.envs.cameras import CameraRenderer
+        from flowrl.envs.cameras import camera_renderer
 
         try:
-            renderer = CameraRenderer(env, cameras, image_size, image_size)
+            renderer = camera_renderer(env, cameras, image_size, image_size)  # OpenGL (cpu) or ray traced (warp)
         except FlowrlError:
             env.close()
             raise
@@ -104,7 +105,7 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
 
         def act_chunk(self, obs: torch.Tensor, noise_in: torch.Tensor | None = None) -> torch.Tensor:
             if renderer is not None:
-                shown.update(renderer.render())
+                shown.update({c: x.cpu() for c, x in renderer.render().items()})
             chunk = policy.act_chunk(obs).float().cpu()
             if noise > 0:
                 chunk = chunk + noise * torch.randn(chunk.shape, generator=gen)

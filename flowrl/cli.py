@@ -149,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--backend", default="auto", choices=["auto", "gymnasium", "cpu", "warp", "robosuite"],
                     help="auto (default: the task's own default, robosuite for robosuite's tasks on a CPU machine), "
                     "gymnasium, cpu (Humanoid-Newton; robosuite's Lift, Can, Square batched), warp or robosuite")
+    co.add_argument("--device", default="cpu", help="device of the batched env and of a checkpoint policy "
+                    "(default cpu; --backend warp --device cuda simulates and renders on the GPU)")
     co.add_argument("--after-success", type=int, default=10,
                     help="tasks with success (robosuite): cut each episode this many steps after its first "
                     "success, as robomimic's demonstrations end (default 10; -1 keeps whole episodes)")
@@ -156,7 +158,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="keep episodes that never succeed (default: drop them and collect more)")
     co.add_argument("--cameras", nargs="+", default=[], metavar="CAMERA",
                     help="also record these cameras' RGB images before each step as obs/<camera>_image (robosuite "
-                    "scenes on --backend cpu, --format robomimic, 1-step experts; e.g. agentview robot0_eye_in_hand)")
+                    "scenes on the cpu backend (OpenGL) or warp (MuJoCo Warp's ray tracer; default auto picks one of them), "
+                    "--format robomimic, 1-step experts; e.g. agentview robot0_eye_in_hand)")
     co.add_argument("--image-size", type=int, default=84, help="height and width of the images (default 84)")
 
     cf = sub.add_parser("config", help="show the config schema or a resolved config").add_subparsers(
@@ -403,7 +406,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
                    level=args.level, task=args.task, num_envs=args.num_envs, backend=args.backend,
                    created_by="flowrl " + shlex.join(args.argv), fmt=args.format,
                    after_success=args.after_success, keep_failures=args.keep_failures, cameras=args.cameras,
-                   image_size=args.image_size)
+                   image_size=args.image_size, device=args.device)
     info = data.info()
     print(f"wrote {args.out}: {info['episodes']} episodes, {info['transitions']} transitions, "
           f"return {info['return_mean']:.1f} ± {info['return_std']:.1f}")

@@ -82,23 +82,28 @@ def test_images_equal_robosuites_own_camera_observations_flipped() -> None:
 
 @pytest.mark.slow
 @needs_gl
-def test_collected_images_are_the_states_before_each_step(tmp_path) -> None:
-    """``flowrl collect --cameras``: the first image of a demonstration is the seeded reset state's."""
+@pytest.mark.parametrize("backend", ["cpu", "warp"])
+def test_collected_images_are_the_states_before_each_step(tmp_path, backend) -> None:
+    """``flowrl collect --cameras``: the first image of a demonstration is the seeded reset state's (cpu:
+    OpenGL; warp, on Warp's CPU device here: the batched ray tracer)."""
     from flowrl.agents.collect import collect
     from flowrl.datasets import read_dataset
-    from flowrl.envs.cameras import CameraRenderer
+    from flowrl.envs import warp_available
+    from flowrl.envs.cameras import camera_renderer
 
+    if backend == "warp" and not warp_available():
+        pytest.skip("mujoco-warp not installed")
     path = tmp_path / "lift_images.hdf5"
     written = collect("scripted", path, episodes=1, task="robosuite/Lift", num_envs=1, seed=5, fmt="robomimic",
-                      backend="cpu", progress=False, after_success=0, cameras=["agentview"], image_size=16)
+                      backend=backend, progress=False, after_success=0, cameras=["agentview"], image_size=16)
     back = read_dataset(path, cameras=["agentview"])
     frames = back.images["agentview"]
     assert frames.shape == (written.num_transitions, 16, 16, 3)
     np.testing.assert_array_equal(frames, written.images["agentview"])
-    env = make("robosuite/Lift", 1, backend="cpu")
+    env = make("robosuite/Lift", 1, backend=backend, device="cpu")
     env.reset(seed=5)
-    with CameraRenderer(env, ["agentview"], 16, 16) as cams:
-        first = cams.render()["agentview"][0].numpy()
+    with camera_renderer(env, ["agentview"], 16, 16) as cams:
+        first = cams.render()["agentview"][0].cpu().numpy()
     env.close()
     np.testing.assert_array_equal(frames[0], first)
     assert not np.array_equal(frames[0], frames[-1])  # the arm has moved
