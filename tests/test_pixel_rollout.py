@@ -47,7 +47,7 @@ def _end_after(chunks: int):
     return on_chunk
 
 
-@pytest.mark.parametrize("backend,obs_history", [("cpu", 1), ("cpu", 2),
+@pytest.mark.parametrize("backend,obs_history", [pytest.param("cpu", 1, marks=pytest.mark.slow), ("cpu", 2),
                                                  pytest.param("warp", 2, marks=pytest.mark.slow)])
 def test_each_decision_sees_the_renders_of_its_states(backend: str, obs_history: int) -> None:
     from flowrl.envs import make, warp_available

@@ -229,7 +229,7 @@ def test_collected_demonstrations_round_trip_in_the_robomimic_layout(tmp_path) -
 
 @pytest.mark.parametrize("task,obs_dim,act_dim", [pytest.param("PickPlaceCan", 23, 7, marks=pytest.mark.slow),
                                                   pytest.param("NutAssemblySquare", 23, 7, marks=pytest.mark.slow),
-                                                  ("TwoArmTransport", 59, 14)])
+                                                  pytest.param("TwoArmTransport", 59, 14, marks=pytest.mark.slow)])
 def test_every_task_builds_steps_and_truncates(task, obs_dim, act_dim) -> None:
     import torch
 

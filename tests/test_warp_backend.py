@@ -63,7 +63,8 @@ def _mean_return(task: str, backend: str, n: int, steps: int) -> float:
     return float(total.mean())
 
 
-@pytest.mark.parametrize("task,steps,n", [("Hopper", 100, 16), pytest.param("Ant", 60, 24, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("task,steps,n", [pytest.param("Hopper", 100, 16, marks=pytest.mark.slow),
+                                          pytest.param("Ant", 60, 24, marks=pytest.mark.slow)])
 def test_returns_of_a_fixed_policy_agree_statistically(task, steps, n) -> None:
     # Ant's capsule-floor contacts use another friction frame under the pyramidal cone in MuJoCo
     # Warp, so single steps differ; returns over many envs must still agree.
