@@ -67,6 +67,7 @@ def train_expert(
     """
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import Logger
 
     spec = resolve_task(task)
     if backend == "gymnasium" and spec.name == "Humanoid-Newton":  # SB3 would make gymnasium's PGS Humanoid
@@ -125,6 +126,7 @@ def train_expert(
             print(f"[expert {spec.name}] step {step:>9d}  eval return {ret:8.1f} ± {std:6.1f}  "
                   f"({manifest['wall_clock_s']:.0f} s)", flush=True)
 
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes an empty log folder in /tmp
     try:
         model.learn(total_timesteps=total_steps, callback=Snapshotter())
         if not manifest["snapshots"] or manifest["snapshots"][-1]["step"] != model.num_timesteps:

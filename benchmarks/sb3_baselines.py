@@ -77,6 +77,7 @@ def evaluate(task: str, act, episodes: int) -> tuple[float, float]:
 def run_one(key: str, algo: str, seed: int, args: argparse.Namespace) -> dict:
     """Train one algorithm on one task for one seed; its row."""
     from stable_baselines3 import PPO, SAC
+    from stable_baselines3.common.logger import Logger
 
     task = TASKS[key]
     device = _device(args.device)
@@ -92,6 +93,7 @@ def run_one(key: str, algo: str, seed: int, args: argparse.Namespace) -> dict:
         model = SAC("MlpPolicy", venv, learning_starts=min(10_000, steps // 10), batch_size=256,
                     train_freq=1, gradient_steps=max(1, round(args.sac_utd * n)), seed=seed, device=device,
                     verbose=0)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes an empty log folder in /tmp
     start = time.time()
     model.learn(total_timesteps=steps)
     wall = time.time() - start

@@ -30,12 +30,14 @@ def test_gymnasium_vector_env_same_step_autoreset() -> None:
 def test_sb3_ppo_trains_on_our_vec_env() -> None:
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import VecMonitor
+    from stable_baselines3.common.logger import Logger
 
     venv = sb3_vec_env(make("PointReach", 16, seed=0))
     from stable_baselines3.common.evaluation import evaluate_policy
 
     model = PPO("MlpPolicy", VecMonitor(venv), n_steps=64, batch_size=256, learning_rate=3e-3, seed=0, device="cpu")
     before, _ = evaluate_policy(model, VecMonitor(venv), n_eval_episodes=16, deterministic=True)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes an empty folder in /tmp
     model.learn(total_timesteps=16 * 64 * 12)
     after, _ = evaluate_policy(model, VecMonitor(venv), n_eval_episodes=16, deterministic=True)
     assert after > before + 3.0, (before, after)
