@@ -334,6 +334,8 @@ class ReinFlow(Agent):
                 raise FlowrlError(f"config: train.terminate_on_success: task {self.task} reports no success")
             env_kwargs["terminate_on_success"] = True
         backend = resolve_backend(self.task, t.backend, self.device, images=policy.uses_images)
+        if policy.uses_images and backend == "robosuite":
+            env_kwargs["render"] = True  # robosuite renders the images in its workers
         self.env = make(self.task, self.local_envs, backend=backend, device=self.device,
                         seed=cfg.seed + self.dist.rank * self.local_envs, **env_kwargs)
         if (self.env.obs_dim, self.env.act_dim) != (policy.obs_dim, policy.act_dim):
@@ -437,7 +439,7 @@ class ReinFlow(Agent):
         observer = self.observer
         image_buf = ({c: torch.zeros((steps, *h.shape), dtype=torch.uint8, device=self.device)
                       for c, h in observer.get().items()} if observer else None)
-        hook = {"after_step": observer.after_step} if observer else {}
+        hook = {"after_step": observer.step_hook} if observer and observer.step_hook else {}
         self.policy.eval()
         for s in range(steps):
             hist = self.history.get()

@@ -57,11 +57,14 @@ def _env_ids(ids: Sequence[int] | np.ndarray | torch.Tensor | None, n_envs: int)
 
 
 def camera_renderer(env: Any, cameras: Sequence[str] = ROBOMIMIC_CAMERAS, height: int = DEFAULT_SIZE,
-                    width: int = DEFAULT_SIZE) -> "CameraRenderer | WarpCameraRenderer":
+                    width: int = DEFAULT_SIZE) -> "CameraRenderer | WarpCameraRenderer | RobosuiteCameraRenderer":
     """The renderer of ``env``'s backend: MuJoCo Warp's batched ray tracer on the warp backend, MuJoCo's
-    OpenGL renderer on the cpu backend (other backends render none: a one-line error)."""
+    OpenGL renderer on the cpu backend, robosuite's own in its workers on the robosuite backend (made
+    with ``render=True``); other envs render none (a one-line error)."""
     if hasattr(env, "wp_device"):
         return WarpCameraRenderer(env, cameras, height, width)
+    if hasattr(env, "capture_images"):
+        return RobosuiteCameraRenderer(env, cameras, height, width)
     return CameraRenderer(env, cameras, height, width)
 
 
@@ -173,4 +176,49 @@ class WarpCameraRenderer:
         self.close()
 
 
-__all__ = ["CameraRenderer", "DEFAULT_SIZE", "ROBOMIMIC_CAMERAS", "WarpCameraRenderer", "camera_renderer"]
+class RobosuiteCameraRenderer:
+    """RGB images from named cameras of every env of a ``robosuite``-backend env made with ``render=True``,
+    rendered by robosuite itself in its worker processes (its offscreen renderer, as its camera
+    observations), top row first. A chunk is stepped inside the workers, so images between decisions and
+    at episode ends come back with the chunk (``captures_in_chunk``; see
+    :meth:`flowrl.envs.backends.robosuite.RobosuiteEnv.capture_images`) instead of from a per-step hook."""
+
+    captures_in_chunk = True
+
+    def __init__(self, env: Any, cameras: Sequence[str] = ROBOMIMIC_CAMERAS, height: int = DEFAULT_SIZE,
+                 width: int = DEFAULT_SIZE, every_step: bool = False) -> None:
+        if height < 1 or width < 1:
+            raise FlowrlError(f"camera images: size must be positive, got {height} x {width}")
+        unknown = [c for c in cameras if c not in env.camera_names]
+        if unknown or not cameras:
+            raise FlowrlError(f"camera images: {env.task} has no camera {', '.join(unknown) or '(none given)'} "
+                              f"(it has: {', '.join(env.camera_names) or 'none'})")
+        if not env.renders:
+            raise FlowrlError(f"camera images: this {env.task} robosuite env renders none; make it with "
+                              "render=True (robosuite's offscreen renderer in each worker)")
+        self.env, self.cameras, self.height, self.width = env, tuple(cameras), height, width
+        self.capture(every_step)
+
+    def capture(self, every_step: bool) -> None:
+        """Images at episode ends (and with ``every_step`` after every step) from the next chunk on."""
+        self.env.capture_images(list(self.cameras), self.height, self.width, every_step)
+
+    def render(self, ids: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{camera: (n, height, width, 3) uint8}`` for the envs ``ids`` (default: all), in that order."""
+        envs = _env_ids(ids, self.env.num_envs)
+        images = self.env.render_images(list(range(self.env.num_envs)) if envs is None else envs)
+        return {c: torch.from_numpy(images[c]) for c in self.cameras}
+
+    def close(self) -> None:
+        if self.env._conns:  # still running: stop rendering every chunk's images
+            self.env.capture_images(None)
+
+    def __enter__(self) -> RobosuiteCameraRenderer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["CameraRenderer", "DEFAULT_SIZE", "ROBOMIMIC_CAMERAS", "RobosuiteCameraRenderer", "WarpCameraRenderer",
+           "camera_renderer"]

@@ -137,6 +137,9 @@ class CameraObserver:
 
         self.renderer = camera_renderer(env, list(cameras), size, size)
         self.length, self.device = length, device
+        self.in_chunk = bool(getattr(self.renderer, "captures_in_chunk", False))  # robosuite's workers
+        if self.in_chunk:
+            self.renderer.capture(every_step=length > 1)
         self.histories: dict[str, ObsHistory] = {}
         self._steps: list[dict[str, torch.Tensor]] = []
         self._final: dict[str, torch.Tensor] = {}
@@ -153,6 +156,12 @@ class CameraObserver:
 
     def get(self) -> dict[str, torch.Tensor]:
         return {c: h.get() for c, h in self.histories.items()}
+
+    @property
+    def step_hook(self) -> Callable[[int, torch.Tensor], None] | None:
+        """What :meth:`BatchedEnv.step_chunk` takes as ``after_step`` (None where the env returns the
+        chunk's images itself)."""
+        return None if self.in_chunk else self.after_step
 
     def after_step(self, j: int, ended: torch.Tensor) -> None:
         """:meth:`BatchedEnv.step_chunk`'s hook: every env's images after each step (histories longer
@@ -174,6 +183,12 @@ class CameraObserver:
         boundary = self._render(ids)
         steps, final_images = self._steps, self._final
         self._steps, self._final = [], {}
+        if self.in_chunk:
+            captured = {k: {c: x.to(self.device) if self.device is not None else x for c, x in v.items()}
+                        for k, v in result.info.items() if k in ("step_images", "final_images")}
+            final_images = captured.get("final_images", {})
+            step = captured.get("step_images")
+            steps = [{c: x[:, j] for c, x in step.items()} for j in range(next(iter(step.values())).shape[1])] if step else []
         finals = {}
         for c, history in self.histories.items():
             dev = history.get().device
@@ -233,7 +248,7 @@ def _run(env: BatchedEnv, policy: ChunkPolicy, obs: torch.Tensor, history: ObsHi
             chunk = policy.act_chunk(history.get())[:, :policy.act_steps]
         else:
             chunk = policy.act_chunk(history.get(), images=observer.get())[:, :policy.act_steps]  # type: ignore[call-arg]
-        hook = {} if observer is None else {"after_step": observer.after_step}
+        hook = {} if observer is None or observer.step_hook is None else {"after_step": observer.step_hook}
         result = env.step_chunk(chunk, record_obs=record_obs or policy.obs_history > 1, **hook)
         valid = result.valid & active.unsqueeze(1)
         ended = None

@@ -148,3 +148,45 @@ def test_warp_ray_traced_images_match_the_opengl_renderer_of_the_same_states() -
     torch.testing.assert_close(renderer.render([1])["agentview"][0], traced["agentview"][1], rtol=0, atol=0)
     with pytest.raises(FlowrlError, match="out of range"):
         renderer.render([2])
+
+
+@pytest.mark.slow
+@needs_gl
+def test_robosuite_backend_images_are_robosuites_own_top_row_first() -> None:
+    """The robosuite backend's images (robosuite's renderer in its workers) equal robosuite's own camera
+    observations of the same seeded reset flipped to top row first, and our OpenGL renderer's of that
+    state within 2 of 255; a chunk brings back each step's images and the last ones of an ended episode."""
+    from test_manipulation_tasks import ENV_KWARGS, _copy_state, _robosuite
+
+    from flowrl.envs.cameras import ROBOMIMIC_CAMERAS, CameraRenderer, RobosuiteCameraRenderer, camera_renderer
+
+    env = make("robosuite/Lift", 1, backend="robosuite", seed=0, render=True, horizon=3)
+    try:
+        env.reset(seed=7)
+        renderer = camera_renderer(env, list(ROBOMIMIC_CAMERAS), 84, 84)
+        assert isinstance(renderer, RobosuiteCameraRenderer)
+        images = renderer.render()
+        renderer.capture(every_step=True)
+        result = env.step_chunk(torch.zeros((1, 4, env.act_dim)))
+        assert bool(result.truncated[0]) and result.info["step_images"]["agentview"].shape == (1, 4, 84, 84, 3)
+        torch.testing.assert_close(result.info["final_images"]["agentview"][0],
+                                   result.info["step_images"]["agentview"][0, 2], rtol=0, atol=0)
+        assert not bool(result.info["step_images"]["agentview"][0, 3].any())  # no fourth step was taken
+        renderer.close()
+    finally:
+        env.close()
+    kwargs = {**ENV_KWARGS, "has_offscreen_renderer": True, "use_camera_obs": True,
+              "camera_names": list(ROBOMIMIC_CAMERAS), "camera_heights": 84, "camera_widths": 84}
+    rs = _robosuite().make("Lift", **kwargs)
+    rs.rng.bit_generator.state = np.random.default_rng(7).bit_generator.state
+    obs = rs.reset()
+    ours = make("robosuite/Lift", 1, backend="cpu", seed=0)
+    ours.reset()
+    _copy_state(rs, ours)
+    with CameraRenderer(ours) as cams:
+        drawn = cams.render()
+    for cam in ROBOMIMIC_CAMERAS:
+        np.testing.assert_array_equal(images[cam][0].numpy(), np.flipud(obs[f"{cam}_image"]))
+        assert np.abs(images[cam][0].numpy().astype(np.int16) - drawn[cam][0].numpy().astype(np.int16)).mean() < 2.0
+    rs.close()
+    ours.close()

@@ -126,7 +126,8 @@ def test_state_histories_still_pad_and_reset_as_before() -> None:
 @pytest.mark.slow
 def test_flowrl_eval_rolls_a_pixel_checkpoint_out_on_the_cpu_backend(tmp_path) -> None:
     """A random-weight pixel policy on Lift: `flowrl eval` (backend auto) renders its images from the cpu
-    backend and evaluates whole episodes; a video is refused with a one-line error."""
+    backend and evaluates whole episodes, and so it does in robosuite itself (`--backend robosuite`); a
+    video is refused with a one-line error."""
     import json
     import subprocess
     import sys
@@ -147,6 +148,12 @@ def test_flowrl_eval_rolls_a_pixel_checkpoint_out_on_the_cpu_backend(tmp_path) -
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads(out.stdout)[0] if out.stdout.lstrip().startswith("[") else json.loads(out.stdout)["results"][0]
     assert row["episodes"] == 2 and row["length_mean"] == env.max_episode_steps and "success_rate" in row
+    pytest.importorskip("robosuite")
+    theirs = subprocess.run([sys.executable, "-m", "flowrl", "eval", str(ckpt), "--episodes", "1", "--k", "1", "--json",
+                             "--backend", "robosuite", "--max-envs", "1"], capture_output=True, text=True, timeout=600)
+    assert theirs.returncode == 0, theirs.stderr[-2000:]  # robosuite itself renders the images
+    row = json.loads(theirs.stdout)[0] if theirs.stdout.lstrip().startswith("[") else json.loads(theirs.stdout)["results"][0]
+    assert row["episodes"] == 1 and row["length_mean"] == env.max_episode_steps
     video = subprocess.run([sys.executable, "-m", "flowrl", "eval", str(ckpt), "--episodes", "1", "--k", "1", "--video"],
                            capture_output=True, text=True, timeout=600)
     assert video.returncode != 0 and "videos and the deploy runtime take state-only policies" in video.stderr

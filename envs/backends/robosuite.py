@@ -87,24 +87,40 @@ class ChunkReply(NamedTuple):
     episode_return: float
     episode_length: int
     obs: np.ndarray
+    step_images: list[dict[str, np.ndarray]] | None = None
+    """Each step's camera images (captured every step only)."""
+    final_images: dict[str, np.ndarray] | None = None
+    """The last state's camera images where the episode ended (any capture)."""
 
 
-def _worker(conn: Any, env_name: str, robots: Any, horizon: int, terminate_on_success: bool) -> None:
-    # workers never render; importing robosuite sets MUJOCO_GL=egl, which a machine without EGL fails on
-    os.environ["MUJOCO_GL"] = "disable"
+def _worker(conn: Any, env_name: str, robots: Any, horizon: int, terminate_on_success: bool,
+            render: bool = False) -> None:
+    if not render:  # importing robosuite sets MUJOCO_GL=egl, which a machine without EGL fails on
+        os.environ["MUJOCO_GL"] = "disable"
+    elif os.environ.get("MUJOCO_GL", "").lower() in ("", "disable"):
+        os.environ["MUJOCO_GL"] = "egl"
     from flowrl.envs.backends.robosuite_compat import apply
 
     apply()
     import robosuite
 
-    env = robosuite.make(env_name, robots=robots, has_renderer=False, has_offscreen_renderer=False,
+    env = robosuite.make(env_name, robots=robots, has_renderer=False, has_offscreen_renderer=render,
                          use_camera_obs=False, ignore_done=True, horizon=horizon, reward_shaping=False)
     keys = obs_keys(len(env.robots))
     low, high = env.action_spec
     first = env.reset()
     layout = [(k, int(np.asarray(first["object-state" if k == "object" else k]).size)) for k in keys]
-    conn.send((layout, low, high))
+    conn.send((layout, low, high, list(env.sim.model.camera_names)))
     ret, length = 0.0, 0
+    capture: tuple[list[str], int, int, bool] | None = None  # cameras, height, width, after every step
+
+    def images() -> dict[str, np.ndarray]:
+        """robosuite's own offscreen render of each captured camera, top row first (its images come
+        bottom row first)."""
+        assert capture is not None
+        cameras, height, width, _ = capture
+        return {c: np.ascontiguousarray(env.sim.render(width=width, height=height, camera_name=c)[::-1])
+                for c in cameras}
     while True:
         try:
             cmd, arg = conn.recv()
@@ -116,7 +132,7 @@ def _worker(conn: Any, env_name: str, robots: Any, horizon: int, terminate_on_su
             ret, length = 0.0, 0
             conn.send(flatten_obs(env.reset(), keys))
         elif cmd == "chunk":  # (T, act_dim) actions, until the episode ends; one reply
-            rewards, successes, step_obs = [], [], []
+            rewards, successes, step_obs, step_images = [], [], [], []
             terminated = truncated = False
             flat = None
             for action in arg:
@@ -127,15 +143,25 @@ def _worker(conn: Any, env_name: str, robots: Any, horizon: int, terminate_on_su
                 rewards.append(float(reward))
                 successes.append(success)
                 step_obs.append(flat)
+                if capture is not None and capture[3]:
+                    step_images.append(images())
                 terminated = success and terminate_on_success
                 truncated = length >= horizon
                 if terminated or truncated:
                     break
-            reply = ChunkReply(rewards, successes, step_obs, terminated, truncated, ret, length, flat)
+            reply = ChunkReply(rewards, successes, step_obs, terminated, truncated, ret, length, flat,
+                               step_images or None)
             if terminated or truncated:
+                if capture is not None:  # the last state's images, before the reset replaces it
+                    reply = reply._replace(final_images=step_images[-1] if step_images else images())
                 ret, length = 0.0, 0
                 reply = reply._replace(obs=flatten_obs(env.reset(), keys))
             conn.send(reply)
+        elif cmd == "capture":  # (cameras, height, width, every step) or None
+            capture = arg
+            conn.send(True)
+        elif cmd == "render":
+            conn.send(images())
         elif cmd == "close":
             env.close()
             conn.close()
@@ -148,7 +174,9 @@ class RobosuiteEnv(BatchedEnv):
     """N robosuite envs in N worker processes (spawned, so each applies the compatibility layer)."""
 
     def __init__(self, info: TaskInfo, num_envs: int, device: str | torch.device = "cpu", seed: int | None = None,
-                 horizon: int | None = None, terminate_on_success: bool = False) -> None:
+                 horizon: int | None = None, terminate_on_success: bool = False, render: bool = False) -> None:
+        """``render``: the workers get robosuite's offscreen renderer (EGL or OSMesa) for camera images
+        (:class:`flowrl.envs.cameras.RobosuiteCameraRenderer`)."""
         if importlib.util.find_spec("robosuite") is None:  # not imported here: it changes os.environ
             raise FlowrlError("robosuite is not installed; see the README (robosuite)")
         self.task = info.name
@@ -163,14 +191,17 @@ class RobosuiteEnv(BatchedEnv):
             for _ in range(num_envs):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_worker, args=(child, env_name, robots, self.max_episode_steps,
-                                                         terminate_on_success),
+                                                         terminate_on_success, render),
                                    daemon=True)
                 proc.start()
                 self._conns.append(parent)
                 self._procs.append(proc)
-        layout, low, high = self._recv(0)
+        layout, low, high, cameras = self._recv(0)
         for i in range(1, num_envs):
             self._recv(i)
+        self.renders = render
+        self.camera_names: list[str] = cameras
+        self._capture: tuple[list[str], int, int, bool] | None = None
         self.obs_layout: list[tuple[str, int]] = layout  # (robomimic key, size) in observation order
         obs_dim = sum(size for _, size in layout)
         if tuple(layout) != info.obs_layout:
@@ -206,12 +237,38 @@ class RobosuiteEnv(BatchedEnv):
             self._send(i, ("reset", None if seed is None else seed + i))
         return self._t(np.stack([self._recv(i) for i in range(self.num_envs)]))
 
+    def capture_images(self, cameras: list[str] | None, height: int = 0, width: int = 0,
+                       every_step: bool = False) -> None:
+        """From the next chunk on, the workers render ``cameras`` at the end of each episode (before its
+        reset) and, with ``every_step``, after every step; ``step_chunk`` returns them in its ``info``
+        (``final_images``, ``step_images``). ``None`` stops the capture."""
+        if cameras is not None and not self.renders:
+            raise FlowrlError(f"{self.task}: this robosuite env renders no images; make it with render=True")
+        self._capture = None if cameras is None else (list(cameras), height, width, every_step)
+        for i in range(self.num_envs):
+            self._send(i, ("capture", self._capture))
+        for i in range(self.num_envs):
+            self._recv(i)
+
+    def render_images(self, ids: list[int]) -> dict[str, np.ndarray]:
+        """``{camera: (len(ids), H, W, 3) uint8}`` of the captured cameras, rendered by robosuite in the
+        workers ``ids`` from their current states, top row first."""
+        if self._capture is None:
+            raise FlowrlError(f"{self.task}: no cameras to render (capture_images first)")
+        for i in ids:
+            self._send(i, ("render", None))
+        shots = [self._recv(i) for i in ids]
+        cameras, height, width, _ = self._capture
+        return {c: np.stack([s[c] for s in shots]) if shots else np.zeros((0, height, width, 3), np.uint8)
+                for c in cameras}
+
     def step_chunk(self, actions: torch.Tensor, record_obs: bool = False,
                    after_step: Callable[[int, torch.Tensor], None] | None = None) -> ChunkResult:
-        """A (N, T, act_dim) chunk in one round trip per worker (the workers step it: no ``after_step``)."""
+        """A (N, T, act_dim) chunk in one round trip per worker (the workers step it: no ``after_step``;
+        camera images come back in ``info``, see :meth:`capture_images`)."""
         if after_step is not None:
             raise FlowrlError(f"{self.task}: the robosuite backend steps a chunk inside its worker processes; "
-                              "per-step hooks (images after each step) need the cpu backend")
+                              "per-step hooks need the cpu or warp backend")
         actions = self.check_actions(actions, chunk=True)
         act = np.clip(actions.detach().cpu().numpy().astype(np.float64), self.single_action_space.low,
                       self.single_action_space.high)
@@ -234,7 +291,25 @@ class RobosuiteEnv(BatchedEnv):
                            self._t([r.truncated and not r.terminated for r in replies], torch.bool),
                            self._t(final_obs), self._t([r.episode_return for r in replies]),
                            self._t([r.episode_length for r in replies], torch.int64), self._t(success, torch.bool),
-                           None if step_obs is None else self._t(step_obs))
+                           None if step_obs is None else self._t(step_obs), self._captured(replies, horizon))
+
+    def _captured(self, replies: list[ChunkReply], horizon: int) -> dict[str, Any]:
+        """The chunk's camera images as ``info`` entries: ``final_images`` {camera: (N, H, W, 3)} (zeros
+        where the episode did not end) and, captured every step, ``step_images`` {camera: (N, T, H, W, 3)}
+        (zeros after an episode's end)."""
+        if self._capture is None:
+            return {}
+        cameras, height, width, every_step = self._capture
+        n = len(replies)
+        final = {c: torch.zeros((n, height, width, 3), dtype=torch.uint8) for c in cameras}
+        steps = {c: torch.zeros((n, horizon, height, width, 3), dtype=torch.uint8) for c in cameras} if every_step else None
+        for i, r in enumerate(replies):
+            for c in cameras:
+                if r.final_images is not None:
+                    final[c][i] = torch.from_numpy(r.final_images[c])
+                if steps is not None and r.step_images:
+                    steps[c][i, :len(r.step_images)] = torch.from_numpy(np.stack([s[c] for s in r.step_images]))
+        return {"final_images": final, **({"step_images": steps} if steps is not None else {})}
 
     def close(self) -> None:
         for c in self._conns:
