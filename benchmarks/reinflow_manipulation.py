@@ -17,8 +17,15 @@ Two fine-tuning presets (``--preset``):
     python benchmarks/reinflow_manipulation.py --tasks lift can square --seeds 0 1 2
         [--preset robosuite|warp] [--env-steps N] [--pretrain-steps N] [--episodes 50] [--tag NAME]
         [--budget-minutes N] [--robosuite-episodes 100] [key=value overrides]
+    python benchmarks/reinflow_manipulation.py --tasks can square --pixels [--seeds 0 1 2]
     python benchmarks/reinflow_manipulation.py --robosuite-eval benchmarks/results/reinflow_manip_*_warp.json
     python benchmarks/reinflow_manipulation.py --report benchmarks/results/reinflow_manip_*.json
+
+``--pixels``: the same from camera images (robomimic's ``agentview`` and ``robot0_eye_in_hand`` at 84 x 84
+beside the state): configs/<task>/pretrain_reflow_pixels.yaml on data/<task>-images.hdf5, which is
+collected first when missing (the scripted expert, rendered by MuJoCo Warp on a GPU or by OpenGL on the
+cpu backend), then configs/<task>/finetune_reflow_pixels_warp.yaml; the robosuite evaluations render
+through robosuite itself. Results go to reinflow_manip_<task>_pixels_warp.json.
 
 On a time-limited machine pass --budget-minutes N (per seed, evaluations included): fine-tuning then
 stops itself in time for its final evaluations (train.max_minutes=N bounds the fine-tuning alone).
@@ -49,6 +56,21 @@ PUBLISHED = {"can": (0.59, 0.987, 0.905), "square": (0.25, 0.748, 0.187)}
 TARGETS = {"robosuite": {"lift": 1.0, "can": 0.99, "square": 0.85},
            "warp": {"lift": 1.0, "can": 1.0, "square": 0.95}}
 PRESETS = {"robosuite": "finetune_reflow.yaml", "warp": "finetune_reflow_warp.yaml"}
+PIXEL_CAMERAS = ["agentview", "robot0_eye_in_hand"]
+PIXEL_EPISODES = {"lift": 200, "can": 200, "square": 400}  # as many as the low-dimensional demonstrations
+
+
+def collect_images(task: str, path: Path, device: str) -> None:
+    """The scripted expert's demonstrations with robomimic's cameras (data/README.md's command)."""
+    from flowrl.agents.collect import collect
+
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    print(f"[{task}] collecting {PIXEL_EPISODES[task]} demonstrations with {', '.join(PIXEL_CAMERAS)} into {path}",
+          flush=True)
+    collect("scripted", path, episodes=PIXEL_EPISODES[task], task=f"robosuite/{TASKS[task]}", seed=0,
+            num_envs=PIXEL_EPISODES[task] if on_gpu else 10, backend="warp" if on_gpu else "cpu",
+            device="cuda" if on_gpu else "cpu", fmt="robomimic", cameras=PIXEL_CAMERAS, image_size=84,
+            progress=False, created_by="benchmarks/reinflow_manipulation.py --pixels")
 
 
 def robosuite_success(checkpoint: str, task: str, episodes: int) -> float:
@@ -86,7 +108,8 @@ def robosuite_installed() -> bool:
 def report(results: dict) -> int:
     first = next(iter(results.values()))
     preset = first.get("preset", "robosuite")
-    print(f"\nReinFlow (reflow) on robosuite's tasks, {preset} preset, {first['device']}, {first['cores']} CPU cores")
+    source = "from pixels and state" if first.get("pixels") else "from state"
+    print(f"\nReinFlow (reflow) on robosuite's tasks {source}, {preset} preset, {first['device']}, {first['cores']} CPU cores")
     head = (f"{'task':<7} {'seeds':>6} {'pretrained':>11} {'fine-tuned':>15} {'env steps':>10} {'wall s':>7}"
             f" {'published':>15} {'PPO':>6}")
     print(head)
@@ -145,6 +168,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--preset", choices=list(PRESETS), default="robosuite",
                     help="fine-tune in robosuite's worker processes or on the warp backend (see above)")
+    ap.add_argument("--pixels", action="store_true",
+                    help="from camera images: the *_pixels presets, the warp backend (see above)")
     ap.add_argument("--env-steps", type=int, help="override train.env_steps of the presets")
     ap.add_argument("--pretrain-steps", type=int, help="override train.steps of the pretraining presets")
     add_seed_options(ap)
@@ -161,16 +186,26 @@ def main() -> int:
                     help="evaluate the checkpoints of these warp-preset results files in robosuite, then report")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning preset")
     args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
-    args.head, args.sim_threads = "reflow", 0
-    args.finetune_preset = PRESETS[args.preset]
+    args.head, args.sim_threads = ("reflow_pixels" if args.pixels else "reflow"), 0
+    if args.pixels:
+        args.preset = "warp"
+    args.finetune_preset = "finetune_reflow_pixels_warp.yaml" if args.pixels else PRESETS[args.preset]
 
     if args.report:
         return report(merge_results(args.report))
     if args.robosuite_eval:
         return evaluate_in_robosuite(args.robosuite_eval, args.robosuite_episodes)
     results: dict = {}
+    if args.pixels:
+        unsupported = [t for t in args.tasks if not (REPO / "configs" / t / "pretrain_reflow_pixels.yaml").is_file()]
+        if unsupported:
+            print(f"error: no pixel presets for {', '.join(unsupported)} (configs/<task>/*_pixels*.yaml)", file=sys.stderr)
+            return 2
+        for t in args.tasks:
+            if not (REPO / "data" / f"{t}-images.hdf5").is_file():
+                collect_images(t, REPO / "data" / f"{t}-images.hdf5", args.device)
     missing = [t for t in args.tasks if not (REPO / "data" / f"{t}-scripted.hdf5").is_file()]
-    if missing:
+    if missing and not args.pixels:
         print(f"error: no demonstrations for {', '.join(missing)}: make them with the commands in data/README.md",
               file=sys.stderr)
         return 2
@@ -180,16 +215,16 @@ def main() -> int:
               "`--robosuite-eval <results file>` on a machine that has it", file=sys.stderr)
         in_robosuite = False
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    tag = args.tag or ("warp" if args.preset == "warp" else "")
+    tag = args.tag or ("pixels_warp" if args.pixels else "warp" if args.preset == "warp" else "")
     for task in args.tasks:
         rec = {"task": task, "robosuite_task": TASKS[task], "device": device, "cores": os.cpu_count(),
-               "preset": args.preset, "seeds": []}
+               "preset": args.preset, "pixels": args.pixels, "seeds": []}
         results[task] = rec
         for seed in args.seeds:
             srec: dict = {"seed": seed}
             rec["seeds"].append(srec)
             save = lambda: write_result(f"reinflow_manip_{task}", rec, tag)  # noqa: E731
-            run_seed(task, "reflow", seed, args, Path(args.runs), srec, save)
+            run_seed(task, args.head, seed, args, Path(args.runs), srec, save)
             if in_robosuite:
                 add_robosuite_evaluations(task, srec, args.robosuite_episodes)
             save()

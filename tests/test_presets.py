@@ -10,7 +10,8 @@ from flowrl.config import detect_stage, load_stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
-UNSHIPPED_DATA = {"data/humanoid-medium.hdf5"}  # made by the commands in data/README.md
+UNSHIPPED_DATA = {"data/humanoid-medium.hdf5",  # made by the commands in data/README.md
+                  "data/can-images.hdf5", "data/square-images.hdf5"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
