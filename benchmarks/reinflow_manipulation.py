@@ -30,7 +30,8 @@ through robosuite itself. Results go to reinflow_manip_<task>_pixels_warp.json.
 On a time-limited machine pass --budget-minutes N (per seed, evaluations included): fine-tuning then
 stops itself in time for its final evaluations (train.max_minutes=N bounds the fine-tuning alone).
 Targets (exit code 1 when missed), success after fine-tuning over 3 seeds: robosuite preset Lift 100%,
-Can >= 99%, Square >= 85%; warp preset, measured in robosuite: Lift 100%, Can 100%, Square >= 95%.
+Can >= 99%, Square >= 85%; warp preset, measured in robosuite: Lift 100%, Can 100%, Square >= 95%;
+from pixels, in robosuite: Can >= 99%, Square >= 90% (each run under 30 minutes on one H200).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 # ReinFlow (pixels, shortcut policy) pretrained -> fine-tuned success; Gaussian PPO from scratch
 PUBLISHED = {"can": (0.59, 0.987, 0.905), "square": (0.25, 0.748, 0.187)}
 TARGETS = {"robosuite": {"lift": 1.0, "can": 0.99, "square": 0.85},
-           "warp": {"lift": 1.0, "can": 1.0, "square": 0.95}}
+           "warp": {"lift": 1.0, "can": 1.0, "square": 0.95},
+           "pixels": {"can": 0.99, "square": 0.90}}
 PRESETS = {"robosuite": "finetune_reflow.yaml", "warp": "finetune_reflow_warp.yaml"}
 PIXEL_CAMERAS = ["agentview", "robot0_eye_in_hand"]
 PIXEL_EPISODES = {"lift": 200, "can": 200, "square": 400}  # as many as the low-dimensional demonstrations
@@ -141,7 +143,7 @@ def report(results: dict) -> int:
             print(f"  in robosuite itself ({episodes} episodes each): "
                   + ", ".join(f"{100 * a:.0f}% -> {100 * b:.0f}%" for a, b in zip(rs_pre, post))
                   + f"; mean {100 * np.mean(rs_pre):.1f}% -> {100 * np.mean(post):.1f}%")
-        target = TARGETS[preset].get(task)
+        target = TARGETS["pixels" if first.get("pixels") else preset].get(task)
         if target is not None:
             where = " in robosuite" if measured_in_robosuite else ""
             ok = done and len(seeds) >= 3 and bool(np.mean(post) >= target - 1e-9)
