@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from flowrl.checkpoint import CONFIG, load_policy
+from flowrl.policy import require_state_only
 from flowrl.datasets import Episodes, write_dataset, write_robomimic
 from flowrl.envs import ChunkResult, canonical_task, make, resolve_backend, resolve_task
 from flowrl.errors import FlowrlError
@@ -47,6 +48,7 @@ def _source(path: Path, level: str, task: str | None, device: str, num_envs: int
         return SnapshotPolicy(snap.act), task or manifest["task"], desc
     if (path / CONFIG).is_file():
         policy, config = load_policy(path, device)
+        require_state_only(policy, f"{path}: collect")  # the recorded observations are states only
         desc = {"kind": "flowrl_policy", "path": str(path), "head": policy.cfg.head, "num_steps": policy.cfg.num_steps}
         return FlowChunkPolicy(policy, policy.cfg.num_steps), task or config["task"], desc
     raise FlowrlError(f"{path}: neither an expert folder (expert.json) nor a policy checkpoint ({CONFIG})")

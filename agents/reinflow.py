@@ -336,6 +336,7 @@ class ReinFlow(Agent):
         backend = resolve_backend(self.task, t.backend, self.device, images=policy.uses_images)
         if policy.uses_images and backend == "robosuite":
             env_kwargs["render"] = True  # robosuite renders the images in its workers
+        self.backend = backend
         self.env = make(self.task, self.local_envs, backend=backend, device=self.device,
                         seed=cfg.seed + self.dist.rank * self.local_envs, **env_kwargs)
         if (self.env.obs_dim, self.env.act_dim) != (policy.obs_dim, policy.act_dim):
@@ -344,8 +345,14 @@ class ReinFlow(Agent):
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
         self.scaler = RunningRewardScaler(self.local_envs, t.gamma, self.device, self.dist)
         self.history = ObsHistory(self.env.reset(), policy.cfg.obs_history)
-        self.observer = (CameraObserver(self.env, policy.cfg.cameras, policy.cfg.image_size, policy.cfg.obs_history,
-                                        self.device) if policy.uses_images else None)
+        self.observer: CameraObserver | None = None
+        if policy.uses_images:
+            try:
+                self.observer = CameraObserver(self.env, policy.cfg.cameras, policy.cfg.image_size,
+                                               policy.cfg.obs_history, self.device, finals=True)
+            except BaseException:
+                self.env.close()  # robosuite's workers would outlive the failed start
+                raise
         self.stats = EpisodeStats(episode_success=torch.zeros(self.local_envs, dtype=torch.bool, device=self.device))
         self.iteration = 0  # set by train_iteration; the schedules and the critic warm-up read it
         self.critic_warmup = CriticWarmup()
@@ -380,7 +387,7 @@ class ReinFlow(Agent):
             print(f"note: the checkpoint holds no {', '.join(missing)} (a distributed run's, or the other way "
                   "round): the envs start new episodes and the reward scaling new statistics", file=sys.stderr)
         elif not hasattr(self.env, "get_full_state"):
-            print(f"warning: the {self.cfg.train.backend} backend cannot restore its simulation state; the envs "
+            print(f"warning: the {self.backend} backend cannot restore its simulation state; the envs "
                   "start new episodes, so this run will not match an uninterrupted one exactly", file=sys.stderr)
 
     def postfix(self, logs: dict[str, float]) -> dict[str, str]:
@@ -501,9 +508,9 @@ class ReinFlow(Agent):
         perm = torch.randperm(size, generator=self.gen, device=self.device)
         return [perm[i:i + mb] for i in range(0, size, mb)]
 
-    def _deterministic_actions(self, policy: FlowPolicy, obs: torch.Tensor, x0: torch.Tensor,
-                               images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        return euler_sample(policy.velocity_fn(policy.encode(obs, images), self.K), x0, self.K)
+    def _deterministic_actions(self, policy: FlowPolicy, cond: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """``policy``'s deterministic K-step chunks from encoded observations ``cond`` and initial noise ``x0``."""
+        return euler_sample(policy.velocity_fn(cond, self.K), x0, self.K)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         t = self.cfg.train
@@ -533,7 +540,8 @@ class ReinFlow(Agent):
                 adv_std = adv_var.sqrt()
             for j, idx in enumerate(batches):
                 obs, chain, images = batch["obs"][idx], batch["chain"][idx], self._images(batch, idx)
-                cond = self.policy.encode(obs, images)
+                with torch.set_grad_enabled(not warmup):  # the warm-up trains the critic alone
+                    cond = self.policy.encode(obs, images)
                 value = self.critic(cond.detach())  # a pixel policy's image encoder learns from the policy loss only
                 value_loss = 0.5 * F.mse_loss(value, batch["returns"][idx])
                 if warmup:
@@ -557,8 +565,9 @@ class ReinFlow(Agent):
                 loss = pg_loss + t.ent_coef * entropy_loss + t.vf_coef * value_loss
                 if t.w2_coef > 0:
                     x0 = chain[:, 0]
-                    w2 = (self._deterministic_actions(self.policy, obs, x0, images)
-                          - self._deterministic_actions(self.reference, obs, x0, images)).square().mean()
+                    w2 = (self._deterministic_actions(self.policy, cond, x0)
+                          - self._deterministic_actions(self.reference, self.reference.encode(obs, images), x0)
+                          ).square().mean()
                     loss = loss + t.w2_coef * w2
                     stats["w2"].append(w2.detach())
                 self.actor_opt.zero_grad(set_to_none=True)

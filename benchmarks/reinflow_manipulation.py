@@ -25,7 +25,10 @@ Two fine-tuning presets (``--preset``):
 beside the state): configs/<task>/pretrain_reflow_pixels.yaml on data/<task>-images.hdf5, which is
 collected first when missing (the scripted expert, rendered by MuJoCo Warp on a GPU or by OpenGL on the
 cpu backend), then configs/<task>/finetune_reflow_pixels_warp.yaml; the robosuite evaluations render
-through robosuite itself. Results go to reinflow_manip_<task>_pixels_warp.json.
+through robosuite itself. The policies train on MuJoCo Warp's ray-traced images and are also measured on
+robosuite's OpenGL ones (a few grey levels apart on average): the warp success is recorded beside the
+robosuite one, so a gap between them shows the renderers' difference. Results go to
+reinflow_manip_<task>_pixels_warp.json.
 
 On a time-limited machine pass --budget-minutes N (per seed, evaluations included): fine-tuning then
 stops itself in time for its final evaluations (train.max_minutes=N bounds the fine-tuning alone).

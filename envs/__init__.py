@@ -29,8 +29,9 @@ def warp_available() -> bool:
     return available()
 
 
-RENDERING_BACKENDS = ("cpu", "warp")
-"""The backends that render camera images (flowrl.envs.cameras)."""
+BATCHED_RENDERING_BACKENDS = ("cpu", "warp")
+"""The batched backends that render camera images (flowrl.envs.cameras), which ``auto`` picks for a pixel
+policy; robosuite's workers render too when made with ``render=True``, one env per process."""
 
 
 def resolve_backend(task: str, backend: str, device: str | torch.device, images: bool = False) -> str:
@@ -42,7 +43,7 @@ def resolve_backend(task: str, backend: str, device: str | torch.device, images:
         dev = torch.device(device)
         on_gpu = dev.type == "cuda" and torch.cuda.is_available()
         chosen = info.default_backend("cuda" if on_gpu else "cpu", on_gpu and warp_available())
-        if images and chosen not in RENDERING_BACKENDS and "cpu" in info.backends:
+        if images and chosen not in BATCHED_RENDERING_BACKENDS and "cpu" in info.backends:
             return "cpu"
         return chosen
     if backend not in BACKENDS:
@@ -97,6 +98,6 @@ def make(
 import flowrl.envs.tasks  # noqa: E402,F401  (registers the built-in tasks)
 
 __all__ = ["BACKENDS", "BatchedEnv", "ChunkResult", "TaskInfo", "all_tasks", "canonical_task", "is_robosuite", "make",
-           "register", "RENDERING_BACKENDS", "resolve_backend", "resolve_task", "warp_available"]
+           "register", "BATCHED_RENDERING_BACKENDS", "resolve_backend", "resolve_task", "warp_available"]
 
 from flowrl.envs.gym_registration import register_gym_envs as _register_gym_envs; _register_gym_envs(make)  # noqa: E402,E702,I001  (gymnasium ids flowrl/<task>-v<n>)

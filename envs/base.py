@@ -128,10 +128,11 @@ class BatchedEnv(ABC):
         return actions
 
     def step_chunk(self, actions: torch.Tensor, record_obs: bool = False,
-                   after_step: Callable[[int, torch.Tensor], None] | None = None) -> ChunkResult:
+                   after_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> ChunkResult:
         """Take (N, T, act_dim) actions in env units, one per step, with exact episode boundaries.
-        ``after_step(j, ended)`` is called after step j with the (N,) envs whose episode ended there,
-        before any env is reset (e.g. to render the states after each step, or the last ones)."""
+        ``after_step(j, terminated, truncated)`` is called after step j with the (N,) envs whose episode
+        ended there either way, before any env is reset (e.g. to render the states after each step, or
+        the last state of an episode cut at the horizon)."""
         actions = self.check_actions(actions, chunk=True)
         n, horizon = actions.shape[0], actions.shape[1]
         dev = self.device
@@ -167,7 +168,7 @@ class BatchedEnv(ABC):
             terminated |= ended_term
             truncated |= ended_trunc
             if after_step is not None:
-                after_step(j, ended_term | ended_trunc)
+                after_step(j, ended_term, ended_trunc & ~ended_term)
             alive &= ~(ended_term | ended_trunc)
             if j + 1 < horizon and not bool(alive.any()):
                 break

@@ -79,7 +79,8 @@ class CameraRenderer:
         from flowrl.envs.rendering import MujocoRenderer
 
         if not hasattr(env, "batch") or not hasattr(env, "model"):
-            raise FlowrlError(f"camera images: the {type(env).__name__} env renders none (the cpu and warp backends do)")
+            raise FlowrlError(f"camera images: the {type(env).__name__} env renders none (the cpu, warp and "
+                              "robosuite backends do)")
         model = env.model
         ids = _camera_ids(env, cameras, height, width)
         self.env, self.cameras, self.height, self.width = env, tuple(cameras), height, width

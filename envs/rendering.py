@@ -16,9 +16,21 @@ import numpy as np
 from flowrl.errors import FlowrlError
 
 
+def gl_backend() -> str:
+    """The name (egl, osmesa, glfw) of the OpenGL backend :func:`gl_context` would use here, found by
+    making a 1 x 1 context (for processes that must be told, e.g. robosuite's workers)."""
+    ctx, name = _context(1, 1)
+    ctx.free()
+    return name
+
+
 def gl_context(width: int, height: int) -> Any:
     """A current offscreen OpenGL context: ``MUJOCO_GL``'s backend when set to egl, osmesa or glfw,
     else EGL, then OSMesa. None working is a one-line FlowrlError that says what to set."""
+    return _context(width, height)[0]
+
+
+def _context(width: int, height: int) -> tuple[Any, str]:
     wanted = os.environ.get("MUJOCO_GL", "").strip().lower()
     order = [wanted] if wanted in ("egl", "osmesa", "glfw") else ["egl", "osmesa"]
     failures = []
@@ -32,7 +44,7 @@ def gl_context(width: int, height: int) -> Any:
                 from mujoco.glfw import GLContext
             ctx = GLContext(width, height)
             ctx.make_current()
-            return ctx
+            return ctx, name
         except Exception as e:  # missing libraries raise ImportError, OSError, RuntimeError, ...
             lines = str(e).strip().splitlines() or [type(e).__name__]
             failures.append(f"{name}: {lines[0][:120]}")
@@ -79,4 +91,4 @@ class MujocoRenderer:
             self._ctx = None
 
 
-__all__ = ["MujocoRenderer", "gl_context"]
+__all__ = ["MujocoRenderer", "gl_backend", "gl_context"]

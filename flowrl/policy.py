@@ -147,7 +147,7 @@ def require_state_only(policy: FlowPolicy, what: str) -> None:
     if getattr(policy, "uses_images", False):  # stand-ins of tests and tools are state-only
         raise FlowrlError(f"{what}: this policy sees camera images ({', '.join(policy.cfg.cameras)}); pixel "
                           "policies are trained by behaviour cloning and ReinFlow, evaluated and exported so far "
-                          "(MLE fine-tuning, videos and the deploy runtime take state-only policies)")
+                          "(MLE fine-tuning, collection, videos and the deploy runtime take state-only policies)")
 
 
 class ContractingResidual(nn.Module):

@@ -128,15 +128,15 @@ class FlowChunkPolicy:
 class CameraObserver:
     """Image histories of ``cameras`` for every env of ``env``, rendered (cpu backend: OpenGL; warp:
     MuJoCo Warp's batched ray tracer) at each decision and, for histories longer than one, after every
-    step in between: what a pixel policy sees. Also the last images of each episode that ends inside a
-    chunk, before its reset (what a truncated episode is bootstrapped from)."""
+    step in between: what a pixel policy sees. With ``finals`` also the last images of each episode cut
+    at the horizon inside a chunk, before its reset (what a truncated episode is bootstrapped from)."""
 
     def __init__(self, env: BatchedEnv, cameras: tuple[str, ...] | list[str], size: int, length: int,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, finals: bool = False) -> None:
         from flowrl.envs.cameras import camera_renderer
 
         self.renderer = camera_renderer(env, list(cameras), size, size)
-        self.length, self.device = length, device
+        self.length, self.device, self.finals = length, device, finals
         self.in_chunk = bool(getattr(self.renderer, "captures_in_chunk", False))  # robosuite's workers
         if self.in_chunk:
             self.renderer.capture(every_step=length > 1)
@@ -158,18 +158,18 @@ class CameraObserver:
         return {c: h.get() for c, h in self.histories.items()}
 
     @property
-    def step_hook(self) -> Callable[[int, torch.Tensor], None] | None:
+    def step_hook(self) -> Callable[[int, torch.Tensor, torch.Tensor], None] | None:
         """What :meth:`BatchedEnv.step_chunk` takes as ``after_step`` (None where the env returns the
-        chunk's images itself)."""
-        return None if self.in_chunk else self.after_step
+        chunk's images itself, or where nothing between decisions is needed)."""
+        return None if self.in_chunk or (self.length == 1 and not self.finals) else self.after_step
 
-    def after_step(self, j: int, ended: torch.Tensor) -> None:
+    def after_step(self, j: int, terminated: torch.Tensor, truncated: torch.Tensor) -> None:
         """:meth:`BatchedEnv.step_chunk`'s hook: every env's images after each step (histories longer
-        than one), else those of the envs whose episode just ended."""
+        than one), else (``finals``) those of the envs whose episode was just cut at the horizon."""
         if self.length > 1:
             self._steps.append(self._render())
-        elif bool(ended.any()):
-            ids = ended.nonzero().flatten().cpu()
+        elif self.finals and bool(truncated.any()):
+            ids = truncated.nonzero().flatten().cpu()
             for c, image in self._render(ids).items():
                 if c not in self._final:
                     self._final[c] = torch.zeros_like(self.histories[c].get()[:, 0])

@@ -89,11 +89,11 @@ def test_an_episode_that_ends_inside_a_chunk_keeps_its_last_images_before_the_re
     env = make(TASK, 2, backend="cpu", seed=0)
     env.reset(seed=5)
     env.max_episode_steps = 3  # both episodes truncate at the first step of the second chunk
-    observer = CameraObserver(env, [CAMERA], SIZE, 1)
+    observer = CameraObserver(env, [CAMERA], SIZE, 1, finals=True)
     actions = 0.3 * torch.randn((2, 4, env.act_dim), generator=torch.Generator().manual_seed(1)).double()
     finals = []
     for chunk in (actions[:, :2], actions[:, 2:]):
-        result = env.step_chunk(chunk, after_step=observer.after_step)
+        result = env.step_chunk(chunk, after_step=observer.step_hook)
         finals.append(observer.push_chunk(result)[CAMERA])
     assert bool(result.truncated.all())
     replay = make(TASK, 2, backend="cpu", seed=0)
@@ -156,5 +156,5 @@ def test_flowrl_eval_rolls_a_pixel_checkpoint_out_on_the_cpu_backend(tmp_path) -
     assert row["episodes"] == 1 and row["length_mean"] == env.max_episode_steps
     video = subprocess.run([sys.executable, "-m", "flowrl", "eval", str(ckpt), "--episodes", "1", "--k", "1", "--video"],
                            capture_output=True, text=True, timeout=600)
-    assert video.returncode != 0 and "videos and the deploy runtime take state-only policies" in video.stderr
+    assert video.returncode != 0 and "videos and the deploy runtime take state-only" in video.stderr
     assert "Traceback" not in video.stderr

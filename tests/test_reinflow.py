@@ -336,7 +336,8 @@ def test_w2_regulariser_is_zero_before_the_first_step_and_logged(tmp_path, pretr
                    "train.w2_coef=0.1", "train.update_epochs=1", "train.minibatch_size=960")
     batch = agent.collect()
     obs, x0 = batch["obs"][:64], batch["chain"][:64, 0]
-    same = agent._deterministic_actions(agent.policy, obs, x0) - agent._deterministic_actions(agent.reference, obs, x0)
+    same = (agent._deterministic_actions(agent.policy, agent.policy.encode(obs), x0)
+            - agent._deterministic_actions(agent.reference, agent.reference.encode(obs), x0))
     assert torch.equal(same, torch.zeros_like(same))  # the policy starts as the frozen reference
     logs = agent.update(batch)
     assert logs["train/w2_loss"] > 0  # the second minibatch already sees a moved policy
@@ -354,8 +355,8 @@ def test_w2_anchor_keeps_the_deployed_actions_near_the_pretrained_ones(tmp_path,
         agent.update(batch)
         obs, x0 = batch["obs"], batch["chain"][:, 0]
         with torch.no_grad():
-            moved = agent._deterministic_actions(agent.policy, obs, x0) - agent._deterministic_actions(
-                agent.reference, obs, x0)
+            moved = (agent._deterministic_actions(agent.policy, agent.policy.encode(obs), x0)
+                     - agent._deterministic_actions(agent.reference, agent.reference.encode(obs), x0))
         agent.close()
         return float(moved.square().mean())
 

@@ -97,10 +97,10 @@ def test_a_pixel_policy_learns_what_only_the_images_tell(tmp_path) -> None:
     error = (actions - torch.tensor([0.5, -0.5]).view(2, 1, 1)).abs().mean(dim=2)  # (image, noise)
     assert (error.median(dim=1).values < 0.1).all(), error  # a state-only policy splits its samples: ~0.5
     assert (actions[0].mean(1) > 0).all() and (actions[1].mean(1) < 0).all()
-    with pytest.raises(FlowrlError, match="MLE fine-tuning, videos and the deploy runtime take state-only policies"):
-        from flowrl.policy import require_state_only
+    with pytest.raises(FlowrlError, match="MLE fine-tuning, collection, videos and the deploy runtime take state-only"):
+        from flowrl.agents.collect import collect
 
-        require_state_only(policy, "MLE fine-tuning")
+        collect(str(tmp_path / "bc" / "checkpoints" / "300"), tmp_path / "x.hdf5", episodes=1, progress=False)
 
 
 def test_bad_image_settings_are_one_line_config_errors() -> None:

@@ -94,11 +94,11 @@ class ChunkReply(NamedTuple):
 
 
 def _worker(conn: Any, env_name: str, robots: Any, horizon: int, terminate_on_success: bool,
-            render: bool = False) -> None:
-    if not render:  # importing robosuite sets MUJOCO_GL=egl, which a machine without EGL fails on
-        os.environ["MUJOCO_GL"] = "disable"
-    elif os.environ.get("MUJOCO_GL", "").lower() in ("", "disable"):
-        os.environ["MUJOCO_GL"] = "egl"
+            gl: str | None = None) -> None:
+    # importing robosuite sets MUJOCO_GL=egl, which a machine without EGL fails on: workers that render
+    # get the backend the parent found working, the others none
+    os.environ["MUJOCO_GL"] = gl or "disable"
+    render = gl is not None
     from flowrl.envs.backends.robosuite_compat import apply
 
     apply()
@@ -185,13 +185,18 @@ class RobosuiteEnv(BatchedEnv):
         self.max_episode_steps = horizon or info.max_episode_steps
         env_name, robots = info.extra["env_name"], info.extra["robots"]
         self._seed = seed
+        gl = None
+        if render:
+            from flowrl.envs.rendering import gl_backend
+
+            gl = gl_backend()  # a one-line error here rather than dead workers
         ctx = mp.get_context("spawn")
         self._conns, self._procs = [], []
         with single_threaded_blas_children():
             for _ in range(num_envs):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_worker, args=(child, env_name, robots, self.max_episode_steps,
-                                                         terminate_on_success, render),
+                                                         terminate_on_success, gl),
                                    daemon=True)
                 proc.start()
                 self._conns.append(parent)
@@ -263,7 +268,7 @@ class RobosuiteEnv(BatchedEnv):
                 for c in cameras}
 
     def step_chunk(self, actions: torch.Tensor, record_obs: bool = False,
-                   after_step: Callable[[int, torch.Tensor], None] | None = None) -> ChunkResult:
+                   after_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> ChunkResult:
         """A (N, T, act_dim) chunk in one round trip per worker (the workers step it: no ``after_step``;
         camera images come back in ``info``, see :meth:`capture_images`)."""
         if after_step is not None:
