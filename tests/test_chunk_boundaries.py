@@ -64,6 +64,7 @@ def test_single_steps_keep_gymnasiums_same_step_autoreset() -> None:
     assert torch.equal(info["episode_length"], torch.full((2,), 2))
 
 
+@pytest.mark.slow  # robosuite worker processes; test_robosuite_compat's chunk test runs by default
 @pytest.mark.skipif(importlib.util.find_spec("robosuite") is None, reason="robosuite not installed")
 def test_robosuite_workers_stop_the_chunk_at_the_episode_end() -> None:
     """One worker, reseeded in place between the two runs (robosuite's placement follows the seed)."""

@@ -204,14 +204,14 @@ def test_critic_warmup_waits_for_explained_variance_then_never_returns(pretraine
 
 
 def test_reinflow_improves_a_behaviour_cloned_policy(tmp_path, pretrained) -> None:
-    """PointReach: BC learns the 40%-speed demonstrator; ReinFlow must speed it up (< 60 s on CPU)."""
+    """PointReach: BC learns the 40%-speed demonstrator; ReinFlow must speed it up (< 30 s on CPU)."""
     policy, _ = load_policy(pretrained)
     before = evaluate(policy, "PointReach", 4, episodes=64, seed=5)["return_mean"]
-    _run(_cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=92160"), tmp_path / "ft").fit()
-    after_policy, config = load_policy(tmp_path / "ft" / "checkpoints" / "92160")
+    _run(_cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=61440"), tmp_path / "ft").fit()
+    after_policy, config = load_policy(tmp_path / "ft" / "checkpoints" / "61440")
     after = evaluate(after_policy, "PointReach", 4, episodes=64, seed=5)["return_mean"]
     assert config["stage"] == "finetune" and config["task"] == "PointReach"
-    assert after > before + 5.0, (before, after)  # measured: about -15 -> -6
+    assert after > before + 5.0, (before, after)  # measured: about -15 -> -6 (92k env steps), -7 at 46k
 
 
 def test_resumed_finetuning_equals_uninterrupted(tmp_path, pretrained) -> None:

@@ -64,7 +64,7 @@ def test_apply_is_idempotent() -> None:
 def lift():
     from flowrl.envs import make
 
-    env = make("robosuite/Lift", 3, seed=5, horizon=6)
+    env = make("robosuite/Lift", 2, seed=5, horizon=6)
     yield env
     env.close()
 
@@ -124,7 +124,7 @@ def test_a_chunk_in_one_round_trip_is_the_same_as_its_steps(lift) -> None:
     horizon (6) falls inside the second chunk, whose remaining actions are never taken."""
     import torch
 
-    actions = torch.rand((3, 8, 7), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    actions = torch.rand((2, 8, 7), generator=torch.Generator().manual_seed(0)) * 2 - 1
     lift.reset(seed=5)
     first, second = lift.step_chunk(actions[:, :4]), lift.step_chunk(actions[:, 4:])
     lift.reset(seed=5)
@@ -136,7 +136,7 @@ def test_a_chunk_in_one_round_trip_is_the_same_as_its_steps(lift) -> None:
     assert not first.done.any() and bool(second.truncated.all()) and not second.valid[:, 2:].any()
     assert torch.equal(second.final_obs, stepped[-1][4]["final_obs"])
     assert torch.equal(second.obs, stepped[-1][0])  # the next episode's first observation, untouched
-    assert torch.equal(second.episode_length, torch.full((3,), 6))
+    assert torch.equal(second.episode_length, torch.full((2,), 6))
 
 
 def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
@@ -144,10 +144,10 @@ def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
 
     first = lift.reset(seed=1)
     for t in range(6):
-        obs, reward, terminated, truncated, info = lift.step(torch.zeros(3, 7))
+        obs, reward, terminated, truncated, info = lift.step(torch.zeros(2, 7))
         assert not terminated.any() and bool(truncated.all()) == (t == 5)
         assert info["success"].dtype == torch.bool
-    assert info["episode_length"].tolist() == [6, 6, 6]
+    assert info["episode_length"].tolist() == [6, 6]
     assert not torch.equal(info["final_obs"], obs)  # the next episode started in the same step
     assert not torch.equal(obs, first)  # continuing generators: a new placement
 

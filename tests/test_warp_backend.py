@@ -72,6 +72,7 @@ def test_returns_of_a_fixed_policy_agree_statistically(task, steps, n) -> None:
     assert abs(warp - cpu) <= 0.05 * abs(cpu) + 5.0, (warp, cpu)
 
 
+@pytest.mark.slow  # seconds of Warp CPU kernels; the non-finite reset below covers the same reset path
 def test_overflow_resets_and_counts_the_world() -> None:
     env = make("Hopper", 4, backend="warp", device="cpu", seed=3, nconmax=1, njmax=8)
     env.reset()
