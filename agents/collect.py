@@ -19,7 +19,7 @@ import torch
 from flowrl.checkpoint import CONFIG, load_policy
 from flowrl.policy import require_state_only
 from flowrl.datasets import Episodes, write_dataset, write_robomimic
-from flowrl.envs import ChunkResult, canonical_task, make, resolve_backend, resolve_task
+from flowrl.envs import ChunkResult, canonical_task, make, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.rollout import ChunkPolicy, FlowChunkPolicy, run_episodes
 
@@ -85,7 +85,7 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     if cameras and policy.act_steps != 1:
         raise FlowrlError(f"--cameras: images are recorded before every step, so the policy must act one step at a "
                           f"time; this one executes chunks of {policy.act_steps}")
-    env = make(task_name, n, backend=resolve_backend(task_name, backend, device, images=bool(cameras)), device=device)
+    env = make(task_name, n, backend=backend, device=device, images=bool(cameras))
     renderer = None
     if cameras:
         from flowrl.envs.cameras import camera_renderer

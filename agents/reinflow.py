@@ -333,12 +333,9 @@ class ReinFlow(Agent):
             if not resolve_task(self.task).has_success:
                 raise FlowrlError(f"config: train.terminate_on_success: task {self.task} reports no success")
             env_kwargs["terminate_on_success"] = True
-        backend = resolve_backend(self.task, t.backend, self.device, images=policy.uses_images)
-        if policy.uses_images and backend == "robosuite":
-            env_kwargs["render"] = True  # robosuite renders the images in its workers
-        self.backend = backend
-        self.env = make(self.task, self.local_envs, backend=backend, device=self.device,
-                        seed=cfg.seed + self.dist.rank * self.local_envs, **env_kwargs)
+        self.backend = resolve_backend(self.task, t.backend, self.device, images=policy.uses_images)
+        self.env = make(self.task, self.local_envs, backend=self.backend, device=self.device,
+                        seed=cfg.seed + self.dist.rank * self.local_envs, images=policy.uses_images, **env_kwargs)
         if (self.env.obs_dim, self.env.act_dim) != (policy.obs_dim, policy.act_dim):
             raise FlowrlError(f"{cfg.init}: policy has obs/act dims {policy.obs_dim}/{policy.act_dim} but task "
                               f"{self.task} has {self.env.obs_dim}/{self.env.act_dim}")
@@ -444,18 +441,17 @@ class ReinFlow(Agent):
         final_values = torch.zeros((steps, n), device=self.device)
         record_obs = self.policy.cfg.obs_history > 1
         observer = self.observer
-        image_buf = ({c: torch.zeros((steps, *h.shape), dtype=torch.uint8, device=self.device)
-                      for c, h in observer.get().items()} if observer else None)
-        hook = {"after_step": observer.step_hook} if observer and observer.step_hook else {}
+        image_buf = {c: torch.zeros((steps, *h.shape), dtype=torch.uint8, device=self.device)
+                     for c, h in (observer.get() if observer else {}).items()}
+        hook = observer.step_kwargs() if observer else {}
         self.policy.eval()
         for s in range(steps):
             hist = self.history.get()
             images = observer.get() if observer else None
             chain, actions = self.act(hist, images)
             obs_buf[s], chain_buf[s] = hist, chain
-            if image_buf is not None and images is not None:
-                for c, x in images.items():
-                    image_buf[c][s] = x
+            for c, x in (images or {}).items():
+                image_buf[c][s] = x
             r = env.step_chunk(actions[:, :act_steps], record_obs=record_obs, **hook)
             done = r.done.to(self.device)
             terminated[s], truncated[s] = r.terminated.to(self.device), (r.truncated & ~r.terminated).to(self.device)
@@ -477,7 +473,7 @@ class ReinFlow(Agent):
             chunk_reward = r.rewards.sum(1).to(self.device)
             rewards[s] = (self.scaler(chunk_reward, done) if t.reward_scaling else chunk_reward).float()
         obs_flat = obs_buf.flatten(0, 1)
-        images_flat = {c: x.flatten(0, 1) for c, x in image_buf.items()} if image_buf else None
+        images_flat = {c: x.flatten(0, 1) for c, x in image_buf.items()} if observer else None
         values = self._values(obs_flat, images_flat).view(steps, n)
         next_value = self.critic(self.policy.encode(self.history.get(), observer.get() if observer else None))
         advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, final_values,

@@ -35,6 +35,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ import torch
 from common import report_checks, results_dir, run_main
 from flowrl.config import PolicyConfig
 from flowrl.envs import make
+from flowrl.envs.cameras import camera_renderer
 from flowrl.envs import resolve_task
 from flowrl.rollout import ObsHistory
 from flowrl.policy import FlowPolicy
@@ -85,78 +87,53 @@ def backend_loop(task: str, n: int, seconds: float, threads: int, backend: str =
     return rate
 
 
-def policy_loop(task: str, n: int, seconds: float, threads: int, device: str, backend: str = "cpu") -> float:
-    env = make(task, n, backend=backend, seed=0, device=device, **({"threads": threads} if backend == "cpu" else {}))
+def policy_loop(task: str, n: int, seconds: float, threads: int, device: str, backend: str = "cpu",
+                cameras: Sequence[str] = (), image_size: int = 84) -> float:
+    """Env steps/s of a K=4 flow policy (3x512) choosing 4-action chunks; with ``cameras`` a pixel policy
+    (image encoder) that sees them, rendered at each decision by the backend's renderer."""
+    env = make(task, n, backend=backend, seed=0, device=device, images=bool(cameras),
+               **({"threads": threads} if backend == "cpu" else {}))
+    renderer = camera_renderer(env, cameras, image_size, image_size) if cameras else None
     torch.manual_seed(0)
-    policy = FlowPolicy(PolicyConfig(), env.obs_dim, env.act_dim).to(device).eval()
+    policy = FlowPolicy(PolicyConfig(cameras=list(cameras), image_size=image_size), env.obs_dim,
+                        env.act_dim).to(device).eval()
     history = ObsHistory(env.reset(), 1)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def chunk():
-        actions = policy.predict(history.get(), num_steps=4, generator=gen)
+        images = renderer.render() if renderer else None
+        actions = policy.predict(history.get(), num_steps=4, generator=gen, images=images)
         history.push_chunk(env.step_chunk(actions.clamp(-1, 1)))
 
     rate = 4 * n * timed(chunk, seconds, warmup=1)
+    if renderer:
+        renderer.close()
     env.close()
     return rate
 
 
-def chunk_loop(task: str, n: int, seconds: float, backend: str, device: str, **env_kwargs) -> float:
-    """Env steps/s of random 4-action chunks (robosuite's workers take a chunk in one round trip)."""
-    env = make(task, n, backend=backend, seed=0, device=device, **env_kwargs)
+def chunk_loop(task: str, n: int, seconds: float, backend: str, device: str, chunk_len: int = 4,
+               cameras: Sequence[str] = (), image_size: int = 84, **env_kwargs) -> float:
+    """Env steps/s of random ``chunk_len``-action chunks (robosuite's workers take a chunk in one round
+    trip); with ``cameras`` their images rendered after every chunk by the backend's renderer."""
+    env = make(task, n, backend=backend, seed=0, device=device, images=bool(cameras), **env_kwargs)
     env.reset()
+    renderer = camera_renderer(env, cameras, image_size, image_size) if cameras else None
     gen = torch.Generator().manual_seed(0)
-    actions = [(torch.rand(n, 4, env.act_dim, generator=gen) * 2 - 1).to(device) for _ in range(4)]
+    actions = [(torch.rand(n, chunk_len, env.act_dim, generator=gen) * 2 - 1).to(device) for _ in range(4)]
     i = [0]
 
     def step():
         env.step_chunk(actions[i[0] % 4])
+        if renderer:
+            renderer.render()
         i[0] += 1
 
-    rate = 4 * n * timed(step, seconds, warmup=1)
+    rate = chunk_len * n * timed(step, seconds, warmup=1)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    env.close()
-    return rate
-
-
-def render_loop(task: str, n: int, seconds: float, device: str, cameras: list[str], size: int,
-                with_policy: bool) -> float:
-    """Env steps/s on the warp backend with camera images rendered by MuJoCo Warp's batched ray tracer:
-    random actions with every env step's images rendered, or (``with_policy``) a K=4 pixel flow policy
-    (3x512, image encoder) choosing 4-action chunks from the images rendered at each decision."""
-    from flowrl.envs.cameras import camera_renderer
-
-    env = make(task, n, backend="warp", seed=0, device=device)
-    obs = env.reset()
-    renderer = camera_renderer(env, cameras, size, size)
-    if with_policy:
-        torch.manual_seed(0)
-        cfg = PolicyConfig(cameras=list(cameras), image_size=size)
-        policy = FlowPolicy(cfg, env.obs_dim, env.act_dim, env.single_action_space.low,
-                            env.single_action_space.high).to(device).eval()
-        gen = torch.Generator(device=device).manual_seed(0)
-        state = [obs]
-
-        def chunk():
-            actions = policy.predict(state[0], num_steps=4, generator=gen, images=renderer.render())
-            state[0] = env.step_chunk(actions).obs
-
-        rate = 4 * n * timed(chunk, seconds, warmup=1)
-    else:
-        gen = torch.Generator().manual_seed(0)
-        actions = [(torch.rand(n, 1, env.act_dim, generator=gen) * 2 - 1).to(device) for _ in range(4)]
-        i = [0]
-
-        def step():
-            env.step_chunk(actions[i[0] % 4])
-            renderer.render()
-            i[0] += 1
-
-        rate = n * timed(step, seconds, warmup=1)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    renderer.close()
+    if renderer:
+        renderer.close()
     env.close()
     return rate
 
@@ -180,9 +157,10 @@ def manipulation(args: argparse.Namespace, machine: dict, use_warp: bool) -> int
             row["warp_policy"] = policy_loop(args.task, n, args.seconds, 0, "cuda", "warp")
         if args.cameras and (use_warp or args.warp_device == "cpu"):
             dev = args.warp_device
-            row["warp_render"] = render_loop(args.task, n, args.seconds, dev, args.cameras, args.image_size, False)
-            row["warp_render_policy"] = render_loop(args.task, n, args.seconds, dev, args.cameras, args.image_size,
-                                                    True)
+            row["warp_render"] = chunk_loop(args.task, n, args.seconds, "warp", dev, chunk_len=1, cameras=args.cameras,
+                                            image_size=args.image_size)
+            row["warp_render_policy"] = policy_loop(args.task, n, args.seconds, 0, dev, "warp", args.cameras,
+                                                    args.image_size)
         rows.append(row)
         print(f"  measured num_envs={n}: {row}", file=sys.stderr, flush=True)
     print(f"\n{args.task} env steps/s (OSC_POSE, 25 substeps per env step) on {machine['cores']} cores"

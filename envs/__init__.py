@@ -62,6 +62,7 @@ def make(
     backend: str = "auto",
     device: str | torch.device = "cpu",
     seed: int | None = None,
+    images: bool = False,
     **kwargs: Any,
 ) -> BatchedEnv:
     """Build ``num_envs`` copies of ``task`` stepped together on ``backend``.
@@ -70,13 +71,17 @@ def make(
     GPU or Warp's CPU device), ``gymnasium`` (gymnasium's own vector envs; ``vectorization="async"``
     for subprocesses), ``auto`` (the default: warp on a CUDA device when installed, else cpu).
     robosuite's tasks and pure-torch tasks are their own backend whatever is asked.
-    ``seed`` seeds env i with ``seed + i`` at the first ``reset()``. Other keyword arguments go to the
-    backend: ``threads`` (cpu), ``nconmax``/``njmax``/``capture_controller`` (warp), ``terminate_on_success``.
+    ``seed`` seeds env i with ``seed + i`` at the first ``reset()``. ``images``: the envs will render camera
+    images (a pixel policy's): ``auto`` picks a backend that renders, and robosuite's workers get their
+    offscreen renderer. Other keyword arguments go to the backend: ``threads`` (cpu),
+    ``nconmax``/``njmax``/``capture_controller`` (warp), ``terminate_on_success``.
     """
     if num_envs < 1:
         raise FlowrlError(f"num_envs must be >= 1, got {num_envs}")
     info = resolve_task(task)
-    backend = resolve_backend(info.name, backend, device)
+    backend = resolve_backend(info.name, backend, device, images=images)
+    if images and backend == "robosuite":
+        kwargs["render"] = True
     if backend in info.envs:
         return info.envs[backend](info, num_envs, device=device, seed=seed, **kwargs)
     if backend == "gymnasium":

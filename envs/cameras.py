@@ -31,19 +31,36 @@ DEFAULT_SIZE = 84
 """robomimic's image size (84 x 84)."""
 
 
-def _camera_ids(env: Any, cameras: Sequence[str], height: int, width: int) -> list[int]:
-    """The model's ids of ``cameras``; one-line errors for unknown names and bad sizes."""
-    import mujoco
-
+def _check_cameras(task: str, names: Sequence[str], cameras: Sequence[str], height: int, width: int) -> None:
+    """One-line errors for a bad image size and for ``cameras`` that are not among the scene's ``names``."""
     if height < 1 or width < 1:
         raise FlowrlError(f"camera images: size must be positive, got {height} x {width}")
-    model = env.model
-    names = [model.camera(i).name for i in range(model.ncam)]
     unknown = [c for c in cameras if c not in names]
     if unknown or not cameras:
-        raise FlowrlError(f"camera images: {env.task_def.info.name} has no camera {', '.join(unknown) or '(none given)'}"
+        raise FlowrlError(f"camera images: {task} has no camera {', '.join(unknown) or '(none given)'}"
                           f" (it has: {', '.join(names) or 'none'})")
+
+
+def _camera_ids(env: Any, cameras: Sequence[str], height: int, width: int) -> list[int]:
+    """The model's ids of ``cameras`` (checked as :func:`_check_cameras` does)."""
+    import mujoco
+
+    model = env.model
+    _check_cameras(env.task_def.info.name, [model.camera(i).name for i in range(model.ncam)], cameras, height, width)
     return [mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, c) for c in cameras]
+
+
+class _Renderer:
+    """What the renderers share: a context manager that closes them."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _env_ids(ids: Sequence[int] | np.ndarray | torch.Tensor | None, n_envs: int) -> list[int] | None:
@@ -68,7 +85,7 @@ def camera_renderer(env: Any, cameras: Sequence[str] = ROBOMIMIC_CAMERAS, height
     return CameraRenderer(env, cameras, height, width)
 
 
-class CameraRenderer:
+class CameraRenderer(_Renderer):
     """RGB images from named cameras of every env of a ``cpu``-backend env (``flowrl.envs.make(...,
     backend="cpu")``), e.g. robosuite's scenes. Use as a context manager or call :meth:`close`."""
 
@@ -114,14 +131,8 @@ class CameraRenderer:
             self._renderer.close()
             self._renderer = None
 
-    def __enter__(self) -> CameraRenderer:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class WarpCameraRenderer:
+class WarpCameraRenderer(_Renderer):
     """RGB images from named cameras of every world of a ``warp``-backend env, ray traced in one batch by
     MuJoCo Warp (``create_render_context`` / ``render`` / ``get_rgb``) on the env's device, collision
     geoms hidden as robosuite hides them. :meth:`render` returns tensors on that device."""
@@ -141,7 +152,7 @@ class WarpCameraRenderer:
             self._context = mjw.create_render_context(
                 model, nworld=env.num_envs, cam_res=(width, height), render_rgb=True, render_depth=False,
                 enabled_geom_groups=[1, 2], cam_active=[i in ids for i in range(model.ncam)])
-            self._rgb = wp.zeros((env.num_envs, height, width), dtype=wp.vec3f)
+            self._rgb = {name: wp.zeros((env.num_envs, height, width), dtype=wp.vec3f) for name in self.cameras}
         active = sorted(set(ids))  # the context's images are in the model's camera order
         self._slot = {name: active.index(cam_id) for name, cam_id in zip(self.cameras, ids)}
 
@@ -161,23 +172,18 @@ class WarpCameraRenderer:
             mjw.refit_bvh(env.m, env.d, self._context)
             mjw.render(env.m, env.d, self._context)
             for name in self.cameras:
-                mjw.get_rgb(self._context, self._slot[name], self._rgb)
-                wp.synchronize_device(env.wp_device)
-                image = (wp.to_torch(self._rgb) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-                out[name] = image if envs is None else image[torch.as_tensor(envs, dtype=torch.long, device=image.device)]
+                mjw.get_rgb(self._context, self._slot[name], self._rgb[name])
+            wp.synchronize_device(env.wp_device)  # before torch reads the buffers on its own stream
+        for name in self.cameras:
+            image = (wp.to_torch(self._rgb[name]) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+            out[name] = image if envs is None else image[torch.as_tensor(envs, dtype=torch.long, device=image.device)]
         return out
 
     def close(self) -> None:
         self._context = None
 
-    def __enter__(self) -> WarpCameraRenderer:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class RobosuiteCameraRenderer:
+class RobosuiteCameraRenderer(_Renderer):
     """RGB images from named cameras of every env of a ``robosuite``-backend env made with ``render=True``,
     rendered by robosuite itself in its worker processes (its offscreen renderer, as its camera
     observations), top row first. A chunk is stepped inside the workers, so images between decisions and
@@ -188,12 +194,7 @@ class RobosuiteCameraRenderer:
 
     def __init__(self, env: Any, cameras: Sequence[str] = ROBOMIMIC_CAMERAS, height: int = DEFAULT_SIZE,
                  width: int = DEFAULT_SIZE, every_step: bool = False) -> None:
-        if height < 1 or width < 1:
-            raise FlowrlError(f"camera images: size must be positive, got {height} x {width}")
-        unknown = [c for c in cameras if c not in env.camera_names]
-        if unknown or not cameras:
-            raise FlowrlError(f"camera images: {env.task} has no camera {', '.join(unknown) or '(none given)'} "
-                              f"(it has: {', '.join(env.camera_names) or 'none'})")
+        _check_cameras(env.task, env.camera_names, cameras, height, width)
         if not env.renders:
             raise FlowrlError(f"camera images: this {env.task} robosuite env renders none; make it with "
                               "render=True (robosuite's offscreen renderer in each worker)")
@@ -211,14 +212,7 @@ class RobosuiteCameraRenderer:
         return {c: torch.from_numpy(images[c]) for c in self.cameras}
 
     def close(self) -> None:
-        if self.env._conns:  # still running: stop rendering every chunk's images
-            self.env.capture_images(None)
-
-    def __enter__(self) -> RobosuiteCameraRenderer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.env.capture_images(None)  # stop rendering every chunk's images (nothing once the env is closed)
 
 
 __all__ = ["CameraRenderer", "DEFAULT_SIZE", "ROBOMIMIC_CAMERAS", "RobosuiteCameraRenderer", "WarpCameraRenderer",

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from flowrl.config import EVAL_SEED
-from flowrl.envs import BatchedEnv, is_robosuite, make, resolve_backend
+from flowrl.envs import BatchedEnv, is_robosuite, make
 from flowrl.errors import FlowrlError
 from flowrl.policy import FlowPolicy
 from flowrl.rollout import ChunkPolicy, FlowChunkPolicy, run_episodes
@@ -41,22 +41,19 @@ class Evaluator:
         self.task, self.seed, self.backend, self.max_envs = task, seed, backend, max_envs
         self.device, self.end_on_success = device, end_on_success
         self._env: BatchedEnv | None = None
-        self._env_key: tuple[str, bool] = (backend, False)
+        self._env_images = False
 
     @classmethod
     def from_config(cls, task: str, cfg: Any, device: str | torch.device) -> "Evaluator":
         """From a config's ``eval`` section (:class:`flowrl.config.EvalConfig`)."""
         return cls(task, cfg.seed, cfg.backend, cfg.max_envs, device, cfg.end_on_success)
 
-    def _envs(self, n: int, backend: str, images: bool = False) -> BatchedEnv:
-        key = (backend, images)
-        if self._env is not None and (self._env.num_envs != n or self._env_key != key):
+    def _envs(self, n: int, images: bool = False) -> BatchedEnv:
+        if self._env is not None and (self._env.num_envs != n or self._env_images != images):
             self.close()
         if self._env is None:
-            # robosuite's workers render only when made to (an offscreen renderer each)
-            extra = {"render": True} if images and resolve_backend(self.task, backend, self.device) == "robosuite" else {}
-            self._env = make(self.task, n, backend=backend, device=self.device, **extra)
-            self._env_key = key
+            self._env = make(self.task, n, backend=self.backend, device=self.device, images=images)
+            self._env_images = images
         return self._env
 
     def __call__(self, policy: FlowPolicy, num_steps: int, episodes: int = 10,
@@ -72,10 +69,7 @@ class Evaluator:
         replaces the evaluator's own for this call (the same envs serve both)."""
         seed = self.seed if seed is None else seed
         n = min(episodes, self.max_envs)
-        backend, images = self.backend, bool(getattr(policy, "cameras", ()))
-        if images and backend == "auto":  # a backend that renders camera images
-            backend = resolve_backend(self.task, "auto", self.device, images=True)
-        env = self._envs(n, backend, images)
+        env = self._envs(n, images=bool(getattr(policy, "cameras", ())))
         on_chunk = (lambda obs, chunk, result, active: result.success) if self.end_on_success else None
         start = time.time()
         results = [run_episodes(env, policy, seed=seed + r * n, on_chunk=on_chunk)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -163,6 +163,10 @@ class CameraObserver:
         chunk's images itself, or where nothing between decisions is needed)."""
         return None if self.in_chunk or (self.length == 1 and not self.finals) else self.after_step
 
+    def step_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`BatchedEnv.step_chunk` that feed this observer."""
+        return {} if self.step_hook is None else {"after_step": self.step_hook}
+
     def after_step(self, j: int, terminated: torch.Tensor, truncated: torch.Tensor) -> None:
         """:meth:`BatchedEnv.step_chunk`'s hook: every env's images after each step (histories longer
         than one), else (``finals``) those of the envs whose episode was just cut at the horizon."""
@@ -181,14 +185,13 @@ class CameraObserver:
         :meth:`ObsHistory.push_chunk`)."""
         ids = None if envs is None else envs.nonzero().flatten().cpu()
         boundary = self._render(ids)
-        steps, final_images = self._steps, self._final
+        if self.in_chunk:  # robosuite's workers sent the chunk's images with it
+            steps = result.info.get("step_images")
+            final_images = result.info.get("final_images", {})
+        else:
+            steps = {c: torch.stack([s[c] for s in self._steps], dim=1) for c in self.histories} if self._steps else None
+            final_images = self._final
         self._steps, self._final = [], {}
-        if self.in_chunk:
-            captured = {k: {c: x.to(self.device) if self.device is not None else x for c, x in v.items()}
-                        for k, v in result.info.items() if k in ("step_images", "final_images")}
-            final_images = captured.get("final_images", {})
-            step = captured.get("step_images")
-            steps = [{c: x[:, j] for c, x in step.items()} for j in range(next(iter(step.values())).shape[1])] if step else []
         finals = {}
         for c, history in self.histories.items():
             dev = history.get().device
@@ -197,12 +200,8 @@ class CameraObserver:
             if ids is not None:
                 now = history.get().new_zeros(history.get()[:, 0].shape)
                 now[ids.to(dev)] = boundary[c]
-            step = torch.stack([s[c] for s in steps], dim=1) if steps else None
-            final = now
-            if c in final_images:
-                final = torch.where(done.view(-1, 1, 1, 1), final_images[c], now)
-            finals[c] = history.push_steps(now, final, step, valid[:, :step.shape[1]] if step is not None else valid,
-                                           done)
+            final = now if c not in final_images else torch.where(done.view(-1, 1, 1, 1), final_images[c].to(dev), now)
+            finals[c] = history.push_steps(now, final, None if steps is None else steps[c].to(dev), valid, done)
         return finals
 
     def close(self) -> None:
@@ -248,7 +247,7 @@ def _run(env: BatchedEnv, policy: ChunkPolicy, obs: torch.Tensor, history: ObsHi
             chunk = policy.act_chunk(history.get())[:, :policy.act_steps]
         else:
             chunk = policy.act_chunk(history.get(), images=observer.get())[:, :policy.act_steps]  # type: ignore[call-arg]
-        hook = {} if observer is None or observer.step_hook is None else {"after_step": observer.step_hook}
+        hook = observer.step_kwargs() if observer else {}
         result = env.step_chunk(chunk, record_obs=record_obs or policy.obs_history > 1, **hook)
         valid = result.valid & active.unsqueeze(1)
         ended = None

@@ -371,7 +371,7 @@ def test_final_evaluation_releases_the_rollout_envs_first(tmp_path, pretrained, 
     events: list[str] = []
     monkeypatch.setattr(run.agent.env, "close", lambda: events.append("rollout envs closed"))
     real_make = run.evaluator._envs
-    monkeypatch.setattr(run.evaluator, "_envs", lambda *a: (events.append("evaluation envs"), real_make(*a))[1])
+    monkeypatch.setattr(run.evaluator, "_envs", lambda *a, **k: (events.append("evaluation envs"), real_make(*a, **k))[1])
     rows = run.final_evaluation()
     run.close()
     assert events[:2] == ["rollout envs closed", "evaluation envs"] and rows[0]["episodes"] == 8

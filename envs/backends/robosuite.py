@@ -250,6 +250,8 @@ class RobosuiteEnv(BatchedEnv):
         if cameras is not None and not self.renders:
             raise FlowrlError(f"{self.task}: this robosuite env renders no images; make it with render=True")
         self._capture = None if cameras is None else (list(cameras), height, width, every_step)
+        if not self._conns:  # closed: no workers to tell
+            return
         for i in range(self.num_envs):
             self._send(i, ("capture", self._capture))
         for i in range(self.num_envs):
