@@ -322,7 +322,7 @@ class Trainer:
                         bar.set_postfix(a.postfix(logs), refresh=False)
                     out_of_time = self.dist.any(time.time() >= deadline)
                     last = st.iteration == a.iterations or out_of_time
-                    if (loop.eval_every and st.iteration % loop.eval_every == 0) or last:
+                    if loop.eval_every and (st.iteration % loop.eval_every == 0 or last):
                         self._periodic_eval(writer, bar)
                     reached = self._target_reached()
                     if st.iteration % loop.checkpoint_every == 0 or last or reached:
