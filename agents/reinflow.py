@@ -118,6 +118,8 @@ class ReinFlowConfig(LoopConfig):
     """After those, keep training only the critic until its explained variance on an iteration's fresh rollout reaches this (0: off)."""
     critic_warmup_max_iterations: int = 50
     """The explained-variance warm-up ends at this iteration whatever the critic's accuracy."""
+    actor_lr_ramp_iterations: int = 0
+    """The actor's learning rate rises linearly from 1/N of its schedule to all of it over its first N updating iterations (after the critic warm-up), so the first policy updates are small steps (0: off)."""
     critic_hidden_dim: int = 256
     """Width of the critic MLP."""
     critic_depth: int = 3
@@ -139,7 +141,7 @@ class ReinFlowConfig(LoopConfig):
                        "critic_depth", "noise_hidden_dim")
         check_non_negative(self, prefix, "num_steps", "target_kl", "ent_coef", "vf_coef", "w2_coef", "max_grad_norm",
                            "actor_lr_min", "critic_lr_min", "critic_warmup_iterations", "critic_warmup_max_iterations",
-                           "sim_threads")
+                           "actor_lr_ramp_iterations", "sim_threads")
         check_fraction(self, prefix, "gamma", "gae_lambda", "sigma_hold", "sigma_final_mix", "critic_warmup_ev")
         if self.sigma_min > self.sigma_max:
             fail(f"{prefix}sigma_min", f"must be <= sigma_max ({self.sigma_max}), got {self.sigma_min}")
@@ -165,9 +167,11 @@ class EpisodeStats:
 
 @dataclass
 class CriticWarmup:
-    """Whether the critic has passed ``train.critic_warmup_ev`` (the actor trains from then on)."""
+    """Whether the critic has passed ``train.critic_warmup_ev`` (the actor trains from then on), and
+    how many iterations have updated the actor since (its learning-rate ramp)."""
 
     ready: bool = False
+    actor_iterations: int = 0
 
 
 class NoiseHead(nn.Module):
@@ -518,6 +522,7 @@ class ReinFlow(Agent):
         y, v = batch["returns"], batch["values"]
         explained_variance = self._rank_mean(float(1 - (y - v).var() / y.var().clamp_min(1e-8)))
         warmup = self._critic_warmup(explained_variance)
+        actor_lr = self._ramp_actor_lr() if not warmup else 0.0
         if not warmup:
             with torch.no_grad():  # same minibatches as the first epoch: its first ratio is exactly 1
                 old_logprob = torch.zeros(size, device=self.device)
@@ -585,7 +590,7 @@ class ReinFlow(Agent):
                 if self._rank_mean(_device_mean(stats["kl"][-len(batches):])) > t.target_kl:
                     break
         logs = {"train/value_loss": _device_mean(stats["value"]), "train/explained_variance": explained_variance,
-                "train/epochs": epoch + 1, "train/critic_warmup": float(warmup)}
+                "train/epochs": epoch + 1, "train/critic_warmup": float(warmup), "train/actor_lr_applied": actor_lr}
         if stats["pg"]:
             logs.update({"train/policy_gradient_loss": _device_mean(stats["pg"]),
                          "train/entropy_loss": _device_mean(stats["entropy"]),
@@ -595,6 +600,15 @@ class ReinFlow(Agent):
         if stats["w2"]:
             logs["train/w2_loss"] = _device_mean(stats["w2"])
         return logs
+
+    def _ramp_actor_lr(self) -> float:
+        """Scale this iteration's scheduled actor learning rate by the ramp; count the actor's iteration."""
+        ramp = self.cfg.train.actor_lr_ramp_iterations
+        self.critic_warmup.actor_iterations += 1
+        factor = min(1.0, self.critic_warmup.actor_iterations / ramp) if ramp else 1.0
+        for g in self.actor_opt.param_groups:
+            g["lr"] *= factor
+        return float(self.actor_opt.param_groups[0]["lr"])
 
     def _critic_warmup(self, explained_variance: float) -> bool:
         """Whether this iteration trains the critic alone: the first ``critic_warmup_iterations``, then

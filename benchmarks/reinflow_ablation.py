@@ -56,6 +56,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "flow_sde": (["train.exploration=flow_sde"], "score-corrected noisy chain: trains the deployed flow's marginals"),
     "flow_sde_critic_ev": (["train.exploration=flow_sde", "train.critic_warmup_ev=0.8"], "both"),
     "raw_advantages": (["train.normalize_advantages=false"], "advantages in scaled-reward units, not standardised"),
+    "actor_ramp": (["train.actor_lr_ramp_iterations=10"],
+                   "the actor's learning rate ramped up linearly over its first 10 updating iterations"),
+    "w2_anchor": (["train.w2_coef=1.0"], "W2 regulariser toward the behaviour-cloned policy's actions, weight 1"),
 }
 REFERENCE = {"hopper": 3200.0, "walker2d": 4300.0, "humanoid": 5000.0}
 FINAL_TARGET = {"hopper": 3400.0, "walker2d": 5200.0, "humanoid": 6000.0}

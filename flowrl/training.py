@@ -137,6 +137,8 @@ def restore(components: dict[str, Any], state: dict[str, Any], optional: tuple[s
             obj.load_state_dict(value)
         else:
             for f in dataclasses.fields(obj):
+                if f.name not in value:  # a field newer than the checkpoint keeps its default
+                    continue
                 current = getattr(obj, f.name)
                 loaded = value[f.name]
                 if isinstance(current, torch.Tensor):

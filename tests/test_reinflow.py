@@ -18,7 +18,7 @@ from flowrl.config import load_stage_config
 from flowrl.envs import make
 from flowrl.errors import Interrupted
 from flowrl.evaluation import evaluate
-from flowrl.training import Trainer
+from flowrl.training import Trainer, capture, restore
 from flowrl.sampler import chain_log_prob, euler_sample, noisy_euler_chain
 
 def _pretrain_cfg(*overrides: str):
@@ -201,6 +201,23 @@ def test_critic_warmup_waits_for_explained_variance_then_never_returns(pretraine
     reached.critic_warmup.ready = False
     assert not reached._critic_warmup(0.5) and reached.critic_warmup.ready
     assert reached._critic_warmup(-1.0) is False  # once over, a worse critic does not restart it
+
+
+def test_actor_learning_rate_ramps_up_after_the_critic_warmup(pretrained) -> None:
+    agent = _agent(f"init={pretrained}", *FINETUNE, "train.critic_warmup_iterations=1",
+                   "train.actor_lr_ramp_iterations=3", "train.num_envs=32", "train.rollout_steps=5",
+                   "train.minibatch_size=80", "train.env_steps=800")
+    applied = []
+    for iteration in range(5):
+        logs = agent.train_iteration(iteration)
+        applied.append(logs["train/actor_lr_applied"] / logs["train/learning_rate"])
+    assert applied == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0, 1.0])
+    state = capture(agent.state_components())
+    assert state["critic_warmup"] == {"ready": False, "actor_iterations": 4}
+    del state["critic_warmup"]["actor_iterations"]  # a checkpoint from before the ramp existed
+    fresh = _agent(f"init={pretrained}", *FINETUNE)
+    restore({"critic_warmup": fresh.critic_warmup}, {"critic_warmup": state["critic_warmup"]})
+    assert fresh.critic_warmup.actor_iterations == 0
 
 
 def test_reinflow_improves_a_behaviour_cloned_policy(tmp_path, pretrained) -> None:
