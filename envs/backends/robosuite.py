@@ -104,8 +104,12 @@ def _worker(conn: Any, env_name: str, robots: Any, horizon: int, terminate_on_su
     apply()
     import robosuite
 
+    # renderer="mujoco": robosuite's hard reset then frees the old simulator (and its offscreen GL context)
+    # before building the next; with its default "mjviewer" every reset leaves the old ones to the garbage
+    # collector, and a rendering worker's memory grows by gigabytes over tens of resets
     env = robosuite.make(env_name, robots=robots, has_renderer=False, has_offscreen_renderer=render,
-                         use_camera_obs=False, ignore_done=True, horizon=horizon, reward_shaping=False)
+                         use_camera_obs=False, ignore_done=True, horizon=horizon, reward_shaping=False,
+                         renderer="mujoco")
     keys = obs_keys(len(env.robots))
     low, high = env.action_spec
     first = env.reset()
