@@ -57,6 +57,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, hopper_dataset, head) ->
     assert resumed.step == 7
     resumed.fit()
     assert resumed.step == full.step == 20
+    assert full.state.eval_history == [] and not (tmp_path / "full" / "checkpoints" / "best").exists()  # eval_every=0
     for a, b in zip(_params(full), _params(resumed)):
         assert torch.equal(a, b)
     final_full, _ = load_policy(tmp_path / "full" / "checkpoints" / "20")

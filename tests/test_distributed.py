@@ -83,7 +83,7 @@ def test_two_rank_update_equals_one_rank_update_on_the_same_batch(tmp_path) -> N
 
 def _bc_worker(rank: int, world: int, port: int, dataset: str, out: str) -> None:
     _join(rank, world, port)
-    cfg = load_stage_config("pretrain", None, ["task=Hopper", f"data.path={dataset}", *TINY])
+    cfg = load_stage_config("pretrain", None, ["task=Hopper", f"data.path={dataset}", *TINY, "train.eval_every=6"])
     trainer = Trainer(BehaviorCloning(cfg), Path(out) / "run", progress=False)
     trainer.fit()
     trainer.close()
@@ -101,7 +101,8 @@ def test_bc_on_two_ranks_writes_from_rank_zero_and_resumes_on_one(tmp_path, hopp
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer: rank 0's
     saved, _ = load_policy(run / "checkpoints" / "6")
 
-    cfg = load_stage_config("pretrain", None, ["task=Hopper", f"data.path={hopper_dataset}", *TINY, "train.steps=9"])
+    cfg = load_stage_config("pretrain", None, ["task=Hopper", f"data.path={hopper_dataset}", *TINY, "train.eval_every=6",
+                                               "train.steps=9"])
     resumed = Trainer(BehaviorCloning(cfg), run, resume=True, progress=False)
     assert resumed.step == 6
     for a, b in zip(resumed.agent.ema.parameters(), saved.parameters()):
