@@ -120,9 +120,7 @@ class FlowChunkPolicy:
 
     def act_chunk(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
                   images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if images is None:
-            return self.policy.predict(obs, self.num_steps, noise, self.generator)
-        return self.policy.predict(obs, self.num_steps, noise, self.generator, images=images)
+        return self.policy.predict(obs, self.num_steps, noise, self.generator, images)
 
 
 class CameraObserver:
