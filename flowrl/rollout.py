@@ -155,15 +155,13 @@ class CameraObserver:
     def get(self) -> dict[str, torch.Tensor]:
         return {c: h.get() for c, h in self.histories.items()}
 
-    @property
-    def step_hook(self) -> Callable[[int, torch.Tensor, torch.Tensor], None] | None:
-        """What :meth:`BatchedEnv.step_chunk` takes as ``after_step`` (None where the env returns the
-        chunk's images itself, or where nothing between decisions is needed)."""
-        return None if self.in_chunk or (self.length == 1 and not self.finals) else self.after_step
-
     def step_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :meth:`BatchedEnv.step_chunk` that feed this observer."""
-        return {} if self.step_hook is None else {"after_step": self.step_hook}
+        """The keyword arguments of :meth:`BatchedEnv.step_chunk` that feed this observer: its
+        ``after_step`` hook, except where the env returns the chunk's images itself or nothing between
+        decisions is needed."""
+        if self.in_chunk or (self.length == 1 and not self.finals):
+            return {}
+        return {"after_step": self.after_step}
 
     def after_step(self, j: int, terminated: torch.Tensor, truncated: torch.Tensor) -> None:
         """:meth:`BatchedEnv.step_chunk`'s hook: every env's images after each step (histories longer
@@ -219,7 +217,6 @@ def run_episodes(env: BatchedEnv, policy: ChunkPolicy, seed: int, on_chunk: Chun
     Every env's first episode counts, whatever its length, so statistics are not biased towards
     short episodes. Returns per-env ``returns``, ``lengths``, ``success`` and ``has_success``.
     """
-    n = env.num_envs
     obs = env.reset(seed=seed)
     history = ObsHistory(obs, policy.obs_history)
     cameras = tuple(getattr(policy, "cameras", ()) or ())

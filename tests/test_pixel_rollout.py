@@ -92,7 +92,7 @@ def test_an_episode_that_ends_inside_a_chunk_keeps_its_last_images_before_the_re
     actions = 0.3 * torch.randn((2, 4, env.act_dim), generator=torch.Generator().manual_seed(1)).double()
     finals = []
     for chunk in (actions[:, :2], actions[:, 2:]):
-        result = env.step_chunk(chunk, after_step=observer.step_hook)
+        result = env.step_chunk(chunk, **observer.step_kwargs())
         finals.append(observer.push_chunk(result)[CAMERA])
     assert bool(result.truncated.all())
     replay = make(TASK, 2, backend="cpu", seed=0)
