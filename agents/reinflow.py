@@ -602,12 +602,14 @@ class ReinFlow(Agent):
         return logs
 
     def _ramp_actor_lr(self) -> float:
-        """Scale this iteration's scheduled actor learning rate by the ramp; count the actor's iteration."""
+        """Count the actor's iteration; during the ramp, set its learning rate to the schedule's times the
+        ramp's fraction. Returns the learning rate this update applies."""
         ramp = self.cfg.train.actor_lr_ramp_iterations
         self.critic_warmup.actor_iterations += 1
-        factor = min(1.0, self.critic_warmup.actor_iterations / ramp) if ramp else 1.0
-        for g in self.actor_opt.param_groups:
-            g["lr"] *= factor
+        if ramp:
+            lr = self._scheduled_lrs()[0] * min(1.0, self.critic_warmup.actor_iterations / ramp)
+            for g in self.actor_opt.param_groups:
+                g["lr"] = lr
         return float(self.actor_opt.param_groups[0]["lr"])
 
     def _critic_warmup(self, explained_variance: float) -> bool:
@@ -634,11 +636,16 @@ class ReinFlow(Agent):
         if self.cfg.train.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(list(params), self.cfg.train.max_grad_norm)
 
+    def _scheduled_lrs(self) -> tuple[float, float]:
+        """The cosine schedules' actor and critic learning rates at this iteration."""
+        t, i, n = self.cfg.train, self.iteration, self.iterations
+        return cosine(i, n, t.actor_lr, t.actor_lr_min), cosine(i, n, t.critic_lr, t.critic_lr_min)
+
     def _schedule(self) -> dict[str, float]:
         t, i, n = self.cfg.train, self.iteration, self.iterations
         upper = sigma_upper_bound(i, n, t.sigma_min, t.sigma_max, t.sigma_hold, t.sigma_final_mix)
         self.noise.set_bounds(t.sigma_min, upper)
-        actor_lr, critic_lr = cosine(i, n, t.actor_lr, t.actor_lr_min), cosine(i, n, t.critic_lr, t.critic_lr_min)
+        actor_lr, critic_lr = self._scheduled_lrs()
         for g in self.actor_opt.param_groups:
             g["lr"] = actor_lr
         for g in self.critic_opt.param_groups:
