@@ -301,7 +301,7 @@ class Trainer:
         self._stop_requested = self._score_reached = False
         try:
             with stop_on_ctrl_c(self.request_stop):
-                if st.iteration == 0 and a.evaluate_at_start:
+                if st.iteration == 0 and loop.eval_every and a.evaluate_at_start:
                     self._periodic_eval(writer, bar)
                 reached = self._target_reached()
                 if reached:  # the starting policy already scores enough: its checkpoint ends the run

@@ -277,6 +277,16 @@ def test_time_limit_stops_with_an_evaluation_and_a_checkpoint_and_resume_continu
     resumed.close()
 
 
+def test_eval_every_zero_evaluates_neither_the_start_nor_any_iteration(tmp_path, pretrained) -> None:
+    cfg = _cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=960", "train.num_envs=32",
+               "train.minibatch_size=240", "train.eval_every=0")
+    run = _run(cfg, tmp_path / "run")
+    run.fit()
+    assert run.state.iteration == 1 and run.state.eval_history == []
+    assert not (tmp_path / "run" / "checkpoints" / "best").exists()
+    run.close()
+
+
 def test_stop_at_score_ends_the_run_at_the_first_evaluation_that_reaches_it(tmp_path, pretrained, capsys) -> None:
     # the starting policy's evaluation already reaches a score of -1e9: nothing is trained
     cfg = _cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=3840", "train.num_envs=32",
