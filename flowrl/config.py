@@ -83,7 +83,8 @@ class LoopConfig:
     log_every: int = 1
     """Write TensorBoard scalars every N iterations."""
     eval_every: int = 10
-    """Evaluate the deterministic policy every N iterations and after the last (0: never while training; the CLI's final evaluation is separate: --no-eval)."""
+    """Evaluate the deterministic policy every N iterations and after the last (0: never while training, the
+    starting policy included; the CLI's final evaluation is separate: --no-eval)."""
     eval_episodes: int = 10
     """Episodes of each periodic evaluation (their seeds are disjoint from `flowrl eval`'s)."""
     checkpoint_every: int = 10

@@ -3,6 +3,8 @@ state (flipped: robosuite's rows start at the bottom), clear errors."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -199,7 +201,7 @@ def _rss_mb(pid: int) -> float:
 
 @pytest.mark.slow
 @needs_gl
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
 def test_a_rendering_robosuite_worker_keeps_its_memory_over_resets() -> None:
     """robosuite rebuilds its simulator at every reset; a rendering worker frees the old one and its GL
     context first (with robosuite's default it grew by gigabytes over tens of resets)."""
