@@ -20,6 +20,7 @@ Two fine-tuning presets (``--preset``):
     python benchmarks/reinflow_manipulation.py --tasks can square --pixels [--seeds 0 1 2]
     python benchmarks/reinflow_manipulation.py --robosuite-eval benchmarks/results/reinflow_manip_*_warp.json
     python benchmarks/reinflow_manipulation.py --report benchmarks/results/reinflow_manip_*.json
+    python benchmarks/reinflow_manipulation.py --import-runs DIR [DIR ...] --tag NAME
 
 ``--pixels``: the same from camera images (robomimic's ``agentview`` and ``robot0_eye_in_hand`` at 84 x 84
 beside the state): configs/<task>/pretrain_reflow_pixels.yaml on data/<task>-images.hdf5, which is
@@ -29,6 +30,15 @@ through robosuite itself. The policies train on MuJoCo Warp's ray-traced images 
 robosuite's OpenGL ones (a few grey levels apart on average): the warp success is recorded beside the
 robosuite one, so a gap between them shows the renderers' difference. Results go to
 reinflow_manip_<task>_pixels_warp.json.
+
+``--import-runs``: rows from runs made with the CLI elsewhere (one run per GPU, several GPUs at once),
+from a folder of their files named as the GPU pipelines in benchmarks/results/h200/ name them:
+``ft_<task><seed>[_pixels]_{config.yaml,eval.json,loop.json}`` (the fine-tuning run's config, its
+final evaluation and its training-loop state, whose first evaluation is the starting policy's) and
+``robosuite_eval_ft_<task><seed>[_pixels]_<checkpoint>.json`` (``flowrl eval CKPT --backend robosuite
+--json``: the last checkpoint's is the fine-tuned success in robosuite; ``best``'s is the pretrained one
+where the run's best evaluation was its starting policy, else reported beside the last).
+Writes reinflow_manip_<task>_<tag>[_pixels].json.
 
 On a time-limited machine pass --budget-minutes N (per seed, evaluations included): fine-tuning then
 stops itself in time for its final evaluations (train.max_minutes=N bounds the fine-tuning alone).
@@ -43,11 +53,13 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from common import REPO, merge_results, report_checks, run_main, write_result
 from reinflow_locomotion import add_seed_options, completed, run_seed
@@ -110,11 +122,17 @@ def robosuite_installed() -> bool:
     return importlib.util.find_spec("robosuite") is not None
 
 
+def percent(rate: float, digits: int = 0) -> str:
+    """A success rate as a percentage; ``-`` where it was not measured (NaN)."""
+    return "-" if np.isnan(rate) else f"{100 * rate:.{digits}f}%"
+
+
 def report(results: dict) -> int:
     first = next(iter(results.values()))
     preset = first.get("preset", "robosuite")
     source = "from pixels and state" if first.get("pixels") else "from state"
-    print(f"\nReinFlow (reflow) on robosuite's tasks {source}, {preset} preset, {first['device']}, {first['cores']} CPU cores")
+    cores = f", {first['cores']} CPU cores" if first.get("cores") else ""
+    print(f"\nReinFlow (reflow) on robosuite's tasks {source}, {preset} preset, {first['device']}{cores}")
     head = (f"{'task':<7} {'seeds':>6} {'pretrained':>11} {'fine-tuned':>15} {'env steps':>10} {'wall s':>7}"
             f" {'published':>15} {'PPO':>6}")
     print(head)
@@ -144,8 +162,12 @@ def report(results: dict) -> int:
             post = [s.get("finetuned_success_robosuite", float("nan")) for s in seeds]
             episodes = seeds[0].get("robosuite_episodes", 0)
             print(f"  in robosuite itself ({episodes} episodes each): "
-                  + ", ".join(f"{100 * a:.0f}% -> {100 * b:.0f}%" for a, b in zip(rs_pre, post))
-                  + f"; mean {100 * np.mean(rs_pre):.1f}% -> {100 * np.mean(post):.1f}%")
+                  + ", ".join(f"{percent(a)} -> {percent(b)}" for a, b in zip(rs_pre, post))
+                  + f"; mean {percent(np.mean(rs_pre), 1)} -> {percent(np.mean(post), 1)}")
+            best = [s.get("best_success_robosuite") for s in seeds]
+            if any(b is not None for b in best):
+                print("  the runs' best checkpoints (chosen by their evaluations during training) in robosuite: "
+                      + ", ".join(percent(float("nan") if b is None else b) for b in best))
         target = TARGETS["pixels" if first.get("pixels") else preset].get(task)
         if target is not None:
             where = " in robosuite" if measured_in_robosuite else ""
@@ -165,6 +187,81 @@ def evaluate_in_robosuite(paths: list[str], episodes: int) -> int:
             add_robosuite_evaluations(rec["task"], seed, episodes)
             Path(path).write_text(json.dumps(rec, indent=2) + "\n")
     return report(merge_results(paths))
+
+
+RUN_FILE = re.compile(r"ft_(?P<task>[a-z]+)(?P<seed>\d+)(?P<pixels>_pixels)?_eval\.json")
+
+
+def import_seed(folder: Path, run: str, task: str, seed: int) -> dict:
+    """One seed's record from a fine-tuning run's files in ``folder`` (see ``--import-runs``)."""
+    def read(name: str) -> dict:
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise FlowrlError(f"{folder / name}: {err}") from None
+
+    final = read(f"{run}_eval.json")["evaluations"][-1]
+    loop = read(f"{run}_loop.json")
+    history = loop.get("eval_history") or []
+    if not history or history[0].get("iteration") != 0:
+        raise FlowrlError(f"{folder / (run + '_loop.json')}: no evaluation of the starting policy (iteration 0)")
+    config_path = folder / f"{run}_config.yaml"
+    config = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path.is_file() else {}
+    if config and config.get("seed") != seed:
+        raise FlowrlError(f"{folder / (run + '_config.yaml')}: seed {config.get('seed')}, but the file name says {seed}")
+    result = final["results"][0]
+    record = {"seed": seed, "pretrained_success": history[0]["success_rate"],
+              "finetuned_success": result["success_rate"], "finetuned_episodes": result["episodes"],
+              "env_steps": int(final["step"]), "wall_clock_s": round(float(loop.get("wall_clock", 0.0)), 1),
+              "iterations": int(loop.get("iteration", 0)), "eval_history": history,
+              "imported_from": str(folder / run)}
+    if config:
+        record["pretrained_episodes"] = config.get("train", {}).get("eval_episodes")
+        record["max_minutes"] = config.get("train", {}).get("max_minutes")
+    last, best = folder / f"robosuite_eval_{run}_{final['step']}.json", folder / f"robosuite_eval_{run}_best.json"
+    if last.is_file():
+        rs = read(last.name)["results"][0]
+        record.update(finetuned_success_robosuite=rs["success_rate"], robosuite_episodes=rs["episodes"],
+                      finetuned_length_robosuite=rs["length_mean"])
+    if best.is_file():
+        rs = read(best.name)["results"][0]
+        if loop.get("best_step") == 0:
+            record.update(pretrained_success_robosuite=rs["success_rate"], robosuite_episodes=rs["episodes"])
+        else:
+            record.update(best_success_robosuite=rs["success_rate"], best_step=loop.get("best_step"))
+    return record
+
+
+def import_runs(folders: list[str], tag: str) -> int:
+    """``--import-runs``: write results files from fine-tuning runs' files, then report them."""
+    if not tag:
+        raise FlowrlError("--import-runs needs --tag (the suffix of the results files it writes)")
+    records: dict[tuple[str, bool], dict] = {}
+    for name in folders:
+        folder = Path(name)
+        runs = sorted((m for m in map(RUN_FILE.fullmatch, (p.name for p in folder.glob("ft_*_eval.json"))) if m),
+                      key=lambda m: (m["task"], bool(m["pixels"]), int(m["seed"])))
+        if not runs:
+            raise FlowrlError(f"{folder}: no ft_<task><seed>[_pixels]_eval.json files")
+        device = (folder / "gpu.txt").read_text().split(",")[0].strip() if (folder / "gpu.txt").is_file() else "?"
+        for m in runs:
+            if m["task"] not in TASKS:
+                raise FlowrlError(f"{folder / m.group(0)}: unknown task {m['task']!r} (one of {', '.join(TASKS)})")
+            pixels = bool(m["pixels"])
+            rec = records.setdefault((m["task"], pixels), {
+                "task": m["task"], "robosuite_task": TASKS[m["task"]], "device": device, "cores": None,
+                "preset": "warp", "pixels": pixels, "seeds": []})
+            rec["seeds"].append(import_seed(folder, m.group(0)[: -len("_eval.json")], m["task"], int(m["seed"])))
+    paths = []
+    for (task, pixels), rec in records.items():
+        paths.append(str(write_result(f"reinflow_manip_{task}", rec, f"{tag}_pixels" if pixels else tag)))
+        print(f"wrote {paths[-1]}")
+    status = 0
+    for pixels in (False, True):
+        chosen = [p for p, ((_, px), _) in zip(paths, records.items()) if px == pixels]
+        if chosen:
+            status |= report(merge_results(chosen))
+    return status
 
 
 def main() -> int:
@@ -189,6 +286,8 @@ def main() -> int:
     ap.add_argument("--report", nargs="+", metavar="JSON", help="only merge these results files and report")
     ap.add_argument("--robosuite-eval", nargs="+", metavar="JSON",
                     help="evaluate the checkpoints of these warp-preset results files in robosuite, then report")
+    ap.add_argument("--import-runs", nargs="+", metavar="DIR",
+                    help="rows from fine-tuning runs' files in these folders (see above); needs --tag")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning preset")
     args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
     args.head, args.sim_threads = ("reflow_pixels" if args.pixels else "reflow"), 0
@@ -200,6 +299,8 @@ def main() -> int:
         return report(merge_results(args.report))
     if args.robosuite_eval:
         return evaluate_in_robosuite(args.robosuite_eval, args.robosuite_episodes)
+    if args.import_runs:
+        return import_runs(args.import_runs, args.tag)
     results: dict = {}
     if args.pixels:
         unsupported = [t for t in args.tasks if not (REPO / "configs" / t / "pretrain_reflow_pixels.yaml").is_file()]

@@ -1,5 +1,5 @@
-"""The locomotion benchmark's report: merging seeds run as separate processes, a PPO row run on its own,
-and a seed whose final evaluation was cut by a time limit."""
+"""The benchmarks' reports: merging seeds run as separate processes, a PPO row run on its own, a seed
+whose final evaluation was cut by a time limit, and manipulation rows imported from a GPU pipeline's files."""
 
 from __future__ import annotations
 
@@ -117,3 +117,62 @@ def test_ablation_report_checks_only_the_final_variant_with_three_full_seeds(cap
     assert "[FAIL] hopper base: final >= 3400 (3300)" in out
     assert reinflow_ablation.report(runs[:2], "flow_sde") == 0  # two seeds: reported, not checked
     assert "[PASS]" not in capsys.readouterr().out
+
+
+def _manipulation_run(folder: Path, run: str, seed: int, start: float, final: float, robosuite: dict[str, float],
+                      best_step: int = 0) -> None:
+    """The files a GPU pipeline brings back for one fine-tuning run (see --import-runs)."""
+    step = 409_600
+    (folder / f"{run}_config.yaml").write_text(f"seed: {seed}\ntrain:\n  eval_episodes: 128\n  max_minutes: 3\n")
+    (folder / f"{run}_eval.json").write_text(json.dumps({"evaluations": [{"step": step, "results": [
+        {"num_steps": 4, "episodes": 256, "success_rate": final, "length_mean": 180.0}]}]}))
+    (folder / f"{run}_loop.json").write_text(json.dumps({
+        "iteration": 4, "wall_clock": 95.7, "best_step": best_step, "eval_history": [
+            {"iteration": 0, "env_steps": 0, "success_rate": start},
+            {"iteration": 4, "env_steps": step, "success_rate": final}]}))
+    for checkpoint, rate in robosuite.items():
+        (folder / f"robosuite_eval_{run}_{step if checkpoint == 'last' else checkpoint}.json").write_text(json.dumps(
+            {"results": [{"num_steps": 4, "episodes": 100, "success_rate": rate, "length_mean": 185.0}]}))
+
+
+def test_import_runs_makes_rows_from_a_pipelines_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    reinflow_manipulation = pytest.importorskip("reinflow_manipulation")
+    runs = tmp_path / "session"
+    runs.mkdir()
+    (runs / "gpu.txt").write_text("NVIDIA H200, 143771 MiB\n")
+    _manipulation_run(runs, "ft_square0_pixels", 0, 0.95, 0.977, {"last": 0.93})
+    _manipulation_run(runs, "ft_square1_pixels", 1, 0.98, 0.961, {"last": 0.91, "best": 0.94})
+    _manipulation_run(runs, "ft_square2_pixels", 2, 0.98, 0.988, {"last": 0.90, "best": 0.97}, best_step=307_200)
+    _manipulation_run(runs, "ft_can0", 0, 1.0, 1.0, {"last": 0.99})
+    assert reinflow_manipulation.import_runs([str(runs)], "t") == 1  # Can from state: one seed, 99% < 100%
+    out = capsys.readouterr().out
+    assert "[PASS] square fine-tuned success in robosuite >= 90% over 3 seeds (91.3%, 3 seed(s))" in out
+    assert "[FAIL] can fine-tuned success in robosuite >= 100% over 3 seeds (99.0%, 1 seed(s))" in out
+    assert "- -> 93%, 94% -> 91%, - -> 90%" in out  # best = the starting policy only for seed 1
+    assert "in robosuite: -, -, 97%" in out  # seed 2's best was a later iteration
+    rec = json.loads((tmp_path / "results" / "reinflow_manip_square_t_pixels.json").read_text())
+    assert rec["pixels"] and rec["device"] == "NVIDIA H200" and [s["seed"] for s in rec["seeds"]] == [0, 1, 2]
+    first = rec["seeds"][0]
+    assert (first["pretrained_success"], first["finetuned_success"], first["finetuned_success_robosuite"]) == (
+        0.95, 0.977, 0.93)
+    assert (first["env_steps"], first["iterations"], first["pretrained_episodes"], first["max_minutes"]) == (
+        409_600, 4, 128, 3)
+    assert json.loads((tmp_path / "results" / "reinflow_manip_can_t.json").read_text())["pixels"] is False
+
+
+def test_import_runs_refuses_files_it_cannot_trust(tmp_path: Path) -> None:
+    reinflow_manipulation = pytest.importorskip("reinflow_manipulation")
+    from flowrl.errors import FlowrlError
+
+    with pytest.raises(FlowrlError, match="needs --tag"):
+        reinflow_manipulation.import_runs([str(tmp_path)], "")
+    with pytest.raises(FlowrlError, match="no ft_<task><seed>"):
+        reinflow_manipulation.import_runs([str(tmp_path)], "t")
+    _manipulation_run(tmp_path, "ft_can1", 2, 0.3, 0.9, {})
+    with pytest.raises(FlowrlError, match="ft_can1_config.yaml: seed 2, but the file name says 1"):
+        reinflow_manipulation.import_runs([str(tmp_path)], "t")
+    _manipulation_run(tmp_path, "ft_can1", 1, 0.3, 0.9, {})
+    loop = json.loads((tmp_path / "ft_can1_loop.json").read_text())
+    (tmp_path / "ft_can1_loop.json").write_text(json.dumps({**loop, "eval_history": loop["eval_history"][1:]}))
+    with pytest.raises(FlowrlError, match="no evaluation of the starting policy"):
+        reinflow_manipulation.import_runs([str(tmp_path)], "t")
