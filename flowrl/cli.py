@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="end each episode at its first success (robomimic's rollouts; same success rate, faster)")
     ev.add_argument("--video", action="store_true", help="also write one mp4 per K into the run folder's videos/")
     ev.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    ev.add_argument("--per-episode", action="store_true",
+                    help="also each episode's return, length and success (episode i: env seed seed+i); the table "
+                    "then names the env seeds of failed episodes (--seed S --episodes 1 --video starts a video from "
+                    "the same state; the flow's noise draws differ)")
     ev.add_argument("--info", action="store_true", help="print what the checkpoint expects and produces (as "
                     "`flowrl describe`) and evaluate nothing")
 
@@ -324,7 +328,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise FlowrlError(f"--max-envs must be >= 1, got {args.max_envs}")
     evaluator = Evaluator(task, args.seed, args.backend, args.max_envs, policy.obs_mean.device, args.end_on_success)
     try:
-        rows = [evaluator(policy, k, args.episodes) for k in ks]
+        rows = [evaluator(policy, k, args.episodes, per_episode=args.per_episode) for k in ks]
     finally:
         evaluator.close()
     run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder
@@ -333,6 +337,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     append_eval(run_dir / "eval.json", result)
     if not args.json:
         print(format_eval_table(rows, f"evaluation of {folder} on {task}, {args.episodes} episodes per K"))
+        for row in rows:
+            if "episode_success" in row:
+                failed = [args.seed + i for i, ok in enumerate(row["episode_success"]) if not ok]
+                print(f"K={row['num_steps']}: {len(failed)} failed episode(s)"
+                      + (f", env seeds {' '.join(map(str, failed))}" if failed else ""))
     if args.video:
         from flowrl.video import record_video
 

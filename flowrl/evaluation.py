@@ -57,16 +57,20 @@ class Evaluator:
         return self._env
 
     def __call__(self, policy: FlowPolicy, num_steps: int, episodes: int = 10,
-                 seed: int | None = None) -> dict[str, float]:
+                 seed: int | None = None, per_episode: bool = False) -> dict[str, Any]:
         """Mean and std of return and length (and success rate where the task defines it) of the
         deterministic flow policy with K = ``num_steps``, over ``episodes`` seeded episodes."""
         seed = self.seed if seed is None else seed
         gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
-        return {"num_steps": num_steps, **self.run(FlowChunkPolicy(policy, num_steps, gen), episodes, seed)}
+        return {"num_steps": num_steps,
+                **self.run(FlowChunkPolicy(policy, num_steps, gen), episodes, seed, per_episode)}
 
-    def run(self, policy: ChunkPolicy, episodes: int = 10, seed: int | None = None) -> dict[str, float]:
+    def run(self, policy: ChunkPolicy, episodes: int = 10, seed: int | None = None,
+            per_episode: bool = False) -> dict[str, Any]:
         """The same statistics for any :class:`ChunkPolicy` (an expert, an exported model); ``seed``
-        replaces the evaluator's own for this call (the same envs serve both)."""
+        replaces the evaluator's own for this call (the same envs serve both). With ``per_episode``
+        also each episode's return, length and success (``episode_*`` lists; episode i's env was
+        seeded ``seed + i``), to find and replay the episodes a policy fails."""
         seed = self.seed if seed is None else seed
         n = min(episodes, self.max_envs)
         env = self._envs(n, images=bool(getattr(policy, "cameras", ())))
@@ -81,7 +85,12 @@ class Evaluator:
                "length_mean": float(lens.mean()), "length_std": float(lens.std()),
                "wall_clock_s": round(time.time() - start, 2)}
         if bool(results[0]["has_success"]):
-            out["success_rate"] = float(np.concatenate([r["success"] for r in results])[:episodes].mean())
+            success = np.concatenate([r["success"] for r in results])[:episodes]
+            out["success_rate"] = float(success.mean())
+        if per_episode:
+            out.update(episode_returns=rets.tolist(), episode_lengths=lens.tolist())
+            if "success_rate" in out:
+                out["episode_success"] = success.tolist()
         return out
 
     def close(self) -> None:

@@ -159,6 +159,24 @@ def test_evaluation_can_end_episodes_at_success(monkeypatch: pytest.MonkeyPatch)
     assert cut["length_mean"] == 4 and cut["return_mean"] == 4  # envs end at steps 3, 4, 5
 
 
+def test_evaluation_per_episode_names_the_failed_episodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each episode's return, length and success, in env order over rounds of envs (episode i: seed + i)."""
+    import flowrl.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "make", lambda task, n, **kw: _SucceedsAtStep(n))
+    monkeypatch.setattr(evaluation, "is_robosuite", lambda task: False)
+    ev = evaluation.Evaluator("Fake", max_envs=10, end_on_success=True)
+    out = ev(_FakeFlow(1), 1, episodes=10, per_episode=True)
+    assert out["episode_success"] == [True] * 8 + [False] * 2  # env i succeeds at step 3 + i; truncated at 10
+    assert out["episode_lengths"] == [3, 4, 5, 6, 7, 8, 9, 10, 10, 10]
+    assert out["episode_returns"] == [float(n) for n in out["episode_lengths"]]
+    assert out["success_rate"] == 0.8
+    rounds = evaluation.Evaluator("Fake", max_envs=4, end_on_success=True)(_FakeFlow(1), 1, episodes=6,
+                                                                          per_episode=True)
+    assert rounds["episode_lengths"] == [3, 4, 5, 6, 3, 4]  # two rounds of 4 envs, the second cut to 2
+    assert "episode_success" not in ev(_FakeFlow(1), 1, episodes=10)
+
+
 def test_evaluator_keeps_its_envs_between_evaluations(monkeypatch: pytest.MonkeyPatch) -> None:
     """Periodic evaluations reuse the envs (robosuite workers take seconds to start), with the same results."""
 

@@ -347,3 +347,24 @@ def test_robosuite_video_from_agentview() -> None:
     assert len(video.frames) == 401 and video.frame_steps[-1] == 400  # the first state and every step, no more
     cam = StubRenderer.made[-1].cameras[0]
     assert cam.type == mujoco.mjtCamera.mjCAMERA_FIXED
+
+
+def test_cli_eval_per_episode(capsys, checkpoint: Path, monkeypatch) -> None:
+    """--per-episode: each episode's numbers in the JSON; the table names the env seeds of failed episodes."""
+    code, out, _ = run_cli(capsys, "eval", checkpoint, "--episodes", "2", "--k", "1", "--per-episode", "--json")
+    row = json.loads(out)["results"][0]
+    assert code == 0 and len(row["episode_returns"]) == len(row["episode_lengths"]) == 2
+    assert np.mean(row["episode_returns"]) == pytest.approx(row["return_mean"])
+    assert "episode_success" not in row  # Hopper has no success
+    import flowrl.evaluation
+
+    def with_failures(self, policy, k, episodes, seed=None, per_episode=False):
+        return {"num_steps": k, "episodes": 3, "seed": 100_000, "return_mean": 1 / 3, "return_std": 0.5,
+                "length_mean": 300.0, "length_std": 100.0, "wall_clock_s": 1.0, "success_rate": 1 / 3,
+                **({"episode_success": [False, True, False]} if per_episode else {})}
+
+    monkeypatch.setattr(flowrl.evaluation.Evaluator, "__call__", with_failures)
+    code, out, _ = run_cli(capsys, "eval", checkpoint, "--episodes", "3", "--k", "1", "4", "--per-episode")
+    assert code == 0 and "K=1: 2 failed episode(s), env seeds 100000 100002" in out and "K=4: 2 failed" in out
+    code, out, _ = run_cli(capsys, "eval", checkpoint, "--episodes", "3", "--k", "1")
+    assert "failed episode" not in out
