@@ -192,8 +192,15 @@ def evaluate_in_robosuite(paths: list[str], episodes: int) -> int:
 RUN_FILE = re.compile(r"ft_(?P<task>[a-z]+)(?P<seed>\d+)(?P<pixels>_pixels)?_eval\.json")
 
 
-def import_seed(folder: Path, run: str, task: str, seed: int) -> dict:
+def import_seed(folder: Path, run: str, seed: int) -> dict:
     """One seed's record from a fine-tuning run's files in ``folder`` (see ``--import-runs``)."""
+    try:
+        return _import_seed(folder, run, seed)
+    except (KeyError, IndexError, TypeError) as err:
+        raise FlowrlError(f"{folder / run}_*: not the files of a fine-tuning run ({type(err).__name__}: {err})") from None
+
+
+def _import_seed(folder: Path, run: str, seed: int) -> dict:
     def read(name: str) -> dict:
         try:
             return json.loads((folder / name).read_text())
@@ -251,16 +258,16 @@ def import_runs(folders: list[str], tag: str) -> int:
             rec = records.setdefault((m["task"], pixels), {
                 "task": m["task"], "robosuite_task": TASKS[m["task"]], "device": device, "cores": None,
                 "preset": "warp", "pixels": pixels, "seeds": []})
-            rec["seeds"].append(import_seed(folder, m.group(0)[: -len("_eval.json")], m["task"], int(m["seed"])))
-    paths = []
+            rec["seeds"].append(import_seed(folder, m.group(0)[: -len("_eval.json")], int(m["seed"])))
+    written: dict[bool, list[str]] = {False: [], True: []}  # state rows and pixel rows get a table each
     for (task, pixels), rec in records.items():
-        paths.append(str(write_result(f"reinflow_manip_{task}", rec, f"{tag}_pixels" if pixels else tag)))
-        print(f"wrote {paths[-1]}")
+        path = write_result(f"reinflow_manip_{task}", rec, f"{tag}_pixels" if pixels else tag)
+        written[pixels].append(str(path))
+        print(f"wrote {path}")
     status = 0
-    for pixels in (False, True):
-        chosen = [p for p, ((_, px), _) in zip(paths, records.items()) if px == pixels]
-        if chosen:
-            status |= report(merge_results(chosen))
+    for paths in written.values():
+        if paths:
+            status |= report(merge_results(paths))
     return status
 
 

@@ -176,3 +176,6 @@ def test_import_runs_refuses_files_it_cannot_trust(tmp_path: Path) -> None:
     (tmp_path / "ft_can1_loop.json").write_text(json.dumps({**loop, "eval_history": loop["eval_history"][1:]}))
     with pytest.raises(FlowrlError, match="no evaluation of the starting policy"):
         reinflow_manipulation.import_runs([str(tmp_path)], "t")
+    (tmp_path / "ft_can1_eval.json").write_text(json.dumps({"evaluations": []}))
+    with pytest.raises(FlowrlError, match="ft_can1_.*not the files of a fine-tuning run"):
+        reinflow_manipulation.import_runs([str(tmp_path)], "t")
