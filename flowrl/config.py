@@ -61,6 +61,10 @@ class PolicyConfig:
     """Features per camera image out of the image encoder."""
     image_shift: int = 4
     """Random-shift augmentation of the images while training, in pixels (0: none)."""
+    image_jitter: float = 0.0
+    """Photometric augmentation of the images while training: each image's contrast, brightness and
+    per-channel gain scaled by random factors in [1 - image_jitter, 1 + image_jitter] (0: none), for
+    policies evaluated on images drawn by another renderer than the one they trained on."""
 
 
 @dataclass
@@ -189,6 +193,8 @@ def validate_policy(p: PolicyConfig, prefix: str = "policy.") -> None:
                    "time_embed_dim", "max_shortcut_steps")
     check_non_negative(p, prefix, "residual_hidden_dim", "residual_gain_min", "image_shift")
     check_positive(p, prefix, "image_size", "image_features")
+    if not 0 <= p.image_jitter < 1:
+        fail(f"{prefix}image_jitter", f"must be in [0, 1), got {p.image_jitter}")
     if len(set(p.cameras)) != len(p.cameras):
         fail(f"{prefix}cameras", f"names a camera twice: {list(p.cameras)}")
     if p.act_steps > p.horizon:

@@ -43,7 +43,8 @@ class FlowPolicy(nn.Module):
         emb = cfg.time_embed_dim
         self.time_embed = SinusoidalEmbedding(emb)
         self.step_embed = SinusoidalEmbedding(emb) if self.is_shortcut else None
-        self.image_encoder = (ImageEncoder(list(cfg.cameras), cfg.image_size, cfg.image_features, cfg.image_shift)
+        self.image_encoder = (ImageEncoder(list(cfg.cameras), cfg.image_size, cfg.image_features, cfg.image_shift,
+                                           cfg.image_jitter)
                               if cfg.cameras else None)
         image_dim = self.image_encoder.out_dim if self.image_encoder is not None else 0
         self.cond_dim = cfg.obs_history * (obs_dim + image_dim)

@@ -6,7 +6,10 @@ linear map to ``features`` values. Images are uint8 ``(B, H, W, 3)`` RGB, top ro
 :class:`flowrl.envs.cameras.CameraRenderer` and ``flowrl collect --cameras`` produce). While the
 module trains (training mode, gradients on), :func:`random_shift` augments each image by a random shift
 of up to ``shift`` pixels (DrQ's pad-and-crop), the augmentation DPPO and ReinFlow use for pixel
-policies; inference and targets computed without gradients see the images as they are.
+policies, and with ``jitter`` > 0 :func:`random_photometric` varies each image's brightness, contrast
+and colour balance, so that a policy trained on one renderer's images (MuJoCo Warp's ray tracer) is
+less tied to its lighting when another draws them (robosuite's OpenGL, a real camera); inference and
+targets computed without gradients see the images as they are.
 """
 
 from __future__ import annotations
@@ -28,6 +31,22 @@ def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator | 
     cols = offsets[:, 1, None] + torch.arange(w, device=images.device)[None]  # (B, W)
     batch = torch.arange(b, device=images.device)[:, None, None]
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def random_photometric(images: torch.Tensor, jitter: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(B, C, H, W)`` float images in [0, 1], each with its own random contrast (about its mean), brightness
+    and per-channel gain, each factor uniform in ``[1 - jitter, 1 + jitter]``, clipped to [0, 1]."""
+    if jitter <= 0:
+        return images
+    b, c = images.shape[:2]
+
+    def factors(*shape: int) -> torch.Tensor:
+        u = torch.rand(*shape, generator=generator, device=images.device, dtype=images.dtype)
+        return 1.0 + jitter * (2.0 * u - 1.0)
+
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    out = (images - mean) * factors(b, 1, 1, 1) + mean
+    return (out * factors(b, 1, 1, 1) * factors(b, c, 1, 1)).clamp(0.0, 1.0)
 
 
 class SpatialSoftmax(nn.Module):
@@ -62,9 +81,11 @@ class CameraTrunk(nn.Module):
 class ImageEncoder(nn.Module):
     """``{camera: (B, H, W, 3) uint8}`` -> ``(B, len(cameras) * features)``, cameras in the given order."""
 
-    def __init__(self, cameras: list[str] | tuple[str, ...], image_size: int, features: int, shift: int) -> None:
+    def __init__(self, cameras: list[str] | tuple[str, ...], image_size: int, features: int, shift: int,
+                 jitter: float = 0.0) -> None:
         super().__init__()
         self.cameras, self.image_size, self.features, self.shift = tuple(cameras), image_size, features, shift
+        self.jitter = jitter
         self.trunks = nn.ModuleDict({c: CameraTrunk(features) for c in self.cameras})
 
     @property
@@ -85,9 +106,9 @@ class ImageEncoder(nn.Module):
                                  f"{want[1]}, 3)")
             x = x.permute(0, 3, 1, 2).float() / 255.0
             if self.training and torch.is_grad_enabled():  # augment what gradients flow through, not inference
-                x = random_shift(x, self.shift)
+                x = random_photometric(random_shift(x, self.shift), self.jitter)
             parts.append(self.trunks[camera](x))
         return torch.cat(parts, dim=1)
 
 
-__all__ = ["CameraTrunk", "ImageEncoder", "SpatialSoftmax", "random_shift"]
+__all__ = ["CameraTrunk", "ImageEncoder", "SpatialSoftmax", "random_photometric", "random_shift"]

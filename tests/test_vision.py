@@ -12,7 +12,7 @@ from flowrl.config import PolicyConfig, load_stage_config
 from flowrl.datasets import Episodes, write_robomimic
 from flowrl.errors import FlowrlError
 from flowrl.policy import FlowPolicy
-from flowrl.vision import ImageEncoder, random_shift
+from flowrl.vision import ImageEncoder, random_photometric, random_shift
 
 SIZE = 12
 
@@ -28,6 +28,36 @@ def test_random_shift_is_a_crop_of_the_replicate_padded_image_within_the_shift()
         offsets.add(found[0])
     assert len(offsets) > 1  # every image its own shift
     assert torch.equal(random_shift(images, 0), images)
+
+
+def test_random_photometric_scales_contrast_brightness_and_gain_within_the_jitter() -> None:
+    images = 0.35 + 0.3 * torch.rand(64, 3, 8, 8)  # away from 0 and 1: no clipping at jitter 0.2
+    out = random_photometric(images, 0.2, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and torch.equal(random_photometric(images, 0.0), images)
+    # contrast c, brightness b, gains g: out = ((x - m) c + m) b g, so per image and channel
+    # out - mean(out) = (x - mean(x)) c b g, with c b g in [0.8^2 0.9, 1.2^2 1.1]
+    centred_in = images - images.mean(dim=(2, 3), keepdim=True)
+    centred_out = out - out.mean(dim=(2, 3), keepdim=True)
+    factor = (centred_out * centred_in).sum(dim=(2, 3)) / centred_in.square().sum(dim=(2, 3))  # (B, C)
+    torch.testing.assert_close(centred_out, centred_in * factor[..., None, None])  # one factor each
+    assert bool((factor > 0.8 ** 2 * 0.9 - 1e-4).all() and (factor < 1.2 ** 2 * 1.1 + 1e-4).all())
+    assert factor.std() > 0.02 and len({round(float(f), 3) for f in factor[:, 0]}) > 32  # every image its own
+    bright = torch.ones(4, 3, 5, 5)
+    assert float(random_photometric(bright, 0.5, torch.Generator().manual_seed(1)).max()) <= 1.0  # clipped
+
+
+def test_photometric_jitter_applies_only_while_training() -> None:
+    encoder = ImageEncoder(["agentview"], SIZE, 5, shift=0, jitter=0.3)
+    images = {"agentview": torch.randint(0, 256, (4, SIZE, SIZE, 3), dtype=torch.uint8)}
+    assert not torch.equal(encoder(images), encoder(images))  # training, gradients on: jittered
+    with torch.no_grad():
+        assert torch.equal(encoder(images), encoder(images))
+    encoder.eval()
+    assert torch.equal(encoder(images), encoder(images))
+    plain = ImageEncoder(["agentview"], SIZE, 5, shift=0)
+    assert torch.equal(plain(images), plain(images))  # no shift, no jitter: nothing random
+    policy = FlowPolicy(PolicyConfig(cameras=["agentview"], image_size=SIZE, image_jitter=0.3), 3, 2)
+    assert policy.image_encoder.jitter == 0.3
 
 
 def test_policy_encodes_the_state_then_each_history_steps_image_features() -> None:
@@ -109,3 +139,5 @@ def test_bad_image_settings_are_one_line_config_errors() -> None:
         load_stage_config("pretrain", None, [*base, "policy.image_size=0"])
     with pytest.raises(FlowrlError, match=r"policy.cameras: names a camera twice"):
         load_stage_config("pretrain", None, [*base, "policy.cameras=[agentview,agentview]"])
+    with pytest.raises(FlowrlError, match=r"policy.image_jitter: must be in \[0, 1\), got 1.5"):
+        load_stage_config("pretrain", None, [*base, "policy.image_jitter=1.5"])
