@@ -55,6 +55,8 @@ class MujocoEnv(BatchedEnv):
         self._seed = seed
         self.rngs = [np.random.default_rng(None if seed is None else seed + i) for i in range(num_envs)]
         self._tracked = torch.zeros(num_envs, dtype=dtype, device=sim_device)  # the task's tracked quantity now
+        k = task.observation_memory_dim
+        self._memory = torch.zeros((num_envs, k), dtype=dtype, device=sim_device) if k else None
         self.bad_state_count = torch.zeros((), dtype=torch.int64, device=sim_device)  # a tensor: no sync per step
         self._reset_gen = torch.Generator(device=sim_device)
         if seed is not None:
@@ -95,7 +97,19 @@ class MujocoEnv(BatchedEnv):
         return x if x.device == self.device else x.to(self.device)
 
     def _obs(self) -> torch.Tensor:
-        return self.task_def.observation(self.state)
+        if self._memory is None:  # tasks without memory may define observation(s) alone
+            return self.task_def.observation(self.state)
+        return self.task_def.observation(self.state, self._memory)
+
+    def _remember(self, ids: torch.Tensor | None = None) -> None:
+        """Keep what the next step's observation reads of the current state (of envs ``ids``, or of all)."""
+        if self._memory is None:
+            return
+        memory = self.task_def.observation_memory(self.state)
+        if ids is None:
+            self._memory.copy_(memory)
+        else:
+            self._memory[ids] = memory[ids]
 
     batched_autoreset = False
     """Draw autoreset noise for all finishing envs at once on the simulation device (one seeded
@@ -140,6 +154,8 @@ class MujocoEnv(BatchedEnv):
         if reset_controller is not None:  # per-episode controller state (robosuite: nullspace target, gripper)
             reset_controller(self.state, idx)
         self._tracked[idx] = self.task_def.tracked(self.state, self.model_info)[idx].to(self.dtype)
+        if self._memory is not None:
+            self._memory[idx] = 0.0  # an episode's first observation remembers no previous step
         if self.task_def.needs_contact_forces:
             self.state["cfrc_ext"][idx] = 0.0  # gymnasium runs no mj_rnePostConstraint after a reset
 
@@ -150,7 +166,9 @@ class MujocoEnv(BatchedEnv):
             self._reset_gen.manual_seed(seed)
         self._reset_ids(np.arange(self.num_envs))
         self._clear_counters()
-        return self._out(self._obs())
+        obs = self._obs()
+        self._remember()
+        return self._out(obs)
 
     def _step(self, action: torch.Tensor, alive: torch.Tensor):
         given = torch.as_tensor(action).detach().to(self.sim_device)
@@ -160,6 +178,7 @@ class MujocoEnv(BatchedEnv):
         self._run_physics(given)
         self._tracked.copy_(self.task_def.tracked(self.state, self.model_info))
         obs = self._obs()
+        self._remember()
         reward, terminated = self.task_def.reward_and_termination(self.state, before, self._tracked, self.dt, given)
         bad = ~(torch.isfinite(self.qpos).all(dim=1) & torch.isfinite(self.qvel).all(dim=1)
                 & torch.isfinite(obs).all(dim=1) & torch.isfinite(reward)) | self._backend_bad()
@@ -177,7 +196,9 @@ class MujocoEnv(BatchedEnv):
 
     def _reset_envs(self, done: torch.Tensor) -> torch.Tensor:
         self._reset_ids(torch.nonzero(done.to(self.sim_device)).flatten(), autoreset=True)
-        return self._out(self._obs())
+        obs = self._obs()  # the reset envs' rows: first observations, remembering nothing
+        self._remember(torch.nonzero(done.to(self.sim_device)).flatten())
+        return self._out(obs)
 
     def get_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qpos (N, nq), qvel (N, nv)) copies."""
@@ -191,6 +212,7 @@ class MujocoEnv(BatchedEnv):
         self._tracked.copy_(self.task_def.tracked(self.state, self.model_info))
         if self.task_def.needs_contact_forces:
             self.state["cfrc_ext"].zero_()
+        self._remember()  # as if the state had held still for a step
         return self._out(self._obs())
 
     def _controller_state(self) -> dict[str, torch.Tensor]:
@@ -203,6 +225,7 @@ class MujocoEnv(BatchedEnv):
         returns, elapsed = self._counters()
         state = {"qpos": self.qpos.clone(), "qvel": self.qvel.clone(), "qacc_warmstart": self._warmstart().clone(),
                  "elapsed": elapsed.clone(), "returns": returns.clone(), "position": self._tracked.clone(),
+                 **({"observation_memory": self._memory.clone()} if self._memory is not None else {}),
                  "rngs": json.dumps([r.bit_generator.state for r in self.rngs]),
                  "reset_generator": self._reset_gen.get_state()}
         if self.task_def.needs_contact_forces:
@@ -220,6 +243,10 @@ class MujocoEnv(BatchedEnv):
         elapsed.copy_(state["elapsed"].to(elapsed.device))
         returns.copy_(state["returns"].to(returns.device))
         self._tracked.copy_(state["position"].to(dev))
+        if self._memory is not None:
+            if "observation_memory" not in state:
+                raise FlowrlError("set_full_state: the saved state lacks the observation's memory of the last step")
+            self._memory.copy_(state["observation_memory"].to(dev))
         for rng, st in zip(self.rngs, json.loads(state["rngs"])):
             rng.bit_generator.state = st
         self._reset_gen.set_state(state["reset_generator"])

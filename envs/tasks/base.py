@@ -55,6 +55,10 @@ class MujocoTask:
     velocity_noise_normal = False
     """Reset velocities are ``scale * N(0, 1)`` instead of ``U(-scale, scale)``."""
 
+    observation_memory_dim = 0
+    """Width of what an observation remembers of the previous env step (:meth:`observation_memory`); 0: the
+    observation is a function of the current state alone."""
+
     def model_path(self) -> str:
         raise NotImplementedError
 
@@ -102,8 +106,17 @@ class MujocoTask:
         Backends keep it from the previous step and hand both values to :meth:`reward_and_termination`."""
         return torch.zeros_like(s["qpos"][:, 0])
 
-    def observation(self, s: State) -> torch.Tensor:
+    def observation(self, s: State, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, obs_dim). ``memory`` (tasks with ``observation_memory_dim`` > 0; the others may leave it out of
+        their signature): :meth:`observation_memory` of the previous env step, all zeros in the rows of envs at
+        the first step of an episode; None (a caller without a previous step) reads the current state instead."""
         raise NotImplementedError
+
+    def observation_memory(self, s: State) -> torch.Tensor | None:
+        """(N, observation_memory_dim) of the current state that the next env step's observation reads
+        (robosuite's observation cache); backends keep it between steps, zero it at resets and save it with
+        their full state."""
+        return None
 
     def reward_and_termination(self, s: State, before: torch.Tensor, after: torch.Tensor, dt: float,
                                action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

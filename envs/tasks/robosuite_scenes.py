@@ -15,6 +15,11 @@ substeps of 2 ms). What each part reproduces, from robosuite's source:
   ``cube_pos, cube_quat, gripper_to_cube_pos`` (the last is ``cube_pos - eef_pos`` despite its name); Can's and
   Square's are ``<obj>_to_robot0_eef_pos`` (the object's position in the hand frame centred at the grip site),
   ``<obj>_to_robot0_eef_quat`` (its orientation relative to the hand, w >= 0), ``<obj>_pos``, ``<obj>_quat``.
+  robosuite's relative-pose sensors of Can and Square read the object's pose from its observation cache before
+  the object's own sensors refresh it: the relative pose is that of the object *one env step earlier* seen from
+  the hand now, and all zeros (position and quaternion) in an episode's first observation, whose cache is
+  empty. Ours reproduce both (the backends keep :meth:`RobosuiteSceneTask.observation_memory` between steps), so
+  demonstrations made here look like robosuite's and robomimic's.
   Like robosuite after ``env.step``, positions come from the kinematics computed at the start of the last physics
   substep (MuJoCo's ``mj_step`` leaves them so, as robosuite's ``mj_step2`` does), the gripper's joint positions
   from the final state.
@@ -36,9 +41,6 @@ Differences from robosuite, each small and stated here:
   cube (the one in ``scene.xml``) in every world.
 * robosuite's controller skips its state update on the first substep of an episode (it uses the mass matrix from
   before the fingers were placed: ~4e-3 N m on that one substep); ours uses the live state.
-* robosuite's relative-pose sensors of Can and Square read the object's pose from its observation cache *before*
-  the object's own sensors refresh it, i.e. the object pose of the previous env step; ours use the current one
-  (they differ only while the object moves; equal for a resting object and at reset).
 * Numerics: robosuite builds the relative pose through float32-rounded rotation matrices and an eigen-solve;
   ours is quaternion algebra in float64 (differences ~1e-7).
 """
@@ -339,7 +341,20 @@ class RobosuiteSceneTask(MujocoTask):
         return qpos - qpos0, torch.zeros((n, nv), device=like.device, dtype=like.dtype)
 
     # -- terms ---------------------------------------------------------------------------------
-    def observation(self, s: State) -> torch.Tensor:
+    @property
+    def observation_memory_dim(self) -> int:  # type: ignore[override]
+        return 0 if self.scene == "Lift" else 8
+
+    def observation_memory(self, s: State) -> torch.Tensor | None:
+        """Can, Square: (N, 8) = 1 (a step was seen), the object's position (3) and quaternion (4, w x y z), which
+        the next step's relative pose reads (robosuite's observation cache; see the module docstring)."""
+        if self.scene == "Lift":
+            return None
+        ids = _ids(self.scene)
+        pos, quat = s["xpos"][:, ids.object_body], s["xquat"][:, ids.object_body]
+        return torch.cat([torch.ones_like(pos[:, :1]), pos, quat], dim=-1)
+
+    def observation(self, s: State, memory: torch.Tensor | None = None) -> torch.Tensor:
         ids = _ids(self.scene)
         xpos, xquat = s["xpos"], s["xquat"]
         eef_pos = s["site_xpos"][:, ids.eef_site]
@@ -348,11 +363,15 @@ class RobosuiteSceneTask(MujocoTask):
         if self.scene == "Lift":
             obj = [obj_pos, _quat_xyzw(obj_quat), obj_pos - eef_pos]
         else:
+            seen = self.observation_memory(s) if memory is None else memory
+            assert seen is not None
+            seen_pos, seen_quat = seen[:, 1:4], seen[:, 4:8]
             rel_quat = _quat_mul(hand_quat * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=hand_quat.dtype,
-                                                          device=hand_quat.device), obj_quat)
+                                                          device=hand_quat.device), seen_quat)
             rel_quat = torch.where(rel_quat[:, :1] < 0, -rel_quat, rel_quat)
-            obj = [_quat_rotate_inverse(hand_quat, obj_pos - eef_pos), _quat_xyzw(rel_quat), obj_pos,
-                   _quat_xyzw(obj_quat)]
+            first = seen[:, :1]  # 0 at an episode's first step: robosuite's empty cache gives zeros
+            obj = [_quat_rotate_inverse(hand_quat, seen_pos - eef_pos) * first, _quat_xyzw(rel_quat) * first,
+                   obj_pos, _quat_xyzw(obj_quat)]
         gripper = s["qpos"][:, list(ids.gripper_qpos)]
         return torch.cat([*obj, eef_pos, _quat_xyzw(hand_quat), gripper], dim=-1)
 
