@@ -221,7 +221,7 @@ def _import_seed(folder: Path, run: str, seed: int) -> dict:
               "finetuned_success": result["success_rate"], "finetuned_episodes": result["episodes"],
               "env_steps": int(final["step"]), "wall_clock_s": round(float(loop.get("wall_clock", 0.0)), 1),
               "iterations": int(loop.get("iteration", 0)), "eval_history": history,
-              "imported_from": str(folder / run)}
+              "imported_from": _shown(folder / run)}
     if config:
         record["pretrained_episodes"] = config.get("train", {}).get("eval_episodes")
         record["max_minutes"] = config.get("train", {}).get("max_minutes")
@@ -237,6 +237,14 @@ def _import_seed(folder: Path, run: str, seed: int) -> dict:
         else:
             record.update(best_success_robosuite=rs["success_rate"], best_step=loop.get("best_step"))
     return record
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def import_runs(folders: list[str], tag: str) -> int:
