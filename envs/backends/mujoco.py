@@ -195,9 +195,10 @@ class MujocoEnv(BatchedEnv):
         return self._out(obs), self._out(reward), self._out(terminated | bad), info
 
     def _reset_envs(self, done: torch.Tensor) -> torch.Tensor:
-        self._reset_ids(torch.nonzero(done.to(self.sim_device)).flatten(), autoreset=True)
+        ids = torch.nonzero(done.to(self.sim_device)).flatten()
+        self._reset_ids(ids, autoreset=True)
         obs = self._obs()  # the reset envs' rows: first observations, remembering nothing
-        self._remember(torch.nonzero(done.to(self.sim_device)).flatten())
+        self._remember(ids)
         return self._out(obs)
 
     def get_state(self) -> tuple[torch.Tensor, torch.Tensor]:

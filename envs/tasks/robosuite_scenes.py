@@ -348,8 +348,9 @@ class RobosuiteSceneTask(MujocoTask):
     def observation_memory(self, s: State) -> torch.Tensor | None:
         """Can, Square: (N, 8) = 1 (a step was seen), the object's position (3) and quaternion (4, w x y z), which
         the next step's relative pose reads (robosuite's observation cache; see the module docstring)."""
-        if self.scene == "Lift":
-            return None
+        return None if self.scene == "Lift" else self._object_pose_memory(s)
+
+    def _object_pose_memory(self, s: State) -> torch.Tensor:
         ids = _ids(self.scene)
         pos, quat = s["xpos"][:, ids.object_body], s["xquat"][:, ids.object_body]
         return torch.cat([torch.ones_like(pos[:, :1]), pos, quat], dim=-1)
@@ -363,15 +364,14 @@ class RobosuiteSceneTask(MujocoTask):
         if self.scene == "Lift":
             obj = [obj_pos, _quat_xyzw(obj_quat), obj_pos - eef_pos]
         else:
-            seen = self.observation_memory(s) if memory is None else memory
-            assert seen is not None
+            seen = self._object_pose_memory(s) if memory is None else memory
             seen_pos, seen_quat = seen[:, 1:4], seen[:, 4:8]
             rel_quat = _quat_mul(hand_quat * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=hand_quat.dtype,
                                                           device=hand_quat.device), seen_quat)
             rel_quat = torch.where(rel_quat[:, :1] < 0, -rel_quat, rel_quat)
-            first = seen[:, :1]  # 0 at an episode's first step: robosuite's empty cache gives zeros
-            obj = [_quat_rotate_inverse(hand_quat, seen_pos - eef_pos) * first, _quat_xyzw(rel_quat) * first,
-                   obj_pos, _quat_xyzw(obj_quat)]
+            after_first = seen[:, :1]  # 0 at an episode's first step: robosuite's empty cache gives zeros
+            obj = [_quat_rotate_inverse(hand_quat, seen_pos - eef_pos) * after_first,
+                   _quat_xyzw(rel_quat) * after_first, obj_pos, _quat_xyzw(obj_quat)]
         gripper = s["qpos"][:, list(ids.gripper_qpos)]
         return torch.cat([*obj, eef_pos, _quat_xyzw(hand_quat), gripper], dim=-1)
 
