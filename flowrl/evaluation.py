@@ -84,12 +84,12 @@ class Evaluator:
                "return_mean": float(rets.mean()), "return_std": float(rets.std()),
                "length_mean": float(lens.mean()), "length_std": float(lens.std()),
                "wall_clock_s": round(time.time() - start, 2)}
+        if per_episode:
+            out.update(episode_returns=rets.tolist(), episode_lengths=lens.tolist())
         if bool(results[0]["has_success"]):
             success = np.concatenate([r["success"] for r in results])[:episodes]
             out["success_rate"] = float(success.mean())
-        if per_episode:
-            out.update(episode_returns=rets.tolist(), episode_lengths=lens.tolist())
-            if "success_rate" in out:
+            if per_episode:
                 out["episode_success"] = success.tolist()
         return out
 

@@ -140,7 +140,8 @@ def test_relative_pose_is_robosuites_one_step_late_and_zero_at_each_episodes_sta
         late = task.observation(env.state, before)
         now = task.observation(env.state)
         torch.testing.assert_close(obs, late, rtol=0, atol=0)
-        assert (late[:, 7:] == now[:, 7:]).all() and k == 0 or not torch.equal(late[:, :7], now[:, :7])
+        assert (late[:, 7:] == now[:, 7:]).all()  # only the relative pose remembers
+        assert k == 0 or not torch.equal(late[:, :7], now[:, :7])  # the object settles: last step's pose differs
     saved = env.get_full_state()
     assert saved["observation_memory"].shape == (3, 8)
     action = torch.rand(3, 7, generator=gen) * 2 - 1
