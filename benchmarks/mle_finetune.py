@@ -155,10 +155,24 @@ def run_seed(task: str, seed: int, args: argparse.Namespace, record: dict, save)
     record["wall_clock_s"] = round(time.time() - started, 1)
 
 
+def combine_seeds(records: list[dict]) -> list[dict]:
+    """One record per seed: the parts of a seed that ran separately (``--methods ft``, then ``--methods resft``;
+    or some K at a time) merged, K by K. The pretrained policy's evaluations repeat exactly, so the first is kept."""
+    by_seed: dict[int, dict] = {}
+    for rec in records:
+        into = by_seed.setdefault(rec["seed"], {})
+        for key, value in rec.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                into[key] = {**value, **into[key]} if key == "pretrained" else {**into[key], **value}
+            else:
+                into.setdefault(key, value)
+    return list(by_seed.values())
+
+
 def report(results: dict) -> int:
     checks = []
     for task, rec in results.items():
-        seeds = [s for s in rec["seeds"] if "pretrained" in s]
+        seeds = [s for s in combine_seeds(rec["seeds"]) if "pretrained" in s]
         if not seeds:
             continue
         metric = "success" if resolve_task(TASKS[task]).has_success else "return"

@@ -179,3 +179,24 @@ def test_import_runs_refuses_files_it_cannot_trust(tmp_path: Path) -> None:
     (tmp_path / "ft_can1_eval.json").write_text(json.dumps({"evaluations": []}))
     with pytest.raises(FlowrlError, match="ft_can1_.*not the files of a fine-tuning run"):
         reinflow_manipulation.import_runs([str(tmp_path)], "t")
+
+
+def test_mle_report_combines_the_parts_of_a_seed_run_separately(capsys: pytest.CaptureFixture) -> None:
+    mle_finetune = pytest.importorskip("mle_finetune")
+
+    def point(score: float) -> dict:
+        return {"score": score, "held_out_mse": 0.01}
+
+    def part(seed: int, pretrained: float, **methods: dict) -> dict:
+        return {"seed": seed, "pretrained": {"1": point(pretrained), "2": point(pretrained)}, **methods}
+
+    parts = [part(s, 0.5, ft={"1": point(0.6 + s / 100), "2": point(0.7)}) for s in range(3)]
+    parts += [part(s, 0.9, resft={"1": point(0.1)}) for s in range(3)]  # later parts keep the first pretrained
+    parts += [part(s, 0.5, resft={"2": point(0.2)}) for s in range(3)]
+    seeds = mle_finetune.combine_seeds(parts)
+    assert [s["seed"] for s in seeds] == [0, 1, 2]
+    assert all(sorted(s["resft"]) == ["1", "2"] and sorted(s["ft"]) == ["1", "2"] for s in seeds)
+    assert all(s["pretrained"]["1"]["score"] == 0.5 for s in seeds)
+    code = mle_finetune.report({"hopper": {"task": "hopper", "seeds": parts}})
+    out = capsys.readouterr().out
+    assert "3 seed(s)" in out and code == 0  # FT at K=1 (+0.11 ± 0.008) and K=2 (+0.2 ± 0) beat the spread
