@@ -23,7 +23,7 @@ Targets (exit code 1 when missed):
 - ONNX Runtime, 4-step 3x512, batch 1: act p99 < 0.5 ms;
 - ONNX Runtime, 1-step shortcut, batch 1: act p99 < 0.2 ms;
 - gRPC round trip on loopback (4-step 3x512 ONNX): p99 < 2 ms, for each client.
-Writes benchmarks/results/deploy_latency.json.
+Writes benchmarks/results/deploy_latency[_<tag>].json.
 """
 
 from __future__ import annotations
@@ -145,8 +145,14 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="batch sizes of the throughput rows")
     ap.add_argument("--grpc-iters", type=int, default=1000, help="gRPC round trips (after 100 of warm-up)")
     ap.add_argument("--cpp-client", help="also time this build of flowrl_client (flowrl/deploy/cpp_client)")
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="deploy-latency-"))
+    with tempfile.TemporaryDirectory(prefix="deploy-latency-") as tmp:
+        return measure(args, Path(tmp))
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> int:
+    """Export the policies into ``tmp``, time them and the gRPC round trips, write the results, check the targets."""
     ckpts = {head: make_checkpoint(tmp / head, head) for head in ("reflow", "shortcut")}
     rows, record = [], {"machine": {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                                     "load_avg_before": os.getloadavg(), "torch": torch.__version__}}
@@ -178,7 +184,7 @@ def main() -> int:
     for name, ms in floors.items():
         print(f"matmul floor {name}: {ms:.3f} ms (the network's matrix-vector products alone, numpy, batch 1)")
     record.update(rows=rows, grpc=grpc, matmul_floor_ms=floors, load_avg_after=os.getloadavg())
-    path = write_result("deploy_latency", record)
+    path = write_result("deploy_latency", record, args.tag)
     print(f"load average before {record['machine']['load_avg_before'][0]:.2f}, after {os.getloadavg()[0]:.2f}; "
           f"wrote {path}")
 
