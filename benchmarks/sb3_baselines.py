@@ -8,11 +8,14 @@ PPO runs at ReinFlow's env-step budget of the task; SAC, whose cost is its gradi
 env step at the default update-to-data ratio 1), at ``--sac-steps`` (default 1M). Prints a table
 with ReinFlow's fine-tuned return at the same budget where benchmarks/results/reinflow_<task>*.json
 has it, and writes benchmarks/results/sb3_<task>[_<tag>].json (per seed: return, env steps,
-wall-clock, backend, and the command).
+wall-clock, backend, and the command). Progress goes to stdout every minute. ``--max-minutes`` caps one
+run's training wall-clock (for a machine lent for a fixed time): a run it stops is evaluated as it stands,
+and its row records the env steps it reached and ``"stopped_by_time_limit": true``.
 
     python benchmarks/sb3_baselines.py --tasks hopper walker2d ant humanoid --algos ppo sac --seeds 0 1 2
         [--backend auto] [--device auto] [--ppo-steps N] [--sac-steps N] [--ppo-num-envs N]
-        [--ppo-n-steps N] [--sac-num-envs N] [--sac-utd R] [--episodes N] [--tag NAME]
+        [--ppo-n-steps N] [--sac-num-envs N] [--sac-utd R] [--episodes N] [--threads N] [--max-minutes M]
+        [--tag NAME]
     python benchmarks/sb3_baselines.py --report benchmarks/results/sb3_*.json
 
 ``humanoid`` is Humanoid-Newton (what ReinFlow's Humanoid row ran on MuJoCo Warp). On a GPU:
@@ -48,19 +51,48 @@ def _device(name: str) -> str:
     return name
 
 
-def train_env(task: str, backend: str, device: str, num_envs: int, seed: int):
-    """Our batched env as SB3's VecEnv, with episode statistics and observation/reward normalisation."""
+def train_env(task: str, backend: str, device: str, num_envs: int, seed: int, threads: int):
+    """Our batched env as SB3's VecEnv, with episode statistics and observation/reward normalisation.
+    The cpu backend keeps its observations on the CPU whatever device the networks use."""
     from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 
     from flowrl.envs.adapters import sb3_vec_env
 
-    venv = sb3_vec_env(make(task, num_envs, backend=backend, device=device, seed=seed))
-    return VecNormalize(VecMonitor(venv), gamma=0.99)
+    if backend == "cpu":
+        env = make(task, num_envs, backend="cpu", device="cpu", seed=seed, threads=threads)
+    else:
+        env = make(task, num_envs, backend=backend, device=device, seed=seed)
+    return VecNormalize(VecMonitor(sb3_vec_env(env)), gamma=0.99)
 
 
-def evaluate(task: str, act, episodes: int) -> tuple[float, float]:
+def progress_callback(label: str, total_steps: int, max_seconds: float, every_s: float = 60.0):
+    """An SB3 callback that prints progress every ``every_s`` seconds and stops training after
+    ``max_seconds`` (0: no limit); ``stopped`` on it says whether the limit ended the run."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Progress(BaseCallback):
+        def _on_training_start(self) -> None:
+            self.start = self.last = time.time()
+            self.stopped = False
+
+        def _on_step(self) -> bool:
+            now = time.time()
+            if now - self.last >= every_s:
+                self.last = now
+                steps = self.model.num_timesteps
+                print(f"{label}: {steps:,}/{total_steps:,} env steps, {steps / (now - self.start):,.0f} steps/s, "
+                      f"{now - self.start:.0f} s", flush=True)
+            if max_seconds and now - self.start >= max_seconds:
+                self.stopped = True
+                return False
+            return True
+
+    return Progress()
+
+
+def evaluate(task: str, act, episodes: int, threads: int = 0) -> tuple[float, float]:
     """Return mean and std of ``episodes`` deterministic episodes, all at once on the cpu backend."""
-    env = make(task, episodes, backend="cpu", seed=100_000)
+    env = make(task, episodes, backend="cpu", seed=100_000, threads=threads)
     obs = env.reset()
     done = torch.zeros(episodes, dtype=torch.bool)
     returns = torch.zeros(episodes, dtype=torch.float64)
@@ -84,26 +116,33 @@ def run_one(key: str, algo: str, seed: int, args: argparse.Namespace) -> dict:
     backend = resolve_backend(task, args.backend, device)
     if algo == "ppo":
         steps, n = args.ppo_steps or REINFLOW_STEPS[key], args.ppo_num_envs
-        venv = train_env(task, backend, device, n, seed)
+        venv = train_env(task, backend, device, n, seed, args.threads)
         model = PPO("MlpPolicy", venv, n_steps=args.ppo_n_steps, batch_size=min(4096, n * args.ppo_n_steps), n_epochs=10,
                     learning_rate=3e-4, seed=seed, device=device, verbose=0)
     else:
         steps, n = args.sac_steps, args.sac_num_envs
-        venv = train_env(task, backend, device, n, seed)
+        venv = train_env(task, backend, device, n, seed, args.threads)
         model = SAC("MlpPolicy", venv, learning_starts=min(10_000, steps // 10), batch_size=256,
                     train_freq=1, gradient_steps=max(1, round(args.sac_utd * n)), seed=seed, device=device,
                     verbose=0)
     model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes an empty log folder in /tmp
+    progress = progress_callback(f"{task} {algo} seed {seed}", steps, args.max_minutes * 60)
     start = time.time()
-    model.learn(total_timesteps=steps)
+    model.learn(total_timesteps=steps, callback=progress)
     wall = time.time() - start
     venv.training = False
-    ret, std = evaluate(task, lambda o: model.predict(venv.normalize_obs(o), deterministic=True)[0], args.episodes)
+    ret, std = evaluate(task, lambda o: model.predict(venv.normalize_obs(o), deterministic=True)[0], args.episodes,
+                        args.threads)
     venv.close()
     row = {"seed": seed, "return": round(ret, 1), "return_std": round(std, 1), "env_steps": int(model.num_timesteps),
-           "wall_clock_s": round(wall, 1), "backend": backend, "device": device, "num_envs": n}
-    if algo == "sac":
+           "target_env_steps": steps, "wall_clock_s": round(wall, 1), "backend": backend, "device": device,
+           "num_envs": n}
+    if algo == "ppo":
+        row["n_steps"] = args.ppo_n_steps
+    else:
         row["utd"] = args.sac_utd
+    if progress.stopped:
+        row["stopped_by_time_limit"] = True
     print(f"{task} {algo} seed {seed}: return {ret:.1f} +- {std:.1f} after {model.num_timesteps} env steps, "
           f"{wall:.0f} s ({backend}, {n} envs)", flush=True)
     return row
@@ -115,9 +154,9 @@ def machine(device: str) -> str:
     return f"{os.cpu_count()} CPU cores"
 
 
-def reinflow_return(key: str) -> str:
-    """ReinFlow's fine-tuned return, mean over the seeds of its result files that ran the task's budget
-    (within 5% of ``REINFLOW_STEPS``), when there are any."""
+def reinflow_return(key: str, env_steps: int) -> str:
+    """ReinFlow's fine-tuned return, mean over the seeds of its result files that ran ``env_steps``
+    (within 5%), when there are any."""
     finals = []
     for path in sorted(results_dir().glob(f"reinflow_{key}*.json")):
         try:
@@ -125,31 +164,47 @@ def reinflow_return(key: str) -> str:
         except (OSError, json.JSONDecodeError):
             continue
         finals += [s["finetuned"] for s in rec.get("seeds", [])
-                   if "finetuned" in s and abs(s.get("env_steps", 0) / REINFLOW_STEPS[key] - 1) < 0.05]
+                   if s.get("finetuned") is not None and abs((s.get("env_steps") or 0) / env_steps - 1) < 0.05]
     return f"{np.mean(finals):.0f} ({len(finals)} runs)" if finals else "-"
 
 
+def setting(row: dict) -> tuple:
+    """What makes rows comparable: the env-step budget asked for and the batch shape (rows a time limit
+    stopped keep their budget), and where they ran."""
+    budget = row.get("target_env_steps") or int(float(f"{row['env_steps']:.2g}"))  # rows from before the field
+    shape = f"{row['num_envs']}x{row['n_steps']}" if "n_steps" in row else f"{row['num_envs']} envs"
+    return budget, shape, row["backend"], row.get("machine", "")
+
+
 def report(records: dict[str, dict]) -> int:
-    print(f"\n{'task':<10} {'algo':<5} {'return (mean +- std over seeds)':<32} {'env steps':>11} "
-          f"{'wall-clock':>11}  seeds  ReinFlow")
+    """One line per task, algorithm and setting: return over seeds, env steps, mean wall-clock, and
+    ReinFlow's fine-tuned return at the same env steps."""
+    print(f"\n{'task':<10} {'algo':<5} {'return (mean +- std)':<21} {'env steps':>11} {'envs':<10} "
+          f"{'backend, machine':<26} {'wall-clock':>10}  seeds  ReinFlow")
     for key, rec in records.items():
         for algo, rows in sorted(rec["rows"].items()):
-            if not rows:
-                continue
-            r = np.array([row["return"] for row in rows])
-            print(f"{key:<10} {algo:<5} {f'{r.mean():.0f} +- {r.std():.0f}':<32} {rows[0]['env_steps']:>11} "
-                  f"{np.mean([row['wall_clock_s'] for row in rows]):>10.0f}s  {len(rows):>5}  {reinflow_return(key)}")
+            groups: dict[tuple, list[dict]] = {}
+            for row in rows:
+                groups.setdefault(setting(row), []).append(row)
+            for (budget, shape, backend, where), group in sorted(groups.items(), key=lambda g: g[0][0]):
+                r = np.array([row["return"] for row in group])
+                steps = int(np.mean([row["env_steps"] for row in group]))
+                capped = " (time limit)" if any(row.get("stopped_by_time_limit") for row in group) else ""
+                print(f"{key:<10} {algo:<5} {f'{r.mean():.0f} +- {r.std():.0f}':<21} {steps:>11} {shape:<10} "
+                      f"{f'{backend}, {where}':<26} {np.mean([row['wall_clock_s'] for row in group]):>9.0f}s  "
+                      f"{len(group):>5}  {reinflow_return(key, budget)}{capped}")
     return 0
 
 
 def merge(paths: list[str]) -> dict[str, dict]:
-    """Records of separate runs (tags) merged per task: rows concatenated per algorithm."""
+    """Records of separate runs (tags) merged per task: rows concatenated per algorithm, each row
+    carrying its record's machine."""
     merged: dict[str, dict] = {}
     for path in paths:
         rec = json.loads(Path(path).read_text())
         into = merged.setdefault(rec["task"], {**rec, "rows": {}})
         for algo, rows in rec["rows"].items():
-            into["rows"].setdefault(algo, []).extend(rows)
+            into["rows"].setdefault(algo, []).extend({"machine": rec.get("machine", ""), **row} for row in rows)
     return merged
 
 
@@ -167,6 +222,9 @@ def main() -> int:
     ap.add_argument("--sac-num-envs", type=int, default=8)
     ap.add_argument("--sac-utd", type=float, default=1.0, help="gradient updates per env step")
     ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="cpu backend: threads per batch (0: all cores)")
+    ap.add_argument("--max-minutes", type=float, default=0.0,
+                    help="stop one run's training after this many minutes and evaluate it (0: no limit)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--report", nargs="+", metavar="JSON")
     args = ap.parse_args()
@@ -174,6 +232,8 @@ def main() -> int:
         return report(merge(args.report))
     if min(args.ppo_num_envs, args.ppo_n_steps, args.sac_num_envs, args.episodes) < 1 or args.sac_utd <= 0:
         raise FlowrlError("--ppo-num-envs, --ppo-n-steps, --sac-num-envs, --episodes and --sac-utd must be positive")
+    if args.threads < 0 or args.max_minutes < 0:
+        raise FlowrlError("--threads and --max-minutes must be >= 0")
     device = _device(args.device)
     records: dict[str, dict] = {}
     for key in args.tasks:
@@ -182,7 +242,7 @@ def main() -> int:
         records[key] = rec
         for algo in args.algos:
             for seed in args.seeds:
-                rec["rows"][algo].append(run_one(key, algo, seed, args))
+                rec["rows"][algo].append({**run_one(key, algo, seed, args), "machine": rec["machine"]})
                 write_result(f"sb3_{key}", rec, args.tag)
     return report(records)
 

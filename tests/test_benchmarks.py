@@ -200,3 +200,54 @@ def test_mle_report_combines_the_parts_of_a_seed_run_separately(capsys: pytest.C
     code = mle_finetune.report({"hopper": {"task": "hopper", "seeds": parts}})
     out = capsys.readouterr().out
     assert "3 seed(s)" in out and code == 0  # FT at K=1 (+0.11 ± 0.008) and K=2 (+0.2 ± 0) beat the spread
+
+
+def test_sb3_report_groups_rows_by_setting_and_compares_reinflow_at_equal_steps(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sb3 = pytest.importorskip("sb3_baselines")
+
+    def row(seed: int, ret: float, steps: int, envs: int, **extra) -> dict:
+        return {"seed": seed, "return": ret, "return_std": 1.0, "env_steps": steps, "wall_clock_s": 100.0,
+                "backend": "cpu", "device": "cpu", "num_envs": envs, "n_steps": 64, **extra}
+
+    old = {"task": "hopper", "machine": "2 CPU cores", "rows": {"ppo": [row(0, 2000.0, 10_002_432, 64)]}}
+    new = {"task": "hopper", "machine": "2 CPU cores",
+           "rows": {"ppo": [row(1, 3000.0, 10_002_432, 64, target_env_steps=10_000_000),
+                            row(0, 2900.0, 30_015_488, 1024, target_env_steps=30_000_000)],
+                    "sac": [{**row(0, 1500.0, 120_000, 8, target_env_steps=300_000, stopped_by_time_limit=True),
+                             "utd": 1.0}]}}
+    del new["rows"]["sac"][0]["n_steps"]
+    reinflow = [{"seed": s, "finetuned": f, "env_steps": n}
+                for s, f, n in [(0, 3100.0, 10_076_160), (1, 3300.0, 10_076_160), (0, 3400.0, 30_064_640)]]
+    reinflow.append({"seed": 2})  # a seed cut before its final evaluation
+    (sb3.results_dir() / "reinflow_hopper_t.json").write_text(json.dumps({"task": "hopper", "seeds": reinflow}))
+    paths = []
+    for i, rec in enumerate([old, new]):
+        paths.append(str(tmp_path / f"sb3_hopper_{i}.json"))
+        Path(paths[-1]).write_text(json.dumps(rec))
+    merged = sb3.merge(paths)
+    assert all(r["machine"] == "2 CPU cores" for r in merged["hopper"]["rows"]["ppo"])
+    assert sb3.report(merged) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("hopper")]
+    assert len(lines) == 3  # 10M at 64 envs (2 seeds), 30M at 1024 envs, SAC
+    assert "2500 +- 500" in lines[0] and "64x64" in lines[0] and "1024x64" in lines[1]
+    assert "(time limit)" in lines[2] and "120000" in lines[2]
+    assert lines[0].endswith("3200 (2 runs)") and lines[1].endswith("3400 (1 runs)")  # ReinFlow at each budget
+    assert lines[2].endswith("- (time limit)")
+
+
+def test_sb3_run_stops_at_its_time_limit_and_still_evaluates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    sb3 = pytest.importorskip("sb3_baselines")
+    pytest.importorskip("stable_baselines3")
+    monkeypatch.setenv("FLOWRL_RESULTS", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["sb3_baselines.py", "--tasks", "hopper", "--algos", "ppo", "--seeds", "3",
+                                      "--backend", "cpu", "--device", "cpu", "--ppo-num-envs", "4",
+                                      "--ppo-n-steps", "16", "--episodes", "2", "--threads", "1",
+                                      "--max-minutes", "0.05"])
+    assert sb3.main() == 0
+    (path,) = tmp_path.glob("sb3_hopper*.json")
+    (row,) = json.loads(path.read_text())["rows"]["ppo"]
+    assert row["stopped_by_time_limit"] and 0 < row["env_steps"] < row["target_env_steps"] == 30_000_000
+    assert row["seed"] == 3 and row["wall_clock_s"] < 30 and row["machine"]
+    assert "(time limit)" in capsys.readouterr().out
