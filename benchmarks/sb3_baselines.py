@@ -16,7 +16,7 @@ and its row records the env steps it reached and ``"stopped_by_time_limit": true
         [--backend auto] [--device auto] [--ppo-steps N] [--sac-steps N] [--ppo-num-envs N]
         [--ppo-n-steps N] [--sac-num-envs N] [--sac-utd R] [--episodes N] [--threads N] [--max-minutes M]
         [--tag NAME]
-    python benchmarks/sb3_baselines.py --report benchmarks/results/sb3_*.json
+    python benchmarks/sb3_baselines.py --report benchmarks/results/sb3_*.json benchmarks/results/reinflow_*_ppo_*.json
 
 ``humanoid`` is Humanoid-Newton (what ReinFlow's Humanoid row ran on MuJoCo Warp). On a GPU:
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -169,41 +170,59 @@ def reinflow_return(key: str, env_steps: int) -> str:
 
 
 def setting(row: dict) -> tuple:
-    """What makes rows comparable: the env-step budget asked for and the batch shape (rows a time limit
-    stopped keep their budget), and where they ran."""
+    """What makes rows comparable: the env-step budget asked for (rows a time limit stopped keep theirs),
+    the batch shape and the backend."""
     budget = row.get("target_env_steps") or int(float(f"{row['env_steps']:.2g}"))  # rows from before the field
     shape = f"{row['num_envs']}x{row['n_steps']}" if "n_steps" in row else f"{row['num_envs']} envs"
-    return budget, shape, row["backend"], row.get("machine", "")
+    return budget, shape, row["backend"]
 
 
 def report(records: dict[str, dict]) -> int:
-    """One line per task, algorithm and setting: return over seeds, env steps, mean wall-clock, and
-    ReinFlow's fine-tuned return at the same env steps."""
-    print(f"\n{'task':<10} {'algo':<5} {'return (mean +- std)':<21} {'env steps':>11} {'envs':<10} "
-          f"{'backend, machine':<26} {'wall-clock':>10}  seeds  ReinFlow")
+    """One line per task, algorithm and setting: return over seeds, env steps, wall-clock (its range over
+    seeds) and where it ran, and ReinFlow's fine-tuned return at the same env steps."""
+    print(f"\n{'task':<9} {'algo':<4} {'return (mean +- std)':<20} {'env steps':>10} {'envs':<9} {'backend':<7} "
+          f"{'seeds':>5}  {'ReinFlow':<14} {'wall-clock':<11} machine")
     for key, rec in records.items():
         for algo, rows in sorted(rec["rows"].items()):
             groups: dict[tuple, list[dict]] = {}
             for row in rows:
                 groups.setdefault(setting(row), []).append(row)
-            for (budget, shape, backend, where), group in sorted(groups.items(), key=lambda g: g[0][0]):
+            for (budget, shape, backend), group in sorted(groups.items(), key=lambda g: g[0][0]):
                 r = np.array([row["return"] for row in group])
                 steps = int(np.mean([row["env_steps"] for row in group]))
+                walls = [row["wall_clock_s"] for row in group]
+                wall = f"{min(walls):.0f}-{max(walls):.0f}s" if max(walls) > 1.05 * min(walls) else f"{walls[0]:.0f}s"
+                where = ", ".join(sorted({row.get("machine", "") for row in group}))
                 capped = " (time limit)" if any(row.get("stopped_by_time_limit") for row in group) else ""
-                print(f"{key:<10} {algo:<5} {f'{r.mean():.0f} +- {r.std():.0f}':<21} {steps:>11} {shape:<10} "
-                      f"{f'{backend}, {where}':<26} {np.mean([row['wall_clock_s'] for row in group]):>9.0f}s  "
-                      f"{len(group):>5}  {reinflow_return(key, budget)}{capped}")
+                print(f"{key:<9} {algo:<4} {f'{r.mean():.0f} +- {r.std():.0f}':<20} {steps:>10} {shape:<9} "
+                      f"{backend:<7} {len(group):>5}  {reinflow_return(key, budget):<14} {wall:<11} {where}{capped}")
     return 0
+
+
+def legacy_ppo_row(rec: dict) -> dict:
+    """The PPO row that ``reinflow_locomotion.py --ppo-only`` wrote (``"ppo"`` in a ReinFlow record) in the
+    shape of this script's rows: SB3 PPO from scratch, cpu backend, 64 envs x 64 steps, seed 0."""
+    ppo = rec["ppo"]
+    return {"seed": 0, "return": round(ppo["return"], 1), "env_steps": ppo["env_steps"],
+            "target_env_steps": ppo["env_steps"], "wall_clock_s": ppo["wall_clock_s"], "backend": "cpu",
+            "device": "cpu", "num_envs": 64, "n_steps": 64, "machine": ppo.get("machine", "").removesuffix(" (dev machine)")}
 
 
 def merge(paths: list[str]) -> dict[str, dict]:
     """Records of separate runs (tags) merged per task: rows concatenated per algorithm, each row
-    carrying its record's machine."""
+    carrying its record's machine. ReinFlow records with a PPO row (``reinflow_<task>_*.json``) add it."""
     merged: dict[str, dict] = {}
     for path in paths:
         rec = json.loads(Path(path).read_text())
+        if "rows" not in rec:
+            if "ppo" not in rec:
+                continue
+            rec = {"task": rec["task"], "machine": rec["ppo"].get("machine", ""), "rows": {"ppo": [legacy_ppo_row(rec)]}}
         into = merged.setdefault(rec["task"], {**rec, "rows": {}})
+        n_steps = re.search(r"--ppo-n-steps (\d+)", rec.get("command", ""))
         for algo, rows in rec["rows"].items():
+            if algo == "ppo":  # rows from before "n_steps" was recorded: the command's, else its default then
+                rows = [{"n_steps": int(n_steps.group(1)) if n_steps else 64, **row} for row in rows]
             into["rows"].setdefault(algo, []).extend({"machine": rec.get("machine", ""), **row} for row in rows)
     return merged
 

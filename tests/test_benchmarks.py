@@ -210,9 +210,14 @@ def test_sb3_report_groups_rows_by_setting_and_compares_reinflow_at_equal_steps(
         return {"seed": seed, "return": ret, "return_std": 1.0, "env_steps": steps, "wall_clock_s": 100.0,
                 "backend": "cpu", "device": "cpu", "num_envs": envs, "n_steps": 64, **extra}
 
-    old = {"task": "hopper", "machine": "2 CPU cores", "rows": {"ppo": [row(0, 2000.0, 10_002_432, 64)]}}
-    new = {"task": "hopper", "machine": "2 CPU cores",
-           "rows": {"ppo": [row(1, 3000.0, 10_002_432, 64, target_env_steps=10_000_000),
+    legacy = {"task": "hopper", "head": "reflow", "seeds": [],  # reinflow_locomotion.py --ppo-only's record
+              "ppo": {"return": 2000.0, "env_steps": 10_000_000, "wall_clock_s": 300.0, "machine": "2 CPU cores"}}
+    old = {"task": "hopper", "machine": "2 CPU cores", "command": "sb3_baselines.py --tasks hopper",
+           "rows": {"ppo": [row(1, 3000.0, 10_002_432, 64)]}}
+    for r in old["rows"]["ppo"]:
+        del r["n_steps"]  # recorded only since; the command's default applies
+    new = {"task": "hopper", "machine": "NVIDIA H200",
+           "rows": {"ppo": [row(2, 2800.0, 10_002_432, 64, target_env_steps=10_000_000),
                             row(0, 2900.0, 30_015_488, 1024, target_env_steps=30_000_000)],
                     "sac": [{**row(0, 1500.0, 120_000, 8, target_env_steps=300_000, stopped_by_time_limit=True),
                              "utd": 1.0}]}}
@@ -222,18 +227,19 @@ def test_sb3_report_groups_rows_by_setting_and_compares_reinflow_at_equal_steps(
     reinflow.append({"seed": 2})  # a seed cut before its final evaluation
     (sb3.results_dir() / "reinflow_hopper_t.json").write_text(json.dumps({"task": "hopper", "seeds": reinflow}))
     paths = []
-    for i, rec in enumerate([old, new]):
+    for i, rec in enumerate([legacy, old, new]):
         paths.append(str(tmp_path / f"sb3_hopper_{i}.json"))
         Path(paths[-1]).write_text(json.dumps(rec))
     merged = sb3.merge(paths)
-    assert all(r["machine"] == "2 CPU cores" for r in merged["hopper"]["rows"]["ppo"])
+    assert [r["seed"] for r in merged["hopper"]["rows"]["ppo"]] == [0, 1, 2, 0]
     assert sb3.report(merged) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("hopper")]
-    assert len(lines) == 3  # 10M at 64 envs (2 seeds), 30M at 1024 envs, SAC
-    assert "2500 +- 500" in lines[0] and "64x64" in lines[0] and "1024x64" in lines[1]
-    assert "(time limit)" in lines[2] and "120000" in lines[2]
-    assert lines[0].endswith("3200 (2 runs)") and lines[1].endswith("3400 (1 runs)")  # ReinFlow at each budget
-    assert lines[2].endswith("- (time limit)")
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("hopper")]
+    assert len(lines) == 3  # 10M at 64x64 (3 seeds over three records), 30M at 1024x64, SAC
+    assert lines[0][2:5] == ["2600", "+-", "432"] and lines[0][6:9] == ["64x64", "cpu", "3"]
+    assert lines[0][9] == "3200"
+    assert " ".join(lines[0][12:]) == "100-300s 2 CPU cores, NVIDIA H200"
+    assert lines[1][6] == "1024x64" and lines[1][9] == "3400"  # ReinFlow at each line's own budget
+    assert lines[2][1] == "sac" and lines[2][5] == "120000" and lines[2][-2:] == ["(time", "limit)"]
 
 
 def test_sb3_run_stops_at_its_time_limit_and_still_evaluates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
