@@ -8,7 +8,7 @@
 #     one gradient step per env step, as many env steps as the time cap allows (target 1M).
 # Results: /tmp/s16/res/sb3_<task>_h200_s16[_sac]_s<seed>.json, logs in /tmp/s16/logs.
 set -u
-MINUTES=${MINUTES:-16}
+MINUTES=${MINUTES:-19}
 R=/tmp/s16/res L=/tmp/s16/logs
 mkdir -p $R $L
 export FLOWRL_RESULTS=$R OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
