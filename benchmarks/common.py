@@ -29,15 +29,20 @@ def report_checks(checks: list[tuple[str, bool]], require_some: bool = False) ->
     return 0 if passed else 1
 
 
-def merge_results(paths: list[str], also: tuple[str, ...] = ()) -> dict[str, dict]:
-    """Per-task records from results files of parallel runs: their seeds concatenated, and the
-    top-level keys named in ``also`` taken from whichever file has them."""
+def merge_results(paths: list[str], also: tuple[str, ...] = (), extend: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Per-task records from results files of parallel runs: their seeds concatenated, the top-level
+    keys named in ``also`` taken from whichever file has them, and the lists of the dicts named in
+    ``extend`` (rows per algorithm) concatenated."""
     merged: dict[str, dict] = {}
     for path in paths:
         rec = json.loads(Path(path).read_text())
         if rec["task"] in merged:
-            merged[rec["task"]]["seeds"] += rec["seeds"]
-            merged[rec["task"]].update({k: v for k, v in rec.items() if k in also})
+            into = merged[rec["task"]]
+            into["seeds"] += rec["seeds"]
+            into.update({k: v for k, v in rec.items() if k in also})
+            for key in extend:
+                for name, rows in rec.get(key, {}).items():
+                    into.setdefault(key, {}).setdefault(name, []).extend(rows)
         else:
             merged[rec["task"]] = rec
     return merged

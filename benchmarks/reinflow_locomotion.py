@@ -1,15 +1,17 @@
 """ReinFlow on locomotion from the medium demonstrations, against the published numbers.
 
 For each task and seed: behaviour cloning (configs/<task>/pretrain_<head>.yaml), then ReinFlow
-(configs/<task>/finetune_<head>.yaml); optionally a Gaussian PPO baseline from scratch
-(Stable-Baselines3 on our batched env, same env-step budget). Prints a table of pretrained ->
-fine-tuned return, env steps, wall-clock and seconds per 80k-env-step iteration beside ReinFlow's
-published numbers, writes benchmarks/results/reinflow_<task>.json and a learning-curve PNG (return
-against env steps and against wall-clock) when matplotlib is there.
+(configs/<task>/finetune_<head>.yaml); optionally Stable-Baselines3's PPO and SAC from scratch on our
+batched env (``--baselines ppo sac``: PPO at the same env-step budget, SAC at sb3_baselines.py's; the
+settings of benchmarks/sb3_baselines.py). Prints a table of pretrained -> fine-tuned return, env steps,
+wall-clock and seconds per 80k-env-step iteration beside ReinFlow's published numbers, then the SB3
+baselines of each task (its own and those in benchmarks/results/sb3_<task>*.json), writes
+benchmarks/results/reinflow_<task>.json and a learning-curve PNG (return against env steps and against
+wall-clock) when matplotlib is there.
 
     python benchmarks/reinflow_locomotion.py --tasks hopper --seeds 0 1 2 [--env-steps 30000000]
-        [--pretrain-steps 10000] [--head reflow] [--ppo-baseline] [--device auto] [--tag NAME]
-        [--sim-threads N] [--pretrain-set KEY=VALUE] [--pretrained PATH] [--budget-minutes N] [--ppo-only]
+        [--pretrain-steps 10000] [--head reflow] [--baselines ppo sac] [--baselines-only] [--device auto]
+        [--tag NAME] [--sim-threads N] [--pretrain-set KEY=VALUE] [--pretrained PATH] [--budget-minutes N]
         [key=value overrides of the fine-tuning preset]
     python benchmarks/reinflow_locomotion.py --report benchmarks/results/reinflow_hopper*.json
 
@@ -164,26 +166,29 @@ def describe(result: dict) -> str:
     return text + (f", success {100 * result['success_rate']:.0f}%" if "success_rate" in result else "")
 
 
-def ppo_baseline(task: str, seed: int, env_steps: int, episodes: int) -> dict:
-    from stable_baselines3 import PPO
+def sb3_baselines(task: str, algos: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Stable-Baselines3 from scratch on ``task``, one row per algorithm and seed (benchmarks/sb3_baselines.py's
+    settings; PPO at this run's env-step budget)."""
+    import sb3_baselines as sb3
 
-    from flowrl.agents.expert import SnapshotPolicy, training_env
+    settings = sb3.settings(device=args.device, ppo_steps=args.env_steps or 0, episodes=args.episodes,
+                            threads=args.sim_threads)
+    where = sb3.machine(sb3._device(args.device))
+    return {algo: [{**sb3.run_one(task, algo, seed, settings), "machine": where} for seed in args.seeds]
+            for algo in algos}
 
-    venv = training_env(task, "cpu", 64, seed)
-    model = PPO("MlpPolicy", venv, n_steps=64, batch_size=4096, n_epochs=10, learning_rate=3e-4, seed=seed,
-                device="cpu", verbose=0)
-    start = time.time()
-    model.learn(total_timesteps=env_steps)
-    wall = time.time() - start
-    venv.training = False
-    policy = SnapshotPolicy(lambda obs: model.predict(venv.normalize_obs(obs), deterministic=True)[0])
-    evaluator = Evaluator(task)
-    try:
-        r = evaluator.run(policy, episodes)
-    finally:
-        evaluator.close()
-    return {"return": r["return_mean"], "env_steps": env_steps, "wall_clock_s": round(wall, 1),
-            "machine": f"{os.cpu_count()} CPU cores"}
+
+def baseline_rows(task: str, rec: dict) -> dict[str, list[dict]]:
+    """The SB3 rows of a task: this record's (``"sb3"``, and ``"ppo"`` of older records) and those in
+    benchmarks/results/sb3_<task>*.json."""
+    import sb3_baselines as sb3
+
+    rows: dict[str, list[dict]] = {algo: list(r) for algo, r in sb3.rows_in_results(task).items()}
+    for algo, r in rec.get("sb3", {}).items():
+        rows.setdefault(algo, []).extend(r)
+    if "ppo" in rec:
+        rows.setdefault("ppo", []).append(sb3.legacy_ppo_row(rec))
+    return rows
 
 
 TAG = [""]
@@ -239,8 +244,10 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=20, help="episodes of the final evaluations")
     ap.add_argument("--eval-every", type=int, default=10, help="iterations between curve points")
     ap.add_argument("--eval-episodes", type=int, default=10, help="episodes per curve point")
-    ap.add_argument("--ppo-baseline", action="store_true", help="add SB3 Gaussian PPO from scratch as a row")
-    ap.add_argument("--ppo-only", action="store_true", help="only the PPO row (e.g. on other cores, merged by --report)")
+    ap.add_argument("--baselines", nargs="+", default=[], choices=["ppo", "sac"],
+                    help="also train SB3 PPO / SAC from scratch, one run per seed (benchmarks/sb3_baselines.py)")
+    ap.add_argument("--baselines-only", action="store_true",
+                    help="only the baselines (e.g. on other cores, merged by --report)")
     add_seed_options(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench"))
@@ -253,18 +260,26 @@ def main() -> int:
 
     all_results: dict = {}
     if args.report:
-        return report(merge_results(args.report, also=("ppo",)))
+        return report(merge_results(args.report, also=("ppo",), extend=("sb3",)))
+    if args.baselines_only and not args.baselines:
+        raise FlowrlError("--baselines-only needs --baselines ppo and/or sac")
+    if args.baselines:
+        import sb3_baselines as sb3
+
+        missing = [task for task in args.tasks if task not in sb3.TASKS]
+        if missing:
+            raise FlowrlError(f"--baselines: no SB3 baseline for {missing} (have {sorted(sb3.TASKS)})")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     for task in args.tasks:
         rec = {"task": task, "head": args.head, "device": device, "cores": os.cpu_count(), "seeds": []}
         all_results[task] = rec
-        for seed in [] if args.ppo_only else args.seeds:
+        for seed in [] if args.baselines_only else args.seeds:
             srec: dict = {"seed": seed}
             rec["seeds"].append(srec)
             run_seed(task, args.head, seed, args, Path(args.runs), srec, lambda: flush(all_results))
             flush(all_results)
-        if args.ppo_baseline or args.ppo_only:
-            rec["ppo"] = ppo_baseline(task, args.seeds[0], args.env_steps or 10_000_000, args.episodes)
+        if args.baselines:
+            rec["sb3"] = sb3_baselines(task, args.baselines, args)
         flush(all_results)
     return report(all_results)
 
@@ -288,11 +303,6 @@ def lowest_fraction(seed: dict) -> float:
     return min(returns) / returns[0] if returns[0] > 0 else float("nan")
 
 
-def ppo_row(label: str, p: dict) -> str:
-    return (f"{label:<9} {'-':>11} {p['return']:>17.1f} {p['env_steps']:>10} {p['wall_clock_s']:>7.0f}"
-            f"  (SB3 Gaussian PPO from scratch, {p.get('machine', '?')})")
-
-
 def report(all_results: dict) -> int:
     for task, rec in all_results.items():
         plot(task, rec)
@@ -306,8 +316,7 @@ def report(all_results: dict) -> int:
     checks = []
     for task, rec in all_results.items():
         seeds = rec["seeds"]
-        if not seeds:  # a PPO-only record
-            print(ppo_row(task + " PPO", rec["ppo"]))
+        if not seeds:  # a baselines-only record
             continue
         seeds = [completed(s) for s in seeds]
         pre = np.mean([s["pretrained"] for s in seeds])
@@ -325,8 +334,6 @@ def report(all_results: dict) -> int:
         print(f"{task:<9} {pre:>11.1f} {np.mean(post):>9.1f} ± {np.std(post):>5.1f} {seeds[0]['env_steps']:>10} "
               f"{np.mean([s['wall_clock_s'] for s in seeds]):>7.0f} {it:>9.2f} {pub[0]:>7.0f} -> {pub[1]:>5.0f}"
               f" {pub[2]:>9.1f}")
-        if "ppo" in rec:
-            print(ppo_row("  PPO", rec["ppo"]))
         full = min(s["env_steps"] for s in seeds) >= 10_000_000
         if task in TARGETS and full:
             checks.append((f"{task} fine-tuned >= {TARGETS[task]} ({np.mean(post):.0f})", np.mean(post) >= TARGETS[task]))
@@ -339,6 +346,15 @@ def report(all_results: dict) -> int:
             backends = {s.get("backend") for s in alone}
             if backends == {"MujocoWarpEnv"}:  # the batched-simulation target, warp runs only
                 checks.append((f"hopper 80k-step iteration < 1 s on {device}, warp ({it:.2f} s)", it < 1.0))
+    baselines = {task: baseline_rows(task, rec) for task, rec in all_results.items()}
+    if any(baselines.values()):
+        import sb3_baselines as sb3
+
+        print("\nStable-Baselines3 from scratch through flowrl's adapters (benchmarks/sb3_baselines.py):")
+        print(sb3.SUMMARY_HEADER)
+        for task, rows in baselines.items():
+            for line in sb3.summary_lines(task, rows):
+                print(line)
     return report_checks(checks)
 
 

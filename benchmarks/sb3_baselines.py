@@ -177,31 +177,49 @@ def setting(row: dict) -> tuple:
     return budget, shape, row["backend"]
 
 
+SUMMARY_HEADER = (f"{'task':<9} {'algo':<4} {'return (mean +- std)':<20} {'env steps':>10} {'envs':<9} {'backend':<7} "
+                  f"{'seeds':>5}  {'ReinFlow':<14} {'wall-clock':<11} machine")
+
+
+def summary_lines(key: str, rows_by_algo: dict[str, list[dict]]) -> list[str]:
+    """One line per algorithm and setting (``SUMMARY_HEADER``'s columns): return over seeds, env steps,
+    wall-clock (its range over seeds) and where it ran, and ReinFlow's fine-tuned return at the same
+    env steps."""
+    lines = []
+    for algo, rows in sorted(rows_by_algo.items()):
+        groups: dict[tuple, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(setting(row), []).append(row)
+        for (budget, shape, backend), group in sorted(groups.items(), key=lambda g: g[0][0]):
+            r = np.array([row["return"] for row in group])
+            steps = int(np.mean([row["env_steps"] for row in group]))
+            walls = [row["wall_clock_s"] for row in group]
+            wall = f"{min(walls):.0f}-{max(walls):.0f}s" if max(walls) > 1.05 * min(walls) else f"{walls[0]:.0f}s"
+            where = ", ".join(sorted({row.get("machine", "") for row in group}))
+            capped = " (time limit)" if any(row.get("stopped_by_time_limit") for row in group) else ""
+            lines.append(f"{key:<9} {algo:<4} {f'{r.mean():.0f} +- {r.std():.0f}':<20} {steps:>10} {shape:<9} "
+                         f"{backend:<7} {len(group):>5}  {reinflow_return(key, budget):<14} {wall:<11} {where}{capped}")
+    return lines
+
+
 def report(records: dict[str, dict]) -> int:
-    """One line per task, algorithm and setting: return over seeds, env steps, wall-clock (its range over
-    seeds) and where it ran, and ReinFlow's fine-tuned return at the same env steps."""
-    print(f"\n{'task':<9} {'algo':<4} {'return (mean +- std)':<20} {'env steps':>10} {'envs':<9} {'backend':<7} "
-          f"{'seeds':>5}  {'ReinFlow':<14} {'wall-clock':<11} machine")
+    print("\n" + SUMMARY_HEADER)
     for key, rec in records.items():
-        for algo, rows in sorted(rec["rows"].items()):
-            groups: dict[tuple, list[dict]] = {}
-            for row in rows:
-                groups.setdefault(setting(row), []).append(row)
-            for (budget, shape, backend), group in sorted(groups.items(), key=lambda g: g[0][0]):
-                r = np.array([row["return"] for row in group])
-                steps = int(np.mean([row["env_steps"] for row in group]))
-                walls = [row["wall_clock_s"] for row in group]
-                wall = f"{min(walls):.0f}-{max(walls):.0f}s" if max(walls) > 1.05 * min(walls) else f"{walls[0]:.0f}s"
-                where = ", ".join(sorted({row.get("machine", "") for row in group}))
-                capped = " (time limit)" if any(row.get("stopped_by_time_limit") for row in group) else ""
-                print(f"{key:<9} {algo:<4} {f'{r.mean():.0f} +- {r.std():.0f}':<20} {steps:>10} {shape:<9} "
-                      f"{backend:<7} {len(group):>5}  {reinflow_return(key, budget):<14} {wall:<11} {where}{capped}")
+        for line in summary_lines(key, rec["rows"]):
+            print(line)
     return 0
 
 
+def rows_in_results(key: str) -> dict[str, list[dict]]:
+    """Every SB3 row of a task in the results folder (``sb3_<task>*.json``), per algorithm."""
+    merged = merge([str(p) for p in sorted(results_dir().glob(f"sb3_{key}*.json"))])
+    return merged[key]["rows"] if key in merged else {}
+
+
 def legacy_ppo_row(rec: dict) -> dict:
-    """The PPO row that ``reinflow_locomotion.py --ppo-only`` wrote (``"ppo"`` in a ReinFlow record) in the
-    shape of this script's rows: SB3 PPO from scratch, cpu backend, 64 envs x 64 steps, seed 0."""
+    """A ReinFlow record's ``"ppo"`` (written by ``reinflow_locomotion.py --ppo-only``, since replaced by
+    ``--baselines ppo --baselines-only``) as one of this script's rows: SB3 PPO from scratch, cpu backend,
+    64 envs x 64 steps, seed 0."""
     ppo = rec["ppo"]
     return {"seed": 0, "return": round(ppo["return"], 1), "env_steps": ppo["env_steps"],
             "target_env_steps": ppo["env_steps"], "wall_clock_s": ppo["wall_clock_s"], "backend": "cpu",
@@ -227,7 +245,7 @@ def merge(paths: list[str]) -> dict[str, dict]:
     return merged
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--algos", nargs="+", default=["ppo", "sac"], choices=["ppo", "sac"])
@@ -246,13 +264,32 @@ def main() -> int:
                     help="stop one run's training after this many minutes and evaluate it (0: no limit)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--report", nargs="+", metavar="JSON")
-    args = ap.parse_args()
-    if args.report:
-        return report(merge(args.report))
+    return ap
+
+
+def settings(**overrides) -> argparse.Namespace:
+    """This script's options at their defaults, with ``overrides`` (for ``run_one`` called from another
+    benchmark)."""
+    args = parser().parse_args([])
+    unknown = set(overrides) - set(vars(args))
+    if unknown:
+        raise FlowrlError(f"sb3_baselines has no option {sorted(unknown)}")
+    return validated(argparse.Namespace(**{**vars(args), **overrides}))
+
+
+def validated(args: argparse.Namespace) -> argparse.Namespace:
     if min(args.ppo_num_envs, args.ppo_n_steps, args.sac_num_envs, args.episodes) < 1 or args.sac_utd <= 0:
         raise FlowrlError("--ppo-num-envs, --ppo-n-steps, --sac-num-envs, --episodes and --sac-utd must be positive")
-    if args.threads < 0 or args.max_minutes < 0:
-        raise FlowrlError("--threads and --max-minutes must be >= 0")
+    if args.threads < 0 or args.max_minutes < 0 or args.ppo_steps < 0:
+        raise FlowrlError("--threads, --max-minutes and --ppo-steps must be >= 0")
+    return args
+
+
+def main() -> int:
+    args = parser().parse_args()
+    if args.report:
+        return report(merge(args.report))
+    validated(args)
     device = _device(args.device)
     records: dict[str, dict] = {}
     for key in args.tasks:

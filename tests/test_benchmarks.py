@@ -4,6 +4,7 @@ whose final evaluation was cut by a time limit, and manipulation rows imported f
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 reinflow_locomotion = pytest.importorskip("reinflow_locomotion")
 reinflow_ablation = pytest.importorskip("reinflow_ablation")
 from common import merge_results  # noqa: E402
+from flowrl.errors import FlowrlError  # noqa: E402
 
 
 def _curve(points: list[tuple[int, float]], per_iteration: int = 81_920) -> list[dict]:
@@ -28,10 +30,12 @@ def _seed(seed: int, final: float | None, curve: list[dict]) -> dict:
     return rec
 
 
-def _write(tmp: Path, name: str, seeds: list[dict], ppo: dict | None = None) -> str:
+def _write(tmp: Path, name: str, seeds: list[dict], ppo: dict | None = None, sb3: dict | None = None) -> str:
     rec = {"task": "walker2d", "head": "reflow", "device": "cpu", "cores": 2, "seeds": seeds}
     if ppo:
         rec["ppo"] = ppo
+    if sb3:
+        rec["sb3"] = sb3
     path = tmp / name
     path.write_text(json.dumps(rec))
     return str(path)
@@ -58,11 +62,19 @@ def test_report_merges_seeds_and_a_ppo_only_file(tmp_path: Path, capsys: pytest.
              _write(tmp_path, "s2.json", [_seed(2, None, full)]),
              _write(tmp_path, "ppo.json", [], ppo={"return": 2500.0, "env_steps": 10_000_000, "wall_clock_s": 900,
                                                    "machine": "2 CPU cores"})]
-    merged = merge_results(files, also=("ppo",))
+    sac_row = {"seed": 0, "return": 900.0, "env_steps": 100_000, "target_env_steps": 1_000_000, "wall_clock_s": 60.0,
+               "backend": "cpu", "num_envs": 8, "utd": 1.0, "machine": "H200"}
+    files.append(_write(tmp_path, "sac0.json", [], sb3={"sac": [sac_row]}))
+    files.append(_write(tmp_path, "sac1.json", [], sb3={"sac": [{**sac_row, "seed": 1, "return": 1100.0}]}))
+    merged = merge_results(files, also=("ppo",), extend=("sb3",))
     assert [s["seed"] for s in merged["walker2d"]["seeds"]] == [0, 1, 2]
+    assert [r["seed"] for r in merged["walker2d"]["sb3"]["sac"]] == [0, 1]
     assert reinflow_locomotion.report(merged) == 0  # mean 4733 >= 4300
     out = capsys.readouterr().out
-    assert "4700 (last curve point)" in out and "SB3 Gaussian PPO" in out and "[PASS] walker2d" in out
+    assert "4700 (last curve point)" in out and "[PASS] walker2d" in out
+    baselines = out[out.index("Stable-Baselines3 from scratch"):].splitlines()
+    assert any(line.split()[:6] == ["walker2d", "ppo", "2500", "+-", "0", "10000000"] for line in baselines)
+    assert any(line.split()[:6] == ["walker2d", "sac", "1000", "+-", "100", "100000"] for line in baselines)
     assert "lowest evaluation during fine-tuning / start: 1.00, 1.00, 1.00" in out
 
 
@@ -257,3 +269,24 @@ def test_sb3_run_stops_at_its_time_limit_and_still_evaluates(tmp_path: Path, mon
     assert row["stopped_by_time_limit"] and 0 < row["env_steps"] < row["target_env_steps"] == 30_000_000
     assert row["seed"] == 3 and row["wall_clock_s"] < 30 and row["machine"]
     assert "(time limit)" in capsys.readouterr().out
+    with pytest.raises(FlowrlError, match="no option"):
+        sb3.settings(ppo_stepz=1)
+    with pytest.raises(FlowrlError, match="must be positive"):
+        sb3.settings(episodes=0)
+
+
+def test_reinflow_benchmark_runs_its_sb3_baselines_and_reports_them(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("stable_baselines3")
+    monkeypatch.setattr(sys, "argv", ["reinflow_locomotion.py", "--tasks", "hopper", "--seeds", "4",
+                                      "--baselines", "ppo", "--baselines-only", "--env-steps", "256",
+                                      "--episodes", "2", "--device", "cpu", "--sim-threads", "1"])
+    assert reinflow_locomotion.main() == 0
+    (row,) = json.loads((Path(os.environ["FLOWRL_RESULTS"]) / "reinflow_hopper.json").read_text())["sb3"]["ppo"]
+    assert row["seed"] == 4 and row["target_env_steps"] == 256 and row["env_steps"] == 64 * 64  # one rollout
+    assert row["backend"] == "cpu" and row["machine"]
+    out = capsys.readouterr().out
+    assert any(line.split()[:2] == ["hopper", "ppo"] for line in out[out.index("Stable-Baselines3"):].splitlines())
+    monkeypatch.setattr(sys, "argv", ["reinflow_locomotion.py", "--tasks", "lift", "--baselines", "sac"])
+    with pytest.raises(FlowrlError, match=r"no SB3 baseline for \['lift'\]"):
+        reinflow_locomotion.main()
