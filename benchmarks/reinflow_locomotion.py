@@ -173,7 +173,7 @@ def sb3_baselines(task: str, algos: list[str], args: argparse.Namespace) -> dict
 
     settings = sb3.settings(device=args.device, ppo_steps=args.env_steps or 0, episodes=args.episodes,
                             threads=args.sim_threads)
-    where = sb3.machine(sb3._device(args.device))
+    where = sb3.machine(sb3.torch_device(args.device))
     return {algo: [{**sb3.run_one(task, algo, seed, settings), "machine": where} for seed in args.seeds]
             for algo in algos}
 

@@ -1,5 +1,5 @@
 """Stable-Baselines3 PPO and SAC from scratch on the locomotion tasks, through our adapters on the
-batched backends: the baselines beside ReinFlow in the results table (issue 19, item 3).
+batched backends: the baselines beside ReinFlow in the results table.
 
 For each task, algorithm and seed: train on ``flowrl.envs.make(task, N, backend=...)`` seen as an SB3
 ``VecEnv`` (``flowrl.envs.adapters.sb3_vec_env``, under ``VecMonitor`` and ``VecNormalize``), then
@@ -18,10 +18,14 @@ and its row records the env steps it reached and ``"stopped_by_time_limit": true
         [--tag NAME]
     python benchmarks/sb3_baselines.py --report benchmarks/results/sb3_*.json benchmarks/results/reinflow_*_ppo_*.json
 
-``humanoid`` is Humanoid-Newton (what ReinFlow's Humanoid row ran on MuJoCo Warp). On a GPU:
+``humanoid`` is Humanoid-Newton (what ReinFlow's Humanoid row ran on MuJoCo Warp). On a GPU, PPO as in
+the results (SAC keeps the cpu backend: its cost is the networks, not the physics):
 
-    python benchmarks/sb3_baselines.py --tasks hopper walker2d ant humanoid --algos ppo sac --seeds 0 1 2 \\
-        --backend warp --device cuda --ppo-num-envs 2048
+    python benchmarks/sb3_baselines.py --tasks ant humanoid --algos ppo --seeds 0 1 2 \\
+        --backend warp --device cuda --ppo-num-envs 1024 --ppo-n-steps 32
+
+Many runs fit on one GPU machine at once, one process each with ``--threads 1``; under CUDA MPS
+(``nvidia-cuda-mps-control -d``) their small kernels share the GPU instead of taking turns.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ REINFLOW_STEPS = {"hopper": 30_000_000, "walker2d": 10_000_000, "ant": 10_000_00
 """ReinFlow's env-step budget per task in the README's results (Ant: its preset's budget)."""
 
 
-def _device(name: str) -> str:
+def torch_device(name: str) -> str:
+    """``auto``: CUDA when there is one."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
@@ -113,7 +118,7 @@ def run_one(key: str, algo: str, seed: int, args: argparse.Namespace) -> dict:
     from stable_baselines3.common.logger import Logger
 
     task = TASKS[key]
-    device = _device(args.device)
+    device = torch_device(args.device)
     backend = resolve_backend(task, args.backend, device)
     if algo == "ppo":
         steps, n = args.ppo_steps or REINFLOW_STEPS[key], args.ppo_num_envs
@@ -290,7 +295,7 @@ def main() -> int:
     if args.report:
         return report(merge(args.report))
     validated(args)
-    device = _device(args.device)
+    device = torch_device(args.device)
     records: dict[str, dict] = {}
     for key in args.tasks:
         rec = {"task": key, "flowrl_task": canonical_task(TASKS[key]), "machine": machine(device),
