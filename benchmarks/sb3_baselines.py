@@ -199,7 +199,7 @@ def summary_lines(key: str, rows_by_algo: dict[str, list[dict]]) -> list[str]:
             r = np.array([row["return"] for row in group])
             steps = int(np.mean([row["env_steps"] for row in group]))
             walls = [row["wall_clock_s"] for row in group]
-            wall = f"{min(walls):.0f}-{max(walls):.0f}s" if max(walls) > 1.05 * min(walls) else f"{walls[0]:.0f}s"
+            wall = f"{min(walls):.0f}-{max(walls):.0f}s" if max(walls) > 1.05 * min(walls) else f"{np.mean(walls):.0f}s"
             where = ", ".join(sorted({row.get("machine", "") for row in group}))
             capped = " (time limit)" if any(row.get("stopped_by_time_limit") for row in group) else ""
             lines.append(f"{key:<9} {algo:<4} {f'{r.mean():.0f} +- {r.std():.0f}':<20} {steps:>10} {shape:<9} "
