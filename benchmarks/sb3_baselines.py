@@ -123,8 +123,8 @@ def run_one(key: str, algo: str, seed: int, args: argparse.Namespace) -> dict:
     if algo == "ppo":
         steps, n = args.ppo_steps or REINFLOW_STEPS[key], args.ppo_num_envs
         venv = train_env(task, backend, device, n, seed, args.threads)
-        model = PPO("MlpPolicy", venv, n_steps=args.ppo_n_steps, batch_size=min(4096, n * args.ppo_n_steps), n_epochs=10,
-                    learning_rate=3e-4, seed=seed, device=device, verbose=0)
+        model = PPO("MlpPolicy", venv, n_steps=args.ppo_n_steps, batch_size=min(4096, n * args.ppo_n_steps),
+                    n_epochs=10, learning_rate=3e-4, seed=seed, device=device, verbose=0)
     else:
         steps, n = args.sac_steps, args.sac_num_envs
         venv = train_env(task, backend, device, n, seed, args.threads)
@@ -199,7 +199,8 @@ def summary_lines(key: str, rows_by_algo: dict[str, list[dict]]) -> list[str]:
             r = np.array([row["return"] for row in group])
             steps = int(np.mean([row["env_steps"] for row in group]))
             walls = [row["wall_clock_s"] for row in group]
-            wall = f"{min(walls):.0f}-{max(walls):.0f}s" if max(walls) > 1.05 * min(walls) else f"{np.mean(walls):.0f}s"
+            spread = max(walls) > 1.05 * min(walls)
+            wall = f"{min(walls):.0f}-{max(walls):.0f}s" if spread else f"{np.mean(walls):.0f}s"
             where = ", ".join(sorted({row.get("machine", "") for row in group}))
             capped = " (time limit)" if any(row.get("stopped_by_time_limit") for row in group) else ""
             lines.append(f"{key:<9} {algo:<4} {f'{r.mean():.0f} +- {r.std():.0f}':<20} {steps:>10} {shape:<9} "
@@ -228,7 +229,8 @@ def legacy_ppo_row(rec: dict) -> dict:
     ppo = rec["ppo"]
     return {"seed": 0, "return": round(ppo["return"], 1), "env_steps": ppo["env_steps"],
             "target_env_steps": ppo["env_steps"], "wall_clock_s": ppo["wall_clock_s"], "backend": "cpu",
-            "device": "cpu", "num_envs": 64, "n_steps": 64, "machine": ppo.get("machine", "").removesuffix(" (dev machine)")}
+            "device": "cpu", "num_envs": 64, "n_steps": 64,
+            "machine": ppo.get("machine", "").removesuffix(" (dev machine)")}
 
 
 def merge(paths: list[str]) -> dict[str, dict]:
@@ -236,11 +238,16 @@ def merge(paths: list[str]) -> dict[str, dict]:
     carrying its record's machine. ReinFlow records with a PPO row (``reinflow_<task>_*.json``) add it."""
     merged: dict[str, dict] = {}
     for path in paths:
-        rec = json.loads(Path(path).read_text())
-        if "rows" not in rec:
-            if "ppo" not in rec:
-                continue
-            rec = {"task": rec["task"], "machine": rec["ppo"].get("machine", ""), "rows": {"ppo": [legacy_ppo_row(rec)]}}
+        try:
+            rec = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise FlowrlError(f"{path}: cannot read it as a results file ({e})") from None
+        if "rows" not in rec and "ppo" in rec:
+            row = legacy_ppo_row(rec)
+            rec = {"task": rec["task"], "machine": row["machine"], "rows": {"ppo": [row]}}
+        if "rows" not in rec or "task" not in rec:
+            raise FlowrlError(f"{path}: not a baselines record (it has no 'task' and 'rows', nor a ReinFlow "
+                              "record's 'ppo')")
         into = merged.setdefault(rec["task"], {**rec, "rows": {}})
         n_steps = re.search(r"--ppo-n-steps (\d+)", rec.get("command", ""))
         for algo, rows in rec["rows"].items():

@@ -244,6 +244,9 @@ def test_sb3_report_groups_rows_by_setting_and_compares_reinflow_at_equal_steps(
         Path(paths[-1]).write_text(json.dumps(rec))
     merged = sb3.merge(paths)
     assert [r["seed"] for r in merged["hopper"]["rows"]["ppo"]] == [0, 1, 2, 0]
+    (tmp_path / "bad.json").write_text(json.dumps({"task": "hopper", "seeds": []}))
+    with pytest.raises(FlowrlError, match="bad.json: not a baselines record"):
+        sb3.merge([*paths, str(tmp_path / "bad.json")])
     assert sb3.report(merged) == 0
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("hopper")]
     assert len(lines) == 3  # 10M at 64x64 (3 seeds over three records), 30M at 1024x64, SAC
