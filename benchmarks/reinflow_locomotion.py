@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from common import REPO, merge_results, report_checks, results_dir, run_main, write_result
+import sb3_baselines
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.reinflow import ReinFlow
 from flowrl.checkpoint import load_policy, resolve_checkpoint
@@ -166,28 +167,22 @@ def describe(result: dict) -> str:
     return text + (f", success {100 * result['success_rate']:.0f}%" if "success_rate" in result else "")
 
 
-def sb3_baselines(task: str, algos: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
+def run_baselines(task: str, algos: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
     """Stable-Baselines3 from scratch on ``task``, one row per algorithm and seed (benchmarks/sb3_baselines.py's
     settings; PPO at this run's env-step budget)."""
-    import sb3_baselines as sb3
-
-    settings = sb3.settings(device=args.device, ppo_steps=args.env_steps or 0, episodes=args.episodes,
-                            threads=args.sim_threads)
-    where = sb3.machine(sb3.torch_device(args.device))
-    return {algo: [{**sb3.run_one(task, algo, seed, settings), "machine": where} for seed in args.seeds]
-            for algo in algos}
+    settings = sb3_baselines.settings(device=args.device, ppo_steps=args.env_steps or 0, episodes=args.episodes,
+                                      threads=args.sim_threads)
+    return {algo: [sb3_baselines.run_one(task, algo, seed, settings) for seed in args.seeds] for algo in algos}
 
 
 def baseline_rows(task: str, rec: dict) -> dict[str, list[dict]]:
     """The SB3 rows of a task: this record's (``"sb3"``, and ``"ppo"`` of older records) and those in
     benchmarks/results/sb3_<task>*.json."""
-    import sb3_baselines as sb3
-
-    rows: dict[str, list[dict]] = {algo: list(r) for algo, r in sb3.rows_in_results(task).items()}
+    rows: dict[str, list[dict]] = {algo: list(r) for algo, r in sb3_baselines.rows_in_results(task).items()}
     for algo, r in rec.get("sb3", {}).items():
         rows.setdefault(algo, []).extend(r)
     if "ppo" in rec:
-        rows.setdefault("ppo", []).append(sb3.legacy_ppo_row(rec))
+        rows.setdefault("ppo", []).append(sb3_baselines.legacy_ppo_row(rec))
     return rows
 
 
@@ -263,12 +258,9 @@ def main() -> int:
         return report(merge_results(args.report, also=("ppo",), extend=("sb3",)))
     if args.baselines_only and not args.baselines:
         raise FlowrlError("--baselines-only needs --baselines ppo and/or sac")
-    if args.baselines:
-        import sb3_baselines as sb3
-
-        missing = [task for task in args.tasks if task not in sb3.TASKS]
-        if missing:
-            raise FlowrlError(f"--baselines: no SB3 baseline for {missing} (have {sorted(sb3.TASKS)})")
+    missing = [task for task in args.tasks if args.baselines and task not in sb3_baselines.TASKS]
+    if missing:
+        raise FlowrlError(f"--baselines: no SB3 baseline for {missing} (have {sorted(sb3_baselines.TASKS)})")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     for task in args.tasks:
         rec = {"task": task, "head": args.head, "device": device, "cores": os.cpu_count(), "seeds": []}
@@ -279,7 +271,7 @@ def main() -> int:
             run_seed(task, args.head, seed, args, Path(args.runs), srec, lambda: flush(all_results))
             flush(all_results)
         if args.baselines:
-            rec["sb3"] = sb3_baselines(task, args.baselines, args)
+            rec["sb3"] = run_baselines(task, args.baselines, args)
         flush(all_results)
     return report(all_results)
 
@@ -348,12 +340,10 @@ def report(all_results: dict) -> int:
                 checks.append((f"hopper 80k-step iteration < 1 s on {device}, warp ({it:.2f} s)", it < 1.0))
     baselines = {task: baseline_rows(task, rec) for task, rec in all_results.items()}
     if any(baselines.values()):
-        import sb3_baselines as sb3
-
         print("\nStable-Baselines3 from scratch through flowrl's adapters (benchmarks/sb3_baselines.py):")
-        print(sb3.SUMMARY_HEADER)
+        print(sb3_baselines.SUMMARY_HEADER)
         for task, rows in baselines.items():
-            for line in sb3.summary_lines(task, rows):
+            for line in sb3_baselines.summary_lines(task, rows):
                 print(line)
     return report_checks(checks)
 

@@ -42,19 +42,15 @@ import numpy as np
 import torch
 
 from common import results_dir, run_main, write_result
+from flowrl.agents.expert import SnapshotPolicy
+from flowrl.config import EVAL_SEED, resolve_device
 from flowrl.envs import canonical_task, make, resolve_backend
 from flowrl.errors import FlowrlError
+from flowrl.evaluation import Evaluator
 
 TASKS = {"hopper": "Hopper", "walker2d": "Walker2d", "ant": "Ant", "humanoid": "Humanoid-Newton"}
 REINFLOW_STEPS = {"hopper": 30_000_000, "walker2d": 10_000_000, "ant": 10_000_000, "humanoid": 6_060_000}
 """ReinFlow's env-step budget per task in the README's results (Ant: its preset's budget)."""
-
-
-def torch_device(name: str) -> str:
-    """``auto``: CUDA when there is one."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def train_env(task: str, backend: str, device: str, num_envs: int, seed: int, threads: int):
@@ -64,10 +60,8 @@ def train_env(task: str, backend: str, device: str, num_envs: int, seed: int, th
 
     from flowrl.envs.adapters import sb3_vec_env
 
-    if backend == "cpu":
-        env = make(task, num_envs, backend="cpu", device="cpu", seed=seed, threads=threads)
-    else:
-        env = make(task, num_envs, backend=backend, device=device, seed=seed)
+    env_device = "cpu" if backend == "cpu" else device
+    env = make(task, num_envs, backend=backend, device=env_device, seed=seed, threads=threads)
     return VecNormalize(VecMonitor(sb3_vec_env(env)), gamma=0.99)
 
 
@@ -96,20 +90,15 @@ def progress_callback(label: str, total_steps: int, max_seconds: float, every_s:
     return Progress()
 
 
-def evaluate(task: str, act, episodes: int, threads: int = 0) -> tuple[float, float]:
-    """Return mean and std of ``episodes`` deterministic episodes, all at once on the cpu backend."""
-    env = make(task, episodes, backend="cpu", seed=100_000, threads=threads)
-    obs = env.reset()
-    done = torch.zeros(episodes, dtype=torch.bool)
-    returns = torch.zeros(episodes, dtype=torch.float64)
-    while not bool(done.all()):
-        action = torch.as_tensor(act(obs.numpy().astype(np.float32)), dtype=torch.float32)
-        result = env.step_chunk(action.unsqueeze(1))
-        returns += torch.where(done, 0.0, result.rewards[:, 0])
-        done |= result.done
-        obs = result.obs
-    env.close()
-    return float(returns.mean()), float(returns.std(unbiased=False))
+def evaluate(task: str, act, episodes: int) -> tuple[float, float]:
+    """Mean and std of the return of ``episodes`` deterministic episodes, all at once on the cpu backend
+    (``flowrl eval``'s seeds: env i seeded 100000 + i)."""
+    evaluator = Evaluator(task, EVAL_SEED, backend="cpu", max_envs=episodes)
+    try:
+        result = evaluator.run(SnapshotPolicy(act), episodes)
+    finally:
+        evaluator.close()
+    return result["return_mean"], result["return_std"]
 
 
 def run_one(key: str, algo: str, seed: int, args: argparse.Namespace) -> dict:
@@ -118,16 +107,17 @@ def run_one(key: str, algo: str, seed: int, args: argparse.Namespace) -> dict:
     from stable_baselines3.common.logger import Logger
 
     task = TASKS[key]
-    device = torch_device(args.device)
+    device = str(resolve_device(args.device))
     backend = resolve_backend(task, args.backend, device)
     if algo == "ppo":
         steps, n = args.ppo_steps or REINFLOW_STEPS[key], args.ppo_num_envs
-        venv = train_env(task, backend, device, n, seed, args.threads)
+    else:
+        steps, n = args.sac_steps, args.sac_num_envs
+    venv = train_env(task, backend, device, n, seed, args.threads)
+    if algo == "ppo":
         model = PPO("MlpPolicy", venv, n_steps=args.ppo_n_steps, batch_size=min(4096, n * args.ppo_n_steps),
                     n_epochs=10, learning_rate=3e-4, seed=seed, device=device, verbose=0)
     else:
-        steps, n = args.sac_steps, args.sac_num_envs
-        venv = train_env(task, backend, device, n, seed, args.threads)
         model = SAC("MlpPolicy", venv, learning_starts=min(10_000, steps // 10), batch_size=256,
                     train_freq=1, gradient_steps=max(1, round(args.sac_utd * n)), seed=seed, device=device,
                     verbose=0)
@@ -137,12 +127,11 @@ def run_one(key: str, algo: str, seed: int, args: argparse.Namespace) -> dict:
     model.learn(total_timesteps=steps, callback=progress)
     wall = time.time() - start
     venv.training = False
-    ret, std = evaluate(task, lambda o: model.predict(venv.normalize_obs(o), deterministic=True)[0], args.episodes,
-                        args.threads)
+    ret, std = evaluate(task, lambda o: model.predict(venv.normalize_obs(o), deterministic=True)[0], args.episodes)
     venv.close()
     row = {"seed": seed, "return": round(ret, 1), "return_std": round(std, 1), "env_steps": int(model.num_timesteps),
            "target_env_steps": steps, "wall_clock_s": round(wall, 1), "backend": backend, "device": device,
-           "num_envs": n}
+           "num_envs": n, "machine": machine(device)}
     if algo == "ppo":
         row["n_steps"] = args.ppo_n_steps
     else:
@@ -160,15 +149,19 @@ def machine(device: str) -> str:
     return f"{os.cpu_count()} CPU cores"
 
 
+def read_record(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FlowrlError(f"{path}: cannot read it as a results file ({e})") from None
+
+
 def reinflow_return(key: str, env_steps: int) -> str:
     """ReinFlow's fine-tuned return, mean over the seeds of its result files that ran ``env_steps``
     (within 5%), when there are any."""
     finals = []
     for path in sorted(results_dir().glob(f"reinflow_{key}*.json")):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
+        rec = read_record(path)
         finals += [s["finetuned"] for s in rec.get("seeds", [])
                    if s.get("finetuned") is not None and abs((s.get("env_steps") or 0) / env_steps - 1) < 0.05]
     return f"{np.mean(finals):.0f} ({len(finals)} runs)" if finals else "-"
@@ -238,10 +231,7 @@ def merge(paths: list[str]) -> dict[str, dict]:
     carrying its record's machine. ReinFlow records with a PPO row (``reinflow_<task>_*.json``) add it."""
     merged: dict[str, dict] = {}
     for path in paths:
-        try:
-            rec = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise FlowrlError(f"{path}: cannot read it as a results file ({e})") from None
+        rec = read_record(path)
         if "rows" not in rec and "ppo" in rec:
             row = legacy_ppo_row(rec)
             rec = {"task": rec["task"], "machine": row["machine"], "rows": {"ppo": [row]}}
@@ -271,7 +261,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sac-num-envs", type=int, default=8)
     ap.add_argument("--sac-utd", type=float, default=1.0, help="gradient updates per env step")
     ap.add_argument("--episodes", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=0, help="cpu backend: threads per batch (0: all cores)")
+    ap.add_argument("--threads", type=int, default=0, help="threads of the cpu backend's training envs (0: all cores)")
     ap.add_argument("--max-minutes", type=float, default=0.0,
                     help="stop one run's training after this many minutes and evaluate it (0: no limit)")
     ap.add_argument("--tag", default="")
@@ -302,7 +292,7 @@ def main() -> int:
     if args.report:
         return report(merge(args.report))
     validated(args)
-    device = torch_device(args.device)
+    device = str(resolve_device(args.device))
     records: dict[str, dict] = {}
     for key in args.tasks:
         rec = {"task": key, "flowrl_task": canonical_task(TASKS[key]), "machine": machine(device),
@@ -310,7 +300,7 @@ def main() -> int:
         records[key] = rec
         for algo in args.algos:
             for seed in args.seeds:
-                rec["rows"][algo].append({**run_one(key, algo, seed, args), "machine": rec["machine"]})
+                rec["rows"][algo].append(run_one(key, algo, seed, args))
                 write_result(f"sb3_{key}", rec, args.tag)
     return report(records)
 
