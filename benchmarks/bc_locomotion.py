@@ -1,4 +1,5 @@
-"""Behaviour cloning against the issue's targets, on the shipped (or made) medium demonstrations.
+"""Behaviour cloning and its number of integration steps K, on the shipped (or made) medium demonstrations:
+the rectified-flow and the shortcut head, each evaluated at K = 1, 2, 4 and 8.
 
 Targets (exit code 1 when one is missed):
 - rectified flow at K=4 reaches >= 85% of the demonstrations' mean return;
@@ -6,22 +7,22 @@ Targets (exit code 1 when one is missed):
 
     python benchmarks/bc_locomotion.py --task hopper --seeds 0 1 2 [--steps 10000] [--episodes 20]
 
-Prints a table and writes benchmarks/results/bc_<task>.json.
+Prints a table and writes benchmarks/results/one_step/bc_<task>[_<tag>].json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import REPO, report_checks, results_dir, run_main
+from common import REPO, report_checks, run_main, write_result
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.config import PretrainConfig, load_config
+from flowrl.training import Trainer
 
 
 def main() -> int:
@@ -32,6 +33,7 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=20, help="evaluation episodes per K")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench"))
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()
 
     rows, results = [], {}
@@ -45,15 +47,15 @@ def main() -> int:
             cfg.data.path = str(REPO / cfg.data.path) if not Path(cfg.data.path).is_absolute() else cfg.data.path
             out = Path(args.out) / f"{args.task}-{head}-s{seed}-{time.strftime('%H%M%S')}"
             start = time.time()
-            bc = BehaviorCloning(cfg, out, progress=False)
+            bc = Trainer(BehaviorCloning(cfg), out, progress=False)
             try:
-                bc.learn()
+                bc.fit()
                 train_s = time.time() - start
                 evals = {r["num_steps"]: r["return_mean"] for r in bc.final_evaluation()}
             finally:
                 bc.close()
             results.setdefault(head, []).append({"seed": seed, "returns": evals, "train_s": round(train_s, 1)})
-            data_mean = bc.data_info["return_mean"]
+            data_mean = bc.agent.data_info["return_mean"]
 
     print()
     print(f"{args.task}: demonstrations' mean return {data_mean:.1f}; seeds {args.seeds}")
@@ -71,9 +73,10 @@ def main() -> int:
         (f"shortcut K=1 within 10% of K=4 ({shortcut[1]:.1f} vs {shortcut[4]:.1f}, "
          f"{abs(shortcut[1] - shortcut[4]) / shortcut[4]:.1%})", abs(shortcut[1] - shortcut[4]) <= 0.10 * shortcut[4]),
     ]
-    (results_dir() / f"bc_{args.task}.json").write_text(json.dumps(
-        {"task": args.task, "data_return_mean": data_mean, "results": results,
-         "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]}, indent=2) + "\n")
+    write_result(f"bc_{args.task}", {"task": args.task, "data_return_mean": data_mean, "steps": args.steps,
+                                     "episodes": args.episodes, "device": args.device, "results": results,
+                                     "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]},
+                 args.tag, "one_step")
     return report_checks(checks)
 
 

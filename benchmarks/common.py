@@ -1,10 +1,14 @@
-"""What every benchmark script shares: where results go, the PASS/FAIL lines and exit code, merging the
-JSON files of seeds run as separate processes, and reading a run's learning curve."""
+"""What every benchmark script shares: where results go (one folder per study), what a results file says of
+where it was measured, the PASS/FAIL lines and exit code, merging the JSON files of seeds run as separate
+processes, and reading a run's learning curve."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -12,11 +16,45 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 
 
-def results_dir() -> Path:
-    """benchmarks/results, or $FLOWRL_RESULTS (the GPU machine writes under its $OUT)."""
+def results_dir(study: str = "") -> Path:
+    """``benchmarks/results/<study>`` (a study's current record: docs/results.md cites its files), or
+    ``$FLOWRL_RESULTS/<study>`` (a GPU machine writes under its own output folder)."""
     out = Path(os.environ.get("FLOWRL_RESULTS", REPO / "benchmarks" / "results"))
+    out = out / study if study else out
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict:
+    """Where a measurement was made: the git commit of this checkout (``+uncommitted`` when tracked files
+    differ from it, ``unknown`` outside a git checkout), the host's processor and core count, and its GPU."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        if git("status", "--porcelain", "--untracked-files=no").strip():
+            commit += "+uncommitted"
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    gpu = None
+    if "torch" in sys.modules:  # every benchmark imports torch; this module alone does not need it
+        torch = sys.modules["torch"]
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"commit": commit, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": gpu}
+
+
+def with_provenance(record: dict) -> dict:
+    """``record`` with its ``"provenance"``, as every results file carries it: :func:`provenance`, unless the
+    record brings its own (rows imported from runs made elsewhere)."""
+    return record if "provenance" in record else {**record, "provenance": provenance()}
+
+
+def write_json(path: Path, record: dict) -> Path:
+    """Write ``record`` with its provenance as indented JSON to ``path``."""
+    path.write_text(json.dumps(with_provenance(record), indent=2) + "\n")
+    return path
 
 
 def report_checks(checks: list[tuple[str, bool]], require_some: bool = False) -> int:
@@ -54,11 +92,9 @@ def first_reaching(history: list[dict], target: float) -> dict | None:
     return next((point for point in history if point.get("return_mean", float("-inf")) >= target), None)
 
 
-def write_result(name: str, record: dict, tag: str = "") -> Path:
-    """``<results>/<name>[_<tag>].json``."""
-    path = results_dir() / f"{name}{'_' + tag if tag else ''}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
+def write_result(name: str, record: dict, tag: str = "", study: str = "") -> Path:
+    """``<results>/<study>/<name>[_<tag>].json``, with the record's provenance."""
+    return write_json(results_dir(study) / f"{name}{'_' + tag if tag else ''}.json", record)
 
 
 def run_main(main: Callable[[], int]) -> int:

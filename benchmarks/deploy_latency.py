@@ -23,7 +23,7 @@ Targets (exit code 1 when missed):
 - ONNX Runtime, 4-step 3x512, batch 1: act p99 < 0.5 ms;
 - ONNX Runtime, 1-step shortcut, batch 1: act p99 < 0.2 ms;
 - gRPC round trip on loopback (4-step 3x512 ONNX): p99 < 2 ms, for each client.
-Writes benchmarks/results/deploy_latency[_<tag>].json.
+Writes benchmarks/results/deployment/deploy_latency[_<tag>].json.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> int:
     for name, ms in floors.items():
         print(f"matmul floor {name}: {ms:.3f} ms (the network's matrix-vector products alone, numpy, batch 1)")
     record.update(rows=rows, grpc=grpc, matmul_floor_ms=floors, load_avg_after=os.getloadavg())
-    path = write_result("deploy_latency", record, args.tag)
+    path = write_result("deploy_latency", record, args.tag, "deployment")
     print(f"load average before {record['machine']['load_avg_before'][0]:.2f}, after {os.getloadavg()[0]:.2f}; "
           f"wrote {path}")
 

@@ -1,7 +1,7 @@
 """Env steps per second of each backend, beside the raw simulator and gymnasium's vector envs.
 
     python benchmarks/env_throughput.py [--task Hopper] [--num-envs 64 256 1024 4096 16384 65536]
-                                        [--seconds 2] [--device cuda] [--threads 0]
+                                        [--seconds 2] [--device cuda] [--threads 0] [--tag NAME]
     python benchmarks/env_throughput.py --task robosuite/Lift --num-envs 1024 4096 16384 [--robosuite-envs 16]
         [--cameras agentview --image-size 84]
 
@@ -24,13 +24,13 @@ Rows (env steps/s; an env step of Hopper/Walker2d is 4 physics steps, Ant/Humano
 Targets (exit code 1 when missed, at the largest num_envs measured for both):
 - cpu env loop >= 80% of the raw mujoco.batch rate;
 - cpu env loop >= 5x gymnasium's async vector env.
-Writes benchmarks/results/env_throughput_<task>.json.
+Writes benchmarks/results/throughput/env_throughput_<task>[_<tag>].json (with ``--cameras``:
+benchmarks/results/pixels/).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from common import report_checks, results_dir, run_main
+from common import report_checks, results_dir, run_main, write_json
 from flowrl.config import PolicyConfig
 from flowrl.envs import make
 from flowrl.envs.cameras import camera_renderer
@@ -193,10 +193,10 @@ def manipulation(args: argparse.Namespace, machine: dict, use_warp: bool) -> int
             best = max(r["warp_render"] for r in rendered)
             checks.append((f"warp with one 84x84 camera rendered every step >= 30k env steps/s ({best:.0f})",
                            best >= 3e4))
-    name = args.task.lower().replace("/", "_")
-    (results_dir() / f"env_throughput_{name}.json").write_text(json.dumps(
-        {"task": args.task, "machine": machine, "robosuite_workers": robo_n, "robosuite": robosuite_rate, "rows": rows,
-         "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]}, indent=2) + "\n")
+    name = args.task.lower().replace("/", "_") + (f"_{args.tag}" if args.tag else "")
+    write_json(results_dir("pixels" if args.cameras else "throughput") / f"env_throughput_{name}.json",
+               {"task": args.task, "machine": machine, "robosuite_workers": robo_n, "robosuite": robosuite_rate,
+                "rows": rows, "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]})
     return report_checks(checks, require_some=use_warp)
 
 
@@ -240,6 +240,7 @@ def main() -> int:
                     help="manipulation tasks: also measure the warp backend with these cameras rendered by MuJoCo "
                          "Warp (e.g. agentview)")
     ap.add_argument("--image-size", type=int, default=84, help="with --cameras: square image size")
+    ap.add_argument("--tag", default="", help="suffix of the results file (e.g. the machine)")
     ap.add_argument("--warp-device", default="cuda",
                     help="with --cameras: device of the rendering rows (cpu: Warp's CPU device, a smoke run)")
     args = ap.parse_args()
@@ -291,9 +292,10 @@ def main() -> int:
         big = [r for r in rows if r["num_envs"] >= 16384 and "warp_policy" in r]
         top = max((r["warp_policy"] for r in big), default=0.0)
         checks.append((f"warp rollout loop with the policy >= 1.5M env steps/s at 16k+ envs ({top:.0f})", top >= 1.5e6))
-    (results_dir() / f"env_throughput_{args.task.lower()}.json").write_text(json.dumps(
-        {"task": args.task, "machine": machine, "policy_device": args.device, "rows": rows, "gymnasium": gym_rows,
-         "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]}, indent=2) + "\n")
+    name = args.task.lower() + (f"_{args.tag}" if args.tag else "")
+    write_json(results_dir("throughput") / f"env_throughput_{name}.json",
+               {"task": args.task, "machine": machine, "policy_device": args.device, "rows": rows, "gymnasium": gym_rows,
+                "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]})
     return report_checks(checks)
 
 

@@ -6,7 +6,7 @@ at run time) beside success in robosuite itself, over the same number of seeded 
 
 Target (issue 15, item 4c; exit code 1 when missed): the two success rates within 3 points over 200 episodes each.
 The episodes are not the same ones (each side draws its own placements from robosuite's distributions; Lift's
-batched cube keeps its nominal size). Writes benchmarks/results/manipulation_parity.json (tasks run separately
+batched cube keeps its nominal size). Writes benchmarks/results/manipulation/manipulation_parity.json (tasks run separately
 accumulate in it).
 """
 
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import report_checks, results_dir, run_main
+from common import report_checks, results_dir, run_main, with_provenance
 from flowrl.agents.scripted import EXPERTS
 from flowrl.envs import make
 
@@ -81,11 +81,11 @@ def main() -> int:
                     gap = abs(r["success_rate"] - ref)
                     checks.append((f"{task}: {b} within {100 * TOLERANCE:.0f} points of robosuite "
                                    f"({100 * gap:.1f})", gap <= TOLERANCE + 1e-12))
-    path = results_dir() / "manipulation_parity.json"
+    path = results_dir("manipulation") / "manipulation_parity.json"
     merged = json.loads(path.read_text()) if path.is_file() else {"results": {}}
     for task, by_backend in rows.items():
         merged["results"].setdefault(task, {}).update(
-            {b: dict(r, seed=args.seed, cores=os.cpu_count()) for b, r in by_backend.items()})
+            {b: with_provenance(dict(r, seed=args.seed, cores=os.cpu_count())) for b, r in by_backend.items()})
     path.write_text(json.dumps(merged, indent=2) + "\n")
     return report_checks(checks)
 

@@ -13,13 +13,13 @@ the env steps to its first evaluation >= 3200 are recorded (a GPU job).
     python benchmarks/mle_finetune.py [--tasks hopper square] [--seeds 0 1 2] [--ks 1 2 4]
         [--methods ft resft] [--held-out 20] [--max-episodes 300] [--pretrained PATH] [--pretrain-steps N]
         [--steps N] [--episodes N] [--eval-backend cpu] [--reinflow-env-steps N] [--tag NAME]
-    python benchmarks/mle_finetune.py --report benchmarks/results/mle_finetune_*.json
+    python benchmarks/mle_finetune.py --report benchmarks/results/mle/mle_finetune_*.json
 
 ``--pretrained`` takes checkpoints made elsewhere ({task} and {seed} filled in); they may have seen the
 held-out episodes, which the results file then says. Targets (exit code 1 when missed), per task: at
 K = 1 and K = 2, FT or ResFT beats the pretrained policy at the same K by more than the seed spread (the
 mean paired difference over seeds exceeds its standard deviation); at K = 4 neither loses more than
-the spread. Writes benchmarks/results/mle_finetune_<task>[_<tag>].json.
+the spread. Writes benchmarks/results/mle/mle_finetune_<task>[_<tag>].json.
 """
 
 from __future__ import annotations
@@ -254,8 +254,8 @@ def main() -> int:
         for seed in args.seeds:
             srec: dict = {"seed": seed}
             rec["seeds"].append(srec)
-            run_seed(task, seed, args, srec, lambda: write_result(f"mle_finetune_{task}", rec, args.tag))
-            write_result(f"mle_finetune_{task}", rec, args.tag)
+            run_seed(task, seed, args, srec, lambda: write_result(f"mle_finetune_{task}", rec, args.tag, "mle"))
+            write_result(f"mle_finetune_{task}", rec, args.tag, "mle")
     return report(results)
 
 

@@ -13,14 +13,14 @@ evaluations every ``--eval-every`` iterations, the first at the start):
     python benchmarks/reinflow_ablation.py --tasks hopper --variants base flow_sde critic_ev --seeds 0 \\
         --pretrained 'runs/bc/{task}-s{seed}' [--env-steps 10000000] [--eval-every 4] [--eval-episodes 10] \\
         [--device auto] [--tag NAME] [key=value overrides for every variant, e.g. train.backend=warp]
-    python benchmarks/reinflow_ablation.py --report benchmarks/results/reinflow_ablation_*.json [--final VARIANT]
+    python benchmarks/reinflow_ablation.py --report benchmarks/results/ablation/reinflow_ablation_*.json [--final VARIANT]
 
 On a GPU (one H200), as the presets run there:
 
     python benchmarks/reinflow_ablation.py --tasks hopper --seeds 0 --pretrained ... \\
         train.backend=warp train.num_envs=2048 train.rollout_steps=10
 
-Writes ``benchmarks/results/reinflow_ablation_<task>[_<tag>].json`` (per variant and seed: the curve,
+Writes ``benchmarks/results/ablation/reinflow_ablation_<task>[_<tag>].json`` (per variant and seed: the curve,
 the overrides, wall-clock). ``--report`` merges files of parallel processes and prints one table per
 task; with ``--final VARIANT`` it checks that variant against the targets (>= 3 seeds at >= 10M env
 steps): no collapse below 90% of the start on every task, the final returns (Hopper >= 3400, Walker2d
@@ -151,9 +151,9 @@ def main() -> int:
                 out["runs"].append(rec)
                 started = time.time()
                 run_variant(task, variant, seed, args, rec, lambda: write_result(f"reinflow_ablation_{task}", out,
-                                                                                  args.tag))
+                                                                                  args.tag, "ablation"))
                 rec["total_s"] = round(time.time() - started, 1)
-                write_result(f"reinflow_ablation_{task}", out, args.tag)
+                write_result(f"reinflow_ablation_{task}", out, args.tag, "ablation")
     return report(records, args.final)
 
 

@@ -5,23 +5,22 @@ For each task and seed: behaviour cloning (configs/<task>/pretrain_<head>.yaml),
 batched env (``--baselines ppo sac``: PPO at the same env-step budget, SAC at sb3_baselines.py's; the
 settings of benchmarks/sb3_baselines.py). Prints a table of pretrained -> fine-tuned return, env steps,
 wall-clock and seconds per 80k-env-step iteration beside ReinFlow's published numbers, then the SB3
-baselines of each task (its own and those in benchmarks/results/sb3_<task>*.json), writes
-benchmarks/results/reinflow_<task>.json and a learning-curve PNG (return against env steps and against
-wall-clock) when matplotlib is there.
+baselines of each task (its own and those in benchmarks/results/baselines/sb3_<task>*.json), writes
+benchmarks/results/locomotion/reinflow_<task>[_<tag>].json and a learning-curve PNG (return against env steps
+and against wall-clock) when matplotlib is there.
 
     python benchmarks/reinflow_locomotion.py --tasks hopper --seeds 0 1 2 [--env-steps 30000000]
         [--pretrain-steps 10000] [--head reflow] [--baselines ppo sac] [--baselines-only] [--device auto]
         [--tag NAME] [--sim-threads N] [--pretrain-set KEY=VALUE] [--pretrained PATH] [--budget-minutes N]
         [key=value overrides of the fine-tuning preset]
-    python benchmarks/reinflow_locomotion.py --report benchmarks/results/reinflow_hopper*.json
+    python benchmarks/reinflow_locomotion.py --report benchmarks/results/locomotion/reinflow_hopper*.json
 
 Seeds can run as parallel processes (one ``--seeds i --tag si --sim-threads N`` each); ``--report``
 merges their JSON files into one table and plot.
 
 Targets (exit code 1 when missed; only checked for runs of at least 10M env steps, and the
 iteration time only on a CUDA machine): Hopper >= 3300 and reaches 3200 within 10M env steps,
-Walker2d >= 4300, one 80k-step Hopper iteration < 2 s. The Hopper preset runs 30M env steps
-(3333 over 3 seeds; at 10M it sits at the published ~3210). On a GPU:
+Walker2d >= 4300, one 80k-step Hopper iteration < 2 s. The Hopper preset runs 30M env steps. On a GPU:
 
     python benchmarks/reinflow_locomotion.py --tasks hopper --seeds 0 1 2 train.backend=warp \
         train.num_envs=2048 train.rollout_steps=10
@@ -177,7 +176,7 @@ def run_baselines(task: str, algos: list[str], args: argparse.Namespace) -> dict
 
 def baseline_rows(task: str, rec: dict) -> dict[str, list[dict]]:
     """The SB3 rows of a task: this record's (``"sb3"``, and ``"ppo"`` of older records) and those in
-    benchmarks/results/sb3_<task>*.json."""
+    benchmarks/results/baselines/sb3_<task>*.json."""
     rows: dict[str, list[dict]] = {algo: list(r) for algo, r in sb3_baselines.rows_in_results(task).items()}
     for algo, r in rec.get("sb3", {}).items():
         rows.setdefault(algo, []).extend(r)
@@ -187,11 +186,12 @@ def baseline_rows(task: str, rec: dict) -> dict[str, list[dict]]:
 
 
 TAG = [""]
+STUDY = "locomotion"
 
 
 def flush(all_results: dict) -> None:
     for task, rec in all_results.items():
-        write_result(f"reinflow_{task}", rec, TAG[0])
+        write_result(f"reinflow_{task}", rec, TAG[0], STUDY)
 
 
 def plot(task: str, rec: dict) -> None:
@@ -224,7 +224,7 @@ def plot(task: str, rec: dict) -> None:
     axes[0].legend()
     fig.suptitle(f"ReinFlow on {task} ({rec['head']}), {rec.get('device', '')}")
     fig.tight_layout()
-    path = results_dir() / f"reinflow_{task}{'_' + TAG[0] if TAG[0] else ''}.png"  # --tag names the report too
+    path = results_dir(STUDY) / f"reinflow_{task}{'_' + TAG[0] if TAG[0] else ''}.png"  # --tag names the report too
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
 

@@ -3,7 +3,7 @@
 For each task and seed: behaviour cloning (configs/<task>/pretrain_reflow.yaml on
 data/<task>-scripted.hdf5, made by the commands in data/README.md), then ReinFlow, and success before
 and after fine-tuning beside ReinFlow's published success rates; writes
-benchmarks/results/reinflow_manip_<task>[_<tag>].json.
+benchmarks/results/manipulation/reinflow_manip_<task>[_<tag>].json (from pixels: benchmarks/results/pixels/).
 
 Two fine-tuning presets (``--preset``):
 - ``robosuite`` (configs/<task>/finetune_reflow.yaml): robosuite's own envs, one worker process each
@@ -18,9 +18,9 @@ Two fine-tuning presets (``--preset``):
         [--preset robosuite|warp] [--env-steps N] [--pretrain-steps N] [--episodes 50] [--tag NAME]
         [--budget-minutes N] [--robosuite-episodes 100] [key=value overrides]
     python benchmarks/reinflow_manipulation.py --tasks can square --pixels [--seeds 0 1 2]
-    python benchmarks/reinflow_manipulation.py --robosuite-eval benchmarks/results/reinflow_manip_*_warp.json
-    python benchmarks/reinflow_manipulation.py --report benchmarks/results/reinflow_manip_*.json
-    python benchmarks/reinflow_manipulation.py --import-runs DIR [DIR ...] --tag NAME
+    python benchmarks/reinflow_manipulation.py --robosuite-eval benchmarks/results/manipulation/reinflow_manip_*_warp.json
+    python benchmarks/reinflow_manipulation.py --report benchmarks/results/manipulation/reinflow_manip_*.json
+    python benchmarks/reinflow_manipulation.py --import-runs DIR [DIR ...] --tag NAME [--recorded-at COMMIT]
 
 ``--pixels``: the same from camera images (robomimic's ``agentview`` and ``robot0_eye_in_hand`` at 84 x 84
 beside the state): configs/<task>/pretrain_reflow_pixels.yaml on data/<task>-images.hdf5, which is
@@ -32,7 +32,7 @@ robosuite one, so a gap between them shows the renderers' difference. Results go
 reinflow_manip_<task>_pixels_warp.json.
 
 ``--import-runs``: rows from runs made with the CLI elsewhere (one run per GPU, several GPUs at once),
-from a folder of their files named as the GPU pipelines in benchmarks/results/h200/ name them:
+from a folder of their files (as benchmarks/results/manipulation/lift_warp_runs/ holds them):
 ``ft_<task><seed>[_pixels]_{config.yaml,eval.json,loop.json}`` (the fine-tuning run's config, its
 final evaluation and its training-loop state, whose first evaluation is the starting policy's) and
 ``robosuite_eval_ft_<task><seed>[_pixels]_<checkpoint>.json`` (``flowrl eval CKPT --backend robosuite
@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from common import REPO, merge_results, report_checks, run_main, write_result
+from common import REPO, merge_results, provenance, report_checks, run_main, write_result
 from reinflow_locomotion import add_seed_options, completed, run_seed
 
 from flowrl.errors import FlowrlError
@@ -185,8 +185,14 @@ def evaluate_in_robosuite(paths: list[str], episodes: int) -> int:
         rec = json.loads(Path(path).read_text())
         for seed in rec["seeds"]:
             add_robosuite_evaluations(rec["task"], seed, episodes)
+            rec["robosuite_eval_provenance"] = provenance()  # the training's own provenance stays as written
             Path(path).write_text(json.dumps(rec, indent=2) + "\n")
     return report(merge_results(paths))
+
+
+def study(pixels: bool) -> str:
+    """The results folder of a record: pixel policies' apart from state-only ones."""
+    return "pixels" if pixels else "manipulation"
 
 
 RUN_FILE = re.compile(r"ft_(?P<task>[a-z]+)(?P<seed>\d+)(?P<pixels>_pixels)?_eval\.json")
@@ -247,8 +253,10 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def import_runs(folders: list[str], tag: str) -> int:
-    """``--import-runs``: write results files from fine-tuning runs' files, then report them."""
+def import_runs(folders: list[str], tag: str, recorded_at: str = "") -> int:
+    """``--import-runs``: write results files from fine-tuning runs' files, then report them. Their provenance
+    is the runs' (the GPU named in the folder's gpu.txt, ``recorded_at``: the commit of the code they ran, as
+    given), with this import's beside it."""
     if not tag:
         raise FlowrlError("--import-runs needs --tag (the suffix of the results files it writes)")
     records: dict[tuple[str, bool], dict] = {}
@@ -265,11 +273,12 @@ def import_runs(folders: list[str], tag: str) -> int:
             pixels = bool(m["pixels"])
             rec = records.setdefault((m["task"], pixels), {
                 "task": m["task"], "robosuite_task": TASKS[m["task"]], "device": device, "cores": None,
-                "preset": "warp", "pixels": pixels, "seeds": []})
+                "preset": "warp", "pixels": pixels, "seeds": [],
+                "provenance": {"commit": recorded_at or "unknown", "gpu": device, "imported": provenance()}})
             rec["seeds"].append(import_seed(folder, m.group(0)[: -len("_eval.json")], int(m["seed"])))
     written: dict[bool, list[str]] = {False: [], True: []}  # state rows and pixel rows get a table each
     for (task, pixels), rec in records.items():
-        path = write_result(f"reinflow_manip_{task}", rec, f"{tag}_pixels" if pixels else tag)
+        path = write_result(f"reinflow_manip_{task}", rec, f"{tag}_pixels" if pixels else tag, study(pixels))
         written[pixels].append(str(path))
         print(f"wrote {path}")
     status = 0
@@ -303,6 +312,8 @@ def main() -> int:
                     help="evaluate the checkpoints of these warp-preset results files in robosuite, then report")
     ap.add_argument("--import-runs", nargs="+", metavar="DIR",
                     help="rows from fine-tuning runs' files in these folders (see above); needs --tag")
+    ap.add_argument("--recorded-at", default="", metavar="COMMIT",
+                    help="with --import-runs: the commit of the code the imported runs ran (their results files name it)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning preset")
     args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
     args.head, args.sim_threads = ("reflow_pixels" if args.pixels else "reflow"), 0
@@ -315,7 +326,7 @@ def main() -> int:
     if args.robosuite_eval:
         return evaluate_in_robosuite(args.robosuite_eval, args.robosuite_episodes)
     if args.import_runs:
-        return import_runs(args.import_runs, args.tag)
+        return import_runs(args.import_runs, args.tag, args.recorded_at)
     results: dict = {}
     if args.pixels:
         unsupported = [t for t in args.tasks if not (REPO / "configs" / t / "pretrain_reflow_pixels.yaml").is_file()]
@@ -344,7 +355,7 @@ def main() -> int:
         for seed in args.seeds:
             srec: dict = {"seed": seed}
             rec["seeds"].append(srec)
-            save = lambda: write_result(f"reinflow_manip_{task}", rec, tag)  # noqa: E731
+            save = lambda: write_result(f"reinflow_manip_{task}", rec, tag, study(args.pixels))  # noqa: E731
             run_seed(task, args.head, seed, args, Path(args.runs), srec, save)
             if in_robosuite:
                 add_robosuite_evaluations(task, srec, args.robosuite_episodes)

@@ -2,11 +2,11 @@
 trip (``step``) and a whole action chunk per round trip (``step_chunk``), measured interleaved.
 
     python benchmarks/robosuite_throughput.py [--task NutAssemblySquare] [--num-envs 1 4 16]
-                                              [--chunk 4] [--chunks 25] [--repeats 3]
+                                              [--chunk 4] [--chunks 25] [--repeats 3] [--tag NAME]
 
 Zero actions, no policy: the simulator, robosuite's controllers and the inter-process round trips.
 Target (exit code 1 when missed): at the largest number of envs, chunks are not slower than single
-steps (>= 0.95x). Writes benchmarks/results/robosuite_throughput.json.
+steps (>= 0.95x). Writes benchmarks/results/throughput/robosuite_throughput[_<tag>].json.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=4)
     ap.add_argument("--chunks", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tag", default="", help="suffix of the results file (e.g. the machine)")
     args = ap.parse_args()
     rows = []
     print(f"robosuite/{args.task}, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
@@ -62,7 +63,7 @@ def main() -> int:
         print(f"{n:>5} {r['step']:>9.0f} {r['chunk']:>9.0f} {r['chunk'] / n:>8.0f} {r['chunk'] / r['step']:>10.2f}",
               flush=True)
     write_result("robosuite_throughput", {"task": args.task, "cores": os.cpu_count(), "chunk": args.chunk,
-                                          "rows": rows})
+                                          "rows": rows}, args.tag, "throughput")
     last = rows[-1]
     return report_checks([(f"chunks not slower than single steps at {last['num_envs']} envs "
                            f"({last['chunk'] / last['step']:.2f}x)", last["chunk"] >= 0.95 * last["step"])])

@@ -6,8 +6,8 @@ For each task, algorithm and seed: train on ``flowrl.envs.make(task, N, backend=
 evaluate the deterministic policy on the cpu backend (env i seeded 100000 + i, as ``flowrl eval``).
 PPO runs at ReinFlow's env-step budget of the task; SAC, whose cost is its gradient updates (one per
 env step at the default update-to-data ratio 1), at ``--sac-steps`` (default 1M). Prints a table
-with ReinFlow's fine-tuned return at the same budget where benchmarks/results/reinflow_<task>*.json
-has it, and writes benchmarks/results/sb3_<task>[_<tag>].json (per seed: return, env steps,
+with ReinFlow's fine-tuned return at the same budget where benchmarks/results/locomotion/reinflow_<task>*.json
+has it, and writes benchmarks/results/baselines/sb3_<task>[_<tag>].json (per seed: return, env steps,
 wall-clock, backend, and the command). Progress goes to stdout every minute. ``--max-minutes`` caps one
 run's training wall-clock (for a machine lent for a fixed time): a run it stops is evaluated as it stands,
 and its row records the env steps it reached and ``"stopped_by_time_limit": true``.
@@ -16,7 +16,7 @@ and its row records the env steps it reached and ``"stopped_by_time_limit": true
         [--backend auto] [--device auto] [--ppo-steps N] [--sac-steps N] [--ppo-num-envs N]
         [--ppo-n-steps N] [--sac-num-envs N] [--sac-utd R] [--episodes N] [--threads N] [--max-minutes M]
         [--tag NAME]
-    python benchmarks/sb3_baselines.py --report benchmarks/results/sb3_*.json benchmarks/results/reinflow_*_ppo_*.json
+    python benchmarks/sb3_baselines.py --report benchmarks/results/baselines/sb3_*.json
 
 ``humanoid`` is Humanoid-Newton (what ReinFlow's Humanoid row ran on MuJoCo Warp). On a GPU, PPO as in
 the results (SAC keeps the cpu backend: its cost is the networks, not the physics):
@@ -50,7 +50,9 @@ from flowrl.evaluation import Evaluator
 
 TASKS = {"hopper": "Hopper", "walker2d": "Walker2d", "ant": "Ant", "humanoid": "Humanoid-Newton"}
 REINFLOW_STEPS = {"hopper": 30_000_000, "walker2d": 10_000_000, "ant": 10_000_000, "humanoid": 6_060_000}
-"""ReinFlow's env-step budget per task in the README's results (Ant: its preset's budget)."""
+"""ReinFlow's env-step budget per task in the locomotion study (Ant: its preset's budget)."""
+STUDY = "baselines"
+REINFLOW_STUDY = "locomotion"
 
 
 def train_env(task: str, backend: str, device: str, num_envs: int, seed: int, threads: int):
@@ -160,7 +162,7 @@ def reinflow_return(key: str, env_steps: int) -> str:
     """ReinFlow's fine-tuned return, mean over the seeds of its result files that ran ``env_steps``
     (within 5%), when there are any."""
     finals = []
-    for path in sorted(results_dir().glob(f"reinflow_{key}*.json")):
+    for path in sorted(results_dir(REINFLOW_STUDY).glob(f"reinflow_{key}*.json")):
         rec = read_record(path)
         finals += [s["finetuned"] for s in rec.get("seeds", [])
                    if s.get("finetuned") is not None and abs((s.get("env_steps") or 0) / env_steps - 1) < 0.05]
@@ -210,8 +212,8 @@ def report(records: dict[str, dict]) -> int:
 
 
 def rows_in_results(key: str) -> dict[str, list[dict]]:
-    """Every SB3 row of a task in the results folder (``sb3_<task>*.json``), per algorithm."""
-    merged = merge([str(p) for p in sorted(results_dir().glob(f"sb3_{key}*.json"))])
+    """Every SB3 row of a task in the study's results folder (``baselines/sb3_<task>*.json``), per algorithm."""
+    merged = merge([str(p) for p in sorted(results_dir(STUDY).glob(f"sb3_{key}*.json"))])
     return merged[key]["rows"] if key in merged else {}
 
 
@@ -301,7 +303,7 @@ def main() -> int:
         for algo in args.algos:
             for seed in args.seeds:
                 rec["rows"][algo].append(run_one(key, algo, seed, args))
-                write_result(f"sb3_{key}", rec, args.tag)
+                write_result(f"sb3_{key}", rec, args.tag, STUDY)
     return report(records)
 
 

@@ -19,7 +19,7 @@ Several machines: run the same command on each with torchrun's rendezvous option
 return R (``train.stop_at_score``) and compares the training time to get there.
 Targets (exit code 1 when missed): weak-scaling efficiency >= 90% from 1 to 2 GPUs; with ``--reach``,
 2 GPUs reach R in no more training time than 1.
-Writes benchmarks/results/scaling_hopper[_<tag>].json.
+Writes benchmarks/results/scaling/scaling_hopper[_<tag>].json.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def main() -> int:
                        r["reached"] and base["reached"] and r["train_s"] <= base["train_s"]))
     write_result("scaling_hopper", {"backend": args.backend, "device": args.device, "init": init,
                                     "rollout_steps": args.rollout_steps, "weak": weak, "strong": strong, "reach": reach,
-                                    "checks": [{"check": t, "pass": ok} for t, ok in checks]}, args.tag)
+                                    "checks": [{"check": t, "pass": ok} for t, ok in checks]}, args.tag, "scaling")
     return report_checks(checks, require_some=True)
 
 

@@ -3,7 +3,7 @@
     python benchmarks/scripted_experts.py [--tasks Lift PickPlaceCan] [--episodes 100] [--num-envs 20]
 
 Targets (exit code 1 when missed): Lift >= 95%, PickPlaceCan >= 95%, NutAssemblySquare >= 80%.
-Writes benchmarks/results/scripted_experts.json.
+Writes benchmarks/results/manipulation/scripted_experts.json.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from common import report_checks, results_dir, run_main
+from common import report_checks, results_dir, run_main, with_provenance
 from flowrl.agents.scripted import EXPERTS
 from manipulation_parity import success_rate as robosuite_success_rate
 
@@ -40,10 +40,11 @@ def main() -> int:
         print(f"{task:<20} {100 * rate:6.1f}%   {wall:6.0f} s")
         if task in TARGETS:
             checks.append((f"{task} >= {100 * TARGETS[task]:.0f}% ({100 * rate:.1f}%)", rate >= TARGETS[task]))
-    path = results_dir() / "scripted_experts.json"  # tasks run separately accumulate in one file
+    path = results_dir("manipulation") / "scripted_experts.json"  # tasks run separately accumulate in one file
     merged = json.loads(path.read_text()) if path.is_file() else {"results": {}}
-    merged["results"].update({t: {"success_rate": r, "wall_s": round(w, 1), "episodes": args.episodes,
-                                  "seed": args.seed, "cores": os.cpu_count()} for t, (r, w) in rows.items()})
+    merged["results"].update({t: with_provenance({"success_rate": r, "wall_s": round(w, 1), "episodes": args.episodes,
+                                                  "seed": args.seed, "cores": os.cpu_count()})
+                              for t, (r, w) in rows.items()})
     path.write_text(json.dumps(merged, indent=2) + "\n")
     return report_checks(checks)
 

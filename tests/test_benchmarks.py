@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,6 +40,20 @@ def _write(tmp: Path, name: str, seeds: list[dict], ppo: dict | None = None, sb3
     path = tmp / name
     path.write_text(json.dumps(rec))
     return str(path)
+
+
+def test_a_results_file_names_its_study_folder_commit_and_machine(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from common import provenance, write_result
+
+    monkeypatch.setenv("FLOWRL_RESULTS", str(tmp_path))
+    path = write_result("thing", {"value": 1.5}, "t", "a_study")
+    assert path == tmp_path / "a_study" / "thing_t.json"
+    rec = json.loads(path.read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    assert rec["value"] == 1.5 and rec["provenance"] == provenance()
+    assert rec["provenance"]["commit"].split("+")[0] == head and rec["provenance"]["cores"] >= 1
 
 
 def test_cut_seed_takes_its_last_curve_point() -> None:
@@ -156,20 +171,22 @@ def test_import_runs_makes_rows_from_a_pipelines_files(tmp_path: Path, capsys: p
     _manipulation_run(runs, "ft_square1_pixels", 1, 0.98, 0.961, {"last": 0.91, "best": 0.94})
     _manipulation_run(runs, "ft_square2_pixels", 2, 0.98, 0.988, {"last": 0.90, "best": 0.97}, best_step=307_200)
     _manipulation_run(runs, "ft_can0", 0, 1.0, 1.0, {"last": 0.99})
-    assert reinflow_manipulation.import_runs([str(runs)], "t") == 1  # Can from state: one seed, 99% < 100%
+    assert reinflow_manipulation.import_runs([str(runs)], "t", "abc1234") == 1  # Can: one seed, 99% < 100%
     out = capsys.readouterr().out
     assert "[PASS] square fine-tuned success in robosuite >= 90% over 3 seeds (91.3%, 3 seed(s))" in out
     assert "[FAIL] can fine-tuned success in robosuite >= 100% over 3 seeds (99.0%, 1 seed(s))" in out
     assert "- -> 93%, 94% -> 91%, - -> 90%" in out  # best = the starting policy only for seed 1
     assert "in robosuite: -, -, 97%" in out  # seed 2's best was a later iteration
-    rec = json.loads((tmp_path / "results" / "reinflow_manip_square_t_pixels.json").read_text())
+    rec = json.loads((tmp_path / "results" / "pixels" / "reinflow_manip_square_t_pixels.json").read_text())
     assert rec["pixels"] and rec["device"] == "NVIDIA H200" and [s["seed"] for s in rec["seeds"]] == [0, 1, 2]
+    assert rec["provenance"]["commit"] == "abc1234" and rec["provenance"]["gpu"] == "NVIDIA H200"
+    assert rec["provenance"]["imported"]["cores"] >= 1  # where the import ran, beside where the runs did
     first = rec["seeds"][0]
     assert (first["pretrained_success"], first["finetuned_success"], first["finetuned_success_robosuite"]) == (
         0.95, 0.977, 0.93)
     assert (first["env_steps"], first["iterations"], first["pretrained_episodes"], first["max_minutes"]) == (
         409_600, 4, 128, 3)
-    assert json.loads((tmp_path / "results" / "reinflow_manip_can_t.json").read_text())["pixels"] is False
+    assert json.loads((tmp_path / "results" / "manipulation" / "reinflow_manip_can_t.json").read_text())["pixels"] is False
 
 
 def test_import_runs_refuses_files_it_cannot_trust(tmp_path: Path) -> None:
@@ -237,7 +254,7 @@ def test_sb3_report_groups_rows_by_setting_and_compares_reinflow_at_equal_steps(
     reinflow = [{"seed": s, "finetuned": f, "env_steps": n}
                 for s, f, n in [(0, 3100.0, 10_076_160), (1, 3300.0, 10_076_160), (0, 3400.0, 30_064_640)]]
     reinflow.append({"seed": 2})  # a seed cut before its final evaluation
-    (sb3.results_dir() / "reinflow_hopper_t.json").write_text(json.dumps({"task": "hopper", "seeds": reinflow}))
+    (sb3.results_dir("locomotion") / "reinflow_hopper_t.json").write_text(json.dumps({"task": "hopper", "seeds": reinflow}))
     paths = []
     for i, rec in enumerate([legacy, old, new]):
         paths.append(str(tmp_path / f"sb3_hopper_{i}.json"))
@@ -267,7 +284,7 @@ def test_sb3_run_stops_at_its_time_limit_and_still_evaluates(tmp_path: Path, mon
                                       "--ppo-n-steps", "16", "--episodes", "2", "--threads", "1",
                                       "--max-minutes", "0.05"])
     assert sb3.main() == 0
-    (path,) = tmp_path.glob("sb3_hopper*.json")
+    (path,) = (tmp_path / "baselines").glob("sb3_hopper*.json")
     (row,) = json.loads(path.read_text())["rows"]["ppo"]
     assert row["stopped_by_time_limit"] and 0 < row["env_steps"] < row["target_env_steps"] == 30_000_000
     assert row["seed"] == 3 and row["wall_clock_s"] < 30 and row["machine"]
@@ -285,7 +302,8 @@ def test_reinflow_benchmark_runs_its_sb3_baselines_and_reports_them(monkeypatch:
                                       "--baselines", "ppo", "--baselines-only", "--env-steps", "256",
                                       "--episodes", "2", "--device", "cpu", "--sim-threads", "1"])
     assert reinflow_locomotion.main() == 0
-    (row,) = json.loads((Path(os.environ["FLOWRL_RESULTS"]) / "reinflow_hopper.json").read_text())["sb3"]["ppo"]
+    (row,) = json.loads((Path(os.environ["FLOWRL_RESULTS"]) / "locomotion" / "reinflow_hopper.json").read_text()
+                        )["sb3"]["ppo"]
     assert row["seed"] == 4 and row["target_env_steps"] == 256 and row["env_steps"] == 64 * 64  # one rollout
     assert row["backend"] == "cpu" and row["machine"]
     out = capsys.readouterr().out
