@@ -4,7 +4,7 @@ at run time) beside success in robosuite itself, over the same number of seeded 
     python benchmarks/manipulation_parity.py [--tasks Lift PickPlaceCan NutAssemblySquare] [--episodes 200]
         [--num-envs 50] [--robosuite-envs 2] [--backends cpu robosuite]
 
-Target (issue 15, item 4c; exit code 1 when missed): the two success rates within 3 points over 200 episodes each.
+Target (exit code 1 when missed): the two success rates within 3 points over the same number of episodes.
 The episodes are not the same ones (each side draws its own placements from robosuite's distributions; Lift's
 batched cube keeps its nominal size). Writes benchmarks/results/manipulation/manipulation_parity.json (tasks run separately
 accumulate in it).

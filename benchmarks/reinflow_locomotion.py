@@ -140,7 +140,7 @@ def fine_tuning_minutes(budget_minutes: float, elapsed_s: float, eval_s: float) 
     A run stopped by its time limit still finishes its iteration, evaluates and saves it, and then
     the benchmark evaluates it once more over ``--episodes``: this keeps 2.5 times the pretrained
     policy's evaluation (``eval_s``, the same episodes) and a minute for those, so that a machine
-    with a hard limit does not cut the final evaluation (as it did to every run of one session).
+    with a hard limit does not cut the final evaluation.
     """
     left_s = budget_minutes * 60 - elapsed_s - 2.5 * eval_s - 60
     if left_s <= 0:
