@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from flowrl.config import PolicyConfig, from_dict, to_dict, validate_policy
+from flowrl.config import MIN_SELECTION_EPISODES, PolicyConfig, from_dict, to_dict, validate_policy
 from flowrl.errors import FlowrlError
 from flowrl.io import atomic_path, read_json
 from flowrl.policy import FlowPolicy
@@ -78,9 +78,9 @@ def read_config(folder: str | Path) -> dict[str, Any]:
 def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[FlowPolicy, dict[str, Any]]:
     """The policy stored in a checkpoint folder and its config.json, ready to ``predict``.
 
-    ``path`` may also be a run folder, which means its ``best`` checkpoint if it has one, else its
-    newest (:func:`resolve_checkpoint`, as every command takes it). A malformed checkpoint raises
-    :class:`FlowrlError` with one line naming the file."""
+    ``path`` may also be a run folder, which means the checkpoint :func:`resolve_checkpoint` picks (as
+    every command takes it: ``best`` when chosen on enough episodes, else the last). A malformed
+    checkpoint raises :class:`FlowrlError` with one line naming the file."""
     folder = resolve_checkpoint(path)
     config = read_config(folder)
     if not (folder / MODEL).is_file():
@@ -135,15 +135,46 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder as given, or a run folder's ``best`` checkpoint if it has one, else its newest."""
+    """A checkpoint folder as given, or the checkpoint a run folder stands for (:func:`checkpoint_choice`)."""
+    return checkpoint_choice(path)[0]
+
+
+def checkpoint_choice(path: str | Path) -> tuple[Path, str]:
+    """The checkpoint ``path`` stands for and why, in words (empty for a checkpoint folder given as such).
+
+    A run folder stands for its ``best`` checkpoint when the periodic evaluation that chose it ran at
+    least :data:`flowrl.config.MIN_SELECTION_EPISODES` episodes (recorded in ``best/config.json``), else
+    for its last (highest step) checkpoint: the best of a few short evaluations is mostly the luckiest
+    one. Every command that takes a run folder uses this rule, and the training's final table is of the
+    same checkpoint."""
     path = Path(path)
     if (path / CONFIG).is_file():
-        return path
-    if (path / "checkpoints" / "best" / CONFIG).is_file():
-        return path / "checkpoints" / "best"
+        return path, ""
     found = list_checkpoints(path)
+    best = path / "checkpoints" / "best"
+    if (best / CONFIG).is_file():
+        episodes = selection_episodes(best)
+        if episodes is not None and episodes >= MIN_SELECTION_EPISODES:
+            return best, f"`best`, chosen on {episodes} episodes per evaluation"
+        if not found:
+            return best, "`best`, the run's only checkpoint"
+        chosen_on = (f"{episodes} episodes per evaluation" if episodes is not None
+                     else "an unrecorded number of episodes")
+        return found[-1], (f"the last checkpoint: `best` was chosen on {chosen_on}, fewer than "
+                           f"{MIN_SELECTION_EPISODES}")
     if found:
-        return found[-1]
+        return found[-1], "the last checkpoint"
     if not path.exists():
         raise FlowrlError(f"checkpoint not found: {path}")
     raise FlowrlError(f"{path}: neither a checkpoint (no {CONFIG}) nor a run folder with checkpoints/")
+
+
+def selection_episodes(folder: str | Path) -> int | None:
+    """Episodes of the periodic evaluation that chose a ``best`` checkpoint (its config.json's
+    ``eval.episodes``), None when it records none."""
+    try:
+        config = json.loads((Path(folder) / CONFIG).read_text())
+        episodes = config["eval"]["episodes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return episodes if isinstance(episodes, int) and not isinstance(episodes, bool) else None

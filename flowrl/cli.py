@@ -14,11 +14,11 @@ from pathlib import Path
 
 from flowrl.errors import FlowrlError
 
-from flowrl.config import EVAL_SEED  # noqa: E402
+from flowrl.config import EVAL_SEED, MIN_SELECTION_EPISODES  # noqa: E402
 
 EPILOG = """stages:
   flowrl expert Hopper --out experts/hopper           train a Stable-Baselines3 expert (with snapshots)
-  flowrl collect experts/hopper --level medium --episodes 100 --out data/hopper-medium.hdf5
+  flowrl collect experts/hopper --level medium --episodes 100 --out data/my-hopper.hdf5
   flowrl pretrain configs/hopper/pretrain_reflow.yaml  behaviour cloning, then evaluation
   flowrl finetune configs/hopper/finetune_reflow.yaml --init runs/NAME   ReinFlow fine-tuning
   flowrl eval runs/NAME --k 1 2 4 8                    evaluate a checkpoint at several K
@@ -26,7 +26,15 @@ EPILOG = """stages:
   flowrl describe runs/NAME                            observation layout, action bounds, policy of a checkpoint
   flowrl plot runs/A runs/B --out curves.png           learning curves of runs (mean and spread over seeds)
   flowrl config describe                               every config key, its default and meaning
-"""
+
+A run folder (runs/NAME) stands for one checkpoint wherever a command takes a checkpoint: its `best`
+when the periodic evaluations that chose it ran at least {MIN_SELECTION_EPISODES} episodes each
+(train.eval_episodes), else its last. The final table of pretrain and finetune is of that checkpoint.
+""".format(MIN_SELECTION_EPISODES=MIN_SELECTION_EPISODES)
+
+RUN_FOLDER = (f"a run folder stands for its `best` checkpoint when chosen on at least {MIN_SELECTION_EPISODES} "
+              "episodes per evaluation, else for its last")
+"""How commands that take a checkpoint read a run folder (flowrl.checkpoint.checkpoint_choice)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="behaviour cloning of a flow policy on demonstrations",
                          description="Behaviour cloning of a flow or shortcut policy on demonstrations, with "
-                         "periodic evaluation, checkpoints, TensorBoard logs and a final evaluation table.")
+                         "periodic evaluation, checkpoints, TensorBoard logs and a final evaluation table of the "
+                         f"checkpoint the run folder stands for ({RUN_FOLDER}; the one `flowrl eval RUN` takes).")
     pre.add_argument("config", nargs="?", help="YAML preset (only overrides of the defaults; see `flowrl config "
                      "describe`); optional with --resume, which reads the run's own config.yaml")
     pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 policy.head=shortcut")
@@ -53,11 +62,13 @@ def _parser() -> argparse.ArgumentParser:
                         "reinflow (PPO over the flow's Euler chain with injected noise, in simulation) or mle "
                         "(maximum likelihood of the policy's own K-step reconstructions of demonstrations). "
                         "Periodic evaluation of the deterministic policy, best and last checkpoints, TensorBoard "
-                        "logs, a final evaluation table.")
+                        "logs, a final evaluation table of the checkpoint the run folder stands for "
+                        f"({RUN_FOLDER}; the one `flowrl eval RUN` takes).")
     ft.add_argument("config", nargs="?", help="YAML preset (see `flowrl config describe finetune`); optional with "
                     "--resume, which reads the run's own config.yaml (its init included)")
     ft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_envs=512")
-    ft.add_argument("--init", help="pretrained checkpoint (or run folder) to start from (same as init=PATH)")
+    ft.add_argument("--init", help="pretrained checkpoint or run folder to start from (same as init=PATH; "
+                    f"{RUN_FOLDER})")
     ft.add_argument("--env-steps", type=int, help="env-step budget of online algorithms (same as train.env_steps=N)")
     ft.add_argument("--steps", type=int, help="gradient-step budget of offline algorithms such as mle (same as "
                     "train.steps=N); for ReinFlow a deprecated spelling of --env-steps")
@@ -68,9 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint at several K",
-                        description="Evaluate the deterministic policy of a checkpoint (or of a run folder's "
-                        "latest checkpoint) at each K; prints a table and writes eval.json in the run folder.")
-    ev.add_argument("checkpoint", help="checkpoint folder or run folder")
+                        description="Evaluate the deterministic policy of a checkpoint at each K; prints a table "
+                        "and writes eval.json in the run folder. A run folder means its `best` checkpoint when the "
+                        f"periodic evaluations that chose it ran at least {MIN_SELECTION_EPISODES} episodes each "
+                        "(train.eval_episodes), else its last: the checkpoint of the training's final table.")
+    ev.add_argument("checkpoint", help=f"checkpoint folder or run folder ({RUN_FOLDER})")
     ev.add_argument("--episodes", type=int, default=10, help="episodes per K (default 10)")
     ev.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8],
                     help="numbers of Euler steps K to evaluate (default 1 2 4 8)")
@@ -98,13 +111,17 @@ def _parser() -> argparse.ArgumentParser:
                         description="What a checkpoint expects and produces: its task, its policy (head, K, chunk, "
                         "history, parameters), the observation's named parts in order with their indices, and the "
                         "action's dimensions with their bounds; what a robot or another simulator must feed it.")
-    de.add_argument("checkpoint", help="checkpoint folder or run folder")
+    de.add_argument("checkpoint", help=f"checkpoint folder or run folder ({RUN_FOLDER})")
     de.add_argument("--json", action="store_true", help="print it as JSON")
 
     pl = sub.add_parser("plot", help="learning curves of run folders as a PNG",
                         description="Learning curves from the run folders' TensorBoard logs: evaluation return, "
                         "success rate and training return against steps or wall-clock, several runs in one "
-                        "figure; runs whose configs differ only in seed are drawn as their mean and min-max band.")
+                        "figure. Runs whose configs differ only in seed are drawn as their mean with a band of one "
+                        "standard deviation over seeds; a single run's evaluations with a band of one standard "
+                        "deviation over their episodes. The demonstrations' mean return (recorded in the "
+                        "checkpoints, or in those of the checkpoint a fine-tuning started from) is a dashed line, "
+                        "and return axes include 0 and that line.")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
     pl.add_argument("--out", help="PNG to write (default: RUN/curves.png for one run, curves.png for several)")
     pl.add_argument("--x", default="env_steps", choices=["env_steps", "wall_clock"],
@@ -141,7 +158,9 @@ def _parser() -> argparse.ArgumentParser:
                         description="Roll an expert (flowrl expert folder) or a flowrl checkpoint out into an "
                         "HDF5 dataset of our layout.")
     co.add_argument("source", help="expert folder, policy checkpoint, or `scripted` (robosuite tasks; needs --task)")
-    co.add_argument("--out", required=True, help="dataset file to write (.hdf5)")
+    co.add_argument("--out", required=True, help="dataset file to write (.hdf5); an existing file is kept "
+                    "unless --force")
+    co.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     co.add_argument("--level", default="expert", help="expert folders: medium, expert or a snapshot step")
     co.add_argument("--episodes", type=int, default=100)
     co.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise (default 0)")
@@ -172,7 +191,12 @@ def _parser() -> argparse.ArgumentParser:
     desc.add_argument("stage", nargs="?", default="pretrain", choices=["pretrain", "finetune"])
     desc.add_argument("--algo", help="the algorithm whose train.* keys to list (default: the stage's default)")
     show = cf.add_parser("show", help="the resolved config of a preset plus overrides (pretrain or finetune, "
-                         "told apart by the algo it names or by its data section)")
+                         "told apart by the algo it names or by its data section); keys given only when the "
+                         "stage runs, such as a fine-tuning's init (--init RUN), are shown as ??? (unset)",
+                         description="The resolved config of a preset plus key=value overrides, as YAML. Keys "
+                         "given only when the stage runs, such as a fine-tuning's init (--init RUN), are shown "
+                         "as ??? (unset) unless an override sets them; the device is not checked against this "
+                         "machine.")
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
     _deploy_parsers(sub)
@@ -188,7 +212,7 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
                         "act_dim) in env units (pixel policies: also one uint8 input image_<camera> (batch, obs_history, "
                         "size, size, 3) per camera); writes OUT and OUT.json (task, dims, K, chunking, bounds, version). "
                         "The export is checked against eager on random inputs and refused above 1e-4.")
-    xp.add_argument("checkpoint", help="checkpoint folder or run folder")
+    xp.add_argument("checkpoint", help=f"checkpoint folder or run folder ({RUN_FOLDER})")
     xp.add_argument("--format", required=True, choices=["onnx", "torch-export"], help="onnx (ONNX Runtime, C++ "
                     "controllers) or torch-export (a .pt2 torch.export program)")
     xp.add_argument("--out", required=True, help="file to write (e.g. policy.onnx or policy.pt2)")
@@ -200,7 +224,8 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
                         "of a task behind the robot interface: receding horizon over act_steps, deadline accounting "
                         "(a chunk not ready by the deadline holds the last action and counts a miss), optional "
                         "asynchronous inference; prints the latency table (p50, p99, max) and each episode's return.")
-    ds.add_argument("checkpoint", help="checkpoint or run folder (eager), or an exported .onnx / .pt2 file")
+    ds.add_argument("checkpoint", help=f"checkpoint or run folder (eager; {RUN_FOLDER}), or an exported .onnx / "
+                    ".pt2 file")
     ds.add_argument("--task", help="task to simulate (default: the policy's own)")
     ds.add_argument("--rate", type=float, required=True, help="control rate in Hz")
     ds.add_argument("--episodes", type=int, default=1, help="episodes to run (default 1)")
@@ -219,7 +244,8 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
                         "Health): observation histories in, action chunks in env units out; typed messages, no "
                         "pickle. Bad requests get INVALID_ARGUMENT or NOT_FOUND and the server keeps serving; one "
                         "log line per client. Ctrl-C stops it.")
-    sv.add_argument("policy", help="checkpoint or run folder (eager), or an exported .onnx / .pt2 file")
+    sv.add_argument("policy", help=f"checkpoint or run folder (eager; {RUN_FOLDER}), or an exported .onnx / .pt2 "
+                    "file")
     sv.add_argument("--port", type=int, default=50151, help="TCP port (default 50151; 0 picks a free one)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for "
                     "every interface)")
@@ -304,7 +330,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from flowrl.checkpoint import load_policy, resolve_checkpoint
+    from flowrl.checkpoint import checkpoint_choice, load_policy
     from flowrl.evaluation import Evaluator
     from flowrl.run import append_eval, format_eval_table
 
@@ -317,9 +343,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         ks = args.steps
     if args.episodes < 1 or any(k < 1 for k in ks):
         raise FlowrlError("--episodes and --k must be >= 1")
-    folder = resolve_checkpoint(args.checkpoint)
-    if Path(args.checkpoint).resolve() != folder.resolve():
-        print(f"evaluating {folder}", file=sys.stderr)
+    folder, why = checkpoint_choice(args.checkpoint)
+    if why:
+        print(f"evaluating {folder} ({why})", file=sys.stderr)
     policy, config = load_policy(folder, args.device if args.device != "auto" else _auto_device())
     task = config.get("task")
     if not task:
@@ -367,6 +393,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
     from flowrl.plot import plot_runs, summary
 
     out = args.out or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 else "curves.png")
+    output_file(out)
     drawn = plot_runs(args.runs, out, args.x)
     print(summary(drawn["runs"]))
     print(f"wrote {drawn['out']} ({', '.join(drawn['panels'])}; {len(drawn['groups'])} curve(s) from "
@@ -408,9 +435,31 @@ def cmd_expert(args: argparse.Namespace) -> None:
     print(f"expert: step {manifest['expert']}, medium: step {manifest['medium']}  ({out}/expert.json)")
 
 
+def output_file(path: str, flag: str = "--out", force: bool = True) -> None:
+    """Refuse, before any work, an output file that cannot be written (its folder cannot be made or
+    written to, or it is a folder) or, without ``force``, one that exists: one line naming the path."""
+    import tempfile
+
+    target = Path(path)
+    if target.is_dir():
+        raise FlowrlError(f"{flag} {path}: is a folder; give a file path")
+    if target.exists() and not force:
+        raise FlowrlError(f"{flag} {path}: exists; pass --force to overwrite it, or choose another {flag}")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the folders that do not exist yet are made when the file is written
+    if not parent.is_dir():
+        raise FlowrlError(f"{flag} {path}: cannot be written ({parent} is not a folder)")
+    try:
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise FlowrlError(f"{flag} {path}: cannot write in {parent} ({e.strerror or type(e).__name__})") from None
+
+
 def cmd_collect(args: argparse.Namespace) -> None:
     from flowrl.registry import tool
 
+    output_file(args.out, force=args.force)
     data = tool("collect")(args.source, args.out, episodes=args.episodes, noise=args.noise, seed=args.seed,
                    level=args.level, task=args.task, num_envs=args.num_envs, backend=args.backend,
                    created_by="flowrl " + shlex.join(args.argv), fmt=args.format,
@@ -422,7 +471,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from flowrl.config import describe, detect_stage, load_stage_config, stage_schema, to_yaml
+    from flowrl.config import describe, detect_stage, load_stage_config, stage_schema
     from flowrl.registry import DEFAULT_ALGO, agents
 
     if args.config_command == "describe":
@@ -434,12 +483,33 @@ def cmd_config(args: argparse.Namespace) -> None:
             print(f"{key:<30} {default:<12} {doc}")
     else:
         stage = detect_stage(args.config, args.overrides)
-        print(to_yaml(load_stage_config(stage, [args.config], args.overrides)), end="")
+        cfg = load_stage_config(stage, [args.config], args.overrides, for_run=False)
+        text, unset = run_time_unset(cfg, stage)
+        if unset:
+            print(f"# unset, given when the {stage} runs: " + ", ".join(unset))
+        print(text, end="")
+
+
+def run_time_unset(cfg: object, stage: str) -> tuple[str, list[str]]:
+    """A resolved config as YAML with the keys a preset leaves to the command line and that are not set
+    (``init``, the CLI's --init) shown as ``???``, OmegaConf's mark for a value still missing; and
+    those keys, each with where its value comes from."""
+    from omegaconf import OmegaConf
+
+    from flowrl.config import RUN_TIME_KEYS
+
+    node = OmegaConf.structured(cfg)
+    unset = [key for key in RUN_TIME_KEYS[stage] if not OmegaConf.select(node, key)]
+    for key in unset:
+        OmegaConf.update(node, key, "???")
+    sources = {"init": "init (the pretrained checkpoint: --init RUN)"}
+    return OmegaConf.to_yaml(node), [sources.get(key, key) for key in unset]
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from flowrl.deploy.export import export, metadata_path
 
+    output_file(args.out)
     meta = export(args.checkpoint, args.out, args.format, args.k)
     print(f"wrote {args.out} ({args.format}, K={meta['num_steps']}, {meta['head']} head, obs "
           f"({meta['obs_history']}, {meta['obs_dim']}) -> actions ({meta['horizon']}, {meta['act_dim']})) and "
@@ -501,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "device", None) is not None:  # eval, expert, collect: before any work starts
+            from flowrl.config import check_device
+
+            check_device(args.device)
         COMMANDS[args.command](args)
     except FlowrlError as e:
         print(f"flowrl: error: {e}", file=sys.stderr)

@@ -26,6 +26,11 @@ T = TypeVar("T")
 EVAL_SEED = 100000
 """Env i of an evaluation is seeded ``EVAL_SEED + i`` unless told otherwise (``eval.seed``, ``flowrl eval --seed``)."""
 
+MIN_SELECTION_EPISODES = 20
+"""Fewest episodes per periodic evaluation for the ``best`` checkpoint they choose to stand for its run
+folder (:func:`flowrl.checkpoint.resolve_checkpoint`): with fewer, the highest of several noisy
+evaluations is mostly the luckiest, and the run folder means its last checkpoint."""
+
 
 @dataclass
 class PolicyConfig:
@@ -90,7 +95,10 @@ class LoopConfig:
     """Evaluate the deterministic policy every N iterations and after the last (0: never while training, the
     starting policy included; the CLI's final evaluation is separate: --no-eval)."""
     eval_episodes: int = 10
-    """Episodes of each periodic evaluation (their seeds are disjoint from `flowrl eval`'s)."""
+    """Episodes of each periodic evaluation (their seeds are disjoint from `flowrl eval`'s). The best of
+    these evaluations is saved as checkpoints/best; the run folder stands for it (in `flowrl eval RUN`,
+    describe, export, --init and the final table) only with at least 20 episodes each, else for the
+    last checkpoint."""
     checkpoint_every: int = 10
     """Save a checkpoint every N iterations (and at the end)."""
     stop_at_score: Optional[float] = None
@@ -215,11 +223,14 @@ def _validate_task(task: str) -> None:
         fail("task", str(e))
 
 
-def validate_pretrain(cfg: PretrainConfig) -> None:
+def validate_pretrain(cfg: PretrainConfig, for_run: bool = True) -> None:
+    """Reject bad values; ``for_run=False`` (``flowrl config show``) skips what only a run needs (a usable
+    device on this machine)."""
     _validate_task(cfg.task)
     if cfg.seed < 0:
         fail("seed", f"must be >= 0, got {cfg.seed}")
-    validate_device(cfg.device)
+    if for_run:
+        validate_device(cfg.device)
     validate_policy(cfg.policy)
     cfg.train.validate()
     validate_eval(cfg.eval)
@@ -227,12 +238,15 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         fail("data.max_episodes", f"must be >= 0, got {cfg.data.max_episodes}")
 
 
-def validate_finetune(cfg: FinetuneConfig) -> None:
-    if not cfg.init:
+def validate_finetune(cfg: FinetuneConfig, for_run: bool = True) -> None:
+    """Reject bad values; ``for_run=False`` (``flowrl config show``) skips what only a run needs (the
+    pretrained checkpoint, given at run time with --init, and a usable device on this machine)."""
+    if for_run and not cfg.init:
         fail("init", "the pretrained checkpoint is required (--init PATH)")
     if cfg.task:
         _validate_task(cfg.task)
-    validate_device(cfg.device)
+    if for_run:
+        validate_device(cfg.device)
     cfg.train.validate()
     validate_eval(cfg.eval)
 
@@ -252,17 +266,43 @@ def validate_eval(e: EvalConfig, prefix: str = "eval.") -> None:
     validate_backend(e.backend, f"{prefix}backend")
 
 
-def validate_device(device: str) -> None:
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot be used by this torch on this machine (one line), or None when it can:
+    not a torch device, CUDA asked of a CPU-only build or of a machine without a visible GPU, a
+    CUDA index beyond the GPUs present, MPS where there is none. ``auto`` always can."""
     import torch
 
     if device == "auto":
-        return
+        return None
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        fail("device", f"not a torch device: '{device}'")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        fail("device", f"'{device}' asked for but CUDA is not available")
+    except (RuntimeError, TypeError):
+        return "not a torch device (cpu, cuda, cuda:N, mps or auto)"
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            return f"this torch ({torch.__version__}) has no CUDA; use cpu (or auto), or install a CUDA build of torch"
+        if not torch.cuda.is_available():
+            return "CUDA is not available on this machine (no GPU visible to torch); use cpu (or auto)"
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            return f"this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available on this machine; use cpu (or auto)"
+    return None
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """A command-line device that cannot be used: one line naming the flag and the value."""
+    problem = device_problem(device)
+    if problem:
+        raise FlowrlError(f"{flag} {device}: {problem}")
+
+
+def validate_device(device: str) -> None:
+    """A config's ``device`` key that cannot be used: one line naming the key."""
+    problem = device_problem(device)
+    if problem:
+        fail("device", f"'{device}': {problem}")
 
 
 def resolve_device(device: str) -> "Any":
@@ -310,14 +350,57 @@ def _algo_of(layers: list[Any]) -> str | None:
     return algo
 
 
+RUN_TIME_KEYS = {"pretrain": (), "finetune": ("init",)}
+"""Keys a stage's presets leave to the command line (``flowrl finetune CONFIG --init RUN``):
+``flowrl config show`` prints them as unset (``???``)."""
+
+
 def load_stage_config(stage: str, presets: list[str | Path] | str | Path | None = None,
-                      overrides: list[str] | tuple[str, ...] = ()) -> Any:
+                      overrides: list[str] | tuple[str, ...] = (), for_run: bool = True) -> Any:
     """A stage's config (``pretrain`` or ``finetune``): defaults, presets (later ones win) and overrides
-    merged, with the ``train`` section of the algorithm they name; validated."""
+    merged, with the ``train`` section of the algorithm they name; validated (``for_run=False``: without
+    what only a run needs, :data:`RUN_TIME_KEYS` and a usable device). A preset of the other stage is
+    one line saying so and naming the command that takes it."""
     layers = _layers(presets, overrides)
-    cfg = _merge(stage_schema(stage, _algo_of(layers)), layers)
-    (validate_pretrain if stage == "pretrain" else validate_finetune)(cfg)
+    algo = _algo_of(layers)
+    other = "finetune" if stage == "pretrain" else "pretrain"
+    if algo is not None and _stage_of_algo(algo) == other:
+        _wrong_stage(stage, presets, f"algo: {algo}")
+    try:
+        cfg = _merge(stage_schema(stage, algo), layers)
+    except FlowrlError:
+        preset_layers = layers[:-1] or layers  # the last layer holds the command line's overrides
+        if algo is None and _fits(other, preset_layers):  # the presets' keys are the other stage's
+            _wrong_stage(stage, presets)
+        raise
+    (validate_pretrain if stage == "pretrain" else validate_finetune)(cfg, for_run)
     return cfg
+
+
+def _stage_of_algo(algo: str) -> str | None:
+    from flowrl.registry import agents
+
+    stages = [stage for stage in STAGE_CONFIGS if algo in agents(stage)]
+    return stages[0] if len(stages) == 1 else None
+
+
+def _fits(stage: str, layers: list[Any]) -> bool:
+    """Whether ``layers`` merge into ``stage``'s schema (its default algorithm) without an unknown key
+    or a wrong type."""
+    try:
+        _merge(stage_schema(stage), layers)
+    except FlowrlError:
+        return False
+    return True
+
+
+def _wrong_stage(stage: str, presets: Any, evidence: str = "") -> None:
+    other = "finetune" if stage == "pretrain" else "pretrain"
+    names = [str(p) for p in (presets if isinstance(presets, list) else [presets] if presets else [])]
+    what = " + ".join(names) if names else "the overrides"
+    command = f"flowrl {other} {' '.join(names) or 'CONFIG'}" + (" --init RUN" if other == "finetune" else "")
+    raise FlowrlError(f"{what} is a {other} config" + (f" ({evidence})" if evidence else "")
+                      + f", not a {stage} one: run it with `{command}`")
 
 
 def load_config(schema: type[T], preset: str | Path | None = None, overrides: list[str] = ()) -> T:
@@ -353,7 +436,7 @@ def _layers(presets: list[str | Path] | str | Path | None, overrides: list[str] 
         try:
             layers.append(OmegaConf.load(path))
         except Exception as e:  # yaml.YAMLError and friends
-            raise FlowrlError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+            raise FlowrlError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
         if not OmegaConf.is_dict(layers[-1]):
             raise FlowrlError(f"{path}: must hold a mapping of keys to values")
     for item in overrides:
@@ -364,6 +447,25 @@ def _layers(presets: list[str | Path] | str | Path | None, overrides: list[str] 
     except OmegaConfBaseException as e:
         raise FlowrlError(f"overrides: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
     return layers
+
+
+def yaml_problem(e: BaseException) -> str:
+    """PyYAML's error in one line with its line and column (1-based, as editors count): ``line 3, column
+    5: mapping values are not allowed here``; ``(while scanning a quoted scalar that starts at line 2,
+    column 7)`` follows where PyYAML names what it was reading."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if not problem:
+        lines = str(e).strip().splitlines()
+        return lines[0] if lines else type(e).__name__
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    text = f"{where}{problem}"
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        at = (f" that starts at line {context_mark.line + 1}, column {context_mark.column + 1}"
+              if context_mark is not None else "")
+        text += f" ({context}{at})"
+    return text
 
 
 def _merge(schema: type[T], layers: list[Any]) -> T:

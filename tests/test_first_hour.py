@@ -1,6 +1,10 @@
-"""A new user's first hour (issue 14): malformed checkpoints give one line, the Python API takes run
-folders like the CLI, checkpoints describe their observation layout, runs plot without TensorBoard,
-and videos show one whole episode, in real time, from a camera that follows the robot."""
+"""A new user's first hour: every mistake is one line and exit 2 (malformed checkpoints, an unusable
+--device, an unwritable --out, a malformed YAML with its line and column, a preset of the other stage, a
+busy port); a run folder stands for one checkpoint everywhere, the final table's included; the Python API
+takes run folders like the CLI; checkpoints describe their observation layout; runs plot without
+TensorBoard, with spread, demonstrations and an honest axis; `config show` takes every shipped preset;
+nothing shipped is overwritten by the help's examples; and videos show one whole episode, in real time,
+from a camera that follows the robot."""
 
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ def checkpoint(tmp_path: Path) -> Path:
     return folder
 
 
-# -- malformed checkpoints: one line, exit 2 (item 10) ---------------------------------------------------
+# -- malformed checkpoints: one line, exit 2 ----------------------------------------------------------------
 @pytest.mark.parametrize("content, fragment", [
     ("[1, 2, 3]", "a JSON list"),
     ('"just a string"', "a JSON str"),
@@ -114,11 +118,11 @@ def test_resume_from_garbage_train_state_is_one_line(capsys, tiny_run: Path, tmp
     assert "Traceback" not in err
 
 
-# -- the Python API takes run folders like the CLI (item 7) ---------------------------------------------
+# -- the Python API takes run folders like the CLI ------------------------------------------------------
 def test_load_policy_takes_a_run_folder(tiny_run: Path) -> None:
-    policy, config = load_policy(tiny_run)  # best if it has one, else the newest: as `flowrl eval RUN`
+    policy, config = load_policy(tiny_run)  # as `flowrl eval RUN`: `best` chosen on 2 episodes is not used
     assert (tiny_run / "checkpoints" / "best").is_dir()
-    same, _ = load_policy(tiny_run / "checkpoints" / "best")
+    same, _ = load_policy(tiny_run / "checkpoints" / "30")
     for (k, a), (_, b) in zip(policy.state_dict().items(), same.state_dict().items()):
         assert torch.equal(a, b), k
     assert config["task"] == "Hopper"
@@ -126,7 +130,7 @@ def test_load_policy_takes_a_run_folder(tiny_run: Path) -> None:
         load_policy(tiny_run / "no-such-folder")
 
 
-# -- observation layout (item 11) ------------------------------------------------------------------------
+# -- observation layout ---------------------------------------------------------------------------------
 def test_checkpoints_record_their_observation_layout(tiny_run: Path) -> None:
     from flowrl.envs import resolve_task
 
@@ -178,7 +182,7 @@ def test_describe_robosuite_layout_names_order_and_indices(tmp_path: Path) -> No
         describe_checkpoint(bad)
 
 
-# -- flowrl plot (item 11) --------------------------------------------------------------------------------
+# -- flowrl plot ----------------------------------------------------------------------------------------
 def test_plot_one_run(capsys, tiny_run: Path, tmp_path: Path) -> None:
     out_png = tmp_path / "curves.png"
     code, out, err = run_cli(capsys, "plot", tiny_run, "--out", out_png)
@@ -222,7 +226,7 @@ def test_plot_errors_are_one_line(capsys, tmp_path: Path, tiny_run: Path, monkey
     assert_one_line_error(code, err, "matplotlib", "bench")
 
 
-# -- videos (items 2, 3) ---------------------------------------------------------------------------------
+# -- videos ---------------------------------------------------------------------------------------------
 def test_frame_stride_plays_in_real_time() -> None:
     from flowrl.video import frame_stride
 
@@ -368,3 +372,301 @@ def test_cli_eval_per_episode(capsys, checkpoint: Path, monkeypatch) -> None:
     assert code == 0 and "K=1: 2 failed episode(s), env seeds 100000 100002" in out and "K=4: 2 failed" in out
     code, out, _ = run_cli(capsys, "eval", checkpoint, "--episodes", "3", "--k", "1")
     assert "failed episode" not in out
+
+
+# -- an unusable --device: one line, exit 2, for every command that takes one ------------------------------
+@pytest.fixture()
+def cpu_only_torch(monkeypatch) -> None:
+    """As on a CPU-only build of torch, whatever this machine has."""
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_cuda_on_a_cpu_only_torch_is_one_line(capsys, checkpoint: Path, tmp_path: Path, cpu_only_torch) -> None:
+    out = tmp_path / "demos.hdf5"
+    for command in (["eval", checkpoint, "--device", "cuda"],
+                    ["collect", "scripted", "--task", "robosuite/Lift", "--backend", "warp", "--device", "cuda",
+                     "--episodes", "2", "--out", out],
+                    ["collect", checkpoint, "--device", "cuda:0", "--episodes", "2", "--out", out],
+                    ["expert", "Hopper", "--device", "cuda", "--out", tmp_path / "expert"]):
+        code, _, err = run_cli(capsys, *command)
+        device = command[command.index("--device") + 1]
+        assert_one_line_error(code, err, f"--device {device}: this torch", "has no CUDA", "cpu")
+    assert not out.exists() and not (tmp_path / "expert").exists()
+    code, _, err = run_cli(capsys, "eval", checkpoint, "--device", "gpu")
+    assert_one_line_error(code, err, "--device gpu: not a torch device")
+
+
+def test_device_beyond_the_gpus_present_is_one_line(capsys, checkpoint: Path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, _, err = run_cli(capsys, "eval", checkpoint, "--device", "cuda:3")
+    assert_one_line_error(code, err, "--device cuda:3", "1 CUDA device(s)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CUDA build on a machine without a GPU
+    code, _, err = run_cli(capsys, "eval", checkpoint, "--device", "cuda")
+    assert_one_line_error(code, err, "--device cuda", "no GPU visible")
+
+
+def test_config_device_on_a_cpu_only_torch_is_one_line(capsys, hopper_dataset: Path, tmp_path: Path,
+                                                       cpu_only_torch) -> None:
+    code, _, err = run_cli(capsys, "pretrain", REPO / "configs" / "quickstart.yaml", f"data.path={hopper_dataset}",
+                           "device=cuda", "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "config: device: 'cuda'", "has no CUDA")
+    assert not (tmp_path / "run").exists()
+
+
+# -- an output that cannot be written: one line naming it, before any work --------------------------------
+def test_export_to_an_unwritable_path_is_one_line(capsys, checkpoint: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    targets = [blocker / "h.onnx"] + ([Path("/proc/nope/h.onnx")] if Path("/proc/self").is_dir() else [])
+    for target in targets:
+        code, _, err = run_cli(capsys, "export", checkpoint, "--format", "onnx", "--out", target)
+        assert_one_line_error(code, err, f"--out {target}: cannot")
+    code, _, err = run_cli(capsys, "export", checkpoint, "--format", "onnx", "--out", tmp_path)
+    assert_one_line_error(code, err, f"--out {tmp_path}: is a folder")
+    code, _, err = run_cli(capsys, "plot", checkpoint.parent.parent, "--out", blocker / "curves.png")
+    assert_one_line_error(code, err, "curves.png: cannot")
+
+
+# -- collect keeps an existing file unless --force; the help's examples write nothing shipped ---------------
+def test_collect_keeps_an_existing_file_unless_forced(capsys, checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demos.hdf5"
+    out.write_bytes(b"precious")
+    code, _, err = run_cli(capsys, "collect", checkpoint, "--episodes", "2", "--num-envs", "2", "--out", out)
+    assert_one_line_error(code, err, f"--out {out}: exists", "--force")
+    assert out.read_bytes() == b"precious"
+    code, stdout, err = run_cli(capsys, "collect", checkpoint, "--episodes", "2", "--num-envs", "2", "--out", out,
+                                "--force")
+    assert code == 0, err
+    assert f"wrote {out}: 2 episodes" in stdout and out.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+
+
+def test_help_examples_write_nothing_shipped(capsys) -> None:
+    import re
+    import subprocess
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    outs = re.findall(r"--out (\S+)", help_text)
+    assert any(o.endswith(".hdf5") for o in outs), help_text  # the collect example is there
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    shipped = set(tracked) or {str(p.relative_to(REPO)) for p in (REPO / "data").rglob("*") if p.is_file()}
+    for out in outs:
+        assert out not in shipped and not (REPO / out).is_file(), f"`flowrl --help` example overwrites {out}"
+
+
+def test_the_readme_export_folder_is_ignored_by_git() -> None:
+    import subprocess
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("deploy/hopper.onnx", "deploy/hopper.onnx.json"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
+        assert ignored.returncode == 0, f"{path} is not git-ignored"
+    kept = subprocess.run(["git", "check-ignore", "-q", "flowrl/deploy/server.py"], cwd=REPO)
+    assert kept.returncode == 1  # the package's own deploy module stays tracked
+
+
+# -- config files: line and column of a YAML mistake; a preset of the other stage ---------------------------
+@pytest.mark.parametrize("text, where", [
+    ("task: Hopper\ndata: [unclosed\ntrain: {}\n", "line 3, column 6"),
+    ("task: Hopper\n  data: x\n", "line 2, column 7"),
+    ("task: 'Hopper\n", "line 2, column 1"),
+])
+def test_malformed_yaml_names_line_and_column(capsys, tmp_path: Path, text: str, where: str) -> None:
+    import yaml
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(yaml.YAMLError) as raised:
+        yaml.safe_load(text)
+    mark = raised.value.problem_mark  # PyYAML's own position, 0-based
+    assert where == f"line {mark.line + 1}, column {mark.column + 1}"
+    for command in (["pretrain", bad], ["config", "show", bad]):
+        code, _, err = run_cli(capsys, *command)
+        assert_one_line_error(code, err, f"{bad}: not valid YAML: {where}: ")
+
+
+def test_a_preset_of_the_other_stage_says_which_command_takes_it(capsys, tmp_path: Path, checkpoint: Path) -> None:
+    finetune = REPO / "configs" / "hopper" / "finetune_reflow.yaml"
+    code, _, err = run_cli(capsys, "pretrain", finetune, "--out", tmp_path / "a")
+    assert_one_line_error(code, err, f"{finetune} is a finetune config, not a pretrain one",
+                          f"flowrl finetune {finetune} --init RUN")
+    mle = REPO / "configs" / "hopper" / "finetune_mle.yaml"
+    code, _, err = run_cli(capsys, "pretrain", mle, "--out", tmp_path / "b")
+    assert_one_line_error(code, err, "is a finetune config (algo: mle)", "flowrl finetune")
+    pretrain = REPO / "configs" / "hopper" / "pretrain_reflow.yaml"
+    code, _, err = run_cli(capsys, "finetune", pretrain, "--init", checkpoint, "--out", tmp_path / "c")
+    assert_one_line_error(code, err, f"{pretrain} is a pretrain config, not a finetune one",
+                          f"flowrl pretrain {pretrain}")
+    assert not any((tmp_path / n).exists() for n in "abc")
+    # a typo in a preset of the right stage is still named as such
+    code, _, err = run_cli(capsys, "pretrain", pretrain, "train.stepz=3")
+    assert_one_line_error(code, err, "train.stepz", "not in 'BCConfig'")
+
+
+# -- flowrl config show takes every shipped preset ---------------------------------------------------------
+@pytest.mark.parametrize("preset", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def test_config_show_takes_every_shipped_preset(capsys, preset: str, cpu_only_torch) -> None:
+    from omegaconf import OmegaConf
+
+    code, out, err = run_cli(capsys, "config", "show", REPO / preset)
+    assert code == 0, err
+    shown = OmegaConf.create(out)
+    preset_cfg = OmegaConf.load(REPO / preset)
+    assert shown.task == preset_cfg.get("task", shown.task) and shown.algo
+    for key, value in OmegaConf.to_container(preset_cfg.get("train", {})).items():
+        assert shown.train[key] == value, key  # the preset's own values, resolved
+    if "data" in shown:  # pretraining: no key left to the command line
+        assert not out.startswith("#")
+    else:  # fine-tuning: the pretrained checkpoint comes from --init at run time
+        assert out.startswith("# unset, given when the finetune runs: init") and OmegaConf.is_missing(shown, "init")
+        code, out, _ = run_cli(capsys, "config", "show", REPO / preset, "init=runs/pretrained")
+        assert code == 0 and OmegaConf.create(out).init == "runs/pretrained" and not out.startswith("#")
+
+
+# -- flowrl serve on a busy port: its own line only ----------------------------------------------------------
+def test_serve_on_a_busy_port_is_one_line(capfd, checkpoint: Path) -> None:
+    pytest.importorskip("grpc")
+    pytest.importorskip("grpc_tools")
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", str(checkpoint), "--port", str(port)])
+    _, err = capfd.readouterr()  # file-descriptor level: gRPC's C core would write here
+    assert_one_line_error(code, err, f"cannot listen on 127.0.0.1:{port}: the port is in use", "--port 0")
+
+
+# -- MuJoCo's settotalmass deprecation, from gymnasium's HalfCheetah model ----------------------------------
+def test_halfcheetah_loads_without_mujoco_deprecation_warnings() -> None:
+    import os
+    import subprocess
+
+    code = ("from flowrl.envs import make\n"
+            "for backend in ('cpu', 'gymnasium'):\n"
+            "    env = make('HalfCheetah', 2, backend=backend); env.reset(seed=0); env.close()\n"
+            "print('made')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0 and "made" in proc.stdout, proc.stderr
+    assert "settotalmass" not in proc.stdout + proc.stderr
+
+
+def test_other_mujoco_warnings_still_show(capsys) -> None:
+    import mujoco
+
+    from flowrl.envs.tasks.base import SETTOTALMASS_DEPRECATED, quiet_settotalmass
+
+    before = mujoco.get_mju_user_warning()
+    with quiet_settotalmass():
+        handler = mujoco.get_mju_user_warning()
+        handler(SETTOTALMASS_DEPRECATED + " and will be removed")
+        handler("Nan, Inf or huge value in QACC at DOF 0")
+    assert mujoco.get_mju_user_warning() is before
+    err = capsys.readouterr().err
+    assert "settotalmass" not in err and "WARNING: Nan, Inf or huge value in QACC" in err
+
+
+# -- a run folder stands for one checkpoint: the final table's, eval's, describe's, export's -----------------
+def _final_record(run: Path) -> dict:
+    return [r for r in json.loads((run / "eval.json").read_text())["evaluations"] if r.get("stage") == "pretrain"][-1]
+
+
+def test_final_table_is_of_the_checkpoint_eval_run_takes(capsys, tiny_run: Path) -> None:
+    """Periodic evaluations of 2 episodes: `best` is kept but the run folder stands for the last checkpoint."""
+    final = _final_record(tiny_run)
+    assert final["checkpoint"] == str(tiny_run / "checkpoints" / "30") and final["step"] == 30
+    assert "fewer than 20" in final["chosen"]
+    code, out, err = run_cli(capsys, "eval", tiny_run, "--episodes", "2", "--k", "1", "--json")
+    assert code == 0 and "the last checkpoint: `best` was chosen on 2 episodes" in err
+    row = json.loads(out)["results"][0]
+    assert json.loads(out)["checkpoint"] == final["checkpoint"]
+    assert row["return_mean"] == pytest.approx(final["results"][0]["return_mean"], abs=1e-9)
+
+
+def test_best_stands_for_the_run_when_chosen_on_enough_episodes(capsys, tmp_path: Path, hopper_dataset: Path) -> None:
+    from flowrl.checkpoint import checkpoint_choice
+
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "pretrain", REPO / "configs" / "quickstart.yaml", "--steps", "20", "--out", run,
+                             "--quiet", f"data.path={hopper_dataset}", "train.eval_every=10", "train.eval_episodes=20",
+                             "train.checkpoint_every=10", "eval.episodes=3", "eval.steps=[1]", "policy.hidden_dim=32")
+    assert code == 0, err
+    best = run / "checkpoints" / "best"
+    assert checkpoint_choice(run) == (best, "`best`, chosen on 20 episodes per evaluation")
+    final = _final_record(run)
+    best_step = json.loads((best / "config.json").read_text())["step"]
+    assert final["checkpoint"] == str(best) and final["step"] == best_step
+    assert f"evaluation of {best} (step {best_step}; `best`, chosen on 20 episodes" in out
+    code, out, _ = run_cli(capsys, "eval", run, "--episodes", "3", "--k", "1", "--json")
+    assert code == 0 and json.loads(out)["results"][0]["return_mean"] == pytest.approx(
+        final["results"][0]["return_mean"], abs=1e-9)
+    from flowrl.describe import describe_checkpoint
+
+    assert describe_checkpoint(run) == describe_checkpoint(best)
+
+
+def test_checkpoint_choice_rule(tmp_path: Path) -> None:
+    from flowrl.checkpoint import checkpoint_choice, resolve_checkpoint
+
+    policy = FlowPolicy(PolicyConfig(hidden_dim=8, depth=1), 11, 3)
+    run = tmp_path / "run"
+    for step in (10, 20):
+        save_checkpoint(run / "checkpoints" / str(step), policy, {"task": "Hopper", "step": step})
+    assert checkpoint_choice(run) == (run / "checkpoints" / "20", "the last checkpoint")
+    best = run / "checkpoints" / "best"
+    for episodes, expected in ((19, run / "checkpoints" / "20"), (20, best), (256, best)):
+        save_checkpoint(best, policy, {"task": "Hopper", "step": 10, "eval": {"episodes": episodes}})
+        assert resolve_checkpoint(run) == expected, episodes
+    save_checkpoint(best, policy, {"task": "Hopper", "step": 10})  # written before the rule: no record
+    assert checkpoint_choice(run)[0] == run / "checkpoints" / "20"
+    assert "unrecorded" in checkpoint_choice(run)[1]
+    assert checkpoint_choice(best) == (best, "")  # a checkpoint folder is itself
+
+
+# -- flowrl plot: spread, demonstrations, an honest axis -------------------------------------------------------
+def test_plot_draws_spread_demonstrations_and_zero(tiny_run: Path, tmp_path: Path, hopper_episodes) -> None:
+    from matplotlib.collections import PolyCollection
+
+    from flowrl.plot import plot_runs
+
+    drawn = plot_runs([tiny_run], tmp_path / "one.png")
+    demos = float(np.mean([e["rewards"].sum() for e in hopper_episodes]))
+    assert drawn["demonstrations"] == [pytest.approx(demos)]
+    low, high = drawn["ylim"]["eval/mean_reward"]
+    assert low <= 0 < demos <= high  # the returns (~10 for this tiny policy) are not blown up to fill the panel
+    ax = drawn["figure"].axes[0]
+    assert any(isinstance(c, PolyCollection) for c in ax.collections)  # the episodes' std band
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(demos)
+    assert "demonstrations (" in dashed[0].get_label()
+
+
+def test_plot_band_of_seeds_is_their_std(tmp_path: Path) -> None:
+    from flowrl.plot import Curve, _mean_band
+
+    steps, seconds = np.array([0, 10, 20]), np.array([0.0, 1.0, 2.0])
+    curves = [Curve(steps, np.array(v, dtype=float), seconds) for v in ([1, 2, 3], [3, 4, 5], [5, 6, 10])]
+    x, mean, low, high = _mean_band(curves, "env_steps")
+    np.testing.assert_array_equal(x, steps)
+    np.testing.assert_allclose(mean, [3, 4, 6])
+    np.testing.assert_allclose(high - mean, np.std([[1, 2, 3], [3, 4, 5], [5, 6, 10]], axis=0, ddof=1))
+    np.testing.assert_allclose(mean - low, high - mean)
+
+
+def test_plot_finds_the_demonstrations_of_a_finetuning_run(tmp_path: Path) -> None:
+    from flowrl.plot import demonstrations_return
+
+    policy = FlowPolicy(PolicyConfig(hidden_dim=8, depth=1), 11, 3)
+    pre = save_checkpoint(tmp_path / "pre" / "checkpoints" / "100", policy, {"task": "Hopper",
+                                                                            "dataset_return_mean": 1643.1})
+    save_checkpoint(tmp_path / "ft" / "checkpoints" / "5000", policy, {"task": "Hopper", "init": {"path": str(pre)}})
+    assert demonstrations_return(tmp_path / "ft") == pytest.approx(1643.1)
+    save_checkpoint(tmp_path / "lone" / "checkpoints" / "1", policy, {"task": "Hopper"})
+    assert demonstrations_return(tmp_path / "lone") is None

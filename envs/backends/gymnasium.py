@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from flowrl.envs.base import BatchedEnv
+from flowrl.envs.tasks.base import quiet_settotalmass
 
 
 class GymnasiumEnv(BatchedEnv):
@@ -33,13 +34,14 @@ class GymnasiumEnv(BatchedEnv):
         kwargs = dict(make_kwargs)
         if render:
             kwargs["render_mode"] = "rgb_array"
-        self._env = gym.make_vec(
-            gym_id,
-            num_envs=num_envs,
-            vectorization_mode=vectorization,
-            vector_kwargs=dict(autoreset_mode=gym.vector.AutoresetMode.DISABLED),
-            **kwargs,
-        )
+        with quiet_settotalmass():  # gymnasium compiles its models here (in this process when sync)
+            self._env = gym.make_vec(
+                gym_id,
+                num_envs=num_envs,
+                vectorization_mode=vectorization,
+                vector_kwargs=dict(autoreset_mode=gym.vector.AutoresetMode.DISABLED),
+                **kwargs,
+            )
         self.single_observation_space = self._env.single_observation_space
         self.single_action_space = self._env.single_action_space
         self.max_episode_steps = int(gym.spec(gym_id).max_episode_steps or 0)

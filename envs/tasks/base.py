@@ -9,6 +9,9 @@ Backends hand it the simulation state as (N, ...) torch tensors and never define
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,6 +21,34 @@ import torch
 
 if TYPE_CHECKING:
     from flowrl.envs.registry import TaskInfo
+
+SETTOTALMASS_DEPRECATED = "compiler attribute 'settotalmass' is deprecated"
+"""The start of MuJoCo 4's warning about gymnasium's half_cheetah.xml (``<compiler settotalmass=...>``)."""
+
+
+@contextmanager
+def quiet_settotalmass() -> Iterator[None]:
+    """While inside, MuJoCo's warning that the compiler attribute ``settotalmass`` is deprecated is
+    dropped. Gymnasium's HalfCheetah model sets it and MuJoCo 4 warns at every compile of that model,
+    on the C library's stdout (into ``--json`` output too) with nothing a user can change; the model
+    still compiles to the same masses. Any other MuJoCo warning goes on to the handler that was
+    installed before, or to stderr as ``WARNING: ...`` when there was none (MuJoCo's default)."""
+    previous = mujoco.get_mju_user_warning()
+
+    def handler(message: str) -> None:
+        if message.startswith(SETTOTALMASS_DEPRECATED):
+            return
+        if previous is not None:
+            previous(message)
+        else:
+            print(f"WARNING: {message}", file=sys.stderr)
+
+    mujoco.set_mju_user_warning(handler)
+    try:
+        yield
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
 
 State = dict[str, torch.Tensor]
 """qpos (N, nq), qvel (N, nv) and the derived fields a task asks for, e.g. xpos (N, nbody, 3)."""
@@ -63,7 +94,8 @@ class MujocoTask:
         raise NotImplementedError
 
     def load_model(self) -> mujoco.MjModel:
-        model = mujoco.MjModel.from_xml_path(self.model_path())
+        with quiet_settotalmass():
+            model = mujoco.MjModel.from_xml_path(self.model_path())
         if self.solver == "newton":
             model.opt.solver = int(mujoco.mjtSolver.mjSOL_NEWTON)
         return model

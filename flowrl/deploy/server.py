@@ -193,6 +193,41 @@ class PolicyService:
         return pb2.HealthReply(status=pb2.HealthReply.SERVING, policies=sorted(self.policies))
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, as one line, an address the server cannot listen on: a port in use, a host that is not
+    an address of this machine or that does not resolve, a port below 1024 without the right. Binds
+    a plain socket as gRPC would (SO_REUSEADDR, so a port in TIME_WAIT stays usable) and closes it;
+    port 0 (any free one) is always fine."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    if not 0 < port < 65536:
+        raise FlowrlError(f"--port {port}: not a TCP port (1-65535, or 0 for a free one)")
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise FlowrlError(f"cannot listen on {host}:{port}: host {host!r} does not resolve ({e.strerror})") from None
+    failures: list[OSError] = []
+    for family, kind, proto, _, address in addresses:  # gRPC listens if any of them binds, as here
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+                return
+            except OSError as e:
+                failures.append(e)
+    in_use = [e for e in failures if e.errno == errno.EADDRINUSE]
+    if in_use:
+        raise FlowrlError(f"cannot listen on {host}:{port}: the port is in use (another server?); "
+                          "choose another --port, or --port 0 for a free one")
+    if all(e.errno == errno.EADDRNOTAVAIL for e in failures):
+        raise FlowrlError(f"cannot listen on {host}:{port}: {host} is not an address of this machine "
+                          "(--host 127.0.0.1 or 0.0.0.0)")
+    raise FlowrlError(f"cannot listen on {host}:{port} ({failures[0].strerror})")
+
+
 class PolicyServer:
     """A running gRPC server (``start`` returns at once; ``port`` is the bound port, 0 picks one)."""
 
@@ -201,6 +236,7 @@ class PolicyServer:
         grpc = require("grpc", "grpcio")
         _, services = protos()
         self.service = PolicyService(policies)
+        check_port(host, port)  # before gRPC tries: its failed bind logs a C-core line of its own
         options = [("grpc.so_reuseport", 0)]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
         services.add_PolicyServiceServicer_to_server(self.service, self.server)
