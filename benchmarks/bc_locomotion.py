@@ -21,7 +21,7 @@ import numpy as np
 
 from common import REPO, report_checks, run_main, write_result
 from flowrl.agents.bc import BehaviorCloning
-from flowrl.config import PretrainConfig, load_config
+from flowrl.config import load_stage_config
 from flowrl.training import Trainer
 
 
@@ -43,7 +43,7 @@ def main() -> int:
                          "eval.steps=[1,2,4,8]", "train.eval_every=0"]
             if args.steps:
                 overrides.append(f"train.steps={args.steps}")
-            cfg = load_config(PretrainConfig, REPO / "configs" / args.task / f"pretrain_{head}.yaml", overrides)
+            cfg = load_stage_config("pretrain", REPO / "configs" / args.task / f"pretrain_{head}.yaml", overrides)
             cfg.data.path = str(REPO / cfg.data.path) if not Path(cfg.data.path).is_absolute() else cfg.data.path
             out = Path(args.out) / f"{args.task}-{head}-s{seed}-{time.strftime('%H%M%S')}"
             start = time.time()
