@@ -294,8 +294,8 @@ def main() -> int:
         checks.append((f"warp rollout loop with the policy >= 1.5M env steps/s at 16k+ envs ({top:.0f})", top >= 1.5e6))
     name = args.task.lower() + (f"_{args.tag}" if args.tag else "")
     write_json(results_dir("throughput") / f"env_throughput_{name}.json",
-               {"task": args.task, "machine": machine, "policy_device": args.device, "rows": rows, "gymnasium": gym_rows,
-                "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]})
+               {"task": args.task, "machine": machine, "policy_device": args.device, "rows": rows,
+                "gymnasium": gym_rows, "checks": [{"check": t, "pass": bool(ok)} for t, ok in checks]})
     return report_checks(checks)
 
 

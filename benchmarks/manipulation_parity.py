@@ -6,8 +6,8 @@ at run time) beside success in robosuite itself, over the same number of seeded 
 
 Target (exit code 1 when missed): the two success rates within 3 points over the same number of episodes.
 The episodes are not the same ones (each side draws its own placements from robosuite's distributions; Lift's
-batched cube keeps its nominal size). Writes benchmarks/results/manipulation/manipulation_parity.json (tasks run separately
-accumulate in it).
+batched cube keeps its nominal size). Writes benchmarks/results/manipulation/manipulation_parity.json (tasks run
+separately accumulate in it).
 """
 
 from __future__ import annotations

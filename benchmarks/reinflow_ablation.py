@@ -13,7 +13,8 @@ evaluations every ``--eval-every`` iterations, the first at the start):
     python benchmarks/reinflow_ablation.py --tasks hopper --variants base flow_sde critic_ev --seeds 0 \\
         --pretrained 'runs/bc/{task}-s{seed}' [--env-steps 10000000] [--eval-every 4] [--eval-episodes 10] \\
         [--device auto] [--tag NAME] [key=value overrides for every variant, e.g. train.backend=warp]
-    python benchmarks/reinflow_ablation.py --report benchmarks/results/ablation/reinflow_ablation_*.json [--final VARIANT]
+    python benchmarks/reinflow_ablation.py --report benchmarks/results/ablation/reinflow_ablation_*.json \
+        [--final VARIANT]
 
 On a GPU (one H200), as the presets run there:
 

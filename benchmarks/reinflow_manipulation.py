@@ -18,7 +18,8 @@ Two fine-tuning presets (``--preset``):
         [--preset robosuite|warp] [--env-steps N] [--pretrain-steps N] [--episodes 50] [--tag NAME]
         [--budget-minutes N] [--robosuite-episodes 100] [key=value overrides]
     python benchmarks/reinflow_manipulation.py --tasks can square --pixels [--seeds 0 1 2]
-    python benchmarks/reinflow_manipulation.py --robosuite-eval benchmarks/results/manipulation/reinflow_manip_*_warp.json
+    python benchmarks/reinflow_manipulation.py --robosuite-eval \
+        benchmarks/results/manipulation/reinflow_manip_*_warp.json
     python benchmarks/reinflow_manipulation.py --report benchmarks/results/manipulation/reinflow_manip_*.json
     python benchmarks/reinflow_manipulation.py --import-runs DIR [DIR ...] --tag NAME [--recorded-at COMMIT]
 
@@ -313,7 +314,7 @@ def main() -> int:
     ap.add_argument("--import-runs", nargs="+", metavar="DIR",
                     help="rows from fine-tuning runs' files in these folders (see above); needs --tag")
     ap.add_argument("--recorded-at", default="", metavar="COMMIT",
-                    help="with --import-runs: the commit of the code the imported runs ran (their results files name it)")
+                    help="with --import-runs: the commit of the code the imported runs ran (named in their provenance)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning preset")
     args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
     args.head, args.sim_threads = ("reflow_pixels" if args.pixels else "reflow"), 0
