@@ -253,6 +253,7 @@ class Trainer:
         k = self.agent.policy.cfg.num_steps
         r = self.evaluate(k, self.loop.eval_episodes, SELECTION_SEED)
         writer.add_scalar("eval/mean_reward", r["return_mean"], self.step)
+        writer.add_scalar("eval/std_reward", r["return_std"], self.step)  # the episodes' spread (flowrl plot's band)
         writer.add_scalar("eval/mean_ep_length", r["length_mean"], self.step)
         unit = self.agent.step_unit.replace(" ", "_") + "s"  # env_steps, steps
         record = {"iteration": self.state.iteration, unit: self.step, "wall_clock_s": round(self.state.wall_clock, 2),
@@ -346,25 +347,33 @@ class Trainer:
         return a.policy
 
     def final_evaluation(self) -> list[dict[str, float]]:
-        """The eval section's episodes at each of its K, printed and added to ``eval.json`` (rank 0; the
-        others return no rows)."""
+        """The eval section's episodes at each of its K, of the checkpoint the run folder stands for
+        (:func:`flowrl.checkpoint.checkpoint_choice`: ``best`` when the periodic evaluations that chose it
+        ran at least :data:`flowrl.config.MIN_SELECTION_EPISODES` episodes, else the last), loaded from
+        disk: the policy ``flowrl eval RUN``, describe and export take, so this table is theirs. Printed,
+        naming the checkpoint and why it was chosen, and added to ``eval.json`` (rank 0; the others
+        return no rows)."""
         self.agent.release_rollout_envs()
         if not self.dist.is_main:
             return []
         if not self.agent.evaluates_in_simulation:
             print(f"no evaluation: {self.agent.algo} does not evaluate in simulation", file=sys.stderr)
             return []
+        from flowrl.checkpoint import checkpoint_choice, load_policy
+
+        checkpoint, why = checkpoint_choice(self.run.path)
+        policy, config = load_policy(checkpoint, self.agent.device)
+        step = config.get("step", self.step)
         e = self.agent.cfg.eval
-        rows = [self.evaluate(k, e.episodes) for k in e.steps]
+        rows = [self.evaluator(policy, k, e.episodes) for k in e.steps]
         writer = self.run.writer()
         for r in rows:
-            writer.add_scalar(f"eval/mean_reward_K{r['num_steps']}", r["return_mean"], self.step)
+            writer.add_scalar(f"eval/mean_reward_K{r['num_steps']}", r["return_mean"], step)
         writer.flush()
-        checkpoint = self.run.checkpoint_dir(self.step)
         extra = {k: v for k, v in self.agent.checkpoint_info().items() if k in ("init", "dataset_return_mean")}
-        self.run.append_eval({"checkpoint": str(checkpoint), "task": self.agent.task, "step": self.step,
+        self.run.append_eval({"checkpoint": str(checkpoint), "chosen": why, "task": self.agent.task, "step": step,
                               "stage": self.agent.stage, **extra, "results": rows})
-        title = f"evaluation of {checkpoint} on {self.agent.task}, {e.episodes} episodes per K"
+        title = f"evaluation of {checkpoint} (step {step}; {why}) on {self.agent.task}, {e.episodes} episodes per K"
         if "dataset_return_mean" in extra:
             title += f" (demonstrations: {extra['dataset_return_mean']:.1f})"
         print(format_eval_table(rows, title))
