@@ -11,6 +11,12 @@ single step of 2d lands where two steps of d would.
 AdamW with linear warm-up then cosine decay; an EMA of the weights is evaluated and saved.
 Training is exactly resumable: the batch sampler draws from one ``torch.Generator`` whose state is
 part of the training state with the optimiser and the schedule.
+
+On a GPU a gradient step of a small MLP is microseconds of work behind a hundred kernel launches, so
+(``train.cuda_graph``) the step's forward, backward and gradient clipping are captured once as a CUDA
+graph and replayed; the random draws are made before it, in the same order from the same generator, into
+the buffers the graph reads, and the fused optimiser and the EMA run after it. Nothing reads a value back
+to the host inside the loop: the logged scalars stay tensors until the training loop writes them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from flowrl import distributed
 from flowrl.config import (LoopConfig, PretrainConfig, check_fraction, check_non_negative, check_positive, fail,
                            setup_torch)
+from flowrl.cuda_graph import StepGraph
 from flowrl.datasets import ChunkDataset, Episodes, read_dataset
 from flowrl.envs import canonical_task, make
 from flowrl.errors import FlowrlError
@@ -65,6 +72,9 @@ class BCConfig(LoopConfig):
     """Evaluate in simulation every N steps (0: only at the end)."""
     eval_episodes: int = 5
     """Episodes of each periodic evaluation during training (their seeds are disjoint from `flowrl eval`'s)."""
+    cuda_graph: bool = True
+    """On a CUDA device, capture each gradient step's forward and backward pass as one CUDA graph and replay it
+    (state-only policies in one process; the same draws and arithmetic, launched at once)."""
 
     def validate(self, prefix: str = "train.") -> None:
         super().validate(prefix)
@@ -102,26 +112,46 @@ def sample_time(n: int, scheme: str, gen: torch.Generator, device: torch.device)
     return torch.rand(n, generator=gen, device=device)
 
 
-def flow_matching_loss(policy: FlowPolicy, cond: torch.Tensor, x1: torch.Tensor, gen: torch.Generator,
-                       time_sampling: str = "uniform") -> torch.Tensor:
-    """Rectified-flow regression of ``x1 - x0`` at a random point of the straight path."""
-    n = x1.shape[0]
-    x0 = torch.randn(x1.shape, generator=gen, device=x1.device)
-    t = sample_time(n, time_sampling, gen, x1.device)
+def draw_flow_matching(shape: tuple[int, ...], gen: torch.Generator, device: torch.device,
+                       time_sampling: str = "uniform") -> dict[str, torch.Tensor]:
+    """The random draws of :func:`flow_matching_loss` for chunks of ``shape``: noise ``x0``, then times ``t``."""
+    x0 = torch.randn(shape, generator=gen, device=device)
+    return {"x0": x0, "t": sample_time(shape[0], time_sampling, gen, device)}
+
+
+def flow_matching_loss(policy: FlowPolicy, cond: torch.Tensor, x1: torch.Tensor, gen: torch.Generator | None = None,
+                       time_sampling: str = "uniform", draws: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Rectified-flow regression of ``x1 - x0`` at a random point of the straight path (``draws`` from
+    :func:`draw_flow_matching`, or drawn here from ``gen``)."""
+    if draws is None:
+        assert gen is not None
+        draws = draw_flow_matching(tuple(x1.shape), gen, x1.device, time_sampling)
+    n, x0, t = x1.shape[0], draws["x0"], draws["t"]
     x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * x1
     d = torch.full((n,), 1.0 / policy.cfg.max_shortcut_steps, device=x1.device) if policy.is_shortcut else None
     return F.mse_loss(policy.velocity(t, x_t, cond, d), x1 - x0)
 
 
+def draw_shortcut(shape: tuple[int, ...], levels: int, gen: torch.Generator, device: torch.device
+                  ) -> dict[str, torch.Tensor]:
+    """The random draws of :func:`shortcut_consistency_loss`: step levels ``j``, grid positions ``u``, noise ``x0``."""
+    n = shape[0]
+    j = torch.randint(0, levels, (n,), generator=gen, device=device)
+    u = torch.rand(n, generator=gen, device=device)
+    return {"j": j, "u": u, "x0": torch.randn(shape, generator=gen, device=device)}
+
+
 def shortcut_consistency_loss(policy: FlowPolicy, ema: FlowPolicy, cond: torch.Tensor, ema_cond: torch.Tensor,
-                              x1: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+                              x1: torch.Tensor, gen: torch.Generator | None = None,
+                              draws: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """One step of 2d must match two EMA steps of d (targets without gradient)."""
-    n, dev = x1.shape[0], x1.device
     levels = int(math.log2(policy.cfg.max_shortcut_steps))
-    j = torch.randint(0, levels, (n,), generator=gen, device=dev)  # 2d = 2^-j, d = 2^-(j+1)
+    if draws is None:
+        assert gen is not None
+        draws = draw_shortcut(tuple(x1.shape), levels, gen, x1.device)
+    j, x0 = draws["j"], draws["x0"]  # 2d = 2^-j, d = 2^-(j+1)
     big = torch.pow(2.0, -j.float())
-    t = torch.floor(torch.rand(n, generator=gen, device=dev) * torch.pow(2.0, j.float())) * big
-    x0 = torch.randn(x1.shape, generator=gen, device=dev)
+    t = torch.floor(draws["u"] * torch.pow(2.0, j.float())) * big
     x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * x1
     with torch.no_grad():
         target = shortcut_target(lambda tt, xx, dd: ema.velocity(tt, xx, ema_cond, dd), x_t, t, big / 2)
@@ -152,12 +182,15 @@ class BehaviorCloning(Agent):
         self.model.set_normalization(episodes.observations.mean(0), episodes.observations.std(0))
         self.dist.broadcast_module(self.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        on_gpu = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay)
+                                           weight_decay=cfg.train.weight_decay, **({"fused": True} if on_gpu else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         # rank r samples its share of every batch from its own shard of the chunks (r, r + W, r + 2W, ...)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
         self.shard_size = (len(self.data) - self.dist.rank + self.dist.world_size - 1) // self.dist.world_size
+        self.graph = StepGraph(self._forward_backward) if (
+            cfg.train.cuda_graph and on_gpu and not self.dist.active and not self.model.uses_images) else None
 
     @property
     def policy(self) -> FlowPolicy:
@@ -184,38 +217,69 @@ class BehaviorCloning(Agent):
     def postfix(self, logs: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{logs['train/loss']:.4f}"}
 
-    def train_iteration(self, iteration: int) -> dict[str, float]:
-        """One gradient step on a batch of demonstration chunks."""
+    def _draw(self) -> dict[str, torch.Tensor]:
+        """Every random number of one gradient step, from the one generator, in a fixed order."""
+        cfg, policy, n, dev = self.cfg.train, self.model, self.rank_batch, self.device
+        draws = {"idx": torch.randint(0, self.shard_size, (n,), generator=self.gen, device=dev)}
+        n_fm = n - self._consistency_rows()
+        fm = draw_flow_matching((n_fm, *policy.chunk_shape), self.gen, dev, cfg.time_sampling)
+        draws.update({f"fm_{k}": v for k, v in fm.items()})
+        if policy.is_shortcut:
+            levels = int(math.log2(policy.cfg.max_shortcut_steps))
+            sc = draw_shortcut((n - n_fm, *policy.chunk_shape), levels, self.gen, dev)
+            draws.update({f"sc_{k}": v for k, v in sc.items()})
+        return draws
+
+    def _consistency_rows(self) -> int:
+        """Rows of each batch used for the shortcut's self-consistency (0 for rectified flow)."""
+        if not self.model.is_shortcut:
+            return 0
+        return max(1, int(round(self.rank_batch * self.cfg.train.shortcut_fraction)))
+
+    def _forward_backward(self, draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss, gradients (averaged over ranks) and their clipping for one batch; returns detached scalars."""
         cfg, policy, n = self.cfg.train, self.model, self.rank_batch
-        idx = torch.randint(0, self.shard_size, (n,), generator=self.gen, device=self.device)
-        idx = idx * self.dist.world_size + self.dist.rank
+        idx = draws["idx"] * self.dist.world_size + self.dist.rank
         obs, actions = self.data.batch(idx)
         images = self.data.batch_images(idx)
         x1 = policy.normalize_action(actions)
         cond = policy.encode(obs, images)
-        logs: dict[str, float] = {}
+        n_sc = self._consistency_rows()
+        n_fm = n - n_sc
+        fm_draws = {"x0": draws["fm_x0"], "t": draws["fm_t"]}
+        out: dict[str, torch.Tensor] = {}
         if policy.is_shortcut:
-            n_sc = max(1, int(round(n * cfg.shortcut_fraction)))
-            n_fm = n - n_sc
-            fm = flow_matching_loss(policy, cond[:n_fm], x1[:n_fm], self.gen, cfg.time_sampling)
+            fm = flow_matching_loss(policy, cond[:n_fm], x1[:n_fm], draws=fm_draws)
             ema_images = None if images is None else {c: x[n_fm:] for c, x in images.items()}
             sc = shortcut_consistency_loss(policy, self.ema, cond[n_fm:], self.ema.encode(obs[n_fm:], ema_images),
-                                           x1[n_fm:], self.gen)
+                                           x1[n_fm:], draws={k[3:]: v for k, v in draws.items() if k.startswith("sc_")})
             loss = (fm * n_fm + sc * n_sc) / n
-            logs["train/shortcut_loss"] = sc.item()
+            out["train/shortcut_loss"] = sc.detach()
         else:
-            fm = loss = flow_matching_loss(policy, cond, x1, self.gen, cfg.time_sampling)
-        logs["train/bc_loss"] = fm.item()
-        self.optimizer.zero_grad(set_to_none=True)
+            fm = loss = flow_matching_loss(policy, cond, x1, draws=fm_draws)
+        out["train/bc_loss"] = fm.detach()
+        out["train/loss"] = loss.detach()
         loss.backward()
         self.dist.average_gradients(policy.parameters())
         if cfg.grad_clip > 0:
-            logs["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+            out["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).detach()
+        return out
+
+    def train_iteration(self, iteration: int) -> dict[str, float]:
+        """One gradient step on a batch of demonstration chunks. The logged values are tensors (read back
+        only when the training loop writes them), except under torchrun, where they are averaged over ranks."""
+        cfg = self.cfg.train
+        draws = self._draw()
+        if self.graph is not None:
+            logs = self.graph(draws, [self.optimizer])
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            logs = self._forward_backward(draws)
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.ema.parameters()), list(policy.parameters()), 1.0 - cfg.ema_decay)
-        logs["train/loss"] = loss.item()
-        logs = self.dist.mean(logs)
-        logs["train/learning_rate"] = self.scheduler.get_last_lr()[0]
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - cfg.ema_decay)
+        logs = self.dist.mean(logs) if self.dist.active else logs
+        logs["train/learning_rate"] = cfg.lr * self._lr_factor(self.scheduler.last_epoch)
         return logs
+

@@ -223,7 +223,8 @@ class MLEFineTuning(Agent):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if t.variance == "learned":
             params += list(self.log_std.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay,
+                                           **({"fused": True} if self.device.type == "cuda" else {}))
         self.latents = None
         if t.latents == "inverted":
             self.latents = self._invert_all(pretrained)
@@ -282,18 +283,18 @@ class MLEFineTuning(Agent):
         else:
             x0 = torch.randn(x1.shape, generator=self.gen, device=self.device)
         loss, mse = self.reconstruction_loss(obs, x1, x0)
-        logs = {"train/reconstruction_mse": mse.item(), "train/loss": loss.item()}
+        logs = {"train/reconstruction_mse": mse.detach(), "train/loss": loss.detach()}
         if t.fm_coef > 0 and t.method == "ft":
             from flowrl.agents.bc import flow_matching_loss
 
             fm = flow_matching_loss(self.model, self.model.encode(obs), x1, self.gen)
             loss = loss + t.fm_coef * fm
-            logs["train/fm_loss"] = fm.item()
+            logs["train/fm_loss"] = fm.detach()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if t.grad_clip > 0:
-            logs["train/grad_norm"] = float(nn.utils.clip_grad_norm_(params, t.grad_clip))
+            logs["train/grad_norm"] = nn.utils.clip_grad_norm_(params, t.grad_clip).detach()
         self.optimizer.step()
         if self.lipschitz is not None:
             logs["train/lipschitz_estimate"] = self.lipschitz

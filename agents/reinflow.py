@@ -44,6 +44,7 @@ from flowrl import distributed
 from flowrl.checkpoint import load_policy
 from flowrl.config import (FinetuneConfig, LoopConfig, check_fraction, check_non_negative, check_positive, fail,
                            setup_torch, validate_backend)
+from flowrl.cuda_graph import StepGraph
 from flowrl.envs import canonical_task, make, resolve_backend, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.nets import SinusoidalEmbedding
@@ -130,6 +131,13 @@ class ReinFlowConfig(LoopConfig):
     """Simulation backend for rollouts (see flowrl.envs.make)."""
     sim_threads: int = 0
     """Threads of the cpu backend (0: all cores)."""
+    cuda_graph: bool = True
+    """On a CUDA device, run each PPO minibatch step's forward and backward pass as one captured CUDA graph
+    (one process, state-only policies): the same arithmetic, launched at once."""
+    tf32: bool = True
+    """On a CUDA device, matrix products in TensorFloat-32 (10-bit mantissa inputs, float32 accumulation):
+    several times the float32 rate on tensor cores. Old and new log-probabilities of the PPO ratio are
+    computed the same way, so the ratio stays exact where it must (1 on the first minibatch)."""
     terminate_on_success: bool = False
     """robosuite tasks: a training episode ends (terminated, no bootstrap) at its first success, so the
     return is the discounted time to success instead of the steps spent successful until the horizon."""
@@ -220,33 +228,38 @@ class Critic(nn.Module):
 
 
 class RunningRewardScaler:
-    """Divides rewards by the running std of the discounted return (reset at episode ends)."""
+    """Divides rewards by the running std of the discounted return (reset at episode ends).
+
+    Its statistics stay on the rewards' device, so scaling a step's rewards never waits for the GPU."""
 
     def __init__(self, num_envs: int, gamma: float, device: torch.device,
                  ranks: distributed.Dist | None = None) -> None:
         self.gamma = gamma
         self.ranks = ranks or distributed.Dist()  # the statistics are over every rank's envs
         self.ret = torch.zeros(num_envs, dtype=torch.float64, device=device)
-        self.count = torch.tensor(1e-4, dtype=torch.float64)
-        self.mean = torch.tensor(0.0, dtype=torch.float64)
-        self.var = torch.tensor(1.0, dtype=torch.float64)
+        self.count = torch.tensor(1e-4, dtype=torch.float64, device=device)
+        self.mean = torch.tensor(0.0, dtype=torch.float64, device=device)
+        self.var = torch.tensor(1.0, dtype=torch.float64, device=device)
 
     def __call__(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        self.ret = self.ret * self.gamma + reward.double()
-        batch_mean, batch_var, n = self.ranks.moments(self.ret.cpu())
+        self.ret = self.ret * self.gamma + reward.to(self.ret.device, torch.float64)
+        batch_mean, batch_var, n = self.ranks.moments(self.ret)
         delta, total = batch_mean - self.mean, self.count + n
         self.mean = self.mean + delta * n / total
         self.var = (self.var * self.count + batch_var * n + delta.square() * self.count * n / total) / total
         self.count = total
-        self.ret = torch.where(done, 0.0, self.ret)
+        self.ret = torch.where(done.to(self.ret.device), 0.0, self.ret)
         return reward / torch.sqrt(self.var + 1e-8).to(reward.device, reward.dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"ret": self.ret.clone(), "count": self.count, "mean": self.mean, "var": self.var}
+        return {"ret": self.ret.cpu().clone(), "count": self.count.cpu(), "mean": self.mean.cpu(),
+                "var": self.var.cpu()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        dev = self.ret.device
         self.ret.copy_(state["ret"])
-        self.count, self.mean, self.var = state["count"], state["mean"], state["var"]
+        self.count, self.mean, self.var = (torch.as_tensor(state[k], dtype=torch.float64).to(dev)
+                                           for k in ("count", "mean", "var"))
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_value: torch.Tensor, terminated: torch.Tensor,
@@ -326,8 +339,17 @@ class ReinFlow(Agent):
         self.critic = Critic(cond_dim, t.critic_hidden_dim, t.critic_depth).to(self.device)
         for module in (self._policy, self.noise, self.critic):
             self.dist.broadcast_module(module)
-        self.actor_opt = torch.optim.Adam([*self._policy.parameters(), *self.noise.parameters()], lr=t.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=t.critic_lr)
+        on_gpu = self.device.type == "cuda"
+        fused = {"fused": True} if on_gpu else {}
+        self.actor_opt = torch.optim.Adam([*self._policy.parameters(), *self.noise.parameters()], lr=t.actor_lr,
+                                          **fused)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=t.critic_lr, **fused)
+        if on_gpu and t.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        graphable = t.cuda_graph and on_gpu and not self.dist.active and not policy.uses_images
+        self._ppo_graph = StepGraph(lambda inputs: self._ppo_step(self._graph_data, inputs)) if graphable else None
+        self._graph_data: dict[str, torch.Tensor] = {}
         self.steps_per_iteration = t.num_envs * t.rollout_steps * policy.cfg.act_steps
         self.iterations = max(1, math.ceil(t.env_steps / self.steps_per_iteration))
         env_kwargs: dict[str, Any] = {}
@@ -448,6 +470,12 @@ class ReinFlow(Agent):
         image_buf = {c: torch.zeros((steps, *h.shape), dtype=torch.uint8, device=self.device)
                      for c, h in (observer.get() if observer else {}).items()}
         hook = observer.step_kwargs() if observer else {}
+        # what the episodes that end tell, kept on the device and read back once after the rollout
+        ended = torch.zeros((steps, n), dtype=torch.bool, device=self.device)
+        ended_return = torch.zeros((steps, n), dtype=torch.float64, device=self.device)
+        ended_length = torch.zeros((steps, n), dtype=torch.int64, device=self.device)
+        ended_success = torch.zeros((steps, n), dtype=torch.bool, device=self.device)
+        reports_success = False
         self.policy.eval()
         for s in range(steps):
             hist = self.history.get()
@@ -463,19 +491,28 @@ class ReinFlow(Agent):
                 stats.episode_success |= r.success.any(1).to(self.device)
             final_hist = self.history.push_chunk(r)
             final_images = observer.push_chunk(r) if observer else None
-            if bool(done.any()):
-                ended = torch.nonzero(done).flatten()
+            if final_images is None:  # every env's final value, kept where the episode was cut: no host round trip
+                final_values[s] = torch.where(truncated[s], self.critic(self.policy.encode(final_hist.to(hist.dtype))),
+                                              0.0)
+            elif bool(truncated[s].any()):  # a pixel policy's images are encoded only where needed
                 boot = torch.nonzero(truncated[s]).flatten()
-                if len(boot):
-                    boot_images = {c: x[boot] for c, x in final_images.items()} if final_images else None
-                    final_values[s, boot] = self.critic(self.policy.encode(final_hist[boot].to(hist.dtype), boot_images))
-                stats.returns.extend(r.episode_return[ended].tolist())
-                stats.lengths.extend(r.episode_length[ended].tolist())
-                if r.success is not None:
-                    stats.successes.extend(stats.episode_success[ended].float().tolist())
+                boot_images = {c: x[boot] for c, x in final_images.items()}
+                final_values[s, boot] = self.critic(self.policy.encode(final_hist[boot].to(hist.dtype), boot_images))
+            ended[s] = done
+            ended_return[s] = r.episode_return.to(self.device)
+            ended_length[s] = r.episode_length.to(self.device)
+            if r.success is not None:
+                reports_success = True
+                ended_success[s] = stats.episode_success
                 stats.episode_success &= ~done
             chunk_reward = r.rewards.sum(1).to(self.device)
             rewards[s] = (self.scaler(chunk_reward, done) if t.reward_scaling else chunk_reward).float()
+        mask = ended.cpu()
+        if bool(mask.any()):
+            stats.returns.extend(ended_return.cpu()[mask].tolist())
+            stats.lengths.extend(ended_length.cpu()[mask].tolist())
+            if reports_success:
+                stats.successes.extend(ended_success.cpu()[mask].float().tolist())
         obs_flat = obs_buf.flatten(0, 1)
         images_flat = {c: x.flatten(0, 1) for c, x in image_buf.items()} if observer else None
         values = self._values(obs_flat, images_flat).view(steps, n)
@@ -512,6 +549,9 @@ class ReinFlow(Agent):
         """``policy``'s deterministic K-step chunks from encoded observations ``cond`` and initial noise ``x0``."""
         return euler_sample(policy.velocity_fn(cond, self.K), x0, self.K)
 
+    STATS = ("pg", "value", "entropy", "kl", "clip", "ratio_dev", "w2")
+    """The per-minibatch statistics of a PPO step, in the order of :meth:`_ppo_step`'s ``stats`` vector."""
+
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         t = self.cfg.train
         size = len(batch["advantages"])
@@ -523,83 +563,127 @@ class ReinFlow(Agent):
         explained_variance = self._rank_mean(float(1 - (y - v).var() / y.var().clamp_min(1e-8)))
         warmup = self._critic_warmup(explained_variance)
         actor_lr = self._ramp_actor_lr() if not warmup else 0.0
-        if not warmup:
-            with torch.no_grad():  # same minibatches as the first epoch: its first ratio is exactly 1
-                old_logprob = torch.zeros(size, device=self.device)
-                for idx in first_epoch:
-                    old_logprob[idx] = self.log_prob_and_entropy(batch["obs"][idx], batch["chain"][idx],
-                                                                 self._images(batch, idx))[0]
-        # statistics stay on the device until the end: no host round trip inside the loop, so that on
-        # several GPUs the gradient all-reduces queue up behind the compute instead of waiting for the host
-        stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "value", "entropy", "kl", "clip", "w2")}
+        if warmup:
+            return {"train/value_loss": self._critic_only(batch, first_epoch), "train/epochs": t.update_epochs,
+                    "train/explained_variance": explained_variance, "train/critic_warmup": 1.0,
+                    "train/actor_lr_applied": actor_lr}
+        graphed = self._use_graph(size)
+        data = self._graph_batch(batch) if graphed else dict(batch)
+        with torch.no_grad():  # same minibatches as the first epoch: its first ratio is exactly 1
+            old_logprob = data.setdefault("old_logprob", torch.zeros(size, device=self.device))
+            for idx in first_epoch:
+                old_logprob[idx] = self.log_prob_and_entropy(data["obs"][idx], data["chain"][idx],
+                                                             self._images(data, idx))[0]
+        # the statistics of each epoch are summed on the device and read back once: no host round trip inside
+        # the loop (on several GPUs the gradient all-reduces then queue up behind the compute)
+        sums = torch.zeros((t.update_epochs, len(self.STATS)), device=self.device)
+        counts = [0] * t.update_epochs
         first_ratio_dev = None
         for epoch in range(t.update_epochs):
             batches = first_epoch if epoch == 0 else self._minibatches(size)
-            if not warmup and t.normalize_advantages:  # each minibatch's, over every rank's share of it
-                adv_mean, adv_var, _ = self.dist.group_moments([batch["advantages"][idx] for idx in batches],
+            inputs: list[dict[str, torch.Tensor]] = [{"idx": idx} for idx in batches]
+            if t.normalize_advantages and self.dist.active:  # each minibatch's moments over every rank's share
+                adv_mean, adv_var, _ = self.dist.group_moments([data["advantages"][idx] for idx in batches],
                                                                unbiased=True)
-                adv_std = adv_var.sqrt()
-            for j, idx in enumerate(batches):
-                obs, chain, images = batch["obs"][idx], batch["chain"][idx], self._images(batch, idx)
-                with torch.set_grad_enabled(not warmup):  # the warm-up trains the critic alone
-                    cond = self.policy.encode(obs, images)
-                value = self.critic(cond.detach())  # a pixel policy's image encoder learns from the policy loss only
-                value_loss = 0.5 * F.mse_loss(value, batch["returns"][idx])
-                if warmup:
+                for j, x in enumerate(inputs):
+                    x.update(adv_mean=adv_mean[j], adv_std=adv_var[j].sqrt())
+            for x in inputs:
+                if graphed:
+                    out = self._ppo_graph(x, [self.actor_opt, self.critic_opt])
+                else:
+                    self.actor_opt.zero_grad(set_to_none=True)
                     self.critic_opt.zero_grad(set_to_none=True)
-                    value_loss.backward()
-                    self.dist.average_gradients(self.critic.parameters())
-                    self._clip(self.critic.parameters())
-                    self.critic_opt.step()
-                    stats["value"].append(value_loss.detach())
-                    continue
-                logprob, entropy = self._log_prob_and_entropy(cond, chain)
-                log_ratio = logprob - old_logprob[idx]
-                ratio = log_ratio.exp()
-                if first_ratio_dev is None:
-                    first_ratio_dev = (ratio.detach() - 1).abs().max()
-                adv = batch["advantages"][idx]
-                if t.normalize_advantages:
-                    adv = (adv - adv_mean[j]) / (adv_std[j] + 1e-8)
-                pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - t.clip_coef, 1 + t.clip_coef)).mean()
-                entropy_loss = -entropy.mean()
-                loss = pg_loss + t.ent_coef * entropy_loss + t.vf_coef * value_loss
-                if t.w2_coef > 0:
-                    x0 = chain[:, 0]
-                    w2 = (self._deterministic_actions(self.policy, cond, x0)
-                          - self._deterministic_actions(self.reference, self.reference.encode(obs, images), x0)
-                          ).square().mean()
-                    loss = loss + t.w2_coef * w2
-                    stats["w2"].append(w2.detach())
-                self.actor_opt.zero_grad(set_to_none=True)
-                self.critic_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.dist.average_gradients([*self.policy.parameters(), *self.noise.parameters(),
-                                             *self.critic.parameters()])
-                self._clip([*self.policy.parameters(), *self.noise.parameters()])
-                self._clip(self.critic.parameters())
+                    out = self._ppo_step(data, x)
                 self.actor_opt.step()
                 self.critic_opt.step()
-                with torch.no_grad():
-                    stats["kl"].append(((ratio - 1) - log_ratio).mean())
-                    stats["clip"].append(((ratio - 1).abs() > t.clip_coef).float().mean())
-                stats["pg"].append(pg_loss.detach())
-                stats["value"].append(value_loss.detach())
-                stats["entropy"].append(entropy_loss.detach())
-            if t.target_kl and stats["kl"]:
-                if self._rank_mean(_device_mean(stats["kl"][-len(batches):])) > t.target_kl:
+                sums[epoch] += out["stats"]
+                counts[epoch] += 1
+                if first_ratio_dev is None:
+                    first_ratio_dev = out["stats"][self.STATS.index("ratio_dev")].clone()
+            if t.target_kl:
+                if self._rank_mean(float(sums[epoch, self.STATS.index("kl")]) / counts[epoch]) > t.target_kl:
                     break
-        logs = {"train/value_loss": _device_mean(stats["value"]), "train/explained_variance": explained_variance,
-                "train/epochs": epoch + 1, "train/critic_warmup": float(warmup), "train/actor_lr_applied": actor_lr}
-        if stats["pg"]:
-            logs.update({"train/policy_gradient_loss": _device_mean(stats["pg"]),
-                         "train/entropy_loss": _device_mean(stats["entropy"]),
-                         "train/approx_kl": _device_mean(stats["kl"]),
-                         "train/clip_fraction": _device_mean(stats["clip"]),
-                         "train/first_ratio_deviation": float(first_ratio_dev)})
-        if stats["w2"]:
-            logs["train/w2_loss"] = _device_mean(stats["w2"])
+        done = epoch + 1
+        means = (sums[:done].sum(0) / sum(counts[:done])).tolist()
+        stat = dict(zip(self.STATS, means))
+        logs = {"train/value_loss": stat["value"], "train/explained_variance": explained_variance,
+                "train/epochs": done, "train/critic_warmup": 0.0, "train/actor_lr_applied": actor_lr,
+                "train/policy_gradient_loss": stat["pg"], "train/entropy_loss": stat["entropy"],
+                "train/approx_kl": stat["kl"], "train/clip_fraction": stat["clip"],
+                "train/first_ratio_deviation": float(first_ratio_dev)}
+        if t.w2_coef > 0:
+            logs["train/w2_loss"] = stat["w2"]
         return logs
+
+    def _critic_only(self, batch: dict[str, torch.Tensor], first_epoch: list[torch.Tensor]) -> float:
+        """The critic warm-up's update: every epoch's minibatches train the value function alone."""
+        losses = []
+        for epoch in range(self.cfg.train.update_epochs):
+            for idx in first_epoch if epoch == 0 else self._minibatches(len(batch["advantages"])):
+                with torch.no_grad():
+                    cond = self.policy.encode(batch["obs"][idx], self._images(batch, idx))
+                value_loss = 0.5 * F.mse_loss(self.critic(cond), batch["returns"][idx])
+                self.critic_opt.zero_grad(set_to_none=True)
+                value_loss.backward()
+                self.dist.average_gradients(self.critic.parameters())
+                self._clip(self.critic.parameters())
+                self.critic_opt.step()
+                losses.append(value_loss.detach())
+        return _device_mean(losses)
+
+    def _ppo_step(self, data: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss, gradients (averaged over ranks) and clipping of one PPO minibatch ``inputs["idx"]`` of ``data``
+        (the rollout with its old log-probabilities); returns the :attr:`STATS` vector. Without the
+        advantage moments in ``inputs`` (one process) it takes those of the minibatch itself."""
+        t = self.cfg.train
+        idx = inputs["idx"]
+        obs, chain, images = data["obs"][idx], data["chain"][idx], self._images(data, idx)
+        cond = self.policy.encode(obs, images)
+        value = self.critic(cond.detach())  # a pixel policy's image encoder learns from the policy loss only
+        value_loss = 0.5 * F.mse_loss(value, data["returns"][idx])
+        logprob, entropy = self._log_prob_and_entropy(cond, chain)
+        log_ratio = logprob - data["old_logprob"][idx]
+        ratio = log_ratio.exp()
+        adv = data["advantages"][idx]
+        if t.normalize_advantages:
+            mean, std = ((inputs["adv_mean"], inputs["adv_std"]) if "adv_mean" in inputs
+                         else (adv.mean(), adv.var().sqrt()))
+            adv = (adv - mean) / (std + 1e-8)
+        pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - t.clip_coef, 1 + t.clip_coef)).mean()
+        entropy_loss = -entropy.mean()
+        loss = pg_loss + t.ent_coef * entropy_loss + t.vf_coef * value_loss
+        w2 = torch.zeros((), device=loss.device)
+        if t.w2_coef > 0:
+            x0 = chain[:, 0]
+            w2 = (self._deterministic_actions(self.policy, cond, x0)
+                  - self._deterministic_actions(self.reference, self.reference.encode(obs, images), x0)).square().mean()
+            loss = loss + t.w2_coef * w2
+        loss.backward()
+        self.dist.average_gradients([*self.policy.parameters(), *self.noise.parameters(), *self.critic.parameters()])
+        self._clip([*self.policy.parameters(), *self.noise.parameters()])
+        self._clip(self.critic.parameters())
+        with torch.no_grad():
+            ratio = ratio.detach()
+            stats = torch.stack([pg_loss.detach(), value_loss.detach(), entropy_loss.detach(),
+                                 ((ratio - 1) - log_ratio.detach()).mean(),
+                                 ((ratio - 1).abs() > t.clip_coef).float().mean(), (ratio - 1).abs().max(), w2.detach()])
+        return {"stats": stats}
+
+    def _use_graph(self, size: int) -> bool:
+        """Whether this update's PPO steps run as one CUDA graph each (``train.cuda_graph``): on a CUDA device,
+        in one process, for state-only policies, when the rollout splits into whole minibatches."""
+        return (self._ppo_graph is not None and size % self.local_minibatch == 0
+                and (not self._graph_data or len(self._graph_data["advantages"]) == size))
+
+    def _graph_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rollout copied into the buffers the captured PPO step reads (allocated at the first update)."""
+        if not self._graph_data:
+            self._graph_data.update({k: v.clone() for k, v in batch.items()})
+            self._graph_data["old_logprob"] = torch.zeros(len(batch["advantages"]), device=self.device)
+        else:
+            for k, v in batch.items():
+                self._graph_data[k].copy_(v)
+        return self._graph_data
 
     def _ramp_actor_lr(self) -> float:
         """Count the actor's iteration; during the ramp, set its learning rate to the schedule's times the
