@@ -49,8 +49,8 @@ def _source(path: Path, level: str, task: str | None, device: str, num_envs: int
     if (path / CONFIG).is_file():
         policy, config = load_policy(path, device)
         require_state_only(policy, f"{path}: collect")  # the recorded observations are states only
-        desc = {"kind": "flowrl_policy", "path": str(path), "head": policy.cfg.head, "num_steps": policy.cfg.num_steps}
-        return FlowChunkPolicy(policy, policy.cfg.num_steps), task or config["task"], desc
+        desc = {"kind": "flowrl_policy", "path": str(path), "head": policy.cfg.head, "k": policy.cfg.k}
+        return FlowChunkPolicy(policy, policy.cfg.k), task or config["task"], desc
     raise FlowrlError(f"{path}: neither an expert folder (expert.json) nor a policy checkpoint ({CONFIG})")
 
 

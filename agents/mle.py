@@ -60,7 +60,7 @@ class MLEConfig(LoopConfig):
     """`inverted` (each demonstration paired with its latent under the pretrained flow) or `prior`."""
     steps: int = 2000
     """Gradient steps."""
-    num_steps: int = 0
+    k: int = 0
     """Euler steps K of the solver trained through (0: the pretrained policy's K)."""
     batch_size: int = 256
     """Demonstration chunks per gradient step."""
@@ -100,7 +100,7 @@ class MLEConfig(LoopConfig):
         super().validate(prefix)
         check_positive(self, prefix, "steps", "batch_size", "lr", "inversion_steps", "residual_hidden_dim",
                        "contraction_margin", "lipschitz_samples")
-        check_non_negative(self, prefix, "num_steps", "weight_decay", "grad_clip", "fm_coef", "max_episodes")
+        check_non_negative(self, prefix, "k", "weight_decay", "grad_clip", "fm_coef", "max_episodes")
         for key, allowed in (("method", ("ft", "resft")), ("latents", ("inverted", "prior")),
                              ("variance", ("fixed", "learned"))):
             if getattr(self, key) not in allowed:
@@ -198,7 +198,7 @@ class MLEFineTuning(Agent):
             raise FlowrlError(f"{data_path}: obs/act dims {episodes.obs_dim}/{episodes.act_dim} differ from the "
                               f"policy's {pretrained.obs_dim}/{pretrained.act_dim}")
         self.data_path = str(data_path)
-        self.K = t.num_steps or pretrained.cfg.num_steps
+        self.K = t.k or pretrained.cfg.k
         self.data = ChunkDataset(episodes, pretrained.cfg.obs_history, pretrained.cfg.horizon, self.device)
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
@@ -217,7 +217,7 @@ class MLEFineTuning(Agent):
             self.model.residual.requires_grad_(True)
         else:
             self.model = pretrained
-        self.model.cfg.num_steps = self.K
+        self.model.cfg.k = self.K
         self.model.train()
         self.log_std = LogStd(self.model.chunk_shape).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]

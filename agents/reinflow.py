@@ -67,7 +67,7 @@ class ReinFlowConfig(LoopConfig):
     """Environments stepped together."""
     rollout_steps: int = 80
     """Policy decisions (action chunks) per env per iteration."""
-    num_steps: int = 0
+    k: int = 0
     """Euler steps K of the noisy chain (0: the pretrained policy's K)."""
     gamma: float = 0.99
     """Discount per decision (per action chunk)."""
@@ -147,7 +147,7 @@ class ReinFlowConfig(LoopConfig):
         check_positive(self, prefix, "env_steps", "num_envs", "rollout_steps", "actor_lr", "critic_lr",
                        "update_epochs", "minibatch_size", "clip_coef", "sigma_min", "sigma_max", "critic_hidden_dim",
                        "critic_depth", "noise_hidden_dim")
-        check_non_negative(self, prefix, "num_steps", "target_kl", "ent_coef", "vf_coef", "w2_coef", "max_grad_norm",
+        check_non_negative(self, prefix, "k", "target_kl", "ent_coef", "vf_coef", "w2_coef", "max_grad_norm",
                            "actor_lr_min", "critic_lr_min", "critic_warmup_iterations", "critic_warmup_max_iterations",
                            "actor_lr_ramp_iterations", "sim_threads")
         check_fraction(self, prefix, "gamma", "gae_lambda", "sigma_hold", "sigma_final_mix", "critic_warmup_ev")
@@ -328,8 +328,8 @@ class ReinFlow(Agent):
             raise FlowrlError(f"{cfg.init}/config.json: missing key 'task'")
         self.task = canonical_task(cfg.task or init_config["task"])
         self.init_info = {"path": str(cfg.init), "step": init_config.get("step"), "stage": init_config.get("stage")}
-        self.K = t.num_steps or policy.cfg.num_steps
-        policy.cfg.num_steps = self.K
+        self.K = t.k or policy.cfg.k
+        policy.cfg.k = self.K
         self._policy = policy.train()
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         torch.manual_seed(cfg.seed)

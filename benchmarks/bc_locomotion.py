@@ -40,7 +40,7 @@ def main() -> int:
     for head in ("reflow", "shortcut"):
         for seed in args.seeds:
             overrides = [f"seed={seed}", f"device={args.device}", f"eval.episodes={args.episodes}",
-                         "eval.steps=[1,2,4,8]", "train.eval_every=0"]
+                         "eval.k=[1,2,4,8]", "train.eval_every=0"]
             if args.steps:
                 overrides.append(f"train.steps={args.steps}")
             cfg = load_stage_config("pretrain", REPO / "configs" / args.task / f"pretrain_{head}.yaml", overrides)
@@ -51,7 +51,7 @@ def main() -> int:
             try:
                 bc.fit()
                 train_s = time.time() - start
-                evals = {r["num_steps"]: r["return_mean"] for r in bc.final_evaluation()}
+                evals = {r["k"]: r["return_mean"] for r in bc.final_evaluation()}
             finally:
                 bc.close()
             results.setdefault(head, []).append({"seed": seed, "returns": evals, "train_s": round(train_s, 1)})

@@ -56,7 +56,7 @@ POLICIES = [("3x512 reflow", "reflow", 4), ("3x512 reflow", "reflow", 1), ("3x51
 
 def make_checkpoint(folder: Path, head: str) -> Path:
     torch.manual_seed(0)
-    cfg = PolicyConfig(head=head, obs_history=1, horizon=4, act_steps=1, num_steps=4, hidden_dim=512, depth=3)
+    cfg = PolicyConfig(head=head, obs_history=1, horizon=4, act_steps=1, k=4, hidden_dim=512, depth=3)
     return save_checkpoint(folder, FlowPolicy(cfg, OBS_DIM, ACT_DIM), {"task": "Hopper"})
 
 

@@ -67,8 +67,8 @@ def reinflow_from(task: str, checkpoint: str, k: int, seed: int, args: argparse.
     from flowrl.agents.reinflow import ReinFlow
 
     cfg = load_stage_config("finetune", REPO / "configs" / task / "finetune_reflow.yaml",
-                            [f"init={checkpoint}", f"seed={seed}", f"device={args.device}", f"train.num_steps={k}",
-                             f"train.env_steps={args.reinflow_env_steps}", f"eval.steps=[{k}]",
+                            [f"init={checkpoint}", f"seed={seed}", f"device={args.device}", f"train.k={k}",
+                             f"train.env_steps={args.reinflow_env_steps}", f"eval.k=[{k}]",
                              f"eval.backend={args.eval_backend}"])
     run = Trainer(ReinFlow(cfg), out, progress=False)
     try:
@@ -125,7 +125,7 @@ def run_seed(task: str, seed: int, args: argparse.Namespace, record: dict, save)
             record[method] = {}
             for k in args.ks:
                 overrides = [f"init={init}", f"seed={seed}", f"device={args.device}", f"train.method={method}",
-                             f"train.num_steps={k}", f"train.data={data_path}", f"eval.backend={args.eval_backend}",
+                             f"train.k={k}", f"train.data={data_path}", f"eval.backend={args.eval_backend}",
                              f"train.max_episodes={min(args.max_episodes or train_episodes, train_episodes)}",
                              "train.eval_every=0", *([f"train.steps={args.steps}"] if args.steps else [])]
                 cfg = load_stage_config("finetune", REPO / "configs" / task / "finetune_mle.yaml", overrides)

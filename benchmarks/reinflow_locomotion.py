@@ -65,7 +65,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     started = time.time()
     common = [f"seed={seed}", f"device={args.device}"]
     pre_cfg = load_stage_config("pretrain", REPO / "configs" / task / f"pretrain_{head}.yaml",
-                                [*common, "train.eval_every=0", f"eval.episodes={args.episodes}", "eval.steps=[4]",
+                                [*common, "train.eval_every=0", f"eval.episodes={args.episodes}", "eval.k=[4]",
                                  *([f"train.steps={args.pretrain_steps}"] if args.pretrain_steps else []),
                                  *args.pretrain_set])
     if not Path(pre_cfg.data.path).is_absolute():
@@ -103,7 +103,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     preset = getattr(args, "finetune_preset", "") or f"finetune_{head}.yaml"
     record["pretrained_checkpoint"] = str(init)
     ft_cfg = load_stage_config("finetune", REPO / "configs" / task / preset,
-                               [*common, f"init={init}", f"eval.episodes={args.episodes}", "eval.steps=[4]",
+                               [*common, f"init={init}", f"eval.episodes={args.episodes}", "eval.k=[4]",
                           f"train.eval_every={args.eval_every}", f"train.eval_episodes={args.eval_episodes}",
                                 f"train.sim_threads={args.sim_threads}", *args.overrides,
                                 *([f"train.env_steps={args.env_steps}"] if args.env_steps else [])])

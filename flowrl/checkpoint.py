@@ -86,7 +86,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[F
     if not (folder / MODEL).is_file():
         raise FlowrlError(f"{folder}: missing {MODEL}")
     try:
-        pcfg = from_dict(PolicyConfig, config["policy"])
+        pcfg = from_dict(PolicyConfig, config["policy"], prefix="policy.")  # older flowrl's num_steps is k
         validate_policy(pcfg)
         policy = FlowPolicy(pcfg, int(config["obs_dim"]), int(config["act_dim"]))
     except KeyError as e:

@@ -10,11 +10,12 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from flowrl.errors import FlowrlError
 
-from flowrl.config import EVAL_SEED, MIN_SELECTION_EPISODES  # noqa: E402
+from flowrl.config import EVAL_SEED, MIN_SELECTION_EPISODES, RenamedWarning, warn_renamed  # noqa: E402
 
 EPILOG = """stages:
   flowrl expert Hopper --out experts/hopper           train a Stable-Baselines3 expert (with snapshots)
@@ -71,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                     f"{RUN_FOLDER})")
     ft.add_argument("--env-steps", type=int, help="env-step budget of online algorithms (same as train.env_steps=N)")
     ft.add_argument("--steps", type=int, help="gradient-step budget of offline algorithms such as mle (same as "
-                    "train.steps=N); for ReinFlow a deprecated spelling of --env-steps")
+                    "train.steps=N); for ReinFlow the old name of --env-steps")
     ft.add_argument("--out", help="run folder (default: runs/<task>-finetune-<head>-<time>)")
     ft.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
                     "(from the beginning if it has none yet, so a requeued job can always pass it)")
@@ -87,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--episodes", type=int, default=10, help="episodes per K (default 10)")
     ev.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8],
                     help="numbers of Euler steps K to evaluate (default 1 2 4 8)")
-    ev.add_argument("--steps", type=int, nargs="+", help=argparse.SUPPRESS)  # deprecated spelling of --k
+    ev.add_argument("--steps", type=int, nargs="+", help=argparse.SUPPRESS)  # the old name of --k (RENAMED_FLAGS)
     ev.add_argument("--seed", type=int, default=EVAL_SEED,
                     help=f"env i is seeded seed+i (default {EVAL_SEED}; training's periodic evaluations, which "
                     "choose `best`, use other seeds)")
@@ -142,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("task", help="Hopper, Walker2d, HalfCheetah, Ant, Humanoid or Humanoid-Newton (Newton solver; "
                     "needs --backend cpu or warp)")
     ex.add_argument("--env-steps", type=int, default=1_000_000, help="env steps (default 1e6)")
-    ex.add_argument("--steps", type=int, help=argparse.SUPPRESS)  # deprecated spelling of --env-steps
+    ex.add_argument("--steps", type=int, help=argparse.SUPPRESS)  # the old name of --env-steps (RENAMED_FLAGS)
     ex.add_argument("--out", help="expert folder (default experts/<task>)")
     ex.add_argument("--seed", type=int, default=0, help="seed of PPO and of the envs (default 0)")
     ex.add_argument("--num-envs", type=int, default=8, help="envs stepped together (default 8)")
@@ -305,12 +306,32 @@ def _train(stage: str, args: argparse.Namespace) -> None:
         distributed.shutdown()
 
 
+RENAMED_FLAGS = {
+    ("eval", "steps"): ("--steps", "--k", "k"),
+    ("expert", "steps"): ("--steps", "--env-steps", "env_steps"),
+}
+"""Old flags still read (hidden from --help): (command, the old flag's dest) -> (old flag, new flag,
+the new flag's dest). ``--steps`` was K for eval and env steps for expert; it now means gradient steps
+only. finetune's ``--steps`` of an env-step algorithm (ReinFlow) is read as ``--env-steps`` the same
+way (:func:`_apply_budget`: which one it is depends on the config's algorithm)."""
+
+
+def _renamed_flags(args: argparse.Namespace) -> None:
+    """Each old flag of :data:`RENAMED_FLAGS` given is read as its new one, with one note
+    (:func:`flowrl.config.warn_renamed`, as for old config keys)."""
+    for (command, dest), (old, new, new_dest) in RENAMED_FLAGS.items():
+        if args.command == command and getattr(args, dest, None) is not None:
+            warn_renamed(old, new, command)
+            setattr(args, new_dest, getattr(args, dest))
+            setattr(args, dest, None)
+
+
 def _apply_budget(cfg: object, steps: int | None, env_steps: int | None) -> None:
     """``--steps`` (gradient steps: train.steps) and ``--env-steps`` (train.env_steps), for the algorithms
-    whose config has that budget; ``--steps`` of an env-step algorithm is the deprecated spelling."""
+    whose config has that budget; ``--steps`` of an env-step algorithm is the old name of ``--env-steps``."""
     train = cfg.train  # type: ignore[attr-defined]
     if steps is not None and not hasattr(train, "steps") and hasattr(train, "env_steps") and env_steps is None:
-        print("flowrl: note: finetune --steps for an env-step budget is deprecated; use --env-steps", file=sys.stderr)
+        warn_renamed("--steps", "--env-steps", f"finetune (algo {cfg.algo})")  # type: ignore[attr-defined]
         steps, env_steps = None, steps
     for key, value in (("steps", steps), ("env_steps", env_steps)):
         if value is None:
@@ -338,9 +359,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         cmd_describe(args)
         return
     ks = args.k
-    if args.steps is not None:
-        print("flowrl: note: eval --steps is deprecated; use --k", file=sys.stderr)
-        ks = args.steps
     if args.episodes < 1 or any(k < 1 for k in ks):
         raise FlowrlError("--episodes and --k must be >= 1")
     folder, why = checkpoint_choice(args.checkpoint)
@@ -366,7 +384,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         for row in rows:
             if "episode_success" in row:
                 failed = [args.seed + i for i, ok in enumerate(row["episode_success"]) if not ok]
-                print(f"K={row['num_steps']}: {len(failed)} failed episode(s)"
+                print(f"K={row['k']}: {len(failed)} failed episode(s)"
                       + (f", env seeds {' '.join(map(str, failed))}" if failed else ""))
     if args.video:
         from flowrl.video import record_video
@@ -424,9 +442,6 @@ def cmd_expert(args: argparse.Namespace) -> None:
     spec = resolve_task(args.task)
     if args.num_envs < 1 or args.snapshot_every < 1:
         raise FlowrlError(f"--num-envs and --snapshot-every must be >= 1, got {args.num_envs} and {args.snapshot_every}")
-    if args.steps is not None:
-        print("flowrl: note: expert --steps is deprecated; use --env-steps", file=sys.stderr)
-        args.env_steps = args.steps
     if args.env_steps < args.snapshot_every:
         raise FlowrlError(f"--env-steps ({args.env_steps}) must be >= --snapshot-every ({args.snapshot_every})")
     out = args.out or os.path.join("experts", spec.name.lower())
@@ -511,7 +526,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     output_file(args.out)
     meta = export(args.checkpoint, args.out, args.format, args.k)
-    print(f"wrote {args.out} ({args.format}, K={meta['num_steps']}, {meta['head']} head, obs "
+    print(f"wrote {args.out} ({args.format}, K={meta['k']}, {meta['head']} head, obs "
           f"({meta['obs_history']}, {meta['obs_dim']}) -> actions ({meta['horizon']}, {meta['act_dim']})) and "
           f"{metadata_path(args.out)}; max |export - eager| = {meta['max_abs_error']:.2g}")
 
@@ -532,7 +547,7 @@ def cmd_deploy_sim(args: argparse.Namespace) -> None:
         print(json.dumps({"task": task, **policy.describe(), **stats.summary()}, indent=2))
         return
     mode = f"async (threshold {args.threshold:g})" if args.async_inference else "sync"
-    print(f"deploy-sim: {task} at {args.rate:g} Hz, {policy.backend}, K={policy.num_steps}, {mode}")
+    print(f"deploy-sim: {task} at {args.rate:g} Hz, {policy.backend}, K={policy.k}, {mode}")
     print(stats.table())
     for i, ep in enumerate(stats.episodes):
         print(f"episode {i}: return {ep['return']:.2f}, length {ep['length']}")
@@ -547,7 +562,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     policy = load(args.policy, num_steps=args.k, seed=args.seed)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     server = PolicyServer({args.name: policy}, port=args.port, host=args.host).start()
-    print(f"serving '{args.name}' ({policy.backend}, K={policy.num_steps}, obs ({policy.obs_history}, "
+    print(f"serving '{args.name}' ({policy.backend}, K={policy.k}, obs ({policy.obs_history}, "
           f"{policy.obs_dim}) -> actions ({policy.horizon}, {policy.act_dim})) on {server.address}", flush=True)
     try:
         server.wait()
@@ -558,6 +573,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
 COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval, "data": cmd_data, "expert": cmd_expert,
             "collect": cmd_collect, "config": cmd_config, "describe": cmd_describe, "plot": cmd_plot,
             "export": cmd_export, "deploy-sim": cmd_deploy_sim, "serve": cmd_serve}
+
+
+def _notes(show: object) -> object:
+    """A ``warnings.showwarning`` that prints each :class:`flowrl.config.RenamedWarning` of one command
+    once, as ``flowrl: note: config: policy.num_steps is now policy.k``, and hands other warnings to
+    ``show``."""
+    seen: set[str] = set()
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if not issubclass(category, RenamedWarning):
+            return show(message, category, filename, lineno, file, line)  # type: ignore[operator]
+        if str(message) not in seen:
+            seen.add(str(message))
+            print(f"flowrl: note: {message}", file=sys.stderr)
+
+    return showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,11 +602,15 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if getattr(args, "device", None) is not None:  # eval, expert, collect: before any work starts
-            from flowrl.config import check_device
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RenamedWarning)
+            warnings.showwarning = _notes(warnings.showwarning)
+            _renamed_flags(args)
+            if getattr(args, "device", None) is not None:  # eval, expert, collect: before any work starts
+                from flowrl.config import check_device
 
-            check_device(args.device)
-        COMMANDS[args.command](args)
+                check_device(args.device)
+            COMMANDS[args.command](args)
     except FlowrlError as e:
         print(f"flowrl: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -9,9 +9,11 @@ names the key and stops before any work starts.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import inspect
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -42,7 +44,7 @@ class PolicyConfig:
     """Length of the predicted action chunk."""
     act_steps: int = 4
     """How many actions of each chunk the env executes open loop before the policy is asked again."""
-    num_steps: int = 4
+    k: int = 4
     """Default number of Euler steps K at inference (any K can be asked for at evaluation)."""
     hidden_dim: int = 512
     """Width of the residual MLP velocity network."""
@@ -55,7 +57,7 @@ class PolicyConfig:
     residual_hidden_dim: int = 0
     """Width of a contracting residual field added to the velocity (0: none; MLE fine-tuning's ResFT adds it)."""
     residual_gain_min: float = 0.0
-    """The residual's damping gain k is at least this (ResFT sets it above the frozen field's estimated
+    """The residual's damping gain is at least this (ResFT sets it above the frozen field's estimated
     Lipschitz bound, so the combined field contracts in the action)."""
     cameras: list[str] = field(default_factory=list)
     """Cameras the policy sees besides the state (pixel policies; e.g. [agentview]): their images are read
@@ -114,7 +116,7 @@ class LoopConfig:
 class EvalConfig:
     episodes: int = 10
     """Episodes per K in the final evaluation."""
-    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """Numbers of Euler steps K to evaluate."""
     seed: int = EVAL_SEED
     """Env i of the final evaluation is seeded with seed + i (the periodic evaluations during training,
@@ -197,7 +199,7 @@ def check_fraction(obj: Any, prefix: str, *names: str) -> None:
 def validate_policy(p: PolicyConfig, prefix: str = "policy.") -> None:
     if p.head not in ("reflow", "shortcut"):
         fail(f"{prefix}head", f"must be reflow or shortcut, got '{p.head}'")
-    check_positive(p, prefix, "obs_history", "horizon", "act_steps", "num_steps", "hidden_dim", "depth",
+    check_positive(p, prefix, "obs_history", "horizon", "act_steps", "k", "hidden_dim", "depth",
                    "time_embed_dim", "max_shortcut_steps")
     check_non_negative(p, prefix, "residual_hidden_dim", "residual_gain_min", "image_shift")
     check_positive(p, prefix, "image_size", "image_features")
@@ -261,8 +263,8 @@ def validate_backend(backend: str, key: str) -> None:
 def validate_eval(e: EvalConfig, prefix: str = "eval.") -> None:
     check_positive(e, prefix, "episodes")
     check_non_negative(e, prefix, "max_envs")
-    if not e.steps or any(k < 1 for k in e.steps):
-        fail(f"{prefix}steps", f"must be a non-empty list of integers >= 1, got {list(e.steps)}")
+    if not e.k or any(k < 1 for k in e.k):
+        fail(f"{prefix}k", f"must be a non-empty list of integers >= 1, got {list(e.k)}")
     validate_backend(e.backend, f"{prefix}backend")
 
 
@@ -388,7 +390,7 @@ def _fits(stage: str, layers: list[Any]) -> bool:
     """Whether ``layers`` merge into ``stage``'s schema (its default algorithm) without an unknown key
     or a wrong type."""
     try:
-        _merge(stage_schema(stage), layers)
+        _merge(stage_schema(stage), layers, warn=False)
     except FlowrlError:
         return False
     return True
@@ -468,9 +470,98 @@ def yaml_problem(e: BaseException) -> str:
     return text
 
 
-def _merge(schema: type[T], layers: list[Any]) -> T:
+RENAMED_KEYS = {
+    "policy.num_steps": "policy.k",
+    "eval.steps": "eval.k",
+    "train.num_steps": "train.k",
+}
+"""Config keys still read under an old name (old: new). K, the number of Euler steps, is ``k``
+everywhere; ``steps`` is a budget of gradient steps and ``env_steps`` one of env steps. Where a schema
+has the new key and not the old one (``train.num_steps`` is ReinFlow's and MLE's K; behaviour cloning
+has neither), a preset or override naming the old key is read as the new one with one
+:class:`RenamedWarning`; a checkpoint written under the old names loads the same way, silently."""
+
+
+class RenamedWarning(DeprecationWarning):
+    """A config key or command-line flag given by its old name, read as its new one (the ``flowrl``
+    command prints it as one ``flowrl: note:`` line)."""
+
+
+def warn_renamed(old: str, new: str, where: str = "config") -> None:
+    """The one warning that ``old`` is now ``new``: ``config: policy.num_steps is now policy.k``."""
+    warnings.warn(f"{where}: {old} is now {new}", RenamedWarning, stacklevel=3)
+
+
+def _has_key(node: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not OmegaConf.is_dict(node) or part not in node.keys():
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def _section(layer: Any, dotted: str) -> Any:
+    """The mapping at ``dotted`` in ``layer`` ("" for the layer itself), or None."""
+    node = layer
+    for part in filter(None, dotted.split(".")):
+        node = node.get(part) if OmegaConf.is_dict(node) else None
+    return node if OmegaConf.is_dict(node) else None
+
+
+def rename_old_keys(base: Any, layers: list[Any], prefix: str = "", warn: bool = True) -> list[Any]:
+    """``layers`` with every old key of :data:`RENAMED_KEYS` that ``base`` (the structured schema they
+    merge into, whose keys sit under ``prefix``, e.g. ``policy.``) has renamed moved to its new name,
+    and one :class:`RenamedWarning` per old key found (``warn``). A layer giving both names is a
+    one-line error. The layers given are not changed."""
+    renames = []
+    for old, new in RENAMED_KEYS.items():
+        if old.startswith(prefix) and new.startswith(prefix):
+            old_rel, new_rel = old[len(prefix):], new[len(prefix):]
+            if _has_key(base, new_rel) and not _has_key(base, old_rel):
+                renames.append((old, new, old_rel, new_rel))
+    found: list[tuple[str, str]] = []
+    out = []
+    for layer in layers:
+        copied = False
+        for old, new, old_rel, new_rel in renames:
+            where, _, old_leaf = old_rel.rpartition(".")
+            section = _section(layer, where)
+            if section is None or old_leaf not in section:
+                continue
+            if not copied:
+                layer, copied = copy.deepcopy(layer), True
+                section = _section(layer, where)
+            new_where, _, new_leaf = new_rel.rpartition(".")
+            target = section if new_where == where else _section(layer, new_where)
+            if target is None or new_leaf in target:
+                fail(old, f"is the old name of {new}, which is also given; keep only {new}")
+            target[new_leaf] = section._get_node(old_leaf)
+            del section[old_leaf]
+            if (old, new) not in found:
+                found.append((old, new))
+        out.append(layer)
+    if warn:
+        for old, new in found:
+            warn_renamed(old, new)
+    return out
+
+
+def current_names(flat: dict[str, Any], current_keys: Any) -> dict[str, Any]:
+    """A flattened config record (``{"policy.num_steps": 4, ...}``, as an older flowrl wrote a run's
+    config.yaml) under the current names of :data:`RENAMED_KEYS` where ``current_keys`` (the flat keys
+    of the config now in force) has the new key and not the old one."""
+    out = dict(flat)
+    for old, new in RENAMED_KEYS.items():
+        if old in out and new not in out and new in current_keys and old not in current_keys:
+            out[new] = out.pop(old)
+    return out
+
+
+def _merge(schema: type[T], layers: list[Any], warn: bool = True) -> T:
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
+        base = OmegaConf.structured(schema)
+        layers = rename_old_keys(base, layers, warn=warn)
+        merged = OmegaConf.merge(base, *layers)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise FlowrlError(f"config: {missing[0]}: required but not set")
@@ -486,10 +577,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(schema: type[T], data: dict[str, Any]) -> T:
-    """Rebuild a typed config from a plain dict (e.g. a checkpoint's config.json)."""
+def from_dict(schema: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Rebuild a typed config from a plain dict (e.g. a checkpoint's config.json), whose keys sit under
+    ``prefix`` in a stage config (``policy.`` for a checkpoint's policy); keys of :data:`RENAMED_KEYS`
+    written by an older flowrl are read under their new names, without a warning (a record, not
+    something the user wrote)."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data)))
+        base = OmegaConf.structured(schema)
+        layers = rename_old_keys(base, [OmegaConf.create(data)], prefix, warn=False)
+        return OmegaConf.to_object(OmegaConf.merge(base, *layers))
     except OmegaConfBaseException as e:
         raise FlowrlError(f"config: {getattr(e, 'full_key', '?')}: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
 

@@ -80,7 +80,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "stage": config.get("stage"),
         "algorithm": config.get("algorithm"),
         "step": config.get("step"),
-        "policy": {"head": pcfg.head, "num_steps": pcfg.num_steps, "horizon": pcfg.horizon,
+        "policy": {"head": pcfg.head, "k": pcfg.k, "horizon": pcfg.horizon,
                    "act_steps": pcfg.act_steps, "obs_history": pcfg.obs_history, "hidden_dim": pcfg.hidden_dim,
                    "depth": pcfg.depth, "parameters": sum(p.numel() for p in policy.parameters())},
         "observation": {"dim": obs_dim, "layout": parts, "layout_source": source},
@@ -99,7 +99,7 @@ def format_description(d: dict[str, Any]) -> str:
     if d.get("stage"):
         lines.append(f"trained by   {d['stage']}" + (f" ({d['algorithm']})" if d.get("algorithm") else "")
                      + (f", step {d['step']}" if d.get("step") is not None else ""))
-    lines.append(f"policy       {p['head']} head, K = {p['num_steps']} Euler steps by default (any K works), "
+    lines.append(f"policy       {p['head']} head, K = {p['k']} Euler steps by default (any K works), "
                  f"chunks of {p['horizon']} actions of which {p['act_steps']} are executed, "
                  f"{p['obs_history']} observation(s) of history, {p['parameters']:,} parameters "
                  f"({p['depth']} x {p['hidden_dim']} residual MLP)")

@@ -62,7 +62,7 @@ class Evaluator:
         deterministic flow policy with K = ``num_steps``, over ``episodes`` seeded episodes."""
         seed = self.seed if seed is None else seed
         gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
-        return {"num_steps": num_steps,
+        return {"k": num_steps,
                 **self.run(FlowChunkPolicy(policy, num_steps, gen), episodes, seed, per_episode)}
 
     def run(self, policy: ChunkPolicy, episodes: int = 10, seed: int | None = None,

@@ -116,7 +116,7 @@ class FlowPolicy(nn.Module):
                generator: torch.Generator | None = None,
                images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Normalised action chunks (B, horizon, act_dim), unclamped; deterministic given ``noise``."""
-        k = num_steps or self.cfg.num_steps
+        k = num_steps or self.cfg.k
         cond = self.encode(obs, images)
         x0 = self.initial_noise(obs.shape[0], generator) if noise is None else noise
         return euler_sample(self.velocity_fn(cond, k), x0, k)

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from flowrl.checkpoint import list_checkpoints
-from flowrl.config import to_dict
+from flowrl.config import current_names, to_dict
 from flowrl.errors import FlowrlError
 from flowrl.io import read_json, write_atomic, write_json
 
@@ -41,12 +41,13 @@ class RunFolder:
         cfg_path = self.path / "config.yaml"
         new = to_dict(cfg)
         if resume and cfg_path.is_file():
-            old = OmegaConf.to_container(OmegaConf.load(cfg_path))
-            diffs = [k for k in _flat(new) if k not in resumable_keys and _flat(old).get(k) != _flat(new)[k]]
+            now = _flat(new)
+            old = current_names(_flat(OmegaConf.to_container(OmegaConf.load(cfg_path))), now)  # older key names
+            diffs = [k for k in now if k not in resumable_keys and old.get(k) != now[k]]
             if diffs:
                 k = diffs[0]
                 raise FlowrlError(f"--resume: config key '{k}' differs from the run's config.yaml "
-                                  f"({_flat(old).get(k)!r} there, {_flat(new)[k]!r} now)")
+                                  f"({old.get(k)!r} there, {now[k]!r} now)")
         elif not resume and self.checkpoints.exists() and list_checkpoints(self.path):
             raise FlowrlError(f"{self.path} already holds checkpoints; pass --resume to continue it "
                               "or choose another --out")
@@ -134,7 +135,7 @@ def format_eval_table(rows: list[dict[str, Any]], title: str = "") -> str:
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
     for r in rows:
-        line = (f"{r['num_steps']:>3}  {r['episodes']:>8}  {r['return_mean']:>11.1f}  {r['return_std']:>10.1f}"
+        line = (f"{r['k']:>3}  {r['episodes']:>8}  {r['return_mean']:>11.1f}  {r['return_std']:>10.1f}"
                 f"  {r['length_mean']:>7.1f}")
         if has_success:
             line += f"  {100 * r.get('success_rate', float('nan')):6.1f}%"

@@ -250,7 +250,7 @@ class Trainer:
     def _periodic_eval(self, writer: Any, bar: Any) -> None:
         if not self.dist.is_main or not self.agent.evaluates_in_simulation:
             return
-        k = self.agent.policy.cfg.num_steps
+        k = self.agent.policy.cfg.k
         r = self.evaluate(k, self.loop.eval_episodes, SELECTION_SEED)
         writer.add_scalar("eval/mean_reward", r["return_mean"], self.step)
         writer.add_scalar("eval/std_reward", r["return_std"], self.step)  # the episodes' spread (flowrl plot's band)
@@ -365,10 +365,10 @@ class Trainer:
         policy, config = load_policy(checkpoint, self.agent.device)
         step = config.get("step", self.step)
         e = self.agent.cfg.eval
-        rows = [self.evaluator(policy, k, e.episodes) for k in e.steps]
+        rows = [self.evaluator(policy, k, e.episodes) for k in e.k]
         writer = self.run.writer()
         for r in rows:
-            writer.add_scalar(f"eval/mean_reward_K{r['num_steps']}", r["return_mean"], step)
+            writer.add_scalar(f"eval/mean_reward_K{r['k']}", r["return_mean"], step)
         writer.flush()
         extra = {k: v for k, v in self.agent.checkpoint_info().items() if k in ("init", "dataset_return_mean")}
         self.run.append_eval({"checkpoint": str(checkpoint), "chosen": why, "task": self.agent.task, "step": step,

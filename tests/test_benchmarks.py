@@ -152,14 +152,14 @@ def _manipulation_run(folder: Path, run: str, seed: int, start: float, final: fl
     step = 409_600
     (folder / f"{run}_config.yaml").write_text(f"seed: {seed}\ntrain:\n  eval_episodes: 128\n  max_minutes: 3\n")
     (folder / f"{run}_eval.json").write_text(json.dumps({"evaluations": [{"step": step, "results": [
-        {"num_steps": 4, "episodes": 256, "success_rate": final, "length_mean": 180.0}]}]}))
+        {"k": 4, "episodes": 256, "success_rate": final, "length_mean": 180.0}]}]}))
     (folder / f"{run}_loop.json").write_text(json.dumps({
         "iteration": 4, "wall_clock": 95.7, "best_step": best_step, "eval_history": [
             {"iteration": 0, "env_steps": 0, "success_rate": start},
             {"iteration": 4, "env_steps": step, "success_rate": final}]}))
     for checkpoint, rate in robosuite.items():
         (folder / f"robosuite_eval_{run}_{step if checkpoint == 'last' else checkpoint}.json").write_text(json.dumps(
-            {"results": [{"num_steps": 4, "episodes": 100, "success_rate": rate, "length_mean": 185.0}]}))
+            {"results": [{"k": 4, "episodes": 100, "success_rate": rate, "length_mean": 185.0}]}))
 
 
 def test_import_runs_makes_rows_from_a_pipelines_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -68,7 +68,7 @@ def preset(tmp_path, hopper_dataset) -> Path:
     ("policy.head=diffusion", ("policy.head", "reflow or shortcut", "diffusion")),
     ("policy.act_steps=9", ("policy.act_steps", "<= horizon")),
     ("task=Hoper", ("task", "unknown task 'Hoper'")),
-    ("eval.steps=[0]", ("eval.steps",)),
+    ("eval.k=[0]", ("eval.k",)),
     ("noequals", ("override 'noequals' is not key=value",)),
 ])
 def test_bad_config_values(preset, tmp_path, override, fragments) -> None:
@@ -153,17 +153,18 @@ def test_help_explains_every_command() -> None:
     assert "train.ema_decay" in describe and "exponential moving average" in describe
 
 
-def test_one_meaning_per_budget_flag(capsys) -> None:
-    """--steps is a gradient-step budget, --env-steps an env-step one; --steps of ReinFlow is the old spelling."""
+def test_one_meaning_per_budget_flag() -> None:
+    """--steps is a gradient-step budget, --env-steps an env-step one; --steps of ReinFlow is the old name."""
     from flowrl.cli import _apply_budget
-    from flowrl.config import load_stage_config
+    from flowrl.config import RenamedWarning, load_stage_config
     from flowrl.errors import FlowrlError
 
     reinflow = load_stage_config("finetune", None, ["init=x"])
     _apply_budget(reinflow, None, 1234)
     assert reinflow.train.env_steps == 1234
-    _apply_budget(reinflow, 999, None)
-    assert reinflow.train.env_steps == 999 and "deprecated; use --env-steps" in capsys.readouterr().err
+    with pytest.warns(RenamedWarning, match=r"finetune \(algo reinflow\): --steps is now --env-steps") as caught:
+        _apply_budget(reinflow, 999, None)
+    assert reinflow.train.env_steps == 999 and len(caught) == 1
     mle = load_stage_config("finetune", None, ["init=x", "algo=mle"])
     _apply_budget(mle, 77, None)
     assert mle.train.steps == 77

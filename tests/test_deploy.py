@@ -34,7 +34,7 @@ def make_checkpoint(folder: Path, head: str, obs_history: int = 2, seed: int = 0
 
     Random weights are enough here: every test compares two ways of computing the same function."""
     torch.manual_seed(seed)
-    cfg = PolicyConfig(head=head, obs_history=obs_history, horizon=4, act_steps=3, num_steps=4, hidden_dim=64,
+    cfg = PolicyConfig(head=head, obs_history=obs_history, horizon=4, act_steps=3, k=4, hidden_dim=64,
                        depth=2, time_embed_dim=16, **kw)
     policy = FlowPolicy(cfg, 4, 2, np.array([-1.0, -0.5]), np.array([1.0, 0.8]))
     rng = np.random.default_rng(seed)
@@ -68,7 +68,7 @@ def test_export_matches_eager(checkpoints, exports, head, fmt) -> None:
     path = exports[head, fmt]
     meta = json.loads(metadata_path(path).read_text())
     k = 2 if head == "shortcut" else 4
-    assert meta["num_steps"] == k and meta["head"] == head and meta["obs_history"] == 2
+    assert meta["k"] == k and meta["head"] == head and meta["obs_history"] == 2
     assert meta["step_size"] == (0.5 if head == "shortcut" else None)
     assert (meta["task"], meta["obs_dim"], meta["act_dim"], meta["horizon"], meta["act_steps"]) == ("PointReach", 4, 2, 4, 3)
     assert meta["action_low"] == [-1.0, -0.5] and meta["action_high"] == pytest.approx([1.0, 0.8])

@@ -14,7 +14,7 @@ from flowrl.deploy.control import ControlLoop, SimulatedRobot, latency_summary, 
 from flowrl.deploy.runtime import DeployedPolicy
 from flowrl.errors import FlowrlError
 
-META = {"obs_dim": 3, "act_dim": 1, "horizon": 4, "act_steps": 3, "obs_history": 1, "num_steps": 1,
+META = {"obs_dim": 3, "act_dim": 1, "horizon": 4, "act_steps": 3, "obs_history": 1, "k": 1,
         "action_low": [-10.0], "action_high": [10.0], "task": None}
 
 

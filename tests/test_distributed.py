@@ -183,7 +183,7 @@ def point_reach_policy(tmp_path_factory) -> str:
     write_demonstrations(str(root / "demos.hdf5"), episodes=8, seed=0)
     cfg = load_stage_config("pretrain", None, [
         "task=PointReach", f"data.path={root / 'demos.hdf5'}", "device=cpu", "policy.hidden_dim=16", "policy.depth=1",
-        "policy.horizon=2", "policy.act_steps=2", "policy.num_steps=2", "policy.time_embed_dim=8", "train.steps=5",
+        "policy.horizon=2", "policy.act_steps=2", "policy.k=2", "policy.time_embed_dim=8", "train.steps=5",
         "train.batch_size=16", "train.eval_every=0", "train.checkpoint_every=5", "train.eval_episodes=1"])
     Trainer(BehaviorCloning(cfg), root / "bc", progress=False).fit()
     return str(root / "bc" / "checkpoints" / "5")

@@ -48,7 +48,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, hopper_dataset: Path) -> 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     code = main(["pretrain", str(REPO / "configs" / "quickstart.yaml"), "--steps", "30", "--out", str(out), "--quiet",
                  f"data.path={hopper_dataset}", "train.eval_every=10", "train.eval_episodes=2", "train.log_every=5",
-                 "train.checkpoint_every=10", "eval.episodes=2", "eval.steps=[1]", "policy.hidden_dim=32"])
+                 "train.checkpoint_every=10", "eval.episodes=2", "eval.k=[1]", "policy.hidden_dim=32"])
     assert code == 0
     return out
 
@@ -313,7 +313,7 @@ def test_cli_video_after_the_evaluation_is_saved(capsys, checkpoint: Path, monke
     assert_one_line_error(code, err, "MUJOCO_GL")
     assert "return mean" in out  # the table
     records = json.loads((checkpoint.parent.parent / "eval.json").read_text())["evaluations"]
-    assert records[-1]["results"][0]["num_steps"] == 1
+    assert records[-1]["results"][0]["k"] == 1
 
 
 def test_cli_video_writes_a_real_time_mp4(capsys, checkpoint: Path) -> None:
@@ -363,7 +363,7 @@ def test_cli_eval_per_episode(capsys, checkpoint: Path, monkeypatch) -> None:
     import flowrl.evaluation
 
     def with_failures(self, policy, k, episodes, seed=None, per_episode=False):
-        return {"num_steps": k, "episodes": 3, "seed": 100_000, "return_mean": 1 / 3, "return_std": 0.5,
+        return {"k": k, "episodes": 3, "seed": 100_000, "return_mean": 1 / 3, "return_std": 0.5,
                 "length_mean": 300.0, "length_std": 100.0, "wall_clock_s": 1.0, "success_rate": 1 / 3,
                 **({"episode_success": [False, True, False]} if per_episode else {})}
 
@@ -515,6 +515,7 @@ def test_config_show_takes_every_shipped_preset(capsys, preset: str, cpu_only_to
 
     code, out, err = run_cli(capsys, "config", "show", REPO / preset)
     assert code == 0, err
+    assert "note:" not in err  # shipped presets use the current key names (no RenamedWarning)
     shown = OmegaConf.create(out)
     preset_cfg = OmegaConf.load(REPO / preset)
     assert shown.task == preset_cfg.get("task", shown.task) and shown.algo
@@ -596,7 +597,7 @@ def test_best_stands_for_the_run_when_chosen_on_enough_episodes(capsys, tmp_path
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "pretrain", REPO / "configs" / "quickstart.yaml", "--steps", "20", "--out", run,
                              "--quiet", f"data.path={hopper_dataset}", "train.eval_every=10", "train.eval_episodes=20",
-                             "train.checkpoint_every=10", "eval.episodes=3", "eval.steps=[1]", "policy.hidden_dim=32")
+                             "train.checkpoint_every=10", "eval.episodes=3", "eval.k=[1]", "policy.hidden_dim=32")
     assert code == 0, err
     best = run / "checkpoints" / "best"
     assert checkpoint_choice(run) == (best, "`best`, chosen on 20 episodes per evaluation")

@@ -38,7 +38,7 @@ def bimodal(tmp_path_factory) -> tuple[str, str]:
     write_dataset(data, Episodes.from_list(eps, {"task": "PointReach"}))
     cfg = load_stage_config("pretrain", None, [
         "task=PointReach", f"data.path={data}", "device=cpu", "policy.hidden_dim=64", "policy.depth=2",
-        "policy.horizon=1", "policy.act_steps=1", "policy.num_steps=4", "policy.time_embed_dim=16",
+        "policy.horizon=1", "policy.act_steps=1", "policy.k=4", "policy.time_embed_dim=16",
         "train.steps=300", "train.batch_size=128", "train.eval_every=0", "train.checkpoint_every=300",
         "train.warmup_steps=20"])
     Trainer(BehaviorCloning(cfg), root / "bc", progress=False).fit()
@@ -48,11 +48,11 @@ def bimodal(tmp_path_factory) -> tuple[str, str]:
 def _cfg(init: str, *overrides: str):
     return load_stage_config("finetune", None, [
         "algo=mle", f"init={init}", "device=cpu", "train.batch_size=128", "train.eval_every=0",
-        "train.checkpoint_every=1000", "train.inversion_steps=16", "eval.episodes=2", "eval.steps=[1]", *overrides])
+        "train.checkpoint_every=1000", "train.inversion_steps=16", "eval.episodes=2", "eval.k=[1]", *overrides])
 
 
 def test_gradients_reach_every_solver_step(bimodal) -> None:
-    agent = MLEFineTuning(_cfg(bimodal[0], "train.num_steps=3", "train.latents=prior"))
+    agent = MLEFineTuning(_cfg(bimodal[0], "train.k=3", "train.latents=prior"))
     outputs: list[torch.Tensor] = []
     original = agent.model.velocity
 
@@ -151,7 +151,7 @@ def test_ft_with_inverted_latents_keeps_both_modes_and_cuts_the_reconstruction_e
     before_modes = _mode_mass(pretrained)
     runs = {}
     for latents in ("inverted", "prior"):
-        agent = MLEFineTuning(_cfg(bimodal[0], "train.num_steps=1", "train.lr=1e-3", f"train.latents={latents}"))
+        agent = MLEFineTuning(_cfg(bimodal[0], "train.k=1", "train.lr=1e-3", f"train.latents={latents}"))
         for i in range(150):
             agent.train_iteration(i)
         runs[latents] = agent

@@ -16,7 +16,7 @@ from flowrl.datasets import read_dataset
 
 TINY = ["policy.hidden_dim=32", "policy.depth=1", "policy.time_embed_dim=8", "train.batch_size=32",
         "train.eval_every=4", "train.eval_episodes=2", "train.checkpoint_every=4", "train.log_every=2",
-        "train.warmup_steps=1", "device=cpu", "eval.episodes=2", "eval.steps=[1,2]"]
+        "train.warmup_steps=1", "device=cpu", "eval.episodes=2", "eval.k=[1,2]"]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_pretrain_eval_video_and_tensorboard(tmp_path, hopper_dataset, capsys) -
     printed = capsys.readouterr().out
     assert "return mean" in printed and "evaluation of" in printed
     saved = json.loads((run / "eval.json").read_text())["evaluations"]
-    assert len(saved) == 1 and [r["num_steps"] for r in saved[0]["results"]] == [1, 2] and saved[0]["step"] == 8
+    assert len(saved) == 1 and [r["k"] for r in saved[0]["results"]] == [1, 2] and saved[0]["step"] == 8
     assert (run / "config.yaml").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "8", "best"]
 
@@ -69,7 +69,7 @@ def test_pretrain_eval_video_and_tensorboard(tmp_path, hopper_dataset, capsys) -
 
     assert main(["eval", str(run / "checkpoints" / "8"), "--episodes", "2", "--k", "1", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["checkpoint"].endswith("checkpoints/8") and [r["num_steps"] for r in result["results"]] == [1, 4]
+    assert result["checkpoint"].endswith("checkpoints/8") and [r["k"] for r in result["results"]] == [1, 4]
     records = json.loads((run / "eval.json").read_text())["evaluations"]
     assert len(records) == 2 and records[0] == saved[0]  # the pretraining's record is kept
     assert {k: v for k, v in records[1].items() if k != "time"} == result

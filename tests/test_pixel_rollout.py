@@ -137,7 +137,7 @@ def test_flowrl_eval_rolls_a_pixel_checkpoint_out_on_the_cpu_backend(tmp_path) -
     from flowrl.policy import FlowPolicy
 
     env = make(TASK, 1, backend="cpu", seed=0)
-    cfg = PolicyConfig(hidden_dim=32, depth=1, horizon=8, act_steps=8, num_steps=1, time_embed_dim=8,
+    cfg = PolicyConfig(hidden_dim=32, depth=1, horizon=8, act_steps=8, k=1, time_embed_dim=8,
                        cameras=[CAMERA], image_size=SIZE, image_features=4)
     torch.manual_seed(0)
     policy = FlowPolicy(cfg, env.obs_dim, env.act_dim, env.single_action_space.low, env.single_action_space.high)

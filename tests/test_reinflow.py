@@ -41,7 +41,7 @@ FINETUNE = ["device=cpu", "train.num_envs=128", "train.rollout_steps=15", "train
             "train.actor_lr_min=1e-4", "train.critic_lr=1e-3", "train.critic_lr_min=1e-3", "train.minibatch_size=480",
             "train.clip_coef=0.05", "train.ent_coef=0", "train.gamma=0.9", "train.eval_every=100",
             "train.checkpoint_every=100", "train.critic_warmup_iterations=1", "train.sigma_min=0.05",
-            "train.sigma_max=0.2", "eval.episodes=64", "eval.steps=[4]"]
+            "train.sigma_max=0.2", "eval.episodes=64", "eval.k=[4]"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def pretrained(tmp_path_factory) -> str:
     write_demonstrations(str(root / "demos.hdf5"), episodes=64, seed=0)
     cfg = _pretrain_cfg(*[
         "task=PointReach", f"data.path={root / 'demos.hdf5'}", "device=cpu", "policy.hidden_dim=64", "policy.depth=2",
-        "policy.horizon=2", "policy.act_steps=2", "policy.num_steps=4", "policy.time_embed_dim=16",
+        "policy.horizon=2", "policy.act_steps=2", "policy.k=4", "policy.time_embed_dim=16",
         "train.steps=600", "train.batch_size=128", "train.eval_every=0", "train.checkpoint_every=600",
         "train.warmup_steps=20"])
     Trainer(BehaviorCloning(cfg), root / "bc", progress=False).fit()
@@ -317,7 +317,7 @@ def test_shortcut_head_at_another_k(tmp_path) -> None:
         "policy.max_shortcut_steps=8", "train.steps=40", "train.batch_size=64", "train.eval_every=0",
         "train.checkpoint_every=40", "train.warmup_steps=5"])
     Trainer(BehaviorCloning(cfg), tmp_path / "bc", progress=False).fit()
-    ft = _cfg(f"init={tmp_path / 'bc' / 'checkpoints' / '40'}", *FINETUNE, "train.num_steps=2", "train.num_envs=32",
+    ft = _cfg(f"init={tmp_path / 'bc' / 'checkpoints' / '40'}", *FINETUNE, "train.k=2", "train.num_envs=32",
               "train.minibatch_size=120", "train.env_steps=3840", "train.critic_warmup_iterations=0")
     run = _run(ft, tmp_path / "ft")
     agent = run.agent
@@ -327,7 +327,7 @@ def test_shortcut_head_at_another_k(tmp_path) -> None:
     run.state.iteration += 1
     folder = run.save()
     policy, config = load_policy(folder)
-    assert policy.is_shortcut and config["policy"]["num_steps"] == 2 and config["stage"] == "finetune"
+    assert policy.is_shortcut and config["policy"]["k"] == 2 and config["stage"] == "finetune"
 
 
 def test_finetune_cli_end_to_end_and_bad_input(tmp_path, pretrained, capsys) -> None:
@@ -392,7 +392,7 @@ def test_w2_anchor_keeps_the_deployed_actions_near_the_pretrained_ones(tmp_path,
 
 
 def test_final_evaluation_releases_the_rollout_envs_first(tmp_path, pretrained, monkeypatch) -> None:
-    run = _run(_cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=1920", "eval.episodes=8", "eval.steps=[2]"),
+    run = _run(_cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=1920", "eval.episodes=8", "eval.k=[2]"),
                tmp_path / "final")
     run.fit()
     events: list[str] = []

@@ -21,7 +21,7 @@ TASK, SIZE, ENVS, DECISIONS, ACT_STEPS = "robosuite/Lift", 16, 3, 3, 2
 @pytest.fixture(scope="module")
 def pixel_checkpoint(tmp_path_factory) -> str:
     env = make(TASK, 1, backend="cpu", seed=0)
-    cfg = PolicyConfig(hidden_dim=32, depth=1, horizon=ACT_STEPS, act_steps=ACT_STEPS, num_steps=2, time_embed_dim=8,
+    cfg = PolicyConfig(hidden_dim=32, depth=1, horizon=ACT_STEPS, act_steps=ACT_STEPS, k=2, time_embed_dim=8,
                        cameras=["agentview"], image_size=SIZE, image_features=4)
     torch.manual_seed(0)
     policy = FlowPolicy(cfg, env.obs_dim, env.act_dim, env.single_action_space.low, env.single_action_space.high)

@@ -110,7 +110,7 @@ def test_a_pixel_policy_learns_what_only_the_images_tell(tmp_path) -> None:
     write_robomimic(path, data, [("state", 19)], {"env_name": "Lift"})
     cfg = load_stage_config("pretrain", None, [
         "task=robosuite/Lift", f"data.path={path}", "device=cpu", "policy.hidden_dim=64", "policy.depth=2",
-        "policy.horizon=1", "policy.act_steps=1", "policy.num_steps=4", "policy.time_embed_dim=16",
+        "policy.horizon=1", "policy.act_steps=1", "policy.k=4", "policy.time_embed_dim=16",
         "policy.cameras=[agentview]", f"policy.image_size={SIZE}", "policy.image_features=8", "policy.image_shift=1",
         "train.steps=300", "train.batch_size=64", "train.lr=2e-3", "train.warmup_steps=10", "train.ema_decay=0.9",
         "train.eval_every=0",

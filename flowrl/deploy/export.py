@@ -195,7 +195,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", num_steps
     if fmt not in FORMATS:
         raise FlowrlError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     policy, config = load_policy(resolve_checkpoint(checkpoint), "cpu")
-    k = policy.cfg.num_steps if num_steps is None else int(num_steps)
+    k = policy.cfg.k if num_steps is None else int(num_steps)
     if k < 1:
         raise FlowrlError(f"--k must be >= 1, got {k}")
     if check_batch < 2:

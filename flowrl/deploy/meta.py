@@ -16,7 +16,11 @@ import flowrl
 from flowrl.errors import FlowrlError
 from flowrl.io import read_json
 
-META_FORMAT = "flowrl.export/1"
+META_FORMAT = "flowrl.export/2"
+"""The format of the JSON written now; its K is ``k``."""
+
+OLD_META_FORMATS = ("flowrl.export/1",)
+"""Formats still read: ``flowrl.export/1`` (older flowrl) named K ``num_steps``."""
 
 
 def image_input_name(camera: str) -> str:
@@ -33,7 +37,7 @@ def export_metadata(policy: Any, config: dict[str, Any], num_steps: int, fmt: st
         "task": config.get("task"),
         "obs_dim": policy.obs_dim,
         "act_dim": policy.act_dim,
-        "num_steps": num_steps,
+        "k": num_steps,
         "horizon": cfg.horizon,
         "act_steps": cfg.act_steps,
         "obs_history": cfg.obs_history,
@@ -69,9 +73,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not mpath.is_file():
         raise FlowrlError(f"{path}: no {mpath.name} beside it (written by `flowrl export`)")
     meta = read_json(mpath)
-    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (META_FORMAT, *OLD_META_FORMATS):
         raise FlowrlError(f"{mpath}: not a flowrl export description (format {META_FORMAT} expected)")
-    for key in ("obs_dim", "act_dim", "num_steps", "horizon", "act_steps", "obs_history"):
+    if meta["format"] in OLD_META_FORMATS and "k" not in meta and "num_steps" in meta:
+        meta["k"] = meta.pop("num_steps")  # written by an older flowrl
+    for key in ("obs_dim", "act_dim", "k", "horizon", "act_steps", "obs_history"):
         v = meta.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise FlowrlError(f"{mpath}: '{key}' must be a positive integer, got {v!r}")

@@ -171,7 +171,7 @@ class DeployedPolicy:
         self.backend = backend_name
         self.obs_dim, self.act_dim = int(meta["obs_dim"]), int(meta["act_dim"])
         self.horizon, self.act_steps = int(meta["horizon"]), int(meta["act_steps"])
-        self.obs_history, self.num_steps = int(meta["obs_history"]), int(meta["num_steps"])
+        self.obs_history, self.k = int(meta["obs_history"]), int(meta["k"])
         self.action_low = np.asarray(meta["action_low"], dtype=np.float32)
         self.action_high = np.asarray(meta["action_high"], dtype=np.float32)
         if temporal_ensemble is not None and not (temporal_ensemble >= 0.0):
@@ -267,7 +267,7 @@ class DeployedPolicy:
         return np.asarray(action, dtype=np.float32)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend, "num_steps": self.num_steps, "horizon": self.horizon,
+        return {"backend": self.backend, "k": self.k, "horizon": self.horizon,
                 "act_steps": self.act_steps, "obs_history": self.obs_history, "obs_dim": self.obs_dim,
                 "act_dim": self.act_dim, "temporal_ensemble": self.temporal_ensemble, "task": self.meta.get("task")}
 
@@ -302,9 +302,9 @@ def load(path: str | Path, backend: str = "auto", num_steps: int | None = None,
         from flowrl.deploy.meta import export_metadata
 
         policy, config = load_policy(resolve_checkpoint(path), "cpu")
-        k = policy.cfg.num_steps if num_steps is None else int(num_steps)
+        k = policy.cfg.k if num_steps is None else int(num_steps)
         if k < 1:
-            raise FlowrlError(f"num_steps must be >= 1, got {k}")
+            raise FlowrlError(f"K must be >= 1, got {k}")
         meta = export_metadata(policy, config, k, "eager")
         check_state_only(meta, str(path), exported=False)
         return DeployedPolicy(eager_backend(policy, k, threads), meta, "eager", temporal_ensemble, seed)
@@ -317,6 +317,6 @@ def load(path: str | Path, backend: str = "auto", num_steps: int | None = None,
     fmt = _format_of(path, meta)
     if backend not in ("auto", fmt):
         raise FlowrlError(f"{path} is a {fmt} export; it cannot run on the {backend} backend")
-    if num_steps is not None and int(num_steps) != meta["num_steps"]:
-        raise FlowrlError(f"{path} was exported at K = {meta['num_steps']}; re-export for K = {num_steps}")
+    if num_steps is not None and int(num_steps) != meta["k"]:
+        raise FlowrlError(f"{path} was exported at K = {meta['k']}; re-export for K = {num_steps}")
     return DeployedPolicy(make_backend(path, fmt, threads), meta, fmt, temporal_ensemble, seed)

@@ -185,7 +185,7 @@ class PolicyService:
             return None
         return pb2.PolicyInfo(name=name, task=p.meta.get("task") or "", backend=p.backend, obs_dim=p.obs_dim,
                               act_dim=p.act_dim, obs_history=p.obs_history, horizon=p.horizon,
-                              act_steps=p.act_steps, num_steps=p.num_steps, action_low=p.action_low.tolist(),
+                              act_steps=p.act_steps, k=p.k, action_low=p.action_low.tolist(),
                               action_high=p.action_high.tolist())
 
     def Health(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -318,7 +318,7 @@ class PolicyClient:
             raise self._error(e) from None
         return {"name": m.name, "task": m.task, "backend": m.backend, "obs_dim": m.obs_dim, "act_dim": m.act_dim,
                 "obs_history": m.obs_history, "horizon": m.horizon, "act_steps": m.act_steps,
-                "num_steps": m.num_steps, "action_low": list(m.action_low), "action_high": list(m.action_high)}
+                "k": m.k, "action_low": list(m.action_low), "action_high": list(m.action_high)}
 
     def health(self) -> str:
         try:

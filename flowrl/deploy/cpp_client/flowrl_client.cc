@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
     const flowrl::PolicyInfo info = client.Info();
     std::cout << "policy " << info.name << " task " << info.task << " backend " << info.backend << " obs_history "
               << info.obs_history << " obs_dim " << info.obs_dim << " horizon " << info.horizon << " act_dim "
-              << info.act_dim << " act_steps " << info.act_steps << " K " << info.num_steps << "\n";
+              << info.act_dim << " act_steps " << info.act_steps << " K " << info.k << "\n";
 
     const std::vector<int64_t> obs_shape{batch, info.obs_history, info.obs_dim};
     const size_t obs_n = static_cast<size_t>(batch) * info.obs_history * info.obs_dim;

@@ -87,7 +87,7 @@ PolicyInfo PolicyClient::Info() {
   info.obs_history = reply.obs_history();
   info.horizon = reply.horizon();
   info.act_steps = reply.act_steps();
-  info.num_steps = reply.num_steps();
+  info.k = reply.k();
   info.action_low.assign(reply.action_low().begin(), reply.action_low().end());
   info.action_high.assign(reply.action_high().begin(), reply.action_high().end());
   return info;

@@ -29,7 +29,7 @@ class PolicyError : public std::runtime_error {
 
 struct PolicyInfo {
   std::string name, task, backend;
-  uint32_t obs_dim = 0, act_dim = 0, obs_history = 0, horizon = 0, act_steps = 0, num_steps = 0;
+  uint32_t obs_dim = 0, act_dim = 0, obs_history = 0, horizon = 0, act_steps = 0, k = 0;
   std::vector<float> action_low, action_high;
 };
 
