@@ -20,6 +20,7 @@ import torch
 from safetensors.numpy import save_file
 
 from flowrl.envs import resolve_task
+from flowrl.envs.tasks.base import quiet_settotalmass
 from flowrl.errors import FlowrlError
 from flowrl.io import atomic_path, write_json
 
@@ -144,7 +145,8 @@ def training_env(task: str, backend: str, num_envs: int, seed: int, device: str 
     if backend == "gymnasium":
         from stable_baselines3.common.env_util import make_vec_env
 
-        return VecNormalize(make_vec_env(resolve_task(task).gym_id, n_envs=num_envs, seed=seed), gamma=0.99)
+        with quiet_settotalmass():  # SB3's vector env compiles gymnasium's models here (HalfCheetah warns)
+            return VecNormalize(make_vec_env(resolve_task(task).gym_id, n_envs=num_envs, seed=seed), gamma=0.99)
     from flowrl.envs import make
     from flowrl.envs.adapters import sb3_vec_env
 
@@ -183,7 +185,8 @@ def evaluate_snapshot(snap: ExpertSnapshot, gym_id: str, episodes: int, seed: in
     """Mean and std of the return of the deterministic snapshot over ``episodes`` seeded episodes."""
     import gymnasium as gym
 
-    env = gym.make(gym_id)
+    with quiet_settotalmass():
+        env = gym.make(gym_id)
     returns = []
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)

@@ -559,6 +559,25 @@ def test_halfcheetah_loads_without_mujoco_deprecation_warnings() -> None:
     assert "settotalmass" not in proc.stdout + proc.stderr
 
 
+def test_halfcheetah_expert_without_mujoco_deprecation_warnings() -> None:
+    """`flowrl expert HalfCheetah`: SB3's training envs and the snapshot evaluation's gymnasium env."""
+    import os
+    import subprocess
+
+    pytest.importorskip("stable_baselines3")
+    code = ("import numpy as np\n"
+            "from agents.expert import evaluate_snapshot, training_env\n"
+            "training_env('HalfCheetah', 'gymnasium', 2, seed=0).close()\n"
+            "class Still:\n"
+            "    def act(self, obs): return np.zeros((len(obs), 6), dtype=np.float32)\n"
+            "evaluate_snapshot(Still(), 'HalfCheetah-v5', 1, seed=0)\n"
+            "print('made')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0 and "made" in proc.stdout, proc.stderr
+    assert "settotalmass" not in proc.stdout + proc.stderr
+
+
 def test_other_mujoco_warnings_still_show(capsys) -> None:
     import mujoco
 
