@@ -164,7 +164,7 @@ def _manipulation_run(folder: Path, run: str, seed: int, start: float, final: fl
 
 def test_import_runs_makes_rows_from_a_pipelines_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     reinflow_manipulation = pytest.importorskip("reinflow_manipulation")
-    runs = tmp_path / "session"
+    runs = tmp_path / "pipeline"
     runs.mkdir()
     (runs / "gpu.txt").write_text("NVIDIA H200, 143771 MiB\n")
     _manipulation_run(runs, "ft_square0_pixels", 0, 0.95, 0.977, {"last": 0.93})

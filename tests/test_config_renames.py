@@ -115,7 +115,8 @@ def test_checkpoint_of_an_older_flowrl_loads(tmp_path: Path) -> None:
 
 
 def test_checkpoint_with_both_names_is_one_line(tmp_path: Path) -> None:
-    folder = save_checkpoint(tmp_path / "ck", FlowPolicy(PolicyConfig(hidden_dim=8, depth=1), 11, 3), {"task": "Hopper"})
+    policy = FlowPolicy(PolicyConfig(hidden_dim=8, depth=1), 11, 3)
+    folder = save_checkpoint(tmp_path / "ck", policy, {"task": "Hopper"})
     config = json.loads((folder / "config.json").read_text())
     config["policy"]["num_steps"] = 2
     (folder / "config.json").write_text(json.dumps(config))
@@ -150,5 +151,5 @@ def test_resume_of_a_run_written_under_the_old_names(tmp_path: Path, hopper_data
     assert RunFolder(tmp_path).start(cfg, resume=True) is False  # same config, nothing to resume from yet
     written["policy"]["num_steps"] = 8
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(written))
-    with pytest.raises(FlowrlError, match=r"config key 'policy.k' differs from the run's config.yaml \(8 there, 2 now\)"):
+    with pytest.raises(FlowrlError, match=r"config key 'policy.k' differs from the run's config.yaml \(8 there, 2 now"):
         RunFolder(tmp_path).start(cfg, resume=True)

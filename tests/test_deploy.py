@@ -1,4 +1,4 @@
-"""Export and the deploy runtime (issue 17): export parity with eager for ONNX and torch.export,
+"""Export and the deploy runtime: export parity with eager for ONNX and torch.export,
 reflow and shortcut heads and an observation history of two; closed-loop equality of exported and
 eager policies in simulation; the action queue and ACT's temporal ensembling against an offline
 computation; bad inputs as one-line errors."""

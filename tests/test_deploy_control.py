@@ -1,4 +1,4 @@
-"""The deploy control loop (issue 17): deadline misses counted with a deliberately slow policy, the
+"""The deploy control loop: deadline misses counted with a deliberately slow policy, the
 last action held on a miss, stale actions of late chunks dropped, asynchronous inference, and
 ``flowrl deploy-sim`` end to end on PointReach."""
 

@@ -1,4 +1,4 @@
-"""The gRPC policy server (issue 17): round trip, concurrent clients, bad requests answered with
+"""The gRPC policy server: round trip, concurrent clients, bad requests answered with
 INVALID_ARGUMENT / NOT_FOUND while the server keeps serving, one log line per client, streaming,
 ``flowrl serve`` end to end."""
 

@@ -1,7 +1,7 @@
-"""The direction of dependencies (README, "Layout"): envs import nothing of flowrl's training,
-policies or data; flowrl's core imports no agent (the CLI reaches agents through flowrl.registry);
-no import cycles between modules. Read from the source, so a lazy import inside a function counts
-for the direction rules too."""
+"""The direction of dependencies (docs/architecture.md, "Layers"): envs import nothing of flowrl's
+training, policies or data; flowrl's core imports no agent (the CLI reaches agents through
+flowrl.registry); no import cycles between modules. Read from the source, so a lazy import inside a
+function counts for the direction rules too."""
 
 from __future__ import annotations
 

@@ -65,18 +65,23 @@ def test_a_per_substep_controller_runs_inside_the_substep_loop() -> None:
     assert controller.calls == 5 * base.frame_skip
 
 
-def test_the_readme_task_table_matches_the_registry() -> None:
-    """The README's table of tasks states each built-in task's dims, horizon and backends as registered."""
+@pytest.mark.parametrize("doc", ["README.md", "docs/environments.md"])
+def test_the_task_tables_match_the_registry(doc: str) -> None:
+    """The README's and docs/environments.md's tables of tasks (rows ``| `Name` (aliases) | obs | act |
+    horizon | backends | ...``) state each built-in task's dims, horizon and backends as registered."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    rows = {line.split("|")[1].strip().split("`")[1]: [c.strip() for c in line.split("|")[2:6]]
-            for line in readme.splitlines() if line.startswith("| `")}
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| `")]
+    rows = {line.split("|")[1].split("`")[1]: [c.strip() for c in line.split("|")[2:6]] for line in lines}
+    spellings = {line.split("|")[1].split("`")[1]: line.split("|")[1].split("`")[3::2] for line in lines}
     for name, info in all_tasks().items():
         builder = info.task or next(iter(info.envs.values()))
         if not builder.__module__.startswith("flowrl."):
             continue  # registered by a test, not shipped
-        assert name in rows, f"README's task table lacks {name}"
+        assert name in rows, f"{doc}'s task table lacks {name}"
+        for alias in spellings[name]:  # `Hopper` (`Hopper-v5`): the other spellings it gives name this task
+            assert resolve_task(alias).name == name, (doc, name, alias)
         obs, act, horizon, backends = rows[name]
-        assert (int(obs), int(act), int(horizon)) == (info.obs_dim, info.act_dim, info.max_episode_steps), name
-        assert [b.strip() for b in backends.split(",")] == list(info.backends), name
+        assert (int(obs), int(act), int(horizon)) == (info.obs_dim, info.act_dim, info.max_episode_steps), (doc, name)
+        assert [b.strip() for b in backends.split(",")] == list(info.backends), (doc, name)
