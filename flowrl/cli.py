@@ -601,16 +601,17 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # old names of keys and flags: one note each (the other warnings' filters are left as they are)
+    warnings.filterwarnings("always", category=RenamedWarning)
+    show = warnings.showwarning
+    warnings.showwarning = _notes(show)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", RenamedWarning)
-            warnings.showwarning = _notes(warnings.showwarning)
-            _renamed_flags(args)
-            if getattr(args, "device", None) is not None:  # eval, expert, collect: before any work starts
-                from flowrl.config import check_device
+        _renamed_flags(args)
+        if getattr(args, "device", None) is not None:  # eval, expert, collect: before any work starts
+            from flowrl.config import check_device
 
-                check_device(args.device)
-            COMMANDS[args.command](args)
+            check_device(args.device)
+        COMMANDS[args.command](args)
     except FlowrlError as e:
         print(f"flowrl: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -620,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        warnings.showwarning = show
     return 0
 
 
