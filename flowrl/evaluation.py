@@ -15,10 +15,13 @@ import numpy as np
 import torch
 
 from flowrl.config import EVAL_SEED
-from flowrl.envs import BatchedEnv, is_robosuite, make
+from flowrl.envs import BatchedEnv, is_robosuite, make, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.policy import FlowPolicy
 from flowrl.rollout import ChunkPolicy, FlowChunkPolicy, run_episodes
+
+CPU_EVAL_MAX_ENVS = 256
+"""Up to this many envs, ``backend="auto"`` evaluates MuJoCo tasks on the cpu backend (:meth:`Evaluator.backend_for`)."""
 
 SELECTION_SEED = 900000
 """Seeds of the periodic evaluations during training, which choose the ``best`` checkpoint: disjoint
@@ -48,11 +51,22 @@ class Evaluator:
         """From a config's ``eval`` section (:class:`flowrl.config.EvalConfig`)."""
         return cls(task, cfg.seed, cfg.backend, cfg.max_envs, device, cfg.end_on_success)
 
+    def backend_for(self, n: int, images: bool = False) -> str:
+        """The backend of ``n`` evaluation envs: the one asked for, except that ``auto`` evaluates a MuJoCo task
+        (not a robosuite scene, not a pixel policy) on the cpu backend's threads whenever there are at most
+        :data:`CPU_EVAL_MAX_ENVS` envs, also beside a GPU. A GPU simulator steps a few envs no faster than
+        thousands (each physics step is a fixed chain of kernel launches), while a handful of episodes on
+        CPU threads take a fraction of that time."""
+        if (self.backend == "auto" and not images and n <= CPU_EVAL_MAX_ENVS and not is_robosuite(self.task)
+                and "cpu" in resolve_task(self.task).backends):
+            return "cpu"
+        return self.backend
+
     def _envs(self, n: int, images: bool = False) -> BatchedEnv:
         if self._env is not None and (self._env.num_envs != n or self._env_images != images):
             self.close()
         if self._env is None:
-            self._env = make(self.task, n, backend=self.backend, device=self.device, images=images)
+            self._env = make(self.task, n, backend=self.backend_for(n, images), device=self.device, images=images)
             self._env_images = images
         return self._env
 

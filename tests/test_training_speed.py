@@ -1,0 +1,99 @@
+"""What the fast training paths keep: the same random draws in the same order, seeded CPU runs identical to
+themselves, no host read-back inside a gradient step, and evaluations on the backend that is fastest for a few
+envs. (The CUDA graphs themselves run only on a GPU: benchmarks/training_speed.py measures them there.)"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flowrl.agents.bc import BehaviorCloning
+from flowrl.config import load_stage_config
+from flowrl.evaluation import CPU_EVAL_MAX_ENVS, Evaluator
+from flowrl.policy import shortcut_target
+from flowrl.training import Trainer
+
+
+def _bc(dataset: Path, *overrides: str) -> BehaviorCloning:
+    cfg = load_stage_config("pretrain", None, [
+        "task=Hopper", f"data.path={dataset}", "device=cpu", "policy.hidden_dim=32", "policy.depth=1",
+        "train.batch_size=32", "train.steps=20", "train.eval_every=0", "train.warmup_steps=2", *overrides])
+    return BehaviorCloning(cfg)
+
+
+def _old_step_loss(agent: BehaviorCloning, gen: torch.Generator) -> torch.Tensor:
+    """The loss of one gradient step written the straightforward way, each draw where it is used: index,
+    then (flow matching) noise and time, then (shortcut) level, grid position and noise."""
+    policy, n, cfg = agent.model, agent.rank_batch, agent.cfg.train
+    idx = torch.randint(0, agent.shard_size, (n,), generator=gen)
+    obs, actions = agent.data.batch(idx)
+    x1, cond = policy.normalize_action(actions), policy.encode(obs)
+    n_sc = max(1, int(round(n * cfg.shortcut_fraction))) if policy.is_shortcut else 0
+    n_fm = n - n_sc
+    x0 = torch.randn(x1[:n_fm].shape, generator=gen)
+    t = torch.rand(n_fm, generator=gen)
+    x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * x1[:n_fm]
+    d = torch.full((n_fm,), 1.0 / policy.cfg.max_shortcut_steps) if policy.is_shortcut else None
+    fm = F.mse_loss(policy.velocity(t, x_t, cond[:n_fm], d), x1[:n_fm] - x0)
+    if not policy.is_shortcut:
+        return fm
+    levels = int(math.log2(policy.cfg.max_shortcut_steps))
+    j = torch.randint(0, levels, (n_sc,), generator=gen)
+    big = torch.pow(2.0, -j.float())
+    t = torch.floor(torch.rand(n_sc, generator=gen) * torch.pow(2.0, j.float())) * big
+    x0 = torch.randn(x1[n_fm:].shape, generator=gen)
+    x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * x1[n_fm:]
+    ema_cond = agent.ema.encode(obs[n_fm:])
+    with torch.no_grad():
+        target = shortcut_target(lambda tt, xx, dd: agent.ema.velocity(tt, xx, ema_cond, dd), x_t, t, big / 2)
+    sc = F.mse_loss(policy.velocity(t, x_t, cond[n_fm:], big), target)
+    return (fm * n_fm + sc * n_sc) / n
+
+
+def test_bc_step_draws_as_the_straightforward_loss_does(hopper_dataset) -> None:
+    """The step's draws are made up front (so a CUDA graph can replay the rest) from the same generator in the
+    same order as a loss that draws where it uses them: the same loss, bit for bit, for both heads."""
+    for head in ("reflow", "shortcut"):
+        agent = _bc(hopper_dataset, f"policy.head={head}", "seed=3")
+        gen = torch.Generator().manual_seed(0)
+        gen.set_state(agent.gen.get_state())
+        expected = _old_step_loss(agent, gen)
+        logs = agent.train_iteration(0)
+        assert torch.equal(logs["train/loss"], expected.detach()), head
+        assert torch.equal(agent.gen.get_state(), gen.get_state())  # nothing else was drawn
+
+
+def test_bc_logs_stay_tensors_and_seeded_cpu_runs_are_identical(hopper_dataset, tmp_path) -> None:
+    """No host read-back inside a step: the losses come back as tensors, which the loop writes every
+    log_every steps; two runs of one seed end with the same weights and the same logged losses."""
+    runs = []
+    for name in ("a", "b"):
+        trainer = Trainer(_bc(hopper_dataset, "seed=5", "train.log_every=5"), tmp_path / name, progress=False)
+        losses = []
+        step = trainer.agent.train_iteration
+
+        def logged(i: int, step=step, losses=losses) -> dict:
+            logs = step(i)
+            assert isinstance(logs["train/loss"], torch.Tensor) and isinstance(logs["train/grad_norm"], torch.Tensor)
+            losses.append(logs["train/loss"].clone())
+            return logs
+
+        trainer.agent.train_iteration = logged  # type: ignore[method-assign]
+        trainer.fit()
+        trainer.close()
+        runs.append((torch.stack(losses), [p.detach().clone() for p in trainer.agent.policy.parameters()]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert (tmp_path / "a" / "checkpoints" / "20").is_dir()
+
+
+def test_evaluation_of_a_few_mujoco_envs_runs_on_cpu_threads_whatever_the_device() -> None:
+    auto = Evaluator("Hopper", backend="auto", device="cpu")
+    assert auto.backend_for(10) == "cpu"
+    assert auto.backend_for(CPU_EVAL_MAX_ENVS + 1) == "auto"  # many envs: make's own choice (warp on a GPU)
+    assert auto.backend_for(10, images=True) == "auto"  # pixel policies need a backend that renders
+    assert Evaluator("Hopper", backend="warp", device="cpu").backend_for(10) == "warp"  # asked for: kept
+    assert Evaluator("robosuite/Lift", backend="auto", device="cpu").backend_for(10) == "auto"
