@@ -22,8 +22,8 @@ iteration (rollout + update) <= 0.3 s, an evaluation of 10 Hopper episodes <= 1 
     python benchmarks/training_speed.py --tag after            # writes training_speed/<tag>.json
     python benchmarks/training_speed.py --report                # the table of every record
 
-The record names the commit, the card and the torch version. Run the baseline on the same card in the
-same session to compare.
+The record names the commit, the card and the torch version. Compare only records of the same card: run
+the baseline on the same machine, one run after the other.
 """
 
 from __future__ import annotations
@@ -39,21 +39,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, report_checks, results_dir, run_main
+from common import REPO, provenance, report_checks, results_dir, run_main
 
 PUBLISHED_HOPPER = 3205.0
 TARGETS = {"bc_hopper_steps_per_s": 2500.0, "reinflow_iteration_s": 0.3, "eval_hopper_10_s": 1.0, "e2e_s": 60.0}
 ROLLOUT = "4096x5"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def machine() -> str:
@@ -69,6 +59,17 @@ def sync() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def timed_fit(trainer: Any) -> float:
+    """Seconds of ``trainer.fit()`` to the last kernel's end; the trainer is closed after."""
+    sync()
+    start = time.time()
+    trainer.fit()
+    sync()
+    seconds = time.time() - start
+    trainer.close()
+    return seconds
 
 
 def supports(schema: Any, key: str) -> bool:
@@ -126,12 +127,7 @@ def bc_run(name: str, preset: Path, steps: int, args: argparse.Namespace, extra:
             return logs
 
         agent.train_iteration = logged  # type: ignore[method-assign]
-        sync()
-        start = time.time()
-        trainer.fit()
-        sync()
-        loop_s = time.time() - start
-        trainer.close()
+        loop_s = timed_fit(trainer)
     return {"preset": str(preset.relative_to(REPO)), "steps": steps, "batch_size": cfg.train.batch_size,
             "setup_s": round(setup_s, 2), "loop_s": round(loop_s, 3), "steps_per_s": round(steps / loop_s, 1),
             "loss_every_100": [round(x, 6) for x in losses], "overrides": overrides}
@@ -159,6 +155,9 @@ def pretrained_hopper(args: argparse.Namespace, out: Path) -> Path:
     from flowrl.config import load_stage_config
     from flowrl.training import Trainer
 
+    done = out / "checkpoints" / str(args.init_steps)
+    if done.is_dir():  # another part made it already
+        return done
     cfg = load_stage_config("pretrain", REPO / "configs/hopper/pretrain_reflow.yaml",
                             [f"seed={args.seed}", f"device={args.device}", f"train.steps={args.init_steps}",
                              "train.eval_every=0"])
@@ -288,20 +287,12 @@ def part_mle(args: argparse.Namespace, record: dict, tmp: Path) -> None:
     from flowrl.config import load_stage_config
     from flowrl.training import Trainer
 
-    init = tmp / "init" / "checkpoints" / str(args.init_steps)
-    if not init.exists():
-        init = pretrained_hopper(args, tmp / "init")
+    init = pretrained_hopper(args, tmp / "init")
     overrides = [f"seed={args.seed}", f"device={args.device}", f"init={init}", f"train.steps={args.mle_steps}",
                  "train.eval_every=0", f"train.checkpoint_every={args.mle_steps}",
                  *graph_override(args, MLEConfig)]
     cfg = load_stage_config("finetune", REPO / "configs/hopper/finetune_mle.yaml", overrides)
-    trainer = Trainer(MLEFineTuning(cfg), tmp / "mle", progress=False)
-    sync()
-    start = time.time()
-    trainer.fit()
-    sync()
-    loop_s = time.time() - start
-    trainer.close()
+    loop_s = timed_fit(Trainer(MLEFineTuning(cfg), tmp / "mle", progress=False))
     record["mle"] = {"steps": args.mle_steps, "loop_s": round(loop_s, 3),
                      "steps_per_s": round(args.mle_steps / loop_s, 1), "overrides": overrides}
     print(f"MLE hopper: {record['mle']['steps_per_s']:.0f} steps/s", flush=True)
@@ -479,6 +470,8 @@ def main() -> int:
     ap.add_argument("--e2e-env-steps", type=int, default=20_000_000, help="the end-to-end run's budget cap")
     ap.add_argument("--e2e-eval-every", type=int, default=5, help="iterations between the end-to-end evaluations")
     ap.add_argument("--profile-dir", default="training_speed_profile")
+    ap.add_argument("--code-commit", help="the commit of the flowrl under test, when it is not this checkout's "
+                    "(a baseline installed elsewhere)")
     ap.add_argument("--report", action="store_true", help="print the table of every record and exit")
     args = ap.parse_args()
     folder = results_dir() / "training_speed"
@@ -490,7 +483,11 @@ def main() -> int:
         print("error: --device cuda, but this torch sees no CUDA device (use --device cpu for a dry run)",
               file=sys.stderr)
         return 2
-    record: dict[str, Any] = {"commit": commit(), "machine": machine(), "torch": torch.__version__,
+    import flowrl
+
+    record: dict[str, Any] = {"commit": args.code_commit or provenance()["commit"], "machine": machine(),
+                              "provenance": provenance(), "flowrl_from": str(Path(flowrl.__file__).parent),
+                              "torch": torch.__version__,
                               "device": args.device, "cuda_graph": args.cuda_graph,
                               "command": "python benchmarks/training_speed.py " + " ".join(sys.argv[1:])}
     folder.mkdir(parents=True, exist_ok=True)

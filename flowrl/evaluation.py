@@ -57,10 +57,13 @@ class Evaluator:
         :data:`CPU_EVAL_MAX_ENVS` envs, also beside a GPU. A GPU simulator steps a few envs no faster than
         thousands (each physics step is a fixed chain of kernel launches), while a handful of episodes on
         CPU threads take a fraction of that time."""
-        if (self.backend == "auto" and not images and n <= CPU_EVAL_MAX_ENVS and not is_robosuite(self.task)
-                and "cpu" in resolve_task(self.task).backends):
-            return "cpu"
-        return self.backend
+        if self.backend != "auto" or images or n > CPU_EVAL_MAX_ENVS:
+            return self.backend
+        try:
+            runs_on_cpu = not is_robosuite(self.task) and "cpu" in resolve_task(self.task).backends
+        except FlowrlError:  # not a registered task (an env made by hand): make decides
+            return self.backend
+        return "cpu" if runs_on_cpu else self.backend
 
     def _envs(self, n: int, images: bool = False) -> BatchedEnv:
         if self._env is not None and (self._env.num_envs != n or self._env_images != images):
