@@ -468,7 +468,7 @@ def main() -> int:
     ap.add_argument("--e2e-pretrain-steps", type=int, help="behaviour-cloning steps of the end-to-end run "
                     "(default: the preset's)")
     ap.add_argument("--e2e-env-steps", type=int, default=20_000_000, help="the end-to-end run's budget cap")
-    ap.add_argument("--e2e-eval-every", type=int, default=5, help="iterations between the end-to-end evaluations")
+    ap.add_argument("--e2e-eval-every", type=int, default=8, help="iterations between the end-to-end evaluations")
     ap.add_argument("--profile-dir", default="training_speed_profile")
     ap.add_argument("--code-commit", help="the commit of the flowrl under test, when it is not this checkout's "
                     "(a baseline installed elsewhere)")
