@@ -419,7 +419,8 @@ class ReinFlow(Agent):
 
     # -- the noisy chain -----------------------------------------------------------------------
     def _chain_fns(self, cond: torch.Tensor, repeat: int = 1):
-        cond = cond.repeat_interleave(repeat, dim=0) if repeat > 1 else cond
+        if repeat > 1:  # each row ``repeat`` times in a row (repeat_interleave without its size computation)
+            cond = cond.unsqueeze(1).expand(-1, repeat, *cond.shape[1:]).reshape(-1, *cond.shape[1:])
         return self.policy.velocity_fn(cond, self.K), lambda tt, x: self.noise(tt, cond)
 
     @property

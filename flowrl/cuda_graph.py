@@ -19,8 +19,8 @@ class StepGraph:
     stream (the allocator, cuBLAS and autograd settle), the next is captured, and every call from then on
     copies its inputs into the captured input buffers and replays. Everything else ``fn`` reads (weights,
     buffers of the caller) must stay at the same addresses, updated in place. Gradients live in the graph's
-    memory: the optimisers (applied by the caller after each call) must not set them to None after the
-    capture, since each replay overwrites them as a fresh backward pass would. The outputs are the graph's
+    memory, and each replay overwrites them as a fresh backward pass would; a replay gives each parameter back
+    the graph's gradient tensor should an eager step in between have set it to None. The outputs are the graph's
     own tensors, overwritten by the next replay: read or copy them before calling again.
     """
 
@@ -30,6 +30,8 @@ class StepGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
+        self.grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """Each parameter with the gradient tensor the graph writes."""
 
     def __call__(self, inputs: dict[str, torch.Tensor],
                  optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, torch.Tensor]:
@@ -37,6 +39,9 @@ class StepGraph:
         if self.graph is not None:
             for k, v in inputs.items():
                 self.inputs[k].copy_(v)
+            for p, g in self.grads:  # an eager step in between may have set them to None
+                if p.grad is not g:
+                    p.grad = g
             self.graph.replay()
             return dict(self.outputs)
         for opt in optimizers:
@@ -50,8 +55,10 @@ class StepGraph:
             return out
         self.inputs = {k: v.clone() for k, v in inputs.items()}
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.outputs = self.fn(self.inputs)
+        self.grads = [(p, p.grad) for opt in optimizers for group in opt.param_groups for p in group["params"]
+                      if p.grad is not None]
         self.graph = graph
         graph.replay()
         return dict(self.outputs)
