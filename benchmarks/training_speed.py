@@ -168,13 +168,13 @@ def pretrained_hopper(args: argparse.Namespace, out: Path) -> Path:
     return trainer.run.checkpoint_dir(trainer.step)
 
 
-def layout_overrides(layout: str, device: str) -> list[str]:
-    """``<envs>x<decisions>`` as the ReinFlow overrides of that rollout on warp (a small one on the CPU)."""
+def layout_overrides(layout: str, device: str, backend: str = "warp") -> list[str]:
+    """``<envs>x<decisions>`` as the ReinFlow overrides of that rollout on ``backend`` (a small one on a CPU
+    device)."""
     envs, decisions = (int(x) for x in layout.lower().split("x"))
     if device == "cpu":
-        envs = min(envs, 64)
-    return [f"train.num_envs={envs}", f"train.rollout_steps={decisions}",
-            f"train.backend={'warp' if device != 'cpu' else 'cpu'}"]
+        envs, backend = min(envs, 64), "cpu"
+    return [f"train.num_envs={envs}", f"train.rollout_steps={decisions}", f"train.backend={backend}"]
 
 
 def time_evaluations(evaluate: Any, repeats: int = 3) -> list[float]:
@@ -199,7 +199,7 @@ def part_reinflow(args: argparse.Namespace, record: dict, tmp: Path) -> None:
     record["reinflow"] = {}
     for layout in args.layouts:
         overrides = [f"seed={args.seed}", f"device={args.device}", f"init={init}", "train.eval_every=0",
-                     f"train.checkpoint_every={10 ** 6}", *layout_overrides(layout, args.device),
+                     f"train.checkpoint_every={10 ** 6}", *layout_overrides(layout, args.device, args.sim_backend),
                      *graph_override(args, ReinFlowConfig)]
         cfg = load_stage_config("finetune", REPO / "configs/hopper/finetune_reflow.yaml", overrides)
         per_iteration = cfg.train.num_envs * cfg.train.rollout_steps * 4
@@ -239,7 +239,7 @@ def part_reinflow(args: argparse.Namespace, record: dict, tmp: Path) -> None:
         trainer.close()
     policy.eval()
     evals = {}
-    for backend in ("warp", "cpu") if args.device != "cpu" else ("cpu",):
+    for backend in ("warp", "cpu") if args.device != "cpu" and args.sim_backend == "warp" else ("cpu",):
         evaluator = Evaluator("Hopper", backend=backend, device=args.device)
         evals[backend] = time_evaluations(lambda: evaluator(policy, 4, 10, seed=900000))
         evaluator.close()
@@ -416,7 +416,7 @@ def checks(rec: dict) -> list[tuple[str, bool]]:
     out = []
     for key, target in TARGETS.items():
         value = s.get(key)
-        if value is None:
+        if value is None or (key == "reinflow_iteration_s" and rec.get("sim_backend", "warp") != "warp"):
             continue
         ok = value >= target if key.endswith("per_s") else value <= target
         out.append((f"{key} = {value} ({'>=' if key.endswith('per_s') else '<='} {target:g}) on {rec['machine']}", ok))
@@ -460,6 +460,8 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=8, help="ReinFlow iterations timed (80k env steps each)")
     ap.add_argument("--layouts", nargs="+", default=["2048x10", ROLLOUT],
                     help="ReinFlow rollouts timed, <envs>x<decisions> (4 actions per decision)")
+    ap.add_argument("--sim-backend", choices=["warp", "cpu"], default="warp",
+                    help="the ReinFlow rollouts' simulator (cpu: the update's timing on a machine without MuJoCo Warp)")
     ap.add_argument("--worlds", type=int, nargs="+", default=[2048, 4096, 8192, 16384],
                     help="world counts of the physics-only timing")
     ap.add_argument("--mle-steps", type=int, default=1000)
@@ -488,7 +490,7 @@ def main() -> int:
     record: dict[str, Any] = {"commit": args.code_commit or provenance()["commit"], "machine": machine(),
                               "provenance": provenance(), "flowrl_from": str(Path(flowrl.__file__).parent),
                               "torch": torch.__version__,
-                              "device": args.device, "cuda_graph": args.cuda_graph,
+                              "device": args.device, "cuda_graph": args.cuda_graph, "sim_backend": args.sim_backend,
                               "command": "python benchmarks/training_speed.py " + " ".join(sys.argv[1:])}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{args.tag}.json"
