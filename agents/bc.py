@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from flowrl import distributed
 from flowrl.config import (LoopConfig, PretrainConfig, check_fraction, check_non_negative, check_positive, fail,
                            setup_torch)
-from flowrl.cuda_graph import StepGraph
+from flowrl.cuda_graph import StepGraph, fused_if_cuda, graphs_usable, tf32_matmuls
 from flowrl.datasets import ChunkDataset, Episodes, read_dataset
 from flowrl.envs import canonical_task, make
 from flowrl.errors import FlowrlError
@@ -75,6 +75,9 @@ class BCConfig(LoopConfig):
     cuda_graph: bool = True
     """On a CUDA device, capture each gradient step's forward and backward pass as one CUDA graph and replay it
     (state-only policies in one process; the same draws and arithmetic, launched at once)."""
+    tf32: bool = True
+    """On a CUDA device, the gradient step's matrix products in TensorFloat-32 (10-bit mantissa inputs, float32
+    sums; several times the float32 rate on tensor cores); evaluations stay in float32."""
 
     def validate(self, prefix: str = "train.") -> None:
         super().validate(prefix)
@@ -182,15 +185,14 @@ class BehaviorCloning(Agent):
         self.model.set_normalization(episodes.observations.mean(0), episodes.observations.std(0))
         self.dist.broadcast_module(self.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        on_gpu = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay, **({"fused": True} if on_gpu else {}))
+                                           weight_decay=cfg.train.weight_decay, **fused_if_cuda(self.device))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         # rank r samples its share of every batch from its own shard of the chunks (r, r + W, r + 2W, ...)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
         self.shard_size = (len(self.data) - self.dist.rank + self.dist.world_size - 1) // self.dist.world_size
         self.graph = StepGraph(self._forward_backward) if (
-            cfg.train.cuda_graph and on_gpu and not self.dist.active and not self.model.uses_images) else None
+            cfg.train.cuda_graph and graphs_usable(self.device, self.dist.active, self.model.uses_images)) else None
 
     @property
     def policy(self) -> FlowPolicy:
@@ -270,11 +272,12 @@ class BehaviorCloning(Agent):
         only when the training loop writes them), except under torchrun, where they are averaged over ranks."""
         cfg = self.cfg.train
         draws = self._draw()
-        if self.graph is not None:
-            logs = self.graph(draws, [self.optimizer])
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            logs = self._forward_backward(draws)
+        with tf32_matmuls(cfg.tf32):
+            if self.graph is not None:
+                logs = self.graph(draws, [self.optimizer])
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                logs = self._forward_backward(draws)
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():

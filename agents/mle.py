@@ -42,6 +42,7 @@ from torch import nn
 
 from flowrl.checkpoint import load_policy, resolve_checkpoint
 from flowrl.config import (FinetuneConfig, LoopConfig, check_non_negative, check_positive, fail, setup_torch)
+from flowrl.cuda_graph import fused_if_cuda
 from flowrl.datasets import ChunkDataset, read_dataset
 from flowrl.envs import canonical_task
 from flowrl.errors import FlowrlError
@@ -223,8 +224,7 @@ class MLEFineTuning(Agent):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if t.variance == "learned":
             params += list(self.log_std.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay,
-                                           **({"fused": True} if self.device.type == "cuda" else {}))
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **fused_if_cuda(self.device))
         self.latents = None
         if t.latents == "inverted":
             self.latents = self._invert_all(pretrained)

@@ -44,7 +44,7 @@ from flowrl import distributed
 from flowrl.checkpoint import load_policy
 from flowrl.config import (FinetuneConfig, LoopConfig, check_fraction, check_non_negative, check_positive, fail,
                            setup_torch, validate_backend)
-from flowrl.cuda_graph import StepGraph
+from flowrl.cuda_graph import StepGraph, fused_if_cuda, graphs_usable, tf32_matmuls
 from flowrl.envs import canonical_task, make, resolve_backend, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.nets import SinusoidalEmbedding
@@ -135,9 +135,9 @@ class ReinFlowConfig(LoopConfig):
     """On a CUDA device, run each PPO minibatch step's forward and backward pass as one captured CUDA graph
     (one process, state-only policies): the same arithmetic, launched at once."""
     tf32: bool = True
-    """On a CUDA device, matrix products in TensorFloat-32 (10-bit mantissa inputs, float32 accumulation):
-    several times the float32 rate on tensor cores. Old and new log-probabilities of the PPO ratio are
-    computed the same way, so the ratio stays exact where it must (1 on the first minibatch)."""
+    """On a CUDA device, the rollout's and the update's matrix products in TensorFloat-32 (10-bit mantissa inputs,
+    float32 sums): several times the float32 rate on tensor cores. Old and new log-probabilities of the PPO ratio
+    are computed the same way, so the first minibatch's ratio stays 1; evaluations stay in float32."""
     terminate_on_success: bool = False
     """robosuite tasks: a training episode ends (terminated, no bootstrap) at its first success, so the
     return is the discounted time to success instead of the steps spent successful until the horizon."""
@@ -339,17 +339,15 @@ class ReinFlow(Agent):
         self.critic = Critic(cond_dim, t.critic_hidden_dim, t.critic_depth).to(self.device)
         for module in (self._policy, self.noise, self.critic):
             self.dist.broadcast_module(module)
-        on_gpu = self.device.type == "cuda"
-        fused = {"fused": True} if on_gpu else {}
+        fused = fused_if_cuda(self.device)
         self.actor_opt = torch.optim.Adam([*self._policy.parameters(), *self.noise.parameters()], lr=t.actor_lr,
                                           **fused)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=t.critic_lr, **fused)
-        if on_gpu and t.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        graphable = t.cuda_graph and on_gpu and not self.dist.active and not policy.uses_images
-        self._ppo_graph = StepGraph(lambda inputs: self._ppo_step(self._graph_data, inputs)) if graphable else None
-        self._graph_data: dict[str, torch.Tensor] = {}
+        graphable = t.cuda_graph and graphs_usable(self.device, self.dist.active, policy.uses_images)
+        self._ppo_graph = StepGraph(lambda inputs: self._ppo_step(self._rollout_buffers, inputs)) if graphable else None
+        self._rollout_buffers: dict[str, torch.Tensor] = {}
+        """The rollout copied into the fixed buffers the captured PPO step reads (allocated at the first update)."""
+        self._said_eager = False
         self.steps_per_iteration = t.num_envs * t.rollout_steps * policy.cfg.act_steps
         self.iterations = max(1, math.ceil(t.env_steps / self.steps_per_iteration))
         env_kwargs: dict[str, Any] = {}
@@ -492,12 +490,13 @@ class ReinFlow(Agent):
                 stats.episode_success |= r.success.any(1).to(self.device)
             final_hist = self.history.push_chunk(r)
             final_images = observer.push_chunk(r) if observer else None
-            if final_images is None:  # every env's final value, kept where the episode was cut: no host round trip
+            if final_images is None and self.device.type != "cpu":  # on a GPU: every env's final value, kept
+                # where the episode was cut, costs less than a host round trip to find those envs
                 final_values[s] = torch.where(truncated[s], self.critic(self.policy.encode(final_hist.to(hist.dtype))),
                                               0.0)
-            elif bool(truncated[s].any()):  # a pixel policy's images are encoded only where needed
+            elif bool(truncated[s].any()):  # on a CPU, and a pixel policy's images: only where needed
                 boot = torch.nonzero(truncated[s]).flatten()
-                boot_images = {c: x[boot] for c, x in final_images.items()}
+                boot_images = {c: x[boot] for c, x in final_images.items()} if final_images else None
                 final_values[s, boot] = self.critic(self.policy.encode(final_hist[boot].to(hist.dtype), boot_images))
             ended[s] = done
             ended_return[s] = r.episode_return.to(self.device)
@@ -569,6 +568,11 @@ class ReinFlow(Agent):
                     "train/explained_variance": explained_variance, "train/critic_warmup": 1.0,
                     "train/actor_lr_applied": actor_lr}
         graphed = self._use_graph(size)
+        if self._ppo_graph is not None and not graphed and not self._said_eager:
+            self._said_eager = True
+            print(f"note: a rollout of {size} decisions is not a whole number of minibatches of "
+                  f"{self.local_minibatch} (train.minibatch_size): the PPO steps run without CUDA graphs",
+                  file=sys.stderr)
         data = self._graph_batch(batch) if graphed else dict(batch)
         with torch.no_grad():  # same minibatches as the first epoch: its first ratio is exactly 1
             old_logprob = data.setdefault("old_logprob", torch.zeros(size, device=self.device))
@@ -674,17 +678,17 @@ class ReinFlow(Agent):
         """Whether this update's PPO steps run as one CUDA graph each (``train.cuda_graph``): on a CUDA device,
         in one process, for state-only policies, when the rollout splits into whole minibatches."""
         return (self._ppo_graph is not None and size % self.local_minibatch == 0
-                and (not self._graph_data or len(self._graph_data["advantages"]) == size))
+                and (not self._rollout_buffers or len(self._rollout_buffers["advantages"]) == size))
 
     def _graph_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The rollout copied into the buffers the captured PPO step reads (allocated at the first update)."""
-        if not self._graph_data:
-            self._graph_data.update({k: v.clone() for k, v in batch.items()})
-            self._graph_data["old_logprob"] = torch.zeros(len(batch["advantages"]), device=self.device)
+        if not self._rollout_buffers:
+            self._rollout_buffers.update({k: v.clone() for k, v in batch.items()})
+            self._rollout_buffers["old_logprob"] = torch.zeros(len(batch["advantages"]), device=self.device)
         else:
             for k, v in batch.items():
-                self._graph_data[k].copy_(v)
-        return self._graph_data
+                self._rollout_buffers[k].copy_(v)
+        return self._rollout_buffers
 
     def _ramp_actor_lr(self) -> float:
         """Count the actor's iteration; during the ramp, set its learning rate to the schedule's times the
@@ -743,10 +747,11 @@ class ReinFlow(Agent):
         start = time.time()
         self.iteration = iteration
         logs = self._schedule()
-        batch = self.collect()
-        rollout_s = time.time() - start
-        self.stats.rollout_seconds.append(rollout_s)
-        logs.update(self.update(batch))
+        with tf32_matmuls(self.cfg.train.tf32):
+            batch = self.collect()
+            rollout_s = time.time() - start
+            self.stats.rollout_seconds.append(rollout_s)
+            logs.update(self.update(batch))
         logs.update({"time/iteration_s": time.time() - start, "time/rollout_s": rollout_s,
                      "train/noise_std": self._mean_noise_std(batch),
                      "rollout/ep_rew_mean": mean_or_none(self.stats.returns),

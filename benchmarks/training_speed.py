@@ -46,6 +46,15 @@ TARGETS = {"bc_hopper_steps_per_s": 2500.0, "reinflow_iteration_s": 0.3, "eval_h
 ROLLOUT = "4096x5"
 
 
+CONFIGS = [REPO / "configs"]
+"""Where the presets are read from (``--configs``: a baseline's own, whose keys it knows)."""
+
+
+def preset(name: str) -> Path:
+    """A preset, ``<task>/<file>.yaml``, from the configs folder in use."""
+    return CONFIGS[0] / name
+
+
 def machine() -> str:
     import torch
 
@@ -102,14 +111,14 @@ def pixel_dataset(path: Path, episodes: int = 40) -> None:
     write_robomimic(path, eps, list(info.obs_layout), robomimic_env_args(info, info.max_episode_steps))
 
 
-def bc_run(name: str, preset: Path, steps: int, args: argparse.Namespace, extra: list[str]) -> dict:
+def bc_run(name: str, preset_path: Path, steps: int, args: argparse.Namespace, extra: list[str]) -> dict:
     from flowrl.agents.bc import BCConfig, BehaviorCloning
     from flowrl.config import load_stage_config
     from flowrl.training import Trainer
 
     overrides = [f"seed={args.seed}", f"device={args.device}", f"train.steps={steps}", "train.eval_every=0",
                  f"train.checkpoint_every={steps}", "train.log_every=100", *extra, *graph_override(args, BCConfig)]
-    cfg = load_stage_config("pretrain", preset, overrides)
+    cfg = load_stage_config("pretrain", preset_path, overrides)
     if not Path(cfg.data.path).is_absolute():
         cfg.data.path = str(REPO / cfg.data.path)
     losses: list[float] = []
@@ -128,21 +137,21 @@ def bc_run(name: str, preset: Path, steps: int, args: argparse.Namespace, extra:
 
         agent.train_iteration = logged  # type: ignore[method-assign]
         loop_s = timed_fit(trainer)
-    return {"preset": str(preset.relative_to(REPO)), "steps": steps, "batch_size": cfg.train.batch_size,
+    return {"preset": str(preset_path), "steps": steps, "batch_size": cfg.train.batch_size,
             "setup_s": round(setup_s, 2), "loop_s": round(loop_s, 3), "steps_per_s": round(steps / loop_s, 1),
             "loss_every_100": [round(x, 6) for x in losses], "overrides": overrides}
 
 
 def part_bc(args: argparse.Namespace, record: dict) -> None:
     runs = record.setdefault("bc", {})
-    runs["hopper"] = bc_run("bc-hopper", REPO / "configs/hopper/pretrain_reflow.yaml", args.bc_steps, args, [])
+    runs["hopper"] = bc_run("bc-hopper", preset("hopper/pretrain_reflow.yaml"), args.bc_steps, args, [])
     print(f"BC hopper: {runs['hopper']['steps_per_s']:.0f} steps/s", flush=True)
-    runs["square"] = bc_run("bc-square", REPO / "configs/square/pretrain_reflow.yaml", args.bc_steps, args, [])
+    runs["square"] = bc_run("bc-square", preset("square/pretrain_reflow.yaml"), args.bc_steps, args, [])
     print(f"BC square: {runs['square']['steps_per_s']:.0f} steps/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "can-pixels.hdf5"
         pixel_dataset(data)
-        runs["pixels"] = bc_run("bc-pixels", REPO / "configs/can/pretrain_reflow_pixels.yaml", args.pixel_steps, args,
+        runs["pixels"] = bc_run("bc-pixels", preset("can/pretrain_reflow_pixels.yaml"), args.pixel_steps, args,
                                 [f"data.path={data}"])
     print(f"BC pixels: {runs['pixels']['steps_per_s']:.0f} steps/s", flush=True)
 
@@ -158,7 +167,7 @@ def pretrained_hopper(args: argparse.Namespace, out: Path) -> Path:
     done = out / "checkpoints" / str(args.init_steps)
     if done.is_dir():  # another part made it already
         return done
-    cfg = load_stage_config("pretrain", REPO / "configs/hopper/pretrain_reflow.yaml",
+    cfg = load_stage_config("pretrain", preset("hopper/pretrain_reflow.yaml"),
                             [f"seed={args.seed}", f"device={args.device}", f"train.steps={args.init_steps}",
                              "train.eval_every=0"])
     cfg.data.path = str(REPO / cfg.data.path)
@@ -201,7 +210,7 @@ def part_reinflow(args: argparse.Namespace, record: dict, tmp: Path) -> None:
         overrides = [f"seed={args.seed}", f"device={args.device}", f"init={init}", "train.eval_every=0",
                      f"train.checkpoint_every={10 ** 6}", *layout_overrides(layout, args.device, args.sim_backend),
                      *graph_override(args, ReinFlowConfig)]
-        cfg = load_stage_config("finetune", REPO / "configs/hopper/finetune_reflow.yaml", overrides)
+        cfg = load_stage_config("finetune", preset("hopper/finetune_reflow.yaml"), overrides)
         per_iteration = cfg.train.num_envs * cfg.train.rollout_steps * 4
         cfg.train.env_steps = args.iterations * per_iteration
         start = time.time()
@@ -291,7 +300,7 @@ def part_mle(args: argparse.Namespace, record: dict, tmp: Path) -> None:
     overrides = [f"seed={args.seed}", f"device={args.device}", f"init={init}", f"train.steps={args.mle_steps}",
                  "train.eval_every=0", f"train.checkpoint_every={args.mle_steps}",
                  *graph_override(args, MLEConfig)]
-    cfg = load_stage_config("finetune", REPO / "configs/hopper/finetune_mle.yaml", overrides)
+    cfg = load_stage_config("finetune", preset("hopper/finetune_mle.yaml"), overrides)
     loop_s = timed_fit(Trainer(MLEFineTuning(cfg), tmp / "mle", progress=False))
     record["mle"] = {"steps": args.mle_steps, "loop_s": round(loop_s, 3),
                      "steps_per_s": round(args.mle_steps / loop_s, 1), "overrides": overrides}
@@ -303,14 +312,14 @@ def part_e2e(args: argparse.Namespace, record: dict, tmp: Path) -> None:
     flowrl = [sys.executable, "-m", "flowrl"]
     common = [f"seed={args.seed}", f"device={args.device}"]
     start = time.time()
-    pre = subprocess.run([*flowrl, "pretrain", str(REPO / "configs/hopper/pretrain_reflow.yaml"), "--out",
+    pre = subprocess.run([*flowrl, "pretrain", str(preset("hopper/pretrain_reflow.yaml")), "--out",
                           str(tmp / "e2e-pretrain"), "--quiet", "--no-eval", *common, "train.eval_every=0",
                           *([f"train.steps={args.e2e_pretrain_steps}"] if args.e2e_pretrain_steps else []),
                           f"data.path={REPO / 'data/hopper-medium.hdf5'}"], capture_output=True, text=True, cwd=tmp)
     pretrain_s = time.time() - start
     if pre.returncode:
         raise RuntimeError(f"pretrain failed: {pre.stderr[-2000:]}")
-    ft = subprocess.run([*flowrl, "finetune", str(REPO / "configs/hopper/finetune_reflow.yaml"), "--init",
+    ft = subprocess.run([*flowrl, "finetune", str(preset("hopper/finetune_reflow.yaml")), "--init",
                          str(tmp / "e2e-pretrain"), "--out", str(tmp / "e2e-finetune"), "--quiet", "--no-eval",
                          *common, *layout_overrides(args.e2e_layout, args.device),
                          f"train.stop_at_score={args.e2e_target}",
@@ -349,7 +358,7 @@ def part_profile(args: argparse.Namespace, tmp: Path) -> None:
         text2 = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
         (out / f"{name}.txt").write_text(text + "\n\n" + text2)
 
-    cfg = load_stage_config("pretrain", REPO / "configs/hopper/pretrain_reflow.yaml",
+    cfg = load_stage_config("pretrain", preset("hopper/pretrain_reflow.yaml"),
                             [f"device={args.device}", "train.steps=400", "train.eval_every=0"])
     cfg.data.path = str(REPO / cfg.data.path)
     trainer = Trainer(BehaviorCloning(cfg), tmp / "prof-bc", progress=False)
@@ -363,7 +372,7 @@ def part_profile(args: argparse.Namespace, tmp: Path) -> None:
     table(prof, "bc_100_steps")
     trainer.close()
     init = pretrained_hopper(args, tmp / "prof-init")
-    cfg = load_stage_config("finetune", REPO / "configs/hopper/finetune_reflow.yaml",
+    cfg = load_stage_config("finetune", preset("hopper/finetune_reflow.yaml"),
                             [f"device={args.device}", f"init={init}", "train.eval_every=0",
                              f"train.env_steps={6 * 81920}", *layout_overrides(ROLLOUT, args.device)])
     trainer = Trainer(ReinFlow(cfg), tmp / "prof-rf", progress=False)
@@ -472,6 +481,8 @@ def main() -> int:
     ap.add_argument("--e2e-env-steps", type=int, default=20_000_000, help="the end-to-end run's budget cap")
     ap.add_argument("--e2e-eval-every", type=int, default=8, help="iterations between the end-to-end evaluations")
     ap.add_argument("--profile-dir", default="training_speed_profile")
+    ap.add_argument("--configs", help="the presets' folder (default: this checkout's configs/; a baseline "
+                    "installed elsewhere needs the presets of its own commit)")
     ap.add_argument("--code-commit", help="the commit of the flowrl under test, when it is not this checkout's "
                     "(a baseline installed elsewhere)")
     ap.add_argument("--report", action="store_true", help="print the table of every record and exit")
@@ -479,6 +490,8 @@ def main() -> int:
     folder = results_dir() / "training_speed"
     if args.report:
         return report(folder)
+    if args.configs:
+        CONFIGS[0] = Path(args.configs).resolve()
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -491,6 +504,8 @@ def main() -> int:
                               "provenance": provenance(), "flowrl_from": str(Path(flowrl.__file__).parent),
                               "torch": torch.__version__,
                               "device": args.device, "cuda_graph": args.cuda_graph, "sim_backend": args.sim_backend,
+                              "configs": str(CONFIGS[0]),
+                              "tf32_override": os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"),
                               "command": "python benchmarks/training_speed.py " + " ".join(sys.argv[1:])}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{args.tag}.json"

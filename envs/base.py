@@ -170,9 +170,9 @@ class BatchedEnv(ABC):
             if after_step is not None:
                 after_step(j, ended_term, ended_trunc & ~ended_term)
             alive &= ~(ended_term | ended_trunc)
-            # every env done before the chunk's end: stop early (a host round trip, so only where stepping on
-            # is dearer than asking; a GPU keeps stepping the finished envs, whose results are discarded)
-            if j + 1 < horizon and dev.type == "cpu" and not bool(alive.any()):
+            # every env done before the chunk's end: stop early (a host round trip, so only where the physics runs
+            # on the CPU; a GPU simulator keeps stepping the finished envs, whose results are discarded)
+            if j + 1 < horizon and getattr(self, "sim_device", dev).type == "cpu" and not bool(alive.any()):
                 break
         assert final_obs is not None
         done = terminated | truncated

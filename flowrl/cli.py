@@ -86,8 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(train.eval_episodes), else its last: the checkpoint of the training's final table.")
     ev.add_argument("checkpoint", help=f"checkpoint folder or run folder ({RUN_FOLDER})")
     ev.add_argument("--episodes", type=int, default=10, help="episodes per K (default 10)")
-    ev.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8],
-                    help="numbers of Euler steps K to evaluate (default 1 2 4 8)")
+    ev.add_argument("--k", type=int, nargs="+", help="numbers of Euler steps K to evaluate (default 1 2 4 8)")
     ev.add_argument("--steps", type=int, nargs="+", help=argparse.SUPPRESS)  # the old name of --k (RENAMED_FLAGS)
     ev.add_argument("--seed", type=int, default=EVAL_SEED,
                     help=f"env i is seeded seed+i (default {EVAL_SEED}; training's periodic evaluations, which "
@@ -142,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
                         "medium return (`medium`).")
     ex.add_argument("task", help="Hopper, Walker2d, HalfCheetah, Ant, Humanoid or Humanoid-Newton (Newton solver; "
                     "needs --backend cpu or warp)")
-    ex.add_argument("--env-steps", type=int, default=1_000_000, help="env steps (default 1e6)")
+    ex.add_argument("--env-steps", type=int, help="env steps (default 1e6)")
     ex.add_argument("--steps", type=int, help=argparse.SUPPRESS)  # the old name of --env-steps (RENAMED_FLAGS)
     ex.add_argument("--out", help="expert folder (default experts/<task>)")
     ex.add_argument("--seed", type=int, default=0, help="seed of PPO and of the envs (default 0)")
@@ -316,14 +315,23 @@ only. finetune's ``--steps`` of an env-step algorithm (ReinFlow) is read as ``--
 way (:func:`_apply_budget`: which one it is depends on the config's algorithm)."""
 
 
+RENAMED_FLAG_DEFAULTS = {"k": [1, 2, 4, 8], "env_steps": 1_000_000}
+"""The defaults of the new flags of :data:`RENAMED_FLAGS`, filled in once it is known which name was given."""
+
+
 def _renamed_flags(args: argparse.Namespace) -> None:
     """Each old flag of :data:`RENAMED_FLAGS` given is read as its new one, with one note
     (:func:`flowrl.config.warn_renamed`, as for old config keys)."""
     for (command, dest), (old, new, new_dest) in RENAMED_FLAGS.items():
         if args.command == command and getattr(args, dest, None) is not None:
+            if getattr(args, new_dest, None) is not None:
+                raise FlowrlError(f"{command}: {new} and its old name {old} given together; keep {new}")
             warn_renamed(old, new, command)
             setattr(args, new_dest, getattr(args, dest))
             setattr(args, dest, None)
+    for (command, _), (_, _, new_dest) in RENAMED_FLAGS.items():
+        if args.command == command and getattr(args, new_dest, None) is None:
+            setattr(args, new_dest, RENAMED_FLAG_DEFAULTS[new_dest])
 
 
 def _apply_budget(cfg: object, steps: int | None, env_steps: int | None) -> None:

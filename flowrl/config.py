@@ -482,9 +482,10 @@ has neither), a preset or override naming the old key is read as the new one wit
 :class:`RenamedWarning`; a checkpoint written under the old names loads the same way, silently."""
 
 
-class RenamedWarning(DeprecationWarning):
+class RenamedWarning(FutureWarning):
     """A config key or command-line flag given by its old name, read as its new one (the ``flowrl``
-    command prints it as one ``flowrl: note:`` line)."""
+    command prints it as one ``flowrl: note:`` line). A FutureWarning, which Python shows by default, so
+    that scripts using the library see it too."""
 
 
 def warn_renamed(old: str, new: str, where: str = "config") -> None:

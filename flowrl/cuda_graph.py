@@ -7,9 +7,37 @@ step once and replays it, so the whole step is one launch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Matrix products and convolutions on CUDA in TensorFloat-32 (10-bit mantissa inputs, float32 sums) inside
+    the block, or not; the process's own setting is back after it, so what runs outside (evaluations, other
+    code of the user) is untouched."""
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    before = [b.allow_tf32 for b in backends]
+    for b in backends:
+        b.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        for b, value in zip(backends, before):
+            b.allow_tf32 = value
+
+
+def fused_if_cuda(device: torch.device) -> dict[str, bool]:
+    """The optimiser keyword that runs Adam/AdamW as one fused kernel on a CUDA device (nothing elsewhere)."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+def graphs_usable(device: torch.device, distributed: bool, uses_images: bool) -> bool:
+    """Whether a training step may run as a captured CUDA graph: on a CUDA device, in one process (a
+    gradient all-reduce is not captured), for state-only policies (image augmentation draws its own noise)."""
+    return device.type == "cuda" and not distributed and not uses_images
 
 
 class StepGraph:

@@ -43,7 +43,8 @@ class RunFolder:
         if resume and cfg_path.is_file():
             now = _flat(new)
             old = current_names(_flat(OmegaConf.to_container(OmegaConf.load(cfg_path))), now)  # older key names
-            diffs = [k for k in now if k not in resumable_keys and old.get(k) != now[k]]
+            default = _flat(to_dict(type(cfg)()))  # a key newer than the run's flowrl: its default is what it ran
+            diffs = [k for k in now if k not in resumable_keys and old.get(k, default.get(k)) != now[k]]
             if diffs:
                 k = diffs[0]
                 raise FlowrlError(f"--resume: config key '{k}' differs from the run's config.yaml "

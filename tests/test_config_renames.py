@@ -147,9 +147,23 @@ def test_resume_of_a_run_written_under_the_old_names(tmp_path: Path, hopper_data
     written = to_dict(cfg)
     written["policy"]["num_steps"] = written["policy"].pop("k")
     written["eval"]["steps"] = written["eval"].pop("k")
+    del written["train"]["cuda_graph"], written["train"]["tf32"]  # options newer than the run: their defaults
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(written))
     assert RunFolder(tmp_path).start(cfg, resume=True) is False  # same config, nothing to resume from yet
+    cfg.train.tf32 = False  # a newer option set otherwise than its default differs from what the run had
+    with pytest.raises(FlowrlError, match=r"config key 'train.tf32' differs"):
+        RunFolder(tmp_path).start(cfg, resume=True)
+    cfg.train.tf32 = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(written))
     written["policy"]["num_steps"] = 8
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(written))
     with pytest.raises(FlowrlError, match=r"config key 'policy.k' differs from the run's config.yaml \(8 there, 2 now"):
         RunFolder(tmp_path).start(cfg, resume=True)
+
+
+def test_a_flag_and_its_old_name_together_are_one_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from flowrl.cli import main
+
+    assert main(["eval", "/nonexistent-run", "--k", "4", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["flowrl: error: eval: --k and its old name --steps given together; keep --k"]
