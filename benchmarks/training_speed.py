@@ -1,29 +1,35 @@
-"""How fast the training loops run on one GPU: behaviour cloning, a ReinFlow iteration, MLE, evaluation, and
-the wall clock from demonstrations to Hopper's published return.
+"""How fast the training loops run on one GPU: behaviour cloning, a ReinFlow iteration, MLE, evaluation, the
+physics alone, and the wall clock from demonstrations to Hopper's published return.
 
-Parts (``--parts``, default all):
+Parts (``--parts``, default all but ``profile``):
 - ``bc``: gradient steps/s of behaviour cloning through the training loop, for the Hopper preset (3x512
-  MLP, batch 256), the Square preset and a pixel policy (Can's pixel preset on synthetic 84x84 images of
-  the demonstrations' length: the speed does not depend on what the pixels show). Each run also records
-  its loss every 100 steps, so two runs of one seed (``--cuda-graph off`` / ``on``) compare loss curves.
-- ``reinflow``: one Hopper ReinFlow iteration of 2048 envs x 10 decisions x 4 actions (80k env steps) on
-  MuJoCo Warp, split into rollout and update seconds (mean of the iterations after the critic warm-up),
-  and an evaluation of 10 Hopper episodes at K = 4 on the same backend.
-- ``mle``: MLE reconstruction fine-tuning steps/s (Hopper preset, K = 1).
+  MLP, batch 256), the Square preset and a pixel policy (Can's pixel preset on random 84x84 images beside
+  Can's demonstrations: the speed does not depend on what the pixels show). Each run also records its
+  loss every 100 steps, so runs of one seed (``--cuda-graph off`` / ``on``, or the baseline) compare
+  loss curves.
+- ``reinflow``: Hopper ReinFlow iterations for each ``--layouts`` rollout (``<envs>x<decisions>``, 4 actions
+  per decision; 4096x5 and 2048x10 are 80k env steps each) on ``--sim-backend`` (MuJoCo Warp by default),
+  split into rollout and update seconds (the mean of the iterations after the critic warm-up and the
+  first actor update), and evaluations of 10 Hopper episodes at K = 4 on each backend.
+- ``mle``: MLE reconstruction fine-tuning steps/s (Hopper preset, K = 1; no CUDA graph yet).
+- ``physics``: Hopper on MuJoCo Warp without a policy, seconds per env step at each ``--worlds``.
 - ``e2e``: ``flowrl pretrain configs/hopper/pretrain_reflow.yaml`` then ``flowrl finetune
-  configs/hopper/finetune_reflow.yaml`` on 2048 envs x 10 decisions on warp, stopped at the published
-  return (``train.stop_at_score=3205``), as two CLI processes timed from their start (Python and CUDA
-  start-up, data loading and Warp's kernel cache included).
+  configs/hopper/finetune_reflow.yaml`` on the ``--e2e-layout`` rollout (4096x5) on warp, stopped at the
+  first periodic evaluation at or above the published return (``train.stop_at_score=3205``), as two CLI
+  processes timed from their start (Python and CUDA start-up, data loading and Warp's kernel cache
+  included).
+- ``profile``: torch.profiler tables of BC steps, a ReinFlow rollout and update, and an evaluation.
 
 Targets (exit code 1 when one is missed): BC of the Hopper policy >= 2500 steps/s, a Hopper ReinFlow
-iteration (rollout + update) <= 0.3 s, an evaluation of 10 Hopper episodes <= 1 s, demonstrations to
-3205 <= 60 s. ``--report`` prints the before/after table of every results file in the results folder.
+iteration (rollout + update, 4096x5 on warp) <= 0.3 s, an evaluation of 10 Hopper episodes <= 1 s,
+demonstrations to 3205 <= 60 s. ``--report`` prints the table of every record in the results folder.
 
     python benchmarks/training_speed.py --tag after            # writes training_speed/<tag>.json
     python benchmarks/training_speed.py --report                # the table of every record
 
 The record names the commit, the card and the torch version. Compare only records of the same card: run
-the baseline on the same machine, one run after the other.
+the baseline on the same machine, one run after the other (``--code-commit`` and ``--configs`` for a
+baseline installed elsewhere).
 """
 
 from __future__ import annotations
@@ -462,7 +468,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--cuda-graph", choices=["default", "on", "off"], default="default",
-                    help="train.cuda_graph for BC, ReinFlow and MLE (default: the presets')")
+                    help="train.cuda_graph for BC and ReinFlow (default: the presets')")
     ap.add_argument("--bc-steps", type=int, default=3000)
     ap.add_argument("--pixel-steps", type=int, default=300)
     ap.add_argument("--init-steps", type=int, default=2000, help="BC steps of the ReinFlow/MLE starting policy")

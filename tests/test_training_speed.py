@@ -1,12 +1,14 @@
 """What the fast training paths keep: the same random draws in the same order, seeded CPU runs identical to
 themselves, no host read-back inside a gradient step, and evaluations on the backend that is fastest for a few
-envs. (The CUDA graphs themselves run only on a GPU: benchmarks/training_speed.py measures them there.)"""
+envs. The CUDA-graph steps run only where a GPU is: their tests are skipped elsewhere (on a GPU machine,
+``python -m pytest tests/test_training_speed.py``), and benchmarks/training_speed.py measures them there."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -91,9 +93,60 @@ def test_bc_logs_stay_tensors_and_seeded_cpu_runs_are_identical(hopper_dataset, 
 
 
 def test_evaluation_of_a_few_mujoco_envs_runs_on_cpu_threads_whatever_the_device() -> None:
+    for device in ("cpu", "cuda"):  # the rule does not look at the policy's device (nothing is built here)
+        assert Evaluator("Hopper", backend="auto", device=device).backend_for(10) == "cpu"
     auto = Evaluator("Hopper", backend="auto", device="cpu")
-    assert auto.backend_for(10) == "cpu"
     assert auto.backend_for(CPU_EVAL_MAX_ENVS + 1) == "auto"  # many envs: make's own choice (warp on a GPU)
     assert auto.backend_for(10, images=True) == "auto"  # pixel policies need a backend that renders
     assert Evaluator("Hopper", backend="warp", device="cpu").backend_for(10) == "warp"  # asked for: kept
     assert Evaluator("robosuite/Lift", backend="auto", device="cpu").backend_for(10) == "auto"
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("head", ["reflow", "shortcut"])
+def test_bc_graph_replays_the_eager_step(hopper_dataset, head) -> None:
+    """The captured step and the eager one, from the same seed in float32: the same losses and weights, to
+    float rounding (cuBLAS may choose other kernels inside a capture)."""
+    runs = []
+    for graph in (False, True):
+        agent = _bc(hopper_dataset, f"policy.head={head}", "seed=2", "device=cuda", f"train.cuda_graph={graph}",
+                    "train.tf32=false")
+        assert (agent.graph is not None) == graph
+        losses = torch.stack([agent.train_iteration(i)["train/loss"].clone() for i in range(12)])
+        runs.append((losses, [p.detach().clone() for p in agent.model.parameters()]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-4, atol=1e-6)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_reinflow_graphed_update_keeps_the_first_ratio_and_survives_an_eager_step(tmp_path, hopper_dataset) -> None:
+    """With the PPO step captured, the first minibatch's ratio is 1 (old log-probabilities from the same
+    weights), and an eager update in between (a rollout that is not whole minibatches) leaves the graph's
+    gradients in place for the next replay."""
+    from flowrl.agents.reinflow import ReinFlow
+
+    bc = Trainer(_bc(hopper_dataset, "seed=1", "device=cuda"), tmp_path / "bc", progress=False)
+    bc.fit()
+    init = bc.run.checkpoint_dir(bc.step)
+    bc.close()
+    cfg = load_stage_config("finetune", None, [f"init={init}", "device=cuda", "train.backend=cpu", "train.num_envs=32",
+                                               "train.rollout_steps=8", "train.minibatch_size=64",
+                                               "train.critic_warmup_iterations=0", "train.update_epochs=2"])
+    agent = ReinFlow(cfg)
+    for i in range(3):
+        agent.iteration = i
+        logs = agent.update(agent.collect())
+        assert logs["train/first_ratio_deviation"] < 1e-5
+    assert agent._ppo_graph is not None and agent._ppo_graph.graph is not None
+    batch = agent.collect()
+    uneven = {k: v[:200] for k, v in batch.items()}  # 200 is not a whole number of minibatches of 64: eager
+    agent.update(uneven)
+    before = [p.detach().clone() for p in agent.policy.parameters()]
+    agent.update(agent.collect())  # graphed again
+    assert any(not torch.equal(a, p) for a, p in zip(before, agent.policy.parameters()))
+    assert all(p.grad is g for p, g in agent._ppo_graph.grads)
+    agent.close()
