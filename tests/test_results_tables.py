@@ -190,10 +190,11 @@ def test_every_number_of_a_results_table_is_in_the_file_it_cites(table: Table) -
 
 
 def test_the_results_speak_of_the_project_not_of_working_sessions() -> None:
-    """docs/results.md and the files under benchmarks/results (names and text) say what was measured where,
-    not in which working session."""
-    diary = re.compile(r"\bsessions?[ _-]?\d+|\bthis session\b", re.IGNORECASE)
-    hits = [str(RESULTS_PAGE.relative_to(REPO))] if diary.search(RESULTS_PAGE.read_text(encoding="utf-8")) else []
+    """The README, the docs and the files under benchmarks/results (names and text) say what was measured
+    where, not in which working session or for which issue."""
+    diary = re.compile(r"\bsessions?[ _-]?\d+|\bthis session\b|\bissues?\s*#?\d+", re.IGNORECASE)
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    hits = [str(p.relative_to(REPO)) for p in pages if diary.search(p.read_text(encoding="utf-8"))]
     for path in sorted(p for p in RESULTS.rglob("*") if p.is_file()):
         name = str(path.relative_to(REPO))
         if diary.search(name) or (path.suffix != ".png" and diary.search(path.read_text(errors="replace"))):
