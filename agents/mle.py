@@ -108,29 +108,30 @@ class MLEConfig(LoopConfig):
                 fail(f"{prefix}{key}", f"must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
 
 
-def invert(policy: FlowPolicy, obs: torch.Tensor, actions: torch.Tensor, num_steps: int) -> torch.Tensor:
+def invert(policy: FlowPolicy, obs: torch.Tensor, actions: torch.Tensor, k: int) -> torch.Tensor:
     """Latents whose K-step decoding is the given normalised action chunks: the flow integrated
-    backwards from t=1 to 0 with ``num_steps`` Euler steps (exact in the limit of many steps)."""
-    velocity = policy.velocity_fn(policy.encode(obs), num_steps)
-    dt = 1.0 / num_steps
+    backwards from t=1 to 0 with K = ``k`` Euler steps (exact in the limit of many steps)."""
+    velocity = policy.velocity_fn(policy.encode(obs), k)
+    dt = 1.0 / k
     x = actions
-    for t in reversed(time_grid(num_steps, x.shape[0], x.device, x.dtype)):
+    for t in reversed(time_grid(k, x.shape[0], x.device, x.dtype)):
         x = x - dt * velocity(t + dt, x)
     return x
 
 
-def jacobian_bounds(policy: FlowPolicy, obs: torch.Tensor, num_steps: int, iterations: int = 20,
+def jacobian_bounds(policy: FlowPolicy, obs: torch.Tensor, k: int, iterations: int = 20,
                     generator: torch.Generator | None = None) -> tuple[float, float]:
-    """``(lipschitz, one_sided)`` of the field's action Jacobian J over sampled (obs, t, a) points: the
-    largest spectral norm of J, and the largest eigenvalue of its symmetric part (J + J^T) / 2, the
-    one-sided Lipschitz constant that decides contraction (negative: the field already contracts
-    there). Power iterations per point with autograd's Jacobian-vector products: on J^T J, then on
-    the symmetric part shifted by the spectral norm (which makes it positive semi-definite)."""
+    """``(lipschitz, one_sided)`` of the field's action Jacobian J over sampled (obs, t, a) points, t on
+    the grid of K = ``k`` steps: the largest spectral norm of J, and the largest eigenvalue of its
+    symmetric part (J + J^T) / 2, the one-sided Lipschitz constant that decides contraction (negative:
+    the field already contracts there). Power iterations per point with autograd's Jacobian-vector
+    products: on J^T J, then on the symmetric part shifted by the spectral norm (which makes it positive
+    semi-definite)."""
     n = obs.shape[0]
     cond = policy.encode(obs).detach()
-    t = torch.randint(0, num_steps, (n,), generator=generator, device=obs.device).float() / num_steps
+    t = torch.randint(0, k, (n,), generator=generator, device=obs.device).float() / k
     a = torch.randn((n, *policy.chunk_shape), generator=generator, device=obs.device)
-    d = torch.full((n,), 1.0 / num_steps, device=obs.device) if policy.is_shortcut else None
+    d = torch.full((n,), 1.0 / k, device=obs.device) if policy.is_shortcut else None
 
     def field(x: torch.Tensor) -> torch.Tensor:
         return policy.velocity(t, x, cond, d)
@@ -302,9 +303,9 @@ class MLEFineTuning(Agent):
         return logs
 
 
-def held_out_reconstruction(policy: FlowPolicy, data: ChunkDataset, num_steps: int, inversion_steps: int = 64,
+def held_out_reconstruction(policy: FlowPolicy, data: ChunkDataset, k: int, inversion_steps: int = 64,
                             reference: FlowPolicy | None = None, batch: int = 4096) -> float:
-    """Mean squared error (normalised units) of decoding each demonstration chunk's latent with K
+    """Mean squared error (normalised units) of decoding each demonstration chunk's latent with K = ``k``
     steps; latents from inverting ``reference`` (the pretrained policy) with many steps, so every
     policy compared is scored on the same latents."""
     reference = reference or policy
@@ -315,7 +316,7 @@ def held_out_reconstruction(policy: FlowPolicy, data: ChunkDataset, num_steps: i
             obs, actions = data.batch(idx)
             x1 = policy.normalize_action(actions)
             x0 = invert(reference, obs, x1, inversion_steps)
-            decoded = euler_sample(policy.velocity_fn(policy.encode(obs), num_steps), x0, num_steps)
+            decoded = euler_sample(policy.velocity_fn(policy.encode(obs), k), x0, k)
             total += float((decoded - x1).square().sum())
             count += x1.numel()
     return total / max(count, 1)

@@ -160,14 +160,14 @@ def measure(args: argparse.Namespace, tmp: Path) -> int:
     for name, head, k in POLICIES:
         for fmt, suffix in (("onnx", "onnx"), ("torch-export", "pt2")):
             path = tmp / f"{head}_k{k}.{suffix}"
-            export(ckpts[head], path, fmt, num_steps=k)
+            export(ckpts[head], path, fmt, k=k)
             exports[head, k, fmt] = path
     print(f"{'policy':<16}{'K':>3} {'backend':<14}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
           + "".join(f"{'b=' + str(b) + ' /s':>13}" for b in args.batches))
     for name, head, k in POLICIES:
         for backend in ("eager", "onnx", "torch-export"):
             src = ckpts[head] if backend == "eager" else exports[head, k, backend]
-            policy = flowrl.deploy.load(src, num_steps=k if backend == "eager" else None)
+            policy = flowrl.deploy.load(src, k=k if backend == "eager" else None)
             lat = time_act(policy, args.iters if backend == "onnx" else max(args.iters // 2, 200))
             tput = {b: throughput(policy, b) for b in args.batches}
             row = {"policy": name, "K": k, "backend": backend, "act": lat, "throughput_per_s": tput}

@@ -102,7 +102,7 @@ def policy_loop(task: str, n: int, seconds: float, threads: int, device: str, ba
 
     def chunk():
         images = renderer.render() if renderer else None
-        actions = policy.predict(history.get(), num_steps=4, generator=gen, images=images)
+        actions = policy.predict(history.get(), k=4, generator=gen, images=images)
         history.push_chunk(env.step_chunk(actions.clamp(-1, 1)))
 
     rate = 4 * n * timed(chunk, seconds, warmup=1)

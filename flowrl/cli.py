@@ -545,7 +545,7 @@ def cmd_deploy_sim(args: argparse.Namespace) -> None:
 
     if args.episodes < 1:
         raise FlowrlError(f"--episodes must be >= 1, got {args.episodes}")
-    policy = load(args.checkpoint, num_steps=args.k, seed=args.seed)
+    policy = load(args.checkpoint, k=args.k, seed=args.seed)
     task = args.task or policy.meta.get("task")
     if not task:
         raise FlowrlError(f"{args.checkpoint}: records no task; pass --task")
@@ -567,7 +567,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from flowrl.deploy.runtime import load
     from flowrl.deploy.server import PolicyServer
 
-    policy = load(args.policy, num_steps=args.k, seed=args.seed)
+    policy = load(args.policy, k=args.k, seed=args.seed)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     server = PolicyServer({args.name: policy}, port=args.port, host=args.host).start()
     print(f"serving '{args.name}' ({policy.backend}, K={policy.k}, obs ({policy.obs_history}, "

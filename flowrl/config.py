@@ -488,9 +488,26 @@ class RenamedWarning(FutureWarning):
     that scripts using the library see it too."""
 
 
-def warn_renamed(old: str, new: str, where: str = "config") -> None:
-    """The one warning that ``old`` is now ``new``: ``config: policy.num_steps is now policy.k``."""
-    warnings.warn(f"{where}: {old} is now {new}", RenamedWarning, stacklevel=3)
+def warn_renamed(old: str, new: str, where: str = "config", stacklevel: int = 3) -> None:
+    """The one warning that ``old`` is now ``new``: ``config: policy.num_steps is now policy.k``.
+    ``stacklevel`` 3 points the warning at the caller of the function that calls this one."""
+    warnings.warn(f"{where}: {old} is now {new}", RenamedWarning, stacklevel=stacklevel)
+
+
+def renamed_argument(where: str, old: str, new: str, old_value: Any, new_value: Any,
+                     required: bool = False) -> Any:
+    """The value of a keyword argument ``new`` of ``where`` that callers may still pass by its old name
+    ``old`` (both default to None): ``old_value`` with one :class:`RenamedWarning` pointed at the
+    caller of ``where`` when only the old name is given, else ``new_value``. Both given is a one-line
+    error naming both; neither, when ``required``, a TypeError like Python's for a missing argument."""
+    if old_value is not None:
+        if new_value is not None:
+            raise FlowrlError(f"{where}: {old} is the old name of {new}; give only {new}")
+        warn_renamed(old, new, where, stacklevel=4)
+        return old_value
+    if new_value is None and required:
+        raise TypeError(f"{where}() missing required argument: '{new}'")
+    return new_value
 
 
 def _has_key(node: Any, dotted: str) -> bool:

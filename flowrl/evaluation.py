@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowrl.config import EVAL_SEED
+from flowrl.config import EVAL_SEED, renamed_argument
 from flowrl.envs import BatchedEnv, is_robosuite, make, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.policy import FlowPolicy
@@ -73,14 +73,16 @@ class Evaluator:
             self._env_images = images
         return self._env
 
-    def __call__(self, policy: FlowPolicy, num_steps: int, episodes: int = 10,
-                 seed: int | None = None, per_episode: bool = False) -> dict[str, Any]:
+    def __call__(self, policy: FlowPolicy, k: int | None = None, episodes: int = 10,
+                 seed: int | None = None, per_episode: bool = False, *,
+                 num_steps: int | None = None) -> dict[str, Any]:
         """Mean and std of return and length (and success rate where the task defines it) of the
-        deterministic flow policy with K = ``num_steps``, over ``episodes`` seeded episodes."""
+        deterministic flow policy with K = ``k``, over ``episodes`` seeded episodes. ``num_steps`` is
+        the old name of ``k``."""
+        k = renamed_argument("Evaluator.__call__", "num_steps", "k", num_steps, k, required=True)
         seed = self.seed if seed is None else seed
         gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
-        return {"k": num_steps,
-                **self.run(FlowChunkPolicy(policy, num_steps, gen), episodes, seed, per_episode)}
+        return {"k": k, **self.run(FlowChunkPolicy(policy, k, gen), episodes, seed, per_episode)}
 
     def run(self, policy: ChunkPolicy, episodes: int = 10, seed: int | None = None,
             per_episode: bool = False) -> dict[str, Any]:
@@ -116,16 +118,18 @@ class Evaluator:
             self._env = None
 
 
-def evaluate(policy: FlowPolicy, task: str, num_steps: int, episodes: int = 10, seed: int = EVAL_SEED,
+def evaluate(policy: FlowPolicy, task: str, k: int | None = None, episodes: int = 10, seed: int = EVAL_SEED,
              backend: str = "auto", max_envs: int = 0, device: str | torch.device = "cpu",
-             end_on_success: bool = False) -> dict[str, float]:
-    """One evaluation with envs made for it and closed after (see :class:`Evaluator`).
+             end_on_success: bool = False, *, num_steps: int | None = None) -> dict[str, float]:
+    """One evaluation of ``policy`` at K = ``k`` with envs made for it and closed after (see
+    :class:`Evaluator`). ``num_steps`` is the old name of ``k``.
 
     ``end_on_success`` ends each episode at its first success, as robomimic's rollouts do
     (``terminate_on_success``): the success rate is the same, evaluation is faster, and return and
     length then count the steps up to the success."""
+    k = renamed_argument("evaluate", "num_steps", "k", num_steps, k, required=True)
     evaluator = Evaluator(task, seed, backend, max_envs, device, end_on_success)
     try:
-        return evaluator(policy, num_steps, episodes)
+        return evaluator(policy, k, episodes)
     finally:
         evaluator.close()

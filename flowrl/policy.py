@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowrl.config import PolicyConfig
+from flowrl.config import PolicyConfig, renamed_argument
 from flowrl.errors import FlowrlError
 from flowrl.nets import ResidualMLP, SinusoidalEmbedding
 from flowrl.sampler import euler_sample
@@ -101,9 +101,9 @@ class FlowPolicy(nn.Module):
         v = self.velocity_net(torch.cat(parts, dim=-1)).view(-1, *self.chunk_shape)
         return v if self.residual is None else v + self.residual(t, action, cond)
 
-    def velocity_fn(self, cond: torch.Tensor, num_steps: int):
-        """v(t, x) closed over the observation features, with d = 1/K for shortcut heads."""
-        d = torch.full((cond.shape[0],), 1.0 / num_steps, device=cond.device) if self.is_shortcut else None
+    def velocity_fn(self, cond: torch.Tensor, k: int):
+        """v(t, x) closed over the observation features, with d = 1/K for shortcut heads (K = ``k``)."""
+        d = torch.full((cond.shape[0],), 1.0 / k, device=cond.device) if self.is_shortcut else None
         return lambda t, x: self.velocity(t, x, cond, d)
 
     # -- sampling ------------------------------------------------------------------------------
@@ -112,31 +112,41 @@ class FlowPolicy(nn.Module):
         device = device or self.obs_mean.device
         return torch.randn((batch, *self.chunk_shape), generator=generator, device=device)
 
-    def sample(self, obs: torch.Tensor, num_steps: int | None = None, noise: torch.Tensor | None = None,
+    def sample(self, obs: torch.Tensor, k: int | None = None, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None,
-               images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Normalised action chunks (B, horizon, act_dim), unclamped; deterministic given ``noise``."""
-        k = num_steps or self.cfg.k
+               images: dict[str, torch.Tensor] | None = None, *,
+               num_steps: int | None = None) -> torch.Tensor:
+        """Normalised action chunks (B, horizon, act_dim), unclamped, from ``k`` Euler steps (default:
+        the policy's own K); deterministic given ``noise``. ``num_steps`` is the old name of ``k``."""
+        k = renamed_argument("FlowPolicy.sample", "num_steps", "k", num_steps, k) or self.cfg.k
         cond = self.encode(obs, images)
         x0 = self.initial_noise(obs.shape[0], generator) if noise is None else noise
         return euler_sample(self.velocity_fn(cond, k), x0, k)
 
-    @torch.no_grad()
-    def predict(self, obs: torch.Tensor | np.ndarray, num_steps: int | None = None,
+    def predict(self, obs: torch.Tensor | np.ndarray, k: int | None = None,
                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Env-ready action chunks (B, horizon, act_dim) for raw observations.
+                images: dict[str, torch.Tensor] | None = None, *,
+                num_steps: int | None = None) -> torch.Tensor:
+        """Env-ready action chunks (B, horizon, act_dim) for raw observations, from ``k`` Euler steps
+        (default: the policy's own K), without gradients.
 
         ``obs`` is (B, obs_history, obs_dim), or (B, obs_dim) for a history of one; pixel policies
         also take ``images`` ``{camera: (B, obs_history, H, W, 3) uint8}`` (or (B, H, W, 3)).
+        ``num_steps`` is the old name of ``k``.
         """
+        k = renamed_argument("FlowPolicy.predict", "num_steps", "k", num_steps, k)
+        with torch.no_grad():  # not a decorator: its wrapper would take the warning's place as the caller
+            return self._predict(obs, k, noise, generator, images)
+
+    def _predict(self, obs: torch.Tensor | np.ndarray, k: int | None, noise: torch.Tensor | None,
+                 generator: torch.Generator | None, images: dict[str, torch.Tensor] | None) -> torch.Tensor:
         obs = torch.as_tensor(obs, dtype=torch.float32, device=self.obs_mean.device)
         if obs.dim() == 2:
             obs = obs.unsqueeze(1)
         if images is not None:
             images = {c: torch.as_tensor(x, device=self.obs_mean.device) for c, x in images.items()}
             images = {c: x.unsqueeze(1) if x.dim() == 4 else x for c, x in images.items()}
-        return self.unnormalize_action(self.sample(obs, num_steps, noise, generator, images))
+        return self.unnormalize_action(self.sample(obs, k, noise, generator, images))
 
     def describe(self) -> dict[str, Any]:
         n = sum(p.numel() for p in self.parameters())

@@ -95,11 +95,11 @@ class ChunkPolicy(Protocol):
 
 @dataclass
 class FlowChunkPolicy:
-    """A flow policy's deterministic sampler at K Euler steps, as a :class:`ChunkPolicy`; initial noise
-    is drawn from ``generator`` when not given. Pixel policies take the rendered images too."""
+    """A flow policy's deterministic sampler at K = ``k`` Euler steps, as a :class:`ChunkPolicy`; initial
+    noise is drawn from ``generator`` when not given. Pixel policies take the rendered images too."""
 
     policy: FlowPolicy
-    num_steps: int
+    k: int
     generator: torch.Generator | None = None
 
     @property
@@ -120,7 +120,7 @@ class FlowChunkPolicy:
 
     def act_chunk(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
                   images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        return self.policy.predict(obs, self.num_steps, noise, self.generator, images)
+        return self.policy.predict(obs, self.k, noise, self.generator, images)
 
 
 class CameraObserver:

@@ -15,21 +15,21 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """v(t, x) -> dx/dt, with t a (B,) tensor and x a (B, ...) tensor."""
 
 
-def time_grid(num_steps: int, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """The K evaluation times ``t_k = k / K`` as (B,) tensors."""
-    return [torch.full((batch,), k / num_steps, device=device, dtype=dtype) for k in range(num_steps)]
+def time_grid(k: int, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """The K = ``k`` evaluation times ``t_i = i / K`` as (B,) tensors."""
+    return [torch.full((batch,), i / k, device=device, dtype=dtype) for i in range(k)]
 
 
-def euler_sample(velocity: VelocityFn, x0: torch.Tensor, num_steps: int) -> torch.Tensor:
-    """Integrate ``dx/dt = v(t, x)`` from ``x0`` at t=0 to t=1 in ``num_steps`` Euler steps.
+def euler_sample(velocity: VelocityFn, x0: torch.Tensor, k: int) -> torch.Tensor:
+    """Integrate ``dx/dt = v(t, x)`` from ``x0`` at t=0 to t=1 in K = ``k`` Euler steps.
 
     Deterministic given ``x0``: the policy's initial noise is its only randomness.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    dt = 1.0 / num_steps
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    dt = 1.0 / k
     x = x0
-    for t in time_grid(num_steps, x0.shape[0], x0.device, x0.dtype):
+    for t in time_grid(k, x0.shape[0], x0.device, x0.dtype):
         x = x + dt * velocity(t, x)
     return x
 
@@ -61,15 +61,15 @@ def step_mean(x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, std: torch.Tens
     return mean
 
 
-def noisy_euler_chain(velocity: VelocityFn, noise_std: NoiseFn, x0: torch.Tensor, num_steps: int,
+def noisy_euler_chain(velocity: VelocityFn, noise_std: NoiseFn, x0: torch.Tensor, k: int,
                       generator: torch.Generator | None = None, score_correction: bool = False) -> torch.Tensor:
     """The Euler chain with Gaussian noise injected at every step (ReinFlow):
     ``x_{k+1} = x_k + v(t_k, x_k) dt + sigma(t_k, x_k) eps_k`` (the mean as :func:`step_mean` says).
-    Returns (B, K+1, ...), x0 first."""
-    dt = 1.0 / num_steps
+    Returns (B, K+1, ...), x0 first (K = ``k``)."""
+    dt = 1.0 / k
     chain = [x0]
     x = x0
-    for t in time_grid(num_steps, x0.shape[0], x0.device, x0.dtype):
+    for t in time_grid(k, x0.shape[0], x0.device, x0.dtype):
         std = noise_std(t, x)
         mean = step_mean(x, t, velocity(t, x), std, dt, score_correction)
         x = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -78,13 +78,13 @@ def noisy_euler_chain(velocity: VelocityFn, noise_std: NoiseFn, x0: torch.Tensor
 
 
 def chain_transitions(velocity: VelocityFn, noise_std: NoiseFn, chain: torch.Tensor,
-                      num_steps: int, score_correction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Means and stds of every transition of a chain, (B, K, ...) each, in one batched call.
+                      k: int, score_correction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means and stds of every transition of a chain, (B, K, ...) each (K = ``k``), in one batched call.
 
     ``velocity`` and ``noise_std`` receive the K states of each chain flattened into the batch,
     (B*K, ...), ordered chain by chain: conditioning must be repeated with ``repeat_interleave(K)``.
     """
-    b, k = chain.shape[0], num_steps
+    b = chain.shape[0]
     if chain.shape[1] != k + 1:
         raise ValueError(f"chain holds {chain.shape[1]} states, expected K+1 = {k + 1}")
     states = chain[:, :-1].reshape(b * k, *chain.shape[2:])
@@ -99,11 +99,11 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return -((x - mean) / std).square() / 2 - std.log() - LOG_SQRT_2PI
 
 
-def chain_log_prob(velocity: VelocityFn, noise_std: NoiseFn, chain: torch.Tensor, num_steps: int,
+def chain_log_prob(velocity: VelocityFn, noise_std: NoiseFn, chain: torch.Tensor, k: int,
                    include_initial: bool = True, score_correction: bool = False) -> torch.Tensor:
     """Exact log-likelihood of whole chains, (B,):
     ``log N(x_0; 0, I) + sum_k log N(x_{k+1}; step mean, sigma_k^2)``, summed over all elements."""
-    mean, std = chain_transitions(velocity, noise_std, chain, num_steps, score_correction)
+    mean, std = chain_transitions(velocity, noise_std, chain, k, score_correction)
     lp = gaussian_log_prob(chain[:, 1:], mean, std).flatten(1).sum(dim=1)
     if include_initial:
         x0 = chain[:, 0]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from flowrl import distributed
 from flowrl.checkpoint import save_checkpoint
-from flowrl.config import LoopConfig, to_dict
+from flowrl.config import LoopConfig, renamed_argument, to_dict
 from flowrl.envs import resolve_task
 from flowrl.errors import FlowrlError, Interrupted
 from flowrl.evaluation import SELECTION_SEED, Evaluator
@@ -236,14 +236,19 @@ class Trainer:
               file=sys.stderr)
 
     # -- evaluation ------------------------------------------------------------------------------
-    def evaluate(self, num_steps: int, episodes: int, seed: int | None = None) -> dict[str, float]:
-        """The deployed policy on ``episodes`` seeded episodes (the eval section's seed unless given);
-        periodic and final evaluations share one set of envs (robosuite's are worker processes)."""
+    def evaluate(self, k: int | None = None, episodes: int | None = None, seed: int | None = None, *,
+                 num_steps: int | None = None) -> dict[str, float]:
+        """The deployed policy at K = ``k`` on ``episodes`` seeded episodes (the eval section's seed
+        unless given); periodic and final evaluations share one set of envs (robosuite's are worker
+        processes). ``num_steps`` is the old name of ``k``."""
+        k = renamed_argument("Trainer.evaluate", "num_steps", "k", num_steps, k, required=True)
+        if episodes is None:
+            raise TypeError("Trainer.evaluate() missing required argument: 'episodes'")
         policy = self.agent.policy
         was_training = policy.training
         policy.eval()
         try:
-            return self.evaluator(policy, num_steps, episodes, seed)
+            return self.evaluator(policy, k, episodes, seed)
         finally:
             policy.train(was_training)
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from flowrl.config import renamed_argument
 from flowrl.envs.rendering import MujocoRenderer
 from flowrl.errors import FlowrlError
 
@@ -115,8 +116,8 @@ class EpisodeVideo:
     """The env step each frame shows (0: the first observation)."""
 
 
-def _chunk_policy(policy: Any, num_steps: int, seed: int) -> Any:
-    """A FlowPolicy at K = ``num_steps`` (initial noise from a generator seeded like the evaluation's),
+def _chunk_policy(policy: Any, k: int, seed: int) -> Any:
+    """A FlowPolicy at K = ``k`` (initial noise from a generator seeded like the evaluation's),
     or any ChunkPolicy as it is."""
     from flowrl.policy import FlowPolicy, require_state_only
     from flowrl.rollout import FlowChunkPolicy
@@ -124,7 +125,7 @@ def _chunk_policy(policy: Any, num_steps: int, seed: int) -> Any:
     require_state_only(policy, "video")  # the episodes below feed the policy states only
     if isinstance(policy, FlowPolicy):
         gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
-        return FlowChunkPolicy(policy, num_steps, gen)
+        return FlowChunkPolicy(policy, k, gen)
     return policy
 
 
@@ -236,16 +237,20 @@ def robosuite_episode(task: str, policy: Any, seed: int, end_on_success: bool = 
     return EpisodeVideo(frames, fps, stride, t, ret, success, steps)
 
 
-def episode_video(task: str, policy: Any, num_steps: int = 4, seed: int | None = None, end_on_success: bool = False,
-                  size: tuple[int, int] = DEFAULT_SIZE, renderer: RendererFactory | None = None) -> EpisodeVideo:
-    """The frames of one seeded episode of ``policy`` (a FlowPolicy at K = ``num_steps``, or any
-    ChunkPolicy) on ``task``: robosuite tasks in robosuite, MuJoCo tasks on the cpu backend."""
+def episode_video(task: str, policy: Any, k: int | None = None, seed: int | None = None, end_on_success: bool = False,
+                  size: tuple[int, int] = DEFAULT_SIZE, renderer: RendererFactory | None = None, *,
+                  num_steps: int | None = None) -> EpisodeVideo:
+    """The frames of one seeded episode of ``policy`` (a FlowPolicy at K = ``k``, default 4, or any
+    ChunkPolicy) on ``task``: robosuite tasks in robosuite, MuJoCo tasks on the cpu backend.
+    ``num_steps`` is the old name of ``k``."""
+    k = renamed_argument("episode_video", "num_steps", "k", num_steps, k)
+    k = 4 if k is None else k
     from flowrl.envs import is_robosuite, resolve_task
     from flowrl.evaluation import EVAL_SEED
 
     seed = EVAL_SEED if seed is None else seed
     info = resolve_task(task)
-    chunk_policy = _chunk_policy(policy, num_steps, seed)
+    chunk_policy = _chunk_policy(policy, k, seed)
     if is_robosuite(info.name):
         return robosuite_episode(info.name, chunk_policy, seed, end_on_success, size, renderer)
     if info.task is None:
@@ -270,10 +275,13 @@ def write_mp4(path: str | Path, frames: list[np.ndarray], fps: float) -> Path:
     return path
 
 
-def record_video(policy: Any, task: str, num_steps: int, path: str | Path, seed: int | None = None,
-                 end_on_success: bool = False, size: tuple[int, int] = DEFAULT_SIZE,
-                 renderer: RendererFactory | None = None) -> Path:
-    """One rendered episode of the deterministic policy at K = ``num_steps``, written to ``path``
-    as mp4 in real time (see the module docstring). Returns ``path``."""
-    video = episode_video(task, policy, num_steps, seed, end_on_success, size, renderer)
+def record_video(policy: Any, task: str, k: int | None = None, path: str | Path | None = None,
+                 seed: int | None = None, end_on_success: bool = False, size: tuple[int, int] = DEFAULT_SIZE,
+                 renderer: RendererFactory | None = None, *, num_steps: int | None = None) -> Path:
+    """One rendered episode of the deterministic policy at K = ``k``, written to ``path`` as mp4 in
+    real time (see the module docstring). Returns ``path``. ``num_steps`` is the old name of ``k``."""
+    k = renamed_argument("record_video", "num_steps", "k", num_steps, k, required=True)
+    if path is None:
+        raise TypeError("record_video() missing required argument: 'path'")
+    video = episode_video(task, policy, k, seed, end_on_success, size, renderer)
     return write_mp4(path, video.frames, video.fps)

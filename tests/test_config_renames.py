@@ -167,3 +167,68 @@ def test_a_flag_and_its_old_name_together_are_one_error(capsys: pytest.CaptureFi
     assert main(["eval", "/nonexistent-run", "--k", "4", "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["flowrl: error: eval: --k and its old name --steps given together; keep --k"]
+
+
+def _renamed(call) -> tuple[object, list[warnings.WarningMessage]]:
+    """What ``call()`` returns and the RenamedWarnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call()
+    return out, [w for w in caught if issubclass(w.category, RenamedWarning)]
+
+
+def test_predict_reads_num_steps_as_k_with_one_warning() -> None:
+    """K is ``k`` in the Python API too; ``num_steps=`` still works for a while, warned about at the
+    caller's line."""
+    import torch
+
+    policy = FlowPolicy(PolicyConfig(hidden_dim=16, depth=1, horizon=2, act_steps=1, k=8), obs_dim=3, act_dim=2)
+    obs, noise = torch.randn(4, 3), torch.randn(4, 2, 2)
+    new, caught = _renamed(lambda: policy.predict(obs, k=2, noise=noise))
+    assert caught == []
+    old, caught = _renamed(lambda: policy.predict(obs, num_steps=2, noise=noise))
+    assert torch.equal(old, new) and not torch.equal(old, policy.predict(obs, noise=noise))  # K = 2, not 8
+    assert [str(w.message) for w in caught] == ["FlowPolicy.predict: num_steps is now k"]
+    assert caught[0].filename == __file__
+    with pytest.raises(FlowrlError, match="FlowPolicy.predict: num_steps is the old name of k; give only k"):
+        policy.predict(obs, k=2, num_steps=2)
+    sampled, caught = _renamed(lambda: policy.sample(obs.unsqueeze(1), num_steps=2, noise=noise))
+    assert torch.equal(sampled, policy.sample(obs.unsqueeze(1), 2, noise))
+    assert [str(w.message) for w in caught] == ["FlowPolicy.sample: num_steps is now k"]
+
+
+def test_every_entry_point_taking_k_refuses_both_names(tmp_path: Path) -> None:
+    """Each public function that takes K names both keywords when given both, before doing any work."""
+    from flowrl.deploy import load
+    from flowrl.deploy.export import export
+    from flowrl.evaluation import Evaluator, evaluate
+    from flowrl.training import Trainer
+    from flowrl.video import episode_video, record_video
+
+    calls = {
+        "Evaluator.__call__": lambda: Evaluator("Hopper")(None, k=2, num_steps=2),
+        "evaluate": lambda: evaluate(None, "Hopper", k=2, num_steps=2),
+        "Trainer.evaluate": lambda: Trainer.evaluate(None, k=2, episodes=1, num_steps=2),
+        "flowrl.deploy.load": lambda: load(tmp_path / "missing.onnx", k=2, num_steps=2),
+        "export": lambda: export(tmp_path / "missing", tmp_path / "x.onnx", k=2, num_steps=2),
+        "episode_video": lambda: episode_video("Hopper", None, k=2, num_steps=2),
+        "record_video": lambda: record_video(None, "Hopper", k=2, path=tmp_path / "x.mp4", num_steps=2),
+    }
+    for where, call in calls.items():
+        with pytest.raises(FlowrlError, match=f"^{where}: num_steps is the old name of k; give only k$"):
+            call()
+    with pytest.raises(TypeError, match="evaluate\\(\\) missing required argument: 'k'"):
+        evaluate(None, "Hopper")
+
+
+def test_deploy_load_warns_at_the_callers_line(tmp_path: Path) -> None:
+    """flowrl.deploy.load hands its keywords on; the warning still points at the code that passed num_steps."""
+    from flowrl.deploy import load
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(FlowrlError, match="policy not found"):
+            load(tmp_path / "missing.onnx", num_steps=3)
+    renamed = [w for w in caught if issubclass(w.category, RenamedWarning)]
+    assert [str(w.message) for w in renamed] == ["flowrl.deploy.load: num_steps is now k"]
+    assert renamed[0].filename == __file__

@@ -57,7 +57,7 @@ def exports(checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
     for head, ckpt in checkpoints.items():
         for fmt, suffix in SUFFIX.items():
             path = root / f"{head}.{suffix}"
-            export(ckpt, path, fmt, num_steps=2 if head == "shortcut" else None)
+            export(ckpt, path, fmt, k=2 if head == "shortcut" else None)
             out[head, fmt] = path
     return out
 
@@ -150,7 +150,7 @@ def test_temporal_ensembling_matches_an_offline_computation(checkpoints, m) -> N
 
 def test_eager_runtime_at_another_k_and_shortcut_step_size(checkpoints) -> None:
     policy, _ = load_policy(checkpoints["shortcut"])
-    deployed = flowrl.deploy.load(checkpoints["shortcut"], num_steps=8)
+    deployed = flowrl.deploy.load(checkpoints["shortcut"], k=8)
     obs, noise = torch.randn(3, 2, 4), torch.randn(3, 4, 2)
     torch.testing.assert_close(deployed.act_chunk(obs, noise), policy.predict(obs, 8, noise))
     assert not torch.allclose(deployed.act_chunk(obs, noise), policy.predict(obs, 4, noise))
@@ -166,11 +166,11 @@ def test_bad_inputs_are_one_line_errors(checkpoints, exports, tmp_path) -> None:
         (lambda: policy.act(np.zeros(5)), "one observation of shape \\(4,\\)"),
         (lambda: flowrl.deploy.load(tmp_path / "missing.onnx"), "not found"),
         (lambda: flowrl.deploy.load(onnx, backend="torch-export"), "onnx export"),
-        (lambda: flowrl.deploy.load(onnx, num_steps=3), "exported at K = 4"),
+        (lambda: flowrl.deploy.load(onnx, k=3), "exported at K = 4"),
         (lambda: flowrl.deploy.load(checkpoints["reflow"], backend="onnx"), "export"),
         (lambda: flowrl.deploy.load(onnx, backend="tensorrt"), "unknown backend"),
         (lambda: export(checkpoints["reflow"], tmp_path / "x", "tflite"), "unknown export format"),
-        (lambda: export(checkpoints["reflow"], tmp_path / "x", "onnx", num_steps=0), "must be >= 1, got 0"),
+        (lambda: export(checkpoints["reflow"], tmp_path / "x", "onnx", k=0), "must be >= 1, got 0"),
     ]
     for call, pattern in cases:
         with pytest.raises(FlowrlError, match=pattern) as info:

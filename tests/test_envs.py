@@ -142,7 +142,7 @@ class _FakeFlow:
         self.cfg = SimpleNamespace(obs_history=1, act_steps=act_steps)
         self.obs_mean = torch.zeros(2)
 
-    def predict(self, obs, num_steps, noise=None, generator=None, images=None):
+    def predict(self, obs, k, noise=None, generator=None, images=None):
         return torch.zeros(obs.shape[0], self.cfg.act_steps, 1)
 
 

@@ -67,7 +67,7 @@ def pixel(tmp_path_factory) -> dict[str, Path]:
     reflow = pixel_checkpoint(root / "reflow", "reflow", 2, CAMERAS)
     shortcut = pixel_checkpoint(root / "shortcut", "shortcut", 1, ["agentview"], seed=1)
     export(reflow, root / "reflow.onnx", "onnx")
-    export(shortcut, root / "shortcut.pt2", "torch-export", num_steps=2)
+    export(shortcut, root / "shortcut.pt2", "torch-export", k=2)
     return {"reflow": reflow, "shortcut": shortcut, "onnx": root / "reflow.onnx", "pt2": root / "shortcut.pt2"}
 
 

@@ -287,7 +287,7 @@ def test_locomotion_video_is_one_whole_episode_from_a_tracking_camera() -> None:
     torch.manual_seed(0)
     policy = FlowPolicy(PolicyConfig(hidden_dim=16, depth=1), 11, 3)  # untrained: Hopper falls within ~100 steps
     StubRenderer.made.clear()
-    video = episode_video("Hopper", policy, num_steps=2, seed=123, renderer=StubRenderer)
+    video = episode_video("Hopper", policy, k=2, seed=123, renderer=StubRenderer)
     length, states = _reference_episode(policy, 123)
     assert video.length == length and 0 < length < 1000
     assert (video.stride, video.fps) == (5, 25.0)
@@ -346,7 +346,7 @@ def test_robosuite_video_from_agentview() -> None:
 
     policy = FlowPolicy(PolicyConfig(hidden_dim=16, depth=1), 19, 7)
     StubRenderer.made.clear()
-    video = episode_video("robosuite/Lift", policy, num_steps=1, seed=5, size=(32, 24), renderer=StubRenderer)
+    video = episode_video("robosuite/Lift", policy, k=1, seed=5, size=(32, 24), renderer=StubRenderer)
     assert (video.stride, video.fps) == (1, 20.0) and video.length == 400  # robosuite's 20 Hz, whole horizon
     assert len(video.frames) == 401 and video.frame_steps[-1] == 400  # the first state and every step, no more
     cam = StubRenderer.made[-1].cameras[0]

@@ -135,7 +135,7 @@ def _mode_mass(policy) -> tuple[float, float, float]:
     """Fractions of one-step (K = 1) actions within 0.25 of each mode and of the midpoint between them."""
     with torch.no_grad():
         obs = torch.rand(2000, 1, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
-        a = policy.predict(obs, num_steps=1, generator=torch.Generator().manual_seed(0))[:, 0]
+        a = policy.predict(obs, k=1, generator=torch.Generator().manual_seed(0))[:, 0]
     near = lambda m: float(((a - torch.tensor(m)).norm(dim=1) < 0.25).float().mean())  # noqa: E731
     return near([MODE, MODE]), near([-MODE, -MODE]), near([0.0, 0.0])
 

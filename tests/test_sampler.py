@@ -42,8 +42,8 @@ def test_policy_is_deterministic_given_noise_and_returns_env_actions(head: str) 
     obs = torch.randn(7, 2, 5)
     noise = policy.initial_noise(7, torch.Generator().manual_seed(1))
     for k in (1, 3, 8):
-        a = policy.predict(obs, num_steps=k, noise=noise)
-        b = policy.predict(obs, num_steps=k, noise=noise.clone())
+        a = policy.predict(obs, k=k, noise=noise)
+        b = policy.predict(obs, k=k, noise=noise.clone())
         assert torch.equal(a, b)
         assert a.shape == (7, 3, 2)
         assert (a[..., 0].abs() <= 2).all() and (a[..., 1] >= 0).all() and (a[..., 1] <= 1).all()
@@ -70,7 +70,7 @@ def test_shortcut_head_uses_step_size_one_over_k() -> None:
         return original(t, a, cond, d)
 
     policy.velocity = spy  # type: ignore[method-assign]
-    policy.sample(torch.randn(2, 1, 3), num_steps=4)
+    policy.sample(torch.randn(2, 1, 3), k=4)
     assert len(seen) == 4 and all(torch.all(d == 0.25) for d in seen)
 
 

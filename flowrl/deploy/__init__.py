@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 def load(path: Any, backend: str = "auto", **kwargs: Any) -> "DeployedPolicy":
     """A deployable policy from a checkpoint folder (eager), an ``.onnx`` or a torch.export ``.pt2``
     file; see :func:`flowrl.deploy.runtime.load`."""
+    from flowrl.config import renamed_argument
     from flowrl.deploy.runtime import load as _load
+
+    if "num_steps" in kwargs:  # the old name of k, warned about here so the warning points at the caller
+        kwargs["k"] = renamed_argument("flowrl.deploy.load", "num_steps", "k", kwargs.pop("num_steps"), kwargs.get("k"))
 
     return _load(path, backend=backend, **kwargs)
 

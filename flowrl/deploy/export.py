@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from flowrl.checkpoint import load_policy, resolve_checkpoint
+from flowrl.config import renamed_argument
 from flowrl.deploy._deps import require
 from flowrl.deploy.meta import (
     META_FORMAT,  # noqa: F401 (re-exported)
@@ -64,12 +65,12 @@ class UnrolledSampler(nn.Module):
     in the order of ``cameras``.
     """
 
-    def __init__(self, policy: FlowPolicy, num_steps: int) -> None:
+    def __init__(self, policy: FlowPolicy, k: int) -> None:
         super().__init__()
-        if num_steps < 1:
-            raise FlowrlError(f"K must be >= 1, got {num_steps}")
+        if k < 1:
+            raise FlowrlError(f"K must be >= 1, got {k}")
         cfg = policy.cfg
-        self.num_steps = num_steps
+        self.k = k
         # the rearranged graph knows the plain velocity network only; a policy whose velocity has more
         # (a subclass, an added residual field) is unrolled through its own ``velocity`` instead
         self.fused = type(policy).velocity is FlowPolicy.velocity and getattr(policy, "residual", None) is None
@@ -92,10 +93,10 @@ class UnrolledSampler(nn.Module):
             self.register_buffer("w_action", w[:, :chunk].T.contiguous())
             self.register_buffer("w_obs", w[:, chunk:chunk + feat].T.contiguous())
             # per step: W_emb [temb(t_k), demb(1/K)] + b, one (1, hidden) row each
-            t = torch.arange(num_steps, dtype=torch.float32) / num_steps
+            t = torch.arange(k, dtype=torch.float32) / k
             emb = [policy.time_embed(t)]
             if policy.step_embed is not None:
-                emb.append(policy.step_embed(torch.full((num_steps,), 1.0 / num_steps)))
+                emb.append(policy.step_embed(torch.full((k,), 1.0 / k)))
             step_bias = torch.cat(emb, dim=-1) @ w[:, chunk + feat:].T + inp.bias
             self.register_buffer("step_bias", step_bias.detach().clone())
         self.blocks = policy.velocity_net.blocks
@@ -109,19 +110,19 @@ class UnrolledSampler(nn.Module):
             z = self.encoder.encode(obs, dict(zip(self.cameras, images)))
         else:
             z = ((obs - self.obs_mean) / self.obs_std).clamp(-OBS_CLIP, OBS_CLIP).flatten(1)
-        dt = 1.0 / self.num_steps
+        dt = 1.0 / self.k
         if self.policy is not None:
             x = noise
             ones = z.new_ones(z.shape[0])
             d = ones * dt if self.is_shortcut else None
-            for k in range(self.num_steps):
-                x = x + dt * self.policy.velocity(ones * (k / self.num_steps), x, z, d)
+            for i in range(self.k):
+                x = x + dt * self.policy.velocity(ones * (i / self.k), x, z, d)
             x = x.flatten(1)
         else:
             h_obs = z @ self.w_obs
             x = noise.flatten(1)
-            for k in range(self.num_steps):
-                h = x @ self.w_action + h_obs + self.step_bias[k]
+            for i in range(self.k):
+                h = x @ self.w_action + h_obs + self.step_bias[i]
                 x = x + dt * self.out(self.blocks(h))
         a = x.clamp(-1.0, 1.0).view(-1, *self.chunk_shape)
         return self.action_low + 0.5 * (a + 1.0) * (self.action_high - self.action_low)
@@ -182,20 +183,23 @@ def _write_torch_export(module: UnrolledSampler, example: tuple[torch.Tensor, ..
     torch.export.save(program, str(path))
 
 
-def export(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", num_steps: int | None = None,
-           tolerance: float = TOLERANCE, check_batch: int = 16, seed: int = 0) -> dict[str, Any]:
-    """Export ``checkpoint``'s deterministic sampler at K = ``num_steps`` (default: the policy's own)
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", k: int | None = None,
+           tolerance: float = TOLERANCE, check_batch: int = 16, seed: int = 0, *,
+           num_steps: int | None = None) -> dict[str, Any]:
+    """Export ``checkpoint``'s deterministic sampler at K = ``k`` (default: the policy's own)
     to ``out`` (ONNX or a torch.export ``.pt2`` program) with ``<out>.json`` beside it.
 
     The export is loaded back (ONNX Runtime for ONNX, the saved program for torch.export) and
     compared with eager ``predict`` on ``check_batch`` random observations and noises (and uint8
     images for a pixel policy); above
     ``tolerance`` nothing is written and a :class:`FlowrlError` says by how much. Both files are
-    written atomically. Returns the metadata with ``max_abs_error`` added."""
+    written atomically. Returns the metadata with ``max_abs_error`` added. ``num_steps`` is the old
+    name of ``k``."""
+    k = renamed_argument("export", "num_steps", "k", num_steps, k)
     if fmt not in FORMATS:
         raise FlowrlError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     policy, config = load_policy(resolve_checkpoint(checkpoint), "cpu")
-    k = policy.cfg.k if num_steps is None else int(num_steps)
+    k = policy.cfg.k if k is None else int(k)
     if k < 1:
         raise FlowrlError(f"--k must be >= 1, got {k}")
     if check_batch < 2:

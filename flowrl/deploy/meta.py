@@ -28,8 +28,8 @@ def image_input_name(camera: str) -> str:
     return f"image_{camera}"
 
 
-def export_metadata(policy: Any, config: dict[str, Any], num_steps: int, fmt: str) -> dict[str, Any]:
-    """The facts a controller needs to run the export, written beside it as JSON."""
+def export_metadata(policy: Any, config: dict[str, Any], k: int, fmt: str) -> dict[str, Any]:
+    """The facts a controller needs to run the export at K = ``k``, written beside it as JSON."""
     cfg = policy.cfg
     meta: dict[str, Any] = {
         "format": META_FORMAT,
@@ -37,12 +37,12 @@ def export_metadata(policy: Any, config: dict[str, Any], num_steps: int, fmt: st
         "task": config.get("task"),
         "obs_dim": policy.obs_dim,
         "act_dim": policy.act_dim,
-        "k": num_steps,
+        "k": k,
         "horizon": cfg.horizon,
         "act_steps": cfg.act_steps,
         "obs_history": cfg.obs_history,
         "head": cfg.head,
-        "step_size": 1.0 / num_steps if cfg.head == "shortcut" else None,
+        "step_size": 1.0 / k if cfg.head == "shortcut" else None,
         "observation_layout": config.get("observation_layout"),
         "action_low": [float(v) for v in policy.action_low.cpu()],
         "action_high": [float(v) for v in policy.action_high.cpu()],

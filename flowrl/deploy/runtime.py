@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from flowrl.config import renamed_argument
 from flowrl.deploy._deps import require
 from flowrl.errors import FlowrlError
 
@@ -132,13 +133,13 @@ def make_backend(path: str | Path, fmt: str, threads: int = 1, cameras: Sequence
     raise FlowrlError(f"unknown export format '{fmt}'; choose one of onnx, torch-export")
 
 
-def eager_backend(policy: Any, num_steps: int, threads: int = 1) -> Backend:
-    """The checkpoint's own :meth:`FlowPolicy.predict` at K = ``num_steps`` (the reference)."""
+def eager_backend(policy: Any, k: int, threads: int = 1) -> Backend:
+    """The checkpoint's own :meth:`FlowPolicy.predict` at K = ``k`` (the reference)."""
 
     def run_eager(obs: np.ndarray, noise: np.ndarray, images: dict[str, np.ndarray] | None = None) -> np.ndarray:
         pixels = None if images is None else {c: torch.from_numpy(np.ascontiguousarray(a)) for c, a in images.items()}
         with torch_threads(threads), torch.inference_mode():
-            return policy.predict(torch.from_numpy(obs), num_steps, torch.from_numpy(noise), images=pixels).numpy()
+            return policy.predict(torch.from_numpy(obs), k, torch.from_numpy(noise), images=pixels).numpy()
 
     return run_eager
 
@@ -283,13 +284,15 @@ def _format_of(path: Path, meta: dict[str, Any]) -> str:
     return fmt
 
 
-def load(path: str | Path, backend: str = "auto", num_steps: int | None = None,
-         temporal_ensemble: float | None = None, threads: int = 1, seed: int = 0) -> DeployedPolicy:
-    """A :class:`DeployedPolicy` from a checkpoint or run folder (``backend`` eager, K = ``num_steps``
-    or the policy's own) or from an exported file (its backend, its K). ``threads``: ONNX Runtime's
+def load(path: str | Path, backend: str = "auto", k: int | None = None,
+         temporal_ensemble: float | None = None, threads: int = 1, seed: int = 0, *,
+         num_steps: int | None = None) -> DeployedPolicy:
+    """A :class:`DeployedPolicy` from a checkpoint or run folder (``backend`` eager, K = ``k`` or the
+    policy's own) or from an exported file (its backend, its K). ``threads``: ONNX Runtime's
     intra-op pool, torch's thread count during a call (default 1 for both). ``temporal_ensemble=m``
     turns on ACT's ensembling in ``act``. A pixel policy (checkpoint or export) is a one-line
-    :class:`FlowrlError`: the runtime feeds state only."""
+    :class:`FlowrlError`: the runtime feeds state only. ``num_steps`` is the old name of ``k``."""
+    k = renamed_argument("flowrl.deploy.load", "num_steps", "k", num_steps, k)
     path = Path(path)
     if backend not in ("auto", *BACKENDS):
         raise FlowrlError(f"unknown backend '{backend}'; choose one of auto, {', '.join(BACKENDS)}")
@@ -302,7 +305,7 @@ def load(path: str | Path, backend: str = "auto", num_steps: int | None = None,
         from flowrl.deploy.meta import export_metadata
 
         policy, config = load_policy(resolve_checkpoint(path), "cpu")
-        k = policy.cfg.k if num_steps is None else int(num_steps)
+        k = policy.cfg.k if k is None else int(k)
         if k < 1:
             raise FlowrlError(f"K must be >= 1, got {k}")
         meta = export_metadata(policy, config, k, "eager")
@@ -317,6 +320,6 @@ def load(path: str | Path, backend: str = "auto", num_steps: int | None = None,
     fmt = _format_of(path, meta)
     if backend not in ("auto", fmt):
         raise FlowrlError(f"{path} is a {fmt} export; it cannot run on the {backend} backend")
-    if num_steps is not None and int(num_steps) != meta["k"]:
-        raise FlowrlError(f"{path} was exported at K = {meta['k']}; re-export for K = {num_steps}")
+    if k is not None and int(k) != meta["k"]:
+        raise FlowrlError(f"{path} was exported at K = {meta['k']}; re-export for K = {k}")
     return DeployedPolicy(make_backend(path, fmt, threads), meta, fmt, temporal_ensemble, seed)
