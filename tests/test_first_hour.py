@@ -545,25 +545,28 @@ def test_serve_on_a_busy_port_is_one_line(capfd, checkpoint: Path) -> None:
 
 
 # -- MuJoCo's settotalmass deprecation, from gymnasium's HalfCheetah model ----------------------------------
-def test_halfcheetah_loads_without_mujoco_deprecation_warnings() -> None:
+def _assert_no_settotalmass(code: str) -> None:
+    """``code`` runs in a fresh Python (Python's own warnings off) and prints neither an error nor MuJoCo's
+    settotalmass deprecation."""
     import os
     import subprocess
 
-    code = ("from flowrl.envs import make\n"
-            "for backend in ('cpu', 'gymnasium'):\n"
-            "    env = make('HalfCheetah', 2, backend=backend); env.reset(seed=0); env.close()\n"
-            "print('made')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0 and "made" in proc.stdout, proc.stderr
     assert "settotalmass" not in proc.stdout + proc.stderr
 
 
+def test_halfcheetah_loads_without_mujoco_deprecation_warnings() -> None:
+    code = ("from flowrl.envs import make\n"
+            "for backend in ('cpu', 'gymnasium'):\n"
+            "    env = make('HalfCheetah', 2, backend=backend); env.reset(seed=0); env.close()\n"
+            "print('made')\n")
+    _assert_no_settotalmass(code)
+
+
 def test_halfcheetah_expert_without_mujoco_deprecation_warnings() -> None:
     """`flowrl expert HalfCheetah`: SB3's training envs and the snapshot evaluation's gymnasium env."""
-    import os
-    import subprocess
-
     pytest.importorskip("stable_baselines3")
     code = ("import numpy as np\n"
             "from agents.expert import evaluate_snapshot, training_env\n"
@@ -572,10 +575,7 @@ def test_halfcheetah_expert_without_mujoco_deprecation_warnings() -> None:
             "    def act(self, obs): return np.zeros((len(obs), 6), dtype=np.float32)\n"
             "evaluate_snapshot(Still(), 'HalfCheetah-v5', 1, seed=0)\n"
             "print('made')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0 and "made" in proc.stdout, proc.stderr
-    assert "settotalmass" not in proc.stdout + proc.stderr
+    _assert_no_settotalmass(code)
 
 
 def test_other_mujoco_warnings_still_show(capsys) -> None:
