@@ -288,6 +288,16 @@ def _device_mean(values: list[torch.Tensor]) -> float:
     return float(torch.stack(values).mean())
 
 
+def standardised_signs(advantages: torch.Tensor, minibatches: list[torch.Tensor]) -> torch.Tensor:
+    """Whether each advantage is above its minibatch's mean: the sign it has once standardised per minibatch
+    (what the policy gradient sees with ``normalize_advantages``)."""
+    above = torch.zeros_like(advantages, dtype=torch.bool)
+    for idx in minibatches:
+        a = advantages[idx]
+        above[idx] = a > a.mean()
+    return above
+
+
 def sigma_upper_bound(iteration: int, iterations: int, sigma_min: float, sigma_max: float, hold: float,
                       final_mix: float) -> float:
     """Held at sigma_max for ``hold`` of the iterations, then cosine-annealed to the final mix."""
@@ -584,8 +594,11 @@ class ReinFlow(Agent):
         sums = torch.zeros((t.update_epochs, len(self.STATS)), device=self.device)
         counts = [0] * t.update_epochs
         first_ratio_dev = None
+        signs: list[torch.Tensor] = []  # each epoch's sign of every decision's standardised advantage
         for epoch in range(t.update_epochs):
             batches = first_epoch if epoch == 0 else self._minibatches(size)
+            if t.normalize_advantages:
+                signs.append(standardised_signs(data["advantages"], batches))
             inputs: list[dict[str, torch.Tensor]] = [{"idx": idx} for idx in batches]
             if t.normalize_advantages and self.dist.active:  # each minibatch's moments over every rank's share
                 adv_mean, adv_var, _ = self.dist.group_moments([data["advantages"][idx] for idx in batches],
@@ -618,6 +631,9 @@ class ReinFlow(Agent):
                 "train/first_ratio_deviation": float(first_ratio_dev)}
         if t.w2_coef > 0:
             logs["train/w2_loss"] = stat["w2"]
+        if len(signs) > 1:  # standardised per minibatch, an advantage near its minibatch's mean changes sign
+            logs["train/advantage_sign_flips"] = float(torch.stack(
+                [(a != b).float().mean() for a, b in zip(signs, signs[1:])]).mean())
         return logs
 
     def _critic_only(self, batch: dict[str, torch.Tensor], first_epoch: list[torch.Tensor]) -> float:
@@ -753,11 +769,25 @@ class ReinFlow(Agent):
             self.stats.rollout_seconds.append(rollout_s)
             logs.update(self.update(batch))
         logs.update({"time/iteration_s": time.time() - start, "time/rollout_s": rollout_s,
-                     "train/noise_std": self._mean_noise_std(batch),
+                     "train/noise_std": self._mean_noise_std(batch), "train/action_drift": self._action_drift(batch),
                      "rollout/ep_rew_mean": mean_or_none(self.stats.returns),
                      "rollout/ep_len_mean": mean_or_none(self.stats.lengths),
                      "rollout/success_rate": mean_or_none(self.stats.successes)})
         return self.dist.mean(logs)
+
+    @torch.no_grad()
+    def _action_drift(self, batch: dict[str, torch.Tensor], sample_size: int = 1024) -> float:
+        """How far the deployed policy has moved: the root mean square distance, in normalised action units,
+        between its deterministic chunks and the pretrained policy's, on (up to ``sample_size`` of) the states
+        this iteration visited, from the same initial noise (drawn from the run's seed, not the training
+        generator, so logging it changes nothing of the run)."""
+        rows = slice(0, min(len(batch["obs"]), sample_size))
+        obs, images = batch["obs"][rows], self._images(batch, rows)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        x0 = torch.randn((len(obs), *self.policy.chunk_shape), generator=gen, device=self.device)
+        now = self._deterministic_actions(self.policy, self.policy.encode(obs, images), x0)
+        start = self._deterministic_actions(self.reference, self.reference.encode(obs, images), x0)
+        return float((now - start).square().mean().sqrt())
 
     @torch.no_grad()
     def _mean_noise_std(self, batch: dict[str, torch.Tensor]) -> float:

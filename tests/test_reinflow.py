@@ -403,3 +403,25 @@ def test_final_evaluation_releases_the_rollout_envs_first(tmp_path, pretrained, 
     run.close()
     assert events[:2] == ["rollout envs closed", "evaluation envs"] and rows[0]["episodes"] == 8
     assert (tmp_path / "final" / "eval.json").is_file()
+
+
+def test_action_drift_is_zero_until_the_actor_trains_then_grows(pretrained) -> None:
+    """train/action_drift: the deployed policy's distance from the pretrained one on the visited states."""
+    agent = _agent(f"init={pretrained}", *FINETUNE, "train.critic_warmup_iterations=1", "train.num_envs=32",
+                   "train.rollout_steps=5", "train.minibatch_size=80", "train.env_steps=960")
+    drift = [agent.train_iteration(i)["train/action_drift"] for i in range(3)]
+    assert drift[0] == 0.0  # the critic warm-up leaves the policy as pretrained
+    assert 0 < drift[1] < drift[2]
+
+
+def test_advantage_sign_flips_between_epochs(pretrained) -> None:
+    """Standardised per minibatch, an advantage's sign depends on its minibatch: none flips when the
+    minibatch is the whole rollout, some do with small minibatches; one epoch logs nothing."""
+    common = [f"init={pretrained}", *FINETUNE, "train.critic_warmup_iterations=0", "train.num_envs=32",
+              "train.rollout_steps=5"]
+    whole = _agent(*common, "train.minibatch_size=160", "train.update_epochs=3")
+    assert whole.update(whole.collect())["train/advantage_sign_flips"] == 0.0
+    small = _agent(*common, "train.minibatch_size=8", "train.update_epochs=3")
+    assert 0 < small.update(small.collect())["train/advantage_sign_flips"] < 0.5
+    single = _agent(*common, "train.minibatch_size=8", "train.update_epochs=1")
+    assert "train/advantage_sign_flips" not in single.update(single.collect())
