@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from flowrl.config import EVAL_SEED, renamed_argument
-from flowrl.envs import BatchedEnv, is_robosuite, make, resolve_task
+from flowrl.envs import BatchedEnv, is_robosuite, make, resolve_backend, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.policy import FlowPolicy
 from flowrl.rollout import ChunkPolicy, FlowChunkPolicy, run_episodes
@@ -45,6 +45,8 @@ class Evaluator:
         self.device, self.end_on_success = device, end_on_success
         self._env: BatchedEnv | None = None
         self._env_images = False
+        self._env_backend = ""
+        """The backend the envs run on (``auto`` resolved), recorded with every evaluation."""
 
     @classmethod
     def from_config(cls, task: str, cfg: Any, device: str | torch.device) -> "Evaluator":
@@ -69,8 +71,15 @@ class Evaluator:
         if self._env is not None and (self._env.num_envs != n or self._env_images != images):
             self.close()
         if self._env is None:
-            self._env = make(self.task, n, backend=self.backend_for(n, images), device=self.device, images=images)
+            backend = self.backend_for(n, images)
+            self._env = make(self.task, n, backend=backend, device=self.device, images=images)
             self._env_images = images
+            self._env_backend = backend
+            if backend == "auto":
+                try:
+                    self._env_backend = resolve_backend(self.task, backend, self.device, images)
+                except FlowrlError:  # an env made by hand, not a registered task: make chose
+                    pass
         return self._env
 
     def __call__(self, policy: FlowPolicy, k: int | None = None, episodes: int = 10,
@@ -99,7 +108,7 @@ class Evaluator:
                    for r in range(math.ceil(episodes / n))]
         rets = np.concatenate([r["returns"] for r in results])[:episodes]
         lens = np.concatenate([r["lengths"] for r in results])[:episodes]
-        out = {"episodes": episodes, "seed": seed,
+        out = {"episodes": episodes, "seed": seed, "backend": self._env_backend,
                "return_mean": float(rets.mean()), "return_std": float(rets.std()),
                "length_mean": float(lens.mean()), "length_std": float(lens.std()),
                "wall_clock_s": round(time.time() - start, 2)}
