@@ -115,6 +115,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
     record["pretrain_overrides"] = list(args.pretrain_set)
     run = Trainer(ReinFlow(ft_cfg), runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
     agent, st = run.agent, run.state
+    record_diagnostics(agent, record, getattr(args, "diagnostics", 0))
     run.on_eval = lambda: (record.update(curve=st.eval_history, iteration_s=st.iteration_seconds), save())
     try:
         run.fit()
@@ -149,8 +150,34 @@ def fine_tuning_minutes(budget_minutes: float, elapsed_s: float, eval_s: float) 
     return left_s / 60
 
 
+DIAGNOSTICS = ("train/action_drift", "train/explained_variance", "train/advantage_sign_flips", "train/noise_std",
+               "train/approx_kl", "train/clip_fraction", "train/critic_warmup", "rollout/ep_rew_mean")
+"""What the first iterations of a fine-tuning record with ``--diagnostics N``: how far the deployed policy moves,
+the critic's accuracy, the advantages' sign flips, the noise and the step size."""
+
+
+def record_diagnostics(agent: ReinFlow, record: dict, iterations: int) -> None:
+    """Keep :data:`DIAGNOSTICS` of the agent's first ``iterations`` iterations in ``record["diagnostics"]``."""
+    if iterations <= 0:
+        return
+    step = agent.train_iteration
+    rows = record.setdefault("diagnostics", [])
+
+    def logged(iteration: int) -> dict:
+        logs = step(iteration)
+        if iteration < iterations:
+            rows.append({"iteration": iteration, "env_steps": (iteration + 1) * agent.steps_per_iteration,
+                         **{k: (None if logs.get(k) is None else float(logs[k])) for k in DIAGNOSTICS}})
+        return logs
+
+    agent.train_iteration = logged  # type: ignore[method-assign]
+
+
 def add_seed_options(ap: argparse.ArgumentParser) -> None:
     """Options of run_seed (shared with reinflow_manipulation.py)."""
+    ap.add_argument("--diagnostics", type=int, default=0, metavar="N",
+                    help="record what moves in the first N iterations (action drift from the pretrained policy, "
+                         "explained variance, advantage sign flips, noise, approx KL) in the results file")
     ap.add_argument("--budget-minutes", type=float, default=0.0,
                     help="wall-clock budget of each seed, behaviour cloning and evaluations included: "
                          "fine-tuning gets train.max_minutes from what is left (default: none)")

@@ -326,3 +326,33 @@ def test_bc_benchmark_runs_and_writes_its_one_step_record(monkeypatch: pytest.Mo
     runs = [run for head in rec["results"].values() for run in head]
     assert len(runs) == 2 and all(sorted(run["returns"], key=int) == ["1", "2", "4", "8"] for run in runs)
     assert "shortcut K=1 within 10% of K=4" in capsys.readouterr().out
+
+
+def test_reinflow_benchmark_records_the_first_iterations_diagnostics(tmp_path: Path) -> None:
+    """--diagnostics N: the first N iterations' action drift, explained variance, sign flips, noise and KL."""
+    import reinflow_locomotion
+
+    from flowrl.agents.bc import BehaviorCloning
+    from flowrl.agents.reinflow import ReinFlow
+    from flowrl.agents.scripted import write_demonstrations
+    from flowrl.config import load_stage_config
+    from flowrl.training import Trainer
+
+    write_demonstrations(str(tmp_path / "demos.hdf5"), episodes=16, seed=0)
+    bc = Trainer(BehaviorCloning(load_stage_config("pretrain", None, [
+        "task=PointReach", f"data.path={tmp_path / 'demos.hdf5'}", "device=cpu", "policy.hidden_dim=16",
+        "policy.depth=1", "policy.horizon=2", "policy.act_steps=2", "train.steps=20", "train.eval_every=0"])),
+        tmp_path / "bc", progress=False)
+    bc.fit()
+    agent = ReinFlow(load_stage_config("finetune", None, [
+        f"init={bc.run.checkpoint_dir(20)}", "device=cpu", "train.num_envs=16", "train.rollout_steps=4",
+        "train.minibatch_size=32", "train.critic_warmup_iterations=1", "train.env_steps=640"]))
+    record: dict = {}
+    reinflow_locomotion.record_diagnostics(agent, record, 3)
+    for i in range(5):
+        agent.train_iteration(i)
+    rows = record["diagnostics"]
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[2]["env_steps"] == 3 * 128
+    assert rows[0]["train/action_drift"] == 0.0 and rows[0]["train/critic_warmup"] == 1.0
+    assert rows[2]["train/action_drift"] > 0 and 0 <= rows[2]["train/advantage_sign_flips"] <= 1
+    agent.close()
