@@ -290,12 +290,16 @@ def _device_mean(values: list[torch.Tensor]) -> float:
 
 def standardised_signs(advantages: torch.Tensor, minibatches: list[torch.Tensor]) -> torch.Tensor:
     """Whether each advantage is above its minibatch's mean: the sign it has once standardised per minibatch
-    (what the policy gradient sees with ``normalize_advantages``)."""
-    above = torch.zeros_like(advantages, dtype=torch.bool)
-    for idx in minibatches:
-        a = advantages[idx]
-        above[idx] = a > a.mean()
-    return above
+    (what the policy gradient sees with ``normalize_advantages``). ``minibatches`` are consecutive slices of
+    one permutation, all of one size but the last (:meth:`ReinFlow._minibatches`), so a decision's minibatch
+    is its place in the permutation divided by that size: a few kernels per epoch, no host round trip."""
+    dev, size = advantages.device, len(minibatches[0])
+    place = torch.empty(len(advantages), dtype=torch.long, device=dev)
+    place[torch.cat(minibatches)] = torch.arange(len(advantages), device=dev)
+    segment = place // size
+    sums = torch.zeros(len(minibatches), dtype=advantages.dtype, device=dev).index_add_(0, segment, advantages)
+    sizes = torch.bincount(segment, minlength=len(minibatches)).to(advantages.dtype)
+    return advantages > (sums / sizes)[segment]
 
 
 def sigma_upper_bound(iteration: int, iterations: int, sigma_min: float, sigma_max: float, hold: float,
@@ -597,7 +601,7 @@ class ReinFlow(Agent):
         signs: list[torch.Tensor] = []  # each epoch's sign of every decision's standardised advantage
         for epoch in range(t.update_epochs):
             batches = first_epoch if epoch == 0 else self._minibatches(size)
-            if t.normalize_advantages:
+            if t.normalize_advantages and t.update_epochs > 1:
                 signs.append(standardised_signs(data["advantages"], batches))
             inputs: list[dict[str, torch.Tensor]] = [{"idx": idx} for idx in batches]
             if t.normalize_advantages and self.dist.active:  # each minibatch's moments over every rank's share
@@ -769,33 +773,30 @@ class ReinFlow(Agent):
             self.stats.rollout_seconds.append(rollout_s)
             logs.update(self.update(batch))
         logs.update({"time/iteration_s": time.time() - start, "time/rollout_s": rollout_s,
-                     "train/noise_std": self._mean_noise_std(batch), "train/action_drift": self._action_drift(batch),
+                     **self._policy_diagnostics(batch),
                      "rollout/ep_rew_mean": mean_or_none(self.stats.returns),
                      "rollout/ep_len_mean": mean_or_none(self.stats.lengths),
                      "rollout/success_rate": mean_or_none(self.stats.successes)})
         return self.dist.mean(logs)
 
     @torch.no_grad()
-    def _action_drift(self, batch: dict[str, torch.Tensor], sample_size: int = 1024) -> float:
-        """How far the deployed policy has moved: the root mean square distance, in normalised action units,
-        between its deterministic chunks and the pretrained policy's, on (up to ``sample_size`` of) the states
-        this iteration visited, from the same initial noise (drawn from the run's seed, not the training
-        generator, so logging it changes nothing of the run)."""
+    def _policy_diagnostics(self, batch: dict[str, torch.Tensor], sample_size: int = 1024) -> dict[str, float]:
+        """On (up to ``sample_size`` of) the states this iteration visited: the mean injected noise std
+        (``train/noise_std``), and how far the deployed policy has moved (``train/action_drift``): the root
+        mean square distance, in normalised action units, between its deterministic chunks and the pretrained
+        policy's from the same initial noise (drawn from the run's seed, not the training generator, so
+        logging it changes nothing of the run)."""
         rows = slice(0, min(len(batch["obs"]), sample_size))
         obs, images = batch["obs"][rows], self._images(batch, rows)
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        x0 = torch.randn((len(obs), *self.policy.chunk_shape), generator=gen, device=self.device)
-        now = self._deterministic_actions(self.policy, self.policy.encode(obs, images), x0)
-        start = self._deterministic_actions(self.reference, self.reference.encode(obs, images), x0)
-        return float((now - start).square().mean().sqrt())
-
-    @torch.no_grad()
-    def _mean_noise_std(self, batch: dict[str, torch.Tensor]) -> float:
-        sample = slice(0, min(len(batch["obs"]), 1024))
-        cond = self.policy.encode(batch["obs"][sample], self._images(batch, sample))
+        cond = self.policy.encode(obs, images)
         stds = [self.noise(torch.full((len(cond),), k / self.K, device=self.device), cond).mean()
                 for k in range(self.K)]
-        return float(torch.stack(stds).mean())
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        x0 = torch.randn((len(obs), *self.policy.chunk_shape), generator=gen, device=self.device)
+        drift = (self._deterministic_actions(self.policy, cond, x0)
+                 - self._deterministic_actions(self.reference, self.reference.encode(obs, images), x0))
+        noise_std, action_drift = torch.stack([torch.stack(stds).mean(), drift.square().mean().sqrt()]).tolist()
+        return {"train/noise_std": noise_std, "train/action_drift": action_drift}
 
     def release_rollout_envs(self) -> None:
         """Release the rollout envs once learning is over (training cannot continue afterwards):
