@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -62,11 +61,9 @@ def preset(name: str) -> Path:
 
 
 def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    """The card, or the CPU where there is none (from the record's provenance)."""
+    where = provenance()
+    return where["gpu"] or f"cpu ({where['cpu']}, {where['cores']} cores)"
 
 
 def sync() -> None:

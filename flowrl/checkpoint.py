@@ -171,10 +171,9 @@ def checkpoint_choice(path: str | Path) -> tuple[Path, str]:
 
 def selection_episodes(folder: str | Path) -> int | None:
     """Episodes of the periodic evaluation that chose a ``best`` checkpoint (its config.json's
-    ``eval.episodes``), None when it records none."""
+    ``eval.episodes``), None when it records none; an unreadable config.json is a one-line error naming it."""
     try:
-        config = json.loads((Path(folder) / CONFIG).read_text())
-        episodes = config["eval"]["episodes"]
-    except (OSError, ValueError, KeyError, TypeError):
+        episodes = read_json(Path(folder) / CONFIG)["eval"]["episodes"]
+    except (KeyError, TypeError):
         return None
     return episodes if isinstance(episodes, int) and not isinstance(episodes, bool) else None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flowrl.errors import FlowrlError
 
-from flowrl.config import EVAL_SEED, MIN_SELECTION_EPISODES, RenamedWarning, warn_renamed  # noqa: E402
+from flowrl.config import EVAL_SEED, MIN_SELECTION_EPISODES, EvalConfig, RenamedWarning, warn_renamed  # noqa: E402
 
 EPILOG = """stages:
   flowrl expert Hopper --out experts/hopper           train a Stable-Baselines3 expert (with snapshots)
@@ -315,23 +315,25 @@ only. finetune's ``--steps`` of an env-step algorithm (ReinFlow) is read as ``--
 way (:func:`_apply_budget`: which one it is depends on the config's algorithm)."""
 
 
-RENAMED_FLAG_DEFAULTS = {"k": [1, 2, 4, 8], "env_steps": 1_000_000}
-"""The defaults of the new flags of :data:`RENAMED_FLAGS`, filled in once it is known which name was given."""
+RENAMED_FLAG_DEFAULTS = {"k": lambda: EvalConfig().k, "env_steps": lambda: 1_000_000}
+"""The defaults of the new flags of :data:`RENAMED_FLAGS`, filled in once it is known which name was given
+(eval's K: the eval section's own default)."""
 
 
 def _renamed_flags(args: argparse.Namespace) -> None:
     """Each old flag of :data:`RENAMED_FLAGS` given is read as its new one, with one note
     (:func:`flowrl.config.warn_renamed`, as for old config keys)."""
     for (command, dest), (old, new, new_dest) in RENAMED_FLAGS.items():
-        if args.command == command and getattr(args, dest, None) is not None:
+        if args.command != command:
+            continue
+        if getattr(args, dest, None) is not None:
             if getattr(args, new_dest, None) is not None:
                 raise FlowrlError(f"{command}: {new} and its old name {old} given together; keep {new}")
             warn_renamed(old, new, command)
             setattr(args, new_dest, getattr(args, dest))
             setattr(args, dest, None)
-    for (command, _), (_, _, new_dest) in RENAMED_FLAGS.items():
-        if args.command == command and getattr(args, new_dest, None) is None:
-            setattr(args, new_dest, RENAMED_FLAG_DEFAULTS[new_dest])
+        if getattr(args, new_dest, None) is None:
+            setattr(args, new_dest, RENAMED_FLAG_DEFAULTS[new_dest]())
 
 
 def _apply_budget(cfg: object, steps: int | None, env_steps: int | None) -> None:

@@ -564,17 +564,6 @@ def rename_old_keys(base: Any, layers: list[Any], prefix: str = "", warn: bool =
     return out
 
 
-def current_names(flat: dict[str, Any], current_keys: Any) -> dict[str, Any]:
-    """A flattened config record (``{"policy.num_steps": 4, ...}``, as an older flowrl wrote a run's
-    config.yaml) under the current names of :data:`RENAMED_KEYS` where ``current_keys`` (the flat keys
-    of the config now in force) has the new key and not the old one."""
-    out = dict(flat)
-    for old, new in RENAMED_KEYS.items():
-        if old in out and new not in out and new in current_keys and old not in current_keys:
-            out[new] = out.pop(old)
-    return out
-
-
 def _merge(schema: type[T], layers: list[Any], warn: bool = True) -> T:
     try:
         base = OmegaConf.structured(schema)

@@ -19,7 +19,6 @@ What the figure shows, so that it reads right at a glance:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,21 +121,21 @@ def demonstrations_return(path: str | Path, hops: int = 4) -> float | None:
     ``dataset_return_mean`` its checkpoints record (behaviour cloning), else, for a fine-tuning run,
     that of the checkpoint it started from (``init``), followed up to ``hops`` times. None when no
     checkpoint records one (or a file cannot be read: the line is left out, the plot is still drawn)."""
-    from flowrl.checkpoint import CONFIG, list_checkpoints
+    from flowrl.checkpoint import CONFIG, resolve_checkpoint
+    from flowrl.io import read_json
 
     folder = Path(path)
     for _ in range(hops + 1):
-        candidates = [folder] if (folder / CONFIG).is_file() else list_checkpoints(folder)[-1:]
-        if not candidates:
-            return None
         try:
-            config = json.loads((candidates[0] / CONFIG).read_text())
-        except (OSError, ValueError):
+            config = read_json(resolve_checkpoint(folder) / CONFIG)
+        except FlowrlError:
             return None
-        value = config.get("dataset_return_mean") if isinstance(config, dict) else None
+        if not isinstance(config, dict):
+            return None
+        value = config.get("dataset_return_mean")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
             return float(value)
-        init = config.get("init") if isinstance(config, dict) else None
+        init = config.get("init")
         init_path = init.get("path") if isinstance(init, dict) else init
         if not isinstance(init_path, str) or not init_path:
             return None
@@ -261,12 +260,12 @@ def plot_runs(paths: list[str | Path], out: str | Path, x_axis: str = "env_steps
         if metric == "eval/success_rate":
             ax.set_ylim(-0.02, 1.02)
         elif metric in RETURN_METRICS:
+            one = len(distinct) == 1
             for i, values in enumerate(demos):
                 for value in values:
-                    one = len(distinct) == 1
                     ax.axhline(value, color="0.35" if one else f"C{i % 10}", linestyle="--", linewidth=1.2,
                                label=f"demonstrations ({value:.0f})" if one else
-                               f"demonstrations of {_label(groups[i]).split(' ')[0]} ({value:.0f})")
+                               f"demonstrations of {groups[i][0].path.resolve().name} ({value:.0f})")
             known = np.concatenate([v[np.isfinite(v)] for v in drawn_values] + [np.array([0.0, *distinct])])
             lo, hi = float(known.min()), float(known.max())
             pad = 0.05 * (hi - lo) if hi > lo else 1.0

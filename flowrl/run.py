@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from flowrl.checkpoint import list_checkpoints
-from flowrl.config import current_names, to_dict
+from flowrl.config import rename_old_keys, to_dict
 from flowrl.errors import FlowrlError
 from flowrl.io import read_json, write_atomic, write_json
 
@@ -42,7 +42,8 @@ class RunFolder:
         new = to_dict(cfg)
         if resume and cfg_path.is_file():
             now = _flat(new)
-            old = current_names(_flat(OmegaConf.to_container(OmegaConf.load(cfg_path))), now)  # older key names
+            written = rename_old_keys(OmegaConf.structured(type(cfg)), [OmegaConf.load(cfg_path)], warn=False)[0]
+            old = _flat(OmegaConf.to_container(written))  # an older flowrl's key names read as the current ones
             default = _flat(to_dict(type(cfg)()))  # a key newer than the run's flowrl: its default is what it ran
             diffs = [k for k in now if k not in resumable_keys and old.get(k, default.get(k)) != now[k]]
             if diffs:

@@ -14,22 +14,17 @@ ONNX, ONNX Runtime and gRPC come with the ``deploy`` extra and are imported only
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from flowrl.deploy.runtime import DeployedPolicy
+from typing import Any
 
 
-def load(path: Any, backend: str = "auto", **kwargs: Any) -> "DeployedPolicy":
-    """A deployable policy from a checkpoint folder (eager), an ``.onnx`` or a torch.export ``.pt2``
-    file; see :func:`flowrl.deploy.runtime.load`."""
-    from flowrl.config import renamed_argument
-    from flowrl.deploy.runtime import load as _load
+def __getattr__(name: str) -> Any:
+    """``flowrl.deploy.load`` is :func:`flowrl.deploy.runtime.load`, imported on first use (the runtime pulls in
+    what the ``deploy`` extra brings only when a policy is loaded)."""
+    if name == "load":
+        from flowrl.deploy.runtime import load
 
-    if "num_steps" in kwargs:  # the old name of k, warned about here so the warning points at the caller
-        kwargs["k"] = renamed_argument("flowrl.deploy.load", "num_steps", "k", kwargs.pop("num_steps"), kwargs.get("k"))
-
-    return _load(path, backend=backend, **kwargs)
+        return load
+    raise AttributeError(f"module 'flowrl.deploy' has no attribute {name!r}")
 
 
 __all__ = ["load"]
