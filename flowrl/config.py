@@ -540,20 +540,16 @@ def rename_old_keys(base: Any, layers: list[Any], prefix: str = "", warn: bool =
     found: list[tuple[str, str]] = []
     out = []
     for layer in layers:
-        copied = False
+        layer = copy.deepcopy(layer)  # a few keys: the caller's layers stay as given
         for old, new, old_rel, new_rel in renames:
             where, _, old_leaf = old_rel.rpartition(".")
             section = _section(layer, where)
             if section is None or old_leaf not in section:
                 continue
-            if not copied:
-                layer, copied = copy.deepcopy(layer), True
-                section = _section(layer, where)
-            new_where, _, new_leaf = new_rel.rpartition(".")
-            target = section if new_where == where else _section(layer, new_where)
-            if target is None or new_leaf in target:
+            new_leaf = new_rel.rpartition(".")[2]  # every rename stays within its section
+            if new_leaf in section:
                 fail(old, f"is the old name of {new}, which is also given; keep only {new}")
-            target[new_leaf] = section._get_node(old_leaf)
+            section[new_leaf] = section._get_node(old_leaf)
             del section[old_leaf]
             if (old, new) not in found:
                 found.append((old, new))
