@@ -234,25 +234,21 @@ def plot_runs(paths: list[str | Path], out: str | Path, x_axis: str = "env_steps
             if not curves:
                 continue
             color = f"C{i % 10}"
-            if len(curves) == 1:
+            if len(curves) == 1:  # one run: the band is the spread over its evaluation's episodes
                 c = curves[0]
-                x = c.steps if x_axis == "env_steps" else c.seconds
-                x_plot = x / 60.0 if x_axis == "wall_clock" else x
-                label = _label(group) + (" (mean ± std over episodes)" if c.spread is not None else "")
-                ax.plot(x_plot, c.values, color=color, marker="o" if len(c.values) < 30 else None,
-                        markersize=3, label=label)
-                drawn_values.append(c.values)
-                if c.spread is not None:
-                    ax.fill_between(x_plot, c.values - c.spread, c.values + c.spread, color=color, alpha=0.2,
-                                    linewidth=0)
-                    drawn_values += [c.values - c.spread, c.values + c.spread]
-            else:
-                x, mean, low, high = _mean_band(curves, x_axis)
-                x_plot = x / 60.0 if x_axis == "wall_clock" else x
-                ax.plot(x_plot, mean, color=color, marker="o" if len(mean) < 30 else None, markersize=3,
-                        label=_label(group))
-                ax.fill_between(x_plot, low, high, color=color, alpha=0.2, linewidth=0)
-                drawn_values += [mean, low, high]
+                x, y, label = (c.steps if x_axis == "env_steps" else c.seconds), c.values, _label(group)
+                band = None if c.spread is None else (y - c.spread, y + c.spread)
+                if band is not None:
+                    label += " (mean ± std over episodes)"
+            else:  # seeds: the band is their spread
+                x, y, low, high = _mean_band(curves, x_axis)
+                label, band = _label(group), (low, high)
+            x_plot = x / 60.0 if x_axis == "wall_clock" else x
+            ax.plot(x_plot, y, color=color, marker="o" if len(y) < 30 else None, markersize=3, label=label)
+            drawn_values.append(y)
+            if band is not None:
+                ax.fill_between(x_plot, *band, color=color, alpha=0.2, linewidth=0)
+                drawn_values += list(band)
         ax.set_title(METRICS[metric])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
