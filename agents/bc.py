@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from flowrl import distributed
 from flowrl.config import (LoopConfig, PretrainConfig, check_fraction, check_non_negative, check_positive, fail,
                            setup_torch)
-from flowrl.cuda_graph import StepGraph, fused_if_cuda, graphs_usable, tf32_matmuls
+from flowrl.cuda_graph import (StepGraph, device_learning_rates, fused_if_cuda, graphs_usable,
+                               keep_device_flags, tf32_matmuls)
 from flowrl.datasets import ChunkDataset, Episodes, read_dataset
 from flowrl.envs import canonical_task, make
 from flowrl.errors import FlowrlError
@@ -73,8 +74,8 @@ class BCConfig(LoopConfig):
     eval_episodes: int = 5
     """Episodes of each periodic evaluation during training (their seeds are disjoint from `flowrl eval`'s)."""
     cuda_graph: bool = True
-    """On a CUDA device, capture each gradient step's forward and backward pass as one CUDA graph and replay it
-    (state-only policies in one process; the same draws and arithmetic, launched at once)."""
+    """On a CUDA device, capture each whole gradient step (draws, forward, backward, AdamW, EMA) as one CUDA graph
+    and replay it (state-only policies in one process; the same draws and arithmetic, launched at once)."""
     tf32: bool = True
     """On a CUDA device, the gradient step's matrix products in TensorFloat-32 (10-bit mantissa inputs, float32
     sums; several times the float32 rate on tensor cores); evaluations stay in float32."""
@@ -185,14 +186,18 @@ class BehaviorCloning(Agent):
         self.model.set_normalization(episodes.observations.mean(0), episodes.observations.std(0))
         self.dist.broadcast_module(self.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        graphed = cfg.train.cuda_graph and graphs_usable(self.device, self.dist.active, self.model.uses_images)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay, **fused_if_cuda(self.device))
+                                           weight_decay=cfg.train.weight_decay, capturable=graphed,
+                                           **fused_if_cuda(self.device))
+        keep_device_flags(self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        if graphed:
+            device_learning_rates(self.optimizer)
         # rank r samples its share of every batch from its own shard of the chunks (r, r + W, r + 2W, ...)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
         self.shard_size = (len(self.data) - self.dist.rank + self.dist.world_size - 1) // self.dist.world_size
-        self.graph = StepGraph(self._forward_backward) if (
-            cfg.train.cuda_graph and graphs_usable(self.device, self.dist.active, self.model.uses_images)) else None
+        self.graph = StepGraph(self._gradient_step, draw=self._draw, generator=self.gen) if graphed else None
 
     @property
     def policy(self) -> FlowPolicy:
@@ -267,22 +272,26 @@ class BehaviorCloning(Agent):
             out["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).detach()
         return out
 
+    def _gradient_step(self, draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The whole step after the draws: loss and gradients, the optimiser's update, the EMA's."""
+        logs = self._forward_backward(draws)
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()),
+                                 1.0 - self.cfg.train.ema_decay)
+        return logs
+
     def train_iteration(self, iteration: int) -> dict[str, float]:
         """One gradient step on a batch of demonstration chunks. The logged values are tensors (read back
         only when the training loop writes them), except under torchrun, where they are averaged over ranks."""
         cfg = self.cfg.train
-        draws = self._draw()
         with tf32_matmuls(cfg.tf32):
             if self.graph is not None:
-                logs = self.graph(draws, [self.optimizer])
+                logs = self.graph({}, [self.optimizer])
             else:
                 self.optimizer.zero_grad(set_to_none=True)
-                logs = self._forward_backward(draws)
-        self.optimizer.step()
+                logs = self._gradient_step(self._draw())
         self.scheduler.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - cfg.ema_decay)
         logs = self.dist.mean(logs) if self.dist.active else logs
         logs["train/learning_rate"] = cfg.lr * self._lr_factor(self.scheduler.last_epoch)
         return logs
-

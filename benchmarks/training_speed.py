@@ -267,7 +267,9 @@ def part_reinflow(args: argparse.Namespace, record: dict, tmp: Path) -> None:
         evaluator = Evaluator("Hopper", backend=backend, device=args.device)
         evals[backend] = time_evaluations(lambda: evaluator(policy, 4, 10, seed=900000))
         evaluator.close()
-    default = Evaluator("Hopper", backend="auto", device=args.device).backend_for(10)  # what training's take
+    auto = Evaluator("Hopper", backend="auto", device=args.device)
+    # what training's evaluations take (a baseline without the rule ran them on the preset's backend: auto)
+    default = auto.backend_for(10) if hasattr(auto, "backend_for") else ("warp" if args.device != "cpu" else "cpu")
     default = default if default in evals else next(iter(evals))
     record["eval_hopper_10"] = {"seconds": evals, "warm_s": min(evals[default][1:]), "default_backend": default,
                                 "warm_s_by_backend": {b: min(v[1:]) for b, v in evals.items()}}

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.config import load_stage_config
+from flowrl.cuda_graph import device_learning_rates, keep_device_flags
 from flowrl.evaluation import CPU_EVAL_MAX_ENVS, Evaluator
 from flowrl.policy import shortcut_target
 from flowrl.training import Trainer
@@ -100,6 +101,50 @@ def test_evaluation_of_a_few_mujoco_envs_runs_on_cpu_threads_whatever_the_device
     assert auto.backend_for(10, images=True) == "auto"  # pixel policies need a backend that renders
     assert Evaluator("Hopper", backend="warp", device="cpu").backend_for(10) == "warp"  # asked for: kept
     assert Evaluator("robosuite/Lift", backend="auto", device="cpu").backend_for(10) == "auto"
+
+
+def test_device_learning_rates_follow_the_schedule_in_place_and_save_as_floats() -> None:
+    """The rate a captured step reads is one tensor for the whole run: the schedule writes into it; the saved
+    state holds a float and a loaded one is a tensor again, with the saved value."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 ** k)
+    device_learning_rates(opt)
+    rate = opt.param_groups[0]["lr"]
+    assert isinstance(rate, torch.Tensor)
+    for _ in range(3):
+        params[0].sum().backward()
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] is rate and rate.item() == pytest.approx(0.1 * 0.5 ** 3)
+    state = opt.state_dict()
+    assert state["param_groups"][0]["lr"] == pytest.approx(0.0125) and isinstance(state["param_groups"][0]["lr"], float)
+    fresh = torch.optim.AdamW(params, lr=0.3)
+    device_learning_rates(fresh)
+    fresh.load_state_dict(state)
+    assert isinstance(fresh.param_groups[0]["lr"], torch.Tensor)
+    assert fresh.param_groups[0]["lr"].item() == pytest.approx(0.0125)
+    plain = torch.optim.AdamW(params, lr=0.3)
+    plain.load_state_dict(state)
+    assert plain.param_groups[0]["lr"] == pytest.approx(0.0125)
+
+
+def test_a_loaded_optimiser_state_keeps_the_loaders_implementation_flags() -> None:
+    """A state saved by a GPU run (fused, capturable) loads into a CPU run's optimiser as that optimiser's own
+    implementation, and its step goes on from the saved moments."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    saved = torch.optim.AdamW(params, lr=0.1)
+    params[0].sum().backward()
+    saved.step()
+    state = saved.state_dict()
+    state["param_groups"][0].update(fused=True, capturable=True)
+    loader = torch.optim.AdamW(params, lr=0.1)
+    keep_device_flags(loader)
+    loader.load_state_dict(state)
+    group = loader.param_groups[0]
+    assert (group["fused"], group["capturable"]) == (None, False)
+    assert torch.equal(loader.state[params[0]]["exp_avg"], saved.state[params[0]]["exp_avg"])
+    loader.step()
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
