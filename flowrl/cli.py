@@ -242,8 +242,10 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="serve a policy over gRPC (flowrl/deploy/policy.proto)",
                         description="A gRPC policy server (schema flowrl/deploy/policy.proto: Act, StreamAct, Info, "
                         "Health): observation histories in, action chunks in env units out; typed messages, no "
-                        "pickle. Bad requests get INVALID_ARGUMENT or NOT_FOUND and the server keeps serving; one "
-                        "log line per client. Ctrl-C stops it.")
+                        "pickle. Open streams hold no thread; Health and Info answer whatever is in flight; each "
+                        "policy runs one request at a time, the fewest rows first. Bad requests get "
+                        "INVALID_ARGUMENT or NOT_FOUND, calls beyond the limits RESOURCE_EXHAUSTED, and the server "
+                        "keeps serving; one log line per client. Ctrl-C stops it.")
     sv.add_argument("policy", help=f"checkpoint or run folder (eager; {RUN_FOLDER}), or an exported .onnx / .pt2 "
                     "file")
     sv.add_argument("--port", type=int, default=50151, help="TCP port (default 50151; 0 picks a free one)")
@@ -253,6 +255,12 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
                     "name in a request means this policy)")
     sv.add_argument("--k", type=int, help="Euler steps K (checkpoints only; an export has its own)")
     sv.add_argument("--seed", type=int, default=0, help="seed of the noise the server draws (default 0)")
+    sv.add_argument("--max-batch", type=int, help="most rows one request may carry; larger ones get "
+                    "INVALID_ARGUMENT (default: measured at start, the largest power of two inferred within 25 ms)")
+    sv.add_argument("--max-streams", type=int, default=64, help="most Act calls in progress and open StreamAct "
+                    "streams in all; beyond it RESOURCE_EXHAUSTED (default 64)")
+    sv.add_argument("--max-client-streams", type=int, default=8, help="the same per client (one connection; "
+                    "default 8)")
 
 
 def _train(stage: str, args: argparse.Namespace) -> None:
@@ -571,9 +579,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     policy = load(args.policy, k=args.k, seed=args.seed)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    server = PolicyServer({args.name: policy}, port=args.port, host=args.host).start()
+    server = PolicyServer({args.name: policy}, port=args.port, host=args.host, max_batch=args.max_batch,
+                          max_streams=args.max_streams, max_client_streams=args.max_client_streams).start()
     print(f"serving '{args.name}' ({policy.backend}, K={policy.k}, obs ({policy.obs_history}, "
-          f"{policy.obs_dim}) -> actions ({policy.horizon}, {policy.act_dim})) on {server.address}", flush=True)
+          f"{policy.obs_dim}) -> actions ({policy.horizon}, {policy.act_dim}), max batch "
+          f"{server.max_batch[args.name]}) on {server.address}", flush=True)
     try:
         server.wait()
     finally:

@@ -1,13 +1,20 @@
 """The gRPC policy server: round trip, concurrent clients, bad requests answered with
 INVALID_ARGUMENT / NOT_FOUND while the server keeps serving, one log line per client, streaming,
-``flowrl serve`` end to end."""
+``flowrl serve`` end to end; and its limits: idle streams that hold no thread, Health and Info answered
+while inference is in flight, small requests served before large ones waiting, the batch limit, the
+stream limits, malformed shapes and messages, bounded error messages, port checks. The load and fault
+study is tests/test_deploy_server_load.py (slow)."""
 
 from __future__ import annotations
 
 import logging
+import queue
+import socket
+import statistics
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +24,10 @@ pytest.importorskip("grpc_tools")
 
 import flowrl.deploy  # noqa: E402
 from flowrl.deploy import server as server_mod  # noqa: E402
-from flowrl.deploy.server import PolicyClient, PolicyServer, protos, to_tensor  # noqa: E402
+from flowrl.cli import main  # noqa: E402
+from flowrl.deploy.runtime import DeployedPolicy  # noqa: E402
+from flowrl.deploy.server import (MAX_DETAILS_CHARS, PolicyClient, PolicyServer, auto_max_batch,  # noqa: E402
+                                  check_port, protos, to_tensor)
 from flowrl.errors import FlowrlError  # noqa: E402
 
 from tests.test_deploy import make_checkpoint  # noqa: E402
@@ -160,3 +170,203 @@ def test_cli_serve(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "flowrl", "serve", str(tmp_path / "missing")], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("flowrl: error: policy not found")
+
+
+# -- limits ----------------------------------------------------------------------------------------
+class GatedBackend:
+    """A backend whose calls wait for ``gate`` and record their batch sizes in order: inference held
+    in flight for as long as a test needs."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.rows: list[int] = []
+        self.started = threading.Semaphore(0)
+
+    def __call__(self, obs: np.ndarray, noise: np.ndarray, images: object = None) -> np.ndarray:
+        self.rows.append(obs.shape[0])
+        self.started.release()
+        assert self.gate.wait(10), "the test never opened the gate"
+        return np.zeros_like(noise)
+
+
+def _open_stream(stub, request) -> tuple[queue.Queue, object]:
+    """A StreamAct stream that has been answered once (so the server holds it) and then stays open and
+    idle until None is put into its queue."""
+    requests: queue.Queue = queue.Queue()
+    requests.put(request)
+    replies = stub.StreamAct(iter(requests.get, None), timeout=30)
+    next(replies)
+    return requests, replies
+
+
+def _ms(call) -> float:
+    start = time.perf_counter()
+    call()
+    return 1e3 * (time.perf_counter() - start)
+
+
+def test_idle_streams_hold_no_thread_and_health_and_info_answer_at_once(served) -> None:
+    server, _ = served
+    pb2, services = protos()
+    good = pb2.ActRequest(obs=to_tensor(np.zeros((1, 2, 4), np.float32)))
+    channels = [grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(3)]
+    streams = [_open_stream(services.PolicyServiceStub(ch), good) for ch in channels for _ in range(6)]  # 18 > 8
+    try:
+        with PolicyClient(server.address, policy="reach") as client:
+            health = [_ms(client.health) for _ in range(5)]
+            info = [_ms(client.info) for _ in range(5)]
+            assert client.act(np.zeros((1, 2, 4), np.float32)).shape == (1, 4, 2)
+        assert statistics.median(health) < 50 and statistics.median(info) < 50, (health, info)
+        assert max(health + info) < 1000
+    finally:
+        for requests, _ in streams:
+            requests.put(None)
+        for ch in channels:
+            ch.close()
+
+
+@pytest.fixture()
+def gated(served):
+    """A server of one policy whose inference waits for a gate, max batch 64."""
+    _, policies = served
+    backend = GatedBackend()
+    server = PolicyServer({"gated": DeployedPolicy(backend, policies["reach"].meta, "eager")}, port=0,
+                          max_batch=64).start()
+    yield server, backend
+    backend.gate.set()
+    server.stop()
+
+
+def test_small_requests_go_before_large_ones_waiting_and_health_answers_during_inference(gated) -> None:
+    server, backend = gated
+    results: dict[str, float] = {}
+
+    def act(key: str, rows: int) -> None:
+        with PolicyClient(server.address, timeout=20) as client:
+            start = time.perf_counter()
+            client.act(np.zeros((rows, 2, 4), np.float32))
+            results[key] = time.perf_counter() - start
+
+    def waiting(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(server.service.queues["gated"]) < n:
+            assert time.monotonic() < deadline, "requests never reached the queue"
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=act, args=("large in flight", 64))]
+    threads[0].start()
+    assert backend.started.acquire(timeout=10)  # the large request is being inferred, held at the gate
+    for key, rows, queued in (("large waiting", 64, 1), ("small", 1, 2)):
+        threads.append(threading.Thread(target=act, args=(key, rows)))
+        threads[-1].start()
+        waiting(queued)
+    with PolicyClient(server.address) as client:  # inference in flight and two requests queued
+        assert statistics.median(_ms(client.health) for _ in range(5)) < 50
+        assert statistics.median(_ms(client.info) for _ in range(5)) < 50
+    backend.gate.set()
+    for t in threads:
+        t.join(timeout=20)
+    assert backend.rows == [64, 1, 64]  # the small request ran after the one in flight, before the large one
+    assert set(results) == {"large in flight", "large waiting", "small"}
+
+
+def test_a_batch_over_max_batch_is_refused_before_any_work(gated) -> None:
+    server, backend = gated
+    with PolicyClient(server.address) as client:
+        with pytest.raises(FlowrlError, match=r"^INVALID_ARGUMENT: batch of 65 is more than .*max batch 64"):
+            client.act(np.zeros((65, 2, 4), np.float32))
+    assert backend.rows == []
+
+
+def test_auto_max_batch_is_the_largest_power_of_two_within_the_budget(served) -> None:
+    _, policies = served
+
+    def slow(obs: np.ndarray, noise: np.ndarray, images: object = None) -> np.ndarray:
+        time.sleep(1e-4 * obs.shape[0])  # 0.1 ms a row: 128 rows take 12.8 ms, 256 rows 25.6 ms
+        return np.zeros_like(noise)
+
+    policy = DeployedPolicy(slow, policies["reach"].meta, "eager")
+    assert auto_max_batch(policy, budget_s=0.025) == 128
+    assert auto_max_batch(policy, budget_s=1e-6) == 1  # never less than one row
+    assert auto_max_batch(policies["reach"], ceiling=4) == 4  # a fast policy stops at the ceiling
+
+
+def test_stream_limits_in_all_and_per_client(served) -> None:
+    _, policies = served
+    pb2, services = protos()
+    good = pb2.ActRequest(obs=to_tensor(np.zeros((1, 2, 4), np.float32)))
+    with PolicyServer(policies, port=0, max_batch=8, max_streams=3, max_client_streams=2) as server:
+        channels = [grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(3)]
+        stubs = [services.PolicyServiceStub(ch) for ch in channels]
+        held = [_open_stream(stubs[0], good), _open_stream(stubs[0], good)]
+        with pytest.raises(grpc.RpcError) as info:
+            _open_stream(stubs[0], good)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-client-streams 2" in info.value.details()
+        held.append(_open_stream(stubs[1], good))
+        with pytest.raises(grpc.RpcError) as info:
+            stubs[2].Act(good, timeout=5)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams 3" in info.value.details()
+        assert stubs[2].Health(pb2.HealthRequest(), timeout=5).status == pb2.HealthReply.SERVING  # not limited
+        for requests, replies in held:  # closed streams free their places
+            requests.put(None)
+            assert list(replies) == []
+        assert stubs[2].Act(good, timeout=5).actions.shape == [1, 4, 2]
+        for ch in channels:
+            ch.close()
+
+
+def test_malformed_requests_get_invalid_argument_naming_the_problem(served) -> None:
+    server, _ = served
+    pb2, services = protos()
+    channel = grpc.insecure_channel(server.address)
+    stub = services.PolicyServiceStub(channel)
+    good = to_tensor(np.zeros((1, 2, 4), np.float32))
+    invalid = [
+        (pb2.ActRequest(obs=pb2.Tensor(shape=[2**32, 2**32, 11])), "holds more than"),  # its product overflows int64
+        (pb2.ActRequest(obs=pb2.Tensor(shape=[2**62] * 8)), "holds more than"),
+        (pb2.ActRequest(obs=pb2.Tensor(shape=[1] * 70)), "70 dimensions"),
+        (pb2.ActRequest(obs=pb2.Tensor(shape=[-1, 2, 4])), "sizes must be positive"),
+        (pb2.ActRequest(obs=pb2.Tensor(shape=[0, 2, 4])), "sizes must be positive"),
+        (pb2.ActRequest(obs=pb2.Tensor(shape=[2, 2, 4], data=[0.0] * 8)), "8 values, shape [2, 2, 4] needs 16"),
+        (pb2.ActRequest(obs=pb2.Tensor(shape=[1, 2, 4])), "0 values"),
+        (pb2.ActRequest(obs=good, noise=pb2.Tensor(shape=[2**32, 2**32, 11])), "noise: shape"),
+        (pb2.ActRequest(obs=good, noise=pb2.Tensor(shape=[1, 4, 2], raw=b"\0" * 3)), "noise: 3 raw bytes"),
+        (pb2.ActRequest(obs=good, noise=to_tensor(np.full((1, 4, 2), np.inf))), "noise contains NaN or infinity"),
+    ]
+    for request, fragment in invalid:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Act(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (fragment, info.value.details())
+        assert fragment in info.value.details()
+    for method in ("Act", "Info", "Health"):  # bytes that are no protobuf message
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(f"/flowrl.deploy.v1.PolicyService/{method}")(b"\xff\xff garbage", timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in info.value.details()
+    long_name = "x" * 200_000  # echoed whole, it would overflow gRPC's header limit (RESOURCE_EXHAUSTED)
+    for call in (lambda: stub.Act(pb2.ActRequest(policy=long_name, obs=good), timeout=5),
+                 lambda: stub.Info(pb2.InfoRequest(policy=long_name), timeout=5)):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and info.value.details().startswith("unknown policy 'xxx")
+        assert len(info.value.details()) <= MAX_DETAILS_CHARS
+    assert stub.Act(pb2.ActRequest(obs=good), timeout=5).actions.shape == [1, 4, 2]  # still serving
+    channel.close()
+
+
+def test_ports_out_of_range_and_in_use_are_one_line_errors(tmp_path, capsys) -> None:
+    for port in (-1, 65536, 70000):
+        with pytest.raises(FlowrlError, match=rf"^--port {port}: not a TCP port \(1-65535, or 0"):
+            check_port("127.0.0.1", port)
+    ckpt = make_checkpoint(tmp_path / "ckpt", "reflow", obs_history=1)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(ckpt), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"flowrl: error: cannot listen on 127.0.0.1:{port}: the port is in use") and err.count("\n") == 1
+    assert main(["serve", str(ckpt), "--port", "0", "--max-batch", "0"]) == 2
+    assert capsys.readouterr().err == "flowrl: error: --max-batch must be at least 1, got 0\n"

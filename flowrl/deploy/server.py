@@ -8,28 +8,57 @@ controller that keeps one stream open), ``Info`` (dims, chunking, bounds of a po
 :class:`DeployedPolicy` objects (:func:`flowrl.deploy.runtime.load` refuses a pixel policy, one that
 sees camera images, with a one-line error before a server starts).
 
+How the server bounds its work, so that a robot can depend on it:
+
+- It is gRPC's asyncio server on one event loop: an open stream waiting for its next request holds no
+  thread, and ``Health`` and ``Info`` are answered on the loop whatever streams and inference are in
+  progress.
+- Each policy's inference runs in one thread of its own, one request at a time, the request with the
+  fewest rows first (arrival order among equals; :class:`InferenceQueue`): a batch-1 controller waits
+  for the request in flight and for the small ones that came before it, never for a queue of large
+  ones. Requests are not merged, so each chunk is bit for bit what local inference of its request
+  gives.
+- A request of more rows than ``max_batch`` is refused before any work (``INVALID_ARGUMENT``). By
+  default ``max_batch`` is measured when the server starts (:func:`auto_max_batch`): the largest power
+  of two whose inference takes at most 25 ms on this machine, so the request in flight delays a
+  controller's by at most that.
+- ``Act`` calls in progress and open ``StreamAct`` streams are limited in all (``max_streams``) and per
+  client (``max_client_streams``, a client being one connection); beyond a limit a call is refused
+  with ``RESOURCE_EXHAUSTED`` naming it. The server pings idle connections (keepalive), so the streams
+  of a client that vanished without closing them are freed.
+- Every bad request gets an error reply and the server keeps serving: a malformed message, a wrong,
+  negative, overflowing or too high-rank shape, NaN or infinite values, bad noise are
+  ``INVALID_ARGUMENT``; an unknown policy is ``NOT_FOUND``. Messages name the problem and are at most
+  :data:`MAX_DETAILS_CHARS` long (a name echoed in one is cut). A message over gRPC's 4 MiB limit is
+  refused by gRPC itself with ``RESOURCE_EXHAUSTED``. Each client (gRPC peer) gets one log line, at
+  its first request.
+
 Python stubs are compiled from the .proto when first needed, by grpcio-tools
 (``grpc.protos_and_services``), rather than committed: the .proto is the one source for Python and
 C++, and generated Python code pins the protobuf runtime's major version it was generated for
 (protobuf refuses gencode newer than the runtime), which would make the ``deploy`` extra fragile
-across protobuf releases. The modules are imported as ``policy_pb2`` and ``policy_pb2_grpc``.
-
-Bad requests get error replies and the server keeps serving: a wrong shape, NaN or infinite values,
-bad noise are ``INVALID_ARGUMENT``; an unknown policy is ``NOT_FOUND``. Each client (gRPC peer) gets
-one log line, at its first request.
+across protobuf releases. The modules are imported as ``policy_pb2`` and ``policy_pb2_grpc``. The
+server decodes requests itself (its handlers take the message bytes) so that a message that does not
+parse is an ``INVALID_ARGUMENT`` reply like any other bad request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import logging
+import math
 import sys
 import threading
 import time
+from collections import OrderedDict
 from concurrent import futures
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, AsyncIterator, Coroutine, TypeVar
 
 import numpy as np
 
@@ -41,9 +70,28 @@ log = logging.getLogger("flowrl.deploy.server")
 DEFAULT_PORT = 50151
 MAX_ELEMENTS = 1 << 24
 """Largest tensor a request may carry (elements): a guard against absurd shapes."""
+MAX_RANK = 8
+"""Most dimensions a tensor of a request may have."""
+MAX_DETAILS_CHARS = 300
+"""Longest error message the server sends (gRPC carries it in a header, whose size is limited)."""
+MAX_NAME_CHARS = 64
+"""Longest part of a requested policy name that an error message repeats."""
+BATCH_BUDGET_S = 0.025
+"""Inference time one request of the default ``max_batch`` may take (:func:`auto_max_batch`)."""
+BATCH_CEILING = 4096
+"""Most rows :func:`auto_max_batch` allows, however fast the policy."""
+DEFAULT_MAX_STREAMS = 64
+DEFAULT_MAX_CLIENT_STREAMS = 8
+KEEPALIVE_MS = 20_000
+"""The server pings a connection after this long without traffic and drops it when the ping goes
+unanswered for ``KEEPALIVE_TIMEOUT_MS``: the streams of a client that vanished are freed."""
+KEEPALIVE_TIMEOUT_MS = 10_000
+SEEN_CLIENTS = 4096
+"""How many clients the server remembers having logged (the oldest are forgotten first)."""
 
 _modules: tuple[ModuleType, ModuleType] | None = None
 _modules_lock = threading.Lock()
+T = TypeVar("T")
 
 
 def proto_path() -> Path:
@@ -67,9 +115,18 @@ def protos() -> tuple[ModuleType, ModuleType]:
         return _modules
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, ``...`` marking a cut."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # -- tensors ---------------------------------------------------------------------------------------
 class BadRequest(ValueError):
     """A request the server answers with INVALID_ARGUMENT."""
+
+
+class UnknownPolicy(LookupError):
+    """A request for a policy the server does not serve: NOT_FOUND."""
 
 
 def to_tensor(array: np.ndarray, raw: bool = False) -> Any:
@@ -81,14 +138,27 @@ def to_tensor(array: np.ndarray, raw: bool = False) -> Any:
     return pb2.Tensor(shape=list(a.shape), data=a.ravel())
 
 
-def from_tensor(msg: Any, what: str) -> np.ndarray:
-    """A ``Tensor`` message as a float32 array; an inconsistent one raises :class:`BadRequest`."""
-    shape = tuple(int(s) for s in msg.shape)
-    if not shape or any(s < 1 for s in shape):
-        raise BadRequest(f"{what}: shape must be non-empty with positive sizes, got {list(shape)}")
-    n = int(np.prod(shape))
-    if n > MAX_ELEMENTS:
-        raise BadRequest(f"{what}: {n} elements is more than the server accepts ({MAX_ELEMENTS})")
+def tensor_shape(msg: Any, what: str) -> tuple[int, ...]:
+    """The shape of a ``Tensor`` message, checked before any of its values are read: at least one
+    and at most :data:`MAX_RANK` dimensions, each positive, at most :data:`MAX_ELEMENTS` elements
+    (counted exactly, so sizes whose product overflows 64 bits are refused too); else
+    :class:`BadRequest` naming the problem."""
+    dims = [int(s) for s in msg.shape]
+    if not dims:
+        raise BadRequest(f"{what}: shape must be non-empty (at least one dimension)")
+    if len(dims) > MAX_RANK:
+        raise BadRequest(f"{what}: shape has {len(dims)} dimensions, more than the {MAX_RANK} the server accepts")
+    if any(s < 1 for s in dims):
+        raise BadRequest(f"{what}: shape sizes must be positive, got {dims}")
+    if math.prod(dims) > MAX_ELEMENTS:
+        raise BadRequest(f"{what}: shape {dims} holds more than the {MAX_ELEMENTS} elements the server accepts")
+    return tuple(dims)
+
+
+def tensor_values(msg: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """The values of a ``Tensor`` message as a float32 array of ``shape`` (from :func:`tensor_shape`);
+    a count of values that does not fit the shape raises :class:`BadRequest`."""
+    n = math.prod(shape)
     if msg.raw:
         if len(msg.raw) != 4 * n:
             raise BadRequest(f"{what}: {len(msg.raw)} raw bytes, shape {list(shape)} needs {4 * n}")
@@ -100,98 +170,259 @@ def from_tensor(msg: Any, what: str) -> np.ndarray:
     return a.reshape(shape).astype(np.float32, copy=False)
 
 
+def from_tensor(msg: Any, what: str) -> np.ndarray:
+    """A ``Tensor`` message as a float32 array; an inconsistent one raises :class:`BadRequest`."""
+    return tensor_values(msg, tensor_shape(msg, what), what)
+
+
+def parse(raw: bytes, message_type: Any) -> Any:
+    """The bytes of a request as a ``message_type`` message; bytes that do not parse raise
+    :class:`BadRequest`."""
+    from google.protobuf.message import DecodeError
+
+    msg = message_type()
+    try:
+        msg.ParseFromString(raw)
+    except DecodeError as e:
+        raise BadRequest(f"not a valid {message_type.DESCRIPTOR.full_name} message ({e})") from None
+    return msg
+
+
+# -- inference -------------------------------------------------------------------------------------
+def auto_max_batch(policy: DeployedPolicy, budget_s: float = BATCH_BUDGET_S, ceiling: int = BATCH_CEILING) -> int:
+    """The default ``max_batch`` of ``policy`` on this machine: the largest power of two, at most
+    ``ceiling``, whose inference takes at most ``budget_s`` (the faster of two runs; at least 1). It
+    runs on zeros with explicit noise, so the policy's noise generator is not drawn from."""
+    best, rows = 1, 1
+    while rows <= ceiling:
+        obs = np.zeros((rows, policy.obs_history, policy.obs_dim), np.float32)
+        noise = np.zeros((rows, policy.horizon, policy.act_dim), np.float32)
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            policy.infer(obs, noise)
+            seconds.append(time.perf_counter() - start)
+        if min(seconds) > budget_s:
+            break
+        best, rows = rows, 2 * rows
+    return best
+
+
+class InferenceQueue:
+    """One policy's requests waiting for inference, run in a thread of their own one at a time, the
+    request with the fewest rows first (arrival order among equals). A request of few rows thus waits
+    for the one in flight and the small ones that came before it, not for the large ones queued;
+    under more load than the policy can serve, the largest requests wait longest (until their
+    clients' deadlines). Requests are not merged: a chunk is bit for bit local inference of its
+    request. A request whose client went away while it waited is dropped unrun."""
+
+    def __init__(self, policy: DeployedPolicy) -> None:
+        self.policy = policy
+        self._waiting: list[tuple[int, int, np.ndarray, np.ndarray | None, asyncio.Future]] = []
+        self._arrival = itertools.count()
+        self._ready = asyncio.Event()
+        self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowrl-infer")
+        self._task: asyncio.Task | None = None
+
+    def __len__(self) -> int:
+        """How many requests are waiting (not counting the one in flight)."""
+        return len(self._waiting)
+
+    def start(self) -> None:
+        """Start serving the queue (on the running event loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def infer(self, obs: np.ndarray, noise: np.ndarray | None) -> tuple[np.ndarray, float]:
+        """The chunks of ``obs`` (``noise``: given, or None to draw it) and the inference time in ms."""
+        done = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (obs.shape[0], next(self._arrival), obs, noise, done))
+        self._ready.set()
+        return await done
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._waiting:
+                self._ready.clear()
+                await self._ready.wait()
+            *_, obs, noise, done = heapq.heappop(self._waiting)
+            if done.done():  # cancelled: its client went away or its deadline passed
+                continue
+            try:
+                result = await loop.run_in_executor(self._thread, self._timed_infer, obs, noise)
+            except Exception as e:  # noqa: BLE001 (handed to the request's handler, which answers it)
+                if not done.done():
+                    done.set_exception(e)
+            else:
+                if not done.done():
+                    done.set_result(result)
+
+    def _timed_infer(self, obs: np.ndarray, noise: np.ndarray | None) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        actions = self.policy.infer(obs, noise)
+        return actions, 1e3 * (time.perf_counter() - start)
+
+    def stop(self) -> None:
+        """Stop serving (on the event loop); requests still waiting are not run."""
+        if self._task is not None:
+            self._task.cancel()
+
+    def close(self) -> None:
+        """Wait for the inference in flight and release the thread (after :meth:`stop`, off the loop)."""
+        self._thread.shutdown(wait=True)
+
+
 # -- server ----------------------------------------------------------------------------------------
 class PolicyService:
-    """The servicer: named :class:`DeployedPolicy` objects behind Act, StreamAct, Info and Health."""
+    """The servicer: named :class:`DeployedPolicy` objects behind Act, StreamAct, Info and Health (asyncio
+    handlers taking the request's bytes; see the module doc for the limits they hold)."""
 
-    def __init__(self, policies: dict[str, DeployedPolicy], default: str | None = None) -> None:
+    def __init__(self, policies: dict[str, DeployedPolicy], max_batch: dict[str, int],
+                 max_streams: int = DEFAULT_MAX_STREAMS, max_client_streams: int = DEFAULT_MAX_CLIENT_STREAMS) -> None:
         if not policies:
             raise FlowrlError("a policy server needs at least one policy")
         self.policies = policies
-        self.default = default or next(iter(policies))
-        self._locks = {name: threading.Lock() for name in policies}  # one inference at a time per policy
-        self._peers: set[str] = set()
-        self._peers_lock = threading.Lock()
+        self.default = next(iter(policies))
+        self.max_batch = max_batch
+        self.max_streams, self.max_client_streams = max_streams, max_client_streams
+        self.queues = {name: InferenceQueue(policy) for name, policy in policies.items()}
+        self._open = 0  # Act calls in progress and open StreamAct streams (all on the event loop: no lock)
+        self._open_by_client: dict[str, int] = {}
+        self._logged: OrderedDict[str, None] = OrderedDict()
 
-    def _log_peer(self, context: Any, method: str, policy: str) -> None:
+    def _log_client(self, context: Any, method: str, policy: str) -> None:
         peer = context.peer()
-        with self._peers_lock:
-            if peer in self._peers:
-                return
-            self._peers.add(peer)
-        log.info("client %s: first request %s (policy %s)", peer, method, policy or self.default)
+        if peer in self._logged:
+            self._logged.move_to_end(peer)
+            return
+        self._logged[peer] = None
+        if len(self._logged) > SEEN_CLIENTS:
+            self._logged.popitem(last=False)
+        log.info("client %s: first request %s (policy %s)", peer, method, clip(policy or self.default, MAX_NAME_CHARS))
 
     def _policy(self, name: str) -> tuple[str, DeployedPolicy]:
         name = name or self.default
         if name not in self.policies:
-            raise KeyError(f"unknown policy '{name}'; this server has {', '.join(sorted(self.policies))}")
+            raise UnknownPolicy(f"unknown policy '{clip(name, MAX_NAME_CHARS)}'; this server has "
+                                f"{', '.join(sorted(self.policies))}")
         return name, self.policies[name]
 
-    def _act(self, request: Any) -> Any:
+    async def _abort(self, context: Any, e: Exception) -> None:
+        grpc = require("grpc", "grpcio")
+        code = grpc.StatusCode.NOT_FOUND if isinstance(e, UnknownPolicy) else grpc.StatusCode.INVALID_ARGUMENT
+        await context.abort(code, clip(str(e), MAX_DETAILS_CHARS))
+
+    @asynccontextmanager
+    async def _admitted(self, context: Any) -> AsyncIterator[None]:
+        """One Act call or StreamAct stream counted against the limits for its life; beyond one of them,
+        RESOURCE_EXHAUSTED."""
+        grpc = require("grpc", "grpcio")
+        client = context.peer()
+        if self._open >= self.max_streams:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server busy: {self._open} streams and Act calls in progress, the most it takes "
+                                f"(--max-streams {self.max_streams}); retry later")
+        if self._open_by_client.get(client, 0) >= self.max_client_streams:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this client has {self.max_client_streams} streams and Act calls in progress, the "
+                                f"most one client may hold (--max-client-streams {self.max_client_streams})")
+        self._open += 1
+        self._open_by_client[client] = self._open_by_client.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            self._open -= 1
+            left = self._open_by_client.pop(client) - 1
+            if left:
+                self._open_by_client[client] = left
+
+    async def _act(self, raw: bytes, context: Any, method: str) -> Any:
+        """The reply to one ActRequest's bytes; a bad request ends the call with its error reply."""
         pb2, _ = protos()
-        name, policy = self._policy(request.policy)
-        obs = from_tensor(request.obs, "obs")
-        if obs.ndim == 2 and policy.obs_history == 1:
-            obs = obs[:, None]
+        try:
+            request = parse(raw, pb2.ActRequest)
+            self._log_client(context, method, request.policy)
+            name, policy = self._policy(request.policy)
+            obs, noise = self._inputs(request, name, policy)
+            actions, ms = await self.queues[name].infer(obs, noise)
+        except (BadRequest, UnknownPolicy, FlowrlError) as e:
+            error: Exception = e
+        else:
+            return pb2.ActReply(actions=to_tensor(actions, request.raw_reply), act_steps=policy.act_steps,
+                                inference_ms=ms, request_id=request.request_id)
+        await self._abort(context, error)
+
+    def _inputs(self, request: Any, name: str, policy: DeployedPolicy) -> tuple[np.ndarray, np.ndarray | None]:
+        """The request's observations and noise, every shape checked (the batch against ``max_batch``)
+        before any value is read."""
+        shape = tensor_shape(request.obs, "obs")
+        if len(shape) == 2 and policy.obs_history == 1:
+            shape = (shape[0], 1, shape[1])
         want = (policy.obs_history, policy.obs_dim)
-        if obs.ndim != 3 or obs.shape[1:] != want:
-            raise BadRequest(f"obs must be (batch, {want[0]}, {want[1]}) for policy '{name}', got {list(obs.shape)}")
+        if len(shape) != 3 or shape[1:] != want:
+            raise BadRequest(f"obs must be (batch, {want[0]}, {want[1]}) for policy '{name}', got {list(shape)}")
+        if shape[0] > self.max_batch[name]:
+            raise BadRequest(f"batch of {shape[0]} is more than this server takes in one request (max batch "
+                             f"{self.max_batch[name]} for policy '{name}'); split it")
+        want_noise = (shape[0], policy.horizon, policy.act_dim)
+        if request.HasField("noise") and tensor_shape(request.noise, "noise") != want_noise:
+            raise BadRequest(f"noise must be {want_noise}, got {list(request.noise.shape)}")
+        obs = tensor_values(request.obs, tuple(request.obs.shape), "obs").reshape(shape)
         if not np.isfinite(obs).all():
             raise BadRequest("obs contains NaN or infinity")
-        noise = None
-        if request.HasField("noise"):
-            noise = from_tensor(request.noise, "noise")
-            if noise.shape != (obs.shape[0], policy.horizon, policy.act_dim):
-                raise BadRequest(f"noise must be ({obs.shape[0]}, {policy.horizon}, {policy.act_dim}), "
-                                 f"got {list(noise.shape)}")
-            if not np.isfinite(noise).all():
-                raise BadRequest("noise contains NaN or infinity")
-        start = time.perf_counter()
-        with self._locks[name]:
-            actions = policy.infer(obs, noise)
-        ms = 1e3 * (time.perf_counter() - start)
-        return pb2.ActReply(actions=to_tensor(actions, request.raw_reply), act_steps=policy.act_steps,
-                            inference_ms=ms, request_id=request.request_id)
+        if not request.HasField("noise"):
+            return obs, None
+        noise = tensor_values(request.noise, want_noise, "noise")
+        if not np.isfinite(noise).all():
+            raise BadRequest("noise contains NaN or infinity")
+        return obs, noise
 
-    def _abort(self, context: Any, e: Exception) -> None:
-        grpc = require("grpc", "grpcio")
-        code = grpc.StatusCode.NOT_FOUND if isinstance(e, KeyError) else grpc.StatusCode.INVALID_ARGUMENT
-        context.abort(code, str(e.args[0]) if e.args else str(e))
+    async def Act(self, raw: bytes, context: Any) -> Any:  # noqa: N802 (gRPC's method names)
+        async with self._admitted(context):
+            return await self._act(raw, context, "Act")
 
-    def Act(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC's method names)
-        self._log_peer(context, "Act", request.policy)
-        try:
-            return self._act(request)
-        except (BadRequest, KeyError, FlowrlError) as e:
-            self._abort(context, e)
+    async def StreamAct(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        async with self._admitted(context):
+            async for raw in requests:
+                yield await self._act(raw, context, "StreamAct")
 
-    def StreamAct(self, requests: Any, context: Any) -> Any:  # noqa: N802
-        for request in requests:
-            self._log_peer(context, "StreamAct", request.policy)
-            try:
-                reply = self._act(request)
-            except (BadRequest, KeyError, FlowrlError) as e:
-                self._abort(context, e)
-                return
-            yield reply
-
-    def Info(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def Info(self, raw: bytes, context: Any) -> Any:  # noqa: N802
         pb2, _ = protos()
-        self._log_peer(context, "Info", request.policy)
         try:
+            request = parse(raw, pb2.InfoRequest)
+            self._log_client(context, "Info", request.policy)
             name, p = self._policy(request.policy)
-        except KeyError as e:
-            self._abort(context, e)
-            return None
-        return pb2.PolicyInfo(name=name, task=p.meta.get("task") or "", backend=p.backend, obs_dim=p.obs_dim,
-                              act_dim=p.act_dim, obs_history=p.obs_history, horizon=p.horizon,
-                              act_steps=p.act_steps, k=p.k, action_low=p.action_low.tolist(),
-                              action_high=p.action_high.tolist())
+        except (BadRequest, UnknownPolicy) as e:
+            error: Exception = e
+        else:
+            return pb2.PolicyInfo(name=name, task=p.meta.get("task") or "", backend=p.backend, obs_dim=p.obs_dim,
+                                  act_dim=p.act_dim, obs_history=p.obs_history, horizon=p.horizon,
+                                  act_steps=p.act_steps, k=p.k, action_low=p.action_low.tolist(),
+                                  action_high=p.action_high.tolist())
+        await self._abort(context, error)
 
-    def Health(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def Health(self, raw: bytes, context: Any) -> Any:  # noqa: N802
         pb2, _ = protos()
+        try:
+            parse(raw, pb2.HealthRequest)
+        except BadRequest as e:
+            await self._abort(context, e)
         return pb2.HealthReply(status=pb2.HealthReply.SERVING, policies=sorted(self.policies))
 
+    def handler(self) -> Any:
+        """The gRPC handler of the PolicyService methods (requests as bytes, replies serialised)."""
+        grpc = require("grpc", "grpcio")
+        pb2, _ = protos()
+        service = pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+        methods = {
+            "Act": grpc.unary_unary_rpc_method_handler(self.Act, response_serializer=pb2.ActReply.SerializeToString),
+            "StreamAct": grpc.stream_stream_rpc_method_handler(self.StreamAct,
+                                                               response_serializer=pb2.ActReply.SerializeToString),
+            "Info": grpc.unary_unary_rpc_method_handler(self.Info, response_serializer=pb2.PolicyInfo.SerializeToString),
+            "Health": grpc.unary_unary_rpc_method_handler(self.Health,
+                                                          response_serializer=pb2.HealthReply.SerializeToString),
+        }
+        return grpc.method_handlers_generic_handler(service, methods)
 
 def check_port(host: str, port: int) -> None:
     """Refuse, as one line, an address the server cannot listen on: a port in use, a host that is not
@@ -229,34 +460,88 @@ def check_port(host: str, port: int) -> None:
 
 
 class PolicyServer:
-    """A running gRPC server (``start`` returns at once; ``port`` is the bound port, 0 picks one)."""
+    """A running gRPC server: its asyncio event loop runs in a thread of its own, so ``start`` returns
+    at once and the caller's thread stays free; ``port`` is the bound port (0 picks one).
+
+    ``max_batch``: the most rows one request may carry (None: :func:`auto_max_batch` per policy);
+    ``max_streams`` and ``max_client_streams``: the most Act calls in progress and open StreamAct
+    streams in all and per client."""
 
     def __init__(self, policies: dict[str, DeployedPolicy], port: int = DEFAULT_PORT, host: str = "127.0.0.1",
-                 max_workers: int = 8) -> None:
-        grpc = require("grpc", "grpcio")
-        _, services = protos()
-        self.service = PolicyService(policies)
+                 max_batch: int | None = None, max_streams: int = DEFAULT_MAX_STREAMS,
+                 max_client_streams: int = DEFAULT_MAX_CLIENT_STREAMS) -> None:
+        require("grpc", "grpcio")
+        protos()
+        for flag, value in (("--max-batch", max_batch), ("--max-streams", max_streams),
+                            ("--max-client-streams", max_client_streams)):
+            if value is not None and value < 1:
+                raise FlowrlError(f"{flag} must be at least 1, got {value}")
         check_port(host, port)  # before gRPC tries: its failed bind logs a C-core line of its own
-        options = [("grpc.so_reuseport", 0)]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-        services.add_PolicyServiceServicer_to_server(self.service, self.server)
+        batches = {name: auto_max_batch(p) if max_batch is None else max_batch for name, p in policies.items()}
+        self.service = PolicyService(policies, batches, max_streams, max_client_streams)
+        self.max_batch = batches
+        self._stopped = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="flowrl-serve", daemon=True)
+        self._thread.start()
         try:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
-        except RuntimeError as e:
-            raise FlowrlError(f"cannot listen on {host}:{port} ({e})") from None
-        if self.port == 0:
-            raise FlowrlError(f"cannot listen on {host}:{port} (in use?)")
+            self.port = self._run(self._bind(host, port))
+        except BaseException:
+            self._close_loop()
+            raise
         self.address = f"{host}:{self.port}"
 
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _bind(self, host: str, port: int) -> int:
+        grpc = require("grpc", "grpcio")
+        options = [("grpc.so_reuseport", 0), ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+                   ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS)]
+        self.server = grpc.aio.server(handlers=[self.service.handler()], options=options)
+        try:
+            bound = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:
+            raise FlowrlError(f"cannot listen on {host}:{port} ({e})") from None
+        if bound == 0:
+            raise FlowrlError(f"cannot listen on {host}:{port} (in use?)")
+        return bound
+
+    async def _start(self) -> None:
+        for queue in self.service.queues.values():
+            queue.start()
+        await self.server.start()
+
+    async def _shutdown(self, grace: float | None) -> None:
+        await self.server.stop(grace)
+        for queue in self.service.queues.values():
+            queue.stop()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
     def start(self) -> "PolicyServer":
-        self.server.start()
+        self._run(self._start())
         return self
 
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        """Block until :meth:`stop` (from another thread) or Ctrl-C."""
+        self._stopped.wait()
 
     def stop(self, grace: float | None = 0.5) -> None:
-        self.server.stop(grace).wait()
+        """Stop serving: calls in progress get ``grace`` seconds to finish, then the loop and the
+        inference threads end. A second call does nothing."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        try:
+            self._run(self._shutdown(grace))
+        finally:
+            self._close_loop()
+            for queue in self.service.queues.values():
+                queue.close()
 
     def __enter__(self) -> "PolicyServer":
         return self.start()
