@@ -243,9 +243,9 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
                         description="A gRPC policy server (schema flowrl/deploy/policy.proto: Act, StreamAct, Info, "
                         "Health): observation histories in, action chunks in env units out; typed messages, no "
                         "pickle. Open streams hold no thread; Health and Info answer whatever is in flight; each "
-                        "policy runs one request at a time, the fewest rows first. Bad requests get "
-                        "INVALID_ARGUMENT or NOT_FOUND, calls beyond the limits RESOURCE_EXHAUSTED, and the server "
-                        "keeps serving; one log line per client. Ctrl-C stops it.")
+                        "policy runs one request at a time, the fewest rows first (a large one is not starved). Bad "
+                        "requests get INVALID_ARGUMENT or NOT_FOUND, calls beyond the limits RESOURCE_EXHAUSTED, and "
+                        "the server keeps serving; one log line per client. Ctrl-C stops it.")
     sv.add_argument("policy", help=f"checkpoint or run folder (eager; {RUN_FOLDER}), or an exported .onnx / .pt2 "
                     "file")
     sv.add_argument("--port", type=int, default=50151, help="TCP port (default 50151; 0 picks a free one)")

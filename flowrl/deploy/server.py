@@ -14,14 +14,14 @@ How the server bounds its work, so that a robot can depend on it:
   thread, and ``Health`` and ``Info`` are answered on the loop whatever streams and inference are in
   progress.
 - Each policy's inference runs in one thread of its own, one request at a time, the request with the
-  fewest rows first (arrival order among equals; :class:`InferenceQueue`): a batch-1 controller waits
-  for the request in flight and for the small ones that came before it, never for a queue of large
-  ones. Requests are not merged, so each chunk is bit for bit what local inference of its request
-  gives.
+  fewest rows first, the oldest after one that went ahead of it (:class:`InferenceQueue`): a batch-1
+  controller waits for the request in flight, at most one older request and the small ones that came
+  before it, never for a queue of large ones, and a large request is not starved. Requests are not
+  merged, so each chunk is bit for bit what local inference of its request gives.
 - A request of more rows than ``max_batch`` is refused before any work (``INVALID_ARGUMENT``). By
   default ``max_batch`` is measured when the server starts (:func:`auto_max_batch`): the largest power
-  of two whose inference takes at most 25 ms on this machine, so the request in flight delays a
-  controller's by at most that.
+  of two whose inference takes at most 25 ms on this machine, so that the two requests a controller's
+  may wait for take at most 50 ms together.
 - ``Act`` calls in progress and open ``StreamAct`` streams are limited in all (``max_streams``) and per
   client (``max_client_streams``, a client being one connection); beyond a limit a call is refused
   with ``RESOURCE_EXHAUSTED`` naming it. The server pings idle connections (keepalive), so the streams
@@ -45,7 +45,6 @@ parse is an ``INVALID_ARGUMENT`` reply like any other bad request.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import math
@@ -58,13 +57,15 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import Any, AsyncIterator, Coroutine, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Coroutine, TypeVar
 
 import numpy as np
 
 from flowrl.deploy._deps import require
-from flowrl.deploy.runtime import DeployedPolicy
 from flowrl.errors import FlowrlError
+
+if TYPE_CHECKING:  # the client side runs without torch, which the runtime imports
+    from flowrl.deploy.runtime import DeployedPolicy
 
 log = logging.getLogger("flowrl.deploy.server")
 DEFAULT_PORT = 50151
@@ -209,17 +210,21 @@ def auto_max_batch(policy: DeployedPolicy, budget_s: float = BATCH_BUDGET_S, cei
 
 
 class InferenceQueue:
-    """One policy's requests waiting for inference, run in a thread of their own one at a time, the
-    request with the fewest rows first (arrival order among equals). A request of few rows thus waits
-    for the one in flight and the small ones that came before it, not for the large ones queued;
-    under more load than the policy can serve, the largest requests wait longest (until their
-    clients' deadlines). Requests are not merged: a chunk is bit for bit local inference of its
-    request. A request whose client went away while it waited is dropped unrun."""
+    """One policy's requests waiting for inference, run in a thread of their own one at a time. The
+    request with the fewest rows goes next (arrival order among equals), except right after one that
+    went ahead of an older request: then the oldest goes. A request thus waits for the one in flight,
+    at most one older request, and the smaller ones that came before it: a batch-1 controller is not
+    held up by a queue of large requests, and a large request is not starved by a stream of small
+    ones. Requests are not merged: a chunk is bit for bit local inference of its request. A request
+    whose client went away while it waited is dropped unrun."""
 
     def __init__(self, policy: DeployedPolicy) -> None:
         self.policy = policy
-        self._waiting: list[tuple[int, int, np.ndarray, np.ndarray | None, asyncio.Future]] = []
+        # by arrival (dicts keep insertion order: the first is the oldest); the number of waiting
+        # requests is bounded by the server's stream limits, so picking by a scan is cheap
+        self._waiting: dict[int, tuple[np.ndarray, np.ndarray | None, asyncio.Future]] = {}
         self._arrival = itertools.count()
+        self._oldest_next = False
         self._ready = asyncio.Event()
         self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowrl-infer")
         self._task: asyncio.Task | None = None
@@ -235,19 +240,33 @@ class InferenceQueue:
     async def infer(self, obs: np.ndarray, noise: np.ndarray | None) -> tuple[np.ndarray, float]:
         """The chunks of ``obs`` (``noise``: given, or None to draw it) and the inference time in ms."""
         done = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (obs.shape[0], next(self._arrival), obs, noise, done))
+        self._waiting[next(self._arrival)] = (obs, noise, done)
         self._ready.set()
         return await done
+
+    def _take(self) -> tuple[np.ndarray, np.ndarray | None, asyncio.Future] | None:
+        """The next request to run (class doc), out of the queue; None when none is waiting."""
+        for gone in [arrival for arrival, (*_, done) in self._waiting.items() if done.done()]:
+            del self._waiting[gone]  # cancelled: its client went away or its deadline passed
+        if not self._waiting:
+            return None
+        if self._oldest_next:
+            arrival = next(iter(self._waiting))
+        else:
+            arrival = min(self._waiting, key=lambda a: (self._waiting[a][0].shape[0], a))
+        request = self._waiting.pop(arrival)
+        self._oldest_next = not self._oldest_next and bool(self._waiting) and next(iter(self._waiting)) < arrival
+        return request
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self._waiting:
+            request = self._take()
+            if request is None:
                 self._ready.clear()
                 await self._ready.wait()
-            *_, obs, noise, done = heapq.heappop(self._waiting)
-            if done.done():  # cancelled: its client went away or its deadline passed
                 continue
+            obs, noise, done = request
             try:
                 result = await loop.run_in_executor(self._thread, self._timed_infer, obs, noise)
             except Exception as e:  # noqa: BLE001 (handed to the request's handler, which answers it)
