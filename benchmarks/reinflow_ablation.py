@@ -60,6 +60,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "actor_ramp": (["train.actor_lr_ramp_iterations=10"],
                    "the actor's learning rate ramped up linearly over its first 10 updating iterations"),
     "w2_anchor": (["train.w2_coef=1.0"], "W2 regulariser toward the behaviour-cloned policy's actions, weight 1"),
+    "w2_strong": (["train.w2_coef=10.0"], "W2 regulariser toward the behaviour-cloned policy's actions, weight 10"),
 }
 REFERENCE = {"hopper": 3200.0, "walker2d": 4300.0, "humanoid": 5000.0}
 FINAL_TARGET = {"hopper": 3400.0, "walker2d": 5200.0, "humanoid": 6000.0}
@@ -80,7 +81,8 @@ def run_variant(task: str, variant: str, seed: int, args: argparse.Namespace, re
     seed_args = argparse.Namespace(
         device=args.device, pretrain_steps=None, episodes=args.eval_episodes, pretrain_set=[],
         pretrained=args.pretrained, finetune_preset="", eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-        sim_threads=0, overrides=[*args.overrides, *overrides], env_steps=args.env_steps, budget_minutes=0.0)
+        sim_threads=0, overrides=[*args.overrides, *overrides], env_steps=args.env_steps, budget_minutes=0.0,
+        diagnostics=args.diagnostics)
     run_seed(task, "reflow", seed, seed_args, Path(args.runs) / "ablation" / variant, record, save)
     record.update(variant=variant, **curve_summary(task, record["curve"]))
 
@@ -130,6 +132,8 @@ def main() -> int:
     ap.add_argument("--env-steps", type=int, default=10_000_000)
     ap.add_argument("--eval-every", type=int, default=4, help="iterations between curve points")
     ap.add_argument("--eval-episodes", type=int, default=10, help="episodes per curve point")
+    ap.add_argument("--diagnostics", type=int, default=0, metavar="N",
+                    help="record the first N iterations' diagnostics (action drift, explained variance, ...)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench"))
     ap.add_argument("--tag", default="", help="suffix of the results files (parallel processes)")
