@@ -370,3 +370,33 @@ def test_ports_out_of_range_and_in_use_are_one_line_errors(tmp_path, capsys) -> 
     assert err.startswith(f"flowrl: error: cannot listen on 127.0.0.1:{port}: the port is in use") and err.count("\n") == 1
     assert main(["serve", str(ckpt), "--port", "0", "--max-batch", "0"]) == 2
     assert capsys.readouterr().err == "flowrl: error: --max-batch must be at least 1, got 0\n"
+
+
+STREAMING_CLIENT = """
+import queue, sys
+import numpy as np
+from flowrl.deploy.server import PolicyClient
+client = PolicyClient(sys.argv[1], policy="reach")
+requests = queue.Queue()
+requests.put(client.request(np.zeros((1, 2, 4), np.float32)))
+next(client.stream(iter(requests.get, None)))
+print("streaming", flush=True)
+sys.stdin.read()  # the stream stays open until the process is killed
+"""
+
+
+def test_a_killed_client_frees_its_stream(served) -> None:
+    _, policies = served
+    with PolicyServer(policies, port=0, max_batch=8) as server:
+        proc = subprocess.Popen([sys.executable, "-c", STREAMING_CLIENT, server.address], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline() == "streaming\n"
+            assert server.service.in_progress == 1
+        finally:
+            proc.kill()
+            proc.wait()
+        deadline = time.monotonic() + 5
+        while server.service.in_progress:
+            assert time.monotonic() < deadline, "the killed client's stream was never freed"
+            time.sleep(0.01)

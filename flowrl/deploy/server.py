@@ -309,6 +309,11 @@ class PolicyService:
         self._open_by_client: dict[str, int] = {}
         self._logged: OrderedDict[str, None] = OrderedDict()
 
+    @property
+    def in_progress(self) -> int:
+        """How many Act calls are in progress and StreamAct streams open."""
+        return self._open
+
     def _log_client(self, context: Any, method: str, policy: str) -> None:
         peer = context.peer()
         if peer in self._logged:
