@@ -19,7 +19,7 @@ import torch
 from flowrl.checkpoint import CONFIG, load_policy
 from flowrl.policy import require_state_only
 from flowrl.datasets import Episodes, write_dataset, write_robomimic
-from flowrl.envs import ChunkResult, canonical_task, make, resolve_task
+from flowrl.envs import ChunkResult, all_tasks, canonical_task, make, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.rollout import ChunkPolicy, FlowChunkPolicy, run_episodes
 
@@ -28,12 +28,11 @@ def _source(path: Path, level: str, task: str | None, device: str, num_envs: int
             ) -> tuple[ChunkPolicy, str, dict[str, Any]]:
     """(chunk policy, task, description) for a scripted expert, an expert folder or a checkpoint."""
     if str(path) == "scripted":
-        from flowrl.agents.scripted import EXPERTS
-
-        name = canonical_task(task) if task else ""
-        if name not in EXPERTS:
-            raise FlowrlError(f"no scripted expert for task '{task}'; scripted experts: {', '.join(EXPERTS)}")
-        return EXPERTS[name](num_envs), name, {"kind": "scripted", "expert": EXPERTS[name].__name__}
+        expert = resolve_task(task).expert if task else None
+        if expert is None:
+            scripted = [t.name for t in all_tasks().values() if t.expert is not None]
+            raise FlowrlError(f"no scripted expert for task '{task}'; scripted experts: {', '.join(scripted)}")
+        return expert(num_envs), canonical_task(task), {"kind": "scripted", "expert": expert.__name__}
     if (path / "expert.json").is_file():
         from flowrl.agents.expert import SnapshotPolicy, load_manifest, load_snapshot
 

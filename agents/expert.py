@@ -71,8 +71,9 @@ def train_expert(
     from stable_baselines3.common.logger import Logger
 
     spec = resolve_task(task)
-    if backend == "gymnasium" and spec.name == "Humanoid-Newton":  # SB3 would make gymnasium's PGS Humanoid
-        raise FlowrlError("Humanoid-Newton needs --backend cpu or warp (gymnasium's XML uses PGS)")
+    if backend == "gymnasium" and backend not in spec.backends:  # SB3 would make gymnasium's task of spec.gym_id
+        raise FlowrlError(f"{spec.name} needs --backend {' or '.join(spec.backends)} (gymnasium's "
+                          f"{spec.gym_id or 'registry'} is another task)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     venv = training_env(spec.name, backend, num_envs, seed, device)

@@ -21,8 +21,7 @@ import time
 import torch
 
 from common import report_checks, results_dir, run_main, with_provenance
-from flowrl.agents.scripted import EXPERTS
-from flowrl.envs import make
+from flowrl.envs import make, resolve_task
 
 TOLERANCE = 0.03
 
@@ -31,7 +30,7 @@ def success_rate(task: str, backend: str, episodes: int, num_envs: int, seed: in
     """(success rate, wall seconds, episodes run): batches of ``num_envs`` seeded episodes, each run until every
     env has succeeded or the horizon."""
     env = make(f"robosuite/{task}", num_envs, backend=backend, seed=seed)
-    expert = EXPERTS[f"robosuite/{task}"](num_envs)
+    expert = resolve_task(f"robosuite/{task}").expert(num_envs)
     wins, done, start = 0, 0, time.time()
     try:
         while done < episodes:

@@ -14,7 +14,7 @@ import os
 import sys
 
 from common import report_checks, results_dir, run_main, with_provenance
-from flowrl.agents.scripted import EXPERTS
+from flowrl.envs import all_tasks
 from manipulation_parity import success_rate as robosuite_success_rate
 
 TARGETS = {"Lift": 0.95, "PickPlaceCan": 0.95, "NutAssemblySquare": 0.80}
@@ -28,7 +28,8 @@ def success_rate(task: str, episodes: int, num_envs: int, seed: int) -> tuple[fl
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=[t.split("/")[1] for t in EXPERTS])
+    scripted = [t.env_name for t in all_tasks().values() if t.expert is not None and t.family == "robosuite"]
+    ap.add_argument("--tasks", nargs="+", default=scripted)
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--num-envs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1000)

@@ -2,8 +2,8 @@
 
 ``make(task, num_envs, backend=..., device=..., seed=...)`` is the one entry point; every backend
 returns a :class:`BatchedEnv` with the same interface, so agents never depend on which one runs.
-Tasks and their facts live in one registry (:mod:`flowrl.envs.registry`); the backends in
-:mod:`flowrl.envs.backends` run them.
+A task is one object (:class:`Task`; :class:`MujocoTask` for the cpu and warp backends) in one registry
+(:mod:`flowrl.envs.registry`); the backends in :mod:`flowrl.envs.backends` run them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from flowrl.envs.base import BatchedEnv, ChunkResult
-from flowrl.envs.registry import BACKENDS, TaskInfo, all_tasks, canonical_task, register, resolve_task
+from flowrl.envs.registry import BACKENDS, Task, all_tasks, canonical_task, register, resolve_task
+from flowrl.envs.tasks.base import MujocoTask
 from flowrl.errors import FlowrlError
 
 
@@ -48,7 +49,7 @@ def resolve_backend(task: str, backend: str, device: str | torch.device, images:
         return chosen
     if backend not in BACKENDS:
         raise FlowrlError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}, auto")
-    if info.task is None:  # its own simulator only: one implementation whatever the backend asked for
+    if not isinstance(info, MujocoTask):  # its own simulator only: one implementation whatever the backend asked for
         return info.backends[0]
     if backend not in info.backends:
         raise FlowrlError(f"task {info.name} does not run on the {backend} backend; it runs on "
@@ -89,20 +90,21 @@ def make(
 
         kwargs.pop("threads", None)
         return GymnasiumEnv(info.name, info.gym_id, num_envs, device=device, seed=seed, **kwargs)
-    assert info.task is not None, f"task {info.name} registers neither a task object nor an env"
+    if not isinstance(info, MujocoTask):
+        raise FlowrlError(f"task {info.name} is no MujocoTask and has no env builder for the {backend} backend")
     if backend == "warp":
         from flowrl.envs.backends.warp import MujocoWarpEnv
 
         kwargs.pop("threads", None)
-        return MujocoWarpEnv(info.task(), num_envs, device=device, seed=seed, **kwargs)
+        return MujocoWarpEnv(info, num_envs, device=device, seed=seed, **kwargs)
     from flowrl.envs.backends.cpu import MujocoBatchEnv
 
-    return MujocoBatchEnv(info.task(), num_envs, device=device, seed=seed, **kwargs)
+    return MujocoBatchEnv(info, num_envs, device=device, seed=seed, **kwargs)
 
 
 import flowrl.envs.tasks  # noqa: E402,F401  (registers the built-in tasks)
 
-__all__ = ["BACKENDS", "BatchedEnv", "ChunkResult", "TaskInfo", "all_tasks", "canonical_task", "is_robosuite", "make",
-           "register", "BATCHED_RENDERING_BACKENDS", "resolve_backend", "resolve_task", "warp_available"]
+__all__ = ["BACKENDS", "BatchedEnv", "ChunkResult", "MujocoTask", "Task", "all_tasks", "canonical_task", "is_robosuite",
+           "make", "register", "BATCHED_RENDERING_BACKENDS", "resolve_backend", "resolve_task", "warp_available"]
 
 from flowrl.envs.gym_registration import register_gym_envs as _register_gym_envs; _register_gym_envs(make)  # noqa: E402,E702,I001  (gymnasium ids flowrl/<task>-v<n>)

@@ -46,7 +46,7 @@ def _camera_ids(env: Any, cameras: Sequence[str], height: int, width: int) -> li
     import mujoco
 
     model = env.model
-    _check_cameras(env.task_def.info.name, [model.camera(i).name for i in range(model.ncam)], cameras, height, width)
+    _check_cameras(env.task, [model.camera(i).name for i in range(model.ncam)], cameras, height, width)
     return [mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, c) for c in cameras]
 
 
@@ -107,7 +107,7 @@ class CameraRenderer(_Renderer):
             cam.type = mujoco.mjtCamera.mjCAMERA_FIXED
             cam.fixedcamid = cam_id
             self._cams[name] = cam
-        self._renderer: Any = MujocoRenderer(model, width, height, hidden_geom_groups=(0,))  # robosuite's collision geoms
+        self._renderer: Any = MujocoRenderer(model, width, height, env.task_def.hidden_geom_groups)
         self._data = mujoco.MjData(model)
 
     def render(self, ids: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ Every other keyword (``backend``, ``device``, ``seed``, ``terminate_on_success``
 The ids: ``flowrl/<name>-v<version>``, ``<name>`` the task's name without its family prefix
 (``robosuite/Lift`` -> ``Lift``; the full name with ``-`` for ``/`` where two tasks would share
 one), ``<version>`` the version of the gymnasium env the task reproduces (``Hopper`` ->
-``Hopper-v5``, ``Humanoid-Newton`` -> ``Humanoid-Newton-v5``: both from ``TaskInfo.gym_id``) and
+``Hopper-v5``, ``Humanoid-Newton`` -> ``Humanoid-Newton-v5``: both from ``Task.gym_id``) and
 ``v0`` for tasks of flowrl's own (robosuite's tasks, ``PointReach``).
 
 This module does not import :mod:`flowrl.envs` (which imports it): the package hands it its
@@ -38,7 +38,7 @@ from gymnasium.vector import AutoresetMode
 
 from flowrl.envs.adapters import GymnasiumVectorEnv, finite_box, has_step_primitives, numpy_obs, seed_for_reset
 from flowrl.envs.base import BatchedEnv
-from flowrl.envs.registry import TaskInfo, all_tasks, on_register, registered_tasks, resolve_task
+from flowrl.envs.registry import Task, all_tasks, on_register, registered_tasks, resolve_task
 from flowrl.errors import FlowrlError
 
 NAMESPACE = "flowrl"
@@ -51,7 +51,7 @@ _make: Callable[..., BatchedEnv] | None = None
 """:func:`flowrl.envs.make`, handed over by :func:`register_gym_envs`."""
 
 
-def gym_env_id(info: TaskInfo, taken: Iterable[str] = ()) -> str:
+def gym_env_id(info: Task, taken: Iterable[str] = ()) -> str:
     """The gymnasium id of a task (see the module docstring); ``taken``: ids other tasks already hold."""
     match = re.search(r"-v(\d+)$", info.gym_id)
     version = match.group(1) if match else "0"

@@ -1,14 +1,16 @@
-"""The one registry of tasks: every fact about a task, in one place.
+"""The one registry of tasks: a task is one object holding every fact and term about it.
 
-A task is registered once with :func:`register` (its family's module does it on import; importing
-:mod:`flowrl.envs` imports the built-in families, and installed plugins are loaded on first use). ``make``,
-config validation, the CLI's messages and the docs read this registry; backends run what it
-describes and define no task of their own. Adding a task is one file plus its ``register`` call.
+A task is a :class:`Task` (or a subclass: :class:`flowrl.envs.tasks.base.MujocoTask` adds the model and
+the terms the cpu and warp backends run), built with keyword arguments and registered once with
+:func:`register` by the file that defines it (importing :mod:`flowrl.envs` imports the built-in task
+files; installed plugins are loaded on first use). ``make``, config validation, ``flowrl describe``,
+checkpoints, gymnasium's ids, demonstration collection and the CLI's messages read this registry;
+backends run what it holds and define no task of their own. Adding a task is one file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +23,15 @@ vector envs), ``robosuite`` (robosuite's own envs in worker processes), ``torch`
 entirely in torch, which run wherever torch does)."""
 
 
-@dataclass(frozen=True)
-class TaskInfo:
-    """What every part of flowrl needs to know about a task."""
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Task:
+    """What every part of flowrl needs to know about a task. Tasks are compared by identity: the
+    registry holds one object per task."""
 
     name: str
     """Canonical name, e.g. ``Hopper`` or ``robosuite/Lift``."""
-    obs_dim: int
+    obs_layout: tuple[tuple[str, int], ...]
+    """Named parts of the observation, in order: (name, size); the observation's size is their sum."""
     act_dim: int
     max_episode_steps: int
     """The horizon: episodes are truncated after this many env steps."""
@@ -35,27 +39,43 @@ class TaskInfo:
     """Backends that run it; the first is the default where ``auto`` has no better choice."""
     aliases: tuple[str, ...] = ()
     """Other spellings users may write (matched case-insensitively, like the name)."""
-    task: Callable[[], Any] | None = None
-    """Builds the task object (:class:`flowrl.envs.tasks.base.MujocoTask`) the cpu and warp backends run."""
-    envs: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    description: str = ""
+    envs: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     """Env builders of the backends that are not MuJoCo backends of ours, by backend:
-    ``envs[backend](task_info, num_envs, device=, seed=, **kwargs)``; for tasks that are their own
+    ``envs[backend](task, num_envs, device=, seed=, **kwargs)``; for tasks that are their own
     simulator (``torch``) or run in another program (``robosuite``)."""
     gym_id: str = ""
     """gymnasium's id of the same task, for the ``gymnasium`` backend (and parity tests)."""
-    model_file: str = ""
-    """The MuJoCo model the task loads (informational; the task object loads it)."""
-    warp_buffers: tuple[int, int] = (64, 256)
-    """MuJoCo Warp's contacts and constraint rows per world (``nconmax``, ``njmax``)."""
+    action_names: tuple[str, ...] = ()
+    """Names of the action's dimensions where the task fixes them (empty: ``a[i]``)."""
     has_success: bool = False
     """Whether the task reports ``info["success"]``."""
-    obs_layout: tuple[tuple[str, int], ...] = ()
-    """Named parts of the observation, in order: (name, size). Empty: one unnamed vector."""
+    cameras: tuple[str, ...] = ()
+    """Named cameras of the model that images and videos may use; a video shows the first (none: a
+    camera tracking the robot's body 1)."""
+    hidden_geom_groups: tuple[int, ...] = ()
+    """Geom groups images and videos leave out (robosuite's collision geoms, group 0)."""
+    expert: Callable[[int], Any] | None = None
+    """The scripted expert: ``expert(num_envs)`` is a :class:`flowrl.rollout.ChunkPolicy` of the task's
+    observations with a ``reset(mask=None)`` of its per-env state (``flowrl collect scripted``)."""
     medium_return: float = 0.0
-    """Return of a medium-quality demonstrator (D4RL-like); picks the ``medium`` expert snapshot."""
-    description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Facts specific to a task family (e.g. robosuite's env name and robots)."""
+    """Return of a medium-quality demonstrator (D4RL-like); picks ``flowrl expert``'s ``medium`` snapshot."""
+    warp_buffers: tuple[int, int] = (64, 256)
+    """MuJoCo Warp's contacts and constraint rows per world (``nconmax``, ``njmax``)."""
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.obs_layout if not (len(p) == 2 and isinstance(p[0], str) and int(p[1]) > 0)]
+        if bad or not self.obs_layout:
+            raise FlowrlError(f"task {self.name}: obs_layout must be (name, size > 0) pairs, got {self.obs_layout!r}")
+        if self.action_names and len(self.action_names) != self.act_dim:
+            raise FlowrlError(f"task {self.name}: {len(self.action_names)} action_names for act_dim {self.act_dim}")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown or not self.backends:
+            raise FlowrlError(f"task {self.name}: unknown backends {unknown}; known: {', '.join(BACKENDS)}")
+
+    @property
+    def obs_dim(self) -> int:
+        return sum(size for _, size in self.obs_layout)
 
     @property
     def family(self) -> str:
@@ -72,49 +92,48 @@ class TaskInfo:
         return self.backends[0]
 
 
-_TASKS: dict[str, TaskInfo] = {}
-_OBSERVERS: list[Callable[[TaskInfo], None]] = []
+_TASKS: dict[str, Task] = {}
+_OBSERVERS: list[Callable[[Task], None]] = []
 
 
-def on_register(callback: Callable[[TaskInfo], None]) -> None:
-    """Call ``callback(info)`` for every task registered from now on (gymnasium's ids follow the registry so)."""
+def on_register(callback: Callable[[Task], None]) -> None:
+    """Call ``callback(task)`` for every task registered from now on (gymnasium's ids follow the registry so)."""
     _OBSERVERS.append(callback)
 
 
-def register(info: TaskInfo) -> TaskInfo:
+def register(task: Task) -> Task:
     """Add a task to the registry (a name or alias already taken by another task is an error)."""
+    if not isinstance(task, Task):
+        raise FlowrlError(f"register: expected a flowrl.envs.Task, got {type(task).__name__}")
     taken = {k.lower(): t.name for t in _TASKS.values() for k in (t.name, *t.aliases)}
-    for key in (info.name, *info.aliases):
+    for key in (task.name, *task.aliases):
         owner = taken.get(key.lower())
-        if owner is not None and owner != info.name:
+        if owner is not None and owner != task.name:
             raise FlowrlError(f"task name '{key}' is already registered by {owner}")
-    unknown = [b for b in info.backends if b not in BACKENDS]
-    if unknown or not info.backends:
-        raise FlowrlError(f"task {info.name}: unknown backends {unknown}; known: {', '.join(BACKENDS)}")
-    _TASKS[info.name] = info
+    _TASKS[task.name] = task
     for callback in _OBSERVERS:
-        callback(info)
-    return info
+        callback(task)
+    return task
 
 
-def registered_tasks() -> dict[str, TaskInfo]:
+def registered_tasks() -> dict[str, Task]:
     """The tasks registered so far, without loading plugins (for code that runs while flowrl.envs imports)."""
     return dict(_TASKS)
 
 
-def all_tasks() -> dict[str, TaskInfo]:
+def all_tasks() -> dict[str, Task]:
     """Every registered task by canonical name."""
     load_plugins()
     return dict(_TASKS)
 
 
-def resolve_task(name: str) -> TaskInfo:
+def resolve_task(name: str) -> Task:
     """The task a user's spelling names (case-insensitive; aliases such as ``Hopper-v5`` or ``lift``)."""
     load_plugins()
     key = name.strip().lower()
-    for info in _TASKS.values():
-        if key == info.name.lower() or key in (a.lower() for a in info.aliases):
-            return info
+    for task in _TASKS.values():
+        if key == task.name.lower() or key in (a.lower() for a in task.aliases):
+            return task
     raise FlowrlError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_TASKS))}")
 
 

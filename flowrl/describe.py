@@ -33,13 +33,9 @@ def layout_parts(layout: Any, obs_dim: int) -> list[dict[str, Any]]:
 
 
 def action_names(task_info: Any, act_dim: int) -> list[str]:
-    """Names of the action's dimensions where the task fixes them (robosuite's Panda under OSC_POSE:
-    a position and an axis-angle delta of the end effector, then the gripper), else ``a[i]``."""
-    if task_info is not None and task_info.family == "robosuite" and act_dim % 7 == 0:
-        names = []
-        for r in range(act_dim // 7):
-            names += [f"robot{r}_{n}" for n in ("dx", "dy", "dz", "dax", "day", "daz", "gripper")]
-        return names
+    """Names of the action's dimensions where the task fixes them (``Task.action_names``), else ``a[i]``."""
+    if task_info is not None and len(task_info.action_names) == act_dim:
+        return list(task_info.action_names)
     return [f"a[{i}]" for i in range(act_dim)]
 
 

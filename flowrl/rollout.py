@@ -210,26 +210,40 @@ may return an (N, T) bool mask of steps after which the caller ends the episode 
 demonstration cut some steps after its success)."""
 
 
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+""":meth:`BatchedEnv.step_chunk`'s ``after_step(j, terminated, truncated)``: after every step, before any reset."""
+
+
 def run_episodes(env: BatchedEnv, policy: ChunkPolicy, seed: int, on_chunk: ChunkCallback | None = None,
-                 record_obs: bool = False) -> dict[str, np.ndarray]:
+                 record_obs: bool = False, after_step: StepHook | None = None) -> dict[str, np.ndarray]:
     """Run exactly one episode in each env of ``env`` (env i seeded ``seed + i``).
 
     Every env's first episode counts, whatever its length, so statistics are not biased towards
     short episodes. Returns per-env ``returns``, ``lengths``, ``success`` and ``has_success``.
+    ``after_step`` runs after every step of every chunk (e.g. a video's frames of the states).
     """
     obs = env.reset(seed=seed)
     history = ObsHistory(obs, policy.obs_history)
     cameras = tuple(getattr(policy, "cameras", ()) or ())
     observer = CameraObserver(env, cameras, policy.image_size, policy.obs_history) if cameras else None  # type: ignore[attr-defined]
     try:
-        return _run(env, policy, obs, history, observer, on_chunk, record_obs)
+        return _run(env, policy, obs, history, observer, on_chunk, record_obs, after_step)
     finally:
         if observer is not None:
             observer.close()
 
 
+def _both(first: StepHook, second: StepHook) -> StepHook:
+    def hook(j: int, terminated: torch.Tensor, truncated: torch.Tensor) -> None:
+        first(j, terminated, truncated)
+        second(j, terminated, truncated)
+
+    return hook
+
+
 def _run(env: BatchedEnv, policy: ChunkPolicy, obs: torch.Tensor, history: ObsHistory,
-         observer: CameraObserver | None, on_chunk: ChunkCallback | None, record_obs: bool) -> dict[str, np.ndarray]:
+         observer: CameraObserver | None, on_chunk: ChunkCallback | None, record_obs: bool,
+         after_step: StepHook | None) -> dict[str, np.ndarray]:
     n = env.num_envs
     dev = obs.device
     active = torch.ones(n, dtype=torch.bool, device=dev)
@@ -243,6 +257,8 @@ def _run(env: BatchedEnv, policy: ChunkPolicy, obs: torch.Tensor, history: ObsHi
         else:
             chunk = policy.act_chunk(history.get(), images=observer.get())[:, :policy.act_steps]  # type: ignore[call-arg]
         hook = observer.step_kwargs() if observer else {}
+        if after_step is not None:
+            hook["after_step"] = _both(hook["after_step"], after_step) if "after_step" in hook else after_step
         result = env.step_chunk(chunk, record_obs=record_obs or policy.obs_history > 1, **hook)
         valid = result.valid & active.unsqueeze(1)
         ended = None

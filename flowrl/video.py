@@ -2,11 +2,13 @@
 
 What a video shows, and why:
 
-- exactly one episode, seeded as the evaluation's first env (``seed``), from its first state to its
-  end: a frame is taken only while the episode runs, so no frame of the next episode's reset pose;
-- locomotion from a camera that tracks the robot's torso (gymnasium's default renderer leaves a free
-  camera, and a robot that walks away leaves the picture); robosuite from its ``agentview`` camera,
-  the view robomimic's image policies see;
+- exactly one episode, run as an evaluation runs it (:func:`flowrl.rollout.run_episodes` on the task's
+  ``cpu`` backend, robosuite's tasks on their shipped scenes), seeded as the evaluation's first env
+  (``seed``), from its first state to its end: the states are kept after each step before the env
+  resets, so no frame shows the next episode's reset pose;
+- from the task's first camera (``Task.cameras``: robosuite's ``agentview``, the view robomimic's image
+  policies see), else from a camera that tracks the robot's torso (gymnasium's default renderer leaves
+  a free camera, and a robot that walks away leaves the picture);
 - at the env's own rate, 1/dt steps per second of simulated time: every ``stride``-th step is
   kept and written at ``rate / stride`` fps, so the video plays in real time (Hopper: 125 Hz,
   every 5th step at 25 fps; robosuite: 20 Hz, every step at 20 fps).
@@ -131,131 +133,75 @@ def _chunk_policy(policy: Any, k: int, seed: int) -> Any:
 
 def mujoco_episode(task: str, policy: Any, seed: int, end_on_success: bool = False,
                    size: tuple[int, int] = DEFAULT_SIZE, renderer: RendererFactory | None = None) -> EpisodeVideo:
-    """One episode of a MuJoCo task (locomotion) on the cpu backend, which is gymnasium v5 to the bit.
+    """One episode of a MuJoCo task on the cpu backend (gymnasium v5 to the bit; robosuite's scenes), run by
+    :func:`flowrl.rollout.run_episodes` as an evaluation runs it, seeded as the evaluation's env 0.
 
-    The env is stepped one action at a time through :meth:`BatchedEnv.step_chunk`; a frame of the
-    state after step t is taken while the episode runs (every ``stride``-th step), from a camera that
-    tracks the torso. The step that ends the episode is not drawn: the env has already reset it."""
+    The states after every step are kept (before the env resets an ended episode) and every ``stride``-th is
+    drawn, from the task's first camera (``Task.cameras``) or one that tracks the torso. An episode that ends
+    in a termination ends on its last frame before the terminal state; one cut at the horizon or at its success
+    (``end_on_success``) also shows its last state when that falls on a frame."""
     import mujoco
 
-    from flowrl.envs import make
-    from flowrl.rollout import ObsHistory
-
-    env = make(task, 1, backend="cpu", seed=seed)
-    try:
-        model = env.model
-        data = mujoco.MjData(model)
-        stride, fps = frame_stride(1.0 / env.dt)
-        draw = (renderer or MujocoRenderer)(model, *size)
-        camera = tracking_camera(model)
-        frames, steps = [], []
-
-        def take(t: int) -> None:
-            qpos, qvel = env.get_state()
-            data.qpos[:], data.qvel[:] = qpos[0].cpu().numpy(), qvel[0].cpu().numpy()
-            mujoco.mj_forward(model, data)
-            frames.append(draw.frame(data, camera))
-            steps.append(t)
-
-        try:
-            obs = env.reset(seed=seed)
-            history = ObsHistory(obs, policy.obs_history)
-            take(0)
-            t, ret, success, done = 0, 0.0, None, False
-            no_reset = torch.zeros(1, dtype=torch.bool)
-            while not done:
-                chunk = policy.act_chunk(history.get())[:, :policy.act_steps]
-                for j in range(chunk.shape[1]):
-                    r = env.step_chunk(chunk[:, j:j + 1])
-                    t += 1
-                    ret += float(r.rewards[0, 0])
-                    if r.success is not None:
-                        success = bool(success) or bool(r.success[0, 0])
-                    done = bool(r.done[0]) or (end_on_success and bool(success))
-                    if done:
-                        break
-                    history.push(r.obs, no_reset)
-                    if t % stride == 0:
-                        take(t)
-        finally:
-            draw.close()
-    finally:
-        env.close()
-    return EpisodeVideo(frames, fps, stride, t, ret, success, steps)
-
-
-def robosuite_episode(task: str, policy: Any, seed: int, end_on_success: bool = False,
-                      size: tuple[int, int] = DEFAULT_SIZE, renderer: RendererFactory | None = None) -> EpisodeVideo:
-    """One episode of a robosuite task in this process, seeded as the evaluation's env 0 (its
-    generator reseeded with ``seed`` before the reset, as the worker processes do), from robosuite's
-    ``agentview`` camera at the controller's rate (20 Hz)."""
-    from flowrl.envs import resolve_task
-    from flowrl.envs.backends.robosuite import flatten_obs, obs_keys
-    from flowrl.envs.backends.robosuite_compat import apply
-    from flowrl.rollout import ObsHistory
+    from flowrl.envs import make, resolve_task
+    from flowrl.rollout import run_episodes
 
     info = resolve_task(task)
-    apply()  # MuJoCo >= 3.10 fixes; quiets robosuite's routine log lines before it is imported
-    import robosuite
+    env = make(info.name, 1, backend="cpu", seed=seed)
+    states: list[tuple[np.ndarray, np.ndarray]] = []
+    terminations: list[bool] = []  # whether each step terminated the episode
 
-    env = robosuite.make(info.extra["env_name"], robots=info.extra["robots"], has_renderer=False,
-                         has_offscreen_renderer=False, use_camera_obs=False, ignore_done=True,
-                         horizon=info.max_episode_steps, reward_shaping=False)
-    draw: FrameRenderer | None = None
+    def keep() -> None:
+        qpos, qvel = env.get_state()
+        states.append((qpos[0].cpu().numpy(), qvel[0].cpu().numpy()))
+
+    def after_step(j: int, terminated: torch.Tensor, truncated: torch.Tensor) -> None:
+        keep()  # steps after a success cut (end_on_success) in the same chunk are kept too, never shown
+        terminations.append(bool(terminated[0]))
+
     try:
-        env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
-        keys = obs_keys(len(env.robots))
-        obs = flatten_obs(env.reset(), keys)
-        model, data = env.sim.model._model, env.sim.data._data  # after the reset: a hard reset rebuilds the sim
-        stride, fps = frame_stride(float(env.control_freq))
-        # robosuite's collision geoms (group 0) hidden, as its own renderer does
-        draw = renderer(model, *size) if renderer else MujocoRenderer(model, *size, hidden_geom_groups=(0,))
-        camera = fixed_camera(model, ("agentview", "frontview"))
-        low, high = env.action_spec
-        history = ObsHistory(torch.as_tensor(obs).unsqueeze(0), policy.obs_history)
-        frames, steps = [draw.frame(data, camera)], [0]
-        t, ret, success, done = 0, 0.0, False, False
-        no_reset = torch.zeros(1, dtype=torch.bool)
-        while not done:
-            chunk = policy.act_chunk(history.get())[0, :policy.act_steps].detach().cpu().numpy()
-            for action in chunk:
-                o, reward, _, _ = env.step(np.clip(action.astype(np.float64), low, high))
-                t += 1
-                ret += float(reward)
-                success = success or bool(env._check_success())
-                done = t >= info.max_episode_steps or (end_on_success and success)
-                if t % stride == 0 or done:  # robosuite does not reset by itself: the last state is drawn
-                    frames.append(draw.frame(data, camera))
-                    steps.append(t)
-                if done:
-                    break
-                history.push(torch.as_tensor(flatten_obs(o, keys)).unsqueeze(0), no_reset)
+        model = env.model
+        stride, fps = frame_stride(1.0 / env.dt)
+        env.reset(seed=seed)  # the first state; run_episodes resets to the same one (the same seed)
+        keep()
+        out = run_episodes(env, policy, seed, after_step=after_step,
+                           on_chunk=(lambda obs, chunk, result, active: result.success) if end_on_success else None)
     finally:
-        if draw is not None:
-            draw.close()
         env.close()
-    return EpisodeVideo(frames, fps, stride, t, ret, success, steps)
+    length = int(out["lengths"][0])
+    shown = list(range(0, length, stride))
+    if length % stride == 0 and not terminations[length - 1]:
+        shown.append(length)
+    draw = renderer(model, *size) if renderer else MujocoRenderer(model, *size, info.hidden_geom_groups)
+    camera = fixed_camera(model, info.cameras[:1]) if info.cameras else tracking_camera(model)
+    data = mujoco.MjData(model)
+    frames = []
+    try:
+        for t in shown:
+            data.qpos[:], data.qvel[:] = states[t]
+            mujoco.mj_forward(model, data)
+            frames.append(draw.frame(data, camera))
+    finally:
+        draw.close()
+    success = bool(out["success"][0]) if bool(out["has_success"]) else None
+    return EpisodeVideo(frames, fps, stride, length, float(out["returns"][0]), success, shown)
 
 
 def episode_video(task: str, policy: Any, k: int | None = None, seed: int | None = None, end_on_success: bool = False,
                   size: tuple[int, int] = DEFAULT_SIZE, renderer: RendererFactory | None = None, *,
                   num_steps: int | None = None) -> EpisodeVideo:
     """The frames of one seeded episode of ``policy`` (a FlowPolicy at K = ``k``, default 4, or any
-    ChunkPolicy) on ``task``: robosuite tasks in robosuite, MuJoCo tasks on the cpu backend.
-    ``num_steps`` is the old name of ``k``."""
+    ChunkPolicy) on ``task``, on the cpu backend (:func:`mujoco_episode`). ``num_steps`` is the old name of ``k``."""
     k = renamed_argument("episode_video", "num_steps", "k", num_steps, k)
     k = 4 if k is None else k
-    from flowrl.envs import is_robosuite, resolve_task
+    from flowrl.envs import resolve_task
     from flowrl.evaluation import EVAL_SEED
 
     seed = EVAL_SEED if seed is None else seed
     info = resolve_task(task)
-    chunk_policy = _chunk_policy(policy, k, seed)
-    if is_robosuite(info.name):
-        return robosuite_episode(info.name, chunk_policy, seed, end_on_success, size, renderer)
-    if info.task is None:
-        raise FlowrlError(f"cannot render {info.name}: it has no MuJoCo scene (videos need a MuJoCo or robosuite task)")
-    return mujoco_episode(info.name, chunk_policy, seed, end_on_success, size, renderer)
+    if "cpu" not in info.backends:
+        raise FlowrlError(f"cannot render {info.name}: videos render on the cpu backend, and it runs on "
+                          f"{', '.join(info.backends)}")
+    return mujoco_episode(info.name, _chunk_policy(policy, k, seed), seed, end_on_success, size, renderer)
 
 
 def write_mp4(path: str | Path, frames: list[np.ndarray], fps: float) -> Path:

@@ -47,6 +47,7 @@ def test_registry_facts_reach_make_and_errors() -> None:
     env = make("ToyLine", 3, seed=1)
     assert env.reset().shape == (3, 1)
     with pytest.raises(Exception, match="already registered"):
-        from flowrl.envs import TaskInfo, register
+        from flowrl.envs import Task, register
 
-        register(TaskInfo("Other", 1, 1, 5, ("torch",), aliases=("toyline",)))
+        register(Task(name="Other", obs_layout=(("x", 1),), act_dim=1, max_episode_steps=5, backends=("torch",),
+                      aliases=("toyline",)))

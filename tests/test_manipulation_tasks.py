@@ -19,20 +19,23 @@ import pytest
 import torch
 from conftest import assert_full_state_resumes
 
-from flowrl.envs import make, resolve_task
-from flowrl.envs.tasks.robosuite_scenes import TASKS, RobosuiteSceneTask, _ids, scene_facts
+from flowrl.envs import all_tasks, make, resolve_task
+from flowrl.envs.tasks.base import NumpyDraws, TorchDraws
+from flowrl.envs.tasks.robosuite_scenes import PandaSceneTask, scene_facts
+from flowrl.envs.tasks.robosuite_scenes import scene_ids as _ids
 from flowrl.errors import FlowrlError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
 
 ENV_KWARGS = dict(robots="Panda", has_renderer=False, has_offscreen_renderer=False, use_camera_obs=False,
                   ignore_done=True, horizon=400, reward_shaping=False)
+TASKS = [t.env_name for t in all_tasks().values() if isinstance(t, PandaSceneTask)]
 OBS_TOL = 1e-6  # robosuite's relative poses go through float32-rounded rotation matrices; the rest is exact
 
 
-def _task(scene: str) -> RobosuiteSceneTask:
-    task = resolve_task(f"robosuite/{scene}").task()
-    assert isinstance(task, RobosuiteSceneTask)
+def _task(scene: str) -> PandaSceneTask:
+    task = resolve_task(f"robosuite/{scene}")
+    assert isinstance(task, PandaSceneTask)
     return task
 
 
@@ -56,7 +59,7 @@ def test_registered_on_three_backends(scene: str) -> None:
 
 
 def _placement_bounds(scene: str) -> list[dict[str, Any]]:
-    return [dict(obj, x=RobosuiteSceneTask._ranges(obj)[0], y=RobosuiteSceneTask._ranges(obj)[1])
+    return [dict(obj, x=PandaSceneTask.placement_ranges(obj)[0], y=PandaSceneTask.placement_ranges(obj)[1])
             for obj in _ids(scene).objects]
 
 
@@ -102,15 +105,15 @@ def test_placement_per_env_and_batched(scene: str) -> None:
     qpos0 = np.asarray(ids.qpos0)
     n = 200
     nv = len(qpos0) - sum(1 for o in ids.objects)  # a free joint has 7 qpos and 6 dofs
-    per_env = np.stack([task.reset_state(np.random.default_rng(i), qpos0, nv)[0] for i in range(n)])
+    q0 = torch.as_tensor(qpos0)
+    per_env = task.reset(NumpyDraws([np.random.default_rng(i) for i in range(n)]), q0, nv)[0].numpy()
     _check_placements(scene, per_env)
     gen = torch.Generator().manual_seed(0)
-    like = torch.zeros(1, dtype=torch.float64)
-    dq, qvel = task.reset_noise_batch(gen, n, len(qpos0), nv, like)
+    batched, qvel = task.reset(TorchDraws(gen, n, torch.device("cpu"), torch.float64), q0, nv)
     assert qvel.shape == (n, nv) and (qvel == 0).all()
-    _check_placements(scene, (torch.as_tensor(qpos0) + dq).numpy())
+    _check_placements(scene, batched.numpy())
     # the same seed gives the same episode
-    np.testing.assert_array_equal(task.reset_state(np.random.default_rng(3), qpos0, nv)[0], per_env[3])
+    np.testing.assert_array_equal(task.reset(NumpyDraws([np.random.default_rng(3)]), q0, nv)[0][0].numpy(), per_env[3])
 
 
 def test_batched_autoreset_places_objects() -> None:
@@ -170,9 +173,7 @@ def test_bad_actions_give_clear_errors() -> None:
 
 
 def _run_expert(env: Any, scene: str, max_steps: int = 400) -> torch.Tensor:
-    from flowrl.agents.scripted import EXPERTS
-
-    expert = EXPERTS[f"robosuite/{scene}"](env.num_envs)
+    expert = resolve_task(f"robosuite/{scene}").expert(env.num_envs)
     obs = env.reset()
     expert.reset()
     success = torch.zeros(env.num_envs, dtype=torch.bool)
@@ -393,7 +394,7 @@ def test_robosuite_placements_lie_in_our_ranges() -> None:
     rs.close()
     qpos = np.stack(qpos)
     can = _ids("PickPlaceCan").objects[-1]
-    x, y = RobosuiteSceneTask._ranges(can)
+    x, y = PandaSceneTask.placement_ranges(can)
     ref = can["sampler"]["reference_pos"]
     q = qpos[:, can["qpos_adr"]:can["qpos_adr"] + 3]
     assert ((q[:, 0] >= ref[0] + x[0]) & (q[:, 0] <= ref[0] + x[1])).all()
@@ -402,10 +403,8 @@ def test_robosuite_placements_lie_in_our_ranges() -> None:
 
 
 def test_terminate_on_success_ends_batched_episodes_at_their_first_success() -> None:
-    from flowrl.agents.scripted import EXPERTS
-
     env = make("robosuite/Lift", 4, backend="cpu", seed=0, terminate_on_success=True)
-    expert = EXPERTS["robosuite/Lift"](4)
+    expert = resolve_task("robosuite/Lift").expert(4)
     obs = env.reset()
     ended = torch.zeros(4, dtype=torch.bool)
     for _ in range(150):

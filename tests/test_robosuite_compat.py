@@ -158,12 +158,11 @@ def test_lift_truncates_at_the_horizon_and_resets(lift) -> None:
 def test_scripted_experts_succeed_on_seeded_episodes(task, horizon) -> None:
     import torch
 
-    from flowrl.agents.scripted import EXPERTS
-    from flowrl.envs import make
+    from flowrl.envs import make, resolve_task
 
     env = make(f"robosuite/{task}", 3, seed=200, horizon=horizon)
     try:
-        obs, expert = env.reset(), EXPERTS[f"robosuite/{task}"](3)
+        obs, expert = env.reset(), resolve_task(f"robosuite/{task}").expert(3)
         success = torch.zeros(3, dtype=torch.bool)
         for _ in range(horizon):
             obs, _, _, _, info = env.step(expert(obs))
@@ -177,12 +176,11 @@ def test_scripted_experts_succeed_on_seeded_episodes(task, horizon) -> None:
 def test_terminate_on_success_ends_episodes_as_terminations_at_the_first_success() -> None:
     import torch
 
-    from flowrl.agents.scripted import EXPERTS
-    from flowrl.envs import make
+    from flowrl.envs import make, resolve_task
 
     env = make("robosuite/Lift", 2, seed=200, horizon=150, terminate_on_success=True)
     try:
-        obs, expert = env.reset(), EXPERTS["robosuite/Lift"](2)
+        obs, expert = env.reset(), resolve_task("robosuite/Lift").expert(2)
         ended = torch.zeros(2, dtype=torch.bool)
         for _ in range(150):
             obs, reward, terminated, truncated, info = env.step(expert(obs))
@@ -252,8 +250,10 @@ def test_every_task_builds_steps_and_truncates(task, obs_dim, act_dim) -> None:
 def test_collect_drops_failed_episodes_and_says_so_when_none_succeed(tmp_path, monkeypatch) -> None:
     import torch
 
-    from flowrl.agents import scripted
+    import dataclasses
+
     from flowrl.agents.collect import collect
+    from flowrl.envs import registry, resolve_task
     from flowrl.errors import FlowrlError
 
     class Idle:  # never grasps: every episode fails
@@ -265,7 +265,7 @@ def test_collect_drops_failed_episodes_and_says_so_when_none_succeed(tmp_path, m
         def act_chunk(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
             return torch.zeros(obs.shape[0], 1, 7)
 
-    monkeypatch.setitem(scripted.EXPERTS, "robosuite/Lift", Idle)
+    monkeypatch.setitem(registry._TASKS, "robosuite/Lift", dataclasses.replace(resolve_task("Lift"), expert=Idle))
     with pytest.raises(FlowrlError, match="only 0 of 3 episodes of robosuite/Lift succeeded"):
         collect("scripted", tmp_path / "none.hdf5", episodes=1, task="robosuite/Lift", num_envs=1, progress=False)
     assert not (tmp_path / "none.hdf5").exists()  # nothing half-written

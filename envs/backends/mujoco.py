@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from flowrl.envs.base import BatchedEnv
-from flowrl.envs.tasks.base import MujocoTask
+from flowrl.envs.tasks.base import MujocoTask, NumpyDraws, TorchDraws
 from flowrl.errors import FlowrlError
 
 
@@ -33,21 +33,21 @@ class MujocoEnv(BatchedEnv):
                  seed: int | None, sim_device: torch.device, dtype: torch.dtype,
                  terminate_on_success: bool = False) -> None:
         self.task_def = task
-        self.task = task.info.name
+        self.task = task.name
         self.model = model
         self.num_envs = num_envs
         self.device = torch.device(device)
         self.sim_device, self.dtype = sim_device, dtype
-        self.max_episode_steps = task.info.max_episode_steps
+        self.max_episode_steps = task.max_episode_steps
         self.dt = task.dt(model)
         low, high = task.action_bounds(model)
         self.single_action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
-        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (task.info.obs_dim,), np.float64)
+        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (task.obs_dim,), np.float64)
         self._low = torch.as_tensor(low, device=sim_device)
         self._high = torch.as_tensor(high, device=sim_device)
         self.controller = task.controller(model, num_envs, sim_device, dtype)
-        if terminate_on_success and not task.info.has_success:
-            raise FlowrlError(f"terminate_on_success: task {task.info.name} reports no success")
+        if terminate_on_success and not task.has_success:
+            raise FlowrlError(f"terminate_on_success: task {task.name} reports no success")
         self.terminate_on_success = terminate_on_success
         """End an episode as a termination at its first success (robomimic's goal-reaching form)."""
         self.model_info = {"body_mass": torch.as_tensor(model.body_mass, device=sim_device, dtype=dtype)}
@@ -141,14 +141,13 @@ class MujocoEnv(BatchedEnv):
         self._clear(ids)
         idx = torch.as_tensor(ids, device=self.sim_device)
         if autoreset and self.batched_autoreset:
-            dq, qvel = self.task_def.reset_noise_batch(self._reset_gen, len(idx), self.model.nq, self.model.nv, self.qpos)
-            self.qpos[idx] = self._qpos0 + dq
-            self.qvel[idx] = qvel
+            qpos, qvel = self.task_def.reset(TorchDraws(self._reset_gen, len(idx), self.sim_device, self.dtype),
+                                             self._qpos0, self.model.nv)
         else:
-            ids_np = idx.cpu().numpy()
-            fresh = [self.task_def.reset_state(self.rngs[i], self.qpos0, self.model.nv) for i in ids_np]
-            self.qpos[idx] = torch.as_tensor(np.stack([f[0] for f in fresh]), dtype=self.dtype, device=self.sim_device)
-            self.qvel[idx] = torch.as_tensor(np.stack([f[1] for f in fresh]), dtype=self.dtype, device=self.sim_device)
+            draws = NumpyDraws([self.rngs[i] for i in idx.cpu().tolist()])
+            qpos, qvel = self.task_def.reset(draws, torch.as_tensor(self.qpos0), self.model.nv)
+        self.qpos[idx] = qpos.to(self.sim_device, self.dtype)
+        self.qvel[idx] = qvel.to(self.sim_device, self.dtype)
         self._forward(ids)
         reset_controller = getattr(self.controller, "reset", None)
         if reset_controller is not None:  # per-episode controller state (robosuite: nullspace target, gripper)

@@ -10,7 +10,7 @@ seeding that reseeds each env's own generator in place and never touches numpy's
 (robomimic's ``terminate_on_success``): the goal-reaching form of the task that RL fine-tuning uses.
 An episode that ends inside an action chunk takes no further actions: its worker resets it at the
 chunk boundary. Each worker applies :mod:`flowrl.envs.backends.robosuite_compat` before it builds its env.
-The tasks and their facts are registered in :mod:`flowrl.envs.tasks.manipulation`.
+The tasks and their facts are :class:`flowrl.envs.tasks.robosuite_scenes.RobosuiteTask` objects in the registry.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from flowrl.envs.base import BatchedEnv, ChunkResult
-from flowrl.envs.registry import TaskInfo
+from flowrl.envs.registry import Task
 from flowrl.errors import FlowrlError
 
 
@@ -55,10 +55,11 @@ def single_threaded_blas_children() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def robomimic_env_args(info: TaskInfo, horizon: int | None = None) -> dict[str, Any]:
-    """robomimic's ``env_args`` record of a robosuite task (written into robomimic-layout datasets)."""
-    return {"env_name": info.extra["env_name"], "type": 1,
-            "env_kwargs": {"robots": info.extra["robots"], "controller": "BASIC (OSC_POSE arm)",
+def robomimic_env_args(info: Task, horizon: int | None = None) -> dict[str, Any]:
+    """robomimic's ``env_args`` record of a robosuite task (a :class:`flowrl.envs.tasks.robosuite_scenes.RobosuiteTask`,
+    written into robomimic-layout datasets)."""
+    return {"env_name": info.env_name, "type": 1,
+            "env_kwargs": {"robots": info.robosuite_robots, "controller": "BASIC (OSC_POSE arm)",
                            "horizon": horizon or info.max_episode_steps, "reward_shaping": False,
                            "use_camera_obs": False}}
 
@@ -177,7 +178,7 @@ def _worker(conn: Any, env_name: str, robots: Any, horizon: int, terminate_on_su
 class RobosuiteEnv(BatchedEnv):
     """N robosuite envs in N worker processes (spawned, so each applies the compatibility layer)."""
 
-    def __init__(self, info: TaskInfo, num_envs: int, device: str | torch.device = "cpu", seed: int | None = None,
+    def __init__(self, info: Task, num_envs: int, device: str | torch.device = "cpu", seed: int | None = None,
                  horizon: int | None = None, terminate_on_success: bool = False, render: bool = False) -> None:
         """``render``: the workers get robosuite's offscreen renderer (EGL or OSMesa) for camera images
         (:class:`flowrl.envs.cameras.RobosuiteCameraRenderer`)."""
@@ -187,7 +188,7 @@ class RobosuiteEnv(BatchedEnv):
         self.num_envs = num_envs
         self.device = torch.device(device)
         self.max_episode_steps = horizon or info.max_episode_steps
-        env_name, robots = info.extra["env_name"], info.extra["robots"]
+        env_name, robots = info.env_name, info.robosuite_robots
         self._seed = seed
         gl = None
         if render:

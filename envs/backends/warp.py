@@ -58,7 +58,7 @@ class MujocoWarpEnv(MujocoEnv):
 
         model = task.load_model()
         if model.opt.solver == int(mujoco.mjtSolver.mjSOL_PGS):
-            raise FlowrlError(f"{task.info.name} uses the PGS solver, which MuJoCo Warp lacks; "
+            raise FlowrlError(f"{task.name} uses the PGS solver, which MuJoCo Warp lacks; "
                               "use the Newton variant (task Humanoid-Newton)")
         torch_device = torch.device(device)
         if torch_device.type == "cuda" and torch_device.index is None:
@@ -68,7 +68,7 @@ class MujocoWarpEnv(MujocoEnv):
         wp.init()
         self.wp, self.mjw = wp, mjw
         self.wp_device = f"cuda:{torch_device.index}" if torch_device.type == "cuda" else "cpu"
-        con, efc = task.info.warp_buffers
+        con, efc = task.warp_buffers
         with wp.ScopedDevice(self.wp_device):
             self.m = mjw.put_model(model)
             self.d = mjw.make_data(model, nworld=num_envs, nconmax=nconmax or con, njmax=njmax or efc)

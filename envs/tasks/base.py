@@ -1,26 +1,34 @@
-"""The task abstraction the MuJoCo backends (cpu, warp) run.
+"""The task object the MuJoCo backends (cpu, warp) run, and the random draws its reset distribution reads.
 
-A :class:`MujocoTask` holds everything about a task except how physics is stepped: the model it
-loads, its substeps per env step, its reset distribution, observation, reward, termination and
-success, and an optional per-substep controller (a policy action becomes a goal once per env step;
-the controller turns it into actuator inputs at every physics substep, as robosuite's OSC does).
-Backends hand it the simulation state as (N, ...) torch tensors and never define task logic.
+A :class:`MujocoTask` is a :class:`flowrl.envs.registry.Task` that also holds everything about the task
+except how physics is stepped: the model it loads, its substeps per env step, its reset distribution,
+observation, reward, termination and success, and an optional per-substep controller (a policy action
+becomes a goal once per env step; the controller turns it into actuator inputs at every physics
+substep, as robosuite's OSC does). Backends hand it the simulation state as (N, ...) torch tensors and
+never define task logic.
+
+The reset distribution is written once, in torch, against :class:`Draws`: :class:`NumpyDraws` takes
+every draw from each env's own numpy generator in the order the code asks for them (so a task that
+asks in gymnasium's order reproduces gymnasium's initial states bit for bit), :class:`TorchDraws`
+takes them for all envs at once from one torch generator on the simulation's device (autoresets on
+the GPU).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import mujoco
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from flowrl.envs.registry import TaskInfo
+from flowrl.envs.controllers.base import Controller, State
+from flowrl.envs.registry import Task
+from flowrl.errors import FlowrlError
 
 SETTOTALMASS_DEPRECATED = "compiler attribute 'settotalmass' is deprecated"
 """The start of MuJoCo 4's warning about gymnasium's half_cheetah.xml (``<compiler settotalmass=...>``)."""
@@ -50,29 +58,98 @@ def quiet_settotalmass() -> Iterator[None]:
         mujoco.set_mju_user_warning(previous)
 
 
-State = dict[str, torch.Tensor]
-"""qpos (N, nq), qvel (N, nv) and the derived fields a task asks for, e.g. xpos (N, nbody, 3)."""
+class Draws:
+    """Random draws for ``n`` envs at once, as (n, *size) tensors in :attr:`dtype` on :attr:`device`."""
+
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def uniform(self, low: float, high: float, size: tuple[int, ...] = ()) -> torch.Tensor:
+        raise NotImplementedError
+
+    def normal(self, size: tuple[int, ...] = ()) -> torch.Tensor:
+        """Standard normal draws."""
+        raise NotImplementedError
+
+    def first_accepted(self, propose: Callable[["Draws"], tuple[torch.Tensor, ...]],
+                       accept: Callable[[tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor],
+                       what: str) -> tuple[torch.Tensor, ...]:
+        """Rejection sampling: per env, the first proposal ``accept`` keeps. ``propose(draws)`` returns (m,)
+        tensors from ``draws`` (m of its envs); ``accept(proposal, rows)`` says which to keep, ``rows`` (m,)
+        being the env each proposal belongs to (to index per-env tensors). ``what`` names it in errors."""
+        raise NotImplementedError
+
+    def tensor(self, value: Any) -> torch.Tensor:
+        """``value`` as a tensor in the draws' dtype and device (for constants of the distribution)."""
+        return torch.as_tensor(value, dtype=self.dtype, device=self.device)
 
 
-class Controller(Protocol):
-    """A per-substep controller: ``set_goal`` once per env step, ``ctrl`` before every physics substep."""
+class NumpyDraws(Draws):
+    """Each env's draws from its own numpy generator, in the order they are asked for (float64, CPU).
+    Rejection sampling redraws an env's proposal until it is accepted, at most ``tries`` times."""
 
-    def set_goal(self, state: State, action: torch.Tensor) -> None:
-        """Take the (N, act_dim) policy action of this env step (already clipped to the action bounds)."""
+    def __init__(self, rngs: Sequence[np.random.Generator], tries: int = 5000) -> None:
+        self.rngs, self.n, self.tries = list(rngs), len(rngs), tries
+        self.dtype, self.device = torch.float64, torch.device("cpu")
 
-    def ctrl(self, state: State) -> torch.Tensor:
-        """(N, nu) actuator inputs for the next physics substep, from the current (forwarded) state."""
+    def _stack(self, values: list[np.ndarray]) -> torch.Tensor:
+        return torch.as_tensor(np.stack(values) if values else np.zeros(0), dtype=torch.float64)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Optional. The controller's per-env state (goals, posture targets, gripper state), by name: the tensors
-        themselves, which a backend saves with its full state and restores in place."""
+    def uniform(self, low: float, high: float, size: tuple[int, ...] = ()) -> torch.Tensor:
+        return self._stack([np.asarray(r.uniform(low=low, high=high, size=size)) for r in self.rngs])
+
+    def normal(self, size: tuple[int, ...] = ()) -> torch.Tensor:
+        return self._stack([np.asarray(r.standard_normal(size)) for r in self.rngs])
+
+    def first_accepted(self, propose, accept, what):
+        pending = torch.arange(self.n)
+        out: tuple[torch.Tensor, ...] | None = None
+        for _ in range(self.tries):
+            proposal = propose(NumpyDraws([self.rngs[i] for i in pending.tolist()], self.tries))
+            if out is None:
+                out = tuple(torch.empty((self.n, *p.shape[1:]), dtype=p.dtype) for p in proposal)
+            ok = accept(proposal, pending)
+            for o, p in zip(out, proposal):
+                o[pending[ok]] = p[ok]
+            pending = pending[~ok]
+            if len(pending) == 0:
+                return out
+        raise FlowrlError(f"cannot place {what}: no draw in {self.tries} was accepted")
 
 
-@dataclass(frozen=True)
-class MujocoTask:
-    """One MuJoCo task; subclasses fill in the task-specific terms."""
+class TorchDraws(Draws):
+    """Every env's draws at once from one torch generator on ``device``. Rejection sampling draws
+    ``candidates`` proposals per env at once and keeps the first accepted (the same distribution unless all
+    are rejected, then the first is kept)."""
 
-    info: "TaskInfo"
+    def __init__(self, gen: torch.Generator, n: int, device: torch.device, dtype: torch.dtype,
+                 candidates: int = 64) -> None:
+        self.gen, self.n, self.device, self.dtype, self.candidates = gen, n, torch.device(device), dtype, candidates
+
+    def uniform(self, low: float, high: float, size: tuple[int, ...] = ()) -> torch.Tensor:
+        u = torch.rand((self.n, *size), generator=self.gen, device=self.device, dtype=self.dtype)
+        return low + (high - low) * u
+
+    def normal(self, size: tuple[int, ...] = ()) -> torch.Tensor:
+        return torch.randn((self.n, *size), generator=self.gen, device=self.device, dtype=self.dtype)
+
+    def first_accepted(self, propose, accept, what):
+        k = self.candidates
+        proposal = propose(TorchDraws(self.gen, self.n * k, self.device, self.dtype, k))
+        rows = torch.arange(self.n, device=self.device).repeat_interleave(k)
+        ok = accept(proposal, rows).view(self.n, k)
+        first = torch.argmax(ok.to(torch.uint8), dim=1)  # the first accepted (0 if none is)
+        pick = torch.arange(self.n, device=self.device) * k + first
+        return tuple(p[pick] for p in proposal)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class MujocoTask(Task):
+    """A task on a MuJoCo model, which the cpu and warp backends run; subclasses fill in the terms."""
+
+    model: str
+    """Path of the MuJoCo model (MJCF) the task loads."""
     frame_skip: int
     """Physics substeps per env step."""
     reset_noise_scale: float = 0.0
@@ -90,12 +167,9 @@ class MujocoTask:
     """Width of what an observation remembers of the previous env step (:meth:`observation_memory`); 0: the
     observation is a function of the current state alone."""
 
-    def model_path(self) -> str:
-        raise NotImplementedError
-
     def load_model(self) -> mujoco.MjModel:
         with quiet_settotalmass():
-            model = mujoco.MjModel.from_xml_path(self.model_path())
+            model = mujoco.MjModel.from_xml_path(self.model)
         if self.solver == "newton":
             model.opt.solver = int(mujoco.mjtSolver.mjSOL_NEWTON)
         return model
@@ -114,23 +188,13 @@ class MujocoTask:
         return low.copy(), high.copy()
 
     # -- reset distribution --------------------------------------------------------------------
-    def reset_state(self, rng: np.random.Generator, qpos0: np.ndarray, nv: int) -> tuple[np.ndarray, np.ndarray]:
-        """(qpos, qvel) of a fresh episode from one env's numpy generator (the order gymnasium draws in)."""
+    def reset(self, draws: Draws, qpos0: torch.Tensor, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qpos (n, nq), qvel (n, nv)) of ``draws.n`` fresh episodes; ``qpos0`` is the model's (in the draws'
+        dtype and device). gymnasium's: qpos0 plus uniform noise, then the velocities' noise."""
         s = self.reset_noise_scale
-        qpos = qpos0 + rng.uniform(low=-s, high=s, size=len(qpos0))
-        qvel = (np.zeros(nv) + s * rng.standard_normal(nv)) if self.velocity_noise_normal else \
-            np.zeros(nv) + rng.uniform(low=-s, high=s, size=nv)
+        qpos = qpos0 + draws.uniform(-s, s, (len(qpos0),))
+        qvel = s * draws.normal((nv,)) if self.velocity_noise_normal else draws.uniform(-s, s, (nv,))
         return qpos, qvel
-
-    def reset_noise_batch(self, gen: torch.Generator, n: int, nq: int, nv: int, like: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(qpos offset, qvel) for n fresh episodes at once on the simulation's device, from the same
-        distributions as :meth:`reset_state` (autoresets on the GPU)."""
-        s = self.reset_noise_scale
-        kw: dict[str, Any] = {"generator": gen, "device": like.device, "dtype": like.dtype}
-        dq = (torch.rand((n, nq), **kw) * 2 - 1) * s
-        qvel = s * torch.randn((n, nv), **kw) if self.velocity_noise_normal else (torch.rand((n, nv), **kw) * 2 - 1) * s
-        return dq, qvel
 
     # -- terms ---------------------------------------------------------------------------------
     def tracked(self, s: State, model_info: dict[str, torch.Tensor]) -> torch.Tensor:

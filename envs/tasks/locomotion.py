@@ -21,20 +21,28 @@ from dataclasses import dataclass
 import gymnasium
 import torch
 
-from flowrl.envs.registry import TaskInfo, register
-from flowrl.envs.tasks.base import MujocoTask, State
+from flowrl.envs.controllers.base import State
+from flowrl.envs.registry import register
+from flowrl.envs.tasks.base import MujocoTask
 
 ASSETS = os.path.join(os.path.dirname(gymnasium.__file__), "envs", "mujoco", "assets")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class LocomotionTask(MujocoTask):
-    """gymnasium v5 semantics: reward from the forward velocity, terminations from health."""
+    """gymnasium v5 semantics: reward from the forward velocity, terminations from health. ``model`` is a file
+    name among gymnasium's MuJoCo assets; ``gym_id`` is the task's name with gymnasium's ``-v5``, unless given."""
 
-    xml_file: str = ""
+    max_episode_steps: int = 1000
+    backends: tuple[str, ...] = ("cpu", "warp", "gymnasium")
 
-    def model_path(self) -> str:
-        return os.path.join(ASSETS, self.xml_file)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", os.path.join(ASSETS, self.model))
+        if not self.gym_id:
+            object.__setattr__(self, "gym_id", f"{self.name}-v5")
+        if not self.description:
+            object.__setattr__(self, "description", f"gymnasium's {self.gym_id}")
+        super().__post_init__()
 
     def tracked(self, s: State, model_info: dict[str, torch.Tensor]) -> torch.Tensor:
         """The x coordinate whose change per step is the forward velocity."""
@@ -148,41 +156,34 @@ class Humanoid(LocomotionTask):
         return reward, ~healthy
 
 
-def _register(name: str, cls: type[LocomotionTask], xml: str, frame_skip: int, noise: float, obs_dim: int,
-              act_dim: int, medium_return: float, buffers: tuple[int, int], fields: tuple[str, ...] = (),
-              contact: bool = False, solver: str | None = None, aliases: tuple[str, ...] = (),
-              backends: tuple[str, ...] = ("cpu", "warp", "gymnasium"), description: str = "",
-              layout: tuple[tuple[str, int], ...] = ()) -> None:
-    def build() -> LocomotionTask:
-        return cls(info, frame_skip, noise, fields, contact, solver, xml_file=xml)
-
-    info = register(TaskInfo(name, obs_dim, act_dim, 1000, backends, aliases=aliases, task=build,
-                             gym_id="Humanoid-v5" if name.startswith("Humanoid") else f"{name}-v5",
-                             model_file=f"gymnasium/envs/mujoco/assets/{xml}", warp_buffers=buffers,
-                             medium_return=medium_return, description=description or f"gymnasium's {name}-v5",
-                             obs_layout=layout))
-
-
 def _planar(nq: int, nv: int) -> tuple[tuple[str, int], ...]:
     return (("qpos[1:] (all but the x position)", nq - 1), ("qvel (clipped to +-10)", nv))
 
 
 HUMANOID_LAYOUT = (("qpos[2:] (all but x, y)", 22), ("qvel", 23), ("cinert[1:] (body inertias)", 130),
                    ("cvel[1:] (body velocities)", 78), ("qfrc_actuator[6:]", 17), ("cfrc_ext[1:] (contact forces)", 78))
-
-
 HUMANOID_FIELDS = ("xipos", "cinert", "cvel", "qfrc_actuator", "cfrc_ext")
-_register("Hopper", Hopper, "hopper.xml", 4, 5e-3, 11, 3, 1600.0, (16, 64), aliases=("Hopper-v5",),
-          layout=_planar(6, 6))
-_register("Walker2d", Walker2d, "walker2d_v5.xml", 4, 5e-3, 17, 6, 2500.0, (24, 96), aliases=("Walker2d-v5",),
-          layout=_planar(9, 9))
-_register("HalfCheetah", HalfCheetah, "half_cheetah.xml", 5, 0.1, 17, 6, 4500.0, (24, 96),
-          aliases=("HalfCheetah-v5",), layout=(("qpos[1:] (all but the x position)", 8), ("qvel", 9)))
-_register("Ant", Ant, "ant.xml", 5, 0.1, 105, 8, 2500.0, (48, 192), ("xpos", "cfrc_ext"), True, aliases=("Ant-v5",),
-          layout=(("qpos[2:] (all but x, y)", 13), ("qvel", 14), ("cfrc_ext[1:] (contact forces, clipped to +-1)", 78)))
-_register("Humanoid", Humanoid, "humanoid.xml", 5, 1e-2, 348, 17, 2000.0, (64, 256), HUMANOID_FIELDS, True,
-          aliases=("Humanoid-v5",), backends=("cpu", "gymnasium"), layout=HUMANOID_LAYOUT,
-          description="gymnasium's Humanoid-v5 (PGS solver: MuJoCo Warp lacks it, use Humanoid-Newton)")
-_register("Humanoid-Newton", Humanoid, "humanoid.xml", 5, 1e-2, 348, 17, 2000.0, (64, 256), HUMANOID_FIELDS, True,
-          solver="newton", backends=("cpu", "warp"), layout=HUMANOID_LAYOUT,
-          description="Humanoid-v5 with the Newton solver instead of the XML's PGS (what MuJoCo Warp runs)")
+
+register(Hopper(name="Hopper", aliases=("Hopper-v5",), model="hopper.xml", frame_skip=4, reset_noise_scale=5e-3,
+                obs_layout=_planar(6, 6), act_dim=3, medium_return=1600.0, warp_buffers=(16, 64)))
+register(Walker2d(name="Walker2d", aliases=("Walker2d-v5",), model="walker2d_v5.xml", frame_skip=4,
+                  reset_noise_scale=5e-3, obs_layout=_planar(9, 9), act_dim=6, medium_return=2500.0,
+                  warp_buffers=(24, 96)))
+register(HalfCheetah(name="HalfCheetah", aliases=("HalfCheetah-v5",), model="half_cheetah.xml", frame_skip=5,
+                     reset_noise_scale=0.1, obs_layout=(("qpos[1:] (all but the x position)", 8), ("qvel", 9)),
+                     act_dim=6, medium_return=4500.0, warp_buffers=(24, 96)))
+register(Ant(name="Ant", aliases=("Ant-v5",), model="ant.xml", frame_skip=5, reset_noise_scale=0.1,
+             derived_fields=("xpos", "cfrc_ext"), needs_contact_forces=True,
+             obs_layout=(("qpos[2:] (all but x, y)", 13), ("qvel", 14),
+                         ("cfrc_ext[1:] (contact forces, clipped to +-1)", 78)),
+             act_dim=8, medium_return=2500.0, warp_buffers=(48, 192)))
+register(Humanoid(name="Humanoid", aliases=("Humanoid-v5",), model="humanoid.xml", frame_skip=5,
+                  reset_noise_scale=1e-2, derived_fields=HUMANOID_FIELDS, needs_contact_forces=True,
+                  obs_layout=HUMANOID_LAYOUT, act_dim=17, medium_return=2000.0, warp_buffers=(64, 256),
+                  backends=("cpu", "gymnasium"),
+                  description="gymnasium's Humanoid-v5 (PGS solver: MuJoCo Warp lacks it, use Humanoid-Newton)"))
+register(Humanoid(name="Humanoid-Newton", model="humanoid.xml", gym_id="Humanoid-v5", frame_skip=5,
+                  reset_noise_scale=1e-2, derived_fields=HUMANOID_FIELDS, needs_contact_forces=True, solver="newton",
+                  obs_layout=HUMANOID_LAYOUT, act_dim=17, medium_return=2000.0, warp_buffers=(64, 256),
+                  backends=("cpu", "warp"),
+                  description="Humanoid-v5 with the Newton solver instead of the XML's PGS (what MuJoCo Warp runs)"))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from flowrl.envs.base import BatchedEnv
-from flowrl.envs.registry import TaskInfo, register
+from flowrl.envs.registry import Task, register
 
 HORIZON = 30
 
@@ -77,7 +77,7 @@ def scripted_action(obs: torch.Tensor, speed: float = 0.4) -> torch.Tensor:
         delta.norm(dim=1, keepdim=True) / 0.1, max=1.0)
 
 
-register(TaskInfo("PointReach", 4, 2, 30, ("torch",),
-                  envs={"torch": lambda info, n, device="cpu", seed=None, **kw: PointReachEnv(n, device, seed, **kw)},
-                  obs_layout=(("position", 2), ("goal - position", 2)),
-                  description="a point reaches a goal in [-1, 1]^2 (pure torch; fast tests of learning)"))
+register(Task(name="PointReach", obs_layout=(("position", 2), ("goal - position", 2)), act_dim=2,
+              max_episode_steps=HORIZON, backends=("torch",),
+              envs={"torch": lambda task, n, device="cpu", seed=None, **kw: PointReachEnv(n, device, seed, **kw)},
+              description="a point reaches a goal in [-1, 1]^2 (pure torch; fast tests of learning)"))

@@ -1,57 +1,60 @@
-"""robosuite's Lift, PickPlaceCan and NutAssemblySquare as MuJoCo tasks of ours: no robosuite at run time.
+"""robosuite's manipulation tasks: what they share, on robosuite itself and on shipped scenes of ours.
 
-The ``cpu`` (mujoco.batch, float64) and ``warp`` (MuJoCo Warp) backends run these task objects on the scenes
-shipped in ``envs/assets/robosuite/<task>/`` (robosuite 1.5.2's compiled models, with ``scene.json`` holding the
-facts read from robosuite: controller parameters, names, placement samplers, success thresholds), driven by the
-batched OSC_POSE controller of :mod:`flowrl.envs.controllers` at robosuite's timing (20 Hz control, 25 physics
-substeps of 2 ms). What each part reproduces, from robosuite's source:
+A :class:`RobosuiteTask` runs in robosuite, one worker process per env (:mod:`flowrl.envs.backends.robosuite`),
+with robomimic's low-dimensional observation: its keys concatenated in sorted key order (the order the robomimic
+dataset reader uses): ``object`` (the task's object state), then per robot the end effector's position and
+quaternion (x, y, z, w) and the gripper's finger joint positions. Its layout and action are derived from the
+robots and the object state's size.
+
+A :class:`PandaSceneTask` also runs on our ``cpu`` (mujoco.batch, float64) and ``warp`` (MuJoCo Warp) backends
+with no robosuite at run time, on the scene shipped in ``envs/assets/robosuite/<env_name>/`` (robosuite 1.5.2's
+compiled model, with ``scene.json`` holding the facts read from robosuite: controller parameters, names,
+placement samplers, success thresholds), driven by :class:`flowrl.envs.controllers.PandaOSCController` at
+robosuite's timing (20 Hz control, 25 physics substeps of 2 ms). robosuite stays its first backend, so ``auto``
+keeps using it on a CPU machine and picks warp on CUDA. Each task's file (``lift.py``, ``pick_place_can.py``,
+``nut_assembly_square.py``) states its object state, success and scripted expert; what they share, from
+robosuite's source:
 
 * **Action** (7,): ``[0:6]`` OSC_POSE deltas in the robot base frame, ``[6]`` the gripper (its sign), bounds
   [-1, 1]. The goal is set once per env step from the state the step starts in, torques recomputed before every
   substep (robosuite's ``mj_step1`` -> controller -> ``mj_step2``; our backends forward, compute, ``mj_step``).
 * **Observation**: robomimic's low-dim keys in sorted order, as the ``robosuite`` backend flattens them:
   ``object`` (robosuite's ``object-state``), ``robot0_eef_pos`` (grip site), ``robot0_eef_quat`` (the hand *body*'s
-  quaternion, x y z w, as robosuite <= 1.5 reports it), ``robot0_gripper_qpos``. Lift's object state is
-  ``cube_pos, cube_quat, gripper_to_cube_pos`` (the last is ``cube_pos - eef_pos`` despite its name); Can's and
-  Square's are ``<obj>_to_robot0_eef_pos`` (the object's position in the hand frame centred at the grip site),
-  ``<obj>_to_robot0_eef_quat`` (its orientation relative to the hand, w >= 0), ``<obj>_pos``, ``<obj>_quat``.
-  robosuite's relative-pose sensors of Can and Square read the object's pose from its observation cache before
-  the object's own sensors refresh it: the relative pose is that of the object *one env step earlier* seen from
-  the hand now, and all zeros (position and quaternion) in an episode's first observation, whose cache is
-  empty. Ours reproduce both (the backends keep :meth:`RobosuiteSceneTask.observation_memory` between steps), so
-  demonstrations made here look like robosuite's and robomimic's.
+  quaternion, x y z w, as robosuite <= 1.5 reports it), ``robot0_gripper_qpos``.
   Like robosuite after ``env.step``, positions come from the kinematics computed at the start of the last physics
   substep (MuJoCo's ``mj_step`` leaves them so, as robosuite's ``mj_step2`` does), the gripper's joint positions
-  from the final state.
-* **Reward**: sparse (``reward_shaping=False``, ``reward_scale=1``): 1 when the task's success check holds, else 0.
-* **Success**: ``_check_success``: Lift: cube above the table by 0.04; Can: the can strictly inside its bin quarter
-  (and below 0.1 above the bin floor) with the grip site farther than ``atanh(0.4)/10`` from it; Square: the nut
-  within 0.03 (x, y) of its peg, below 0.05 above the table, grip site likewise away. No terminations; the
-  horizon (400 steps) truncates.
+  from the final state. robosuite's object-to-hand sensors (:class:`HeldObjectSceneTask`) read the object's pose
+  from its observation cache before the object's own sensors refresh it: the relative pose is that of the object
+  *one env step earlier* seen from the hand now, and all zeros (position and quaternion) in an episode's first
+  observation, whose cache is empty. Ours reproduce both (the backends keep
+  :meth:`HeldObjectSceneTask.observation_memory` between steps), so demonstrations made here look like
+  robosuite's and robomimic's.
+* **Reward**: sparse (``reward_shaping=False``, ``reward_scale=1``): ``reward_scale`` when the task's success
+  check holds, else 0. No terminations; the horizon (400 steps) truncates.
 * **Reset**: the arm at ``init_qpos + N(0, 0.02)``, the fingers at robosuite's init qpos, objects from robosuite's
   ``UniformRandomSampler``s (x, y uniform in the ranges around the reference position, shrunk by the object's
   horizontal radius where robosuite does, z from the reference, z offset and bottom offset, a rotation about z
   uniform in [0, 2 pi), overlapping placements rejected and redrawn), the objects robosuite clears (Can's other
-  three, Square's round nut) moved to (10, 10, 10). Per env from its numpy generator (:meth:`reset_state`) or for
-  many at once on the device (:meth:`reset_noise_batch`).
+  three, Square's round nut) moved to (10, 10, 10). Written once (:meth:`PandaSceneTask.reset`), drawn per env
+  from its numpy generator in robosuite's order or for many envs at once on the device
+  (:mod:`flowrl.envs.tasks.base`'s draws).
 
 Differences from robosuite, each small and stated here:
 
-* Lift's cube half-sizes are drawn by robosuite from U(0.020, 0.022) at every reset; we keep the shipped nominal
-  cube (the one in ``scene.xml``) in every world.
 * robosuite's controller skips its state update on the first substep of an episode (it uses the mass matrix from
   before the fingers were placed: ~4e-3 N m on that one substep); ours uses the live state.
 * Numerics: robosuite builds the relative pose through float32-rounded rotation matrices and an eigen-solve;
   ours is quaternion algebra in float64 (differences ~1e-7).
+
+The scripted experts' shared part (:class:`PickPlaceExpert`: hover, descend, grasp, lift, carry, release) is here
+too; they read the flattened observation and act with OSC_POSE deltas.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,32 +63,85 @@ import mujoco
 import numpy as np
 import torch
 
-from flowrl.envs.controllers import ArmIndices, OSCConfig, OSCPose, PandaGripper
-from flowrl.envs.tasks.base import MujocoTask, State
+from flowrl.envs.controllers import PandaOSCController, State
+from flowrl.envs.registry import Task
+from flowrl.envs.tasks.base import Draws, MujocoTask
 from flowrl.errors import FlowrlError
 
 SCENES = Path(__file__).resolve().parents[1] / "assets" / "robosuite"
-TASKS = ("Lift", "PickPlaceCan", "NutAssemblySquare")
 FRAME_SKIP = 25
 DERIVED_FIELDS = ("xpos", "xquat", "site_xpos", "site_xmat", "xanchor", "xaxis", "qfrc_bias", "M")
 """What the controller (grip-site pose, arm Jacobian from joint anchors and axes, bias forces, CSR mass matrix)
 and the observation (body poses) read; all bindable on mujoco.batch and arrays of MuJoCo Warp's Data."""
 R_REACH_MAX = 0.6
 """robosuite's Can/Square success asks ``1 - tanh(10 * |grip site - object|) < 0.6`` (the gripper let go)."""
+OSC_POSE_ACTIONS = ("dx", "dy", "dz", "dax", "day", "daz", "gripper")
+"""One robot's action under OSC_POSE: a position and an axis-angle delta of the end effector, then the gripper."""
 
 
+def robot_keys(num_robots: int, object_dim: int) -> tuple[tuple[str, int], ...]:
+    """(robomimic key, size) in observation order."""
+    sizes = {"object": object_dim}
+    for r in range(num_robots):
+        sizes.update({f"robot{r}_eef_pos": 3, f"robot{r}_eef_quat": 4, f"robot{r}_gripper_qpos": 2})
+    return tuple((k, sizes[k]) for k in sorted(sizes))
+
+
+def _robosuite_env(task: Task, num_envs: int, device: Any = "cpu", seed: int | None = None, **kwargs: Any):
+    from flowrl.envs.backends.robosuite import RobosuiteEnv
+
+    return RobosuiteEnv(task, num_envs, device=device, seed=seed, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class RobosuiteTask(Task):
+    """One of robosuite's tasks with Panda arms under OSC_POSE, run by robosuite (see the module docstring).
+    ``obs_layout``, ``act_dim``, ``action_names`` and the ``robosuite`` env builder are derived from the robots
+    and ``object_dim``; the name defaults to ``robosuite/<env_name>`` with ``env_name`` as an alias."""
+
+    env_name: str
+    """robosuite's name of the environment (``robosuite.make(env_name, ...)``)."""
+    object_dim: int
+    """Size of robosuite's ``object-state`` observation."""
+    robots: tuple[str, ...] = ("Panda",)
+    name: str = ""
+    obs_layout: tuple[tuple[str, int], ...] = ()
+    act_dim: int = 0
+    max_episode_steps: int = 400
+    backends: tuple[str, ...] = ("robosuite",)
+    has_success: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.robots)
+        derived = {"obs_layout": robot_keys(n, self.object_dim), "act_dim": 7 * n,
+                   "action_names": tuple(f"robot{r}_{a}" for r in range(n) for a in OSC_POSE_ACTIONS),
+                   "envs": {"robosuite": _robosuite_env, **self.envs}}
+        if not self.name:
+            derived.update(name=f"robosuite/{self.env_name}", aliases=(self.env_name, *self.aliases))
+        for key, value in derived.items():
+            object.__setattr__(self, key, value)
+        super().__post_init__()
+
+    @property
+    def robosuite_robots(self) -> str | list[str]:
+        """``robots`` as robosuite's ``make`` and robomimic's env args write them (one robot: its name)."""
+        return self.robots[0] if len(self.robots) == 1 else list(self.robots)
+
+
+# -- shipped scenes -------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def scene_facts(scene: str) -> dict[str, Any]:
-    """The ``scene.json`` of a shipped scene (``Lift``, ``PickPlaceCan``, ``NutAssemblySquare``)."""
+    """The ``scene.json`` of a shipped scene (its robosuite env name: ``Lift``, ``PickPlaceCan``, ...)."""
     path = SCENES / scene / "scene.json"
     if not path.exists():
-        raise FlowrlError(f"no shipped robosuite scene '{scene}' (known: {', '.join(TASKS)})")
+        known = sorted(p.parent.name for p in SCENES.glob("*/scene.json"))
+        raise FlowrlError(f"no shipped robosuite scene '{scene}' (known: {', '.join(known)})")
     return json.loads(path.read_text())
 
 
 @dataclass(frozen=True)
-class _Ids:
-    """Indices into the shipped model that the task terms need."""
+class SceneIds:
+    """Indices into a shipped model that the task terms need."""
 
     eef_site: int
     hand_body: int
@@ -93,15 +149,13 @@ class _Ids:
     peg_body: int
     arm_qpos: tuple[int, ...]
     gripper_qpos: tuple[int, ...]
-    arm_actuators: tuple[int, ...]
-    gripper_actuators: tuple[int, ...]
     objects: tuple[dict[str, Any], ...]
     """Objects with a free joint, in robosuite's sampling order: name, qpos_adr, radius, offsets, sampler."""
     qpos0: tuple[float, ...]
 
 
 @functools.lru_cache(maxsize=None)
-def _ids(scene: str) -> _Ids:
+def scene_ids(scene: str) -> SceneIds:
     facts = scene_facts(scene)
     model = mujoco.MjModel.from_xml_path(str(SCENES / scene / facts["xml"]))
     body = functools.partial(mujoco.mj_name2id, model, mujoco.mjtObj.mjOBJ_BODY)
@@ -118,15 +172,14 @@ def _ids(scene: str) -> _Ids:
                             "bottom": float(obj["bottom_offset"][2]), "top": float(obj["top_offset"][2]),
                             "sampler": sampler, "cleared": name in facts["cleared_objects"]})
     peg = body(success["peg_body"]) if "peg_body" in success else -1
-    return _Ids(eef_site=int(robot["eef_site"]["id"]), hand_body=body("robot0_right_hand"),
-                object_body=body(success["body"]), peg_body=peg,
-                arm_qpos=tuple(robot["arm_joints"]["qpos_adr"]), gripper_qpos=tuple(robot["gripper_joints"]["qpos_adr"]),
-                arm_actuators=tuple(robot["arm_actuators"]["ids"]),
-                gripper_actuators=tuple(robot["gripper_actuators"]["ids"]), objects=tuple(objects),
-                qpos0=tuple(float(v) for v in model.qpos0))
+    return SceneIds(eef_site=int(robot["eef_site"]["id"]), hand_body=body("robot0_right_hand"),
+                    object_body=body(success["body"]), peg_body=peg,
+                    arm_qpos=tuple(robot["arm_joints"]["qpos_adr"]),
+                    gripper_qpos=tuple(robot["gripper_joints"]["qpos_adr"]), objects=tuple(objects),
+                    qpos0=tuple(float(v) for v in model.qpos0))
 
 
-def _quat_xyzw(q: torch.Tensor) -> torch.Tensor:
+def quat_xyzw(q: torch.Tensor) -> torch.Tensor:
     """MuJoCo's (w, x, y, z) -> robosuite's observation order (x, y, z, w)."""
     return torch.cat([q[..., 1:], q[..., :1]], dim=-1)
 
@@ -146,269 +199,241 @@ def _quat_rotate_inverse(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return v + w * t + torch.linalg.cross(u, t, dim=-1)
 
 
-@contextlib.contextmanager
-def _one_torch_thread(device: torch.device) -> Iterator[None]:
-    """On CPU, the controller's tiny batched linear algebra runs on one torch thread: torch's OpenMP pool and
-    mujoco.batch's worker threads otherwise fight over the cores at every substep (measured on 2 cores: 5x
-    slower env steps). Restores the caller's setting."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PandaSceneTask(RobosuiteTask, MujocoTask):
+    """One of robosuite's single-Panda tasks, also on its shipped scene (see the module docstring). A subclass
+    gives the object state (:meth:`object_state`) and :meth:`success`; the model, controller, action bounds,
+    reset distribution, observation and reward are the scene's."""
 
-
-class PandaOSCController:
-    """robosuite's BASIC composite controller of the Panda for N envs: OSC_POSE for the arm, the Panda gripper.
-
-    The per-substep controller the backends run (:class:`flowrl.envs.tasks.base.Controller`), plus
-    :meth:`reset`, which the backends call after they reset envs (robosuite re-creates its controllers at every
-    reset: the nullspace target becomes the episode's initial arm posture and the gripper state goes back to 0).
-    """
-
-    def __init__(self, scene: str, model: mujoco.MjModel, num_envs: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        facts = scene_facts(scene)
-        robot = facts["robot"]
-        self.arm = ArmIndices.from_model(model, robot["arm_joints"]["names"], robot["eef_site"]["name"]).to(device)
-        # on a GPU the controller runs inside a CUDA graph, which the eigendecomposition behind robosuite's pinv
-        # cannot join (it checks its result on the host)
-        self.osc = OSCPose(OSCConfig.from_scene(facts), num_envs=num_envs, device=device, dtype=dtype,
-                           lambda_inverse="inv" if torch.device(device).type == "cuda" else "pinv")
-        self.gripper = PandaGripper.from_scene(facts, num_envs=num_envs, device=device, dtype=dtype)
-        ids = _ids(scene)
-        self.arm_act = torch.as_tensor(ids.arm_actuators, device=device)
-        self.grip_act = torch.as_tensor(ids.gripper_actuators, device=device)
-        self.out = torch.zeros(num_envs, model.nu, dtype=dtype, device=device)
-
-    def _inputs(self, s: State) -> dict[str, torch.Tensor]:
-        return self.arm.state(s["qpos"], s["qvel"], s["xanchor"], s["xaxis"], s["site_xpos"], s["site_xmat"],
-                              s["qfrc_bias"], s["M"])
-
-    def reset(self, state: State, env_ids: torch.Tensor) -> None:
-        """Envs ``env_ids`` start an episode at the (forwarded) ``state``."""
-        x = self._inputs(state)
-        ids = env_ids.to(self.out.device)
-        self.osc.reset(x["qpos"][ids], x["eef_pos"][ids], x["eef_rot"][ids], env_ids=ids)
-        self.gripper.reset(ids)
-
-    def set_goal(self, state: State, action: torch.Tensor) -> None:
-        with _one_torch_thread(self.out.device):
-            x = self._inputs(state)
-            action = action.to(self.out.dtype)
-            self.osc.set_goal(action[:, :6], x["eef_pos"], x["eef_rot"])
-            self.out[:, self.grip_act] = self.gripper.step(action[:, 6])
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        o = self.osc
-        return {"goal_pos": o.goal_pos, "goal_rot": o.goal_rot, "initial_joint": o.initial_joint,
-                "origin_pos": o.origin_pos, "origin_rot": o.origin_rot, "gripper": self.gripper.state, "ctrl": self.out}
-
-    def ctrl(self, state: State) -> torch.Tensor:
-        with _one_torch_thread(self.out.device):
-            x = self._inputs(state)
-            self.out[:, self.arm_act] = self.osc.torques(x["eef_pos"], x["eef_rot"], x["jac"], x["mass"], x["bias"],
-                                                         x["qpos"], x["qvel"])
-        return self.out
-
-
-@dataclass(frozen=True)
-class RobosuiteSceneTask(MujocoTask):
-    """One of robosuite's single-arm Panda tasks on a shipped scene (see the module docstring)."""
-
+    model: str = ""
     frame_skip: int = FRAME_SKIP
     derived_fields: tuple[str, ...] = DERIVED_FIELDS
-    scene: str = "Lift"
-    max_placement_draws: int = 64
-    """Candidate placements drawn at once per object and env in :meth:`reset_noise_batch` (robosuite redraws up to
-    5000 times; the first valid of 64 is the same distribution unless all 64 overlap, which the shipped samplers
-    make vanishingly rare)."""
-    _facts: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    backends: tuple[str, ...] = ("robosuite", "cpu", "warp")
+    cameras: tuple[str, ...] = ("agentview", "robot0_eye_in_hand")
+    hidden_geom_groups: tuple[int, ...] = (0,)
+    _facts: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+
+    reward_scale = 1.0
+    """The reward of a successful step (robosuite's sparse reward at ``reward_scale=1``)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_facts", scene_facts(self.scene))
+        object.__setattr__(self, "_facts", scene_facts(self.env_name))
+        object.__setattr__(self, "model", str(SCENES / self.env_name / self._facts["xml"]))
+        super().__post_init__()
+
+    @property
+    def ids(self) -> SceneIds:
+        return scene_ids(self.env_name)
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """The scene's ``scene.json``."""
+        return self._facts
 
     # -- model and control ---------------------------------------------------------------------
-    def model_path(self) -> str:
-        return str(SCENES / self.scene / self._facts["xml"])
-
     def controller(self, model: mujoco.MjModel, num_envs: int, device: torch.device,
                    dtype: torch.dtype) -> PandaOSCController:
-        return PandaOSCController(self.scene, model, num_envs, device, dtype)
+        return PandaOSCController(self._facts, model, num_envs, device, dtype)
 
     def action_bounds(self, model: mujoco.MjModel) -> tuple[np.ndarray, np.ndarray]:
         c = self._facts["control"]
         return np.asarray(c["action_low"], dtype=np.float64), np.asarray(c["action_high"], dtype=np.float64)
 
     # -- reset distribution --------------------------------------------------------------------
-    def _robot_qpos(self, qpos: np.ndarray, noise: np.ndarray) -> None:
-        robot, ids = self._facts["robot"], _ids(self.scene)
-        qpos[list(ids.arm_qpos)] = np.asarray(robot["init_qpos"]) + noise * robot["init_noise"]["magnitude"]
-        qpos[list(ids.gripper_qpos)] = robot["gripper_init_qpos"]
-
-    def reset_state(self, rng: np.random.Generator, qpos0: np.ndarray, nv: int) -> tuple[np.ndarray, np.ndarray]:
-        """robosuite's reset from one env's generator: the arm's Gaussian noise first, then the placement samplers
-        in their order, each object redrawn until it overlaps none placed before it (robosuite's draw order)."""
-        ids = _ids(self.scene)
-        qpos = np.array(qpos0, dtype=np.float64)
-        self._robot_qpos(qpos, rng.standard_normal(len(ids.arm_qpos)))
-        placed: list[tuple[float, float, float, dict[str, Any]]] = []
+    def reset(self, draws: Draws, qpos0: torch.Tensor, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """robosuite's reset: the arm's Gaussian noise first, then the placement samplers in their order, each
+        object redrawn until it overlaps none placed before it (robosuite's draw order)."""
+        ids, robot, n = self.ids, self._facts["robot"], draws.n
+        qpos = qpos0.expand(n, -1).clone()
+        arm = list(ids.arm_qpos)
+        qpos[:, arm] = draws.tensor(robot["init_qpos"]) + draws.normal((len(arm),)) * robot["init_noise"]["magnitude"]
+        qpos[:, list(ids.gripper_qpos)] = draws.tensor(robot["gripper_init_qpos"])
+        placed: list[tuple[torch.Tensor, torch.Tensor, float, dict[str, Any]]] = []
         for obj in ids.objects:
             s = obj["sampler"]
-            (x_lo, x_hi), (y_lo, y_hi) = self._ranges(obj)
+            (x_lo, x_hi), (y_lo, y_hi) = self.placement_ranges(obj)
             ref = s["reference_pos"]
             z = ref[2] + s["z_offset"] - obj["bottom"]
-            for _ in range(5000):
-                x = rng.uniform(high=x_hi, low=x_lo) + ref[0]
-                y = rng.uniform(high=y_hi, low=y_lo) + ref[1]
-                if not (s["ensure_valid_placement"] and any(
-                        math.hypot(x - px, y - py) <= o["radius"] + obj["radius"] and z - pz <= o["top"] - obj["bottom"]
-                        for px, py, pz, o in placed)):
-                    break
-            else:
-                raise FlowrlError(f"{self.scene}: cannot place {obj['name']}")
-            angle = self._angle(s, rng.uniform(high=2 * np.pi, low=0) if s["rotation"] is None else None)
+
+            def propose(d: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+                return d.uniform(x_lo, x_hi) + ref[0], d.uniform(y_lo, y_hi) + ref[1]
+
+            def accept(xy: tuple[torch.Tensor, ...], rows: torch.Tensor, obj=obj, z=z, s=s) -> torch.Tensor:
+                ok = torch.ones_like(xy[0], dtype=torch.bool)
+                for px, py, pz, o in placed if s["ensure_valid_placement"] else ():
+                    if z - pz <= o["top"] - obj["bottom"]:
+                        ok &= torch.hypot(xy[0] - px[rows], xy[1] - py[rows]) > o["radius"] + obj["radius"]
+                return ok
+
+            x, y = draws.first_accepted(propose, accept, f"{self.name}'s {obj['name']}")
+            angle = draws.uniform(0.0, 2 * math.pi) if s["rotation"] is None else \
+                draws.tensor(self._fixed_angle(s)).expand(n)
             placed.append((x, y, z, obj))
             a = obj["qpos_adr"]
-            qpos[a:a + 7] = (x, y, z, math.cos(angle / 2), 0.0, 0.0, math.sin(angle / 2))
-        self._clear_objects(qpos)
-        return qpos, np.zeros(nv)
+            qpos[:, a], qpos[:, a + 1], qpos[:, a + 2] = x, y, z
+            qpos[:, a + 3], qpos[:, a + 4:a + 6], qpos[:, a + 6] = torch.cos(angle / 2), 0.0, torch.sin(angle / 2)
+        for obj in ids.objects:
+            if obj["cleared"]:
+                qpos[:, obj["qpos_adr"]:obj["qpos_adr"] + 7] = draws.tensor(self._facts["cleared_object_qpos"])
+        return qpos, torch.zeros((n, nv), dtype=qpos.dtype, device=qpos.device)
 
     @staticmethod
-    def _angle(sampler: dict[str, Any], drawn: float | None) -> float:
+    def _fixed_angle(sampler: dict[str, Any]) -> float:
         rotation = sampler["rotation"]
         if sampler["rotation_axis"] != "z" or isinstance(rotation, list):
             raise FlowrlError(f"placement sampler {sampler['name']}: only None or fixed rotations about z are implemented")
-        return drawn if rotation is None else float(rotation)
+        return float(rotation)
 
     @staticmethod
-    def _ranges(obj: dict[str, Any]) -> tuple[tuple[float, float], tuple[float, float]]:
+    def placement_ranges(obj: dict[str, Any]) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The (x, y) ranges around the sampler's reference position an object is placed in."""
         s = obj["sampler"]
         shrink = obj["radius"] if s["ensure_object_boundary_in_range"] else 0.0
         return ((s["x_range"][0] + shrink, s["x_range"][1] - shrink), (s["y_range"][0] + shrink, s["y_range"][1] - shrink))
 
-    def _clear_objects(self, qpos: np.ndarray | torch.Tensor) -> None:
-        for obj in _ids(self.scene).objects:
-            if obj["cleared"]:
-                a = obj["qpos_adr"]
-                qpos[..., a:a + 7] = torch.as_tensor(self._facts["cleared_object_qpos"], dtype=qpos.dtype,
-                                                     device=qpos.device) if isinstance(qpos, torch.Tensor) \
-                    else self._facts["cleared_object_qpos"]
-
-    def reset_noise_batch(self, gen: torch.Generator, n: int, nq: int, nv: int, like: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same distribution as :meth:`reset_state` for n envs at once on ``like``'s device: each object draws
-        ``max_placement_draws`` candidates per env and takes the first that overlaps no object placed before it.
-        Returns (placed qpos - the model's qpos0, zero qvel)."""
-        ids = _ids(self.scene)
-        kw: dict[str, Any] = {"generator": gen, "device": like.device, "dtype": like.dtype}
-        robot = self._facts["robot"]
-        qpos = torch.zeros(n, nq, **{k: kw[k] for k in ("device", "dtype")})
-        arm = torch.as_tensor(ids.arm_qpos, device=like.device)
-        qpos[:, arm] = torch.as_tensor(robot["init_qpos"], device=like.device, dtype=like.dtype) \
-            + torch.randn((n, len(ids.arm_qpos)), **kw) * robot["init_noise"]["magnitude"]
-        qpos[:, torch.as_tensor(ids.gripper_qpos, device=like.device)] = torch.as_tensor(
-            robot["gripper_init_qpos"], device=like.device, dtype=like.dtype)
-        k = self.max_placement_draws
-        placed: list[tuple[torch.Tensor, torch.Tensor, float, dict[str, Any]]] = []
-        for obj in ids.objects:
-            s = obj["sampler"]
-            (x_lo, x_hi), (y_lo, y_hi) = self._ranges(obj)
-            ref = s["reference_pos"]
-            z = ref[2] + s["z_offset"] - obj["bottom"]
-            xs = x_lo + (x_hi - x_lo) * torch.rand((n, k), **kw) + ref[0]
-            ys = y_lo + (y_hi - y_lo) * torch.rand((n, k), **kw) + ref[1]
-            valid = torch.ones((n, k), dtype=torch.bool, device=like.device)
-            if s["ensure_valid_placement"]:
-                for px, py, pz, o in placed:
-                    if z - pz <= o["top"] - obj["bottom"]:
-                        valid &= torch.hypot(xs - px[:, None], ys - py[:, None]) > o["radius"] + obj["radius"]
-            first = torch.argmax(valid.to(torch.uint8), dim=1, keepdim=True)  # the first valid (0 if none is)
-            x, y = xs.gather(1, first)[:, 0], ys.gather(1, first)[:, 0]
-            angle = torch.rand(n, **kw) * (2 * math.pi) if s["rotation"] is None else \
-                torch.full((n,), self._angle(s, None), device=like.device, dtype=like.dtype)
-            placed.append((x, y, z, obj))
-            a = obj["qpos_adr"]
-            qpos[:, a], qpos[:, a + 1], qpos[:, a + 2] = x, y, z
-            qpos[:, a + 3], qpos[:, a + 6] = torch.cos(angle / 2), torch.sin(angle / 2)
-            qpos[:, a + 4:a + 6] = 0.0
-        self._clear_objects(qpos)
-        qpos0 = torch.as_tensor(ids.qpos0, device=like.device, dtype=like.dtype)
-        return qpos - qpos0, torch.zeros((n, nv), device=like.device, dtype=like.dtype)
-
     # -- terms ---------------------------------------------------------------------------------
-    @property
-    def observation_memory_dim(self) -> int:  # type: ignore[override]
-        return 0 if self.scene == "Lift" else 8
-
-    def observation_memory(self, s: State) -> torch.Tensor | None:
-        """Can, Square: (N, 8) = 1 (a step was seen), the object's position (3) and quaternion (4, w x y z), which
-        the next step's relative pose reads (robosuite's observation cache; see the module docstring)."""
-        return None if self.scene == "Lift" else self._object_pose_memory(s)
-
-    def _object_pose_memory(self, s: State) -> torch.Tensor:
-        ids = _ids(self.scene)
-        pos, quat = s["xpos"][:, ids.object_body], s["xquat"][:, ids.object_body]
-        return torch.cat([torch.ones_like(pos[:, :1]), pos, quat], dim=-1)
+    def object_state(self, s: State, memory: torch.Tensor | None, eef_pos: torch.Tensor,
+                     hand_quat: torch.Tensor) -> list[torch.Tensor]:
+        """The parts of robosuite's ``object-state``, in order (their sizes add up to ``object_dim``)."""
+        raise NotImplementedError
 
     def observation(self, s: State, memory: torch.Tensor | None = None) -> torch.Tensor:
-        ids = _ids(self.scene)
-        xpos, xquat = s["xpos"], s["xquat"]
+        ids = self.ids
         eef_pos = s["site_xpos"][:, ids.eef_site]
-        hand_quat = xquat[:, ids.hand_body]
-        obj_pos, obj_quat = xpos[:, ids.object_body], xquat[:, ids.object_body]
-        if self.scene == "Lift":
-            obj = [obj_pos, _quat_xyzw(obj_quat), obj_pos - eef_pos]
-        else:
-            seen = self._object_pose_memory(s) if memory is None else memory
-            seen_pos, seen_quat = seen[:, 1:4], seen[:, 4:8]
-            rel_quat = _quat_mul(hand_quat * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=hand_quat.dtype,
-                                                          device=hand_quat.device), seen_quat)
-            rel_quat = torch.where(rel_quat[:, :1] < 0, -rel_quat, rel_quat)
-            after_first = seen[:, :1]  # 0 at an episode's first step: robosuite's empty cache gives zeros
-            obj = [_quat_rotate_inverse(hand_quat, seen_pos - eef_pos) * after_first,
-                   _quat_xyzw(rel_quat) * after_first, obj_pos, _quat_xyzw(obj_quat)]
+        hand_quat = s["xquat"][:, ids.hand_body]
         gripper = s["qpos"][:, list(ids.gripper_qpos)]
-        return torch.cat([*obj, eef_pos, _quat_xyzw(hand_quat), gripper], dim=-1)
+        return torch.cat([*self.object_state(s, memory, eef_pos, hand_quat), eef_pos, quat_xyzw(hand_quat), gripper],
+                         dim=-1)
 
     def success(self, s: State) -> torch.Tensor:
-        ids = _ids(self.scene)
-        rule = self._facts["success"]
-        p = s["xpos"][:, ids.object_body]
-        if self.scene == "Lift":
-            return p[:, 2] > rule["table_offset"][2] + rule["z_above_table"]
-        dist = torch.linalg.vector_norm(s["site_xpos"][:, ids.eef_site] - p, dim=-1)
-        let_go = 1.0 - torch.tanh(10.0 * dist) < R_REACH_MAX
-        if self.scene == "PickPlaceCan":
-            inside = torch.ones_like(let_go)
-            for axis, key in enumerate(("x_range", "y_range", "z_range")):
-                lo, hi = rule[key]
-                inside &= (p[:, axis] > lo) & (p[:, axis] < hi)
-            return inside & let_go
-        peg = s["xpos"][:, ids.peg_body]
-        tol = rule["xy_tolerance"]
-        on_peg = ((p[:, 0] - peg[:, 0]).abs() < tol) & ((p[:, 1] - peg[:, 1]).abs() < tol) \
-            & (p[:, 2] < rule["table_offset"][2] + rule["z_above_table_max"])
-        return on_peg & let_go
+        raise NotImplementedError
 
     def reward_and_termination(self, s: State, before: torch.Tensor, after: torch.Tensor, dt: float,
                                action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """robosuite's sparse reward (Lift: 2.25 scaled by reward_scale / 2.25; Can, Square: objects placed, one
-        object, reward_scale 1) and no terminations."""
+        """robosuite's sparse reward and no terminations."""
         done = self.success(s)
-        reward = done.to(s["qpos"].dtype)
-        if self.scene == "Lift":
-            reward = reward * 2.25 * (1.0 / 2.25)
-        return reward, torch.zeros_like(done)
+        return done.to(s["qpos"].dtype) * self.reward_scale, torch.zeros_like(done)
 
 
-def make_task(info: Any) -> RobosuiteSceneTask:
-    """The task object of a registered ``robosuite/<scene>`` task (``TaskInfo.task`` builds it through this)."""
-    scene = info.extra["env_name"]
-    if scene not in TASKS:
-        raise FlowrlError(f"{info.name}: no shipped scene (the cpu and warp backends run {', '.join(TASKS)})")
-    return RobosuiteSceneTask(info, FRAME_SKIP, scene=scene)
+@dataclass(frozen=True, kw_only=True, eq=False)
+class HeldObjectSceneTask(PandaSceneTask):
+    """A scene whose object state is robosuite's object-to-hand pose (one env step late, see the module
+    docstring) then the object's own pose, and whose success needs the gripper to have let go."""
+
+    observation_memory_dim = 8
+
+    def observation_memory(self, s: State) -> torch.Tensor:
+        """(N, 8) = 1 (a step was seen), the object's position (3) and quaternion (4, w x y z), which the next
+        step's relative pose reads (robosuite's observation cache)."""
+        pos, quat = s["xpos"][:, self.ids.object_body], s["xquat"][:, self.ids.object_body]
+        return torch.cat([torch.ones_like(pos[:, :1]), pos, quat], dim=-1)
+
+    def object_state(self, s, memory, eef_pos, hand_quat):
+        """``<obj>_to_robot0_eef_pos`` (the object's position in the hand frame centred at the grip site),
+        ``<obj>_to_robot0_eef_quat`` (its orientation relative to the hand, w >= 0), ``<obj>_pos``, ``<obj>_quat``."""
+        body = self.ids.object_body
+        seen = self.observation_memory(s) if memory is None else memory
+        seen_pos, seen_quat = seen[:, 1:4], seen[:, 4:8]
+        conjugate = torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=hand_quat.dtype, device=hand_quat.device)
+        rel_quat = _quat_mul(hand_quat * conjugate, seen_quat)
+        rel_quat = torch.where(rel_quat[:, :1] < 0, -rel_quat, rel_quat)
+        after_first = seen[:, :1]  # 0 at an episode's first step: robosuite's empty cache gives zeros
+        return [_quat_rotate_inverse(hand_quat, seen_pos - eef_pos) * after_first, quat_xyzw(rel_quat) * after_first,
+                s["xpos"][:, body], quat_xyzw(s["xquat"][:, body])]
+
+    def let_go(self, s: State) -> torch.Tensor:
+        """(N,) the grip site is far enough from the object for robosuite's success to count."""
+        dist = torch.linalg.vector_norm(s["site_xpos"][:, self.ids.eef_site] - s["xpos"][:, self.ids.object_body],
+                                        dim=-1)
+        return 1.0 - torch.tanh(10.0 * dist) < R_REACH_MAX
+
+
+# -- scripted experts -----------------------------------------------------------------------------------------
+OPEN, CLOSED = -1.0, 1.0
+POS_SCALE = 0.05  # metres per unit of OSC_POSE position action (robosuite's default output_max)
+ROT_SCALE = 0.5  # radians per unit of OSC_POSE rotation action (axis-angle in the base frame)
+NO_ROTATION = np.zeros(3)
+
+
+class PickPlaceExpert:
+    """Pick an object and, where the task has a goal, carry it there and let go: a scripted expert of one Panda.
+
+    Phases per env: hover above the object, descend around it, close the gripper, lift, then
+    (pick-and-place tasks) move above the goal at lifting height, lower, and open. It keeps a phase per
+    env; the caller resets it (``reset()``) before each batch of episodes. A
+    :class:`flowrl.rollout.ChunkPolicy` of one-action chunks.
+    """
+
+    object_slice = slice(0, 3)  # the object's position in the observation
+    obs_history = 1
+    act_steps = 1
+    eef_index = 10  # where robot0_eef_pos starts (after the ``object`` block)
+    goal: np.ndarray | None = None
+    lift_height = 0.25
+    grasp_offset = np.array([0.0, 0.0, -0.005])
+
+    def __init__(self, num_envs: int, gain: float = 1.0) -> None:
+        self.phase = np.zeros(num_envs, dtype=np.int64)
+        self.timer = np.zeros(num_envs, dtype=np.int64)
+        self.lift_z = np.zeros(num_envs)
+        self.gain = gain
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        mask = np.ones_like(self.phase, dtype=bool) if mask is None else mask
+        self.phase[mask], self.timer[mask] = 0, 0
+
+    def _target(self, i: int, obj: np.ndarray, eef: np.ndarray) -> tuple[np.ndarray, float]:
+        phase = self.phase[i]
+        if phase == 0:  # hover above the object
+            target = obj + np.array([0.0, 0.0, 0.08])
+            if np.linalg.norm(eef - target) < 0.01:
+                self.phase[i] = 1
+            return target, OPEN
+        if phase == 1:  # descend around it (contact may stop it short: then grasp where it is)
+            target = obj + self.grasp_offset
+            self.timer[i] += 1
+            if np.linalg.norm(eef - target) < 0.008 or self.timer[i] > 40:
+                self.phase[i], self.timer[i] = 2, 0
+            return target, OPEN
+        if phase == 2:  # close the gripper
+            self.timer[i] += 1
+            if self.timer[i] >= 12:
+                self.phase[i], self.lift_z[i] = 3, obj[2] + self.lift_height
+            return eef, CLOSED
+        target = np.array([eef[0], eef[1], self.lift_z[i]])
+        if phase == 3:  # lift
+            if self.goal is not None and eef[2] > self.lift_z[i] - 0.02:
+                self.phase[i] = 4
+            return target, CLOSED
+        goal_above = np.array([self.goal[0], self.goal[1], self.lift_z[i]])
+        if phase == 4:  # carry above the goal
+            if np.linalg.norm(eef[:2] - goal_above[:2]) < 0.01:
+                self.phase[i] = 5
+            return goal_above, CLOSED
+        if phase == 5:  # lower into the goal
+            lowered = np.array([self.goal[0], self.goal[1], self.goal[2] + 0.15])
+            if eef[2] < lowered[2] + 0.01:
+                self.phase[i] = 6
+            return lowered, CLOSED
+        return eef, OPEN  # let go
+
+    def _command(self, i: int, o: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        """One env's (eef position target, gripper, rotation action (3,)) from its observation."""
+        target, gripper = self._target(i, o[self.object_slice], o[self.eef_index:self.eef_index + 3])
+        return target, gripper, NO_ROTATION
+
+    def act_chunk(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H, obs_dim) histories -> one-action chunks (N, 1, act_dim) (the expert is deterministic)."""
+        return self(obs)
+
+    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        """(N, obs_dim) -> (N, act_dim); an (N, H, obs_dim) history -> a one-step chunk (N, 1, act_dim)."""
+        history = obs.dim() == 3
+        o = (obs[:, -1] if history else obs).detach().cpu().numpy()
+        eef = o[:, self.eef_index:self.eef_index + 3]
+        targets, grippers, rotations = zip(*(self._command(i, o[i]) for i in range(len(o))))
+        delta = np.clip(self.gain * (np.stack(targets) - eef) / POS_SCALE, -1.0, 1.0)
+        rotation = np.clip(np.stack(rotations), -1.0, 1.0)
+        action = np.concatenate([delta, rotation, np.array(grippers)[:, None]], axis=1)
+        action = torch.as_tensor(action, dtype=torch.float32)
+        return action.unsqueeze(1) if history else action

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from flowrl.envs import BatchedEnv, TaskInfo, register
+from flowrl.envs import BatchedEnv, Task, register
 
 
 class ToyLineEnv(BatchedEnv):
@@ -38,9 +38,9 @@ class ToyLineEnv(BatchedEnv):
         return self.x.clone()
 
 
-register(TaskInfo("ToyLine", 1, 1, 10, ("torch",),
-                  envs={"torch": lambda info, n, device="cpu", seed=None, **kw: ToyLineEnv(n, device, seed)},
-                  obs_layout=(("x", 1),), description="a point on a line moves to the origin"))
+register(Task(name="ToyLine", obs_layout=(("x", 1),), act_dim=1, max_episode_steps=10, backends=("torch",),
+              envs={"torch": lambda task, n, device="cpu", seed=None, **kw: ToyLineEnv(n, device, seed)},
+              description="a point on a line moves to the origin"))
 
 
 def write_demonstrations(path: str, episodes: int = 32) -> None:
