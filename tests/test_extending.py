@@ -1,5 +1,5 @@
-"""A task and two agents, each defined in one file outside flowrl (tests/plugins/), run through the
-CLI's pretrain, finetune and eval with nothing in flowrl edited."""
+"""Tasks and agents, each defined in one file outside flowrl (tests/plugins/), run through the CLI's
+collect, pretrain, finetune, eval and export with nothing in flowrl edited."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "plugins"))
 
+import pole_balance  # noqa: E402,F401  (registers PoleBalance, a MuJoCo task; docs/adding-a-task.md)
 import toy_agent  # noqa: E402,F401  (registers toy-bc and toy-hold)
 import toy_task  # noqa: E402  (registers ToyLine)
 
@@ -51,3 +52,27 @@ def test_registry_facts_reach_make_and_errors() -> None:
 
         register(Task(name="Other", obs_layout=(("x", 1),), act_dim=1, max_episode_steps=5, backends=("torch",),
                       aliases=("toyline",)))
+
+
+def test_a_mujoco_task_in_one_file_collects_trains_evaluates_and_exports(tmp_path, capsys) -> None:
+    """tests/plugins/pole_balance.py, the file docs/adding-a-task.md walks through: its scripted expert's
+    demonstrations, a tiny behaviour cloning run on the cpu backend, its evaluation and an ONNX export."""
+    data, run, onnx = tmp_path / "balance.hdf5", tmp_path / "bc", tmp_path / "balance.onnx"
+    assert main(["collect", "scripted", "--task", "polebalance", "--episodes", "4", "--num-envs", "4",
+                 "--out", str(data)]) == 0
+    capsys.readouterr()
+    pre = tmp_path / "pre.yaml"
+    pre.write_text(f"task: PoleBalance\ndevice: cpu\ndata:\n  path: {data}\npolicy:\n  hidden_dim: 32\n  depth: 1\n"
+                   "  horizon: 2\n  act_steps: 2\ntrain:\n  steps: 60\n  eval_every: 60\n  eval_episodes: 2\n"
+                   "  checkpoint_every: 60\neval:\n  episodes: 2\n  k: [2]\n")
+    assert main(["pretrain", str(pre), "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--episodes", "3", "--k", "2", "--device", "cpu", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["results"][0]
+    assert row["episodes"] == 3 and row["length_mean"] > 0
+    assert main(["export", str(run), "--format", "onnx", "--out", str(onnx)]) == 0
+    meta = json.loads(onnx.with_suffix(".onnx.json").read_text())
+    assert meta["task"] == "PoleBalance" and onnx.stat().st_size > 0
+    env = make("PoleBalance", 2, backend="cpu", seed=0)
+    assert env.reset().shape == (2, 4) and float(env.single_action_space.high[0]) == 3.0
+    assert resolve_task("polebalance").obs_dim == 4  # from the layout
