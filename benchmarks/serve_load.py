@@ -2,11 +2,12 @@
 others are killed and restarted, send malformed requests, hold idle streams or send large batches.
 
     python benchmarks/serve_load.py [--clients 8] [--rate 100] [--seconds 60] [--restarting 2] [--garbage 1]
-                                    [--idle-streams 16] [--bulk-period 0.5] [--tag TAG]
+                                    [--idle-streams 16] [--bulk-period 0.5] [--max-batch B] [--tag TAG]
 
-Everything runs on this machine, each part in a process of its own:
+Everything runs on this machine, each part in a process of its own (the clients share its cores with
+the server: the record says how busy they were):
 - ``flowrl serve`` of deploy_latency's policy (Hopper's dims, ReinFlow's 3x512 residual MLP, K = 4,
-  chunks of 4) exported to ONNX, its max batch measured at start (the default);
+  chunks of 4) exported to ONNX, its max batch measured at start (the default) or ``--max-batch``;
 - ``--clients`` well-behaved controllers: one ``StreamAct`` stream each, one observation every
   1/``--rate`` s with one request in flight (a reply later than the next tick delays it and counts as
   late), each round trip timed;
@@ -21,12 +22,12 @@ Everything runs on this machine, each part in a process of its own:
 - one client sending a request of max-batch rows every ``--bulk-period`` s;
 - from this process, a ``Health`` call every 0.1 s, timed, and the server's resident memory every second.
 
-Reported: the well-behaved controllers' round trips (p50, p99, max over all of them), their errors and
-late replies; Health's p50, p99 and max; the garbage answers by status; the restarts; the bulk
-requests' round trips; the server's memory. Targets (exit code 1 when one is missed): no error for the
-well-behaved controllers and the bulk client, every malformed request answered with its expected
-status, every Health call answered within 50 ms, the server's memory at the end within 10 MB of its
-memory 10 s into the run. Writes benchmarks/results/serving/serve_load[_<tag>].json.
+Reported: the well-behaved controllers' round trips (p50, p99, max over all of them), their errors,
+late replies and missed ticks; Health's p50, p99 and max; the garbage answers by status; the restarts;
+the bulk requests' round trips; the server's memory and CPU time, and how busy the machine's cores
+were. Targets (exit code 1 when one is missed): no error for the well-behaved controllers and the bulk
+client, every malformed request answered with its expected status, every Health call answered within
+50 ms, the server's memory at the end within 10 MB of its memory 10 s into the run. Writes benchmarks/results/serving/serve_load[_<tag>].json.
 
 ``python benchmarks/serve_load.py --role ...`` runs one client (the processes the study starts).
 """
@@ -233,6 +234,23 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_cpu() -> tuple[int, int]:
+    """``(idle, total)`` CPU time of the machine so far, in clock ticks (/proc/stat)."""
+    ticks = [int(t) for t in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)  # idle and iowait
+
+
+def _busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The fraction of all cores' time that was not idle between two :func:`_machine_cpu` readings."""
+    return 1.0 - (after[0] - before[0]) / max(1, after[1] - before[1])
+
+
 def _quantiles(values_ms: list[float]) -> dict[str, float]:
     a = np.asarray(values_ms)
     if a.size == 0:
@@ -256,12 +274,15 @@ def start_server(policy: Path, workdir: Path, extra: list[str]) -> tuple[subproc
 
 def run_study(policy: Path, workdir: Path, clients: int = 8, rate: float = 100.0, seconds: float = 60.0,
               restarting: int = 2, garbage_clients: int = 1, idle: int = 16, bulk_period: float = 0.5,
-              max_client_streams: int = 8) -> dict:
-    """Serve ``policy`` and run the load and faults of the module doc for ``seconds``; the record."""
+              max_client_streams: int = 8, max_batch: int | None = None) -> dict:
+    """Serve ``policy`` (``max_batch``: the server's --max-batch, None for its default) and run the load
+    and faults of the module doc for ``seconds``; the record."""
     from flowrl.deploy.server import PolicyClient
     from flowrl.errors import FlowrlError
 
-    server, address, max_batch = start_server(policy, workdir, ["--max-client-streams", str(max_client_streams)])
+    flags = ["--max-client-streams", str(max_client_streams)] + ([] if max_batch is None else
+                                                                 ["--max-batch", str(max_batch)])
+    server, address, max_batch = start_server(policy, workdir, flags)
     procs: list[subprocess.Popen] = []
     stop = threading.Event()
     health_ms: list[float] = []
@@ -276,7 +297,7 @@ def run_study(policy: Path, workdir: Path, clients: int = 8, rate: float = 100.0
             if idle_proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the idle-streams client failed: {_errors(workdir, 'idle')}")
             time.sleep(0.1)
-        start = time.monotonic()
+        start, server_cpu_start, machine_start = time.monotonic(), _cpu_seconds(server.pid), _machine_cpu()
 
         def probe() -> None:
             with PolicyClient(address, timeout=5) as client:
@@ -317,6 +338,8 @@ def run_study(policy: Path, workdir: Path, clients: int = 8, rate: float = 100.0
         for t in threads:
             t.join()
         server_alive = server.poll() is None
+        server_cores = (_cpu_seconds(server.pid) - server_cpu_start) / (time.monotonic() - start)
+        machine_busy = _busy_fraction(machine_start, _machine_cpu())
     finally:
         stop.set()
         for proc in procs:
@@ -326,7 +349,7 @@ def run_study(policy: Path, workdir: Path, clients: int = 8, rate: float = 100.0
         server.terminate()
         server.wait(timeout=10)
     return _record(workdir, clients, garbage_clients, bulk_period, max_batch, health_ms, health_errors, memory,
-                   restarts[0], server_alive,
+                   restarts[0], server_alive, server_cores, machine_busy,
                    {"clients": clients, "rate_hz": rate, "seconds": seconds, "restarting": restarting,
                     "garbage_clients": garbage_clients, "idle_streams": idle, "bulk_period_s": bulk_period,
                     "max_client_streams": max_client_streams})
@@ -345,7 +368,7 @@ def _read(path: Path, role: str) -> dict:
 
 def _record(workdir: Path, clients: int, garbage_clients: int, bulk_period: float, max_batch: int,
             health_ms: list[float], health_errors: list[str], memory: list[tuple[float, float]], restarts: int,
-            server_alive: bool, setup: dict) -> dict:
+            server_alive: bool, server_cores: float, machine_busy: float, setup: dict) -> dict:
     """The study's record from the files its clients wrote."""
     runs = [_read(workdir / f"controller_{i}.json", "controller") for i in range(clients)]
     garbage_runs = [_read(workdir / f"garbage_{i}.json", "garbage") for i in range(garbage_clients)]
@@ -365,15 +388,19 @@ def _record(workdir: Path, clients: int, garbage_clients: int, bulk_period: floa
                         "late": sum(run["late"] for run in runs),
                         "missed_ticks": sum(run["missed_ticks"] for run in runs),
                         "per_client": [_quantiles(run["round_trips_ms"]) for run in runs]},
-        "health": {**_quantiles(health_ms), "errors": health_errors},
+        "health": {**_quantiles(health_ms), "errors": health_errors,
+                   "over_target": sum(ms >= HEALTH_TARGET_MS for ms in health_ms)},
         "garbage": {"codes": codes, "unexpected": {k: v for k, v in unexpected.items() if v}},
         "restarts": restarts,
         "idle_streams_opened": _read(workdir / "idle.json", "idle")["opened"],
         "bulk": {**_quantiles(bulk_run["round_trips_ms"]), "errors": bulk_run["errors"]},
-        "server_memory_mb": {"at_10s": baseline[-1] if baseline else None, "end": memory[-1][1] if memory else None,
-                             "max": max(mb for _, mb in memory) if memory else None,
+        "server_memory_mb": {"at_10s": round(baseline[-1], 1) if baseline else None,
+                             "end": round(memory[-1][1], 1) if memory else None,
+                             "max": round(max(mb for _, mb in memory), 1) if memory else None,
                              "samples": [[round(t, 1), round(mb, 1)] for t, mb in memory]},
         "server_alive_at_end": server_alive,
+        "server_cpu_cores": server_cores,
+        "machine_cpu_busy": machine_busy,
     }
 
 
@@ -403,11 +430,13 @@ def summary(record: dict) -> str:
     return (f"{s['clients']} controllers at {s['rate_hz']:g} Hz for {s['seconds']:g} s (max batch {s['max_batch']}): "
             f"round trip p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, max {c['max_ms']:.2f} ms, "
             f"{len(c['errors'])} errors, {c['late']} late, {c['missed_ticks']} ticks missed\n"
-            f"Health: p50 {h['p50_ms']:.2f} ms, p99 {h['p99_ms']:.2f} ms, max {h['max_ms']:.2f} ms\n"
+            f"Health: p50 {h['p50_ms']:.2f} ms, p99 {h['p99_ms']:.2f} ms, max {h['max_ms']:.2f} ms, "
+            f"{h['over_target']} of {h['count']} at or over {HEALTH_TARGET_MS:g} ms\n"
             f"bulk ({s['max_batch']} rows every {s['bulk_period_s']:g} s): "
             + (f"p50 {b['p50_ms']:.1f} ms, max {b['max_ms']:.1f} ms" if b["count"] else "none")
             + f"\nrestarts {record['restarts']}, idle streams {record['idle_streams_opened']}, "
-            f"server memory {record['server_memory_mb']['at_10s']} -> {record['server_memory_mb']['end']} MB")
+            f"server memory {record['server_memory_mb']['at_10s']} -> {record['server_memory_mb']['end']} MB, "
+            f"server CPU {record['server_cpu_cores']:.2f} cores, all cores {100 * record['machine_cpu_busy']:.0f}% busy")
 
 
 def cpu_model() -> str:
@@ -443,6 +472,7 @@ def main() -> int:
     ap.add_argument("--garbage", type=int, default=1, help="clients sending malformed requests (default 1)")
     ap.add_argument("--idle-streams", type=int, default=16, help="idle streams held open (default 16)")
     ap.add_argument("--bulk-period", type=float, default=0.5, help="seconds between max-batch requests (0: none)")
+    ap.add_argument("--max-batch", type=int, help="the server's --max-batch (default: its own, measured at start)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
@@ -450,7 +480,7 @@ def main() -> int:
         policy = export_policy(workdir)
         load_before = os.getloadavg()
         record = run_study(policy, workdir, args.clients, args.rate, args.seconds, args.restarting, args.garbage,
-                           args.idle_streams, args.bulk_period)
+                           args.idle_streams, args.bulk_period, max_batch=args.max_batch)
     record["machine"] = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "load_avg_before": load_before,
                          "load_avg_after": os.getloadavg()}
     record["policy"] = "3x512 reflow, K = 4, ONNX Runtime (deploy_latency's), obs 11, act 3, chunks of 4"
