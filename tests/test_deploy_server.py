@@ -379,7 +379,8 @@ from flowrl.deploy.server import PolicyClient
 client = PolicyClient(sys.argv[1], policy="reach")
 requests = queue.Queue()
 requests.put(client.request(np.zeros((1, 2, 4), np.float32)))
-next(client.stream(iter(requests.get, None)))
+replies = client.stream(iter(requests.get, None))  # kept: a stream whose iterator is collected is cancelled
+next(replies)
 print("streaming", flush=True)
 sys.stdin.read()  # the stream stays open until the process is killed
 """
@@ -400,3 +401,22 @@ def test_a_killed_client_frees_its_stream(served) -> None:
         while server.service.in_progress:
             assert time.monotonic() < deadline, "the killed client's stream was never freed"
             time.sleep(0.01)
+
+
+def test_a_failing_policy_is_an_internal_error_reply_and_the_server_keeps_serving(served, caplog) -> None:
+    _, policies = served
+    failures = iter([RuntimeError("the backend broke\nsecond line"), None])
+
+    def flaky(obs: np.ndarray, noise: np.ndarray, images: object = None) -> np.ndarray:
+        failure = next(failures)
+        if failure is not None:
+            raise failure
+        return np.zeros_like(noise)
+
+    with PolicyServer({"flaky": DeployedPolicy(flaky, policies["reach"].meta, "eager")}, port=0,
+                      max_batch=8) as server, PolicyClient(server.address) as client:
+        with caplog.at_level(logging.ERROR, logger="flowrl.deploy.server"), \
+                pytest.raises(FlowrlError, match=r"^INTERNAL: inference failed \(RuntimeError: the backend broke\)$"):
+            client.act(np.zeros((1, 2, 4), np.float32))
+        assert client.act(np.zeros((1, 2, 4), np.float32)).shape == (1, 4, 2)
+    assert any(r.exc_info and "policy 'flaky' failed" in r.getMessage() for r in caplog.records)  # logged whole

@@ -332,9 +332,17 @@ class PolicyService:
         return name, self.policies[name]
 
     async def _abort(self, context: Any, e: Exception) -> None:
+        """End the call with the error reply of ``e``: NOT_FOUND for an unknown policy, INVALID_ARGUMENT
+        for a bad request, INTERNAL for a failure of the policy itself."""
         grpc = require("grpc", "grpcio")
-        code = grpc.StatusCode.NOT_FOUND if isinstance(e, UnknownPolicy) else grpc.StatusCode.INVALID_ARGUMENT
-        await context.abort(code, clip(str(e), MAX_DETAILS_CHARS))
+        if isinstance(e, UnknownPolicy):
+            code, details = grpc.StatusCode.NOT_FOUND, str(e)
+        elif isinstance(e, (BadRequest, FlowrlError)):
+            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        else:
+            first_line = str(e).splitlines()[0] if str(e) else "no message"
+            code, details = grpc.StatusCode.INTERNAL, f"inference failed ({type(e).__name__}: {first_line})"
+        await context.abort(code, clip(details, MAX_DETAILS_CHARS))
 
     @asynccontextmanager
     async def _admitted(self, context: Any) -> AsyncIterator[None]:
@@ -371,6 +379,9 @@ class PolicyService:
             actions, ms = await self.queues[name].infer(obs, noise)
         except (BadRequest, UnknownPolicy, FlowrlError) as e:
             error: Exception = e
+        except Exception as e:  # noqa: BLE001 (the policy failed, not the request: logged whole, answered INTERNAL)
+            log.exception("policy '%s' failed on a request of %s", name, method)
+            error = e
         else:
             return pb2.ActReply(actions=to_tensor(actions, request.raw_reply), act_steps=policy.act_steps,
                                 inference_ms=ms, request_id=request.request_id)
