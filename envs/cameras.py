@@ -134,8 +134,9 @@ class CameraRenderer(_Renderer):
 
 class WarpCameraRenderer(_Renderer):
     """RGB images from named cameras of every world of a ``warp``-backend env, ray traced in one batch by
-    MuJoCo Warp (``create_render_context`` / ``render`` / ``get_rgb``) on the env's device, collision
-    geoms hidden as robosuite hides them. :meth:`render` returns tensors on that device."""
+    MuJoCo Warp (``create_render_context`` / ``render`` / ``get_rgb``) on the env's device, the task's
+    ``hidden_geom_groups`` left out (robosuite's collision geoms) as the OpenGL renderer leaves them out.
+    :meth:`render` returns tensors on that device."""
 
     def __init__(self, env: Any, cameras: Sequence[str] = ROBOMIMIC_CAMERAS, height: int = DEFAULT_SIZE,
                  width: int = DEFAULT_SIZE) -> None:
@@ -148,10 +149,11 @@ class WarpCameraRenderer(_Renderer):
         self.env, self.cameras, self.height, self.width = env, tuple(cameras), height, width
         model = env.model
         self._mjw, self._wp = mjw, wp
+        shown = [g for g in (0, 1, 2) if g not in env.task_def.hidden_geom_groups]
         with wp.ScopedDevice(env.wp_device):
             self._context = mjw.create_render_context(
                 model, nworld=env.num_envs, cam_res=(width, height), render_rgb=True, render_depth=False,
-                enabled_geom_groups=[1, 2], cam_active=[i in ids for i in range(model.ncam)])
+                enabled_geom_groups=shown, cam_active=[i in ids for i in range(model.ncam)])
             self._rgb = {name: wp.zeros((env.num_envs, height, width), dtype=wp.vec3f) for name in self.cameras}
         active = sorted(set(ids))  # the context's images are in the model's camera order
         self._slot = {name: active.index(cam_id) for name, cam_id in zip(self.cameras, ids)}
