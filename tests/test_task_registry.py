@@ -85,3 +85,43 @@ def test_the_task_tables_match_the_registry(doc: str) -> None:
         obs, act, horizon, backends = rows[name]
         assert (int(obs), int(act), int(horizon)) == (info.obs_dim, info.act_dim, info.max_episode_steps), (doc, name)
         assert [b.strip() for b in backends.split(",")] == list(info.backends), (doc, name)
+
+
+def test_a_reset_distribution_written_once_draws_per_env_or_batched() -> None:
+    """The same reset code on both kinds of draws: NumpyDraws takes each env's draws from its own generator in
+    the order asked (a rejection loop redraws one env at a time, as a sequential loop would), TorchDraws all at
+    once (candidates in a batch, the first accepted kept); Hopper's distribution on the cpu backend's autoresets."""
+    import numpy as np
+
+    from flowrl.envs.tasks.base import NumpyDraws, TorchDraws
+
+    def propose(d):
+        return (d.uniform(0.0, 1.0),)
+
+    def accept(p, rows):
+        return p[0] > 0.7
+
+    (x,) = NumpyDraws([np.random.default_rng(i) for i in range(5)]).first_accepted(propose, accept, "x")
+    for i in range(5):
+        rng = np.random.default_rng(i)
+        while (expected := rng.uniform(0.0, 1.0)) <= 0.7:
+            pass
+        assert float(x[i]) == expected
+    gen = torch.Generator().manual_seed(0)
+    (y,) = TorchDraws(gen, 100, torch.device("cpu"), torch.float64).first_accepted(propose, accept, "y")
+    assert y.shape == (100,) and bool((y > 0.7).all())
+
+    env = make("Hopper", 4, backend="cpu", seed=0)
+    env.batched_autoreset = True
+    env.reset()
+
+    def autoreset_states() -> tuple[torch.Tensor, torch.Tensor]:
+        env._reset_gen.manual_seed(3)
+        env._reset_ids(torch.arange(4), autoreset=True)
+        return env.get_state()
+
+    qpos, qvel = autoreset_states()
+    assert torch.equal(autoreset_states()[0], qpos)  # seeded
+    s = resolve_task("Hopper").reset_noise_scale
+    assert float((qpos - torch.as_tensor(env.qpos0)).abs().max()) <= s and float(qvel.abs().max()) <= s
+    assert float(qvel.abs().max()) > 0
