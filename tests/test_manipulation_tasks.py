@@ -1,4 +1,4 @@
-"""robosuite's Lift, PickPlaceCan and NutAssemblySquare as batched tasks on our cpu and warp backends
+"""robosuite's Lift, PickPlaceCan, NutAssemblySquare and TwoArmTransport as batched tasks on our cpu and warp backends
 (:mod:`flowrl.envs.tasks.robosuite_scenes`): registry, reset distribution, scripted experts, bad actions, and
 parity with robosuite 1.5.2 itself (skipped where robosuite is not installed).
 
@@ -30,7 +30,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not wri
 ENV_KWARGS = dict(robots="Panda", has_renderer=False, has_offscreen_renderer=False, use_camera_obs=False,
                   ignore_done=True, horizon=400, reward_shaping=False)
 TASKS = [t.env_name for t in all_tasks().values() if isinstance(t, PandaSceneTask)]
-OBS_TOL = 1e-6  # robosuite's relative poses go through float32-rounded rotation matrices; the rest is exact
+SINGLE_ARM = [t.env_name for t in all_tasks().values() if isinstance(t, PandaSceneTask) and len(t.robots) == 1]
+OBS_TOL = 1e-6
+"""robosuite rounds some observation parts through float32 (Can's and Square's relative poses, TwoArmTransport's
+quaternions from ``mat2quat``): a few float32 ulps of values of order 1; the rest is exact."""
 
 
 def _task(scene: str) -> PandaSceneTask:
@@ -50,12 +53,15 @@ def test_registered_on_three_backends(scene: str) -> None:
     assert info.default_backend("cpu", True) == "robosuite" and info.default_backend("cuda", True) == "warp"
     env = make(info.name, 2, backend="cpu", seed=0)
     obs = env.reset()
-    assert obs.shape == (2, info.obs_dim) and env.act_dim == 7 and env.max_episode_steps == 400
-    np.testing.assert_array_equal(env.single_action_space.low, -np.ones(7))
-    np.testing.assert_array_equal(env.single_action_space.high, np.ones(7))
+    robots = len(info.robots)
+    assert obs.shape == (2, info.obs_dim) and env.act_dim == 7 * robots == info.act_dim
+    assert env.max_episode_steps == (800 if scene == "TwoArmTransport" else 400)
+    np.testing.assert_array_equal(env.single_action_space.low, -np.ones(7 * robots))
+    np.testing.assert_array_equal(env.single_action_space.high, np.ones(7 * robots))
     names = [k for k, _ in info.obs_layout]
-    assert names == ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
-    np.testing.assert_allclose(obs[:, -2:].numpy(), [[0.020833, -0.020833]] * 2)  # fingers at robosuite's init
+    assert names == ["object"] + [f"robot{r}_{k}" for r in range(robots) for k in ("eef_pos", "eef_quat", "gripper_qpos")]
+    fingers = obs[:, -9 * robots:].reshape(2, robots, 9)[..., -2:]  # each robot's last two: its finger joints
+    np.testing.assert_allclose(fingers.numpy(), np.broadcast_to([0.020833, -0.020833], (2, robots, 2)))
 
 
 def _placement_bounds(scene: str) -> list[dict[str, Any]]:
@@ -68,10 +74,10 @@ def _check_placements(scene: str, qpos: np.ndarray) -> None:
     with a rotation about z only, not overlapping each other, cleared objects at (10, 10, 10)."""
     facts = scene_facts(scene)
     ids = _ids(scene)
-    arm = qpos[:, list(ids.arm_qpos)] - np.asarray(facts["robot"]["init_qpos"])
+    arm = qpos[:, list(ids.arm_qpos)] - np.asarray(facts["robots"][0]["init_qpos"])
     assert np.abs(arm).max() < 0.02 * 6 and 0.015 < arm.std() < 0.025
     np.testing.assert_array_equal(qpos[:, list(ids.gripper_qpos)], np.broadcast_to(
-        facts["robot"]["gripper_init_qpos"], (len(qpos), 2)))
+        facts["robots"][0]["gripper_init_qpos"], (len(qpos), 2)))
     placed = []
     for obj in _placement_bounds(scene):
         q = qpos[:, obj["qpos_adr"]:obj["qpos_adr"] + 7]
@@ -97,7 +103,7 @@ def _check_placements(scene: str, qpos: np.ndarray) -> None:
         placed.append((obj, q))
 
 
-@pytest.mark.parametrize("scene", TASKS)
+@pytest.mark.parametrize("scene", SINGLE_ARM)
 def test_placement_per_env_and_batched(scene: str) -> None:
     """Both reset paths draw from robosuite's placement distributions (and the arm's init noise)."""
     task = _task(scene)
@@ -114,6 +120,77 @@ def test_placement_per_env_and_batched(scene: str) -> None:
     _check_placements(scene, batched.numpy())
     # the same seed gives the same episode
     np.testing.assert_array_equal(task.reset(NumpyDraws([np.random.default_rng(3)]), q0, nv)[0][0].numpy(), per_env[3])
+
+
+def test_transport_reset_puts_objects_on_their_bins() -> None:
+    """TwoArmTransport, batched draws: both arms noisy, each bin within 5 mm of its table spot, the lid and payload
+    on the start bin, the trash in the target bin, the payload turned about y by pi/2 +- pi/6 and flipped either
+    way (robosuite's composition with the hammer's two initial orientations)."""
+    task = _task("TwoArmTransport")
+    ids = _ids("TwoArmTransport")
+    n = 400
+    q0 = torch.as_tensor(ids.qpos0, dtype=torch.float64)
+    qpos = task.reset(TorchDraws(torch.Generator().manual_seed(0), n, torch.device("cpu"), torch.float64), q0,
+                      54)[0].numpy()
+    facts = scene_facts("TwoArmTransport")
+    for robot, r in zip(ids.robots, facts["robots"]):
+        noise = qpos[:, list(robot.arm_qpos)] - np.asarray(r["init_qpos"])
+        assert 0.015 < noise.std() < 0.025
+    objects = {o["name"]: o for o in ids.objects}
+    pose = {name: qpos[:, o["qpos_adr"]:o["qpos_adr"] + 7] for name, o in objects.items()}
+    for name in ("transport_start_bin", "transport_target_bin", "transport_trash_bin"):
+        sampler = objects[name]["sampler"]
+        for axis, key in ((0, "x_range"), (1, "y_range")):
+            lo, hi = (sampler["reference_pos"][axis] + v for v in sampler[key])
+            assert (pose[name][:, axis] >= lo).all() and (pose[name][:, axis] <= hi).all()
+        np.testing.assert_array_equal(pose[name][:, 3:], np.broadcast_to([1.0, 0, 0, 0], (n, 4)))
+    arrangement = facts["transport"]["arrangement"]
+    for obj, bin_, lift in (("transport_start_bin_lid", "transport_start_bin", arrangement["bin_height"]),
+                            ("payload", "transport_start_bin", arrangement["start_bin_wall_thickness"]),
+                            ("trash", "transport_target_bin", arrangement["target_bin_wall_thickness"])):
+        np.testing.assert_array_equal(pose[obj][:, :2], pose[bin_][:, :2])
+        sampler = objects[obj]["sampler"]
+        z = sampler["reference_pos"][2] + sampler["z_offset"] - objects[obj]["bottom"] + lift
+        np.testing.assert_allclose(pose[obj][:, 2], z, rtol=0, atol=1e-12)
+    # the payload: robosuite's composition (its quat_multiply reads the sampled w-first quaternion as x y z w) lays
+    # the hammer flat, its local y axis straight up or down (the flip), turned about z within +-pi/6 of -x
+    from scipy.spatial.transform import Rotation
+
+    np.testing.assert_allclose(np.linalg.norm(pose["payload"][:, 3:], axis=1), 1.0, atol=1e-6)
+    rot = Rotation.from_quat(pose["payload"][:, [4, 5, 6, 3]]).as_matrix()
+    np.testing.assert_allclose(np.abs(rot[:, 2, 1]), 1.0, atol=1e-6)
+    assert 0.3 < (rot[:, 2, 1] > 0).mean() < 0.7  # both flips
+    yaw = np.arctan2(rot[:, 1, 0], -rot[:, 0, 0])
+    assert (np.abs(yaw) <= np.pi / 6 + 1e-6).all() and np.ptp(yaw) > 0.9 * np.pi / 3
+
+
+def test_transport_contact_sensors_change_no_physics() -> None:
+    """The task's model is the shipped scene plus two contact sensors: the same steps from the same state."""
+    import mujoco
+
+    task = _task("TwoArmTransport")
+    ours, shipped = task.load_model(), mujoco.MjModel.from_xml_path(task.model)
+    assert ours.nsensor == shipped.nsensor + 2
+    datas = [mujoco.MjData(m) for m in (ours, shipped)]
+    rng = np.random.default_rng(0)
+    for d, m in zip(datas, (ours, shipped)):
+        d.qpos[:] = task.reset(NumpyDraws([np.random.default_rng(3)]), torch.as_tensor(m.qpos0), m.nv)[0][0].numpy()
+    for _ in range(50):
+        ctrl = rng.uniform(-5, 5, ours.nu)
+        for d, m in zip(datas, (ours, shipped)):
+            d.ctrl[:] = ctrl
+            mujoco.mj_step(m, d)
+    np.testing.assert_array_equal(datas[0].qpos, datas[1].qpos)
+    np.testing.assert_array_equal(datas[0].qvel, datas[1].qvel)
+
+
+def test_transport_full_state_includes_both_arms_controllers() -> None:
+    env = make("robosuite/TwoArmTransport", 2, backend="cpu", seed=0)
+    env.reset()
+    gen = torch.Generator().manual_seed(0)
+    actions = [torch.rand(2, 14, generator=gen) * 2 - 1 for _ in range(4)]
+    assert {"controller.goal_pos", "controller.robot1.goal_pos", "controller.robot1.gripper"} <= set(env.get_full_state())
+    assert_full_state_resumes(env, actions, 2, detour=-actions[0])
 
 
 def test_batched_autoreset_places_objects() -> None:
@@ -199,24 +276,33 @@ def test_scripted_experts_succeed_on_cpu_batched_task(scene: str) -> None:
     assert success.float().mean() >= 0.75, success
 
 
+ARM_ACTIONS = ([0.3, -0.2, -0.5, 0.1, 0.0, -0.1, 1.0], [-0.3, 0.2, -0.4, 0.0, 0.1, 0.1, -1.0])
+
+
 @pytest.mark.slow
-def test_warp_backend_on_cpu_steps_lift() -> None:
-    """MuJoCo Warp on Warp's CPU device (float32; kernels compile on first use, minutes on 2 cores): Lift with
-    the OSC controller, 2 worlds, no buffer overflow, close to the cpu backend."""
+@pytest.mark.parametrize("scene", ["Lift", "TwoArmTransport"])
+def test_warp_backend_on_cpu_steps_like_the_cpu_backend(scene: str) -> None:
+    """MuJoCo Warp on Warp's CPU device (float32; kernels compile on first use, minutes on 2 cores): the OSC arms
+    (Transport's two), 2 worlds, no buffer overflow, observations within 2e-3 of the cpu backend's after 3 steps
+    (float32 physics through contacts), Transport's contact sensors (MuJoCo Warp evaluates them itself) equal."""
     pytest.importorskip("mujoco_warp")
-    warp_env = make("robosuite/Lift", 2, backend="warp", device="cpu", seed=0)
-    cpu_env = make("robosuite/Lift", 2, backend="cpu", seed=0)
+    warp_env = make(f"robosuite/{scene}", 2, backend="warp", device="cpu", seed=0)
+    cpu_env = make(f"robosuite/{scene}", 2, backend="cpu", seed=0)
     cpu_env.reset()
     qpos, qvel = cpu_env.get_state()
     warp_env.reset()
     warp_env.set_state(qpos, qvel)
     warp_env.controller.reset(warp_env.state, torch.arange(2))
-    action = torch.tensor([[0.3, -0.2, -0.5, 0.1, 0.0, -0.1, 1.0]] * 2)
+    action = torch.tensor([sum(ARM_ACTIONS[:len(cpu_env.task_def.robots)], [])] * 2)
     for _ in range(3):
-        wo, wr, *_ = warp_env.step(action)
-        co, cr, *_ = cpu_env.step(action)
+        wo, *_ = warp_env.step(action)
+        co, *_ = cpu_env.step(action)
     assert int(warp_env._overflow.sum()) == 0
     assert (wo.double() - co).abs().max() < 2e-3, (wo.double() - co).abs().max()
+    if scene == "TwoArmTransport":
+        sensors = list(warp_env.task_def.model_ids["sensors"])
+        torch.testing.assert_close(warp_env.state["sensordata"][:, sensors].double(),
+                                   cpu_env.state["sensordata"][:, sensors])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -259,7 +345,8 @@ def _robosuite() -> Any:
 
 
 def _make_robosuite(scene: str, seed: int) -> Any:
-    env = _robosuite().make(scene, **ENV_KWARGS)
+    task = _task(scene)
+    env = _robosuite().make(scene, **dict(ENV_KWARGS, robots=task.robosuite_robots, horizon=task.max_episode_steps))
     env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
     env.reset()
     return env
@@ -268,25 +355,36 @@ def _make_robosuite(scene: str, seed: int) -> Any:
 def _robosuite_flat(env: Any, obs: dict[str, np.ndarray]) -> np.ndarray:
     from flowrl.envs.backends.robosuite import flatten_obs, obs_keys
 
-    return flatten_obs(obs, obs_keys(1))
+    return flatten_obs(obs, obs_keys(len(env.robots)))
 
 
 def _copy_state(rs: Any, ours: Any) -> None:
-    """robosuite's simulator state and controller state into every env of ours."""
+    """robosuite's simulator state and each robot's controller state into every env of ours."""
     d = rs.sim.data._data
     n = ours.num_envs
     ours.set_state(torch.as_tensor(np.array(d.qpos))[None].expand(n, -1),
                    torch.as_tensor(np.array(d.qvel))[None].expand(n, -1))
     ours._warmstart().copy_(torch.as_tensor(np.array(d.qacc_warmstart))[None].expand(n, -1))
-    robot = rs.robots[0]
-    c = ours.controller
-    c.osc.initial_joint.copy_(torch.as_tensor(robot.part_controllers["right"].initial_joint)[None].expand(n, -1))
-    c.gripper.state.copy_(torch.as_tensor(np.array(robot.gripper["right"].current_action))[None].expand(n, -1))
+    assert len(ours.controller.robots) == len(rs.robots)
+    for c, robot in zip(ours.controller.robots, rs.robots):
+        c.osc.initial_joint.copy_(torch.as_tensor(robot.part_controllers["right"].initial_joint)[None].expand(n, -1))
+        c.gripper.state.copy_(torch.as_tensor(np.array(robot.gripper["right"].current_action))[None].expand(n, -1))
 
 
 def _success_pose(scene: str, rs: Any) -> None:
     """Move robosuite's object where its task counts as done (and the gripper away from it), then forward."""
     d, facts = rs.sim.data._data, scene_facts(scene)
+    if scene == "TwoArmTransport":  # drop the payload and the trash onto their bins' bases; contacts need a touch
+        adr = {o["name"]: o["qpos_adr"] for o in _ids(scene).objects}
+        arrangement = facts["transport"]["arrangement"]
+        for obj, bin_ in (("payload", "target_bin"), ("trash", "trash_bin")):
+            a, b = adr[arrangement[obj]], adr[f"transport_{bin_}"]
+            d.qpos[a:a + 3] = d.qpos[b:b + 3] + [0.0, 0.0, 0.02]
+            d.qvel[:] = 0.0
+        for _ in range(100):
+            rs.sim.step()
+        rs.sim.forward()
+        return
     obj = next(o for o in _ids(scene).objects if not o["cleared"])
     a = obj["qpos_adr"]
     rule = facts["success"]
@@ -310,7 +408,7 @@ def test_observation_reward_success_match_robosuite(scene: str) -> None:
     seen = set()
     for k in range(6):
         if k:
-            rs.step(rng.uniform(-1, 1, 7))
+            rs.step(rng.uniform(-1, 1, rs.action_dim))
         if k == 5:
             _success_pose(scene, rs)
         rs.sim.forward()
@@ -337,16 +435,16 @@ def test_one_env_step_matches_robosuite(scene: str) -> None:
     rs = _make_robosuite(scene, seed=0)
     rng = np.random.default_rng(1)
     for _ in range(3):
-        rs.step(rng.uniform(-1, 1, 7))
+        rs.step(rng.uniform(-1, 1, rs.action_dim))
     ours = make(f"robosuite/{scene}", 2, backend="cpu", seed=0)
     ours.reset()
     _copy_state(rs, ours)
-    if scene != "Lift":  # robosuite's cached object pose (of the kinematics before its last substep) as our memory
+    if ours.task_def.observation_memory_dim:  # robosuite's cached object pose (of the kinematics before its last substep) as our memory
         name = next(o["name"] for o in _ids(scene).objects if not o["cleared"])
         cache = rs._obs_cache
         quat_xyzw = np.asarray(cache[f"{name}_quat"])
         ours._memory[:] = torch.as_tensor(np.concatenate([[1.0], cache[f"{name}_pos"], quat_xyzw[[3, 0, 1, 2]]]))
-    action = rng.uniform(-1, 1, 7)
+    action = rng.uniform(-1, 1, rs.action_dim)
     obs_rs, reward_rs, _, _ = rs.step(action)
     obs, reward, term, trunc, info = ours.step(torch.as_tensor(action)[None].expand(2, -1))
     d = rs.sim.data._data
@@ -357,7 +455,8 @@ def test_one_env_step_matches_robosuite(scene: str) -> None:
     dobs = float(np.abs(obs[0].numpy() - flat).max())
     rs.close()
     print(f"{scene}: one env step from robosuite's state: |qpos| {dq:.1e}, |qvel| {dv:.1e}, |obs| {dobs:.1e}")
-    assert dq < 1e-9 and dv < 1e-7 and dobs < (1e-9 if scene == "Lift" else OBS_TOL), (dq, dv, dobs)
+    exact = scene == "Lift"  # the others' quaternions go through robosuite's float32 rounding
+    assert dq < 1e-9 and dv < 1e-7 and dobs < (1e-9 if exact else OBS_TOL), (dq, dv, dobs)
     assert float(reward[0]) == reward_rs and not term.any() and not trunc.any()
 
 
@@ -400,6 +499,25 @@ def test_robosuite_placements_lie_in_our_ranges() -> None:
     assert ((q[:, 0] >= ref[0] + x[0]) & (q[:, 0] <= ref[0] + x[1])).all()
     assert ((q[:, 1] >= ref[1] + y[0]) & (q[:, 1] <= ref[1] + y[1])).all()
     np.testing.assert_allclose(q[:, 2], ref[2] - can["bottom"], atol=1e-12)
+
+
+def test_transport_reset_per_env_seed_is_robosuites() -> None:
+    """TwoArmTransport draws from each env's generator in robosuite's order (the hammer's five draws, both arms'
+    noise, the placements, the payload's flip), so a seed gives robosuite's initial state exactly."""
+    rs = _make_robosuite("TwoArmTransport", seed=0)
+    task = _task("TwoArmTransport")
+    q0 = torch.as_tensor(np.array(rs.sim.model._model.qpos0))
+    flips = set()
+    for seed in range(6):
+        rs.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        rs.reset()
+        ours = task.reset(NumpyDraws([np.random.default_rng(seed)]), q0, rs.sim.model.nv)[0][0].numpy()
+        np.testing.assert_array_equal(ours, np.array(rs.sim.data.qpos))
+        payload = _ids("TwoArmTransport").objects[2]
+        assert payload["name"] == "payload"
+        flips.add(bool(ours[payload["qpos_adr"] + 3] > 0))
+    rs.close()
+    assert len(flips) == 2  # the seeds cover both of the hammer's flips
 
 
 def test_terminate_on_success_ends_batched_episodes_at_their_first_success() -> None:

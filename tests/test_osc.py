@@ -65,11 +65,11 @@ def test_shipped_scene_loads_without_robosuite(task: str) -> None:
     assert model.opt.timestep == f["physics"]["timestep"] == 0.002
     assert mujoco.mjtSolver(model.opt.solver).name == f["physics"]["solver"] == "mjSOL_NEWTON"
     assert f["control"]["substeps"] == 25 and f["control"]["control_freq"] == 20.0
-    names = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_ACTUATOR, i) for i in f["robot"]["arm_actuators"]["ids"]]
-    assert names == f["robot"]["arm_actuators"]["names"]
-    site = f["robot"]["eef_site"]
+    names = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_ACTUATOR, i) for i in f["robots"][0]["arm_actuators"]["ids"]]
+    assert names == f["robots"][0]["arm_actuators"]["names"]
+    site = f["robots"][0]["eef_site"]
     assert mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, site["name"]) == site["id"]
-    np.testing.assert_array_equal(model.actuator_ctrlrange[f["robot"]["arm_actuators"]["ids"]],
+    np.testing.assert_array_equal(model.actuator_ctrlrange[f["robots"][0]["arm_actuators"]["ids"]],
                                   np.stack([f["osc"]["torque_min"], f["osc"]["torque_max"]], -1))
     data = mujoco.MjData(model)
     mujoco.mj_step(model, data)  # it simulates
@@ -86,8 +86,8 @@ def _lift_state(model: mujoco.MjModel, seed: int = 0) -> mujoco.MjData:
     f = facts("Lift")
     data = mujoco.MjData(model)
     rng = np.random.default_rng(seed)
-    arm = f["robot"]["arm_joints"]
-    data.qpos[arm["qpos_adr"]] = np.asarray(f["robot"]["init_qpos"]) + rng.normal(0, 0.3, 7)
+    arm = f["robots"][0]["arm_joints"]
+    data.qpos[arm["qpos_adr"]] = np.asarray(f["robots"][0]["init_qpos"]) + rng.normal(0, 0.3, 7)
     data.qvel[arm["dof_adr"]] = rng.normal(0, 1.0, 7)
     mujoco.mj_forward(model, data)
     return data
@@ -98,7 +98,7 @@ def test_site_jacobian_and_mass_matrix_helpers_match_mujoco() -> None:
     also through mujoco.batch's bind("M")."""
     f = facts("Lift")
     model = mujoco.MjModel.from_xml_path(str(SCENES / "Lift" / "scene.xml"))
-    idx = ArmIndices.from_model(model, f["robot"]["arm_joints"]["names"], f["robot"]["eef_site"]["name"])
+    idx = ArmIndices.from_model(model, f["robots"][0]["arm_joints"]["names"], f["robots"][0]["eef_site"]["name"])
     dofs = idx.dof_adr.numpy()
     worst_jac = worst_mass = 0.0
     for seed in range(5):
@@ -210,9 +210,9 @@ def _replay(env: Any, records: list[dict[str, Any]], dtype: torch.dtype = torch.
     """Our controller on the recorded states: max differences from robosuite's torques and ctrl."""
     f = facts(type(env).__name__)
     model = env.sim.model._model
-    idx = ArmIndices.from_model(model, f["robot"]["arm_joints"]["names"], f["robot"]["eef_site"]["name"])
-    arm_act = f["robot"]["arm_actuators"]["ids"]
-    grip_act = f["robot"]["gripper_actuators"]["ids"]
+    idx = ArmIndices.from_model(model, f["robots"][0]["arm_joints"]["names"], f["robots"][0]["eef_site"]["name"])
+    arm_act = f["robots"][0]["arm_actuators"]["ids"]
+    grip_act = f["robots"][0]["gripper_actuators"]["ids"]
     osc = OSCPose(OSCConfig.from_scene(f), num_envs=1, dtype=dtype, lambda_inverse=lambda_inverse)
     grip = PandaGripper.from_scene(f, num_envs=1, dtype=dtype)
     eye = torch.eye(3, dtype=dtype)[None]
@@ -343,7 +343,7 @@ def test_batched_controller_on_shipped_scene_follows_robosuite() -> None:
     batch = Batch(model, nsim=n, nthread=1, persistent=True)
     batch.state[:] = start
     batch.forward(stage=mujoco.mjtStage.mjSTAGE_VEL)
-    idx = ArmIndices.from_model(model, f["robot"]["arm_joints"]["names"], f["robot"]["eef_site"]["name"])
+    idx = ArmIndices.from_model(model, f["robots"][0]["arm_joints"]["names"], f["robots"][0]["eef_site"]["name"])
     osc = OSCPose(OSCConfig.from_scene(f), num_envs=n)
     grip = PandaGripper.from_scene(f, num_envs=n)
     binds = [torch.as_tensor(batch.bind(k)) for k in
@@ -351,12 +351,12 @@ def test_batched_controller_on_shipped_scene_follows_robosuite() -> None:
     s = idx.state(*binds)
     osc.reset(initial_joint.expand(n, 7), s["eef_pos"], s["eef_rot"])
     ctrl = batch.bind("ctrl")
-    arm_act, grip_act = f["robot"]["arm_actuators"]["ids"], f["robot"]["gripper_actuators"]["ids"]
+    arm_act, grip_act = f["robots"][0]["arm_actuators"]["ids"], f["robots"][0]["gripper_actuators"]["ids"]
     # sim 1 reproduces robosuite's first-substep quirk (the arm mass matrix with the fingers at 0, see
     # flowrl.envs.controllers.osc); sim 0 uses the live one
     d = mujoco.MjData(model)
     mujoco.mj_setState(model, d, start, spec)
-    d.qpos[f["robot"]["gripper_joints"]["qpos_adr"]] = 0.0
+    d.qpos[f["robots"][0]["gripper_joints"]["qpos_adr"]] = 0.0
     mujoco.mj_forward(model, d)
     full = np.zeros((model.nv, model.nv))
     mujoco.mj_fullM(model, d, full)
@@ -387,7 +387,7 @@ def test_mujoco_warp_state_gives_jacobian_and_mass_matrix() -> None:
     f = facts("Lift")
     model = mujoco.MjModel.from_xml_path(str(SCENES / "Lift" / "scene.xml"))
     data = _lift_state(model)
-    idx = ArmIndices.from_model(model, f["robot"]["arm_joints"]["names"], f["robot"]["eef_site"]["name"])
+    idx = ArmIndices.from_model(model, f["robots"][0]["arm_joints"]["names"], f["robots"][0]["eef_site"]["name"])
     dofs = idx.dof_adr.numpy()
     with wp.ScopedDevice("cpu"):
         m, d = mjw.put_model(model), mjw.put_data(model, data, nworld=2, nconmax=64, njmax=512)

@@ -1,12 +1,13 @@
-"""Extract robosuite 1.5.2's Lift, PickPlaceCan and NutAssemblySquare scenes into MJCF that loads without robosuite.
+"""Extract robosuite 1.5.2's Lift, PickPlaceCan, NutAssemblySquare and TwoArmTransport scenes into MJCF that loads
+without robosuite.
 
 Run with robosuite installed (``pip install --no-deps robosuite==1.5.2``, see the README)::
 
     python envs/assets/make_robosuite_scenes.py            # writes envs/assets/robosuite/
     python envs/assets/make_robosuite_scenes.py --check    # only compares the shipped files with robosuite
 
-For each task it builds the env exactly as flowrl's robosuite worker does (Panda, robosuite's default BASIC
-composite controller: OSC_POSE arm + GRIP gripper, ``ignore_done=True``, ``horizon=400``,
+For each task it builds the env exactly as flowrl's robosuite worker does (Panda, two for TwoArmTransport,
+robosuite's default BASIC composite controller: OSC_POSE arm + GRIP gripper, ``ignore_done=True``,
 ``reward_shaping=False``, after ``robosuite_compat.apply()``), resets it, and writes
 
 * ``robosuite/<task>/scene.xml``: the MJCF robosuite compiled (its ``edit_model_xml`` output) with every
@@ -19,7 +20,7 @@ composite controller: OSC_POSE arm + GRIP gripper, ``ignore_done=True``, ``horiz
   placement samplers, object sizes, success thresholds, the physics options, and the model fields
   robosuite re-draws at every reset: Lift's cube half-sizes, uniform in [0.020, 0.022] per axis; the
   scene.xml holds the draw of seed 0);
-* ``robosuite/assets/...``: the meshes and textures, shared by the three scenes.
+* ``robosuite/assets/...``: the meshes and textures, shared by the scenes.
 
 Keeping the assets small (the repository carries them):
 
@@ -61,9 +62,15 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "robosuite"
-TASKS = ("Lift", "PickPlaceCan", "NutAssemblySquare")
+TASKS = ("Lift", "PickPlaceCan", "NutAssemblySquare", "TwoArmTransport")
 ENV_KWARGS = dict(robots="Panda", has_renderer=False, has_offscreen_renderer=False, use_camera_obs=False,
                   ignore_done=True, horizon=400, reward_shaping=False)
+TASK_KWARGS = {"TwoArmTransport": dict(robots=["Panda", "Panda"], horizon=800)}
+
+
+def env_kwargs(task: str) -> dict[str, Any]:
+    """robosuite.make's keyword arguments for ``task`` (the worker's)."""
+    return {**ENV_KWARGS, **TASK_KWARGS.get(task, {})}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -90,7 +97,7 @@ def make_env(task: str, seed: int = 0) -> Any:
     load_compat().apply()
     import robosuite
 
-    env = robosuite.make(task, **ENV_KWARGS)
+    env = robosuite.make(task, **env_kwargs(task))
     env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
     env.reset()
     return env
@@ -321,23 +328,17 @@ def sampler_facts(sampler: Any) -> list[dict[str, Any]]:
     }]
 
 
-def scene_facts(task: str, env: Any) -> dict[str, Any]:
+def robot_facts(env: Any, robot: Any) -> dict[str, Any]:
+    """One robot's joints, actuators, sites, initial posture and noise (its controller's parameters are in
+    :func:`controller_facts`)."""
     import mujoco
-    import robosuite
 
     m = env.sim.model._model
     d = env.sim.data._data
     J, A, S, B = (mujoco.mjtObj.mjOBJ_JOINT, mujoco.mjtObj.mjOBJ_ACTUATOR, mujoco.mjtObj.mjOBJ_SITE,
                   mujoco.mjtObj.mjOBJ_BODY)
-    robot = env.robots[0]
     arm = robot.part_controllers["right"]
-    grip = robot.part_controllers["right_gripper"]
     gripper = robot.gripper["right"]
-    cfg = robot.part_controller_config["right"]
-    arm_joints = list(robot.robot_joints)
-    grip_joints = list(robot.gripper_joints["right"])
-    arm_act = [int(i) for i in robot._ref_actuators_indexes_dict["right"]]
-    grip_act = [int(i) for i in robot._ref_actuators_indexes_dict["right_gripper"]]
     center = f"{arm.naming_prefix}{arm.part_name}_center"
 
     def joints(names: list[str]) -> dict[str, Any]:
@@ -348,81 +349,34 @@ def scene_facts(task: str, env: Any) -> dict[str, Any]:
     def actuators(ids: list[int]) -> dict[str, Any]:
         return {"names": [_name(m, A, i) for i in ids], "ids": ids, "ctrlrange": _list(m.actuator_ctrlrange[ids])}
 
-    objects = []
-    for obj in env.model.mujoco_objects:
-        entry = {"name": obj.name, "root_body": obj.root_body, "joints": list(obj.joints),
-                 "horizontal_radius": float(obj.horizontal_radius), "bottom_offset": _list(obj.bottom_offset),
-                 "top_offset": _list(obj.top_offset), "init_quat_wxyz": _list(getattr(obj, "init_quat", None)),
-                 "visual": not obj.joints}
-        if obj.joints:
-            j = mujoco.mj_name2id(m, J, obj.joints[0])
-            entry["qpos_adr"] = int(m.jnt_qposadr[j])
-            entry["dof_adr"] = int(m.jnt_dofadr[j])
-        objects.append(entry)
-
-    active, cleared = None, []
-    if hasattr(env, "single_object_mode") and env.single_object_mode == 2:
-        active = env.obj_to_use
-        cleared = sorted(o["name"] for o in objects if not o["visual"] and o["name"] != active)
-    reach = math.atanh(0.4) / 10.0  # r_reach = 1 - tanh(10 d) < 0.6  <=>  d > atanh(0.4) / 10
-    if task == "Lift":
-        success = {"rule": "body cube_main z > table_offset_z + 0.04", "body": env.cube.root_body,
-                   "table_offset": _list(env.table_offset), "z_above_table": 0.04}
-    elif task == "PickPlaceCan":
-        i = env.object_id
-        lo = np.array(env.bin2_pos[:2], dtype=float)
-        if i in (0, 2):
-            lo[0] -= env.bin_size[0] / 2
-        if i < 2:
-            lo[1] -= env.bin_size[1] / 2
-        hi = lo + np.array(env.bin_size[:2]) / 2
-        success = {"rule": "object body strictly inside its target bin quarter (x, y) with bin2_z < z < bin2_z + 0.1,"
-                           " and the grip site farther than eef_min_distance from it",
-                   "body": env.objects[i].root_body, "x_range": _list([lo[0], hi[0]]), "y_range": _list([lo[1], hi[1]]),
-                   "z_range": _list([env.bin2_pos[2], env.bin2_pos[2] + 0.1]), "eef_min_distance": reach,
-                   "bin1_pos": _list(env.bin1_pos), "bin2_pos": _list(env.bin2_pos), "bin_size": _list(env.bin_size)}
-    else:
-        peg = _name(m, B, env.peg1_body_id if env.nut_id == 0 else env.peg2_body_id)
-        success = {"rule": "|nut_x - peg_x| < 0.03 and |nut_y - peg_y| < 0.03 and nut_z < table_offset_z + 0.05,"
-                           " and the grip site farther than eef_min_distance from the nut",
-                   "body": env.nuts[env.nut_id].root_body, "peg_body": peg,
-                   "peg_pos": _list(d.xpos[mujoco.mj_name2id(m, B, peg)]), "xy_tolerance": 0.03,
-                   "table_offset": _list(env.table_offset), "z_above_table_max": 0.05, "eef_min_distance": reach}
-
-    low, high = env.action_spec
     noise = dict(robot.initialization_noise)
     return {
-        "task": task, "robosuite_version": robosuite.__version__, "mujoco_version_at_extraction": mujoco.__version__,
-        "xml": "scene.xml", "env_kwargs": ENV_KWARGS,
-        "model": {"nq": m.nq, "nv": m.nv, "nu": m.nu, "nbody": m.nbody, "njnt": m.njnt, "ngeom": m.ngeom,
-                  "nsite": m.nsite, "nmesh": m.nmesh},
-        "physics": {"timestep": float(m.opt.timestep), "solver": mujoco.mjtSolver(m.opt.solver).name,
-                    "cone": mujoco.mjtCone(m.opt.cone).name, "integrator": mujoco.mjtIntegrator(m.opt.integrator).name,
-                    "jacobian": mujoco.mjtJacobian(m.opt.jacobian).name, "iterations": int(m.opt.iterations),
-                    "ls_iterations": int(m.opt.ls_iterations), "tolerance": float(m.opt.tolerance),
-                    "impratio": float(m.opt.impratio), "gravity": _list(m.opt.gravity)},
-        "control": {"control_freq": float(env.control_freq), "control_timestep": float(env.control_timestep),
-                    "model_timestep": float(env.model_timestep),
-                    "substeps": int(round(env.control_timestep / env.model_timestep)), "horizon": env.horizon,
-                    "lite_physics": bool(env.lite_physics),
-                    "action_low": _list(low), "action_high": _list(high),
-                    "action_layout": "[0:6] OSC_POSE delta (x, y, z, ax, ay, az) in the robot base frame, [6] gripper"},
-        "robot": {
-            "name": robot.name, "root_body": robot.robot_model.root_body,
-            "base_pos": _list(d.xpos[mujoco.mj_name2id(m, B, robot.robot_model.root_body)]),
-            "arm_joints": joints(arm_joints), "gripper_joints": joints(grip_joints),
-            "arm_actuators": actuators(arm_act), "gripper_actuators": actuators(grip_act),
-            "eef_site": {"name": arm.ref_name, "id": mujoco.mj_name2id(m, S, arm.ref_name),
-                         "body": _name(m, B, m.site_bodyid[mujoco.mj_name2id(m, S, arm.ref_name)])},
-            "controller_origin_site": {"name": center, "id": mujoco.mj_name2id(m, S, center),
-                                       "pos": _list(d.site_xpos[mujoco.mj_name2id(m, S, center)]),
-                                       "mat": _list(d.site_xmat[mujoco.mj_name2id(m, S, center)].reshape(3, 3))},
-            "init_qpos": _list(robot.init_qpos),
-            "init_noise": {"type": noise["type"], "magnitude": float(noise["magnitude"]),
-                           "applies_to": "arm joints; drawn from env.rng before object placement",
-                           "nullspace_target": "the noisy initial arm qpos of the episode"},
-            "gripper_init_qpos": _list(gripper.init_qpos),
-        },
+        "name": robot.name, "root_body": robot.robot_model.root_body,
+        "base_pos": _list(d.xpos[mujoco.mj_name2id(m, B, robot.robot_model.root_body)]),
+        "arm_joints": joints(list(robot.robot_joints)), "gripper_joints": joints(list(robot.gripper_joints["right"])),
+        "arm_actuators": actuators([int(i) for i in robot._ref_actuators_indexes_dict["right"]]),
+        "gripper_actuators": actuators([int(i) for i in robot._ref_actuators_indexes_dict["right_gripper"]]),
+        "eef_site": {"name": arm.ref_name, "id": mujoco.mj_name2id(m, S, arm.ref_name),
+                     "body": _name(m, B, m.site_bodyid[mujoco.mj_name2id(m, S, arm.ref_name)])},
+        "hand_body": f"{robot.robot_model.naming_prefix}right_hand",
+        "controller_origin_site": {"name": center, "id": mujoco.mj_name2id(m, S, center),
+                                   "pos": _list(d.site_xpos[mujoco.mj_name2id(m, S, center)]),
+                                   "mat": _list(d.site_xmat[mujoco.mj_name2id(m, S, center)].reshape(3, 3))},
+        "init_qpos": _list(robot.init_qpos),
+        "init_noise": {"type": noise["type"], "magnitude": float(noise["magnitude"]),
+                       "applies_to": "arm joints; drawn from env.rng (robot 0, then robot 1) before object placement",
+                       "nullspace_target": "the noisy initial arm qpos of the episode"},
+        "gripper_init_qpos": _list(gripper.init_qpos),
+    }
+
+
+def controller_facts(robot: Any) -> dict[str, Any]:
+    """The OSC_POSE and gripper controller parameters of one robot."""
+    arm = robot.part_controllers["right"]
+    grip = robot.part_controllers["right_gripper"]
+    gripper = robot.gripper["right"]
+    cfg = robot.part_controller_config["right"]
+    return {
         "osc": {
             "type": arm.name, "composite": robot.composite_controller.name,
             "kp": _list(arm.kp), "damping_ratio": float(cfg["damping_ratio"]), "kd": _list(arm.kd),
@@ -445,6 +399,128 @@ def scene_facts(task: str, env: Any) -> dict[str, Any]:
             "output_max": _list(grip.output_max), "output_min": _list(grip.output_min),
             "ctrlrange": _list(np.stack([grip.actuator_min, grip.actuator_max], -1)),
         },
+    }
+
+
+HAMMER_INIT_QUATS_XYZW = ([0.5, -0.5, 0.5, -0.5], [-0.5, -0.5, -0.5, -0.5])
+"""robosuite's ``HammerObject.init_quat``: the first where ``rng.random() >= 0.5``, else the second."""
+
+
+def transport_facts(env: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """TwoArmTransport's success rule (contacts between geom groups), then the rest its batched task needs:
+    what its observation reads, how its reset puts the lid, payload and trash on their bins, the payload's
+    initial orientations."""
+    import mujoco
+
+    m = env.sim.model._model
+    tr = env.transport
+    bodies = {g: _name(m, mujoco.mjtObj.mjOBJ_BODY, m.geom_bodyid[g]) for g in tr.payload_geom_ids + tr.trash_geom_ids}
+    for group, body in ((tr.payload_geom_ids, tr.payload.root_body), (tr.trash_geom_ids, tr.trash.root_body)):
+        colliding = {g for g in range(m.ngeom) if _name(m, mujoco.mjtObj.mjOBJ_BODY, m.geom_bodyid[g]) == body
+                     and (m.geom_contype[g] or m.geom_conaffinity[g])}
+        if colliding != set(group) or {bodies[g] for g in group} != {body}:
+            raise RuntimeError(f"TwoArmTransport: {body}'s contact geoms are not its body's colliding geoms")
+    success = {
+        "rule": "payload_in_target_bin and trash_in_trash_bin; each is robosuite's check_contact: some contact"
+                " (any distance) between a geom of `geoms` and one of `body` (its colliding geoms are the object's"
+                " contact geoms)",
+        "payload_in_target_bin": {"geoms": list(tr.target_bin.base_geoms), "body": tr.payload.root_body},
+        "trash_in_trash_bin": {"geoms": list(tr.trash_bin.base_geoms), "body": tr.trash.root_body}}
+    return success, {
+        "payload_body": tr.payload.root_body, "trash_body": tr.trash.root_body,
+        "lid_handle_geom": tr.lid.handle_geoms[0],
+        "target_bin_base_geom": tr.target_bin.base_geoms[0], "trash_bin_base_geom": tr.trash_bin.base_geoms[0],
+        "arrangement": {
+            "rule": "after sampling: the lid at the start bin's (x, y), z + bin height; the payload at the start bin's"
+                    " (x, y), z + its wall thickness; the trash at the target bin's (x, y), z + its wall thickness",
+            "start_bin": tr.start_bin.name, "target_bin": tr.target_bin.name, "lid": tr.lid.name,
+            "payload": tr.payload.name, "trash": tr.trash.name, "bin_height": float(tr.bin_size[2]),
+            "start_bin_wall_thickness": float(tr.start_bin.wall_thickness),
+            "target_bin_wall_thickness": float(tr.target_bin.wall_thickness)},
+        "payload_init_quat": {"choices_xyzw": [list(q) for q in HAMMER_INIT_QUATS_XYZW],
+                              "draw": "the sampler evaluates init_quat twice (hasattr, then use), each a"
+                                      " rng.random() after the rotation's draw: the second picks the first choice"
+                                      " when >= 0.5", "combine": "quat_multiply(sampled wxyz read as xyzw,"
+                                      " init_quat xyzw), used as wxyz"},
+    }
+
+
+def scene_facts(task: str, env: Any) -> dict[str, Any]:
+    import mujoco
+    import robosuite
+
+    m = env.sim.model._model
+    d = env.sim.data._data
+    J, B = mujoco.mjtObj.mjOBJ_JOINT, mujoco.mjtObj.mjOBJ_BODY
+    controllers = [controller_facts(r) for r in env.robots]
+    if any(c != controllers[0] for c in controllers):
+        raise RuntimeError(f"{task}: the robots' controllers differ; scene.json holds one set of parameters")
+
+    objects = []
+    for obj in env.model.mujoco_objects:
+        entry = {"name": obj.name, "root_body": obj.root_body, "joints": list(obj.joints),
+                 "horizontal_radius": float(obj.horizontal_radius), "bottom_offset": _list(obj.bottom_offset),
+                 "top_offset": _list(obj.top_offset),
+                 "visual": not obj.joints}
+        if obj.joints:
+            j = mujoco.mj_name2id(m, J, obj.joints[0])
+            entry["qpos_adr"] = int(m.jnt_qposadr[j])
+            entry["dof_adr"] = int(m.jnt_dofadr[j])
+        objects.append(entry)
+
+    active, cleared, extra = None, [], {}
+    if hasattr(env, "single_object_mode") and env.single_object_mode == 2:
+        active = env.obj_to_use
+        cleared = sorted(o["name"] for o in objects if not o["visual"] and o["name"] != active)
+    reach = math.atanh(0.4) / 10.0  # r_reach = 1 - tanh(10 d) < 0.6  <=>  d > atanh(0.4) / 10
+    if task == "Lift":
+        success = {"rule": "body cube_main z > table_offset_z + 0.04", "body": env.cube.root_body,
+                   "table_offset": _list(env.table_offset), "z_above_table": 0.04}
+    elif task == "PickPlaceCan":
+        i = env.object_id
+        lo = np.array(env.bin2_pos[:2], dtype=float)
+        if i in (0, 2):
+            lo[0] -= env.bin_size[0] / 2
+        if i < 2:
+            lo[1] -= env.bin_size[1] / 2
+        hi = lo + np.array(env.bin_size[:2]) / 2
+        success = {"rule": "object body strictly inside its target bin quarter (x, y) with bin2_z < z < bin2_z + 0.1,"
+                           " and the grip site farther than eef_min_distance from it",
+                   "body": env.objects[i].root_body, "x_range": _list([lo[0], hi[0]]), "y_range": _list([lo[1], hi[1]]),
+                   "z_range": _list([env.bin2_pos[2], env.bin2_pos[2] + 0.1]), "eef_min_distance": reach,
+                   "bin1_pos": _list(env.bin1_pos), "bin2_pos": _list(env.bin2_pos), "bin_size": _list(env.bin_size)}
+    elif task == "NutAssemblySquare":
+        peg = _name(m, B, env.peg1_body_id if env.nut_id == 0 else env.peg2_body_id)
+        success = {"rule": "|nut_x - peg_x| < 0.03 and |nut_y - peg_y| < 0.03 and nut_z < table_offset_z + 0.05,"
+                           " and the grip site farther than eef_min_distance from the nut",
+                   "body": env.nuts[env.nut_id].root_body, "peg_body": peg,
+                   "peg_pos": _list(d.xpos[mujoco.mj_name2id(m, B, peg)]), "xy_tolerance": 0.03,
+                   "table_offset": _list(env.table_offset), "z_above_table_max": 0.05, "eef_min_distance": reach}
+    elif task == "TwoArmTransport":
+        success, extra["transport"] = transport_facts(env)
+    else:
+        raise RuntimeError(f"{task}: no success rule known")
+
+    low, high = env.action_spec
+    return {
+        "task": task, "robosuite_version": robosuite.__version__, "mujoco_version_at_extraction": mujoco.__version__,
+        "xml": "scene.xml", "env_kwargs": env_kwargs(task),
+        "model": {"nq": m.nq, "nv": m.nv, "nu": m.nu, "nbody": m.nbody, "njnt": m.njnt, "ngeom": m.ngeom,
+                  "nsite": m.nsite, "nmesh": m.nmesh},
+        "physics": {"timestep": float(m.opt.timestep), "solver": mujoco.mjtSolver(m.opt.solver).name,
+                    "cone": mujoco.mjtCone(m.opt.cone).name, "integrator": mujoco.mjtIntegrator(m.opt.integrator).name,
+                    "jacobian": mujoco.mjtJacobian(m.opt.jacobian).name, "iterations": int(m.opt.iterations),
+                    "ls_iterations": int(m.opt.ls_iterations), "tolerance": float(m.opt.tolerance),
+                    "impratio": float(m.opt.impratio), "gravity": _list(m.opt.gravity)},
+        "control": {"control_freq": float(env.control_freq), "control_timestep": float(env.control_timestep),
+                    "model_timestep": float(env.model_timestep),
+                    "substeps": int(round(env.control_timestep / env.model_timestep)), "horizon": env.horizon,
+                    "lite_physics": bool(env.lite_physics),
+                    "action_low": _list(low), "action_high": _list(high),
+                    "action_layout": "per robot, in order: [0:6] OSC_POSE delta (x, y, z, ax, ay, az) in the robot base"
+                                     " frame, [6] gripper"},
+        "robots": [robot_facts(env, r) for r in env.robots],
+        **controllers[0],
         "objects": objects, "active_object": active, "cleared_objects": cleared,
         "cleared_object_qpos": [10.0, 10.0, 10.0, 1.0, 0.0, 0.0, 0.0] if cleared else None,
         "placement": {
@@ -459,7 +535,7 @@ def scene_facts(task: str, env: Any) -> dict[str, Any]:
             "rotation": "None: uniform(0, 2 pi); (a, b): uniform(min, max); a number: fixed; quat wxyz about"
                         " rotation_axis",
         },
-        "success": success,
+        "success": success, **extra,
     }
 
 
@@ -571,10 +647,18 @@ def reset_randomization(task: str, env: Any) -> list[dict[str, Any]]:
                      and not np.array_equal(getattr(before, n), getattr(after, n)))
     if not changed:
         return []
-    if task != "Lift":
-        raise RuntimeError(f"{task}: model fields {changed} change between resets and no rule is known for them")
     geoms = [_name(after, mujoco.mjtObj.mjOBJ_GEOM, g) for g in range(after.ngeom)
              if not np.array_equal(before.geom_size[g], after.geom_size[g])]
+    if task == "TwoArmTransport":
+        payload = env.transport.payload
+        return [{"what": "the payload hammer's head half-size (robosuite's HammerObject head_halfsize)", "geoms": geoms,
+                 "body": payload.root_body, "low": float(payload.handle_radius),
+                 "high": float(1.2 * payload.handle_radius),
+                 "draw": "when the model is rebuilt at reset, before the robots' init noise: four env.rng.uniform(a, a)"
+                         " for the handle's fixed radius, length, density and friction, then"
+                         " env.rng.uniform(low, high)", "fields_that_follow": changed}]
+    if task != "Lift":
+        raise RuntimeError(f"{task}: model fields {changed} change between resets and no rule is known for them")
     return [{"what": "cube half-sizes (robosuite's BoxObject size_min/size_max)", "geoms": geoms,
              "body": env.cube.root_body, "low": [0.020, 0.020, 0.020], "high": [0.022, 0.022, 0.022],
              "density": 1000.0, "draw": "env.rng.uniform(low_i, high_i) for x, y, z, when the model is rebuilt at"

@@ -122,10 +122,11 @@ class OSCConfig:
         return tuple(2.0 * math.sqrt(k) * self.damping_ratio for k in self.kp)
 
     @classmethod
-    def from_scene(cls, scene: str | Path | dict[str, Any]) -> OSCConfig:
-        """From a ``scene.json`` written by ``envs/assets/make_robosuite_scenes.py`` (a path or the dict)."""
+    def from_scene(cls, scene: str | Path | dict[str, Any], robot: int = 0) -> OSCConfig:
+        """From a ``scene.json`` written by ``envs/assets/make_robosuite_scenes.py`` (a path or the dict), for its
+        robot number ``robot`` (the robots share the gains; each has its own base frame)."""
         facts = json.loads(Path(scene).read_text()) if isinstance(scene, (str, Path)) else scene
-        osc, origin = facts["osc"], facts["robot"]["controller_origin_site"]
+        osc, origin = facts["osc"], facts["robots"][robot]["controller_origin_site"]
         expected = {"impedance_mode": "fixed", "input_type": "delta", "input_ref_frame": "base",
                     "goal_update_mode": "achieved", "interpolation": None, "position_limits": None,
                     "orientation_limits": None}

@@ -33,7 +33,7 @@ class Lift(PandaSceneTask):
     def object_state(self, s, memory, eef_pos, hand_quat):
         body = self.ids.object_body
         cube_pos = s["xpos"][:, body]
-        return [cube_pos, quat_xyzw(s["xquat"][:, body]), cube_pos - eef_pos]
+        return [cube_pos, quat_xyzw(s["xquat"][:, body]), cube_pos - eef_pos[:, 0]]
 
     def success(self, s: State) -> torch.Tensor:
         rule = self.facts["success"]

@@ -12,15 +12,15 @@ compiled model, with ``scene.json`` holding the facts read from robosuite: contr
 placement samplers, success thresholds), driven by :class:`flowrl.envs.controllers.PandaOSCController` at
 robosuite's timing (20 Hz control, 25 physics substeps of 2 ms). robosuite stays its first backend, so ``auto``
 keeps using it on a CPU machine and picks warp on CUDA. Each task's file (``lift.py``, ``pick_place_can.py``,
-``nut_assembly_square.py``) states its object state, success and scripted expert; what they share, from
-robosuite's source:
+``nut_assembly_square.py``, ``two_arm_transport.py``) states its object state, success and scripted expert; what
+they share, from robosuite's source:
 
-* **Action** (7,): ``[0:6]`` OSC_POSE deltas in the robot base frame, ``[6]`` the gripper (its sign), bounds
-  [-1, 1]. The goal is set once per env step from the state the step starts in, torques recomputed before every
+* **Action** (7 per robot, robot 0 first): ``[0:6]`` OSC_POSE deltas in the robot's base frame, ``[6]`` the
+  gripper (its sign), bounds [-1, 1]. The goal is set once per env step from the state the step starts in, torques recomputed before every
   substep (robosuite's ``mj_step1`` -> controller -> ``mj_step2``; our backends forward, compute, ``mj_step``).
 * **Observation**: robomimic's low-dim keys in sorted order, as the ``robosuite`` backend flattens them:
-  ``object`` (robosuite's ``object-state``), ``robot0_eef_pos`` (grip site), ``robot0_eef_quat`` (the hand *body*'s
-  quaternion, x y z w, as robosuite <= 1.5 reports it), ``robot0_gripper_qpos``.
+  ``object`` (robosuite's ``object-state``), then per robot ``robot0_eef_pos`` (grip site), ``robot0_eef_quat``
+  (the hand *body*'s quaternion, x y z w, as robosuite <= 1.5 reports it), ``robot0_gripper_qpos``.
   Like robosuite after ``env.step``, positions come from the kinematics computed at the start of the last physics
   substep (MuJoCo's ``mj_step`` leaves them so, as robosuite's ``mj_step2`` does), the gripper's joint positions
   from the final state. robosuite's object-to-hand sensors (:class:`HeldObjectSceneTask`) read the object's pose
@@ -31,10 +31,11 @@ robosuite's source:
   robosuite's and robomimic's.
 * **Reward**: sparse (``reward_shaping=False``, ``reward_scale=1``): ``reward_scale`` when the task's success
   check holds, else 0. No terminations; the horizon (400 steps) truncates.
-* **Reset**: the arm at ``init_qpos + N(0, 0.02)``, the fingers at robosuite's init qpos, objects from robosuite's
+* **Reset**: each arm at ``init_qpos + N(0, 0.02)``, the fingers at robosuite's init qpos, objects from robosuite's
   ``UniformRandomSampler``s (x, y uniform in the ranges around the reference position, shrunk by the object's
-  horizontal radius where robosuite does, z from the reference, z offset and bottom offset, a rotation about z
-  uniform in [0, 2 pi), overlapping placements rejected and redrawn), the objects robosuite clears (Can's other
+  horizontal radius where robosuite does, z from the reference, z offset and bottom offset, a rotation about the
+  sampler's axis uniform in [0, 2 pi) or in its range, overlapping placements rejected and redrawn; a task may
+  then move objects onto others, :meth:`PandaSceneTask.arrange`), the objects robosuite clears (Can's other
   three, Square's round nut) moved to (10, 10, 10). Written once (:meth:`PandaSceneTask.reset`), drawn per env
   from its numpy generator in robosuite's order or for many envs at once on the device
   (:mod:`flowrl.envs.tasks.base`'s draws).
@@ -140,18 +141,41 @@ def scene_facts(scene: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class SceneIds:
-    """Indices into a shipped model that the task terms need."""
+class RobotIds:
+    """Indices of one robot in a shipped model."""
 
     eef_site: int
     hand_body: int
-    object_body: int
-    peg_body: int
     arm_qpos: tuple[int, ...]
     gripper_qpos: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SceneIds:
+    """Indices into a shipped model that the task terms need."""
+
+    robots: tuple[RobotIds, ...]
+    object_body: int
+    """The body a single-object task's success reads (-1 where the success rule names no single body)."""
+    peg_body: int
     objects: tuple[dict[str, Any], ...]
     """Objects with a free joint, in robosuite's sampling order: name, qpos_adr, radius, offsets, sampler."""
     qpos0: tuple[float, ...]
+
+    @property
+    def eef_site(self) -> int:
+        """Robot 0's grip site (a single-arm task's only robot)."""
+        return self.robots[0].eef_site
+
+    @property
+    def arm_qpos(self) -> tuple[int, ...]:
+        """Robot 0's arm joints' qpos addresses."""
+        return self.robots[0].arm_qpos
+
+    @property
+    def gripper_qpos(self) -> tuple[int, ...]:
+        """Robot 0's finger joints' qpos addresses."""
+        return self.robots[0].gripper_qpos
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +183,6 @@ def scene_ids(scene: str) -> SceneIds:
     facts = scene_facts(scene)
     model = mujoco.MjModel.from_xml_path(str(SCENES / scene / facts["xml"]))
     body = functools.partial(mujoco.mj_name2id, model, mujoco.mjtObj.mjOBJ_BODY)
-    robot = facts["robot"]
     success = facts["success"]
     by_name = {o["name"]: o for o in facts["objects"]}
     objects = []
@@ -171,11 +194,11 @@ def scene_ids(scene: str) -> SceneIds:
             objects.append({"name": name, "qpos_adr": int(obj["qpos_adr"]), "radius": float(obj["horizontal_radius"]),
                             "bottom": float(obj["bottom_offset"][2]), "top": float(obj["top_offset"][2]),
                             "sampler": sampler, "cleared": name in facts["cleared_objects"]})
-    peg = body(success["peg_body"]) if "peg_body" in success else -1
-    return SceneIds(eef_site=int(robot["eef_site"]["id"]), hand_body=body("robot0_right_hand"),
-                    object_body=body(success["body"]), peg_body=peg,
-                    arm_qpos=tuple(robot["arm_joints"]["qpos_adr"]),
-                    gripper_qpos=tuple(robot["gripper_joints"]["qpos_adr"]), objects=tuple(objects),
+    robots = tuple(RobotIds(eef_site=int(r["eef_site"]["id"]), hand_body=body(r["hand_body"]),
+                            arm_qpos=tuple(r["arm_joints"]["qpos_adr"]),
+                            gripper_qpos=tuple(r["gripper_joints"]["qpos_adr"])) for r in facts["robots"])
+    return SceneIds(robots=robots, object_body=body(success["body"]) if "body" in success else -1,
+                    peg_body=body(success["peg_body"]) if "peg_body" in success else -1, objects=tuple(objects),
                     qpos0=tuple(float(v) for v in model.qpos0))
 
 
@@ -201,7 +224,7 @@ def _quat_rotate_inverse(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PandaSceneTask(RobosuiteTask, MujocoTask):
-    """One of robosuite's single-Panda tasks, also on its shipped scene (see the module docstring). A subclass
+    """One of robosuite's Panda tasks, also on its shipped scene (see the module docstring). A subclass
     gives the object state (:meth:`object_state`) and :meth:`success`; the model, controller, action bounds,
     reset distribution, observation and reward are the scene's."""
 
@@ -241,13 +264,15 @@ class PandaSceneTask(RobosuiteTask, MujocoTask):
 
     # -- reset distribution --------------------------------------------------------------------
     def reset(self, draws: Draws, qpos0: torch.Tensor, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """robosuite's reset: the arm's Gaussian noise first, then the placement samplers in their order, each
-        object redrawn until it overlaps none placed before it (robosuite's draw order)."""
-        ids, robot, n = self.ids, self._facts["robot"], draws.n
+        """robosuite's reset: each arm's Gaussian noise (robot 0 first), then the placement samplers in their order,
+        each object redrawn until it overlaps none placed before it, then its rotation (robosuite's draw order);
+        then :meth:`arrange`."""
+        ids, n = self.ids, draws.n
         qpos = qpos0.expand(n, -1).clone()
-        arm = list(ids.arm_qpos)
-        qpos[:, arm] = draws.tensor(robot["init_qpos"]) + draws.normal((len(arm),)) * robot["init_noise"]["magnitude"]
-        qpos[:, list(ids.gripper_qpos)] = draws.tensor(robot["gripper_init_qpos"])
+        for robot, facts in zip(ids.robots, self._facts["robots"]):
+            arm = list(robot.arm_qpos)
+            qpos[:, arm] = draws.tensor(facts["init_qpos"]) + draws.normal((len(arm),)) * facts["init_noise"]["magnitude"]
+            qpos[:, list(robot.gripper_qpos)] = draws.tensor(facts["gripper_init_qpos"])
         placed: list[tuple[torch.Tensor, torch.Tensor, float, dict[str, Any]]] = []
         for obj in ids.objects:
             s = obj["sampler"]
@@ -266,23 +291,33 @@ class PandaSceneTask(RobosuiteTask, MujocoTask):
                 return ok
 
             x, y = draws.first_accepted(propose, accept, f"{self.name}'s {obj['name']}")
-            angle = draws.uniform(0.0, 2 * math.pi) if s["rotation"] is None else \
-                draws.tensor(self._fixed_angle(s)).expand(n)
             placed.append((x, y, z, obj))
             a = obj["qpos_adr"]
             qpos[:, a], qpos[:, a + 1], qpos[:, a + 2] = x, y, z
-            qpos[:, a + 3], qpos[:, a + 4:a + 6], qpos[:, a + 6] = torch.cos(angle / 2), 0.0, torch.sin(angle / 2)
+            qpos[:, a + 3:a + 7] = self.placement_quat(obj, draws)
+        self.arrange(qpos)
         for obj in ids.objects:
             if obj["cleared"]:
                 qpos[:, obj["qpos_adr"]:obj["qpos_adr"] + 7] = draws.tensor(self._facts["cleared_object_qpos"])
         return qpos, torch.zeros((n, nv), dtype=qpos.dtype, device=qpos.device)
 
-    @staticmethod
-    def _fixed_angle(sampler: dict[str, Any]) -> float:
-        rotation = sampler["rotation"]
-        if sampler["rotation_axis"] != "z" or isinstance(rotation, list):
-            raise FlowrlError(f"placement sampler {sampler['name']}: only None or fixed rotations about z are implemented")
-        return float(rotation)
+    def placement_quat(self, obj: dict[str, Any], draws: Draws) -> torch.Tensor:
+        """(n, 4) w x y z: robosuite's sampled rotation of ``obj`` about its sampler's axis (``rotation`` None:
+        uniform in [0, 2 pi); a pair: uniform between them; a number: fixed)."""
+        s = obj["sampler"]
+        rotation = s["rotation"]
+        if rotation is None:
+            angle = draws.uniform(0.0, 2 * math.pi)
+        elif isinstance(rotation, list):
+            angle = draws.uniform(min(rotation), max(rotation))
+        else:
+            angle = draws.tensor(float(rotation)).expand(draws.n)
+        quat = torch.zeros((draws.n, 4), dtype=angle.dtype, device=angle.device)
+        quat[:, 0], quat[:, 1 + "xyz".index(s["rotation_axis"])] = torch.cos(angle / 2), torch.sin(angle / 2)
+        return quat
+
+    def arrange(self, qpos: torch.Tensor) -> None:
+        """Move placed objects where the task's reset puts them after sampling (in place; none by default)."""
 
     @staticmethod
     def placement_ranges(obj: dict[str, Any]) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -294,16 +329,17 @@ class PandaSceneTask(RobosuiteTask, MujocoTask):
     # -- terms ---------------------------------------------------------------------------------
     def object_state(self, s: State, memory: torch.Tensor | None, eef_pos: torch.Tensor,
                      hand_quat: torch.Tensor) -> list[torch.Tensor]:
-        """The parts of robosuite's ``object-state``, in order (their sizes add up to ``object_dim``)."""
+        """The parts of robosuite's ``object-state``, in order (their sizes add up to ``object_dim``).
+        ``eef_pos`` (N, R, 3) and ``hand_quat`` (N, R, 4, w x y z) are the R robots' grip sites and hands."""
         raise NotImplementedError
 
     def observation(self, s: State, memory: torch.Tensor | None = None) -> torch.Tensor:
-        ids = self.ids
-        eef_pos = s["site_xpos"][:, ids.eef_site]
-        hand_quat = s["xquat"][:, ids.hand_body]
-        gripper = s["qpos"][:, list(ids.gripper_qpos)]
-        return torch.cat([*self.object_state(s, memory, eef_pos, hand_quat), eef_pos, quat_xyzw(hand_quat), gripper],
-                         dim=-1)
+        robots = self.ids.robots
+        eef_pos = torch.stack([s["site_xpos"][:, r.eef_site] for r in robots], dim=1)
+        hand_quat = torch.stack([s["xquat"][:, r.hand_body] for r in robots], dim=1)
+        per_robot = [torch.cat([eef_pos[:, i], quat_xyzw(hand_quat[:, i]), s["qpos"][:, list(r.gripper_qpos)]], dim=-1)
+                     for i, r in enumerate(robots)]
+        return torch.cat([*self.object_state(s, memory, eef_pos, hand_quat), *per_robot], dim=-1)
 
     def success(self, s: State) -> torch.Tensor:
         raise NotImplementedError
@@ -332,6 +368,7 @@ class HeldObjectSceneTask(PandaSceneTask):
         """``<obj>_to_robot0_eef_pos`` (the object's position in the hand frame centred at the grip site),
         ``<obj>_to_robot0_eef_quat`` (its orientation relative to the hand, w >= 0), ``<obj>_pos``, ``<obj>_quat``."""
         body = self.ids.object_body
+        eef_pos, hand_quat = eef_pos[:, 0], hand_quat[:, 0]
         seen = self.observation_memory(s) if memory is None else memory
         seen_pos, seen_quat = seen[:, 1:4], seen[:, 4:8]
         conjugate = torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=hand_quat.dtype, device=hand_quat.device)
