@@ -8,6 +8,14 @@ finest d; self-consistency rows (``shortcut_fraction`` of the batch) pick a step
 two and t on the 2d grid, and regress the mean velocity of two d-steps of the EMA network, so a
 single step of 2d lands where two steps of d would.
 
+MeanFlow (``policy.head=meanflow``; SplitMeanFlow, Guo et al. 2025): the network also sees an interval
+length d and learns the average velocity over [t, t + d]. Flow-matching rows use d = 0 (the
+instantaneous velocity: the boundary condition); interval rows (``shortcut_fraction`` of the batch)
+draw d uniform in (0, 1], t uniform in [0, 1 - d] and a split point inside the interval, and regress
+the EMA network's velocities over the two parts, weighted by their lengths (the algebraic
+interval-splitting identity; no Jacobian-vector product), so one step over [0, 1] lands where the flow
+does.
+
 AdamW with linear warm-up then cosine decay; an EMA of the weights is evaluated and saved.
 Training is exactly resumable: the batch sampler draws from one ``torch.Generator`` whose state is
 part of the training state with the optimiser and the schedule.
@@ -37,7 +45,7 @@ from flowrl.cuda_graph import (StepGraph, device_learning_rates, fused_if_cuda, 
 from flowrl.datasets import ChunkDataset, Episodes, read_dataset
 from flowrl.envs import canonical_task, make
 from flowrl.errors import FlowrlError
-from flowrl.policy import FlowPolicy, shortcut_target
+from flowrl.policy import FlowPolicy, shortcut_target, split_interval_target
 from flowrl.training import Agent
 
 
@@ -64,7 +72,8 @@ class BCConfig(LoopConfig):
     time_sampling: str = "uniform"
     """Distribution of flow time t in [0, 1] for flow-matching rows: uniform or logit_normal."""
     shortcut_fraction: float = 0.25
-    """Shortcut heads: fraction of each batch used for self-consistency rows."""
+    """Shortcut and meanflow heads: fraction of each batch used for self-consistency rows (shortcut: one step of 2d
+    against two of d; meanflow: an interval against its two parts)."""
     log_every: int = 100
     """Write TensorBoard scalars every N gradient steps."""
     checkpoint_every: int = 5000
@@ -130,10 +139,9 @@ def flow_matching_loss(policy: FlowPolicy, cond: torch.Tensor, x1: torch.Tensor,
     if draws is None:
         assert gen is not None
         draws = draw_flow_matching(tuple(x1.shape), gen, x1.device, time_sampling)
-    n, x0, t = x1.shape[0], draws["x0"], draws["t"]
+    x0, t = draws["x0"], draws["t"]
     x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * x1
-    d = torch.full((n,), 1.0 / policy.cfg.max_shortcut_steps, device=x1.device) if policy.is_shortcut else None
-    return F.mse_loss(policy.velocity(t, x_t, cond, d), x1 - x0)
+    return F.mse_loss(policy.velocity(t, x_t, cond, policy.flow_matching_step(t)), x1 - x0)
 
 
 def draw_shortcut(shape: tuple[int, ...], levels: int, gen: torch.Generator, device: torch.device
@@ -160,6 +168,31 @@ def shortcut_consistency_loss(policy: FlowPolicy, ema: FlowPolicy, cond: torch.T
     with torch.no_grad():
         target = shortcut_target(lambda tt, xx, dd: ema.velocity(tt, xx, ema_cond, dd), x_t, t, big / 2)
     return F.mse_loss(policy.velocity(t, x_t, cond, big), target)
+
+
+def draw_interval(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The random draws of :func:`interval_consistency_loss`: interval lengths ``d`` in (0, 1], start times
+    ``t`` uniform in [0, 1 - d], split points ``split`` in [0, 1), noise ``x0``."""
+    n = shape[0]
+    d = 1.0 - torch.rand(n, generator=gen, device=device)
+    t = torch.rand(n, generator=gen, device=device) * (1.0 - d)
+    split = torch.rand(n, generator=gen, device=device)
+    return {"d": d, "t": t, "split": split, "x0": torch.randn(shape, generator=gen, device=device)}
+
+
+def interval_consistency_loss(policy: FlowPolicy, ema: FlowPolicy, cond: torch.Tensor, ema_cond: torch.Tensor,
+                              x1: torch.Tensor, gen: torch.Generator | None = None,
+                              draws: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The average velocity over [t, t + d] must match the EMA's over its two parts (targets without gradient)."""
+    if draws is None:
+        assert gen is not None
+        draws = draw_interval(tuple(x1.shape), gen, x1.device)
+    t, d = draws["t"], draws["d"]
+    x_t = (1 - t.view(-1, 1, 1)) * draws["x0"] + t.view(-1, 1, 1) * x1
+    with torch.no_grad():
+        target = split_interval_target(lambda tt, xx, dd: ema.velocity(tt, xx, ema_cond, dd), x_t, t, d,
+                                       draws["split"])
+    return F.mse_loss(policy.velocity(t, x_t, cond, d), target)
 
 
 class BehaviorCloning(Agent):
@@ -235,11 +268,13 @@ class BehaviorCloning(Agent):
             levels = int(math.log2(policy.cfg.max_shortcut_steps))
             sc = draw_shortcut((n - n_fm, *policy.chunk_shape), levels, self.gen, dev)
             draws.update({f"sc_{k}": v for k, v in sc.items()})
+        elif policy.takes_step_size:
+            draws.update({f"sc_{k}": v for k, v in draw_interval((n - n_fm, *policy.chunk_shape), self.gen, dev).items()})
         return draws
 
     def _consistency_rows(self) -> int:
-        """Rows of each batch used for the shortcut's self-consistency (0 for rectified flow)."""
-        if not self.model.is_shortcut:
+        """Rows of each batch used for the shortcut's or meanflow's self-consistency (0 for rectified flow)."""
+        if not self.model.takes_step_size:
             return 0
         return max(1, int(round(self.rank_batch * self.cfg.train.shortcut_fraction)))
 
@@ -255,13 +290,14 @@ class BehaviorCloning(Agent):
         n_fm = n - n_sc
         fm_draws = {"x0": draws["fm_x0"], "t": draws["fm_t"]}
         out: dict[str, torch.Tensor] = {}
-        if policy.is_shortcut:
+        if policy.takes_step_size:
             fm = flow_matching_loss(policy, cond[:n_fm], x1[:n_fm], draws=fm_draws)
             ema_images = None if images is None else {c: x[n_fm:] for c, x in images.items()}
-            sc = shortcut_consistency_loss(policy, self.ema, cond[n_fm:], self.ema.encode(obs[n_fm:], ema_images),
-                                           x1[n_fm:], draws={k[3:]: v for k, v in draws.items() if k.startswith("sc_")})
+            consistency = shortcut_consistency_loss if policy.is_shortcut else interval_consistency_loss
+            sc = consistency(policy, self.ema, cond[n_fm:], self.ema.encode(obs[n_fm:], ema_images), x1[n_fm:],
+                             draws={k[3:]: v for k, v in draws.items() if k.startswith("sc_")})
             loss = (fm * n_fm + sc * n_sc) / n
-            out["train/shortcut_loss"] = sc.detach()
+            out["train/shortcut_loss" if policy.is_shortcut else "train/interval_loss"] = sc.detach()
         else:
             fm = loss = flow_matching_loss(policy, cond, x1, draws=fm_draws)
         out["train/bc_loss"] = fm.detach()

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowrl.checkpoint import load_policy, resolve_checkpoint
-from flowrl.config import (FinetuneConfig, LoopConfig, check_non_negative, check_positive, fail, setup_torch)
+from flowrl.checkpoint import load_init, recorded_dataset
+from flowrl.config import (FinetuneConfig, GradientStepLoopConfig, check_non_negative, check_positive, fail,
+                           setup_torch)
 from flowrl.cuda_graph import fused_if_cuda
 from flowrl.datasets import ChunkDataset, read_dataset
-from flowrl.envs import canonical_task
 from flowrl.errors import FlowrlError
 from flowrl.policy import FlowPolicy, require_state_only
 from flowrl.sampler import euler_sample, time_grid
@@ -52,7 +52,7 @@ from flowrl.training import Agent
 
 
 @dataclass
-class MLEConfig(LoopConfig):
+class MLEConfig(GradientStepLoopConfig):
     """MLE reconstruction fine-tuning (``algo: mle``); its iterations are gradient steps."""
 
     method: str = "ft"
@@ -88,14 +88,6 @@ class MLEConfig(LoopConfig):
     (where positive) plus (this - 1) times its estimated Lipschitz constant."""
     lipschitz_samples: int = 256
     """ResFT: (obs, t, a) points at which the frozen field's Jacobian bounds are estimated."""
-    log_every: int = 50
-    """Write TensorBoard scalars every N gradient steps."""
-    eval_every: int = 500
-    """Evaluate in simulation every N gradient steps (0: only at the end)."""
-    eval_episodes: int = 5
-    """Episodes of each periodic evaluation."""
-    checkpoint_every: int = 500
-    """Save a checkpoint every N gradient steps (and at the end)."""
 
     def validate(self, prefix: str = "train.") -> None:
         super().validate(prefix)
@@ -131,7 +123,7 @@ def jacobian_bounds(policy: FlowPolicy, obs: torch.Tensor, k: int, iterations: i
     cond = policy.encode(obs).detach()
     t = torch.randint(0, k, (n,), generator=generator, device=obs.device).float() / k
     a = torch.randn((n, *policy.chunk_shape), generator=generator, device=obs.device)
-    d = torch.full((n,), 1.0 / k, device=obs.device) if policy.is_shortcut else None
+    d = torch.full((n,), 1.0 / k, device=obs.device) if policy.takes_step_size else None
 
     def field(x: torch.Tensor) -> torch.Tensor:
         return policy.velocity(t, x, cond, d)
@@ -187,14 +179,13 @@ class MLEFineTuning(Agent):
         self.cfg = cfg
         t = cfg.train
         self.device = setup_torch(cfg)
-        init = resolve_checkpoint(cfg.init)
-        pretrained, init_config = load_policy(init, self.device)
+        pretrained, _, self.task, self.init_info = load_init(cfg.init, cfg.task, self.device)
+        init = self.init_info["path"]
         require_state_only(pretrained, f"{init}: MLE fine-tuning")
-        self.task = canonical_task(cfg.task or init_config["task"])
-        self.init_info = {"path": str(init), "step": init_config.get("step"), "stage": init_config.get("stage")}
-        data_path = t.data or (init_config.get("dataset") or {}).get("path", "")
+        data_path = t.data or recorded_dataset(init)
         if not data_path:
-            raise FlowrlError(f"config: train.data: {init} records no dataset; name the demonstrations (train.data=PATH)")
+            raise FlowrlError(f"config: train.data: {init} records no dataset (nor does any checkpoint it was fine-tuned "
+                              "from); name the demonstrations (train.data=PATH)")
         episodes = read_dataset(data_path).head(t.max_episodes)
         if (episodes.obs_dim, episodes.act_dim) != (pretrained.obs_dim, pretrained.act_dim):
             raise FlowrlError(f"{data_path}: obs/act dims {episodes.obs_dim}/{episodes.act_dim} differ from the "
@@ -220,6 +211,7 @@ class MLEFineTuning(Agent):
         else:
             self.model = pretrained
         self.model.cfg.k = self.K
+        self.model.cfg.time_grids = {}  # chosen for the pretrained weights; the solver trains on the uniform grid
         self.model.train()
         self.log_std = LogStd(self.model.chunk_shape).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]

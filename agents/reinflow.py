@@ -344,6 +344,7 @@ class ReinFlow(Agent):
         self.init_info = {"path": str(cfg.init), "step": init_config.get("step"), "stage": init_config.get("stage")}
         self.K = t.k or policy.cfg.k
         policy.cfg.k = self.K
+        policy.cfg.time_grids = {}  # chosen for the pretrained weights; the chain steps on the uniform grid
         self._policy = policy.train()
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         torch.manual_seed(cfg.seed)

@@ -111,6 +111,40 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[F
     return policy.to(device).eval(), config
 
 
+def load_init(init: str | Path, task: str, device: str | torch.device) -> tuple[FlowPolicy, dict[str, Any], str,
+                                                                             dict[str, Any]]:
+    """A fine-tuning's starting point: the policy of ``init`` (a checkpoint, or the one a run folder stands
+    for), its config.json, the task (``task``, else the checkpoint's; canonical) and what the fine-tuning's
+    checkpoints record of where they started (``init``: path, step, stage)."""
+    from flowrl.envs import canonical_task
+
+    folder = resolve_checkpoint(init)
+    policy, config = load_policy(folder, device)
+    if not (task or config.get("task")):
+        raise FlowrlError(f"{folder / CONFIG}: missing key 'task'")
+    info = {"path": str(folder), "step": config.get("step"), "stage": config.get("stage")}
+    return policy, config, canonical_task(task or config["task"]), info
+
+
+def recorded_dataset(folder: str | Path) -> str | None:
+    """The demonstrations a checkpoint's policy descends from: its config.json's ``dataset.path``
+    (behaviour cloning, MLE, distillation), else that of the checkpoint it was fine-tuned from
+    (``init.path``, followed back through fine-tunings of fine-tunings); None when no link records one."""
+    seen: set[Path] = set()
+    folder = Path(folder)
+    while folder not in seen:
+        seen.add(folder)
+        config = read_config(folder)
+        path = (config.get("dataset") or {}).get("path")
+        if path:
+            return str(path)
+        init = (config.get("init") or {}).get("path")
+        if not init or not (Path(init) / CONFIG).is_file():
+            return None
+        folder = Path(init)
+    return None
+
+
 def load_train_state(folder: str | Path) -> dict[str, Any]:
     """The training state saved beside a checkpoint (to resume exactly); garbage is a FlowrlError."""
     path = Path(folder) / TRAIN_STATE

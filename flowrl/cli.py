@@ -22,6 +22,8 @@ EPILOG = """stages:
   flowrl collect experts/hopper --level medium --episodes 100 --out data/my-hopper.hdf5
   flowrl pretrain configs/hopper/pretrain_reflow.yaml  behaviour cloning, then evaluation
   flowrl finetune configs/hopper/finetune_reflow.yaml --init runs/NAME   ReinFlow fine-tuning
+  flowrl distill runs/NAME --k 1                      distil into a one-step student (prior noise, no actions)
+  flowrl distill runs/NAME --grid --k 2 4             the optimal Euler grid of each K, stored in the checkpoint
   flowrl eval runs/NAME --k 1 2 4 8                    evaluate a checkpoint at several K
   flowrl data info data/hopper-medium.hdf5             summarise any supported dataset
   flowrl describe runs/NAME                            observation layout, action bounds, policy of a checkpoint
@@ -78,6 +80,40 @@ def _parser() -> argparse.ArgumentParser:
                     "(from the beginning if it has none yet, so a requeued job can always pass it)")
     ft.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    di = sub.add_parser("distill", help="a few-step policy from a trained one: a K-step student distilled from prior "
+                        "noise (no actions read), or the optimal Euler grid of a fixed K (--grid)",
+                        description="Distil a trained policy (the teacher) into a student whose K-step sampler "
+                        "(--k, default 1) lands where the teacher's lands from the same prior noise, conditioned on "
+                        "the observations of the demonstrations the teacher descends from (their actions are not "
+                        "read); a fine-tuning run (algo distill) with periodic evaluation, checkpoints and a final "
+                        "table, like `flowrl finetune`. With --grid: choose, for each K of --k, the Euler steps that "
+                        "bring the K-step solution closest to the policy's own fine solution (dynamic programming "
+                        "over candidate times, BOSS) and store the grids that beat the uniform one in the checkpoint "
+                        "(or in a copy, --out); `flowrl eval`, `flowrl export` and the deploy runtime step on them.")
+    di.add_argument("run", help=f"the teacher: checkpoint folder or run folder ({RUN_FOLDER})")
+    di.add_argument("overrides", nargs="*", help="key=value overrides of the distillation config, e.g. train.lr=3e-4 "
+                    "(`flowrl config describe finetune --algo distill`)")
+    di.add_argument("--k", type=int, nargs="+", default=[1], help="the student's Euler steps K (default 1); with "
+                    "--grid, every K whose grid to choose")
+    di.add_argument("--steps", type=int, help="gradient-step budget (same as train.steps=N)")
+    di.add_argument("--data", help="demonstrations whose observations condition the samples (default: the dataset "
+                    "the checkpoint records, followed back through fine-tunings)")
+    di.add_argument("--out", help="run folder (default: runs/<task>-finetune-<head>-<time>); with --grid, a new "
+                    "checkpoint folder (default: the grids are written into the checkpoint itself)")
+    di.add_argument("--resume", action="store_true", help="continue the distillation run in --out from its latest "
+                    "checkpoint")
+    di.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    di.add_argument("--quiet", action="store_true", help="no progress bar")
+    di.add_argument("--device", help="torch device (default: the config's, auto; --grid: cpu)")
+    di.add_argument("--grid", action="store_true", help="choose the optimal Euler grid of each K instead of training")
+    di.add_argument("--samples", type=int, default=512, help="--grid: observations and noises the grid is fitted on, "
+                    "and as many held out to check it against the uniform grid (default 512)")
+    di.add_argument("--resolution", type=int, default=64, help="--grid: candidate times j/N, N of them (default 64)")
+    di.add_argument("--refine", type=int, default=4, help="--grid: Euler steps of the reference solution per "
+                    "candidate interval (default 4)")
+    di.add_argument("--seed", type=int, default=0, help="--grid: seed of the observations and noises drawn "
+                    "(default 0); training: the config's seed")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint at several K",
                         description="Evaluate the deterministic policy of a checkpoint at each K; prints a table "
@@ -263,8 +299,9 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
                     "default 8)")
 
 
-def _train(stage: str, args: argparse.Namespace) -> None:
-    """pretrain and finetune: config -> agent (through the registry) -> the training loop."""
+def _train(stage: str, args: argparse.Namespace, presets_required: bool = True) -> None:
+    """pretrain, finetune and distill: config -> agent (through the registry) -> the training loop.
+    ``presets_required=False``: the overrides alone may make the config (distill's)."""
     from flowrl.config import load_stage_config
     from flowrl.registry import agent_info
     from flowrl.run import RunFolder
@@ -284,7 +321,7 @@ def _train(stage: str, args: argparse.Namespace) -> None:
     run_config = os.path.join(args.out, "config.yaml") if args.resume and args.out else None
     if run_config and os.path.isfile(run_config):
         presets.insert(0, run_config)  # the run's own resolved config: --resume --out RUN needs nothing else
-    if not presets:
+    if not presets and presets_required:
         raise FlowrlError(f"a config is required (flowrl {stage} CONFIG), or --resume --out RUN of a run that "
                           "has a config.yaml")
     cfg = load_stage_config(stage, presets, overrides)
@@ -366,6 +403,45 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     _train("finetune", args)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    if args.grid:
+        _time_grids(args)
+        return
+    if len(args.k) != 1:
+        raise FlowrlError(f"--k: distillation trains one student; give one K, got {' '.join(map(str, args.k))} "
+                          "(several Ks are for --grid)")
+    overrides = ["algo=distill", f"train.k={args.k[0]}"]
+    if args.data:
+        overrides.append(f"train.data={args.data}")
+    if args.device:
+        overrides.append(f"device={args.device}")
+    args.config, args.init, args.env_steps = None, args.run, None
+    args.overrides = overrides + list(args.overrides)
+    _train("finetune", args, presets_required=False)
+
+
+def _time_grids(args: argparse.Namespace) -> None:
+    """``flowrl distill --grid``: the optimal Euler grid of each K, into the checkpoint or a copy of it."""
+    from flowrl.checkpoint import resolve_checkpoint
+    from flowrl.registry import tool
+
+    if args.overrides or args.steps is not None or args.resume:
+        raise FlowrlError("--grid takes no config overrides, --steps or --resume (it trains nothing)")
+    if any(k < 1 for k in args.k):
+        raise FlowrlError(f"--k must be >= 1, got {' '.join(map(str, args.k))}")
+    source = resolve_checkpoint(args.run)
+    rows = tool("time-grid")(source, args.k, args.out, data=args.data or "", samples=args.samples,
+                             resolution=args.resolution, refine=args.refine, seed=args.seed, device=args.device or "cpu")
+    print(f"optimal Euler grids of {source} (mean squared error per element against the policy's fine solution, "
+          f"{args.samples} held-out noises and observations)")
+    print(f"{'K':>3}  {'uniform error':>13}  {'grid error':>10}  grid")
+    for row in rows:
+        kept = "" if row["kept"] else "  (not better: uniform kept)"
+        print(f"{row['k']:>3}  {row['uniform_error']:>13.3g}  {row['error']:>10.3g}  "
+              f"{' '.join(f'{t:.3f}' for t in row['times'])}{kept}")
+    print(f"wrote {Path(args.out) if args.out else source / 'config.json'}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -590,8 +666,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         server.stop()
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval, "data": cmd_data, "expert": cmd_expert,
-            "collect": cmd_collect, "config": cmd_config, "describe": cmd_describe, "plot": cmd_plot,
+COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "distill": cmd_distill, "eval": cmd_eval,
+            "data": cmd_data, "expert": cmd_expert, "collect": cmd_collect, "config": cmd_config, "describe": cmd_describe, "plot": cmd_plot,
             "export": cmd_export, "deploy-sim": cmd_deploy_sim, "serve": cmd_serve}
 
 

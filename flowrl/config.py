@@ -34,10 +34,16 @@ folder (:func:`flowrl.checkpoint.resolve_checkpoint`): with fewer, the highest o
 evaluations is mostly the luckiest, and the run folder means its last checkpoint."""
 
 
+HEADS = ("reflow", "shortcut", "meanflow")
+"""The velocity heads a policy can have (``policy.head``)."""
+
+
 @dataclass
 class PolicyConfig:
     head: str = "reflow"
-    """Velocity head: `reflow` (rectified flow) or `shortcut` (step-size conditioned, Frans et al. 2024)."""
+    """Velocity head: `reflow` (rectified flow), `shortcut` (step-size conditioned, Frans et al. 2024) or `meanflow`
+    (the average velocity over an interval, trained with SplitMeanFlow's interval-splitting identity: one step by
+    construction)."""
     obs_history: int = 1
     """Number of past observations the policy is conditioned on (the current one included)."""
     horizon: int = 4
@@ -51,9 +57,13 @@ class PolicyConfig:
     depth: int = 3
     """Number of residual blocks of the velocity network."""
     time_embed_dim: int = 32
-    """Size of the sinusoidal embedding of t (and of the step size d for shortcut heads)."""
+    """Size of the sinusoidal embedding of t (and of the step size d for shortcut and meanflow heads)."""
     max_shortcut_steps: int = 128
     """Shortcut heads: finest step size is 1/max_shortcut_steps (a power of two)."""
+    time_grids: dict[str, list[float]] = field(default_factory=dict)
+    """Non-uniform Euler grids by K (`"4": [0, t_1, t_2, t_3, 1]`), used instead of t_k = k/K wherever the
+    deterministic K-step sampler runs (evaluation, export, deployment); written by `flowrl distill --grid`,
+    which chooses them for this policy's weights (fine-tuning drops them). Empty: the uniform grid for every K."""
     residual_hidden_dim: int = 0
     """Width of a contracting residual field added to the velocity (0: none; MLE fine-tuning's ResFT adds it)."""
     residual_gain_min: float = 0.0
@@ -110,6 +120,21 @@ class LoopConfig:
     def validate(self, prefix: str = "train.") -> None:
         check_positive(self, prefix, "log_every", "eval_episodes", "checkpoint_every")
         check_non_negative(self, prefix, "eval_every", "max_minutes")
+
+
+@dataclass
+class GradientStepLoopConfig(LoopConfig):
+    """The loop of an agent whose iterations are gradient steps on demonstrations (MLE, distillation):
+    its intervals counted in gradient steps."""
+
+    log_every: int = 50
+    """Write TensorBoard scalars every N gradient steps."""
+    eval_every: int = 500
+    """Evaluate in simulation every N gradient steps (0: only at the end)."""
+    eval_episodes: int = 5
+    """Episodes of each periodic evaluation."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every N gradient steps (and at the end)."""
 
 
 @dataclass
@@ -197,8 +222,8 @@ def check_fraction(obj: Any, prefix: str, *names: str) -> None:
 
 
 def validate_policy(p: PolicyConfig, prefix: str = "policy.") -> None:
-    if p.head not in ("reflow", "shortcut"):
-        fail(f"{prefix}head", f"must be reflow or shortcut, got '{p.head}'")
+    if p.head not in HEADS:
+        fail(f"{prefix}head", f"must be one of {', '.join(HEADS)}, got '{p.head}'")
     check_positive(p, prefix, "obs_history", "horizon", "act_steps", "k", "hidden_dim", "depth",
                    "time_embed_dim", "max_shortcut_steps")
     check_non_negative(p, prefix, "residual_hidden_dim", "residual_gain_min", "image_shift")
@@ -214,6 +239,25 @@ def validate_policy(p: PolicyConfig, prefix: str = "policy.") -> None:
     m = p.max_shortcut_steps
     if m & (m - 1):
         fail(f"{prefix}max_shortcut_steps", f"must be a power of two, got {m}")
+    for key, times in p.time_grids.items():
+        problem = time_grid_problem(key, times)
+        if problem:
+            fail(f"{prefix}time_grids.{key}", problem)
+
+
+def time_grid_problem(key: str, times: list[float]) -> str | None:
+    """Why ``times`` is not a K-step Euler grid for K = ``key`` (one line), or None: K + 1 strictly
+    increasing times from 0 to 1."""
+    if not str(key).isdigit() or int(key) < 1:
+        return f"the key must be a number of steps K >= 1, got '{key}'"
+    k = int(key)
+    if len(times) != k + 1:
+        return f"a grid of K = {k} steps has {k + 1} times, got {len(times)}"
+    if times[0] != 0.0 or times[-1] != 1.0:
+        return f"must start at 0 and end at 1, got {times[0]} and {times[-1]}"
+    if any(b <= a for a, b in zip(times, times[1:])):
+        return f"times must increase strictly, got {list(times)}"
+    return None
 
 
 def _validate_task(task: str) -> None:

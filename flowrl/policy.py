@@ -1,7 +1,11 @@
 """Flow policies: an observation history in, a chunk of env-ready actions out.
 
 A policy is an observation encoder (normalise and flatten the history), a velocity network
-v(t, a, obs[, d]) and the Euler sampler. Observations are standardised with statistics of the
+v(t, a, obs[, d]) and the Euler sampler. Three heads share the network: ``reflow`` (the
+instantaneous velocity v(t, a)), ``shortcut`` (the velocity of one step of size d, d from powers of
+two) and ``meanflow`` (the average velocity u(a_t, t, d) = (a_{t+d} - a_t) / d over any interval
+[t, t + d] of the flow, with u(a, t, 0) = v(a, t)). A step of size d from t is ``a + d * v(t, a, d)``
+for every head, so the samplers, the noisy chain of fine-tuning and the exports treat them alike. Observations are standardised with statistics of the
 demonstrations and actions live in [-1, 1] inside the policy; both maps are buffers of the module,
 so they are saved with the weights and travel into exports.
 """
@@ -17,14 +21,14 @@ from torch import nn
 from flowrl.config import PolicyConfig, renamed_argument
 from flowrl.errors import FlowrlError
 from flowrl.nets import ResidualMLP, SinusoidalEmbedding
-from flowrl.sampler import euler_sample
+from flowrl.sampler import grid_euler_sample, uniform_times
 from flowrl.vision import ImageEncoder
 
 OBS_CLIP = 10.0
 
 
 class FlowPolicy(nn.Module):
-    """A rectified-flow or shortcut policy over action chunks of shape (horizon, act_dim)."""
+    """A rectified-flow, shortcut or meanflow policy over action chunks of shape (horizon, act_dim)."""
 
     def __init__(self, cfg: PolicyConfig, obs_dim: int, act_dim: int,
                  action_low: np.ndarray | torch.Tensor | None = None,
@@ -40,15 +44,17 @@ class FlowPolicy(nn.Module):
         self.register_buffer("action_low", low.clone())
         self.register_buffer("action_high", high.clone())
         self.is_shortcut = cfg.head == "shortcut"
+        self.takes_step_size = cfg.head in ("shortcut", "meanflow")
+        """Whether the network sees the step size d (shortcut and meanflow heads)."""
         emb = cfg.time_embed_dim
         self.time_embed = SinusoidalEmbedding(emb)
-        self.step_embed = SinusoidalEmbedding(emb) if self.is_shortcut else None
+        self.step_embed = SinusoidalEmbedding(emb) if self.takes_step_size else None
         self.image_encoder = (ImageEncoder(list(cfg.cameras), cfg.image_size, cfg.image_features, cfg.image_shift,
                                            cfg.image_jitter)
                               if cfg.cameras else None)
         image_dim = self.image_encoder.out_dim if self.image_encoder is not None else 0
         self.cond_dim = cfg.obs_history * (obs_dim + image_dim)
-        in_dim = cfg.horizon * act_dim + self.cond_dim + emb * (2 if self.is_shortcut else 1)
+        in_dim = cfg.horizon * act_dim + self.cond_dim + emb * (2 if self.takes_step_size else 1)
         self.velocity_net = ResidualMLP(in_dim, cfg.horizon * act_dim, cfg.hidden_dim, cfg.depth)
         self.residual = (ContractingResidual(self.cond_dim, self.chunk_shape, cfg.residual_hidden_dim,
                                              emb, cfg.residual_gain_min) if cfg.residual_hidden_dim else None)
@@ -91,20 +97,41 @@ class FlowPolicy(nn.Module):
                  step_size: torch.Tensor | None = None) -> torch.Tensor:
         """v(t, a, obs[, d]) for (B,) t, (B, horizon, act_dim) a, (B, F) encoded obs.
 
-        Shortcut heads also take the step size d (B,); rectified-flow heads ignore it.
+        Shortcut and meanflow heads also take the step size d (B,) (meanflow: d = 0 is the instantaneous
+        velocity); rectified-flow heads ignore it.
         """
         parts = [action.flatten(1), cond, self.time_embed(t)]
         if self.step_embed is not None:
             if step_size is None:
-                raise ValueError("a shortcut head needs the step size d")
+                raise ValueError(f"a {self.cfg.head} head needs the step size d")
             parts.append(self.step_embed(step_size))
         v = self.velocity_net(torch.cat(parts, dim=-1)).view(-1, *self.chunk_shape)
         return v if self.residual is None else v + self.residual(t, action, cond)
 
     def velocity_fn(self, cond: torch.Tensor, k: int):
-        """v(t, x) closed over the observation features, with d = 1/K for shortcut heads (K = ``k``)."""
-        d = torch.full((cond.shape[0],), 1.0 / k, device=cond.device) if self.is_shortcut else None
+        """v(t, x) closed over the observation features, for the uniform grid of K = ``k`` steps: d = 1/K for
+        heads that take a step size. What the noisy chain of fine-tuning steps with: for a meanflow head its
+        one step at K = 1 is the average velocity over [0, 1]."""
+        d = torch.full((cond.shape[0],), 1.0 / k, device=cond.device) if self.takes_step_size else None
         return lambda t, x: self.velocity(t, x, cond, d)
+
+    def flow_matching_step(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The step size d (like ``t``) at which the network gives the instantaneous velocity, what flow
+        matching trains: the finest shortcut step, 0 for a meanflow head (the average velocity over an empty
+        interval), None for a rectified flow."""
+        if self.is_shortcut:
+            return torch.full_like(t, 1.0 / self.cfg.max_shortcut_steps)
+        return torch.zeros_like(t) if self.takes_step_size else None
+
+    def step_velocity_fn(self, cond: torch.Tensor):
+        """v(t, x, d) closed over the observation features, for steps of any size d (non-uniform grids)."""
+        return lambda t, x, d: self.velocity(t, x, cond, d if self.takes_step_size else None)
+
+    def time_grid(self, k: int) -> list[float]:
+        """The K + 1 times the deterministic sampler steps through at K = ``k``: the policy's own grid for
+        that K (``cfg.time_grids``), else the uniform ``t_i = i / K``."""
+        grid = self.cfg.time_grids.get(str(k))
+        return [float(t) for t in grid] if grid else uniform_times(k)
 
     # -- sampling ------------------------------------------------------------------------------
     def initial_noise(self, batch: int, generator: torch.Generator | None = None,
@@ -117,11 +144,14 @@ class FlowPolicy(nn.Module):
                images: dict[str, torch.Tensor] | None = None, *,
                num_steps: int | None = None) -> torch.Tensor:
         """Normalised action chunks (B, horizon, act_dim), unclamped, from ``k`` Euler steps (default:
-        the policy's own K); deterministic given ``noise``. ``num_steps`` is the old name of ``k``."""
+        the policy's own K) on :meth:`time_grid`; deterministic given ``noise``. ``num_steps`` is the old
+        name of ``k``."""
         k = renamed_argument("FlowPolicy.sample", "num_steps", "k", num_steps, k) or self.cfg.k
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         cond = self.encode(obs, images)
         x0 = self.initial_noise(obs.shape[0], generator) if noise is None else noise
-        return euler_sample(self.velocity_fn(cond, k), x0, k)
+        return grid_euler_sample(self.step_velocity_fn(cond), x0, self.time_grid(k))
 
     def predict(self, obs: torch.Tensor | np.ndarray, k: int | None = None,
                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -195,13 +225,33 @@ class ContractingResidual(nn.Module):
         return -gain * (action - m)
 
 
+def split_interval_target(velocity: Any, x_t: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
+                          split: torch.Tensor) -> torch.Tensor:
+    """SplitMeanFlow's target for the average velocity over [t, t + d]: the interval is split at
+    ``s = t + split * d`` (``split`` in (0, 1), per row) and
+
+        d u(x_t, t, d) = (s - t) u(x_t, t, s - t) + (t + d - s) u(x_s, s, t + d - s),
+        x_s = x_t + (s - t) u(x_t, t, s - t),
+
+    which holds exactly for the true average velocity of any flow (the displacement over the interval is
+    the sum of the displacements over its two parts). ``velocity(t, x, d)`` is the (EMA) meanflow field;
+    the target is the right-hand side divided by d."""
+    def col(v: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *([1] * (x_t.dim() - 1)))
+
+    first = split * d
+    second = d - first
+    u1 = velocity(t, x_t, first)
+    x_s = x_t + col(first) * u1
+    u2 = velocity(t + first, x_s, second)
+    return col(split) * u1 + col(1 - split) * u2
+
+
 def shortcut_target(velocity: Any, x_t: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Self-consistency target for step size 2d: the mean velocity of two Euler steps of size d.
 
     ``velocity(t, x, d)`` is the (EMA) shortcut field. Equals ``(x_{t+2d} - x_t) / (2d)`` where
-    ``x_{t+2d}`` is reached by two steps of size d: the shortcut of 2d must match them.
+    ``x_{t+2d}`` is reached by two steps of size d: the shortcut of 2d must match them (the interval
+    [t, t + 2d] split in its middle, :func:`split_interval_target`).
     """
-    v1 = velocity(t, x_t, d)
-    x_mid = x_t + d.view(-1, *([1] * (x_t.dim() - 1))) * v1
-    v2 = velocity(t + d, x_mid, d)
-    return 0.5 * (v1 + v2)
+    return split_interval_target(velocity, x_t, t, 2 * d, torch.full_like(d, 0.5))

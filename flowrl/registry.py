@@ -67,18 +67,24 @@ def agent_info(stage: str, algo: str) -> AgentInfo:
     return known[algo]
 
 
-TOOLS = {"collect": "flowrl.agents.collect:collect", "expert": "flowrl.agents.expert:train_expert"}
-"""The other commands' entry points in ``flowrl.agents`` (demonstration collection, expert training)."""
+TOOLS = {"collect": "flowrl.agents.collect:collect", "expert": "flowrl.agents.expert:train_expert",
+         "time-grid": "flowrl.agents.distill:write_time_grids"}
+"""The other commands' entry points in ``flowrl.agents`` (demonstration collection, expert training, the optimal
+Euler grids of ``flowrl distill --grid``)."""
 
 
 def tool(name: str) -> Any:
-    """The function behind ``flowrl collect`` / ``flowrl expert``, imported when first used."""
+    """The function behind ``flowrl collect`` / ``flowrl expert`` / ``flowrl distill --grid``, imported when first
+    used."""
     return _resolve(TOOLS[name])
 
 
 register_agent("bc", "pretrain", "flowrl.agents.bc:BehaviorCloning", "flowrl.agents.bc:BCConfig",
-               "behaviour cloning (flow matching; shortcut self-consistency for shortcut heads)")
+               "behaviour cloning (flow matching; shortcut self-consistency for shortcut heads, interval splitting "
+               "for meanflow heads)")
 register_agent("mle", "finetune", "flowrl.agents.mle:MLEFineTuning", "flowrl.agents.mle:MLEConfig",
                "MLE of the policy's own K-step reconstructions of demonstrations (ft, or resft: a contracting residual)")
 register_agent("reinflow", "finetune", "flowrl.agents.reinflow:ReinFlow", "flowrl.agents.reinflow:ReinFlowConfig",
                "ReinFlow: PPO over the flow's noise-injected Euler chain")
+register_agent("distill", "finetune", "flowrl.agents.distill:Distillation", "flowrl.agents.distill:DistillConfig",
+               "distillation of a policy's sampler into a few-step student from prior noise (no actions read)")

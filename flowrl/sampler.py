@@ -1,7 +1,10 @@
 """The Euler sampler of a flow: from Gaussian noise at t=0 to an action at t=1.
 
 The time grid is ``t_k = k / K`` with ``dt = 1 / K`` (the ReinFlow release evaluated the field at
-``k / (K - 1)``, which broke its own policies at K = 2..6; we do not).
+``k / (K - 1)``, which broke its own policies at K = 2..6; we do not). A policy may carry a
+non-uniform grid for a K (``policy.time_grids``, chosen by ``flowrl distill --grid``); the
+deterministic sampler then steps on it (:func:`grid_euler_sample`), while the noisy chain of
+fine-tuning keeps the uniform grid.
 """
 
 from __future__ import annotations
@@ -14,6 +17,15 @@ import torch
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """v(t, x) -> dx/dt, with t a (B,) tensor and x a (B, ...) tensor."""
 
+StepVelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""v(t, x, d) -> the velocity of one Euler step of size d from (t, x), d a (B,) tensor: a step-size
+conditioned head (shortcut, meanflow) reads d; a rectified flow ignores it."""
+
+
+def uniform_times(k: int) -> list[float]:
+    """The K + 1 times ``t_i = i / K`` of the uniform Euler grid (K = ``k``)."""
+    return [i / k for i in range(k + 1)]
+
 
 def time_grid(k: int, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """The K = ``k`` evaluation times ``t_i = i / K`` as (B,) tensors."""
@@ -21,16 +33,24 @@ def time_grid(k: int, batch: int, device: torch.device, dtype: torch.dtype = tor
 
 
 def euler_sample(velocity: VelocityFn, x0: torch.Tensor, k: int) -> torch.Tensor:
-    """Integrate ``dx/dt = v(t, x)`` from ``x0`` at t=0 to t=1 in K = ``k`` Euler steps.
+    """Integrate ``dx/dt = v(t, x)`` from ``x0`` at t=0 to t=1 in K = ``k`` Euler steps of the uniform grid.
 
     Deterministic given ``x0``: the policy's initial noise is its only randomness.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    dt = 1.0 / k
+    return grid_euler_sample(lambda t, x, d: velocity(t, x), x0, uniform_times(k))
+
+
+def grid_euler_sample(velocity: StepVelocityFn, x0: torch.Tensor, times: list[float]) -> torch.Tensor:
+    """Euler steps from ``x0`` at ``times[0] = 0`` through every time of ``times`` to ``times[-1] = 1``:
+    ``x_{i+1} = x_i + d_i v(t_i, x_i, d_i)`` with ``d_i = t_{i+1} - t_i``."""
+    b = x0.shape[0]
     x = x0
-    for t in time_grid(k, x0.shape[0], x0.device, x0.dtype):
-        x = x + dt * velocity(t, x)
+    for start, end in zip(times, times[1:]):
+        d = end - start
+        x = x + d * velocity(torch.full((b,), start, device=x0.device, dtype=x0.dtype), x,
+                             torch.full((b,), d, device=x0.device, dtype=x0.dtype))
     return x
 
 

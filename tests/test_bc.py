@@ -33,7 +33,7 @@ def _params(trainer: Trainer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in (*bc.model.parameters(), *bc.ema.parameters())]
 
 
-@pytest.mark.parametrize("head", ["reflow", "shortcut"])
+@pytest.mark.parametrize("head", ["reflow", "shortcut", "meanflow"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, hopper_dataset, head) -> None:
     cfg = _cfg(hopper_dataset, f"policy.head={head}", "policy.max_shortcut_steps=8")
     full = _run(cfg, tmp_path / "full")

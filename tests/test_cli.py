@@ -65,7 +65,7 @@ def preset(tmp_path, hopper_dataset) -> Path:
     ("train.stepz=5", ("train.stepz", "not in 'BCConfig'")),
     ("train.steps=lots", ("train.steps", "could not be converted to Integer")),
     ("train.lr=-1", ("train.lr", "must be > 0")),
-    ("policy.head=diffusion", ("policy.head", "reflow or shortcut", "diffusion")),
+    ("policy.head=diffusion", ("policy.head", "reflow, shortcut, meanflow", "diffusion")),
     ("policy.act_steps=9", ("policy.act_steps", "<= horizon")),
     ("task=Hoper", ("task", "unknown task 'Hoper'")),
     ("eval.k=[0]", ("eval.k",)),

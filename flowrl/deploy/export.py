@@ -2,8 +2,9 @@
 
 The exported graph takes ``obs`` (batch, obs_history, obs_dim) raw observations and ``noise``
 (batch, horizon, act_dim) initial noise and returns ``actions`` (batch, horizon, act_dim) in env
-units: the observation normalisation, the K Euler steps on the grid ``t_k = k/K`` (shortcut heads
-with d = 1/K), the clipping to [-1, 1] and the scaling to the action bounds are all inside, so a
+units: the observation normalisation, the K Euler steps on the policy's grid for K (``t_k = k/K``, or
+the non-uniform grid the checkpoint holds for that K; heads that take a step size see each step's),
+the clipping to [-1, 1] and the scaling to the action bounds are all inside, so a
 controller needs nothing of flowrl. The batch dimension is dynamic.
 
 A pixel policy's graph also takes one uint8 input per camera, after ``noise`` in the order of the
@@ -21,7 +22,7 @@ network is unrolled through its own ``velocity``). :func:`export` checks the res
 keep an export that differs by more than ``tolerance`` (1e-4 by default).
 
 A JSON file beside the export (``<out>.json``) records what a controller must know: task, dims,
-K, horizon, act_steps, obs_history, head, observation layout, action bounds, the graph's inputs
+K, the time grid, horizon, act_steps, obs_history, head, observation layout, action bounds, the graph's inputs
 (and for pixel policies the cameras, the image size and the image inputs' names), flowrl version.
 """
 
@@ -79,7 +80,10 @@ class UnrolledSampler(nn.Module):
         # ``encode``, once per call; state-only ones standardise the states inline, as they always have
         self.cameras: tuple[str, ...] = tuple(cfg.cameras) if getattr(policy, "uses_images", False) else ()
         self.encoder = policy if self.cameras else None
-        self.is_shortcut = policy.is_shortcut
+        self.takes_step_size = policy.takes_step_size
+        times = policy.time_grid(k)
+        self.times = times
+        self.steps = [end - start for start, end in zip(times, times[1:])]
         self.chunk_shape = (cfg.horizon, policy.act_dim)
         chunk = cfg.horizon * policy.act_dim
         feat = policy.cond_dim  # obs_history * obs_dim for state-only policies
@@ -92,11 +96,10 @@ class UnrolledSampler(nn.Module):
             self.register_buffer("action_high", policy.action_high.detach().clone())
             self.register_buffer("w_action", w[:, :chunk].T.contiguous())
             self.register_buffer("w_obs", w[:, chunk:chunk + feat].T.contiguous())
-            # per step: W_emb [temb(t_k), demb(1/K)] + b, one (1, hidden) row each
-            t = torch.arange(k, dtype=torch.float32) / k
-            emb = [policy.time_embed(t)]
+            # per step: W_emb [temb(t_k), demb(d_k)] + b, one (1, hidden) row each
+            emb = [policy.time_embed(torch.tensor(times[:-1], dtype=torch.float32))]
             if policy.step_embed is not None:
-                emb.append(policy.step_embed(torch.full((k,), 1.0 / k)))
+                emb.append(policy.step_embed(torch.tensor(self.steps, dtype=torch.float32)))
             step_bias = torch.cat(emb, dim=-1) @ w[:, chunk + feat:].T + inp.bias
             self.register_buffer("step_bias", step_bias.detach().clone())
         self.blocks = policy.velocity_net.blocks
@@ -110,18 +113,16 @@ class UnrolledSampler(nn.Module):
             z = self.encoder.encode(obs, dict(zip(self.cameras, images)))
         else:
             z = ((obs - self.obs_mean) / self.obs_std).clamp(-OBS_CLIP, OBS_CLIP).flatten(1)
-        dt = 1.0 / self.k
         if self.policy is not None:
             x = noise
             ones = z.new_ones(z.shape[0])
-            d = ones * dt if self.is_shortcut else None
-            for i in range(self.k):
-                x = x + dt * self.policy.velocity(ones * (i / self.k), x, z, d)
+            for start, dt in zip(self.times, self.steps):
+                x = x + dt * self.policy.velocity(ones * start, x, z, ones * dt if self.takes_step_size else None)
             x = x.flatten(1)
         else:
             h_obs = z @ self.w_obs
             x = noise.flatten(1)
-            for i in range(self.k):
+            for i, dt in enumerate(self.steps):
                 h = x @ self.w_action + h_obs + self.step_bias[i]
                 x = x + dt * self.out(self.blocks(h))
         a = x.clamp(-1.0, 1.0).view(-1, *self.chunk_shape)

@@ -1,7 +1,7 @@
 """The JSON that travels with an exported policy (``<export file>.json``) and its checks.
 
-What a controller must know to run an export: task, dims, K, horizon, act_steps, obs_history,
-head (and the shortcut step size), observation layout, action bounds, the graph's inputs and
+What a controller must know to run an export: task, dims, K, the K + 1 times of its Euler grid
+(``time_grid``), horizon, act_steps, obs_history, head (and the uniform step size of heads that take one), observation layout, action bounds, the graph's inputs and
 outputs, flowrl version. A pixel policy's JSON also has ``cameras``, ``image_size`` and
 ``image_inputs`` (the graph inputs ``image_<camera>``, uint8, in the order of ``cameras``); a
 state-only policy's has none of them.
@@ -15,6 +15,7 @@ from typing import Any
 import flowrl
 from flowrl.errors import FlowrlError
 from flowrl.io import read_json
+from flowrl.sampler import uniform_times
 
 META_FORMAT = "flowrl.export/2"
 """The format of the JSON written now; its K is ``k``."""
@@ -31,6 +32,7 @@ def image_input_name(camera: str) -> str:
 def export_metadata(policy: Any, config: dict[str, Any], k: int, fmt: str) -> dict[str, Any]:
     """The facts a controller needs to run the export at K = ``k``, written beside it as JSON."""
     cfg = policy.cfg
+    times = policy.time_grid(k) if hasattr(policy, "time_grid") else uniform_times(k)  # stand-ins: uniform
     meta: dict[str, Any] = {
         "format": META_FORMAT,
         "export_format": fmt,
@@ -42,7 +44,8 @@ def export_metadata(policy: Any, config: dict[str, Any], k: int, fmt: str) -> di
         "act_steps": cfg.act_steps,
         "obs_history": cfg.obs_history,
         "head": cfg.head,
-        "step_size": 1.0 / k if cfg.head == "shortcut" else None,
+        "step_size": 1.0 / k if getattr(policy, "takes_step_size", False) and times == uniform_times(k) else None,
+        "time_grid": times,
         "observation_layout": config.get("observation_layout"),
         "action_low": [float(v) for v in policy.action_low.cpu()],
         "action_high": [float(v) for v in policy.action_high.cpu()],
