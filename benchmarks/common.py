@@ -25,6 +25,17 @@ def results_dir(study: str = "") -> Path:
     return out
 
 
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows of it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @functools.lru_cache(maxsize=1)
 def provenance() -> dict:
     """Where a measurement was made: the git commit of this checkout (``+uncommitted`` when tracked files
@@ -42,7 +53,7 @@ def provenance() -> dict:
     if "torch" in sys.modules:  # every benchmark imports torch; this module alone does not need it
         torch = sys.modules["torch"]
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"commit": commit, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": gpu}
+    return {"commit": commit, "cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu}
 
 
 def with_provenance(record: dict) -> dict:

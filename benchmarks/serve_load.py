@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report_checks, run_main, write_result  # noqa: E402
+from common import cpu_model, report_checks, run_main, write_result  # noqa: E402
 
 HEALTH_PERIOD_S = 0.1
 HEALTH_TARGET_MS = 50.0
@@ -437,19 +437,6 @@ def summary(record: dict) -> str:
             + f"\nrestarts {record['restarts']}, idle streams {record['idle_streams_opened']}, "
             f"server memory {record['server_memory_mb']['at_10s']} -> {record['server_memory_mb']['end']} MB, "
             f"server CPU {record['server_cpu_cores']:.2f} cores, all cores {100 * record['machine_cpu_busy']:.0f}% busy")
-
-
-def cpu_model() -> str:
-    """The processor's model name (/proc/cpuinfo), or what platform says."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def export_policy(folder: Path) -> Path:
