@@ -409,13 +409,15 @@ def checks(record: dict) -> list[tuple[str, bool]]:
     c, h, m = record["controllers"], record["health"], record["server_memory_mb"]
     growth = m["end"] - m["at_10s"] if m["end"] is not None and m["at_10s"] is not None else float("inf")
     garbage_answers = sum(n for counts in record["garbage"]["codes"].values() for n in counts.values())
+    setup = record["setup"]
     return [
         (f"well-behaved controllers: {c['count']} round trips, {len(c['errors'])} errors", c["count"] > 0
          and not c["errors"]),
-        (f"bulk client: {record['bulk']['count']} requests, {len(record['bulk']['errors'])} errors",
-         not record["bulk"]["errors"]),
-        (f"malformed requests: {garbage_answers} answered, unexpected statuses {record['garbage']['unexpected'] or 'none'}",
-         garbage_answers > 0 and not record["garbage"]["unexpected"]),
+        *([(f"bulk client: {record['bulk']['count']} requests, {len(record['bulk']['errors'])} errors",
+            record["bulk"]["count"] > 0 and not record["bulk"]["errors"])] if setup["bulk_period_s"] > 0 else []),
+        *([(f"malformed requests: {garbage_answers} answered, unexpected statuses "
+            f"{record['garbage']['unexpected'] or 'none'}", garbage_answers > 0 and not record["garbage"]["unexpected"])]
+          if setup["garbage_clients"] else []),
         (f"Health: {h['count']} calls, max {h.get('max_ms', float('nan')):.1f} ms < {HEALTH_TARGET_MS:.0f} ms, "
          f"{len(h['errors'])} errors", h["count"] > 0 and not h["errors"] and h["max_ms"] < HEALTH_TARGET_MS),
         (f"server memory {m['at_10s']} MB at {MEMORY_BASELINE_S:.0f} s -> {m['end']} MB at the end "
