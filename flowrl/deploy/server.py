@@ -21,17 +21,18 @@ How the server bounds its work, so that a robot can depend on it:
 - A request of more rows than ``max_batch`` is refused before any work (``INVALID_ARGUMENT``). By
   default ``max_batch`` is measured when the server starts (:func:`auto_max_batch`): the largest power
   of two whose inference takes at most 25 ms on this machine, so that the two requests a controller's
-  may wait for take at most 50 ms together.
+  request may wait for take at most 50 ms together.
 - ``Act`` calls in progress and open ``StreamAct`` streams are limited in all (``max_streams``) and per
   client (``max_client_streams``, a client being one connection); beyond a limit a call is refused
   with ``RESOURCE_EXHAUSTED`` naming it. The server pings idle connections (keepalive), so the streams
   of a client that vanished without closing them are freed.
 - Every bad request gets an error reply and the server keeps serving: a malformed message, a wrong,
   negative, overflowing or too high-rank shape, NaN or infinite values, bad noise are
-  ``INVALID_ARGUMENT``; an unknown policy is ``NOT_FOUND``. Messages name the problem and are at most
-  :data:`MAX_DETAILS_CHARS` long (a name echoed in one is cut). A message over gRPC's 4 MiB limit is
-  refused by gRPC itself with ``RESOURCE_EXHAUSTED``. Each client (gRPC peer) gets one log line, at
-  its first request.
+  ``INVALID_ARGUMENT``; an unknown policy is ``NOT_FOUND``; a policy that fails on a request (its
+  fault, not the request's) is ``INTERNAL``, logged with its traceback, never gRPC's ``UNKNOWN``.
+  Messages name the problem and are at most :data:`MAX_DETAILS_CHARS` long (a name echoed in one is
+  cut). A message over gRPC's 4 MiB limit is refused by gRPC itself with ``RESOURCE_EXHAUSTED``. Each
+  client (gRPC peer) gets one log line, at its first request.
 
 Python stubs are compiled from the .proto when first needed, by grpcio-tools
 (``grpc.protos_and_services``), rather than committed: the .proto is the one source for Python and
