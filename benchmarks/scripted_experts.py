@@ -2,7 +2,7 @@
 
     python benchmarks/scripted_experts.py [--tasks Lift PickPlaceCan] [--episodes 100] [--num-envs 20]
 
-Targets (exit code 1 when missed): Lift >= 95%, PickPlaceCan >= 95%, NutAssemblySquare >= 80%.
+Targets (exit code 1 when missed): Lift >= 95%, PickPlaceCan >= 95%, NutAssemblySquare >= 80%, TwoArmTransport >= 90%.
 Writes benchmarks/results/manipulation/scripted_experts.json.
 """
 
@@ -17,7 +17,7 @@ from common import report_checks, results_dir, run_main, with_provenance
 from flowrl.envs import all_tasks
 from manipulation_parity import success_rate as robosuite_success_rate
 
-TARGETS = {"Lift": 0.95, "PickPlaceCan": 0.95, "NutAssemblySquare": 0.80}
+TARGETS = {"Lift": 0.95, "PickPlaceCan": 0.95, "NutAssemblySquare": 0.80, "TwoArmTransport": 0.90}
 
 
 def success_rate(task: str, episodes: int, num_envs: int, seed: int) -> tuple[float, float]:

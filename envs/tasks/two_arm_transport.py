@@ -21,6 +21,8 @@ cpu and warp).
 * **MuJoCo Warp's buffers** (256 contacts, 1024 constraint rows per world): the most measured on C MuJoCo at the
   end of any env step over 60 random-action steps of 4 envs were 93 and 297 (three bins on the tables, the lid on
   its bin, both hands).
+* **Scripted expert**: :class:`TransportExpert` (the trash and the lid first, then a handover of the hammer over
+  the gap between the tables).
 * **Difference from robosuite**: robosuite redraws the hammer's head half-size from U(0.015, 0.018) at every
   reset (it rebuilds the model); the shipped scene keeps seed 0's draw in every world.
 """
@@ -32,12 +34,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import mujoco
+import numpy as np
 import torch
 
 from flowrl.envs.controllers import State
 from flowrl.envs.registry import register
 from flowrl.envs.tasks.base import Draws
-from flowrl.envs.tasks.robosuite_scenes import DERIVED_FIELDS, PandaSceneTask, _quat_mul, quat_xyzw
+from flowrl.envs.tasks.robosuite_scenes import (
+    CLOSED,
+    DERIVED_FIELDS,
+    OPEN,
+    POS_SCALE,
+    ROT_SCALE,
+    PandaSceneTask,
+    _quat_mul,
+    quat_xyzw,
+    scene_facts,
+)
 
 CONTACT_CHECKS = ("payload_in_target_bin", "trash_in_trash_bin")
 """robosuite's two contact checks, in observation order; each becomes a contact sensor of that name."""
@@ -144,6 +157,194 @@ class TwoArmTransport(PandaSceneTask):
         return self.contacts(s).all(dim=-1)
 
 
+
+# -- scripted expert --------------------------------------------------------------------------------------------
+def _matrix(quat_xyzw: np.ndarray) -> np.ndarray:
+    """The rotation matrix of an observation's (x, y, z, w) quaternion."""
+    from scipy.spatial.transform import Rotation  # robosuite's extra installs scipy
+
+    return Rotation.from_quat(quat_xyzw).as_matrix()
+
+
+class TransportExpert:
+    """TwoArmTransport: robot 1 moves the trash into the trash bin while robot 0 lifts the lid off and sets it
+    aside; robot 0 then picks the hammer by the handle's end nearer to it and holds it out over the gap, handle
+    along y; robot 1 grasps the handle's other end, robot 0 lets go, and robot 1 lowers the hammer into the target
+    bin and lets go.
+
+    Each arm keeps its gripper pointing down with its fingers closing across what it grasps (an orientation
+    error fed back as OSC_POSE's rotation, in the arm's base frame) and moves toward a target position at up to
+    5 cm per step. It keeps a phase per env and arm; the caller resets it (``reset()``) before each batch of
+    episodes. A :class:`flowrl.rollout.ChunkPolicy` of one-action chunks.
+    """
+
+    obs_history = 1
+    act_steps = 1
+    carry_z = 1.1
+    clear_z = 1.25  # robot 1 carries the hammer, hanging from its end, this high over the bins' walls
+    release_z = 0.88  # and lets go with the hammer inside the target bin, near its base
+    carry_fingers = np.array([0.0, -1.0, 0.0])  # robot 1's fingers while it carries the hammer: it lies along x
+    handover = np.array([0.0, -0.055, 1.05])  # where robot 0 holds its end of the handle
+    grasp_offset = 0.055  # each arm's grasp point from the handle's centre, along it
+    max_rotation = 0.2  # radians per step
+    carry_rotation = 0.06  # radians per step while robot 1 turns the hammer it holds by one end (faster slips)
+    robot1_carries = 14  # robot 1's phase from which it holds the hammer alone
+    grasps = ({2: 0, 10: 8}, {3: 1, 11: 9})
+    """Per arm, its closing phases and the phase each goes back to when it closed on nothing: robot 0's on the lid
+    and the hammer, robot 1's on the trash and the hammer."""
+    closed_on_nothing = 0.01  # finger opening (m) below which a grasp holds nothing (the thinnest, the lid's handle: 0.02)
+
+    def __init__(self, num_envs: int) -> None:
+        facts = scene_facts("TwoArmTransport")
+        self.base_rot = [np.asarray(r["controller_origin_site"]["mat"]) for r in facts["robots"]]
+        self.phase = np.zeros((num_envs, 2), dtype=np.int64)
+        self.timer = np.zeros((num_envs, 2), dtype=np.int64)
+        self.lid_drop = np.array([-0.2, -0.45, 0.95])
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        rows = slice(None) if mask is None else mask
+        self.phase[rows], self.timer[rows] = 0, 0
+
+    # -- geometry ------------------------------------------------------------------------------
+    @staticmethod
+    def _handle_axis(quat_xyzw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The hammer handle's direction (its local z) pointing toward +y, and the horizontal direction across it."""
+        axis = _matrix(quat_xyzw)[:, 2]
+        axis = axis if axis[1] >= 0 else -axis
+        return axis, np.array([axis[1], -axis[0], 0.0])
+
+    def _rotation(self, robot: int, hand_xyzw: np.ndarray, fingers: np.ndarray | None, limit: float,
+                  signed: bool) -> np.ndarray:
+        """OSC_POSE rotation action (at most ``limit`` radians) turning the hand to point down with its fingers
+        closing along ``fingers`` (horizontal; either sign unless ``signed``), or along their present heading
+        (None: while closing on or holding something)."""
+        current = _matrix(hand_xyzw)
+        y = np.array([*current[:2, 1], 0.0]) if fingers is None else fingers
+        y = y / np.linalg.norm(y)
+        if y @ current[:, 1] < 0 and not signed:
+            y = -y
+        z = np.array([0.0, 0.0, -1.0])
+        target = np.stack([np.cross(y, z), y, z], axis=1)
+        from scipy.spatial.transform import Rotation
+
+        error = Rotation.from_matrix(target @ current.T).as_rotvec()
+        norm = np.linalg.norm(error)
+        if norm > limit:
+            error *= limit / norm
+        return self.base_rot[robot].T @ error / ROT_SCALE
+
+    # -- the two arms --------------------------------------------------------------------------
+    def _robot0(self, i: int, o: np.ndarray, eef: np.ndarray) -> tuple[np.ndarray, float, np.ndarray | None]:
+        """(target position, gripper, finger direction) of robot 0."""
+        phase, self.timer[i, 0] = self.phase[i, 0], self.timer[i, 0] + 1
+        handle = o[14:17]
+        across_lid = np.array([1.0, 0.0, 0.0])  # the lid's handle runs along y
+        axis, across_hammer = self._handle_axis(o[3:7])
+        grasp = o[0:3] - self.grasp_offset * axis  # the hammer handle's end nearer robot 0
+        steps = [  # (target, gripper, fingers, done)
+            (handle + [0, 0, 0.08], OPEN, across_lid, lambda: np.linalg.norm(eef - handle - [0, 0, 0.08]) < 0.01),
+            (handle, OPEN, across_lid, lambda: np.linalg.norm(eef - handle) < 0.008 or self.timer[i, 0] > 40),
+            (handle, CLOSED, None, lambda: self.timer[i, 0] >= 12),
+            (np.array([*handle[:2], self.carry_z]), CLOSED, None, lambda: eef[2] > self.carry_z - 0.03),
+            (self.lid_drop + [0, 0, 0.1], CLOSED, across_lid, lambda: np.linalg.norm(eef[:2] - self.lid_drop[:2]) < 0.03),
+            (self.lid_drop, CLOSED, across_lid, lambda: eef[2] < self.lid_drop[2] + 0.02 or self.timer[i, 0] > 30),
+            (eef, OPEN, across_lid, lambda: self.timer[i, 0] >= 8),
+            (np.array([*grasp[:2], self.carry_z]), OPEN, across_hammer,
+             lambda: np.linalg.norm(eef[:2] - grasp[:2]) < 0.01),
+            (grasp + [0, 0, 0.05], OPEN, across_hammer, lambda: np.linalg.norm(eef - grasp - [0, 0, 0.05]) < 0.01),
+            (grasp, OPEN, across_hammer, lambda: np.linalg.norm(eef - grasp) < 0.008 or self.timer[i, 0] > 40),
+            (grasp, CLOSED, None, lambda: self.timer[i, 0] >= 12),
+            (np.array([*eef[:2], self.carry_z]), CLOSED, None, lambda: eef[2] > self.carry_z - 0.03),
+            (self.handover, CLOSED, np.array([1.0, 0.0, 0.0]),
+             lambda: self.phase[i, 1] >= 13),  # hold until robot 1 has closed on the other end
+            (eef, OPEN, np.array([1.0, 0.0, 0.0]), lambda: self.timer[i, 0] >= 10),
+            (np.array([0.0, -0.35, self.carry_z]), OPEN, np.array([1.0, 0.0, 0.0]), lambda: False),
+        ]
+        return self._advance(i, 0, o, steps)
+
+    def _robot1(self, i: int, o: np.ndarray, eef: np.ndarray) -> tuple[np.ndarray, float, np.ndarray | None]:
+        """(target position, gripper, finger direction) of robot 1."""
+        phase, self.timer[i, 1] = self.phase[i, 1], self.timer[i, 1] + 1
+        trash, trash_bin, target_bin = o[7:10], o[24:27], o[21:24]
+        faces = _matrix(o[10:14])[:, :2].T  # the cube's x and y axes: either will do
+        fingers_now = _matrix(o[53:57])[:, 1]
+        across_trash = max(faces, key=lambda f: abs(f @ fingers_now)) * [1.0, 1.0, 0.0]
+        axis, across_hammer = self._handle_axis(o[3:7])
+        grasp = o[0:3] + self.grasp_offset * axis  # the hammer handle's end nearer robot 1
+        payload = o[0:3]
+        over_bin = eef + np.append(target_bin[:2] - payload[:2], 0.0)
+        waiting = np.array([0.0, 0.2, self.carry_z])
+        along_y = self.carry_fingers
+        steps = [  # (target, gripper, fingers, done)
+            (np.array([*trash[:2], 1.05]), OPEN, across_trash, lambda: np.linalg.norm(eef[:2] - trash[:2]) < 0.01),
+            (trash + [0, 0, 0.08], OPEN, across_trash, lambda: np.linalg.norm(eef - trash - [0, 0, 0.08]) < 0.01),
+            (trash, OPEN, across_trash, lambda: np.linalg.norm(eef - trash) < 0.008 or self.timer[i, 1] > 40),
+            (trash, CLOSED, None, lambda: self.timer[i, 1] >= 12),
+            (np.array([*trash[:2], self.carry_z]), CLOSED, None, lambda: eef[2] > self.carry_z - 0.03),
+            (np.array([*trash_bin[:2], self.carry_z]), CLOSED, None,
+             lambda: np.linalg.norm(eef[:2] - trash_bin[:2]) < 0.02),
+            (np.array([*trash_bin[:2], 1.0]), CLOSED, None, lambda: eef[2] < 1.02 or self.timer[i, 1] > 30),
+            (eef, OPEN, None, lambda: self.timer[i, 1] >= 8),
+            (waiting, OPEN, np.array([1.0, 0.0, 0.0]), lambda: self.phase[i, 0] >= 12 and (  # robot 0 holds it out
+                np.linalg.norm(o[41:44] - self.handover) < 0.02 or self.timer[i, 0] > 40)),
+            (grasp + [0, 0, 0.06], OPEN, across_hammer,
+             lambda: np.linalg.norm(eef - grasp - [0, 0, 0.06]) < 0.01 or self.timer[i, 1] > 40),
+            (grasp, OPEN, across_hammer, lambda: np.linalg.norm(eef - grasp) < 0.008 or self.timer[i, 1] > 40),
+            (grasp, CLOSED, None, lambda: self.timer[i, 1] >= 12),
+            (eef, CLOSED, None, lambda: True),  # one step holding: robot 0 lets go from the next phase on
+            (eef, CLOSED, None, lambda: self.phase[i, 0] >= 14),  # robot 0 has let go
+            # the hammer hangs from its end: lift it clear of the bin's walls, turn it to lie along x (its centre
+            # then needs no reach toward robot 1's base), carry it over the bin, lower it inside
+            (np.array([*eef[:2], self.clear_z]), CLOSED, along_y,
+             lambda: eef[2] > self.clear_z - 0.03 or self.timer[i, 1] > 30),
+            (np.array([*over_bin[:2], self.clear_z]), CLOSED, along_y,
+             lambda: np.linalg.norm(payload[:2] - target_bin[:2]) < 0.02 or self.timer[i, 1] > 60),
+            (np.array([*over_bin[:2], self.release_z]), CLOSED, along_y,
+             lambda: eef[2] < self.release_z + 0.02 or self.timer[i, 1] > 50),
+            (eef, OPEN, along_y, lambda: self.timer[i, 1] >= 10),
+            (np.array([*eef[:2], self.carry_z]), OPEN, along_y, lambda: False),
+        ]
+        return self._advance(i, 1, o, steps)
+
+    def _advance(self, i: int, robot: int, o: np.ndarray, steps: list) -> tuple[np.ndarray, float, np.ndarray | None]:
+        """The arm's command in its present phase; the next phase once this one is done, or back to the approach
+        when a grasp closed on nothing (its fingers shut)."""
+        phase = self.phase[i, robot]
+        target, gripper, fingers, done = steps[min(phase, len(steps) - 1)]
+        if phase < len(steps) - 1 and done():
+            fingers_at = 48 if robot == 0 else 57
+            missed = o[fingers_at] - o[fingers_at + 1] < self.closed_on_nothing
+            retry = self.grasps[robot].get(int(phase))
+            self.phase[i, robot] = retry if retry is not None and missed else phase + 1
+            self.timer[i, robot] = 0
+        return target, gripper, fingers
+
+    def _action(self, i: int, o: np.ndarray) -> np.ndarray:
+        action = np.zeros(14)
+        for r, (command, eef_at) in enumerate(((self._robot0, 41), (self._robot1, 50))):
+            eef = o[eef_at:eef_at + 3]
+            target, gripper, fingers = command(i, o, eef)
+            delta = self.base_rot[r].T @ (np.asarray(target) - eef) / POS_SCALE
+            action[7 * r:7 * r + 3] = np.clip(delta, -1.0, 1.0)
+            carrying = r == 1 and self.phase[i, 1] >= self.robot1_carries  # turns the hammer one way, slowly
+            rotation = self._rotation(r, o[eef_at + 3:eef_at + 7], fingers,
+                                      self.carry_rotation if carrying else self.max_rotation, signed=carrying)
+            action[7 * r + 3:7 * r + 6] = np.clip(rotation, -1.0, 1.0)
+            action[7 * r + 6] = gripper
+        return action
+
+    def act_chunk(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H, obs_dim) histories -> one-action chunks (N, 1, 14) (the expert is deterministic)."""
+        return self(obs)
+
+    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        """(N, obs_dim) -> (N, 14); an (N, H, obs_dim) history -> a one-step chunk (N, 1, 14)."""
+        history = obs.dim() == 3
+        o = (obs[:, -1] if history else obs).detach().cpu().numpy().astype(np.float64)
+        action = torch.as_tensor(np.stack([self._action(i, o[i]) for i in range(len(o))]), dtype=torch.float32)
+        return action.unsqueeze(1) if history else action
+
+
 register(TwoArmTransport(
     env_name="TwoArmTransport", robots=("Panda", "Panda"), object_dim=41, max_episode_steps=800,
-    warp_buffers=(256, 1024), description="two arms hand a hammer over into a bin, trash into another"))
+    warp_buffers=(256, 1024), expert=TransportExpert, description="two arms hand a hammer over into a bin, trash into another"))
