@@ -27,4 +27,4 @@ def test_preset_loads_and_validates(preset: str) -> None:
 
 def test_every_task_family_has_presets() -> None:
     folders = {Path(p).parent.name for p in PRESETS}
-    assert {"hopper", "walker2d", "ant", "humanoid", "lift", "can", "square"} <= folders
+    assert {"hopper", "walker2d", "ant", "humanoid", "lift", "can", "square", "transport"} <= folders
