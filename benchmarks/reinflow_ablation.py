@@ -22,8 +22,9 @@ On a GPU (one H200), as the presets run there:
         train.backend=warp train.num_envs=2048 train.rollout_steps=10
 
 Writes ``benchmarks/results/ablation/reinflow_ablation_<task>[_<tag>].json`` (per variant and seed: the curve,
-the overrides, wall-clock). ``--report`` merges files of parallel processes and prints one table per
-task; with ``--final VARIANT`` it checks that variant against the targets (>= 3 seeds at >= 10M env
+the overrides, wall-clock; with ``--diagnostics N`` the first N iterations' diagnostics). ``--report`` merges
+files of parallel processes and prints one table per task and, for runs with diagnostics, how well each
+diagnostic predicts the collapse (``--plot DIR`` draws them beside the curves); with ``--final VARIANT`` it checks that variant against the targets (>= 3 seeds at >= 10M env
 steps): no collapse below 90% of the start on every task, the final returns (Hopper >= 3400, Walker2d
 >= 5200, Humanoid >= 6000) and Hopper at 3200 within 5M env steps. Exit code 1 when one is missed.
 """
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from common import REPO, first_reaching, report_checks, run_main, write_result
-from reinflow_locomotion import lowest_fraction, run_seed
+from reinflow_locomotion import DIAGNOSTICS, lowest_fraction, run_seed
 
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "base": ([], "the preset"),
@@ -87,7 +88,73 @@ def run_variant(task: str, variant: str, seed: int, args: argparse.Namespace, re
     record.update(variant=variant, **curve_summary(task, record["curve"]))
 
 
-def report(records: list[dict], final: str) -> int:
+def diagnosed_points(run: dict) -> list[tuple[float, dict]]:
+    """Each evaluation after the start inside a run's diagnosed iterations: its return as a fraction of the
+    start, with the diagnostics of the iteration that ended just before it."""
+    start = run["curve"][0]["return_mean"]
+    rows = {row["env_steps"]: row for row in run.get("diagnostics", [])}
+    return [(c["return_mean"] / start, rows[c["env_steps"]]) for c in run["curve"][1:]
+            if start > 0 and c["env_steps"] in rows]
+
+
+def rank_correlation(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected among measured values); NaN for fewer than three pairs or
+    a constant side, which ranks cannot order."""
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(np.argsort(np.argsort(x)), np.argsort(np.argsort(y)))[0, 1])
+
+
+def dip_predictors(runs: list[dict]) -> list[tuple[str, float, int]]:
+    """For each diagnostic, its rank correlation with the evaluation's fraction of the start over every
+    (run, evaluation) pair with diagnostics: a strongly negative value for a quantity that grows as the
+    deployed policy loses its return (e.g. the action drift) says it predicts the collapse."""
+    points = [pt for run in runs for pt in diagnosed_points(run)]
+    out = []
+    for key in DIAGNOSTICS:
+        pairs = [(frac, row[key]) for frac, row in points if row.get(key) is not None]
+        if pairs:
+            out.append((key, rank_correlation([v for _, v in pairs], [f for f, _ in pairs]), len(pairs)))
+    return out
+
+
+def plot_diagnostics(task: str, runs: list[dict], out_dir: Path) -> Path:
+    """One figure per task: the evaluations as a fraction of the start, then each diagnostic, against env
+    steps, one colour per variant and one line per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in DIAGNOSTICS if any(row.get(k) is not None for r in runs for row in r.get("diagnostics", []))]
+    fig, axes = plt.subplots(len(keys) + 1, 1, figsize=(7, 2.0 * (len(keys) + 1)), sharex=True)
+    variants = sorted({r["variant"] for r in runs})
+    colours = dict(zip(variants, plt.cm.tab10.colors))
+    last = max(row["env_steps"] for r in runs for row in r.get("diagnostics", [])) if keys else None
+    for r in runs:
+        curve = [c for c in r["curve"] if last is None or c["env_steps"] <= last]
+        start = r["curve"][0]["return_mean"]
+        label = r["variant"] if r["seed"] == min(x["seed"] for x in runs if x["variant"] == r["variant"]) else None
+        axes[0].plot([c["env_steps"] / 1e6 for c in curve], [c["return_mean"] / start for c in curve],
+                     color=colours[r["variant"]], marker="o", ms=3, label=label)
+        for ax, key in zip(axes[1:], keys):
+            rows = [row for row in r.get("diagnostics", []) if row.get(key) is not None]
+            ax.plot([row["env_steps"] / 1e6 for row in rows], [row[key] for row in rows], color=colours[r["variant"]])
+    axes[0].axhline(0.9, color="grey", ls="--", lw=0.8)
+    axes[0].set_ylabel("eval / start")
+    axes[0].legend(fontsize=7)
+    for ax, key in zip(axes[1:], keys):
+        ax.set_ylabel(key.split("/")[-1].replace("_", " "), fontsize=8)
+    axes[-1].set_xlabel("env steps (M)")
+    axes[0].set_title(f"{task}: the first iterations of fine-tuning")
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"reinflow_diagnostics_{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(records: list[dict], final: str, plot_dir: str = "") -> int:
     checks = []
     tasks = sorted({r["task"] for r in records})
     for task in tasks:
@@ -120,6 +187,14 @@ def report(records: list[dict], final: str) -> int:
         for variant, (overrides, what) in VARIANTS.items():
             if any(r["variant"] == variant for r in rows):
                 print(f"  {variant}: {what} {' '.join(overrides)}")
+        diagnosed = [r for r in rows if r.get("diagnostics") and r.get("curve")]
+        if diagnosed:
+            print(f"\nwhat predicts the collapse ({len(diagnosed)} runs): rank correlation of each diagnostic with "
+                  "the next evaluation's fraction of the start")
+            for key, rho, n in dip_predictors(diagnosed):
+                print(f"  {key:<30} {rho:>6.2f}  ({n} evaluations)")
+            if plot_dir:
+                print(f"  drawn: {plot_diagnostics(task, diagnosed, Path(plot_dir))}")
     return report_checks(checks)
 
 
@@ -139,10 +214,13 @@ def main() -> int:
     ap.add_argument("--tag", default="", help="suffix of the results files (parallel processes)")
     ap.add_argument("--report", nargs="+", metavar="JSON", help="only merge these results files and report")
     ap.add_argument("--final", default="", help="the variant checked against the targets in the report")
+    ap.add_argument("--plot", default="", metavar="DIR",
+                    help="with --report: draw each task's evaluations and diagnostics into DIR")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning preset, for every variant")
     args = ap.parse_intermixed_args()
     if args.report:
-        return report([r for path in args.report for r in json.loads(Path(path).read_text())["runs"]], args.final)
+        return report([r for path in args.report for r in json.loads(Path(path).read_text())["runs"]], args.final,
+                      args.plot)
     if not args.pretrained:
         ap.error("--pretrained is required (a behaviour-cloned checkpoint per task and seed)")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -144,6 +145,28 @@ def test_ablation_report_checks_only_the_final_variant_with_three_full_seeds(cap
     assert "[FAIL] hopper base: final >= 3400 (3300)" in out
     assert reinflow_ablation.report(runs[:2], "flow_sde") == 0  # two seeds: reported, not checked
     assert "[PASS]" not in capsys.readouterr().out
+
+
+def test_ablation_report_ranks_the_diagnostics_that_predict_the_collapse(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """Evaluations paired with the diagnostics of the iteration before them: a drift that grows exactly as the
+    return falls correlates -1 with the return's fraction of the start; a flat noise level gives no number."""
+    steps = 81_920
+    runs = []
+    for seed, fractions in enumerate(([0.9, 0.6, 0.4, 0.7], [0.95, 0.8, 0.5, 0.85])):
+        curve = [(0, 1000.0)] + [((4 * (i + 1)) * steps, 1000.0 * f) for i, f in enumerate(fractions)]
+        run = _ablation_run("base", seed, curve)
+        run["diagnostics"] = [{"iteration": it, "env_steps": (it + 1) * steps, "train/action_drift": None,
+                               "train/noise_std": 0.2} for it in range(16)]
+        for i, f in enumerate(fractions):  # the row of the iteration that ends where the evaluation is
+            run["diagnostics"][4 * (i + 1) - 1]["train/action_drift"] = 1.0 - f + 0.01 * seed
+        runs.append(run)
+    predictors = {key: (rho, n) for key, rho, n in reinflow_ablation.dip_predictors(runs)}
+    assert predictors["train/action_drift"][0] == pytest.approx(-1.0) and predictors["train/action_drift"][1] == 8
+    assert np.isnan(predictors["train/noise_std"][0])
+    reinflow_ablation.report(runs, "", str(tmp_path))
+    out = capsys.readouterr().out
+    assert "what predicts the collapse (2 runs)" in out and (tmp_path / "reinflow_diagnostics_hopper.png").stat().st_size
 
 
 def _manipulation_run(folder: Path, run: str, seed: int, start: float, final: float, robosuite: dict[str, float],
