@@ -7,12 +7,16 @@ Policies (random weights: latency does not depend on them), Hopper's dims (obs 1
 4, ReinFlow's architecture (residual MLP 3x512): ``3x512 reflow`` at K = 4, 2 and 1, and ``3x512
 meanflow`` at K = 1 (a one-step head: its step-size embedding is folded into the graph like the time's).
 
-- Matmul floor: the network's matrix-vector products alone (numpy, batch 1, one thread), K times per
-  call. No runtime runs the policy faster on one thread (at batch 1 every step reads all the weights),
-  so it is the machine's bound, measured on the machine.
+- Matmul floor: the matrix-vector products the exported graph does (numpy, batch 1, one thread), taken
+  from the export's own :class:`~flowrl.deploy.export.UnrolledSampler`: the observation columns of the
+  input layer once per call, then per Euler step its action columns, the residual blocks' layers and
+  the output layer (the time embeddings are a per-step bias in the export, no product). No runtime
+  runs that graph faster on one thread (at batch 1 every step reads all its weights), so it is the
+  machine's bound, measured on the machine.
 - ONNX Runtime inference: one call of the exported graph at batch 1 (one intra-op and one inter-op
-  thread, sequential), timed in alternation with one pass of the floor, so both see the same load (the
-  floor's own p99 shows how much of a tail is the machine's).
+  thread, sequential). The floor and ONNX Runtime are each timed in a warm loop of their own (100
+  calls of warm-up, then the timed ones), one after the other: interleaved, each call would find the
+  caches holding the other's weights, which slows it. The floor's own p99 shows how much of a tail is the machine's.
 - ``act`` at batch 1 with ``act_steps = 1`` (every call runs the network: the observation history, the
   seeded noise draw, inference and the action queue), eagerly (torch), from ONNX and from a
   torch.export program; chunks per second from ``act_chunk`` at each ``--batches`` size.
@@ -45,7 +49,7 @@ import flowrl.deploy  # noqa: E402
 from flowrl.checkpoint import load_policy, save_checkpoint  # noqa: E402
 from flowrl.config import PolicyConfig  # noqa: E402
 from flowrl.deploy.control import latency_summary  # noqa: E402
-from flowrl.deploy.export import export  # noqa: E402
+from flowrl.deploy.export import UnrolledSampler, export  # noqa: E402
 from flowrl.deploy.runtime import make_backend  # noqa: E402
 from flowrl.policy import FlowPolicy  # noqa: E402
 
@@ -77,40 +81,51 @@ def time_act(policy, iters: int) -> dict:
 
 
 def floor_pass(checkpoint: Path, k: int):
-    """One call's matrix-vector products of the velocity network at batch 1 (numpy), K times: the matmul floor."""
+    """One call's matrix-vector products of the K-step export of ``checkpoint`` at batch 1 (numpy): the
+    matmul floor. The matrices are the :class:`UnrolledSampler`'s: its observation columns once, then per
+    step its action columns, each residual block's two layers and the output layer."""
     policy, _ = load_policy(checkpoint, "cpu")
-    weights = [m.weight.detach().numpy().T.copy() for m in policy.velocity_net.modules()
-               if isinstance(m, torch.nn.Linear)]
-    x = [np.ones((1, w.shape[0]), dtype=np.float32) for w in weights]
+    sampler = UnrolledSampler(policy, k)
+    if not sampler.fused:
+        raise RuntimeError(f"{checkpoint}: the export is not the fused graph; the floor knows that one only")
+    w_obs = sampler.w_obs.numpy().copy()
+    per_step = [sampler.w_action.numpy().copy()]
+    per_step += [m.weight.detach().numpy().T.copy() for part in (sampler.blocks, sampler.out)
+                 for m in part.modules() if isinstance(m, torch.nn.Linear)]
+    z = np.ones((1, w_obs.shape[0]), dtype=np.float32)
+    x = [np.ones((1, w.shape[0]), dtype=np.float32) for w in per_step]
 
     def run() -> None:
+        np.dot(z, w_obs)
         for _ in range(k):
-            for v, w in zip(x, weights):
+            for v, w in zip(x, per_step):
                 np.dot(v, w)
     return run
 
 
+def warm_loop(fn, iters: int, warmup: int = 100) -> dict:
+    """Latency summary of ``iters`` calls of ``fn`` after ``warmup`` untimed ones, nothing else in between."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return latency_summary(times)
+
+
 def inference_against_floor(onnx_path: Path, checkpoint: Path, k: int, iters: int) -> dict:
     """ONNX Runtime's batch-1 inference of ``onnx_path`` (the export of ``checkpoint`` at K = ``k``) and the
-    matmul floor of the same network, timed in alternation (after 100 of warm-up): both latency summaries and
-    the ratios the targets are on."""
+    matmul floor of the same export, each timed in its own warm loop: both latency summaries and the ratios
+    the targets are on."""
     run = make_backend(onnx_path, "onnx", threads=1)
-    floor = floor_pass(checkpoint, k)
     policy, _ = load_policy(checkpoint, "cpu")
     rng = np.random.default_rng(3)
     obs = rng.normal(size=(1, policy.cfg.obs_history, policy.obs_dim)).astype(np.float32)
     noise = rng.normal(size=(1, *policy.chunk_shape)).astype(np.float32)
-    inference, bare = [], []
-    for i in range(iters + 100):
-        start = time.perf_counter()
-        run(obs, noise)
-        middle = time.perf_counter()
-        floor()
-        end = time.perf_counter()
-        if i >= 100:
-            inference.append(middle - start)
-            bare.append(end - middle)
-    ort, mm = latency_summary(inference), latency_summary(bare)
+    mm = warm_loop(floor_pass(checkpoint, k), iters)
+    ort = warm_loop(lambda: run(obs, noise), iters)
     return {"onnx": ort, "floor": mm, "p50_ratio": ort["p50_ms"] / mm["p50_ms"],
             "p99_ratio": ort["p99_ms"] / mm["p50_ms"]}
 
