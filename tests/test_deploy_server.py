@@ -233,6 +233,7 @@ def gated(served):
     backend = GatedBackend()
     server = PolicyServer({"gated": DeployedPolicy(backend, policies["reach"].meta, "eager")}, port=0,
                           max_batch=64).start()
+    server.service.queues["gated"].starvation_s = 60.0  # however slow this machine, nothing counts as starved
     yield server, backend
     backend.gate.set()
     server.stop()
@@ -266,9 +267,31 @@ def test_small_requests_go_before_large_ones_waiting_which_are_not_starved(gated
     for t in threads:
         t.join(timeout=20)
     assert not errors, errors[0]
-    # the first small one goes ahead of the large one waiting, which, older, goes next (not after every
-    # small one: a stream of them would starve it)
-    assert backend.rows == [64, 1, 64, 1, 1]
+    # the small ones go ahead of the large one waiting: they wait for the one in flight only
+    assert backend.rows == [64, 1, 1, 1, 64]
+
+
+def test_the_queue_runs_the_fewest_rows_first_and_a_starved_request_next() -> None:
+    """Three large requests then three small ones: the small ones go first, in arrival order, then the large;
+    a request that has waited over starvation_s goes next whatever its size (a large one is not starved by
+    a stream of small ones), and a request whose client went away is dropped."""
+    from concurrent.futures import Future
+
+    from flowrl.deploy.server import InferenceQueue
+
+    queue = InferenceQueue(None, starvation_s=1.0)  # type: ignore[arg-type]  (the policy is not run here)
+    for arrival, (rows, at) in enumerate([(64, 0.0), (64, 0.1), (64, 0.2), (1, 0.3), (1, 0.4), (1, 0.5)]):
+        queue._waiting[arrival] = (np.zeros((rows, 2, 4), np.float32), None, Future())
+        queue._arrived[arrival] = at
+    gone = queue._waiting[4][2]
+    gone.cancel()
+    order = [queue._take(now=0.6)[0].shape[0] for _ in range(2)]
+    assert order == [1, 1] and len(queue) == 3  # the cancelled small one was dropped unrun
+    assert queue._take(now=1.05)[0].shape[0] == 64  # the oldest large one has waited over 1 s: it goes
+    queue._waiting[6] = (np.zeros((1, 2, 4), np.float32), None, Future())
+    queue._arrived[6] = 1.0
+    assert [queue._take(now=1.08)[0].shape[0] for _ in range(2)] == [1, 64]  # no other request starved yet
+    assert queue._take(now=1.09)[0].shape[0] == 64 and queue._take(now=1.1) is None
 
 
 def test_a_batch_over_max_batch_is_refused_before_any_work(gated) -> None:
@@ -405,7 +428,7 @@ def test_a_killed_client_frees_its_stream(served) -> None:
 
 def test_a_failing_policy_is_an_internal_error_reply_and_the_server_keeps_serving(served, caplog) -> None:
     _, policies = served
-    failures = iter([RuntimeError("the backend broke\nsecond line"), None])
+    failures = iter([RuntimeError("the backend broke\nsecond line"), FlowrlError("a model file went missing"), None])
 
     def flaky(obs: np.ndarray, noise: np.ndarray, images: object = None) -> np.ndarray:
         failure = next(failures)
@@ -417,6 +440,9 @@ def test_a_failing_policy_is_an_internal_error_reply_and_the_server_keeps_servin
                       max_batch=8) as server, PolicyClient(server.address) as client:
         with caplog.at_level(logging.ERROR, logger="flowrl.deploy.server"), \
                 pytest.raises(FlowrlError, match=r"^INTERNAL: inference failed \(RuntimeError: the backend broke\)$"):
+            client.act(np.zeros((1, 2, 4), np.float32))
+        # a FlowrlError raised by the policy itself is still the server's fault, not the request's
+        with pytest.raises(FlowrlError, match=r"^INTERNAL: inference failed \(FlowrlError: a model file went missing\)$"):
             client.act(np.zeros((1, 2, 4), np.float32))
         assert client.act(np.zeros((1, 2, 4), np.float32)).shape == (1, 4, 2)
     assert any(r.exc_info and "policy 'flaky' failed" in r.getMessage() for r in caplog.records)  # logged whole

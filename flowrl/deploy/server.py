@@ -14,14 +14,15 @@ How the server bounds its work, so that a robot can depend on it:
   thread, and ``Health`` and ``Info`` are answered on the loop whatever streams and inference are in
   progress.
 - Each policy's inference runs in one thread of its own, one request at a time, the request with the
-  fewest rows first, the oldest after one that went ahead of it (:class:`InferenceQueue`): a batch-1
-  controller waits for the request in flight, at most one older request and the small ones that came
-  before it, never for a queue of large ones, and a large request is not starved. Requests are not
-  merged, so each chunk is bit for bit what local inference of its request gives.
+  fewest rows first (:class:`InferenceQueue`): a batch-1 controller waits for the request in flight and
+  the requests of as few rows that came before it, never for a queue of larger ones. Only a request
+  that has waited over :data:`STARVATION_S` (small ones keep the server busy without a pause) goes
+  ahead of smaller ones, so a large request is not starved. Requests are not merged, so each chunk is
+  bit for bit what local inference of its request gives.
 - A request of more rows than ``max_batch`` is refused before any work (``INVALID_ARGUMENT``). By
   default ``max_batch`` is measured when the server starts (:func:`auto_max_batch`): the largest power
-  of two whose inference takes at most 25 ms on this machine, so that the two requests a controller's
-  request may wait for take at most 50 ms together.
+  of two whose inference takes at most 25 ms on this machine, so that the larger request a controller's
+  request may wait for (the one in flight) takes at most 25 ms.
 - ``Act`` calls in progress and open ``StreamAct`` streams are limited in all (``max_streams``) and per
   client (``max_client_streams``, a client being one connection); beyond a limit a call is refused
   with ``RESOURCE_EXHAUSTED`` naming it. The server pings idle connections (keepalive), so the streams
@@ -82,6 +83,8 @@ BATCH_BUDGET_S = 0.025
 """Inference time one request of the default ``max_batch`` may take (:func:`auto_max_batch`)."""
 BATCH_CEILING = 4096
 """Most rows :func:`auto_max_batch` allows, however fast the policy."""
+STARVATION_S = 1.0
+"""A request waiting longer than this goes next whatever its size (:class:`InferenceQueue`)."""
 DEFAULT_MAX_STREAMS = 64
 DEFAULT_MAX_CLIENT_STREAMS = 8
 KEEPALIVE_MS = 20_000
@@ -123,6 +126,14 @@ def clip(text: str, limit: int) -> str:
 
 
 # -- tensors ---------------------------------------------------------------------------------------
+class PolicyFailure(Exception):
+    """A policy failed on a request that passed every check: the server's fault, answered INTERNAL."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class BadRequest(ValueError):
     """A request the server answers with INVALID_ARGUMENT."""
 
@@ -212,20 +223,20 @@ def auto_max_batch(policy: DeployedPolicy, budget_s: float = BATCH_BUDGET_S, cei
 
 class InferenceQueue:
     """One policy's requests waiting for inference, run in a thread of their own one at a time. The
-    request with the fewest rows goes next (arrival order among equals), except right after one that
-    went ahead of an older request: then the oldest goes. A request thus waits for the one in flight,
-    at most one older request, and the smaller ones that came before it: a batch-1 controller is not
-    held up by a queue of large requests, and a large request is not starved by a stream of small
-    ones. Requests are not merged: a chunk is bit for bit local inference of its request. A request
-    whose client went away while it waited is dropped unrun."""
+    request with the fewest rows goes next (arrival order among equals): a request waits for the one in
+    flight and the requests of at most its rows that came before it, so a batch-1 controller is not held up
+    by a queue of large requests. The oldest request goes next instead once it has waited over
+    ``starvation_s`` (the server saturated by smaller ones), so a large request is not starved. Requests
+    are not merged: a chunk is bit for bit local inference of its request. A request whose client went
+    away while it waited is dropped unrun."""
 
-    def __init__(self, policy: DeployedPolicy) -> None:
-        self.policy = policy
+    def __init__(self, policy: DeployedPolicy, starvation_s: float = STARVATION_S) -> None:
+        self.policy, self.starvation_s = policy, starvation_s
         # by arrival (dicts keep insertion order: the first is the oldest); the number of waiting
         # requests is bounded by the server's stream limits, so picking by a scan is cheap
         self._waiting: dict[int, tuple[np.ndarray, np.ndarray | None, asyncio.Future]] = {}
+        self._arrived: dict[int, float] = {}  # each waiting request's arrival, time.monotonic()
         self._arrival = itertools.count()
-        self._oldest_next = False
         self._ready = asyncio.Event()
         self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowrl-infer")
         self._task: asyncio.Task | None = None
@@ -241,28 +252,29 @@ class InferenceQueue:
     async def infer(self, obs: np.ndarray, noise: np.ndarray | None) -> tuple[np.ndarray, float]:
         """The chunks of ``obs`` (``noise``: given, or None to draw it) and the inference time in ms."""
         done = asyncio.get_running_loop().create_future()
-        self._waiting[next(self._arrival)] = (obs, noise, done)
+        arrival = next(self._arrival)
+        self._waiting[arrival], self._arrived[arrival] = (obs, noise, done), time.monotonic()
         self._ready.set()
         return await done
 
-    def _take(self) -> tuple[np.ndarray, np.ndarray | None, asyncio.Future] | None:
-        """The next request to run (class doc), out of the queue; None when none is waiting."""
+    def _take(self, now: float) -> tuple[np.ndarray, np.ndarray | None, asyncio.Future] | None:
+        """The next request to run at time ``now`` (class doc), out of the queue; None when none is waiting."""
         for gone in [arrival for arrival, (*_, done) in self._waiting.items() if done.done()]:
-            del self._waiting[gone]  # cancelled: its client went away or its deadline passed
+            del self._waiting[gone], self._arrived[gone]  # cancelled: its client went away or its deadline passed
         if not self._waiting:
             return None
-        if self._oldest_next:
-            arrival = next(iter(self._waiting))
+        oldest = next(iter(self._waiting))
+        if now - self._arrived[oldest] > self.starvation_s:
+            arrival = oldest
         else:
             arrival = min(self._waiting, key=lambda a: (self._waiting[a][0].shape[0], a))
-        request = self._waiting.pop(arrival)
-        self._oldest_next = not self._oldest_next and bool(self._waiting) and next(iter(self._waiting)) < arrival
-        return request
+        del self._arrived[arrival]
+        return self._waiting.pop(arrival)
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            request = self._take()
+            request = self._take(time.monotonic())
             if request is None:
                 self._ready.clear()
                 await self._ready.wait()
@@ -333,16 +345,17 @@ class PolicyService:
         return name, self.policies[name]
 
     async def _abort(self, context: Any, e: Exception) -> None:
-        """End the call with the error reply of ``e``: NOT_FOUND for an unknown policy, INVALID_ARGUMENT
-        for a bad request, INTERNAL for a failure of the policy itself."""
+        """End the call with the error reply of ``e``: NOT_FOUND for an unknown policy, INTERNAL for a failure
+        of the policy itself (:class:`PolicyFailure`), INVALID_ARGUMENT for a bad request."""
         grpc = require("grpc", "grpcio")
         if isinstance(e, UnknownPolicy):
             code, details = grpc.StatusCode.NOT_FOUND, str(e)
-        elif isinstance(e, (BadRequest, FlowrlError)):
-            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        elif isinstance(e, PolicyFailure):
+            cause = e.cause
+            first_line = str(cause).splitlines()[0] if str(cause) else "no message"
+            code, details = grpc.StatusCode.INTERNAL, f"inference failed ({type(cause).__name__}: {first_line})"
         else:
-            first_line = str(e).splitlines()[0] if str(e) else "no message"
-            code, details = grpc.StatusCode.INTERNAL, f"inference failed ({type(e).__name__}: {first_line})"
+            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         await context.abort(code, clip(details, MAX_DETAILS_CHARS))
 
     @asynccontextmanager
@@ -372,21 +385,20 @@ class PolicyService:
     async def _act(self, raw: bytes, context: Any, method: str) -> Any:
         """The reply to one ActRequest's bytes; a bad request ends the call with its error reply."""
         pb2, _ = protos()
-        try:
+        try:  # the request: its parse, its policy, its inputs (a FlowrlError here is the request's fault)
             request = parse(raw, pb2.ActRequest)
             self._log_client(context, method, request.policy)
             name, policy = self._policy(request.policy)
             obs, noise = self._inputs(request, name, policy)
-            actions, ms = await self.queues[name].infer(obs, noise)
         except (BadRequest, UnknownPolicy, FlowrlError) as e:
-            error: Exception = e
+            await self._abort(context, e)
+        try:
+            actions, ms = await self.queues[name].infer(obs, noise)
         except Exception as e:  # noqa: BLE001 (the policy failed, not the request: logged whole, answered INTERNAL)
             log.exception("policy '%s' failed on a request of %s", name, method)
-            error = e
-        else:
-            return pb2.ActReply(actions=to_tensor(actions, request.raw_reply), act_steps=policy.act_steps,
-                                inference_ms=ms, request_id=request.request_id)
-        await self._abort(context, error)
+            await self._abort(context, PolicyFailure(e))
+        return pb2.ActReply(actions=to_tensor(actions, request.raw_reply), act_steps=policy.act_steps,
+                            inference_ms=ms, request_id=request.request_id)
 
     def _inputs(self, request: Any, name: str, policy: DeployedPolicy) -> tuple[np.ndarray, np.ndarray | None]:
         """The request's observations and noise, every shape checked (the batch against ``max_batch``)
