@@ -22,7 +22,8 @@ fixed K the Euler steps need not be equal. On demonstration observations and pri
 own fine solution (``resolution * refine`` uniform steps of its instantaneous velocity) gives reference
 states at the candidate times ``j / resolution``; one Euler step from candidate i to candidate j costs its
 mean squared distance from the reference state at j, started from the reference state at i; dynamic
-programming chooses the K steps from 0 to 1 of least total cost. A grid is kept only where its K-step
+programming chooses the K steps from 0 to 1 of least total cost (a shortcut head's steps only among those
+it was trained on: powers of two, each starting on a multiple of its size). A grid is kept only where its K-step
 solution is closer to the reference than the uniform grid's on other noises and observations; both
 errors are recorded in the checkpoint (``time_grid`` in config.json) and the grid in
 ``policy.time_grids``, which evaluation, export and deployment then step on.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -185,9 +187,20 @@ def reference_states(policy: FlowPolicy, cond: torch.Tensor, x0: torch.Tensor, r
     return states
 
 
+def shortcut_trained_step(i: int, j: int, resolution: int, max_shortcut_steps: int) -> bool:
+    """Whether the step from candidate ``i`` to ``j`` (times ``i / resolution`` to ``j / resolution``) is one a
+    shortcut head was trained on: a size d = 2^-m no finer than ``1 / max_shortcut_steps``, starting on a
+    multiple of d (behaviour cloning draws the steps and their start times so; other steps' velocities
+    were never fitted)."""
+    d = Fraction(j - i, resolution)
+    dyadic = d.numerator == 1 and d.denominator & (d.denominator - 1) == 0
+    return dyadic and d.denominator <= max_shortcut_steps and (Fraction(i, resolution) / d).denominator == 1
+
+
 def step_costs(policy: FlowPolicy, cond: torch.Tensor, states: list[torch.Tensor]) -> list[list[float]]:
     """``cost[i][j]`` (i < j): mean squared error per element of one Euler step from the reference state at
-    candidate i to candidate j, against the reference state at j."""
+    candidate i to candidate j, against the reference state at j. For a shortcut head only the steps it was
+    trained on (:func:`shortcut_trained_step`) have a cost; the others stay infinite, so no grid takes them."""
     r = len(states) - 1
     cost = [[float("inf")] * (r + 1) for _ in range(r + 1)]
     b = cond.shape[0]
@@ -196,6 +209,8 @@ def step_costs(policy: FlowPolicy, cond: torch.Tensor, states: list[torch.Tensor
         t = torch.full((b,), i / r, device=x.device, dtype=x.dtype)
         v = None if policy.takes_step_size else policy.velocity(t, x, cond)  # a rectified flow ignores d
         for j in range(i + 1, r + 1):
+            if policy.is_shortcut and not shortcut_trained_step(i, j, r, policy.cfg.max_shortcut_steps):
+                continue
             d = (j - i) / r
             vj = v if v is not None else policy.velocity(t, x, cond, torch.full_like(t, d))
             cost[i][j] = float((x + d * vj - states[j]).square().mean())
@@ -204,7 +219,8 @@ def step_costs(policy: FlowPolicy, cond: torch.Tensor, states: list[torch.Tensor
 
 def optimal_grid(cost: list[list[float]], k: int) -> list[float]:
     """The K + 1 candidate times from 0 to 1 whose K steps have the least total ``cost`` (dynamic
-    programming over the candidates ``j / resolution``, ``resolution = len(cost) - 1``)."""
+    programming over the candidates ``j / resolution``, ``resolution = len(cost) - 1``; an infinite cost is
+    a step not allowed)."""
     r = len(cost) - 1
     if not 1 <= k <= r:
         raise FlowrlError(f"--k {k}: must be between 1 and the {r} candidate steps (--resolution)")
@@ -218,6 +234,10 @@ def optimal_grid(cost: list[list[float]], k: int) -> list[float]:
                 total = best[m - 1][i] + cost[i][j]
                 if total < best[m][j]:
                     best[m][j], came_from[m][j] = total, i
+    if best[k][r] == inf:
+        raise FlowrlError(f"--k {k}: no {k} steps from 0 to 1 on the {r} candidate steps (--resolution) that the "
+                          f"policy was trained on (a shortcut head: power-of-two steps, each starting on a multiple "
+                          f"of its size)")
     path = [r]
     for m in range(k, 0, -1):
         path.append(came_from[m][path[-1]])
@@ -277,5 +297,5 @@ def write_time_grids(checkpoint: str | Path, ks: list[int], out: str | Path | No
     return rows
 
 
-__all__ = ["DistillConfig", "Distillation", "optimal_grid", "reference_states", "sampler_error", "step_costs",
-           "write_time_grids"]
+__all__ = ["DistillConfig", "Distillation", "optimal_grid", "reference_states", "sampler_error",
+           "shortcut_trained_step", "step_costs", "write_time_grids"]

@@ -14,12 +14,15 @@ from test_cli import one_line_error, run_cli
 
 import flowrl.deploy
 from flowrl.agents.bc import BehaviorCloning
-from flowrl.agents.distill import Distillation, optimal_grid
+from flowrl.agents.distill import Distillation, optimal_grid, shortcut_trained_step, write_time_grids
 from flowrl.agents.scripted import write_demonstrations
-from flowrl.checkpoint import load_policy, read_config
-from flowrl.config import load_stage_config
+from flowrl.checkpoint import load_policy, read_config, save_checkpoint
+from flowrl.config import PolicyConfig, load_stage_config
+from flowrl.datasets import read_dataset
 from flowrl.deploy.export import export
 from flowrl.deploy.runtime import make_backend
+from flowrl.errors import FlowrlError
+from flowrl.policy import FlowPolicy
 from flowrl.training import Trainer
 
 TINY = ["task=PointReach", "device=cpu", "policy.hidden_dim=32", "policy.depth=1", "policy.horizon=2",
@@ -59,6 +62,25 @@ def test_optimal_grid_is_the_least_cost_path_of_k_steps() -> None:
     # a cost that grows faster than linearly in the step's length: equal steps are optimal
     convex = [[float((j - i) ** 2) for j in range(9)] for i in range(9)]
     assert optimal_grid(convex, 4) == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_a_shortcut_grid_takes_only_the_steps_behaviour_cloning_trains(tmp_path, demos) -> None:
+    """Shortcut heads are trained on power-of-two steps starting on multiples of their size; the grid search
+    offers them no other step, and a K with no such grid on the candidates is a one-line error."""
+    assert [j for j in range(1, 9) if shortcut_trained_step(0, j, 8, 128)] == [1, 2, 4, 8]
+    assert shortcut_trained_step(2, 4, 8, 128) and not shortcut_trained_step(2, 6, 8, 128)  # 1/2 from 1/4
+    assert not shortcut_trained_step(0, 1, 8, 4)  # finer than the finest trained step
+    episodes = read_dataset(demos)
+    torch.manual_seed(0)
+    cfg = PolicyConfig(head="shortcut", hidden_dim=32, depth=1, horizon=2, act_steps=2, k=4, time_embed_dim=16)
+    ckpt = save_checkpoint(tmp_path / "shortcut", FlowPolicy(cfg, episodes.obs_dim, episodes.act_dim),
+                           {"task": "PointReach"})
+    rows = write_time_grids(ckpt, [3, 5], tmp_path / "grid", data=demos, samples=32, resolution=8, refine=2)
+    for row in rows:
+        steps = [(round(a * 8), round(b * 8)) for a, b in zip(row["times"], row["times"][1:])]
+        assert len(steps) == row["k"] and all(shortcut_trained_step(i, j, 8, 128) for i, j in steps), row
+    with pytest.raises(FlowrlError, match="--k 3: no 3 steps"):
+        write_time_grids(ckpt, [3], tmp_path / "none", data=demos, samples=32, resolution=6, refine=2)
 
 
 def test_distillation_reduces_the_one_step_error(teacher) -> None:
