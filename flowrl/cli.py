@@ -107,13 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("--quiet", action="store_true", help="no progress bar")
     di.add_argument("--device", help="torch device (default: the config's, auto; --grid: cpu)")
     di.add_argument("--grid", action="store_true", help="choose the optimal Euler grid of each K instead of training")
-    di.add_argument("--samples", type=int, default=512, help="--grid: observations and noises the grid is fitted on, "
-                    "and as many held out to check it against the uniform grid (default 512)")
-    di.add_argument("--resolution", type=int, default=64, help="--grid: candidate times j/N, N of them (default 64)")
-    di.add_argument("--refine", type=int, default=4, help="--grid: Euler steps of the reference solution per "
-                    "candidate interval (default 4)")
-    di.add_argument("--seed", type=int, default=0, help="--grid: seed of the observations and noises drawn "
-                    "(default 0); training: the config's seed")
+    di.add_argument("--samples", type=int, help="--grid: observations and noises the grid is fitted on, and as many "
+                    "held out to check it against the uniform grid (default 512)")
+    di.add_argument("--resolution", type=int, help="--grid: candidate times j/N, N of them (default 64)")
+    di.add_argument("--refine", type=int, help="--grid: Euler steps of the reference solution per candidate interval "
+                    "(default 4)")
+    di.add_argument("--seed", type=int, help="--grid: seed of the observations and noises drawn (default 0); "
+                    "training: the run's seed (same as seed=N; default the config's)")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint at several K",
                         description="Evaluate the deterministic policy of a checkpoint at each K; prints a table "
@@ -409,10 +409,15 @@ def cmd_distill(args: argparse.Namespace) -> None:
     if args.grid:
         _time_grids(args)
         return
+    given = [f"--{name}" for name in ("samples", "resolution", "refine") if getattr(args, name) is not None]
+    if given:
+        raise FlowrlError(f"{', '.join(given)}: only with --grid (training a student takes train.* overrides)")
     if len(args.k) != 1:
         raise FlowrlError(f"--k: distillation trains one student; give one K, got {' '.join(map(str, args.k))} "
                           "(several Ks are for --grid)")
     overrides = ["algo=distill", f"train.k={args.k[0]}"]
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
     if args.data:
         overrides.append(f"train.data={args.data}")
     if args.device:
@@ -432,10 +437,13 @@ def _time_grids(args: argparse.Namespace) -> None:
     if any(k < 1 for k in args.k):
         raise FlowrlError(f"--k must be >= 1, got {' '.join(map(str, args.k))}")
     source = resolve_checkpoint(args.run)
-    rows = tool("time-grid")(source, args.k, args.out, data=args.data or "", samples=args.samples,
-                             resolution=args.resolution, refine=args.refine, seed=args.seed, device=args.device or "cpu")
+    samples = 512 if args.samples is None else args.samples
+    rows = tool("time-grid")(source, args.k, args.out, data=args.data or "", samples=samples,
+                             resolution=64 if args.resolution is None else args.resolution,
+                             refine=4 if args.refine is None else args.refine,
+                             seed=0 if args.seed is None else args.seed, device=args.device or "cpu")
     print(f"optimal Euler grids of {source} (mean squared error per element against the policy's fine solution, "
-          f"{args.samples} held-out noises and observations)")
+          f"{samples} held-out noises and observations)")
     print(f"{'K':>3}  {'uniform error':>13}  {'grid error':>10}  grid")
     for row in rows:
         kept = "" if row["kept"] else "  (not better: uniform kept)"

@@ -172,3 +172,18 @@ def test_one_meaning_per_budget_flag() -> None:
         _apply_budget(mle, None, 5)
     with pytest.raises(FlowrlError, match="train.steps: must be > 0"):
         _apply_budget(mle, -1, None)
+
+
+def test_distill_takes_the_grid_options_only_with_grid_and_seeds_training(monkeypatch) -> None:
+    """--samples, --resolution and --refine belong to --grid; without it they are a one-line error, and
+    --seed seeds the distillation run (seed=N) instead of being dropped."""
+    import flowrl.cli as cli
+
+    for option in ("--samples", "--resolution", "--refine"):
+        one_line_error(run_cli("distill", "runs/none", option, "8"), option, "only with --grid")
+    seen = {}
+    monkeypatch.setattr(cli, "_train", lambda stage, args, presets_required=True: seen.update(overrides=args.overrides))
+    assert run_cli("distill", "runs/none", "--seed", "3", "train.lr=1e-4").returncode == 0
+    assert seen["overrides"] == ["algo=distill", "train.k=1", "seed=3", "train.lr=1e-4"]
+    run_cli("distill", "runs/none")
+    assert not any(o.startswith("seed=") for o in seen["overrides"])
