@@ -21,7 +21,7 @@ from conftest import assert_full_state_resumes
 
 from flowrl.envs import all_tasks, make, resolve_task
 from flowrl.envs.tasks.base import NumpyDraws, TorchDraws
-from flowrl.envs.tasks.robosuite_scenes import PandaSceneTask, scene_facts
+from flowrl.envs.tasks.robosuite_scenes import PandaSceneTask, rotation_matrix, rotation_vector, scene_facts
 from flowrl.envs.tasks.robosuite_scenes import scene_ids as _ids
 from flowrl.errors import FlowrlError
 
@@ -547,3 +547,19 @@ def test_full_state_round_trip_includes_the_controller() -> None:
     actions = [torch.rand(2, 7, generator=gen) * 2 - 1 for _ in range(6)]
     assert {"controller.gripper", "controller.goal_pos"} <= set(env.get_full_state())
     assert_full_state_resumes(env, actions, 3, detour=-actions[0])  # the detour moves the controller's state away
+
+
+def test_the_experts_rotations_equal_scipys_without_needing_it() -> None:
+    """The scripted experts' quaternion -> matrix and matrix -> rotation vector (numpy only, as the experts
+    run without robosuite's extra) against scipy's, near no rotation and near a half turn too."""
+    Rotation = pytest.importorskip("scipy.spatial.transform").Rotation
+    rng = np.random.default_rng(0)
+    quats = [*rng.normal(size=(200, 4)), [0, 0, 0, 1], [1e-9, 0, 0, 1], [1, 0, 0, 1e-7], [0.6, 0.8, 0, 1e-5]]
+    for q in quats:
+        expected = Rotation.from_quat(q)
+        np.testing.assert_allclose(rotation_matrix(np.asarray(q)), expected.as_matrix(), atol=1e-12)
+        rotvec = rotation_vector(expected.as_matrix())
+        np.testing.assert_allclose(Rotation.from_rotvec(rotvec).as_matrix(), expected.as_matrix(), atol=1e-6)
+        assert np.linalg.norm(rotvec) <= np.pi + 1e-9
+        if np.linalg.norm(expected.as_rotvec()) < np.pi - 1e-3:  # a half turn's axis has two signs
+            np.testing.assert_allclose(rotvec, expected.as_rotvec(), atol=1e-6)

@@ -28,6 +28,7 @@ from flowrl.envs.tasks.robosuite_scenes import (
     ROT_SCALE,
     HeldObjectSceneTask,
     PickPlaceExpert,
+    rotation_matrix,
 )
 
 
@@ -67,14 +68,12 @@ class SquareExpert(PickPlaceExpert):
         self.integral[slice(None) if mask is None else mask] = 0.0
 
     def _command(self, i: int, o: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
-        from scipy.spatial.transform import Rotation  # robosuite's extra installs scipy
-
         pose = o[self.object_slice]
         nut = pose[:3]
-        nut_axes = Rotation.from_quat(pose[3:]).as_matrix()  # robosuite's quaternions are (x, y, z, w)
+        nut_axes = rotation_matrix(pose[3:])  # robosuite's quaternions are (x, y, z, w)
         nut_yaw = math.atan2(nut_axes[1, 0], nut_axes[0, 0])  # heading of the handle (local x)
         eef = o[self.eef_index:self.eef_index + 3]
-        eef_axes = Rotation.from_quat(o[self.eef_quat_index:self.eef_quat_index + 4]).as_matrix()
+        eef_axes = rotation_matrix(o[self.eef_quat_index:self.eef_quat_index + 4])
         finger_yaw = math.atan2(eef_axes[1, 1], eef_axes[0, 1])  # direction the fingers close along
         handle = nut + self.handle_offset * np.array([math.cos(nut_yaw), math.sin(nut_yaw), 0.0])
         phase = self.phase[i]

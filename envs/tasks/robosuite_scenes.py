@@ -207,6 +207,30 @@ def quat_xyzw(q: torch.Tensor) -> torch.Tensor:
     return torch.cat([q[..., 1:], q[..., :1]], dim=-1)
 
 
+def rotation_matrix(q_xyzw: np.ndarray) -> np.ndarray:
+    """The rotation matrix of a robosuite-order (x, y, z, w) quaternion (normalised first); for the scripted
+    experts, which read observations in numpy."""
+    x, y, z, w = np.asarray(q_xyzw, dtype=np.float64) / np.linalg.norm(q_xyzw)
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+
+
+def rotation_vector(m: np.ndarray) -> np.ndarray:
+    """The axis times the angle (in [0, pi]) of a rotation matrix: the rotation an OSC_POSE action asks for."""
+    angle = math.acos(float(np.clip((np.trace(m) - 1) / 2, -1.0, 1.0)))
+    skew = np.array([m[2, 1] - m[1, 2], m[0, 2] - m[2, 0], m[1, 0] - m[0, 1]])  # 2 sin(angle) axis
+    if angle < 1e-6:
+        return skew / 2
+    if math.pi - angle > 1e-6:
+        return skew * angle / (2 * math.sin(angle))
+    # near a half turn sin(angle) vanishes: the axis is the largest column of (m + I) / 2 = axis axis^T
+    half = (m + np.eye(3)) / 2
+    j = int(np.argmax(np.diag(half)))
+    axis = half[:, j] / math.sqrt(half[j, j])
+    return (-axis if skew @ axis < 0 else axis) * angle
+
+
 def _quat_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Hamilton product of (w, x, y, z) quaternions."""
     aw, ax, ay, az = a.unbind(-1)

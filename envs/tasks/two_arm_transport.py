@@ -49,6 +49,8 @@ from flowrl.envs.tasks.robosuite_scenes import (
     PandaSceneTask,
     _quat_mul,
     quat_xyzw,
+    rotation_matrix,
+    rotation_vector,
     scene_facts,
 )
 
@@ -159,13 +161,6 @@ class TwoArmTransport(PandaSceneTask):
 
 
 # -- scripted expert --------------------------------------------------------------------------------------------
-def _matrix(quat_xyzw: np.ndarray) -> np.ndarray:
-    """The rotation matrix of an observation's (x, y, z, w) quaternion."""
-    from scipy.spatial.transform import Rotation  # robosuite's extra installs scipy
-
-    return Rotation.from_quat(quat_xyzw).as_matrix()
-
-
 class TransportExpert:
     """TwoArmTransport: robot 1 moves the trash into the trash bin while robot 0 lifts the lid off and sets it
     aside; robot 0 then picks the hammer by the handle's end nearer to it and holds it out over the gap, handle
@@ -209,7 +204,7 @@ class TransportExpert:
     @staticmethod
     def _handle_axis(quat_xyzw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The hammer handle's direction (its local z) pointing toward +y, and the horizontal direction across it."""
-        axis = _matrix(quat_xyzw)[:, 2]
+        axis = rotation_matrix(quat_xyzw)[:, 2]
         axis = axis if axis[1] >= 0 else -axis
         return axis, np.array([axis[1], -axis[0], 0.0])
 
@@ -218,16 +213,14 @@ class TransportExpert:
         """OSC_POSE rotation action (at most ``limit`` radians) turning the hand to point down with its fingers
         closing along ``fingers`` (horizontal; either sign unless ``signed``), or along their present heading
         (None: while closing on or holding something)."""
-        current = _matrix(hand_xyzw)
+        current = rotation_matrix(hand_xyzw)
         y = np.array([*current[:2, 1], 0.0]) if fingers is None else fingers
         y = y / np.linalg.norm(y)
         if y @ current[:, 1] < 0 and not signed:
             y = -y
         z = np.array([0.0, 0.0, -1.0])
         target = np.stack([np.cross(y, z), y, z], axis=1)
-        from scipy.spatial.transform import Rotation
-
-        error = Rotation.from_matrix(target @ current.T).as_rotvec()
+        error = rotation_vector(target @ current.T)
         norm = np.linalg.norm(error)
         if norm > limit:
             error *= limit / norm
@@ -266,8 +259,8 @@ class TransportExpert:
         """(target position, gripper, finger direction) of robot 1."""
         phase, self.timer[i, 1] = self.phase[i, 1], self.timer[i, 1] + 1
         trash, trash_bin, target_bin = o[7:10], o[24:27], o[21:24]
-        faces = _matrix(o[10:14])[:, :2].T  # the cube's x and y axes: either will do
-        fingers_now = _matrix(o[53:57])[:, 1]
+        faces = rotation_matrix(o[10:14])[:, :2].T  # the cube's x and y axes: either will do
+        fingers_now = rotation_matrix(o[53:57])[:, 1]
         across_trash = max(faces, key=lambda f: abs(f @ fingers_now)) * [1.0, 1.0, 0.0]
         axis, across_hammer = self._handle_axis(o[3:7])
         grasp = o[0:3] + self.grasp_offset * axis  # the hammer handle's end nearer robot 1
