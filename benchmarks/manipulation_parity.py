@@ -7,7 +7,7 @@ at run time) beside success in robosuite itself, over the same number of seeded 
 Target (exit code 1 when missed): the two success rates within 3 points over the same number of episodes.
 The episodes are not the same ones (each side draws its own placements from robosuite's distributions; Lift's
 batched cube keeps its nominal size), except TwoArmTransport's, whose batched reset draws robosuite's sequence: the
-same seeds give the same initial states (its hammer head keeps its nominal size). Writes benchmarks/results/manipulation/manipulation_parity.json (tasks run
+same seeds give the same initial states (the shipped scene keeps seed 0's hammer-head draw). Writes benchmarks/results/manipulation/manipulation_parity.json (tasks run
 separately accumulate in it).
 """
 

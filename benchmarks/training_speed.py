@@ -204,6 +204,7 @@ def time_evaluations(evaluate: Any, repeats: int = 3) -> list[float]:
 def part_reinflow(args: argparse.Namespace, record: dict, tmp: Path) -> None:
     from flowrl.agents.reinflow import ReinFlow, ReinFlowConfig
     from flowrl.config import load_stage_config
+    from flowrl.envs import resolve_backend
     from flowrl.evaluation import Evaluator
     from flowrl.training import Trainer
 
@@ -268,8 +269,9 @@ def part_reinflow(args: argparse.Namespace, record: dict, tmp: Path) -> None:
         evals[backend] = time_evaluations(lambda: evaluator(policy, 4, 10, seed=900000))
         evaluator.close()
     auto = Evaluator("Hopper", backend="auto", device=args.device)
-    # what training's evaluations take (a baseline without the rule ran them on the preset's backend: auto)
-    default = auto.backend_for(10) if hasattr(auto, "backend_for") else ("warp" if args.device != "cpu" else "cpu")
+    # what training's evaluations take (a baseline without Evaluator.backend_for resolved "auto" for every size)
+    default = (auto.backend_for(10) if hasattr(auto, "backend_for")
+               else resolve_backend("Hopper", "auto", args.device))
     default = default if default in evals else next(iter(evals))
     record["eval_hopper_10"] = {"seconds": evals, "warm_s": min(evals[default][1:]), "default_backend": default,
                                 "warm_s_by_backend": {b: min(v[1:]) for b, v in evals.items()}}

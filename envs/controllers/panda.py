@@ -26,8 +26,8 @@ ROBOT_ACTION_DIM = 7
 @contextlib.contextmanager
 def one_torch_thread(device: torch.device) -> Iterator[None]:
     """On CPU, the controller's tiny batched linear algebra runs on one torch thread: torch's OpenMP pool and
-    mujoco.batch's worker threads otherwise fight over the cores at every substep (measured on 2 cores: 5x
-    slower env steps). Restores the caller's setting."""
+    mujoco.batch's worker threads otherwise fight over the cores at every substep, which makes env steps several
+    times slower. Restores the caller's setting."""
     if device.type != "cpu":
         yield
         return
