@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowrl import distributed
-from flowrl.checkpoint import load_policy
+from flowrl.checkpoint import load_init
 from flowrl.config import (FinetuneConfig, LoopConfig, check_fraction, check_non_negative, check_positive, fail,
                            setup_torch, validate_backend)
 from flowrl.cuda_graph import StepGraph, fused_if_cuda, graphs_usable, tf32_matmuls
-from flowrl.envs import canonical_task, make, resolve_backend, resolve_task
+from flowrl.envs import make, resolve_backend, resolve_task
 from flowrl.errors import FlowrlError
 from flowrl.nets import SinusoidalEmbedding
 from flowrl.policy import FlowPolicy
@@ -337,11 +337,7 @@ class ReinFlow(Agent):
         self.dist = distributed.current()
         self.local_envs = self.dist.share(t.num_envs, "train.num_envs")
         self.local_minibatch = self.dist.share(t.minibatch_size, "train.minibatch_size")
-        policy, init_config = load_policy(cfg.init, self.device)
-        if "task" not in init_config:
-            raise FlowrlError(f"{cfg.init}/config.json: missing key 'task'")
-        self.task = canonical_task(cfg.task or init_config["task"])
-        self.init_info = {"path": str(cfg.init), "step": init_config.get("step"), "stage": init_config.get("stage")}
+        policy, _, self.task, self.init_info = load_init(cfg.init, cfg.task, self.device)
         self.K = t.k or policy.cfg.k
         policy.cfg.k = self.K
         policy.cfg.time_grids = {}  # chosen for the pretrained weights; the chain steps on the uniform grid

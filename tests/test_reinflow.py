@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -425,3 +426,16 @@ def test_advantage_sign_flips_between_epochs(pretrained) -> None:
     assert 0 < small.update(small.collect())["train/advantage_sign_flips"] < 0.5
     single = _agent(*common, "train.minibatch_size=8", "train.update_epochs=1")
     assert "train/advantage_sign_flips" not in single.update(single.collect())
+
+
+def test_init_from_a_run_folder_records_its_checkpoint_so_distill_finds_the_demonstrations(tmp_path,
+                                                                                           pretrained) -> None:
+    """``init=RUN`` is resolved to the checkpoint the run stands for, and the fine-tuning's checkpoints record
+    that one: the chain back to the behaviour cloning's demonstrations (what distill and --grid read) holds."""
+    from flowrl.checkpoint import recorded_dataset, resolve_checkpoint, save_checkpoint
+
+    run = Path(pretrained).parent.parent
+    agent = _agent(*FINETUNE, f"init={run}", "train.num_envs=16", "train.minibatch_size=60")
+    assert agent.init_info["path"] == str(resolve_checkpoint(run))
+    finetuned = save_checkpoint(tmp_path / "ft", agent.policy, {"task": agent.task, **agent.checkpoint_info()})
+    assert recorded_dataset(finetuned) == recorded_dataset(pretrained) is not None
