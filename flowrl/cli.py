@@ -193,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     co = sub.add_parser("collect", help="roll a policy out into a demonstration dataset",
                         description="Roll an expert (flowrl expert folder) or a flowrl checkpoint out into an "
                         "HDF5 dataset of our layout.")
-    co.add_argument("source", help="expert folder, policy checkpoint, or `scripted` (robosuite tasks; needs --task)")
+    co.add_argument("source", help="expert folder, policy checkpoint, or `scripted` (a task's own scripted expert; needs --task)")
     co.add_argument("--out", required=True, help="dataset file to write (.hdf5); an existing file is kept "
                     "unless --force")
     co.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -207,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--num-envs", type=int, default=16)
     co.add_argument("--backend", default="auto", choices=["auto", "gymnasium", "cpu", "warp", "robosuite"],
                     help="auto (default: the task's own default, robosuite for robosuite's tasks on a CPU machine), "
-                    "gymnasium, cpu (Humanoid-Newton; robosuite's Lift, Can, Square batched), warp or robosuite")
+                    "gymnasium, cpu (Humanoid-Newton; robosuite's scenes batched), warp or robosuite")
     co.add_argument("--device", default="cpu", help="device of the batched env and of a checkpoint policy "
                     "(default cpu; --backend warp --device cuda simulates and renders on the GPU)")
     co.add_argument("--after-success", type=int, default=10,

@@ -446,3 +446,9 @@ def test_a_failing_policy_is_an_internal_error_reply_and_the_server_keeps_servin
             client.act(np.zeros((1, 2, 4), np.float32))
         assert client.act(np.zeros((1, 2, 4), np.float32)).shape == (1, 4, 2)
     assert any(r.exc_info and "policy 'flaky' failed" in r.getMessage() for r in caplog.records)  # logged whole
+
+
+def test_the_python_client_imports_without_torch() -> None:
+    """A controller's machine needs numpy and gRPC only: importing the client pulls in no torch."""
+    code = "import sys; from flowrl.deploy.server import PolicyClient; sys.exit(int('torch' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

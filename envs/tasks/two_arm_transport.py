@@ -229,7 +229,7 @@ class TransportExpert:
     # -- the two arms --------------------------------------------------------------------------
     def _robot0(self, i: int, o: np.ndarray, eef: np.ndarray) -> tuple[np.ndarray, float, np.ndarray | None]:
         """(target position, gripper, finger direction) of robot 0."""
-        phase, self.timer[i, 0] = self.phase[i, 0], self.timer[i, 0] + 1
+        self.timer[i, 0] += 1
         handle = o[14:17]
         across_lid = np.array([1.0, 0.0, 0.0])  # the lid's handle runs along y
         axis, across_hammer = self._handle_axis(o[3:7])
@@ -257,7 +257,7 @@ class TransportExpert:
 
     def _robot1(self, i: int, o: np.ndarray, eef: np.ndarray) -> tuple[np.ndarray, float, np.ndarray | None]:
         """(target position, gripper, finger direction) of robot 1."""
-        phase, self.timer[i, 1] = self.phase[i, 1], self.timer[i, 1] + 1
+        self.timer[i, 1] += 1
         trash, trash_bin, target_bin = o[7:10], o[24:27], o[21:24]
         faces = rotation_matrix(o[10:14])[:, :2].T  # the cube's x and y axes: either will do
         fingers_now = rotation_matrix(o[53:57])[:, 1]
