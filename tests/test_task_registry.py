@@ -110,6 +110,9 @@ def test_a_reset_distribution_written_once_draws_per_env_or_batched() -> None:
     gen = torch.Generator().manual_seed(0)
     (y,) = TorchDraws(gen, 100, torch.device("cpu"), torch.float64).first_accepted(propose, accept, "y")
     assert y.shape == (100,) and bool((y > 0.7).all())
+    with pytest.raises(FlowrlError, match=r"^cannot place the cube: none of 64 draws was accepted$"):
+        TorchDraws(gen, 3, torch.device("cpu"), torch.float64).first_accepted(propose, lambda p, rows: p[0] > 2.0,
+                                                                              "the cube")
 
     env = make("Hopper", 4, backend="cpu", seed=0)
     env.batched_autoreset = True

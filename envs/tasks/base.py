@@ -120,8 +120,10 @@ class NumpyDraws(Draws):
 
 class TorchDraws(Draws):
     """Every env's draws at once from one torch generator on ``device``. Rejection sampling draws
-    ``candidates`` proposals per env at once and keeps the first accepted (the same distribution unless all
-    are rejected, then the first is kept)."""
+    ``candidates`` proposals per env at once and keeps the first accepted: the same distribution unless all
+    of an env's are rejected. Then, on the CPU, it is an error naming what could not be placed; on a GPU the
+    first proposal is kept, since checking would stall every batched autoreset on a read-back (for the
+    shipped tasks' acceptance rates, 64 rejections in a row do not happen in practice)."""
 
     def __init__(self, gen: torch.Generator, n: int, device: torch.device, dtype: torch.dtype,
                  candidates: int = 64) -> None:
@@ -139,6 +141,8 @@ class TorchDraws(Draws):
         proposal = propose(TorchDraws(self.gen, self.n * k, self.device, self.dtype, k))
         rows = torch.arange(self.n, device=self.device).repeat_interleave(k)
         ok = accept(proposal, rows).view(self.n, k)
+        if self.device.type == "cpu" and not bool(ok.any(dim=1).all()):
+            raise FlowrlError(f"cannot place {what}: none of {k} draws was accepted")
         first = torch.argmax(ok.to(torch.uint8), dim=1)  # the first accepted (0 if none is)
         pick = torch.arange(self.n, device=self.device) * k + first
         return tuple(p[pick] for p in proposal)
