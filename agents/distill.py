@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowrl.checkpoint import (CONFIG, load_init, load_policy, read_config, recorded_dataset, resolve_checkpoint,
+from flowrl.checkpoint import (CONFIG, demonstrations_of, load_init, load_policy, read_config, resolve_checkpoint,
                                save_checkpoint)
 from flowrl.config import FinetuneConfig, GradientStepLoopConfig, check_non_negative, check_positive, setup_torch
 from flowrl.cuda_graph import fused_if_cuda
-from flowrl.datasets import ChunkDataset, read_dataset
+from flowrl.datasets import ChunkDataset
 from flowrl.errors import FlowrlError
 from flowrl.io import write_json
 from flowrl.policy import FlowPolicy, require_state_only
@@ -89,14 +89,8 @@ def demonstration_observations(checkpoint: Path, policy: FlowPolicy, data: str, 
                                device: torch.device) -> tuple[ChunkDataset, str]:
     """The observation histories of ``data`` or, when empty, of the demonstrations ``checkpoint`` descends
     from, cut for ``policy``; and the dataset's path."""
-    path = data or recorded_dataset(checkpoint)
-    if not path:
-        raise FlowrlError(f"{checkpoint}: records no demonstrations (nor does any checkpoint it was fine-tuned "
-                          "from); name a dataset whose observations to use (train.data=PATH, or --data PATH)")
-    episodes = read_dataset(path).head(max_episodes)
-    if episodes.obs_dim != policy.obs_dim:
-        raise FlowrlError(f"{path}: observations have {episodes.obs_dim} dims but the policy takes {policy.obs_dim}")
-    return ChunkDataset(episodes, policy.cfg.obs_history, policy.cfg.horizon, device), str(path)
+    episodes, path = demonstrations_of(checkpoint, policy, data, max_episodes, with_actions=False)
+    return ChunkDataset(episodes, policy.cfg.obs_history, policy.cfg.horizon, device), path
 
 
 def sampler_error(policy: FlowPolicy, cond: torch.Tensor, x0: torch.Tensor, times: list[float],

@@ -40,12 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowrl.checkpoint import load_init, recorded_dataset
+from flowrl.checkpoint import demonstrations_of, load_init
 from flowrl.config import (FinetuneConfig, GradientStepLoopConfig, check_non_negative, check_positive, fail,
                            setup_torch)
 from flowrl.cuda_graph import fused_if_cuda
-from flowrl.datasets import ChunkDataset, read_dataset
-from flowrl.errors import FlowrlError
+from flowrl.datasets import ChunkDataset
 from flowrl.policy import FlowPolicy, require_state_only
 from flowrl.sampler import euler_sample, time_grid
 from flowrl.training import Agent
@@ -182,15 +181,7 @@ class MLEFineTuning(Agent):
         pretrained, _, self.task, self.init_info = load_init(cfg.init, cfg.task, self.device)
         init = self.init_info["path"]
         require_state_only(pretrained, f"{init}: MLE fine-tuning")
-        data_path = t.data or recorded_dataset(init)
-        if not data_path:
-            raise FlowrlError(f"config: train.data: {init} records no dataset (nor does any checkpoint it was fine-tuned "
-                              "from); name the demonstrations (train.data=PATH)")
-        episodes = read_dataset(data_path).head(t.max_episodes)
-        if (episodes.obs_dim, episodes.act_dim) != (pretrained.obs_dim, pretrained.act_dim):
-            raise FlowrlError(f"{data_path}: obs/act dims {episodes.obs_dim}/{episodes.act_dim} differ from the "
-                              f"policy's {pretrained.obs_dim}/{pretrained.act_dim}")
-        self.data_path = str(data_path)
+        episodes, self.data_path = demonstrations_of(init, pretrained, t.data, t.max_episodes)
         self.K = t.k or pretrained.cfg.k
         self.data = ChunkDataset(episodes, pretrained.cfg.obs_history, pretrained.cfg.horizon, self.device)
         torch.manual_seed(cfg.seed)

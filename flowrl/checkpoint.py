@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flowrl.config import MIN_SELECTION_EPISODES, PolicyConfig, from_dict, to_dict, validate_policy
+from flowrl.datasets import Episodes, read_dataset
 from flowrl.errors import FlowrlError
 from flowrl.io import atomic_path, read_json
 from flowrl.policy import FlowPolicy
@@ -143,6 +144,22 @@ def recorded_dataset(folder: str | Path) -> str | None:
             return None
         folder = Path(init)
     return None
+
+
+def demonstrations_of(folder: str | Path, policy: FlowPolicy, data: str, max_episodes: int,
+                      with_actions: bool = True) -> tuple[Episodes, str]:
+    """The demonstrations a fine-tuning of the checkpoint in ``folder`` works on: ``data`` when given, else
+    those the checkpoint descends from (:func:`recorded_dataset`); cut to ``max_episodes`` and checked against
+    ``policy``'s observation dims (and action dims, ``with_actions``). Returns them with their path."""
+    path = data or recorded_dataset(folder)
+    if not path:
+        raise FlowrlError(f"{folder}: records no demonstrations (nor does any checkpoint it was fine-tuned from); "
+                          "name them (train.data=PATH)")
+    episodes = read_dataset(path).head(max_episodes)
+    if episodes.obs_dim != policy.obs_dim or (with_actions and episodes.act_dim != policy.act_dim):
+        raise FlowrlError(f"{path}: obs/act dims {episodes.obs_dim}/{episodes.act_dim} differ from the "
+                          f"policy's {policy.obs_dim}/{policy.act_dim}")
+    return episodes, str(path)
 
 
 def load_train_state(folder: str | Path) -> dict[str, Any]:
