@@ -219,6 +219,7 @@ class BehaviorCloning(Agent):
         self.model.set_normalization(episodes.observations.mean(0), episodes.observations.std(0))
         self.dist.broadcast_module(self.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self._ema_params, self._model_params = list(self.ema.parameters()), list(self.model.parameters())
         graphed = cfg.train.cuda_graph and graphs_usable(self.device, self.dist.active, self.model.uses_images)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay, capturable=graphed,
@@ -313,8 +314,7 @@ class BehaviorCloning(Agent):
         logs = self._forward_backward(draws)
         self.optimizer.step()
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()),
-                                 1.0 - self.cfg.train.ema_decay)
+            torch._foreach_lerp_(self._ema_params, self._model_params, 1.0 - self.cfg.train.ema_decay)
         return logs
 
     def train_iteration(self, iteration: int) -> dict[str, float]:
