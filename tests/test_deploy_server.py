@@ -452,3 +452,21 @@ def test_the_python_client_imports_without_torch() -> None:
     """A controller's machine needs numpy and gRPC only: importing the client pulls in no torch."""
     code = "import sys; from flowrl.deploy.server import PolicyClient; sys.exit(int('torch' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_a_server_fault_before_inference_is_an_internal_reply_not_unknown(served, monkeypatch) -> None:
+    """Whatever fails while the server reads a request, the client gets INTERNAL naming it, never gRPC's UNKNOWN,
+    and the server keeps serving."""
+    server, _ = served
+    calls = iter([RuntimeError("the log broke"), None])
+
+    def log_client(*args: object) -> None:
+        failure = next(calls)
+        if failure is not None:
+            raise failure
+
+    monkeypatch.setattr(server.service, "_log_client", log_client)
+    with PolicyClient(server.address, policy="reach") as client:
+        with pytest.raises(FlowrlError, match=r"^INTERNAL: reading the request failed \(RuntimeError: the log broke\)$"):
+            client.act(np.zeros((1, 2, 4), np.float32))
+        assert client.act(np.zeros((1, 2, 4), np.float32)).shape == (1, 4, 2)

@@ -127,11 +127,12 @@ def clip(text: str, limit: int) -> str:
 
 # -- tensors ---------------------------------------------------------------------------------------
 class PolicyFailure(Exception):
-    """A policy failed on a request that passed every check: the server's fault, answered INTERNAL."""
+    """The server failed on a request, not the request on the server (``stage``: what failed, e.g. the
+    policy's inference on a request that passed every check): answered INTERNAL."""
 
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self, cause: BaseException, stage: str = "inference") -> None:
         super().__init__(str(cause))
-        self.cause = cause
+        self.cause, self.stage = cause, stage
 
 
 class BadRequest(ValueError):
@@ -353,7 +354,7 @@ class PolicyService:
         elif isinstance(e, PolicyFailure):
             cause = e.cause
             first_line = str(cause).splitlines()[0] if str(cause) else "no message"
-            code, details = grpc.StatusCode.INTERNAL, f"inference failed ({type(cause).__name__}: {first_line})"
+            code, details = grpc.StatusCode.INTERNAL, f"{e.stage} failed ({type(cause).__name__}: {first_line})"
         else:
             code, details = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         await context.abort(code, clip(details, MAX_DETAILS_CHARS))
@@ -392,6 +393,9 @@ class PolicyService:
             obs, noise = self._inputs(request, name, policy)
         except (BadRequest, UnknownPolicy, FlowrlError) as e:
             await self._abort(context, e)
+        except Exception as e:  # noqa: BLE001 (the server's fault: logged whole, answered INTERNAL)
+            log.exception("reading a request of %s failed", method)
+            await self._abort(context, PolicyFailure(e, "reading the request"))
         try:
             actions, ms = await self.queues[name].infer(obs, noise)
         except Exception as e:  # noqa: BLE001 (the policy failed, not the request: logged whole, answered INTERNAL)
