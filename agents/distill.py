@@ -49,7 +49,7 @@ from flowrl.cuda_graph import fused_if_cuda
 from flowrl.datasets import ChunkDataset
 from flowrl.errors import FlowrlError
 from flowrl.io import write_json
-from flowrl.policy import FlowPolicy, require_state_only
+from flowrl.policy import FlowPolicy, require_state_only, require_unsteered
 from flowrl.sampler import grid_euler_sample, uniform_times
 from flowrl.training import Agent
 
@@ -111,6 +111,7 @@ class Distillation(Agent):
         self.device = setup_torch(cfg)
         teacher, _, self.task, self.init_info = load_init(cfg.init, cfg.task, self.device)
         require_state_only(teacher, f"{self.init_info['path']}: distillation")
+        require_unsteered(teacher, f"{self.init_info['path']}: distillation")
         self.teacher_k = t.teacher_k or teacher.cfg.k
         self.data, self.data_path = demonstration_observations(Path(self.init_info["path"]), teacher, t.data,
                                                                t.max_episodes, self.device)
@@ -252,6 +253,7 @@ def write_time_grids(checkpoint: str | Path, ks: list[int], out: str | Path | No
     src = resolve_checkpoint(checkpoint)
     policy, config = load_policy(src, device)
     require_state_only(policy, f"{src}: time grids")
+    require_unsteered(policy, f"{src}: time grids")
     obs_data, data_path = demonstration_observations(src, policy, data, max_episodes, policy.obs_mean.device)
     gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
 

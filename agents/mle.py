@@ -45,7 +45,7 @@ from flowrl.config import (FinetuneConfig, GradientStepLoopConfig, check_non_neg
                            setup_torch)
 from flowrl.cuda_graph import fused_if_cuda
 from flowrl.datasets import ChunkDataset
-from flowrl.policy import FlowPolicy, require_state_only
+from flowrl.policy import FlowPolicy, require_state_only, require_unsteered
 from flowrl.sampler import euler_sample, time_grid
 from flowrl.training import Agent
 
@@ -181,6 +181,7 @@ class MLEFineTuning(Agent):
         pretrained, _, self.task, self.init_info = load_init(cfg.init, cfg.task, self.device)
         init = self.init_info["path"]
         require_state_only(pretrained, f"{init}: MLE fine-tuning")
+        require_unsteered(pretrained, f"{init}: MLE fine-tuning")
         episodes, self.data_path = demonstrations_of(init, pretrained, t.data, t.max_episodes)
         self.K = t.k or pretrained.cfg.k
         self.data = ChunkDataset(episodes, pretrained.cfg.obs_history, pretrained.cfg.horizon, self.device)

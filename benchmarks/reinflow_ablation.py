@@ -62,7 +62,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                    "the actor's learning rate ramped up linearly over its first 10 updating iterations"),
     "w2_anchor": (["train.w2_coef=1.0"], "W2 regulariser toward the behaviour-cloned policy's actions, weight 1"),
     "w2_strong": (["train.w2_coef=10.0"], "W2 regulariser toward the behaviour-cloned policy's actions, weight 10"),
+    "dsrl": ([], "DSRL instead of ReinFlow: PPO over the frozen flow's initial noise (configs/<task>/finetune_dsrl.yaml)"),
 }
+PRESETS = {"dsrl": "finetune_dsrl.yaml"}
+"""Variants that fine-tune from another preset of ``configs/<task>/`` than ``finetune_reflow.yaml``."""
 REFERENCE = {"hopper": 3200.0, "walker2d": 4300.0, "humanoid": 5000.0}
 FINAL_TARGET = {"hopper": 3400.0, "walker2d": 5200.0, "humanoid": 6000.0}
 
@@ -81,7 +84,7 @@ def run_variant(task: str, variant: str, seed: int, args: argparse.Namespace, re
     overrides, _ = VARIANTS[variant]
     seed_args = argparse.Namespace(
         device=args.device, pretrain_steps=None, episodes=args.eval_episodes, pretrain_set=[],
-        pretrained=args.pretrained, finetune_preset="", eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+        pretrained=args.pretrained, finetune_preset=PRESETS.get(variant, ""), eval_every=args.eval_every, eval_episodes=args.eval_episodes,
         sim_threads=0, overrides=[*args.overrides, *overrides], env_steps=args.env_steps, budget_minutes=0.0,
         diagnostics=args.diagnostics)
     run_seed(task, "reflow", seed, seed_args, Path(args.runs) / "ablation" / variant, record, save)

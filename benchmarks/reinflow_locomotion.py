@@ -41,11 +41,12 @@ import torch
 from common import REPO, merge_results, report_checks, results_dir, run_main, write_result
 import sb3_baselines
 from flowrl.agents.bc import BehaviorCloning
-from flowrl.agents.reinflow import ReinFlow
+from flowrl.agents.ppo import ChunkPPO
 from flowrl.checkpoint import load_policy, resolve_checkpoint
 from flowrl.config import load_stage_config, resolve_device
 from flowrl.errors import FlowrlError
 from flowrl.evaluation import Evaluator
+from flowrl.registry import agent_info
 from flowrl.training import Trainer
 
 PUBLISHED = {  # ReinFlow-R / ReinFlow-S: pretrained -> fine-tuned; seconds per iteration on an RTX 3090
@@ -113,7 +114,8 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
         record["max_minutes"] = round(ft_cfg.train.max_minutes, 2)
     record["overrides"] = list(args.overrides)
     record["pretrain_overrides"] = list(args.pretrain_set)
-    run = Trainer(ReinFlow(ft_cfg), runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
+    run = Trainer(agent_info("finetune", ft_cfg.algo).agent_class(ft_cfg),
+                  runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
     agent, st = run.agent, run.state
     record_diagnostics(agent, record, getattr(args, "diagnostics", 0))
     run.on_eval = lambda: (record.update(curve=st.eval_history, iteration_s=st.iteration_seconds), save())
@@ -156,7 +158,7 @@ DIAGNOSTICS = ("train/action_drift", "train/explained_variance", "train/advantag
 the critic's accuracy, the advantages' sign flips, the noise and the step size."""
 
 
-def record_diagnostics(agent: ReinFlow, record: dict, iterations: int) -> None:
+def record_diagnostics(agent: ChunkPPO, record: dict, iterations: int) -> None:
     """Keep :data:`DIAGNOSTICS` of the agent's first ``iterations`` iterations in ``record["diagnostics"]``."""
     if iterations <= 0:
         return

@@ -59,11 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    ft = sub.add_parser("finetune", help="fine-tune a pretrained policy: ReinFlow (online PPO, the default) or "
-                        "MLE reconstruction (algo: mle, demonstrations only)",
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained policy: ReinFlow (online PPO, the default), DSRL "
+                        "(online PPO over the frozen flow's initial noise) or MLE reconstruction (algo: mle, "
+                        "demonstrations only)",
                         description="Fine-tune a pretrained checkpoint with the algorithm the config's `algo` names: "
-                        "reinflow (PPO over the flow's Euler chain with injected noise, in simulation) or mle "
-                        "(maximum likelihood of the policy's own K-step reconstructions of demonstrations). "
+                        "reinflow (PPO over the flow's Euler chain with injected noise, in simulation), dsrl (PPO "
+                        "over the initial noise of the frozen flow: a steering head, starting exactly at the "
+                        "pretrained policy) or mle (maximum likelihood of the policy's own K-step reconstructions "
+                        "of demonstrations). "
                         "Periodic evaluation of the deterministic policy, best and last checkpoints, TensorBoard "
                         "logs, a final evaluation table of the checkpoint the run folder stands for "
                         f"({RUN_FOLDER}; the one `flowrl eval RUN` takes).")

@@ -66,6 +66,9 @@ class PolicyConfig:
     which chooses them for this policy's weights (fine-tuning drops them). Empty: the uniform grid for every K."""
     residual_hidden_dim: int = 0
     """Width of a contracting residual field added to the velocity (0: none; MLE fine-tuning's ResFT adds it)."""
+    steering_hidden_dim: int = 0
+    """Width of a steering head that chooses the flow's initial noise from the observation, x0 = mean(obs) +
+    std * eps with eps ~ N(0, I) (0: none, x0 = eps; DSRL fine-tuning adds it and trains it alone)."""
     residual_gain_min: float = 0.0
     """The residual's damping gain is at least this (ResFT sets it above the frozen field's estimated
     Lipschitz bound, so the combined field contracts in the action)."""

@@ -58,6 +58,8 @@ class FlowPolicy(nn.Module):
         self.velocity_net = ResidualMLP(in_dim, cfg.horizon * act_dim, cfg.hidden_dim, cfg.depth)
         self.residual = (ContractingResidual(self.cond_dim, self.chunk_shape, cfg.residual_hidden_dim,
                                              emb, cfg.residual_gain_min) if cfg.residual_hidden_dim else None)
+        self.steering = (SteeringHead(self.cond_dim, self.chunk_shape, cfg.steering_hidden_dim)
+                         if cfg.steering_hidden_dim else None)
 
     # -- normalisation -------------------------------------------------------------------------
     def set_normalization(self, obs_mean: np.ndarray, obs_std: np.ndarray) -> None:
@@ -136,22 +138,29 @@ class FlowPolicy(nn.Module):
     # -- sampling ------------------------------------------------------------------------------
     def initial_noise(self, batch: int, generator: torch.Generator | None = None,
                       device: torch.device | None = None) -> torch.Tensor:
+        """Standard Gaussian noise eps, (B, horizon, act_dim): what :meth:`sample` takes as ``noise``."""
         device = device or self.obs_mean.device
         return torch.randn((batch, *self.chunk_shape), generator=generator, device=device)
+
+    def steer(self, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The flow's initial point x0 for standard noise ``noise`` and observation features ``cond``: the
+        steering head's ``mean(obs) + std * noise`` where the policy has one, else ``noise`` itself."""
+        return noise if self.steering is None else self.steering(cond, noise)
 
     def sample(self, obs: torch.Tensor, k: int | None = None, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None,
                images: dict[str, torch.Tensor] | None = None, *,
                num_steps: int | None = None) -> torch.Tensor:
         """Normalised action chunks (B, horizon, act_dim), unclamped, from ``k`` Euler steps (default:
-        the policy's own K) on :meth:`time_grid`; deterministic given ``noise``. ``num_steps`` is the old
+        the policy's own K) on :meth:`time_grid`; deterministic given ``noise`` (standard Gaussian noise,
+        which a steering head maps to the initial point first: :meth:`steer`). ``num_steps`` is the old
         name of ``k``."""
         k = renamed_argument("FlowPolicy.sample", "num_steps", "k", num_steps, k) or self.cfg.k
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         cond = self.encode(obs, images)
-        x0 = self.initial_noise(obs.shape[0], generator) if noise is None else noise
-        return grid_euler_sample(self.step_velocity_fn(cond), x0, self.time_grid(k))
+        eps = self.initial_noise(obs.shape[0], generator) if noise is None else noise
+        return grid_euler_sample(self.step_velocity_fn(cond), self.steer(cond, eps), self.time_grid(k))
 
     def predict(self, obs: torch.Tensor | np.ndarray, k: int | None = None,
                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -191,6 +200,15 @@ def require_state_only(policy: FlowPolicy, what: str) -> None:
                           "(MLE fine-tuning, collection, videos and the deploy runtime take state-only policies)")
 
 
+def require_unsteered(policy: FlowPolicy, what: str) -> None:
+    """A one-line error when a policy with a steering head (DSRL's) reaches a stage that runs its flow from
+    N(0, I) noise and would drop the head."""
+    if getattr(policy, "steering", None) is not None:
+        raise FlowrlError(f"{what}: this policy has a steering head (fine-tuned with DSRL), which this stage "
+                          "would drop (it starts the flow from N(0, I) noise): continue with algo: dsrl, or "
+                          "start from the checkpoint DSRL started from")
+
+
 class ContractingResidual(nn.Module):
     """A residual velocity ``-k(t, obs) * (a - m(t, obs))`` added to a (frozen) field.
 
@@ -223,6 +241,40 @@ class ContractingResidual(nn.Module):
     def forward(self, t: torch.Tensor, action: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         m, gain = self.target_and_gain(t, cond)
         return -gain * (action - m)
+
+
+class SteeringHead(nn.Module):
+    """Chooses a flow's initial noise from the observation: ``x0 = mean(obs) + std * eps``, eps ~ N(0, I)
+    (DSRL: RL over the initial noise of a frozen flow).
+
+    Built at ``mean = 0`` and ``std = 1`` it leaves the policy it steers exactly as it was. The mean is
+    ``mean_bound * tanh`` of a Tanh MLP on the observation features, so the flow is never started far
+    outside the Gaussian it was trained from; the std is one free parameter per element of the chunk,
+    kept in [``std_min``, 1]: steering may narrow the flow's own randomness, never widen it.
+    """
+
+    def __init__(self, cond_dim: int, chunk_shape: tuple[int, int], hidden: int, mean_bound: float = 2.0,
+                 std_min: float = 0.05) -> None:
+        super().__init__()
+        self.chunk_shape = chunk_shape
+        out = chunk_shape[0] * chunk_shape[1]
+        self.net = nn.Sequential(nn.Linear(cond_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, out))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+        self.log_std = nn.Parameter(torch.zeros(chunk_shape))
+        self.register_buffer("mean_bound", torch.tensor(float(mean_bound)))
+        self.register_buffer("log_std_min", torch.tensor(float(np.log(std_min))))
+
+    def distribution(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of x0, (B, horizon, act_dim) each, for (B, F) observation features."""
+        mean = self.mean_bound * torch.tanh(self.net(cond)).view(-1, *self.chunk_shape)
+        std = self.log_std.clamp(self.log_std_min, 0.0).exp().expand_as(mean)
+        return mean, std
+
+    def forward(self, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        mean, std = self.distribution(cond)
+        return mean + std * noise
 
 
 def split_interval_target(velocity: Any, x_t: torch.Tensor, t: torch.Tensor, d: torch.Tensor,

@@ -86,5 +86,7 @@ register_agent("mle", "finetune", "flowrl.agents.mle:MLEFineTuning", "flowrl.age
                "MLE of the policy's own K-step reconstructions of demonstrations (ft, or resft: a contracting residual)")
 register_agent("reinflow", "finetune", "flowrl.agents.reinflow:ReinFlow", "flowrl.agents.reinflow:ReinFlowConfig",
                "ReinFlow: PPO over the flow's noise-injected Euler chain")
+register_agent("dsrl", "finetune", "flowrl.agents.dsrl:DSRL", "flowrl.agents.dsrl:DSRLConfig",
+               "DSRL: PPO over the initial noise of the frozen flow (a steering head; starts exactly at the pretrained policy)")
 register_agent("distill", "finetune", "flowrl.agents.distill:Distillation", "flowrl.agents.distill:DistillConfig",
                "distillation of a policy's sampler into a few-step student from prior noise (no actions read)")

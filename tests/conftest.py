@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +90,17 @@ def gl_missing() -> str | None:
     except FlowrlError as e:
         return str(e)
     return None
+
+
+def ctrl_c_after(agent, iteration: int) -> None:
+    """Make ``agent`` send this process a real SIGINT (Ctrl-C) once its iteration ``iteration`` has run: the
+    training loop stops at the next iteration boundary with a checkpoint and raises Interrupted."""
+    original = agent.train_iteration
+
+    def step_then_ctrl_c(i):
+        logs = original(i)
+        if i == iteration:
+            os.kill(os.getpid(), signal.SIGINT)
+        return logs
+
+    agent.train_iteration = step_then_ctrl_c

@@ -194,7 +194,7 @@ def _rf_batch(agent) -> dict[str, torch.Tensor]:
     p = agent.policy
     n = 16
     return {"obs": torch.randn(n, p.cfg.obs_history, p.obs_dim, generator=gen),
-            "chain": torch.randn(n, agent.K + 1, *p.chunk_shape, generator=gen),
+            "sample": torch.randn(n, agent.K + 1, *p.chunk_shape, generator=gen),
             "advantages": torch.randn(n, generator=gen), "returns": torch.randn(n, generator=gen),
             "values": torch.randn(n, generator=gen)}
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_full_state_resumes
+from conftest import assert_full_state_resumes, ctrl_c_after
 from torch.distributions import Normal
 
 from flowrl.agents.bc import BehaviorCloning
-from flowrl.agents.reinflow import ReinFlow, compute_gae, sigma_upper_bound
+from flowrl.agents.ppo import compute_gae
+from flowrl.agents.reinflow import ReinFlow, sigma_upper_bound
 from flowrl.checkpoint import load_policy
 from flowrl.agents.scripted import write_demonstrations
 from flowrl.config import load_stage_config
@@ -160,7 +159,7 @@ def test_normalising_with_the_initial_noise_scales_the_log_likelihood_by_k_over_
     agents = {n: _agent(f"init={pretrained}", *FINETUNE, f"train.logprob_normalization={n}", "seed=4")
               for n in ("mean", "mean_with_initial")}
     batch = agents["mean"].collect()
-    obs, chain = batch["obs"][:32], batch["chain"][:32]
+    obs, chain = batch["obs"][:32], batch["sample"][:32]
     lp, ent = agents["mean"].log_prob_and_entropy(obs, chain)
     lp0, ent0 = agents["mean_with_initial"].log_prob_and_entropy(obs, chain)
     k = agents["mean"].K
@@ -238,15 +237,7 @@ def test_resumed_finetuning_equals_uninterrupted(tmp_path, pretrained) -> None:
     full.fit()
 
     part = _run(cfg, tmp_path / "part")
-    original = part.agent.update
-
-    def update_then_ctrl_c(batch):
-        logs = original(batch)
-        if part.agent.iteration == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return logs
-
-    part.agent.update = update_then_ctrl_c  # type: ignore[method-assign]
+    ctrl_c_after(part.agent, 1)
     with pytest.raises(Interrupted, match="interrupted at iteration 2"):
         part.fit()
     resumed = _run(cfg, tmp_path / "part", resume=True)
@@ -323,7 +314,7 @@ def test_shortcut_head_at_another_k(tmp_path) -> None:
     run = _run(ft, tmp_path / "ft")
     agent = run.agent
     batch = agent.collect()
-    assert batch["chain"].shape[1:] == (3, 2, 2)  # K+1 states of a (horizon, act_dim) chunk
+    assert batch["sample"].shape[1:] == (3, 2, 2)  # K+1 states of a (horizon, act_dim) chunk
     assert agent.update(batch)["train/first_ratio_deviation"] == 0.0
     run.state.iteration += 1
     folder = run.save()
@@ -363,7 +354,7 @@ def test_w2_regulariser_is_zero_before_the_first_step_and_logged(tmp_path, pretr
     agent = _agent(f"init={pretrained}", *FINETUNE, "train.env_steps=3840", "train.critic_warmup_iterations=0",
                    "train.w2_coef=0.1", "train.update_epochs=1", "train.minibatch_size=960")
     batch = agent.collect()
-    obs, x0 = batch["obs"][:64], batch["chain"][:64, 0]
+    obs, x0 = batch["obs"][:64], batch["sample"][:64, 0]
     same = (agent._deterministic_actions(agent.policy, agent.policy.encode(obs), x0)
             - agent._deterministic_actions(agent.reference, agent.reference.encode(obs), x0))
     assert torch.equal(same, torch.zeros_like(same))  # the policy starts as the frozen reference
@@ -381,7 +372,7 @@ def test_w2_anchor_keeps_the_deployed_actions_near_the_pretrained_ones(tmp_path,
                        f"train.w2_coef={w2_coef}", "train.update_epochs=4", "seed=3")
         batch = agent.collect()
         agent.update(batch)
-        obs, x0 = batch["obs"], batch["chain"][:, 0]
+        obs, x0 = batch["obs"], batch["sample"][:, 0]
         with torch.no_grad():
             moved = (agent._deterministic_actions(agent.policy, agent.policy.encode(obs), x0)
                      - agent._deterministic_actions(agent.reference, agent.reference.encode(obs), x0))

@@ -1,7 +1,8 @@
 """Export a policy's deterministic K-step sampler as one graph: ONNX or a torch.export program.
 
 The exported graph takes ``obs`` (batch, obs_history, obs_dim) raw observations and ``noise``
-(batch, horizon, act_dim) initial noise and returns ``actions`` (batch, horizon, act_dim) in env
+(batch, horizon, act_dim) standard Gaussian noise (a policy with a steering head maps it to the flow's
+initial point inside the graph) and returns ``actions`` (batch, horizon, act_dim) in env
 units: the observation normalisation, the K Euler steps on the policy's grid for K (``t_k = k/K``, or
 the non-uniform grid the checkpoint holds for that K; heads that take a step size see each step's),
 the clipping to [-1, 1] and the scaling to the action bounds are all inside, so a
@@ -104,6 +105,7 @@ class UnrolledSampler(nn.Module):
             self.register_buffer("step_bias", step_bias.detach().clone())
         self.blocks = policy.velocity_net.blocks
         self.out = policy.velocity_net.out
+        self.steering = getattr(policy, "steering", None)
 
     def forward(self, obs: torch.Tensor, noise: torch.Tensor, *images: torch.Tensor) -> torch.Tensor:
         if len(images) != len(self.cameras):
@@ -113,6 +115,8 @@ class UnrolledSampler(nn.Module):
             z = self.encoder.encode(obs, dict(zip(self.cameras, images)))
         else:
             z = ((obs - self.obs_mean) / self.obs_std).clamp(-OBS_CLIP, OBS_CLIP).flatten(1)
+        if self.steering is not None:
+            noise = self.steering(z, noise)
         if self.policy is not None:
             x = noise
             ones = z.new_ones(z.shape[0])
