@@ -114,7 +114,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
         record["max_minutes"] = round(ft_cfg.train.max_minutes, 2)
     record["overrides"] = list(args.overrides)
     record["pretrain_overrides"] = list(args.pretrain_set)
-    run = Trainer(agent_info("finetune", ft_cfg.algo).agent_class(ft_cfg),
+    run = Trainer(agent_info("finetune", ft_cfg.algo).agent_class()(ft_cfg),
                   runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
     agent, st = run.agent, run.state
     record_diagnostics(agent, record, getattr(args, "diagnostics", 0))
