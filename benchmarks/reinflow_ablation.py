@@ -162,25 +162,51 @@ def plot_diagnostics(task: str, runs: list[dict], out_dir: Path) -> Path:
     return path
 
 
+def layout(record: dict) -> str:
+    """The run's rollout layout, envs x decisions per env per iteration, from its overrides (the last of each
+    key wins, as in the config); ``preset`` where it kept the preset's."""
+    keys = {}
+    for item in record.get("overrides", []):
+        key, _, value = item.partition("=")
+        keys[key] = value
+    if "train.num_envs" not in keys and "train.rollout_steps" not in keys:
+        return "preset"
+    return f"{keys.get('train.num_envs', 'preset')}x{keys.get('train.rollout_steps', 'preset')}"
+
+
+def first_updates(run: dict, updates: int = 3) -> dict | None:
+    """What the actor's first ``updates`` iterations looked like: the critic's explained variance when the
+    actor starts, their mean approximate KL and the action drift after them (None without diagnostics)."""
+    rows = [d for d in run.get("diagnostics", []) if d.get("train/critic_warmup") == 0.0]
+    if len(rows) < updates:
+        return None
+    return {"ev_at_start": rows[0]["train/explained_variance"],
+            "kl": float(np.mean([d["train/approx_kl"] for d in rows[:updates]])),
+            "drift": rows[updates - 1]["train/action_drift"]}
+
+
 def report(records: list[dict], final: str, plot_dir: str = "") -> int:
     checks = []
+    records = [{**r, "variant_layout": f"{r['variant']} {layout(r)}"} for r in records]
     tasks = sorted({r["task"] for r in records})
     for task in tasks:
         rows = [r for r in records if r["task"] == task]
         print(f"\n{task} (device: {rows[0].get('device', '?')}), reference return {REFERENCE.get(task, '-')}")
-        head = (f"{'variant':<20} {'seeds':>5} {'start':>7} {'min/start':>10} {'worst':>6} {'env steps to ref':>22} "
+        head = (f"{'variant':<28} {'seeds':>5} {'start':>7} {'min/start':>10} {'worst':>6} {'env steps to ref':>22} "
                 f"{'final':>15} {'env steps':>10} {'wall s':>7}")
         print(head)
         print("-" * len(head))
-        for variant in [v for v in VARIANTS if any(r["variant"] == v for r in rows)]:
-            runs = [r for r in rows if r["variant"] == variant and r.get("curve")]
+        labels = sorted({r["variant_layout"] for r in rows}, key=lambda x: (list(VARIANTS).index(x.split()[0]), x))
+        for label in labels:
+            variant = label.split()[0]
+            runs = [r for r in rows if r["variant_layout"] == label and r.get("curve")]
             runs = [{**r, **curve_summary(task, r["curve"])} for r in runs]
             if not runs:
                 continue
             fr = [r["min_fraction"] for r in runs]
             reach = ",".join("-" if r["reached_at"] is None else f"{r['reached_at'] / 1e6:.1f}M" for r in runs)
             finals = [r["final"] for r in runs]
-            print(f"{variant:<20} {len(runs):>5} {np.mean([r['start'] for r in runs]):>7.0f} {np.mean(fr):>10.2f} "
+            print(f"{label:<28} {len(runs):>5} {np.mean([r['start'] for r in runs]):>7.0f} {np.mean(fr):>10.2f} "
                   f"{min(fr):>6.2f} {reach:>22} {np.mean(finals):>7.0f} ± {np.std(finals):>5.0f} "
                   f"{min(r['env_steps'] for r in runs):>10} {np.mean([r.get('wall_clock_s', 0) for r in runs]):>7.0f}")
             if variant == final and len(runs) >= 3 and min(r["env_steps"] for r in runs) >= 10_000_000:
@@ -196,6 +222,15 @@ def report(records: list[dict], final: str, plot_dir: str = "") -> int:
             if any(r["variant"] == variant for r in rows):
                 print(f"  {variant}: {what} {' '.join(overrides)}")
         diagnosed = [r for r in rows if r.get("diagnostics") and r.get("curve")]
+        starts = [(r, first_updates(r)) for r in diagnosed]
+        if any(f for _, f in starts):
+            print("\nthe actor's first 3 updating iterations: the critic's explained variance when they start, their "
+                  "mean approximate KL, the action drift after them; and the run's lowest evaluation / start")
+            for r, f in starts:
+                if f:
+                    print(f"  {r['variant_layout']:<28} seed {r['seed']:<4} EV {f['ev_at_start']:>+7.2f}  "
+                          f"KL {f['kl']:.1e}  drift {f['drift']:.3f}  min/start "
+                          f"{curve_summary(task, r['curve'])['min_fraction']:.2f}")
         if diagnosed:
             print(f"\nwhat predicts the collapse ({len(diagnosed)} runs): rank correlation of each diagnostic with "
                   "the next evaluation's fraction of the start")

@@ -169,6 +169,29 @@ def test_ablation_report_ranks_the_diagnostics_that_predict_the_collapse(tmp_pat
     assert "what predicts the collapse (2 runs)" in out and (tmp_path / "reinflow_diagnostics_hopper.png").stat().st_size
 
 
+def test_ablation_report_tells_rollout_layouts_apart_and_shows_the_actors_first_updates(
+        capsys: pytest.CaptureFixture) -> None:
+    """One variant in two layouts is two rows; a run's first updating iterations are summarised by the critic's
+    explained variance when the actor starts, their mean KL and the drift after them."""
+    steps = 81_920
+    runs = []
+    for layout, ev in ((["train.num_envs=2048", "train.rollout_steps=10"], -15.0), ([], 0.4)):
+        run = _ablation_run("base", 11, [(0, 1000.0), (4 * steps, 500.0 if ev < 0 else 1000.0)])
+        run["overrides"] = ["train.sim_threads=2", *layout]
+        run["diagnostics"] = [{"iteration": it, "env_steps": (it + 1) * steps, "train/critic_warmup": float(it < 2),
+                               "train/explained_variance": ev + it, "train/approx_kl": None if it < 2 else 1e-4 * it,
+                               "train/action_drift": 0.0 if it < 2 else 0.01 * it} for it in range(6)]
+        runs.append(run)
+    assert [reinflow_ablation.layout(r) for r in runs] == ["2048x10", "preset"]
+    assert reinflow_ablation.layout({"overrides": ["train.rollout_steps=10", "train.rollout_steps=40"]}) == "presetx40"
+    first = reinflow_ablation.first_updates(runs[0])
+    assert first == {"ev_at_start": -13.0, "kl": pytest.approx(3e-4), "drift": pytest.approx(0.04)}
+    reinflow_ablation.report(runs, "")
+    out = capsys.readouterr().out
+    assert "base 2048x10" in out and "base preset" in out
+    assert "EV  -13.00  KL 3.0e-04  drift 0.040  min/start 0.50" in out
+
+
 def _manipulation_run(folder: Path, run: str, seed: int, start: float, final: float, robosuite: dict[str, float],
                       best_step: int = 0) -> None:
     """The files a GPU pipeline brings back for one fine-tuning run (see --import-runs)."""
