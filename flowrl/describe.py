@@ -78,7 +78,8 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "step": config.get("step"),
         "policy": {"head": pcfg.head, "k": pcfg.k, "horizon": pcfg.horizon,
                    "act_steps": pcfg.act_steps, "obs_history": pcfg.obs_history, "hidden_dim": pcfg.hidden_dim,
-                   "depth": pcfg.depth, "parameters": sum(p.numel() for p in policy.parameters())},
+                   "depth": pcfg.depth, "steering_hidden_dim": pcfg.steering_hidden_dim,
+                   "parameters": sum(p.numel() for p in policy.parameters())},
         "observation": {"dim": obs_dim, "layout": parts, "layout_source": source},
         "action": {"dim": act_dim, "names": action_names(task_info, act_dim), "low": low, "high": high},
     }
@@ -98,7 +99,9 @@ def format_description(d: dict[str, Any]) -> str:
     lines.append(f"policy       {p['head']} head, K = {p['k']} Euler steps by default (any K works), "
                  f"chunks of {p['horizon']} actions of which {p['act_steps']} are executed, "
                  f"{p['obs_history']} observation(s) of history, {p['parameters']:,} parameters "
-                 f"({p['depth']} x {p['hidden_dim']} residual MLP)")
+                 f"({p['depth']} x {p['hidden_dim']} residual MLP"
+                 + (", and a steering head that chooses its initial noise: DSRL" if p.get("steering_hidden_dim") else "")
+                 + ")")
     lines.append("")
     hist = f"; the policy reads the last {p['obs_history']}, oldest first" if p["obs_history"] > 1 else ""
     lines.append(f"observation  {obs['dim']} float values per step{hist}")

@@ -17,6 +17,7 @@ from flowrl.agents.scripted import write_demonstrations
 from flowrl.checkpoint import load_policy
 from flowrl.config import load_stage_config
 from flowrl.deploy.export import export
+from flowrl.describe import describe_checkpoint, format_description
 from flowrl.errors import FlowrlError, Interrupted
 from flowrl.evaluation import evaluate
 from flowrl.policy import SteeringHead
@@ -119,6 +120,7 @@ def test_dsrl_improves_a_behaviour_cloned_policy_and_its_checkpoint_evaluates_an
     after = evaluate(steered, "PointReach", 4, episodes=64, seed=5)["return_mean"]
     assert after > before + 4.0, (before, after)  # measured: -14.0 -> -7.1
     export(tmp_path / "ft" / "checkpoints" / "61440", tmp_path / "policy.pt2", fmt="torch-export")  # checked against eager predict
+    assert "a steering head that chooses its initial noise" in format_description(describe_checkpoint(tmp_path / "ft"))
 
 
 def test_resumed_dsrl_equals_uninterrupted(tmp_path, pretrained) -> None:
