@@ -163,8 +163,10 @@ def plot_diagnostics(task: str, runs: list[dict], out_dir: Path) -> Path:
 
 
 def layout(record: dict) -> str:
-    """The run's rollout layout, envs x decisions per env per iteration, from its overrides (the last of each
-    key wins, as in the config); ``preset`` where it kept the preset's."""
+    """The run's rollout layout, envs x decisions per env per iteration, as the run recorded it, else from its
+    overrides (the last of each key wins, as in the config; ``preset`` where it kept the preset's)."""
+    if "num_envs" in record and "rollout_steps" in record:
+        return f"{record['num_envs']}x{record['rollout_steps']}"
     keys = {}
     for item in record.get("overrides", []):
         key, _, value = item.partition("=")

@@ -113,6 +113,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
         ft_cfg.train.max_minutes = min(minutes, ft_cfg.train.max_minutes or minutes)
         record["max_minutes"] = round(ft_cfg.train.max_minutes, 2)
     record["overrides"] = list(args.overrides)
+    record.update(num_envs=ft_cfg.train.num_envs, rollout_steps=ft_cfg.train.rollout_steps)
     record["pretrain_overrides"] = list(args.pretrain_set)
     run = Trainer(agent_info("finetune", ft_cfg.algo).agent_class()(ft_cfg),
                   runs / f"{task}-{head}-s{seed}-finetune-{stamp}", progress=False)
