@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from common import REPO, first_reaching, report_checks, run_main, write_result
 from reinflow_locomotion import DIAGNOSTICS, lowest_fraction, run_seed
@@ -168,6 +169,10 @@ def layout(record: dict) -> str:
     if "num_envs" in record and "rollout_steps" in record:
         return f"{record['num_envs']}x{record['rollout_steps']}"
     keys = {}
+    preset = REPO / "configs" / str(record.get("task", "")) / str(record.get("preset", ""))
+    if record.get("preset") and preset.is_file():
+        train = (yaml.safe_load(preset.read_text()) or {}).get("train", {})
+        keys = {f"train.{k}": str(train[k]) for k in ("num_envs", "rollout_steps") if k in train}
     for item in record.get("overrides", []):
         key, _, value = item.partition("=")
         keys[key] = value
