@@ -6,7 +6,7 @@ maps standard noise eps to ``x0 = mean(obs) + std * eps``, and the frozen K-step
 action chunk. PPO trains the steering head over that Gaussian in the noise space, with the shared
 rollout, critic and update of :mod:`flowrl.agents.ppo`.
 
-Why it cannot dip the way ReinFlow does:
+What the construction guarantees:
 - Built at ``mean = 0``, ``std = 1`` the steered policy *is* the pretrained one, in distribution and
   sample by sample (x0 = eps).
 - What PPO trains is what is deployed: evaluation and deployment draw eps ~ N(0, I) and run the same
