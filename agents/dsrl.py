@@ -12,8 +12,8 @@ What the construction guarantees:
 - What PPO trains is what is deployed: evaluation and deployment draw eps ~ N(0, I) and run the same
   map, so there is no noise-free policy drifting away from a noisy one that improves.
 - Every action is the frozen flow's image of some initial noise, and the mean is bounded (``mean_bound *
-  tanh``): the policy stays on the actions behaviour cloning can produce. That is a ceiling as well as a
-  floor: DSRL improves a policy within what its flow can express.
+  tanh``): the policy stays on the actions behaviour cloning can produce. That bounds how far it can move,
+  for better and for worse: DSRL improves a policy within what its flow can express.
 
 The ratio is the exact joint likelihood ratio of x0 (the flow's map is deterministic and
 parameter-free here, so the action's likelihood ratio equals the noise's); its clip range is that of
