@@ -151,12 +151,14 @@ def test_pretrain_cli_under_torchrun(tmp_path, hopper_dataset) -> None:
 
 
 @pytest.mark.slow
-def test_finetune_cli_under_torchrun(tmp_path, point_reach_policy) -> None:
-    """`flowrl finetune` (ReinFlow) unchanged under torchrun, then resumed in one process."""
+@pytest.mark.parametrize("algo", ["reinflow", "dsrl"])
+def test_finetune_cli_under_torchrun(tmp_path, point_reach_policy, algo) -> None:
+    """`flowrl finetune` (ReinFlow, DSRL) unchanged under torchrun, then resumed in one process."""
     out = tmp_path / "rf"
-    (tmp_path / "rf.yaml").write_text("algo: reinflow\n")
+    (tmp_path / "rf.yaml").write_text(f"algo: {algo}\n")
+    overrides = RF if algo == "reinflow" else [o for o in RF if not o.startswith("train.w2_coef")]
     args = ["finetune", str(tmp_path / "rf.yaml"), "--init", point_reach_policy, "--out", str(out), "--quiet",
-            "--no-eval", *RF,
+            "--no-eval", *overrides,
             "train.env_steps=64", "train.checkpoint_every=1", "train.eval_every=0", "train.eval_episodes=2"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                            str(_free_port()), "-m", "flowrl", *args], capture_output=True, text=True, timeout=600,
