@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from flowrl.agents.ppo import ChunkPPO, ChunkPPOConfig
-from flowrl.config import check_non_negative, check_positive, fail
+from flowrl.config import check_positive, fail
 from flowrl.policy import FlowPolicy, SteeringHead
-from flowrl.sampler import euler_sample, gaussian_log_prob
+from flowrl.sampler import gaussian_log_prob
 
 LOG_2PI_E_HALF = 0.5 * math.log(2 * math.pi * math.e)
 
@@ -61,7 +61,6 @@ class DSRLConfig(ChunkPPOConfig):
     def validate(self, prefix: str = "train.") -> None:
         super().validate(prefix)
         check_positive(self, prefix, "steering_hidden_dim", "mean_bound", "std_min")
-        check_non_negative(self, prefix, "ent_coef")
         if self.std_min >= 1.0:
             fail(f"{prefix}std_min", f"must be below 1 (the steering noise's std starts at 1), got {self.std_min}")
 
@@ -106,10 +105,10 @@ class DSRL(ChunkPPO):
         cond = self.policy.encode(obs, images)
         eps = torch.randn((obs.shape[0], *self.policy.chunk_shape), generator=self.gen, device=self.device)
         x0 = self.steering(cond, eps)
-        return x0, self.policy.unnormalize_action(euler_sample(self.policy.velocity_fn(cond, self.K), x0, self.K))
+        return x0, self.policy.unnormalize_action(self._flow(self.policy, cond, x0))
 
     def _exploration_std(self, cond: torch.Tensor) -> torch.Tensor:
-        return self.steering.distribution(cond)[1].mean()
+        return self.steering.std().mean()
 
 
 __all__ = ["DSRL", "DSRLConfig"]

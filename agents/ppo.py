@@ -360,10 +360,15 @@ class ChunkPPO(Agent):
         """An extra loss of a minibatch and its unweighted value for the logs (None: none)."""
         return None
 
+    def _flow(self, policy: FlowPolicy, cond: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """``policy``'s K Euler steps (normalised chunks) from the initial points ``x0``, given encoded
+        observations ``cond``."""
+        return euler_sample(policy.velocity_fn(cond, self.K), x0, self.K)
+
     def _deterministic_actions(self, policy: FlowPolicy, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``policy``'s deployed K-step chunks (normalised) from encoded observations ``cond`` and standard
         noise ``noise``: what evaluation and deployment run."""
-        return euler_sample(policy.velocity_fn(cond, self.K), policy.steer(cond, noise), self.K)
+        return self._flow(policy, cond, policy.steer(cond, noise))
 
     def resumable_keys(self) -> tuple[str, ...]:
         return ("train.env_steps", "train.max_minutes")

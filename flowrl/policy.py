@@ -266,11 +266,14 @@ class SteeringHead(nn.Module):
         self.register_buffer("mean_bound", torch.tensor(float(mean_bound)))
         self.register_buffer("log_std_min", torch.tensor(float(np.log(std_min))))
 
+    def std(self) -> torch.Tensor:
+        """The std of x0 per element of the chunk, (horizon, act_dim): the same for every observation."""
+        return self.log_std.clamp(self.log_std_min, 0.0).exp()
+
     def distribution(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of x0, (B, horizon, act_dim) each, for (B, F) observation features."""
         mean = self.mean_bound * torch.tanh(self.net(cond)).view(-1, *self.chunk_shape)
-        std = self.log_std.clamp(self.log_std_min, 0.0).exp().expand_as(mean)
-        return mean, std
+        return mean, self.std().expand_as(mean)
 
     def forward(self, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         mean, std = self.distribution(cond)

@@ -104,3 +104,21 @@ def ctrl_c_after(agent, iteration: int) -> None:
         return logs
 
     agent.train_iteration = step_then_ctrl_c
+
+
+def clone_point_reach(root: Path, steps: int, noise: float = 0.05) -> str:
+    """Behaviour-clone PointReach's scripted demonstrator (40% speed, 64 episodes, action noise ``noise``)
+    into ``root``: the small policy the fine-tuning tests start from. Returns its last checkpoint."""
+    from flowrl.agents.bc import BehaviorCloning
+    from flowrl.agents.scripted import write_demonstrations
+    from flowrl.config import load_stage_config
+    from flowrl.training import Trainer
+
+    write_demonstrations(str(root / "demos.hdf5"), episodes=64, seed=0, noise=noise)
+    cfg = load_stage_config("pretrain", None, [
+        "task=PointReach", f"data.path={root / 'demos.hdf5'}", "device=cpu", "policy.hidden_dim=64", "policy.depth=2",
+        "policy.horizon=2", "policy.act_steps=2", "policy.k=4", "policy.time_embed_dim=16",
+        f"train.steps={steps}", "train.batch_size=128", "train.eval_every=0", f"train.checkpoint_every={steps}",
+        "train.warmup_steps=20"])
+    Trainer(BehaviorCloning(cfg), root / "bc", progress=False).fit()
+    return str(root / "bc" / "checkpoints" / str(steps))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
 
 import pytest
 import torch
+from conftest import ctrl_c_after
 
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.checkpoint import load_policy, load_train_state
@@ -40,15 +39,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, hopper_dataset, head) ->
     full.fit()
 
     part = _run(cfg, tmp_path / "part")
-    original_step = part.agent.train_iteration
-
-    def step_then_ctrl_c(iteration):
-        logs = original_step(iteration)
-        if iteration == 6:  # the 7th step is running: a real SIGINT arrives mid-step
-            os.kill(os.getpid(), signal.SIGINT)
-        return logs
-
-    part.agent.train_iteration = step_then_ctrl_c  # type: ignore[method-assign]
+    ctrl_c_after(part.agent, 6)  # the 7th step is running: a real SIGINT arrives mid-step
     with pytest.raises(Interrupted, match="interrupted at iteration 7"):
         part.fit()
     assert load_train_state(tmp_path / "part" / "checkpoints" / "7")["components"]["loop"]["iteration"] == 7

@@ -281,15 +281,13 @@ def test_the_queue_runs_the_fewest_rows_first_and_a_starved_request_next() -> No
 
     queue = InferenceQueue(None, starvation_s=1.0)  # type: ignore[arg-type]  (the policy is not run here)
     for arrival, (rows, at) in enumerate([(64, 0.0), (64, 0.1), (64, 0.2), (1, 0.3), (1, 0.4), (1, 0.5)]):
-        queue._waiting[arrival] = (np.zeros((rows, 2, 4), np.float32), None, Future())
-        queue._arrived[arrival] = at
+        queue._waiting[arrival] = (np.zeros((rows, 2, 4), np.float32), None, Future(), at)
     gone = queue._waiting[4][2]
     gone.cancel()
     order = [queue._take(now=0.6)[0].shape[0] for _ in range(2)]
     assert order == [1, 1] and len(queue) == 3  # the cancelled small one was dropped unrun
     assert queue._take(now=1.05)[0].shape[0] == 64  # the oldest large one has waited over 1 s: it goes
-    queue._waiting[6] = (np.zeros((1, 2, 4), np.float32), None, Future())
-    queue._arrived[6] = 1.0
+    queue._waiting[6] = (np.zeros((1, 2, 4), np.float32), None, Future(), 1.0)
     assert [queue._take(now=1.08)[0].shape[0] for _ in range(2)] == [1, 64]  # no other request starved yet
     assert queue._take(now=1.09)[0].shape[0] == 64 and queue._take(now=1.1) is None
 

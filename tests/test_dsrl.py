@@ -7,13 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import ctrl_c_after
+from conftest import clone_point_reach, ctrl_c_after
 from torch.distributions import Normal
 
-from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.dsrl import DSRL
 from flowrl.agents.reinflow import ReinFlow
-from flowrl.agents.scripted import write_demonstrations
 from flowrl.checkpoint import load_policy
 from flowrl.config import load_stage_config
 from flowrl.deploy.export import export
@@ -36,15 +34,7 @@ def _cfg(*overrides: str):
 def pretrained(tmp_path_factory) -> str:
     """A behaviour-cloned PointReach policy of a slow (40% speed), widely noisy demonstrator: steering picks
     actions among those the flow can produce, so the demonstrations must hold faster ones."""
-    root = tmp_path_factory.mktemp("pointreach")
-    write_demonstrations(str(root / "demos.hdf5"), episodes=64, seed=0, noise=0.3)
-    cfg = load_stage_config("pretrain", None, [
-        "task=PointReach", f"data.path={root / 'demos.hdf5'}", "device=cpu", "policy.hidden_dim=64", "policy.depth=2",
-        "policy.horizon=2", "policy.act_steps=2", "policy.k=4", "policy.time_embed_dim=16",
-        "train.steps=400", "train.batch_size=128", "train.eval_every=0", "train.checkpoint_every=400",
-        "train.warmup_steps=20"])
-    Trainer(BehaviorCloning(cfg), root / "bc", progress=False).fit()
-    return str(root / "bc" / "checkpoints" / "400")
+    return clone_point_reach(tmp_path_factory.mktemp("pointreach"), steps=400, noise=0.3)
 
 
 def test_a_new_steering_head_leaves_the_policy_exactly_as_it_was(pretrained) -> None:

@@ -3,12 +3,11 @@ inversion, a 2-D multimodal dataset whose modes must survive, and exact resume."
 
 from __future__ import annotations
 
-import os
-import signal
 
 import numpy as np
 import pytest
 import torch
+from conftest import ctrl_c_after
 
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.mle import MLEFineTuning, held_out_reconstruction, invert, jacobian_bounds
@@ -170,15 +169,7 @@ def test_resume_is_exact(bimodal, tmp_path) -> None:
     full = Trainer(MLEFineTuning(cfg), tmp_path / "full", progress=False)
     full.fit()
     part = Trainer(MLEFineTuning(cfg), tmp_path / "part", progress=False)
-    original = part.agent.train_iteration
-
-    def then_ctrl_c(i):
-        logs = original(i)
-        if i == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return logs
-
-    part.agent.train_iteration = then_ctrl_c  # type: ignore[method-assign]
+    ctrl_c_after(part.agent, 4)
     with pytest.raises(Interrupted):
         part.fit()
     resumed = Trainer(MLEFineTuning(cfg), tmp_path / "part", resume=True, progress=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_full_state_resumes, ctrl_c_after
+from conftest import assert_full_state_resumes, clone_point_reach, ctrl_c_after
 from torch.distributions import Normal
 
 from flowrl.agents.bc import BehaviorCloning
@@ -47,15 +47,7 @@ FINETUNE = ["device=cpu", "train.num_envs=128", "train.rollout_steps=15", "train
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> str:
     """A behaviour-cloned PointReach policy (the demonstrator moves at 40% speed)."""
-    root = tmp_path_factory.mktemp("pointreach")
-    write_demonstrations(str(root / "demos.hdf5"), episodes=64, seed=0)
-    cfg = _pretrain_cfg(*[
-        "task=PointReach", f"data.path={root / 'demos.hdf5'}", "device=cpu", "policy.hidden_dim=64", "policy.depth=2",
-        "policy.horizon=2", "policy.act_steps=2", "policy.k=4", "policy.time_embed_dim=16",
-        "train.steps=600", "train.batch_size=128", "train.eval_every=0", "train.checkpoint_every=600",
-        "train.warmup_steps=20"])
-    Trainer(BehaviorCloning(cfg), root / "bc", progress=False).fit()
-    return str(root / "bc" / "checkpoints" / "600")
+    return clone_point_reach(tmp_path_factory.mktemp("pointreach"), steps=600)
 
 
 def _field(w: torch.Tensor):

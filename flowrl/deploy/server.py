@@ -235,8 +235,8 @@ class InferenceQueue:
         self.policy, self.starvation_s = policy, starvation_s
         # by arrival (dicts keep insertion order: the first is the oldest); the number of waiting
         # requests is bounded by the server's stream limits, so picking by a scan is cheap
-        self._waiting: dict[int, tuple[np.ndarray, np.ndarray | None, asyncio.Future]] = {}
-        self._arrived: dict[int, float] = {}  # each waiting request's arrival, time.monotonic()
+        self._waiting: dict[int, tuple[np.ndarray, np.ndarray | None, asyncio.Future, float]] = {}
+        """(obs, noise, future, arrival time by time.monotonic()) of each waiting request, by arrival."""
         self._arrival = itertools.count()
         self._ready = asyncio.Event()
         self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowrl-infer")
@@ -254,23 +254,23 @@ class InferenceQueue:
         """The chunks of ``obs`` (``noise``: given, or None to draw it) and the inference time in ms."""
         done = asyncio.get_running_loop().create_future()
         arrival = next(self._arrival)
-        self._waiting[arrival], self._arrived[arrival] = (obs, noise, done), time.monotonic()
+        self._waiting[arrival] = (obs, noise, done, time.monotonic())
         self._ready.set()
         return await done
 
     def _take(self, now: float) -> tuple[np.ndarray, np.ndarray | None, asyncio.Future] | None:
         """The next request to run at time ``now`` (class doc), out of the queue; None when none is waiting."""
-        for gone in [arrival for arrival, (*_, done) in self._waiting.items() if done.done()]:
-            del self._waiting[gone], self._arrived[gone]  # cancelled: its client went away or its deadline passed
+        for gone in [arrival for arrival, (_, _, done, _) in self._waiting.items() if done.done()]:
+            del self._waiting[gone]  # cancelled: its client went away or its deadline passed
         if not self._waiting:
             return None
         oldest = next(iter(self._waiting))
-        if now - self._arrived[oldest] > self.starvation_s:
+        if now - self._waiting[oldest][3] > self.starvation_s:
             arrival = oldest
         else:
             arrival = min(self._waiting, key=lambda a: (self._waiting[a][0].shape[0], a))
-        del self._arrived[arrival]
-        return self._waiting.pop(arrival)
+        obs, noise, done, _ = self._waiting.pop(arrival)
+        return obs, noise, done
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
