@@ -71,11 +71,21 @@ def _results_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOWRL_RESULTS", str(tmp_path / "results"))  # the plots must not land in the repo
 
 
+def _dense(start: float, final: float, low: float | None = None) -> list[dict]:
+    """A curve evaluated every 4 iterations (0.33M env steps) to 10.08M: start, an optional low point at
+    0.66M, then a straight rise to ``final``."""
+    steps = list(range(0, 10_076_161, 4 * 81_920)) + [10_076_160]
+    returns = list(np.linspace(start, final, len(steps)))
+    if low is not None:
+        returns[2] = low
+    return _curve(list(zip(steps, returns)))
+
+
 def test_report_merges_seeds_and_a_ppo_only_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    full = _curve([(0, 2000.0), (10_076_160, 4700.0)])
-    files = [_write(tmp_path, "s0.json", [_seed(0, 4800.0, full)]),
-             _write(tmp_path, "s1.json", [_seed(1, 4700.0, full)]),
-             _write(tmp_path, "s2.json", [_seed(2, None, full)]),
+    full = _dense(2000.0, 4700.0)
+    files = [_write(tmp_path, "s0.json", [{**_seed(0, 4800.0, full), "eval_episodes": 20}]),
+             _write(tmp_path, "s1.json", [{**_seed(1, 4700.0, full), "eval_episodes": 20}]),
+             _write(tmp_path, "s2.json", [{**_seed(2, None, full), "eval_episodes": 20}]),
              _write(tmp_path, "ppo.json", [], ppo={"return": 2500.0, "env_steps": 10_000_000, "wall_clock_s": 900,
                                                    "machine": "2 CPU cores"})]
     sac_row = {"seed": 0, "return": 900.0, "env_steps": 100_000, "target_env_steps": 1_000_000, "wall_clock_s": 60.0,
@@ -85,20 +95,38 @@ def test_report_merges_seeds_and_a_ppo_only_file(tmp_path: Path, capsys: pytest.
     merged = merge_results(files, also=("ppo",), extend=("sb3",))
     assert [s["seed"] for s in merged["walker2d"]["seeds"]] == [0, 1, 2]
     assert [r["seed"] for r in merged["walker2d"]["sb3"]["sac"]] == [0, 1]
-    assert reinflow_locomotion.report(merged) == 0  # mean 4733 >= 4300
+    assert reinflow_locomotion.report(merged) == 0
     out = capsys.readouterr().out
-    assert "4700 (last curve point)" in out and "[PASS] walker2d" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("walker2d ") and line.split()[1].isdigit()]
+    # seed, start, lowest, fraction, where, published, reached at, final (the cut seed's last point, starred)
+    assert [r[1:9] for r in rows] == [["0", "2000", "2000", "1.00", "0.00M", "4109", "8.19M", "4800"],
+                                      ["1", "2000", "2000", "1.00", "0.00M", "4109", "8.19M", "4700"],
+                                      ["2", "2000", "2000", "1.00", "0.00M", "4109", "8.19M", "4700*"]]
+    assert "[PASS] walker2d: every run's lowest evaluation >= 90% of its start (lowest 1.00 over 3 runs)" in out
+    assert "[PASS] walker2d: mean final 4733 >= ReinFlow's published 4109" in out
+    assert "[PASS] walker2d: mean final 4733 >= SB3 PPO from scratch 2500" in out
     baselines = out[out.index("Stable-Baselines3 from scratch"):].splitlines()
     assert any(line.split()[:6] == ["walker2d", "ppo", "2500", "+-", "0", "10000000"] for line in baselines)
     assert any(line.split()[:6] == ["walker2d", "sac", "1000", "+-", "100", "100000"] for line in baselines)
-    assert "lowest evaluation during fine-tuning / start: 1.00, 1.00, 1.00" in out
 
 
-def test_report_fails_a_missed_target(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    full = _curve([(0, 2000.0), (10_076_160, 4000.0)])
-    merged = merge_results([_write(tmp_path, "s0.json", [_seed(0, 4000.0, full)])])
+def test_report_fails_a_dip_a_sparse_curve_and_missed_finals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dip = {**_seed(0, 4000.0, _dense(2000.0, 4000.0, low=1500.0)), "eval_episodes": 20}
+    merged = merge_results([_write(tmp_path, f"s{i}.json", [{**dip, "seed": i}]) for i in range(3)])
     assert reinflow_locomotion.report(merged) == 1
-    assert "[FAIL] walker2d fine-tuned >= 4300" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("walker2d ") and line.split()[1].isdigit()]
+    assert [r[3:6] for r in rows] == [["1500", "0.75", "0.66M"]] * 3
+    assert "[FAIL] walker2d: every run's lowest evaluation >= 90% of its start (lowest 0.75 over 3 runs)" in out
+    assert "[FAIL] walker2d: mean final 4000 >= ReinFlow's published 4109" in out
+    assert "[FAIL] walker2d: no SB3 PPO at 10M env steps to compare with" in out
+    sparse = {**_seed(0, 4800.0, _curve([(0, 2000.0), (10_076_160, 4800.0)])), "eval_episodes": 20}
+    few = {**_seed(1, 4800.0, _dense(2000.0, 4800.0)), "eval_episodes": 10}
+    for seeds in ([sparse], [few]):
+        assert reinflow_locomotion.report(merge_results([_write(tmp_path, "one.json", seeds)])) == 1
+        out = capsys.readouterr().out
+        assert "[FAIL] walker2d: every run's lowest evaluation >= 90% of its start (lowest 1.00 over 1 runs; " \
+               "curves need >= 20 episodes every <= 0.4M env steps; 3 seeds needed)" in out
 
 
 def test_cut_manipulation_seed_carries_its_last_success_rate() -> None:
