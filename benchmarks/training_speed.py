@@ -8,20 +8,21 @@ Parts (``--parts``, default all but ``profile``):
   loss every 100 steps, so runs of one seed (``--cuda-graph off`` / ``on``, or the baseline) compare
   loss curves.
 - ``reinflow``: Hopper ReinFlow iterations for each ``--layouts`` rollout (``<envs>x<decisions>``, 4 actions
-  per decision; 4096x5 and 2048x10 are 80k env steps each) on ``--sim-backend`` (MuJoCo Warp by default),
+  per decision; the preset's 256x80 and 2048x10 are 80k env steps each) on ``--sim-backend`` (MuJoCo Warp by default),
   split into rollout and update seconds (the mean of the iterations after the critic warm-up and the
   first actor update), and evaluations of 10 Hopper episodes at K = 4 on each backend.
 - ``mle``: MLE reconstruction fine-tuning steps/s (Hopper preset, K = 1; no CUDA graph yet).
 - ``physics``: Hopper on MuJoCo Warp without a policy, seconds per env step at each ``--worlds``.
 - ``e2e``: ``flowrl pretrain configs/hopper/pretrain_reflow.yaml`` then ``flowrl finetune
-  configs/hopper/finetune_reflow.yaml`` on the ``--e2e-layout`` rollout (4096x5) on warp, stopped at the
+  configs/hopper/finetune_reflow.yaml`` on the ``--e2e-layout`` rollout (the preset's 256x80) on warp, stopped at the
   first periodic evaluation (20 episodes) at or above the published return (``train.stop_at_score=3205``), as two CLI
   processes timed from their start (Python and CUDA start-up, data loading and Warp's kernel cache
   included).
 - ``profile``: torch.profiler tables of BC steps, a ReinFlow rollout and update, and an evaluation.
 
 Targets (exit code 1 when one is missed): BC of the Hopper policy >= 2500 steps/s, a Hopper ReinFlow
-iteration (rollout + update, 4096x5 on warp) <= 0.3 s, an evaluation of 10 Hopper episodes <= 1 s,
+iteration (rollout + update, the preset's 256x80 on warp: shorter rollouts simulate faster but
+lose much of the pretrained policy's return first, docs/results.md) <= 0.3 s, an evaluation of 10 Hopper episodes <= 1 s,
 demonstrations to 3205 <= 60 s. ``--report`` prints the table of every record in the results folder.
 
     python benchmarks/training_speed.py --tag after            # writes training_speed/<tag>.json
@@ -48,7 +49,7 @@ from common import REPO, provenance, report_checks, results_dir, run_main
 
 PUBLISHED_HOPPER = 3205.0
 TARGETS = {"bc_hopper_steps_per_s": 2500.0, "reinflow_iteration_s": 0.3, "eval_hopper_10_s": 1.0, "e2e_s": 60.0}
-ROLLOUT = "4096x5"
+ROLLOUT = "256x80"
 
 
 CONFIGS = [REPO / "configs"]
