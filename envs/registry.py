@@ -62,6 +62,9 @@ class Task:
     """Return of a medium-quality demonstrator (D4RL-like); picks ``flowrl expert``'s ``medium`` snapshot."""
     warp_buffers: tuple[int, int] = (64, 256)
     """MuJoCo Warp's contacts and constraint rows per world (``nconmax``, ``njmax``)."""
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    """Config values every run of this task takes unless a preset or the command line sets them, by dotted
+    key (``{"eval.end_on_success": True}``): what holds for all of the task's presets, said once."""
 
     def __post_init__(self) -> None:
         bad = [p for p in self.obs_layout if not (len(p) == 2 and isinstance(p[0], str) and int(p[1]) > 0)]

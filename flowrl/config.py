@@ -415,15 +415,45 @@ def load_stage_config(stage: str, presets: list[str | Path] | str | Path | None 
     other = "finetune" if stage == "pretrain" else "pretrain"
     if algo is not None and _stage_of_algo(algo) == other:
         _wrong_stage(stage, presets, f"algo: {algo}")
+    schema = stage_schema(stage, algo)
     try:
-        cfg = _merge(stage_schema(stage, algo), layers)
+        cfg = _merge(schema, layers)
     except FlowrlError:
         preset_layers = layers[:-1] or layers  # the last layer holds the command line's overrides
         if algo is None and _fits(other, preset_layers):  # the presets' keys are the other stage's
             _wrong_stage(stage, presets)
         raise
+    task_layer = _task_defaults(cfg.task, schema)
+    if task_layer is not None:
+        cfg = _merge(schema, [task_layer, *layers])
     (validate_pretrain if stage == "pretrain" else validate_finetune)(cfg, for_run)
     return cfg
+
+
+def _task_defaults(task: str, schema: type) -> Any:
+    """The task's ``config_defaults`` (:class:`flowrl.envs.Task`) that ``schema`` has, as the layer under
+    every preset; None when there are none (or the task is unknown: validation says so)."""
+    from flowrl.envs import resolve_task
+
+    try:
+        defaults = resolve_task(task).config_defaults
+    except FlowrlError:
+        return None
+    known = {key: value for key, value in defaults.items() if _has_key(OmegaConf.structured(schema), key)}
+    for key in defaults.keys() - known.keys():  # another stage's or algorithm's key is fine; no one's is a typo
+        from flowrl.registry import agents
+
+        if not any(_has_key(OmegaConf.structured(stage_schema(stage, algo)), key)
+                   for stage in STAGE_CONFIGS for algo in agents(stage)):
+            raise FlowrlError(f"task {task}: config_defaults has '{key}', which no stage's config has")
+    if not known:
+        return None
+    layer = OmegaConf.create()
+    for key, value in known.items():
+        OmegaConf.update(layer, key, value)
+    return layer
+
+
 
 
 def _stage_of_algo(algo: str) -> str | None:

@@ -128,3 +128,30 @@ def test_a_reset_distribution_written_once_draws_per_env_or_batched() -> None:
     s = resolve_task("Hopper").reset_noise_scale
     assert float((qpos - torch.as_tensor(env.qpos0)).abs().max()) <= s and float(qvel.abs().max()) <= s
     assert float(qvel.abs().max()) > 0
+
+
+def test_a_tasks_config_defaults_sit_under_every_preset_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flowrl.envs
+    from flowrl.config import load_stage_config
+
+    def end_on_success(preset: str | None, *overrides: str) -> bool:
+        return load_stage_config("pretrain", preset, list(overrides), for_run=False).eval.end_on_success
+
+    assert end_on_success("configs/can/pretrain_reflow.yaml")  # the preset no longer says it: the task does
+    assert end_on_success(None, "task=robosuite/Lift", "data.path=d.hdf5")
+    assert not end_on_success("configs/can/pretrain_reflow.yaml", "eval.end_on_success=false")
+    assert not end_on_success("configs/hopper/pretrain_reflow.yaml")
+    finetune = load_stage_config("finetune", "configs/transport/finetune_reflow.yaml", ["init=x"], for_run=False)
+    assert finetune.eval.end_on_success
+    hopper = resolve_task("Hopper")
+    for defaults, error in (({"train.gamma": 0.9}, None),  # fine-tuning's key: pretraining skips it
+                            ({"eval.end_on_sucess": True}, "task Hopper: config_defaults has 'eval.end_on_sucess'")):
+        typo = dataclasses.replace(hopper, config_defaults=defaults)
+        monkeypatch.setattr(flowrl.envs, "resolve_task", lambda name, task=typo: task)
+        if error is None:
+            assert load_stage_config("finetune", "configs/hopper/finetune_reflow.yaml", ["init=x"],
+                                     for_run=False).train.gamma == 0.9
+            assert not end_on_success("configs/hopper/pretrain_reflow.yaml")
+        else:
+            with pytest.raises(FlowrlError, match=error):
+                end_on_success("configs/hopper/pretrain_reflow.yaml")

@@ -56,6 +56,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,8 @@ class RobosuiteTask(Task):
     max_episode_steps: int = 400
     backends: tuple[str, ...] = ("robosuite",)
     has_success: bool = True
+    config_defaults: Mapping[str, Any] = field(default_factory=lambda: {"eval.end_on_success": True})
+    """robomimic's ``terminate_on_success``: the same success rate as full episodes, in fewer steps."""
 
     def __post_init__(self) -> None:
         n = len(self.robots)
