@@ -25,14 +25,17 @@ from common import report_checks, results_dir, run_main, with_provenance
 from flowrl.envs import make, resolve_task
 
 TOLERANCE = 0.03
+PAIRED = {"TwoArmTransport": True}
+"""Tasks whose batched reset draws robosuite's own sequence, so that episode i starts from the same state on
+both sides and the outcomes pair up."""
 
 
-def success_rate(task: str, backend: str, episodes: int, num_envs: int, seed: int) -> tuple[float, float, int]:
-    """(success rate, wall seconds, episodes run): batches of ``num_envs`` seeded episodes, each run until every
-    env has succeeded or the horizon."""
+def success_rate(task: str, backend: str, episodes: int, num_envs: int, seed: int) -> tuple[float, float, list[bool]]:
+    """(success rate, wall seconds, each episode's success in seed order): batches of ``num_envs`` seeded
+    episodes, each run until every env has succeeded or the horizon."""
     env = make(f"robosuite/{task}", num_envs, backend=backend, seed=seed)
     expert = resolve_task(f"robosuite/{task}").expert(num_envs)
-    wins, done, start = 0, 0, time.time()
+    wins, done, start, outcomes = 0, 0, time.time(), []
     try:
         while done < episodes:
             obs = env.reset(seed=seed + done)
@@ -45,11 +48,12 @@ def success_rate(task: str, backend: str, episodes: int, num_envs: int, seed: in
                 if success[:take].all():
                     break
             wins += int(success[:take].sum())
+            outcomes += success[:take].tolist()
             done += take
             print(f"  {task} [{backend}]: {wins}/{done} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
     finally:
         env.close()
-    return wins / done, time.time() - start, done
+    return wins / done, time.time() - start, outcomes
 
 
 def main() -> int:
@@ -66,14 +70,20 @@ def main() -> int:
         rows[task] = {}
         for backend in args.backends:
             n = args.robosuite_envs if backend == "robosuite" else args.num_envs
-            rate, wall, done = success_rate(task, backend, args.episodes, n, args.seed)
-            rows[task][backend] = {"success_rate": rate, "episodes": done, "wall_s": round(wall, 1), "num_envs": n}
+            rate, wall, outcomes = success_rate(task, backend, args.episodes, n, args.seed)
+            rows[task][backend] = {"success_rate": rate, "episodes": len(outcomes), "wall_s": round(wall, 1),
+                                   "num_envs": n, "outcomes": "".join("1" if o else "0" for o in outcomes)}
     print(f"\nscripted experts, seeded episodes (seeds {args.seed}...), {os.cpu_count()} cores")
     checks = []
     for task, by_backend in rows.items():
         line = "   ".join(f"{b}: {100 * r['success_rate']:5.1f}% of {r['episodes']} ({r['wall_s']:.0f} s)"
                           for b, r in by_backend.items())
         print(f"{task:<20} {line}")
+        if PAIRED.get(task) and {"robosuite", "cpu"} <= by_backend.keys():  # the same initial states on both
+            ours, ref = by_backend["cpu"]["outcomes"], by_backend["robosuite"]["outcomes"]
+            pairs = list(zip(ours, ref))
+            print(f"{'':<20} same seeds: both succeed {pairs.count(('1', '1'))}, both fail {pairs.count(('0', '0'))}, "
+                  f"only cpu {pairs.count(('1', '0'))}, only robosuite {pairs.count(('0', '1'))}")
         if "robosuite" in by_backend and len(by_backend) > 1:
             ref = by_backend["robosuite"]["success_rate"]
             for b, r in by_backend.items():
