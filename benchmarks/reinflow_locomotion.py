@@ -15,8 +15,8 @@ and against wall-clock) when matplotlib is there.
         [key=value overrides of the fine-tuning preset]
     python benchmarks/reinflow_locomotion.py --report benchmarks/results/locomotion/reinflow_hopper*.json
 
-Seeds can run as parallel processes (one ``--seeds i --tag si --sim-threads N`` each); ``--report``
-merges their JSON files into one table and plot.
+Seeds can run as parallel processes (one ``--seeds i --tag si --sim-threads N`` each, or all of them from one
+command with ``--jobs N``); ``--report`` merges their JSON files into one table and plot.
 
 Targets (exit code 1 when one is missed), per task over its seeds:
 - no collapse: every run's lowest evaluation >= 90% of its first (the pretrained policy), with evaluations
@@ -26,14 +26,15 @@ Targets (exit code 1 when one is missed), per task over its seeds:
 - a Hopper 80k-step iteration under 1 s on a CUDA machine with the warp backend.
 The presets' layout (256 envs x 80 decisions) is the one that keeps its start; on a GPU:
 
-    python benchmarks/reinflow_locomotion.py --tasks hopper --seeds 11 12 13 --eval-every 4 \
-        --eval-episodes 20 train.backend=warp
+    python benchmarks/reinflow_locomotion.py --tasks hopper walker2d ant humanoid --seeds 11 12 13 --jobs 12 \
+        --eval-every 4 --eval-episodes 20 train.backend=warp
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -270,7 +271,7 @@ def plot(task: str, rec: dict) -> None:
     print(f"plot: {path}")
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["hopper"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -289,9 +290,16 @@ def main() -> int:
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench"))
     ap.add_argument("--tag", default="", help="suffix of the results file (parallel processes)")
     ap.add_argument("--sim-threads", type=int, default=0, help="cpu backend threads (0: all cores)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the (task, seed) pairs as this many processes side by side, then report them "
+                         "together (several fit one GPU: its simulation and networks are small)")
     ap.add_argument("--report", nargs="+", metavar="JSON", help="only merge these results files and report")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning preset")
-    args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
+    return ap
+
+
+def main() -> int:
+    args = parser().parse_intermixed_args()  # key=value overrides may come before or after options
     TAG[0] = args.tag
 
     all_results: dict = {}
@@ -302,6 +310,12 @@ def main() -> int:
     missing = [task for task in args.tasks if args.baselines and task not in sb3_baselines.TASKS]
     if missing:
         raise FlowrlError(f"--baselines: no SB3 baseline for {missing} (have {sorted(sb3_baselines.TASKS)})")
+    if args.jobs < 1:
+        raise FlowrlError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1:
+        if args.baselines:
+            raise FlowrlError("--jobs runs ReinFlow only: run --baselines in a command of their own")
+        return run_parallel(args)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     for task in args.tasks:
         rec = {"task": task, "head": args.head, "device": device, "cores": os.cpu_count(), "seeds": []}
@@ -315,6 +329,58 @@ def main() -> int:
             rec["sb3"] = run_baselines(task, args.baselines, args)
         flush(all_results)
     return report(all_results)
+
+
+def child_command(args: argparse.Namespace, task: str, seed: int, tag: str) -> list[str]:
+    """The command line of one (task, seed) run of a ``--jobs`` study: this run's options, one task and seed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--tasks", task, "--seeds", str(seed), "--tag", tag,
+           "--head", args.head, "--episodes", str(args.episodes), "--eval-every", str(args.eval_every),
+           "--eval-episodes", str(args.eval_episodes), "--device", args.device, "--runs", args.runs,
+           "--sim-threads", str(args.sim_threads), "--diagnostics", str(args.diagnostics),
+           "--budget-minutes", str(args.budget_minutes)]
+    for flag, value in (("--env-steps", args.env_steps), ("--pretrain-steps", args.pretrain_steps),
+                        ("--pretrained", args.pretrained)):
+        if value:
+            cmd += [flag, str(value)]
+    for item in args.pretrain_set:
+        cmd += ["--pretrain-set", item]
+    return cmd + list(args.overrides)
+
+
+def run_parallel(args: argparse.Namespace) -> int:
+    """Every (task, seed) of the study as its own process, ``args.jobs`` at a time (each with
+    ``OMP_NUM_THREADS`` = cores / jobs; processes on one GPU share it), each writing
+    ``reinflow_<task>_<tag>s<seed>.json`` and its log beside it; then one report of them all."""
+    runs = [(task, seed) for task in args.tasks for seed in args.seeds]
+    folder = results_dir(STUDY)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs)),
+           "PYTHONUNBUFFERED": "1"}
+    waiting, running, failed, written = list(runs), [], [], []
+    print(f"{len(runs)} runs, {args.jobs} at a time; logs in {folder}", flush=True)
+    while waiting or running:
+        while waiting and len(running) < args.jobs:
+            task, seed = waiting.pop(0)
+            tag = f"{args.tag}_s{seed}" if args.tag else f"s{seed}"
+            log = folder / f"reinflow_{task}_{tag}.log"
+            with open(log, "w") as out:
+                proc = subprocess.Popen(child_command(args, task, seed, tag), stdout=out, stderr=subprocess.STDOUT,
+                                        env=env)
+            running.append((proc, task, seed, log, folder / f"reinflow_{task}_{tag}.json"))
+        time.sleep(1.0)
+        for item in [r for r in running if r[0].poll() is not None]:
+            running.remove(item)
+            proc, task, seed, log, result = item
+            if proc.returncode not in (0, 1):  # 1: a single run misses the study's targets by construction
+                failed.append(f"{task} seed {seed} (exit {proc.returncode}; {log})")
+            print(f"[{task} s{seed}] finished, exit {proc.returncode}", flush=True)
+            if result.is_file():
+                written.append(str(result))
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    if not written:
+        return 2
+    code = report(merge_results(written, also=("ppo",), extend=("sb3",)))
+    return 2 if failed else code
 
 
 def completed(seed: dict) -> dict:

@@ -430,3 +430,32 @@ def test_reinflow_benchmark_records_the_first_iterations_diagnostics(tmp_path: P
     assert rows[0]["train/action_drift"] == 0.0 and rows[0]["train/critic_warmup"] == 1.0
     assert rows[2]["train/action_drift"] > 0 and 0 <= rows[2]["train/advantage_sign_flips"] <= 1
     agent.close()
+
+
+def test_a_jobs_study_runs_each_task_and_seed_with_the_same_options_and_reports_failures(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    argv = ["--tasks", "hopper", "ant", "--seeds", "11", "12", "--jobs", "4", "--tag", "gpu", "--eval-every", "4",
+            "--eval-episodes", "20", "--pretrained", "runs/bc/{task}-s{seed}", "--pretrain-set", "policy.k=2",
+            "--budget-minutes", "8", "train.backend=warp", "train.num_envs=512"]
+    args = reinflow_locomotion.parser().parse_intermixed_args(argv)
+    child = reinflow_locomotion.child_command(args, "ant", 12, "gpu_s12")
+    again = reinflow_locomotion.parser().parse_intermixed_args(child[2:])
+    assert (again.tasks, again.seeds, again.tag, again.jobs) == (["ant"], [12], "gpu_s12", 1)
+    same = ("head", "episodes", "eval_every", "eval_episodes", "device", "runs", "sim_threads", "diagnostics",
+            "budget_minutes", "env_steps", "pretrain_steps", "pretrained", "pretrain_set", "overrides")
+    assert all(getattr(again, k) == getattr(args, k) for k in same)
+
+    def fake(args, task, seed, tag):  # a run that writes its record, and one that crashes
+        if task == "ant":
+            return [sys.executable, "-c", "raise SystemExit(3)"]
+        record = {"task": task, "head": "reflow", "device": "cpu", "cores": 2,
+                  "seeds": [{**_seed(seed, 3300.0, _dense(1600.0, 3300.0)), "eval_episodes": 20}]}
+        out = Path(os.environ["FLOWRL_RESULTS"]) / "locomotion" / f"reinflow_{task}_{tag}.json"
+        return [sys.executable, "-c", f"import json, pathlib; pathlib.Path({str(out)!r}).write_text({json.dumps(json.dumps(record))})"]
+
+    monkeypatch.setattr(reinflow_locomotion, "child_command", fake)
+    assert reinflow_locomotion.run_parallel(args) == 2
+    captured = capsys.readouterr()
+    rows = [line.split() for line in captured.out.splitlines() if line.startswith("hopper ") and line.split()[1].isdigit()]
+    assert [r[1] for r in rows] == ["11", "12"]
+    assert "error: ant seed 11 (exit 3" in captured.err and "error: ant seed 12 (exit 3" in captured.err
