@@ -56,6 +56,29 @@ def success_rate(task: str, backend: str, episodes: int, num_envs: int, seed: in
     return wins / done, time.time() - start, outcomes
 
 
+HEAD_BINS = (0.015, 0.016, 0.017, 0.0180001)
+
+
+def by_head_size(task: str, seed: int, ours: str, ref: str) -> list[dict]:
+    """TwoArmTransport's paired outcomes grouped by the hammer head robosuite built for each episode (the
+    shipped scene keeps seed 0's head in every world): episodes, success on each side, per size bin."""
+    info = resolve_task(f"robosuite/{task}")
+    heads = [info.robosuite_head_halfsize(seed + i) for i in range(len(ours))]
+    shipped = info.robosuite_head_halfsize(0)
+    print(f"{'':<20} by robosuite's hammer head half-size (the shipped scene's: {shipped:.4f}):")
+    rows = []
+    for lo, hi in zip(HEAD_BINS, HEAD_BINS[1:]):
+        idx = [i for i, h in enumerate(heads) if lo <= h < hi]
+        if not idx:
+            continue
+        row = {"head_from": lo, "head_to": round(hi, 4), "episodes": len(idx),
+               "cpu": sum(ours[i] == "1" for i in idx) / len(idx), "robosuite": sum(ref[i] == "1" for i in idx) / len(idx)}
+        rows.append(row)
+        print(f"{'':<22}[{lo:.3f}, {hi:.3f}): {len(idx):>3} episodes, cpu {100 * row['cpu']:5.1f}%, "
+              f"robosuite {100 * row['robosuite']:5.1f}%")
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["Lift", "PickPlaceCan", "NutAssemblySquare", "TwoArmTransport"])
@@ -64,40 +87,55 @@ def main() -> int:
     ap.add_argument("--robosuite-envs", type=int, default=os.cpu_count() or 1, help="robosuite worker processes")
     ap.add_argument("--backends", nargs="+", default=["cpu", "robosuite"], choices=["cpu", "warp", "robosuite"])
     ap.add_argument("--seed", type=int, default=1000)
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: report the --tasks recorded in the results file (and add their analyses to it)")
     args = ap.parse_args()
-    rows: dict[str, dict[str, dict]] = {}
-    for task in args.tasks:
-        rows[task] = {}
-        for backend in args.backends:
-            n = args.robosuite_envs if backend == "robosuite" else args.num_envs
-            rate, wall, outcomes = success_rate(task, backend, args.episodes, n, args.seed)
-            rows[task][backend] = {"success_rate": rate, "episodes": len(outcomes), "wall_s": round(wall, 1),
-                                   "num_envs": n, "outcomes": "".join("1" if o else "0" for o in outcomes)}
-    print(f"\nscripted experts, seeded episodes (seeds {args.seed}...), {os.cpu_count()} cores")
+    path = results_dir("manipulation") / "manipulation_parity.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {"results": {}}
+    if args.report:
+        rows = {task: merged["results"][task] for task in args.tasks if task in merged["results"]}
+    else:
+        rows = {}
+        for task in args.tasks:
+            rows[task] = {}
+            for backend in args.backends:
+                n = args.robosuite_envs if backend == "robosuite" else args.num_envs
+                rate, wall, outcomes = success_rate(task, backend, args.episodes, n, args.seed)
+                rows[task][backend] = with_provenance({
+                    "success_rate": rate, "episodes": len(outcomes), "wall_s": round(wall, 1), "num_envs": n,
+                    "outcomes": "".join("1" if o else "0" for o in outcomes), "seed": args.seed,
+                    "cores": os.cpu_count()})
+    checks = report(rows)
+    for task, by_backend in rows.items():
+        merged["results"].setdefault(task, {}).update(by_backend)
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    return report_checks(checks)
+
+
+def report(rows: dict[str, dict[str, dict]]) -> list[tuple[str, bool]]:
+    """Print each task's success rate per backend (and, where episodes pair up, their paired outcomes and the
+    outcomes by hammer size, added to the rows); the parity checks."""
+    print("\nscripted experts, seeded episodes")
     checks = []
     for task, by_backend in rows.items():
-        line = "   ".join(f"{b}: {100 * r['success_rate']:5.1f}% of {r['episodes']} ({r['wall_s']:.0f} s)"
-                          for b, r in by_backend.items())
+        line = "   ".join(f"{b}: {100 * r['success_rate']:5.1f}% of {r['episodes']} ({r['wall_s']:.0f} s, seeds "
+                          f"{r['seed']}...)" for b, r in by_backend.items())
         print(f"{task:<20} {line}")
-        if PAIRED.get(task) and {"robosuite", "cpu"} <= by_backend.keys():  # the same initial states on both
+        paired = {"robosuite", "cpu"} <= by_backend.keys() and all("outcomes" in r for r in by_backend.values())
+        if PAIRED.get(task) and paired:  # the same initial states on both
             ours, ref = by_backend["cpu"]["outcomes"], by_backend["robosuite"]["outcomes"]
             pairs = list(zip(ours, ref))
             print(f"{'':<20} same seeds: both succeed {pairs.count(('1', '1'))}, both fail {pairs.count(('0', '0'))}, "
                   f"only cpu {pairs.count(('1', '0'))}, only robosuite {pairs.count(('0', '1'))}")
+            by_backend["cpu"]["by_head_size"] = by_head_size(task, by_backend["cpu"]["seed"], ours, ref)
         if "robosuite" in by_backend and len(by_backend) > 1:
-            ref = by_backend["robosuite"]["success_rate"]
+            ref_rate = by_backend["robosuite"]["success_rate"]
             for b, r in by_backend.items():
                 if b != "robosuite":
-                    gap = abs(r["success_rate"] - ref)
+                    gap = abs(r["success_rate"] - ref_rate)
                     checks.append((f"{task}: {b} within {100 * TOLERANCE:.0f} points of robosuite "
                                    f"({100 * gap:.1f})", gap <= TOLERANCE + 1e-12))
-    path = results_dir("manipulation") / "manipulation_parity.json"
-    merged = json.loads(path.read_text()) if path.is_file() else {"results": {}}
-    for task, by_backend in rows.items():
-        merged["results"].setdefault(task, {}).update(
-            {b: with_provenance(dict(r, seed=args.seed, cores=os.cpu_count())) for b, r in by_backend.items()})
-    path.write_text(json.dumps(merged, indent=2) + "\n")
-    return report_checks(checks)
+    return checks
 
 
 if __name__ == "__main__":

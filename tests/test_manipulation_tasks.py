@@ -563,3 +563,14 @@ def test_the_experts_rotations_equal_scipys_without_needing_it() -> None:
         assert np.linalg.norm(rotvec) <= np.pi + 1e-9
         if np.linalg.norm(expected.as_rotvec()) < np.pi - 1e-3:  # a half turn's axis has two signs
             np.testing.assert_allclose(rotvec, expected.as_rotvec(), atol=1e-6)
+
+
+def test_transport_knows_the_hammer_head_robosuite_builds_for_a_seed() -> None:
+    task = _task("TwoArmTransport")
+    for seed in (0, 1007):
+        env = _make_robosuite("TwoArmTransport", seed)
+        try:
+            assert env.transport.payload.head_halfsize == pytest.approx(task.robosuite_head_halfsize(seed), rel=1e-12)
+        finally:
+            env.close()
+    assert 0.015 <= task.robosuite_head_halfsize(1) < 0.018 and task.robosuite_head_halfsize(0) == pytest.approx(0.01744, abs=1e-5)

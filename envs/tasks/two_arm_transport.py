@@ -111,6 +111,13 @@ class TwoArmTransport(PandaSceneTask):
     hammer_draws = 5
     """robosuite draws the hammer's handle radius, length, density, friction (fixed: uniform(a, a)) and head size
     from the env's generator when it rebuilds the model at reset, before the arms' noise."""
+    handle_radius = 0.015
+
+    def robosuite_head_halfsize(self, seed: int) -> float:
+        """The hammer head's half-size robosuite builds for an episode reset with ``seed`` (its last hammer draw,
+        U(r, 1.2 r) of the handle radius r); the shipped scene has ``robosuite_head_halfsize(0)`` in every world."""
+        u = np.random.default_rng(seed).uniform(0.0, 1.0, self.hammer_draws)[-1]
+        return self.handle_radius * (1.0 + 0.2 * float(u))
 
     def reset(self, draws: Draws, qpos0: torch.Tensor, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
         """robosuite's reset, its generator's draws in its order: the hammer's (unused: the shipped head size is
