@@ -3,12 +3,14 @@ at run time) beside success in robosuite itself, over the same number of seeded 
 
     python benchmarks/manipulation_parity.py [--tasks Lift PickPlaceCan NutAssemblySquare TwoArmTransport] [--episodes 200]
         [--num-envs 50] [--robosuite-envs 2] [--backends cpu robosuite]
+    python benchmarks/manipulation_parity.py --report --tasks TwoArmTransport   # the recorded outcomes again
 
 Target (exit code 1 when missed): the two success rates within 3 points over the same number of episodes.
 The episodes are not the same ones (each side draws its own placements from robosuite's distributions; Lift's
 batched cube keeps its nominal size), except TwoArmTransport's, whose batched reset draws robosuite's sequence: the
-same seeds give the same initial states (the shipped scene keeps seed 0's hammer-head draw). Writes benchmarks/results/manipulation/manipulation_parity.json (tasks run
-separately accumulate in it).
+same seeds give the same initial states (the shipped scene keeps seed 0's hammer-head draw), so its report pairs
+the outcomes and groups them by the hammer head robosuite built for each episode. Writes
+benchmarks/results/manipulation/manipulation_parity.json (tasks run separately accumulate in it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from common import report_checks, results_dir, run_main, with_provenance
 from flowrl.envs import make, resolve_task
 
 TOLERANCE = 0.03
-PAIRED = {"TwoArmTransport": True}
+PAIRED = ("TwoArmTransport",)
 """Tasks whose batched reset draws robosuite's own sequence, so that episode i starts from the same state on
 both sides and the outcomes pair up."""
 
@@ -122,7 +124,7 @@ def report(rows: dict[str, dict[str, dict]]) -> list[tuple[str, bool]]:
                           f"{r['seed']}...)" for b, r in by_backend.items())
         print(f"{task:<20} {line}")
         paired = {"robosuite", "cpu"} <= by_backend.keys() and all("outcomes" in r for r in by_backend.values())
-        if PAIRED.get(task) and paired:  # the same initial states on both
+        if task in PAIRED and paired:  # the same initial states on both
             ours, ref = by_backend["cpu"]["outcomes"], by_backend["robosuite"]["outcomes"]
             pairs = list(zip(ours, ref))
             print(f"{'':<20} same seeds: both succeed {pairs.count(('1', '1'))}, both fail {pairs.count(('0', '0'))}, "

@@ -434,15 +434,15 @@ def _task_defaults(task: str, schema: type) -> Any:
     """The task's ``config_defaults`` (:class:`flowrl.envs.Task`) that ``schema`` has, as the layer under
     every preset; None when there are none (or the task is unknown: validation says so)."""
     from flowrl.envs import resolve_task
+    from flowrl.registry import agents
 
     try:
         defaults = resolve_task(task).config_defaults
     except FlowrlError:
         return None
-    known = {key: value for key, value in defaults.items() if _has_key(OmegaConf.structured(schema), key)}
+    base = OmegaConf.structured(schema)
+    known = {key: value for key, value in defaults.items() if _has_key(base, key)}
     for key in defaults.keys() - known.keys():  # another stage's or algorithm's key is fine; no one's is a typo
-        from flowrl.registry import agents
-
         if not any(_has_key(OmegaConf.structured(stage_schema(stage, algo)), key)
                    for stage in STAGE_CONFIGS for algo in agents(stage)):
             raise FlowrlError(f"task {task}: config_defaults has '{key}', which no stage's config has")
@@ -452,8 +452,6 @@ def _task_defaults(task: str, schema: type) -> Any:
     for key, value in known.items():
         OmegaConf.update(layer, key, value)
     return layer
-
-
 
 
 def _stage_of_algo(algo: str) -> str | None:
