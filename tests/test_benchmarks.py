@@ -459,3 +459,18 @@ def test_a_jobs_study_runs_each_task_and_seed_with_the_same_options_and_reports_
     rows = [line.split() for line in captured.out.splitlines() if line.startswith("hopper ") and line.split()[1].isdigit()]
     assert [r[1] for r in rows] == ["11", "12"]
     assert "error: ant seed 11 (exit 3" in captured.err and "error: ant seed 12 (exit 3" in captured.err
+
+
+def test_transport_parity_groups_paired_outcomes_by_robosuites_hammer(capsys: pytest.CaptureFixture) -> None:
+    parity = pytest.importorskip("manipulation_parity")
+    from flowrl.envs import resolve_task
+
+    task = resolve_task("robosuite/TwoArmTransport")
+    heads = [task.robosuite_head_halfsize(1000 + i) for i in range(40)]
+    ours = "".join("1" if h < 0.016 else "0" for h in heads)  # ours succeeds exactly on robosuite's small heads
+    rows = parity.by_head_size("TwoArmTransport", 1000, ours, "1" * 40)
+    assert sum(r["episodes"] for r in rows) == 40
+    small = [r for r in rows if r["head_from"] == 0.015]
+    assert small and small[0]["cpu"] == 1.0 and all(r["cpu"] == 0.0 for r in rows if r["head_from"] > 0.015)
+    assert all(r["robosuite"] == 1.0 for r in rows)
+    assert "the shipped scene's: 0.0174" in capsys.readouterr().out
