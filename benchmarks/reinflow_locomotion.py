@@ -125,6 +125,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
         record["max_minutes"] = round(ft_cfg.train.max_minutes, 2)
     record["overrides"] = list(args.overrides)
     record["eval_episodes"] = ft_cfg.train.eval_episodes
+    record["shared_by"] = getattr(args, "shared_by", 1)
     record.update(num_envs=ft_cfg.train.num_envs, rollout_steps=ft_cfg.train.rollout_steps)
     record["pretrain_overrides"] = list(args.pretrain_set)
     run = Trainer(agent_info("finetune", ft_cfg.algo).agent_class()(ft_cfg),
@@ -293,6 +294,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", type=int, default=1,
                     help="run the (task, seed) pairs as this many processes side by side, then report them "
                          "together (several fit one GPU: its simulation and networks are small)")
+    ap.add_argument("--shared-by", type=int, default=1, help=argparse.SUPPRESS)  # --jobs tells its runs
     ap.add_argument("--report", nargs="+", metavar="JSON", help="only merge these results files and report")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning preset")
     return ap
@@ -337,7 +339,8 @@ def child_command(args: argparse.Namespace, task: str, seed: int, tag: str) -> l
            "--head", args.head, "--episodes", str(args.episodes), "--eval-every", str(args.eval_every),
            "--eval-episodes", str(args.eval_episodes), "--device", args.device, "--runs", args.runs,
            "--sim-threads", str(args.sim_threads), "--diagnostics", str(args.diagnostics),
-           "--budget-minutes", str(args.budget_minutes)]
+           "--budget-minutes", str(args.budget_minutes),
+           "--shared-by", str(min(args.jobs, len(args.tasks) * len(args.seeds)))]
     for flag, value in (("--env-steps", args.env_steps), ("--pretrain-steps", args.pretrain_steps),
                         ("--pretrained", args.pretrained)):
         if value:
@@ -403,20 +406,25 @@ def lowest_fraction(seed: dict) -> float:
 
 
 def run_row(seed: dict, published: float) -> dict:
-    """What the report says of one run: its start, lowest evaluation (fraction of the start, where), the env
-    steps at which it first reached the published return, its final, and how dense its curve was."""
-    curve = seed.get("curve", [])
-    returns = [c["return_mean"] for c in curve]
+    """What the report says of one run (its curve is not empty): its start, lowest evaluation (fraction of the
+    start, where), the env steps at which it first reached the published return, its final, and how dense its
+    curve was."""
+    curve = seed["curve"]
+    low = min(curve, key=lambda c: c["return_mean"])
     steps = [c["env_steps"] for c in curve]
-    low = int(np.argmin(returns)) if returns else 0
-    return {"seed": seed["seed"], "start": returns[0] if returns else float("nan"),
-            "lowest": returns[low] if returns else float("nan"),
-            "lowest_fraction": lowest_fraction(seed) if returns else float("nan"),
-            "lowest_at": steps[low] if steps else 0,
+    return {"seed": seed["seed"], "start": curve[0]["return_mean"], "lowest": low["return_mean"],
+            "lowest_fraction": lowest_fraction(seed), "lowest_at": low["env_steps"],
             "to_published": next((c["env_steps"] for c in curve if c["return_mean"] >= published), None),
             "final": seed["finetuned"], "env_steps": seed["env_steps"], "final_cut": bool(seed.get("final_cut")),
             "eval_spacing": int(max(np.diff(steps), default=0)), "eval_episodes": seed.get("eval_episodes"),
             "wall_clock_s": seed["wall_clock_s"]}
+
+
+def seconds_per_80k(seed: dict) -> float:
+    """A run's median iteration time, scaled to 80k env steps (nan when it recorded none)."""
+    if not seed.get("iteration_s"):
+        return float("nan")
+    return float(np.median(seed["iteration_s"])) * 80_000 / seed["steps_per_iteration"]
 
 
 def strongest_ppo(rows_by_algo: dict[str, list[dict]], budget: int) -> tuple[float, str] | None:
@@ -452,7 +460,7 @@ def report(all_results: dict) -> int:
         pub = PUBLISHED.get((task, head_name), (float("nan"),) * 3)
         rows = [run_row(s, pub[1]) for s in seeds]
         for s, r in zip(seeds, rows):
-            it = np.median(s["iteration_s"]) * 80_000 / s["steps_per_iteration"] if s.get("iteration_s") else np.nan
+            it = seconds_per_80k(s)
             reached = f"{r['to_published'] / 1e6:.2f}M" if r["to_published"] is not None else "-"
             print(f"{task:<9} {r['seed']:>4} {r['start']:>7.0f} {r['lowest']:>7.0f} {r['lowest_fraction']:>6.2f} "
                   f"{r['lowest_at'] / 1e6:>6.2f}M {pub[1]:>9.0f} {reached:>10} {r['final']:>7.0f}"
@@ -477,9 +485,10 @@ def report(all_results: dict) -> int:
                                 not few and final >= ppo[0]))
         elif budget:
             print(f"  {task}: finals not compared (a run stopped before {budget / 1e6:g}M env steps)")
-        alone = [s for s in seeds if not s.get("sim_threads") and s.get("iteration_s")]
+        # the iteration time only of runs that had the machine to themselves (no cpu-thread cap, no --jobs)
+        alone = [s for s in seeds if not s.get("sim_threads") and s.get("shared_by", 1) == 1 and s.get("iteration_s")]
         if task == "hopper" and device != "cpu" and alone and {s.get("backend") for s in alone} == {"MujocoWarpEnv"}:
-            it = float(np.mean([np.median(s["iteration_s"]) * 80_000 / s["steps_per_iteration"] for s in alone]))
+            it = float(np.mean([seconds_per_80k(s) for s in alone]))
             checks.append((f"hopper 80k-step iteration < 1 s on {device}, warp ({it:.2f} s)", it < 1.0))
     print("(* the last curve point of a run stopped before its final evaluation)")
     if any(baselines.values()):

@@ -390,13 +390,14 @@ def stage_schema(stage: str, algo: str | None = None) -> type:
                                       bases=(base,))
 
 
-def _algo_of(layers: list[Any]) -> str | None:
-    algo = None
+def _last_value(layers: list[Any], key: str) -> str | None:
+    """What the last layer that sets top-level ``key`` (``algo``, ``task``) sets it to."""
+    found = None
     for layer in layers:
-        value = OmegaConf.select(layer, "algo", default=None)
+        value = OmegaConf.select(layer, key, default=None)
         if value is not None:
-            algo = str(value)
-    return algo
+            found = str(value)
+    return found
 
 
 RUN_TIME_KEYS = {"pretrain": (), "finetune": ("init",)}
@@ -411,21 +412,20 @@ def load_stage_config(stage: str, presets: list[str | Path] | str | Path | None 
     what only a run needs, :data:`RUN_TIME_KEYS` and a usable device). A preset of the other stage is
     one line saying so and naming the command that takes it."""
     layers = _layers(presets, overrides)
-    algo = _algo_of(layers)
+    algo = _last_value(layers, "algo")
     other = "finetune" if stage == "pretrain" else "pretrain"
     if algo is not None and _stage_of_algo(algo) == other:
         _wrong_stage(stage, presets, f"algo: {algo}")
     schema = stage_schema(stage, algo)
+    task = _last_value(layers, "task") or OmegaConf.structured(schema).task
+    task_layer = _task_defaults(task, schema)
     try:
-        cfg = _merge(schema, layers)
+        cfg = _merge(schema, layers if task_layer is None else [task_layer, *layers])
     except FlowrlError:
         preset_layers = layers[:-1] or layers  # the last layer holds the command line's overrides
         if algo is None and _fits(other, preset_layers):  # the presets' keys are the other stage's
             _wrong_stage(stage, presets)
         raise
-    task_layer = _task_defaults(cfg.task, schema)
-    if task_layer is not None:
-        cfg = _merge(schema, [task_layer, *layers])
     (validate_pretrain if stage == "pretrain" else validate_finetune)(cfg, for_run)
     return cfg
 
@@ -491,7 +491,7 @@ def detect_stage(preset: str | Path, overrides: list[str] | tuple[str, ...] = ()
     from flowrl.registry import agents
 
     layers = _layers(preset, overrides)
-    algo = _algo_of(layers)
+    algo = _last_value(layers, "algo")
     if algo is not None:
         for stage in STAGE_CONFIGS:
             if algo in agents(stage):

@@ -440,7 +440,7 @@ def test_a_jobs_study_runs_each_task_and_seed_with_the_same_options_and_reports_
     args = reinflow_locomotion.parser().parse_intermixed_args(argv)
     child = reinflow_locomotion.child_command(args, "ant", 12, "gpu_s12")
     again = reinflow_locomotion.parser().parse_intermixed_args(child[2:])
-    assert (again.tasks, again.seeds, again.tag, again.jobs) == (["ant"], [12], "gpu_s12", 1)
+    assert (again.tasks, again.seeds, again.tag, again.jobs, again.shared_by) == (["ant"], [12], "gpu_s12", 1, 4)
     same = ("head", "episodes", "eval_every", "eval_episodes", "device", "runs", "sim_threads", "diagnostics",
             "budget_minutes", "env_steps", "pretrain_steps", "pretrained", "pretrain_set", "overrides")
     assert all(getattr(again, k) == getattr(args, k) for k in same)
