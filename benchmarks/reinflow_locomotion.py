@@ -15,6 +15,9 @@ and against wall-clock) when matplotlib is there.
         [key=value overrides of the fine-tuning preset]
     python benchmarks/reinflow_locomotion.py --report benchmarks/results/locomotion/reinflow_hopper*.json
 
+Demonstrations the repository does not ship (Humanoid's, 38 MB) are made first, once, with the command of
+data/README.md from the shipped expert snapshot (:data:`MADE_DEMONSTRATIONS`).
+
 Seeds can run as parallel processes (one ``--seeds i --tag si --sim-threads N`` each, or all of them from one
 command with ``--jobs N``); ``--report`` merges their JSON files into one table and plot.
 
@@ -67,6 +70,12 @@ KEEP_START = 0.9
 MAX_EVAL_SPACING = 400_000
 MIN_EVAL_EPISODES = 20
 MIN_SEEDS = 3
+MADE_DEMONSTRATIONS = {
+    "data/humanoid-medium.hdf5": ["collect", "data/experts/humanoid", "--level", "medium", "--episodes", "100",
+                                  "--noise", "0.05", "--seed", "0", "--num-envs", "100", "--backend", "cpu"],
+}
+"""Demonstrations the repository does not ship, by a preset's ``data.path``: the ``flowrl`` command that makes
+them from what it does ship (data/README.md), run once before the study when the file is missing."""
 
 
 def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Path, record: dict,
@@ -149,6 +158,26 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
                   sim_threads=args.sim_threads)
     print(f"[{task} s{seed}] fine-tuned: {describe(final)} after {run.step} env steps, "
           f"{record['wall_clock_s']} s", flush=True)
+
+
+def make_demonstrations(tasks: list[str], head: str) -> None:
+    """Make the missing demonstrations of ``tasks``' pretraining presets that :data:`MADE_DEMONSTRATIONS`
+    knows (once, before any run, so parallel runs do not race to write them); a missing file it does not know
+    is an error naming it."""
+    for task in tasks:
+        cfg = load_stage_config("pretrain", REPO / "configs" / task / f"pretrain_{head}.yaml", [])
+        path = Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else REPO / cfg.data.path
+        if path.is_file():
+            continue
+        command = MADE_DEMONSTRATIONS.get(cfg.data.path)
+        if command is None:
+            raise FlowrlError(f"{task}: the demonstrations {path} are missing (configs/{task}/pretrain_{head}.yaml)")
+        print(f"[{task}] making {cfg.data.path}: flowrl {' '.join(command)}", flush=True)
+        start = time.time()
+        done = subprocess.run([sys.executable, "-m", "flowrl", *command, "--out", str(path)], cwd=REPO)
+        if done.returncode != 0 or not path.is_file():
+            raise FlowrlError(f"{task}: making {cfg.data.path} failed (exit {done.returncode})")
+        print(f"[{task}] made {cfg.data.path} in {time.time() - start:.0f} s", flush=True)
 
 
 def fine_tuning_minutes(budget_minutes: float, elapsed_s: float, eval_s: float) -> float:
@@ -314,6 +343,8 @@ def main() -> int:
         raise FlowrlError(f"--baselines: no SB3 baseline for {missing} (have {sorted(sb3_baselines.TASKS)})")
     if args.jobs < 1:
         raise FlowrlError(f"--jobs must be >= 1, got {args.jobs}")
+    if not args.baselines_only and not args.pretrained:
+        make_demonstrations(args.tasks, args.head)
     if args.jobs > 1:
         if args.baselines:
             raise FlowrlError("--jobs runs ReinFlow only: run --baselines in a command of their own")

@@ -85,9 +85,9 @@ class Evaluator:
     def __call__(self, policy: FlowPolicy, k: int | None = None, episodes: int = 10,
                  seed: int | None = None, per_episode: bool = False, *,
                  num_steps: int | None = None) -> dict[str, Any]:
-        """Mean and std of return and length (and success rate where the task defines it) of the
-        deterministic flow policy with K = ``k``, over ``episodes`` seeded episodes. ``num_steps`` is
-        the old name of ``k``."""
+        """Mean, std, lowest and highest return, mean and std of length (and success rate where the task
+        defines it) of the deterministic flow policy with K = ``k``, over ``episodes`` seeded episodes.
+        ``num_steps`` is the old name of ``k``."""
         k = renamed_argument("Evaluator.__call__", "num_steps", "k", num_steps, k, required=True)
         seed = self.seed if seed is None else seed
         gen = torch.Generator(device=policy.obs_mean.device).manual_seed(seed)
@@ -110,6 +110,7 @@ class Evaluator:
         lens = np.concatenate([r["lengths"] for r in results])[:episodes]
         out = {"episodes": episodes, "seed": seed, "backend": self._env_backend,
                "return_mean": float(rets.mean()), "return_std": float(rets.std()),
+               "return_min": float(rets.min()), "return_max": float(rets.max()),
                "length_mean": float(lens.mean()), "length_std": float(lens.std()),
                "wall_clock_s": round(time.time() - start, 2)}
         if per_episode:

@@ -262,7 +262,8 @@ class Trainer:
         writer.add_scalar("eval/mean_ep_length", r["length_mean"], self.step)
         unit = self.agent.step_unit.replace(" ", "_") + "s"  # env_steps, steps
         record = {"iteration": self.state.iteration, unit: self.step, "wall_clock_s": round(self.state.wall_clock, 2),
-                  "return_mean": r["return_mean"], "return_std": r["return_std"]}
+                  "return_mean": r["return_mean"], "return_std": r["return_std"], "return_min": r["return_min"],
+                  "return_max": r["return_max"], "length_mean": r["length_mean"]}
         text = f"eval return {r['return_mean']:.1f} ± {r['return_std']:.1f}"
         if "success_rate" in r:
             writer.add_scalar("eval/success_rate", r["success_rate"], self.step)

@@ -149,6 +149,32 @@ def _ablation_run(variant: str, seed: int, points: list[tuple[int, float]]) -> d
             "wall_clock_s": 100.0}
 
 
+def test_missing_demonstrations_are_made_once_before_the_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """Humanoid's preset names demonstrations the repository does not ship: the study makes them with the
+    known command (here a small one), skips them once they exist, and names an unknown missing file."""
+    repo = tmp_path / "repo"
+    (repo / "configs" / "humanoid").mkdir(parents=True)
+    (repo / "configs" / "humanoid" / "pretrain_reflow.yaml").write_text(
+        (reinflow_locomotion.REPO / "configs" / "humanoid" / "pretrain_reflow.yaml").read_text())
+    (repo / "data").mkdir()
+    (repo / "data" / "experts").symlink_to(reinflow_locomotion.REPO / "data" / "experts", target_is_directory=True)
+    command = [a if a != "100" else "2" for a in reinflow_locomotion.MADE_DEMONSTRATIONS["data/humanoid-medium.hdf5"]]
+    monkeypatch.setattr(reinflow_locomotion, "REPO", repo)
+    monkeypatch.setattr(reinflow_locomotion, "MADE_DEMONSTRATIONS", {"data/humanoid-medium.hdf5": command})
+    reinflow_locomotion.make_demonstrations(["humanoid"], "reflow")
+    made = repo / "data" / "humanoid-medium.hdf5"
+    assert made.is_file()
+    assert "made data/humanoid-medium.hdf5" in capsys.readouterr().out
+    stamp = made.stat().st_mtime_ns
+    reinflow_locomotion.make_demonstrations(["humanoid"], "reflow")
+    assert made.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(reinflow_locomotion, "MADE_DEMONSTRATIONS", {})
+    made.unlink()
+    with pytest.raises(FlowrlError, match="humanoid-medium.hdf5 are missing"):
+        reinflow_locomotion.make_demonstrations(["humanoid"], "reflow")
+
+
 def test_ablation_scores_the_collapse_the_time_to_the_reference_and_the_final_return() -> None:
     summary = reinflow_ablation.curve_summary("hopper", _curve([(0, 1600.0), (655_360, 800.0), (4_915_200, 3210.0),
                                                                 (10_076_160, 3300.0)]))

@@ -121,3 +121,26 @@ def test_batched_autoresets_are_seeded_and_within_the_reset_noise() -> None:
     first = torch.cat(a)
     # a fresh Hopper episode: qpos0 (z = 1.25) plus uniform noise of scale 5e-3
     assert ((first[:, 0] - 1.25).abs() <= 5e-3 + 1e-6).all() and (first[:, 5:].abs() <= 5e-3 + 1e-6).all()
+
+
+def test_autoresets_are_masked_on_the_device_and_leave_running_envs_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk's end resets the finished worlds by mask (no indices read back to the host): their next
+    observation is a fresh start within the reset noise and their counters restart, while the worlds still
+    running keep their observation and counters."""
+    env = make("Hopper", 6, backend="warp", device="cpu", seed=2)
+    env.reset()
+    monkeypatch.setattr(env, "_reset_envs", lambda done: pytest.fail("an autoreset by indices"))
+    actions = torch.tensor([1.0, -1.0, 1.0]).repeat(6, 4, 1)
+    actions[:3] = 0.0
+    ended = 0
+    for _ in range(15):
+        before = env.elapsed.clone()
+        r = env.step_chunk(actions)
+        done = r.done
+        ended += int(done.sum())
+        fresh = r.obs[done]
+        assert ((fresh[:, 0] - 1.25).abs() <= 5e-3 + 1e-6).all() and (fresh[:, 5:].abs() <= 5e-3 + 1e-6).all()
+        assert (env.elapsed[done] == 0).all()
+        assert torch.equal(r.obs[~done], r.final_obs[~done])
+        assert torch.equal(env.elapsed[~done], before[~done] + 4)
+    assert ended > 0

@@ -200,6 +200,40 @@ class MujocoEnv(BatchedEnv):
         self._remember(ids)
         return self._out(obs)
 
+    def _reset_where(self, done: torch.Tensor) -> torch.Tensor | None:
+        """The autoreset of :meth:`_reset_envs` as masked tensor operations, for backends that draw autoreset
+        noise on the device (``batched_autoreset``): reset states are drawn for every env and kept where
+        ``done``, so a chunk's end needs no host synchronisation. Tasks whose controller keeps per-episode
+        state reset it by index, and take :meth:`_reset_envs` instead."""
+        if not self.batched_autoreset or getattr(self.controller, "reset", None) is not None:
+            return None
+        mask = done.to(self.sim_device)
+        rows = mask.unsqueeze(1)
+        self._clear_where(mask)
+        qpos, qvel = self.task_def.reset(TorchDraws(self._reset_gen, self.num_envs, self.sim_device, self.dtype),
+                                         self._qpos0, self.model.nv)
+        self.qpos.copy_(torch.where(rows, qpos.to(self.dtype), self.qpos))
+        self.qvel.copy_(torch.where(rows, qvel.to(self.dtype), self.qvel))
+        self._forward_where(mask)
+        self._tracked.copy_(torch.where(mask, self.task_def.tracked(self.state, self.model_info).to(self.dtype),
+                                        self._tracked))
+        if self.task_def.needs_contact_forces:
+            self.state["cfrc_ext"].masked_fill_(mask.view(-1, 1, 1), 0.0)
+        if self._memory is None:
+            return self._out(self._obs())
+        self._memory.masked_fill_(rows, 0.0)  # an episode's first observation remembers no previous step
+        obs = self._obs()
+        self._memory.copy_(torch.where(rows, self.task_def.observation_memory(self.state), self._memory))
+        return self._out(obs)
+
+    def _clear_where(self, mask: torch.Tensor) -> None:
+        """:meth:`_clear` of the envs where ``mask``; a backend that can reset by mask on the device overrides it."""
+        self._clear(torch.nonzero(mask).flatten())
+
+    def _forward_where(self, mask: torch.Tensor) -> None:
+        """:meth:`_forward` of the envs where ``mask`` (likewise)."""
+        self._forward(torch.nonzero(mask).flatten())
+
     def get_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qpos (N, nq), qvel (N, nv)) copies."""
         return self._out(self.qpos.clone()), self._out(self.qvel.clone())

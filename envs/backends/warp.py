@@ -177,10 +177,18 @@ class MujocoWarpEnv(MujocoEnv):
             self._run("forward", lambda: self.mjw.forward(self.m, self.d))
 
     def _clear(self, ids: np.ndarray | torch.Tensor) -> None:
-        self._mask.zero_()
-        self._mask[torch.as_tensor(ids, device=self.sim_device)] = True
+        mask = torch.zeros(self.num_envs, dtype=torch.bool, device=self.sim_device)
+        mask[torch.as_tensor(ids, device=self.sim_device)] = True
+        self._clear_where(mask)
+
+    def _forward_where(self, mask: torch.Tensor) -> None:
+        if self.task_def.derived_fields:  # as _forward after per-env resets: every world
+            self._forward(None)
+
+    def _clear_where(self, mask: torch.Tensor) -> None:
+        self._mask.copy_(mask)
         self._run("reset", lambda: self.mjw.reset_data(self.m, self.d, reset=self._reset_mask))
-        self._overflow[self._mask] = 0
+        self._overflow.masked_fill_(self._mask, 0)
 
     def _warmstart(self) -> torch.Tensor:
         return self._warm
