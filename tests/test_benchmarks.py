@@ -500,3 +500,28 @@ def test_transport_parity_groups_paired_outcomes_by_robosuites_hammer(capsys: py
     assert small and small[0]["cpu"] == 1.0 and all(r["cpu"] == 0.0 for r in rows if r["head_from"] > 0.015)
     assert all(r["robosuite"] == 1.0 for r in rows)
     assert "the shipped scene's: 0.0174" in capsys.readouterr().out
+
+
+def test_evaluation_check_finds_the_cpu_backend_deterministic_and_flags_a_row_apart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint's episodes on 1 thread and on every core agree bit for bit (exit 0, every episode in the
+    results file); a row whose mean lies many standard errors away, or a CPU row that differs, is a FAIL."""
+    evaluation_check = pytest.importorskip("evaluation_check")
+    from flowrl.checkpoint import save_checkpoint
+    from flowrl.config import PolicyConfig
+    from flowrl.policy import FlowPolicy
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ck", FlowPolicy(PolicyConfig(hidden_dim=16, depth=1), 11, 3), {"task": "Hopper"})
+    monkeypatch.setenv("FLOWRL_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(sys, "argv", ["evaluation_check.py", str(tmp_path / "ck"), "--episodes", "3", "--k", "1"])
+    assert evaluation_check.main() == 0
+    record = json.loads((tmp_path / "results" / "evaluation" / "evaluation_check.json").read_text())
+    rows = record["rows"]
+    assert [r["threads"] for r in rows[:2]] == [1, 0] and len(rows[0]["episode_returns"]) == 3
+    assert rows[0]["episode_returns"] == rows[1]["episode_returns"]
+    apart = {**rows[1], "policy_device": "cuda", "return_mean": rows[0]["return_mean"] + 1e6}
+    changed = {**rows[1], "episode_returns": [x + 1.0 for x in rows[1]["episode_returns"]]}
+    verdicts = [ok for _, ok in evaluation_check.checks([rows[0], changed, apart])]
+    assert verdicts == [False, False]
