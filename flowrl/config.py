@@ -417,8 +417,8 @@ def load_stage_config(stage: str, presets: list[str | Path] | str | Path | None 
     if algo is not None and _stage_of_algo(algo) == other:
         _wrong_stage(stage, presets, f"algo: {algo}")
     schema = stage_schema(stage, algo)
-    task = _last_value(layers, "task") or OmegaConf.structured(schema).task
-    task_layer = _task_defaults(task, schema)
+    task = _last_value(layers, "task")  # none: a fine-tune of the checkpoint's task, or validation's error
+    task_layer = _task_defaults(task, schema) if task else None
     try:
         cfg = _merge(schema, layers if task_layer is None else [task_layer, *layers])
     except FlowrlError:

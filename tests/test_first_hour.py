@@ -506,6 +506,11 @@ def test_a_preset_of_the_other_stage_says_which_command_takes_it(capsys, tmp_pat
     # a typo in a preset of the right stage is still named as such
     code, _, err = run_cli(capsys, "pretrain", pretrain, "train.stepz=3")
     assert_one_line_error(code, err, "train.stepz", "not in 'BCConfig'")
+    # a preset that names no task
+    no_task = tmp_path / "no_task.yaml"
+    no_task.write_text("data:\n  path: data/hopper-medium.hdf5\n")
+    code, _, err = run_cli(capsys, "pretrain", no_task, "--out", tmp_path / "d")
+    assert_one_line_error(code, err, "task: required but not set")
 
 
 # -- flowrl config show takes every shipped preset ---------------------------------------------------------
