@@ -94,11 +94,11 @@ class BatchedEnv(ABC):
         """Start a new episode in the envs where ``done`` (autoreset); returns every env's observation."""
         raise NotImplementedError
 
-    def _reset_where(self, done: torch.Tensor) -> torch.Tensor | None:
-        """:meth:`_reset_envs` without reading ``done`` on the host, for simulators on a GPU: every env's
-        observation, a new episode's where ``done``. None where the backend needs to know which envs end;
-        :meth:`step_chunk` then asks whether any did (a host synchronisation) and calls :meth:`_reset_envs`."""
-        return None
+    batched_autoreset = False
+    """:meth:`_reset_envs` resets by mask on the simulation device (autoreset noise drawn for every env at
+    once from one seeded torch generator, kept where an episode ended): :meth:`step_chunk` calls it at every
+    chunk's end without asking the host whether any episode ended, so the next decision's kernels can queue
+    behind the physics. Otherwise it is called only where some env finished (a host synchronisation)."""
 
     def _counters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Running return and length of every env's current episode (kept here for :meth:`step_chunk`)."""
@@ -185,11 +185,7 @@ class BatchedEnv(ABC):
         result = ChunkResult(final_obs, rewards, valid, terminated, truncated, final_obs, ep_return.clone(),
                              ep_length.clone(), success, step_obs,
                              {k: v for k, v in info.items() if k != "success"})
-        fresh = self._reset_where(done)
-        if fresh is not None:
-            result.obs = torch.where(done.unsqueeze(1), fresh.to(dev), final_obs)
-            self._clear_counters(done)
-        elif bool(done.any()):
+        if self.batched_autoreset or bool(done.any()):
             result.obs = torch.where(done.unsqueeze(1), self._reset_envs(done).to(dev), final_obs)
             self._clear_counters(done)
         return result

@@ -197,7 +197,7 @@ def test_batched_autoreset_places_objects() -> None:
     env = make("robosuite/PickPlaceCan", 3, backend="cpu", seed=0)
     env.batched_autoreset = True
     env.reset()
-    env._reset_ids(torch.tensor([0, 2]), autoreset=True)
+    env._reset_envs(torch.tensor([True, False, True]))
     qpos = env.qpos.numpy()[[0, 2]]
     can = _ids("PickPlaceCan").objects[-1]
     assert can["name"] == "Can"

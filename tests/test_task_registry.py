@@ -120,7 +120,7 @@ def test_a_reset_distribution_written_once_draws_per_env_or_batched() -> None:
 
     def autoreset_states() -> tuple[torch.Tensor, torch.Tensor]:
         env._reset_gen.manual_seed(3)
-        env._reset_ids(torch.arange(4), autoreset=True)
+        env._reset_envs(torch.ones(4, dtype=torch.bool))
         return env.get_state()
 
     qpos, qvel = autoreset_states()

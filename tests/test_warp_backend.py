@@ -129,7 +129,7 @@ def test_autoresets_are_masked_on_the_device_and_leave_running_envs_alone(monkey
     running keep their observation and counters."""
     env = make("Hopper", 6, backend="warp", device="cpu", seed=2)
     env.reset()
-    monkeypatch.setattr(env, "_reset_envs", lambda done: pytest.fail("an autoreset by indices"))
+    monkeypatch.setattr(env, "_reset_ids", lambda ids: pytest.fail("an autoreset by indices"))
     actions = torch.tensor([1.0, -1.0, 1.0]).repeat(6, 4, 1)
     actions[:3] = 0.0
     ended = 0

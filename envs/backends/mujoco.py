@@ -111,11 +111,6 @@ class MujocoEnv(BatchedEnv):
         else:
             self._memory[ids] = memory[ids]
 
-    batched_autoreset = False
-    """Draw autoreset noise for all finishing envs at once on the simulation device (one seeded
-    torch generator) instead of from each env's own numpy generator: no per-env host loop, at the
-    price of gymnasium's exact per-env reset sequence. ``reset(seed)`` stays per env either way."""
-
     def _run_physics(self, action: torch.Tensor) -> None:
         """One env step: the action straight into ``ctrl`` for ``frame_skip`` substeps, or through
         the task's controller: its goal set once, its output recomputed before every substep from
@@ -135,17 +130,15 @@ class MujocoEnv(BatchedEnv):
         if self.task_def.needs_contact_forces:
             self._contact_forces()
 
-    def _reset_ids(self, ids: np.ndarray | torch.Tensor, autoreset: bool = False) -> None:
+    def _reset_ids(self, ids: np.ndarray | torch.Tensor) -> None:
+        """New episodes in envs ``ids``, each drawn from its env's own numpy generator (gymnasium's
+        per-env reset sequence): ``reset`` and the autoresets of backends without ``batched_autoreset``."""
         if len(ids) == 0:
             return
         self._clear(ids)
         idx = torch.as_tensor(ids, device=self.sim_device)
-        if autoreset and self.batched_autoreset:
-            qpos, qvel = self.task_def.reset(TorchDraws(self._reset_gen, len(idx), self.sim_device, self.dtype),
-                                             self._qpos0, self.model.nv)
-        else:
-            draws = NumpyDraws([self.rngs[i] for i in idx.cpu().tolist()])
-            qpos, qvel = self.task_def.reset(draws, torch.as_tensor(self.qpos0), self.model.nv)
+        draws = NumpyDraws([self.rngs[i] for i in idx.cpu().tolist()])
+        qpos, qvel = self.task_def.reset(draws, torch.as_tensor(self.qpos0), self.model.nv)
         self.qpos[idx] = qpos.to(self.sim_device, self.dtype)
         self.qvel[idx] = qvel.to(self.sim_device, self.dtype)
         self._forward(ids)
@@ -194,20 +187,18 @@ class MujocoEnv(BatchedEnv):
         return self._out(obs), self._out(reward), self._out(terminated | bad), info
 
     def _reset_envs(self, done: torch.Tensor) -> torch.Tensor:
+        if self.batched_autoreset:
+            return self._reset_masked(done.to(self.sim_device))
         ids = torch.nonzero(done.to(self.sim_device)).flatten()
-        self._reset_ids(ids, autoreset=True)
+        self._reset_ids(ids)
         obs = self._obs()  # the reset envs' rows: first observations, remembering nothing
         self._remember(ids)
         return self._out(obs)
 
-    def _reset_where(self, done: torch.Tensor) -> torch.Tensor | None:
-        """The autoreset of :meth:`_reset_envs` as masked tensor operations, for backends that draw autoreset
-        noise on the device (``batched_autoreset``): reset states are drawn for every env and kept where
-        ``done``, so a chunk's end needs no host synchronisation. Tasks whose controller keeps per-episode
-        state reset it by index, and take :meth:`_reset_envs` instead."""
-        if not self.batched_autoreset or getattr(self.controller, "reset", None) is not None:
-            return None
-        mask = done.to(self.sim_device)
+    def _reset_masked(self, mask: torch.Tensor) -> torch.Tensor:
+        """New episodes where ``mask`` as masked tensor operations (``batched_autoreset``): reset states are
+        drawn for every env and kept where ``mask``. Only a controller with per-episode state (robosuite's
+        nullspace target, gripper) needs the indices, read back from the device."""
         rows = mask.unsqueeze(1)
         self._clear_where(mask)
         qpos, qvel = self.task_def.reset(TorchDraws(self._reset_gen, self.num_envs, self.sim_device, self.dtype),
@@ -215,6 +206,9 @@ class MujocoEnv(BatchedEnv):
         self.qpos.copy_(torch.where(rows, qpos.to(self.dtype), self.qpos))
         self.qvel.copy_(torch.where(rows, qvel.to(self.dtype), self.qvel))
         self._forward_where(mask)
+        reset_controller = getattr(self.controller, "reset", None)
+        if reset_controller is not None:
+            reset_controller(self.state, torch.nonzero(mask).flatten())
         self._tracked.copy_(torch.where(mask, self.task_def.tracked(self.state, self.model_info).to(self.dtype),
                                         self._tracked))
         if self.task_def.needs_contact_forces:

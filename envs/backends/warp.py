@@ -40,9 +40,9 @@ def warp_available() -> bool:
 class MujocoWarpEnv(MujocoEnv):
     """N copies of a MuJoCo task on MuJoCo Warp (``device``: cuda, cuda:N or cpu).
 
-    Autoresets draw their noise on the device (``batched_autoreset``): float32 already rules out
-    bit parity with gymnasium, and a host loop over thousands of finishing envs per step would cost
-    more than the physics.
+    Autoresets draw their noise on the device and reset by mask (``batched_autoreset``): float32 already
+    rules out bit parity with gymnasium's per-env reset sequence, and a host loop over thousands of
+    finishing envs, or a host round trip at every chunk's end, would cost more than the physics.
     """
 
     batched_autoreset = True
