@@ -28,31 +28,20 @@ from common import REPO, report_checks, run_main, write_result
 from flowrl.checkpoint import load_policy, resolve_checkpoint
 from flowrl.envs import make, warp_available
 from flowrl.evaluation import SELECTION_SEED, Evaluator
-from flowrl.rollout import FlowChunkPolicy, run_episodes
 
 
-def cpu_backend_row(checkpoint: Path, where: str, device: str, threads: int, episodes: int, k: int) -> dict:
-    """The checkpoint's episodes on the cpu backend with ``threads`` mujoco.batch threads (0: every core)."""
+def evaluation_row(checkpoint: Path, where: str, backend: str, device: str, threads: int, episodes: int,
+                   k: int) -> dict:
+    """The checkpoint's episodes on ``backend`` with the policy on ``device`` (cpu backend: ``threads``
+    mujoco.batch threads, 0 every core)."""
     policy, config = load_policy(checkpoint, device)
-    env = make(config["task"], episodes, backend="cpu", device=device, threads=threads)
-    start = time.time()
-    try:
-        gen = torch.Generator(device=device).manual_seed(SELECTION_SEED)
-        out = run_episodes(env, FlowChunkPolicy(policy, k, gen), seed=SELECTION_SEED)
-    finally:
-        env.close()
-    return row(where, "cpu", device, threads, out["returns"], out["lengths"], time.time() - start)
-
-
-def warp_backend_row(checkpoint: Path, episodes: int, k: int) -> dict:
-    policy, config = load_policy(checkpoint, "cuda")
-    evaluator = Evaluator(config["task"], seed=SELECTION_SEED, backend="warp", device="cuda")
+    evaluator = Evaluator(config["task"], seed=SELECTION_SEED, backend=backend, device=device, threads=threads)
     start = time.time()
     try:
         r = evaluator(policy, k, episodes, per_episode=True)
     finally:
         evaluator.close()
-    return row("alone", "warp", "cuda", -1, np.array(r["episode_returns"]), np.array(r["episode_lengths"]),
+    return row(where, backend, device, threads, np.array(r["episode_returns"]), np.array(r["episode_lengths"]),
                time.time() - start)
 
 
@@ -62,15 +51,15 @@ def row(where: str, backend: str, device: str, threads: int, returns: np.ndarray
          "return_mean": float(returns.mean()), "return_std": float(returns.std()), "return_min": float(returns.min()),
          "return_max": float(returns.max()), "episode_returns": returns.tolist(), "episode_lengths": lengths.tolist(),
          "seconds": round(seconds, 2)}
-    print(f"{where:<12}{backend:<6}policy on {device:<5}threads {threads if threads >= 0 else '-':>3}: "
+    print(f"{where:<12}{backend:<6}policy on {device:<5}threads {threads if backend == 'cpu' else '-':>3}: "
           f"{r['return_mean']:9.2f} +- {r['return_std']:7.2f}  [{r['return_min']:.1f}, {r['return_max']:.1f}]  "
           f"lengths {int(lengths.min())}-{int(lengths.max())}  {seconds:.1f} s", flush=True)
     return r
 
 
-def live_warp_surroundings(checkpoint: Path, config: dict) -> None:
+def live_warp_surroundings(checkpoint: Path, config: dict) -> list:
     """A MuJoCo Warp env stepped under its captured graph, then a ReinFlow agent fine-tuning the checkpoint on
-    warp for a few iterations (its PPO update captured too), both left alive in this process."""
+    warp for a few iterations (its PPO update captured too): both, for the caller to keep alive."""
     from flowrl.config import load_stage_config
     from flowrl.registry import agent_info
 
@@ -84,21 +73,20 @@ def live_warp_surroundings(checkpoint: Path, config: dict) -> None:
     for i in range(4):
         agent.train_iteration(i)
     torch.cuda.synchronize()
-    LIVE.extend([env, agent])
-
-
-LIVE: list = []
-"""What ``--beside-warp`` keeps alive while the later rows run."""
+    return [env, agent]
 
 
 def checks(rows: list[dict]) -> list[tuple[str, bool]]:
     first = rows[0]
     out = []
-    same = [r for r in rows if r["policy_device"] == "cpu" and r["backend"] == "cpu"]
+    def on_cpu(r: dict) -> bool:
+        return r["policy_device"] == "cpu" and r["backend"] == "cpu"
+
+    same = [r for r in rows if on_cpu(r)]
     out.append((f"the {len(same)} rows with the policy on the CPU are bit-identical",
                 all(r["episode_returns"] == first["episode_returns"] for r in same)))
     for r in rows:
-        if r in same:
+        if on_cpu(r):
             continue
         n1, n2 = len(first["episode_returns"]), len(r["episode_returns"])
         se = math.sqrt(first["return_std"] ** 2 / n1 + r["return_std"] ** 2 / n2)
@@ -124,15 +112,16 @@ def main() -> int:
     rows = []
     for device in ("cpu", "cuda") if cuda else ("cpu",):
         for threads in (1, 0):
-            rows.append(cpu_backend_row(checkpoint, "alone", device, threads, args.episodes, args.k))
+            rows.append(evaluation_row(checkpoint, "alone", "cpu", device, threads, args.episodes, args.k))
     if args.beside_warp:
         if not (cuda and warp_available()):
             print("--beside-warp: needs a CUDA device and mujoco-warp; skipped")
         else:
-            live_warp_surroundings(checkpoint, config)
+            live = live_warp_surroundings(checkpoint, config)
             for device in ("cpu", "cuda"):
-                rows.append(cpu_backend_row(checkpoint, "beside warp", device, 0, args.episodes, args.k))
-            rows.append(warp_backend_row(checkpoint, args.episodes, args.k))
+                rows.append(evaluation_row(checkpoint, "beside warp", "cpu", device, 0, args.episodes, args.k))
+            rows.append(evaluation_row(checkpoint, "alone", "warp", "cuda", 0, args.episodes, args.k))
+            del live
     record = {"checkpoint": str(checkpoint), "task": config["task"], "k": args.k, "episodes": args.episodes,
               "seed": SELECTION_SEED, "rows": rows}
     print(f"wrote {write_result('evaluation_check', record, args.tag, 'evaluation')}")

@@ -34,15 +34,15 @@ class Evaluator:
     ``close()`` releases them."""
 
     def __init__(self, task: str, seed: int = EVAL_SEED, backend: str = "auto", max_envs: int = 0,
-                 device: str | torch.device = "cpu", end_on_success: bool = False) -> None:
+                 device: str | torch.device = "cpu", end_on_success: bool = False, threads: int = 0) -> None:
         """``max_envs=0`` picks a default: 64, and for robosuite (a worker process per env) the
-        number of CPU cores."""
+        number of CPU cores. ``threads``: the cpu backend's threads (0: every core)."""
         if max_envs == 0:
             max_envs = (os.cpu_count() or 1) if is_robosuite(task) else 64
         if max_envs < 1:
             raise FlowrlError(f"max_envs must be >= 1 (or 0 for the default), got {max_envs}")
         self.task, self.seed, self.backend, self.max_envs = task, seed, backend, max_envs
-        self.device, self.end_on_success = device, end_on_success
+        self.device, self.end_on_success, self.threads = device, end_on_success, threads
         self._env: BatchedEnv | None = None
         self._env_images = False
         self._env_backend = ""
@@ -72,7 +72,8 @@ class Evaluator:
             self.close()
         if self._env is None:
             backend = self.backend_for(n, images)
-            self._env = make(self.task, n, backend=backend, device=self.device, images=images)
+            threads = {"threads": self.threads} if self.threads else {}
+            self._env = make(self.task, n, backend=backend, device=self.device, images=images, **threads)
             self._env_images = images
             self._env_backend = backend
             if backend == "auto":
