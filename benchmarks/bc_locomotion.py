@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, report_checks, run_main, write_result
+from common import REPO, in_repo, report_checks, run_main, write_result
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.config import load_stage_config
 from flowrl.training import Trainer
@@ -44,7 +44,7 @@ def main() -> int:
             if args.steps:
                 overrides.append(f"train.steps={args.steps}")
             cfg = load_stage_config("pretrain", REPO / "configs" / args.task / f"pretrain_{head}.yaml", overrides)
-            cfg.data.path = str(REPO / cfg.data.path) if not Path(cfg.data.path).is_absolute() else cfg.data.path
+            cfg.data.path = str(in_repo(cfg.data.path))
             out = Path(args.out) / f"{args.task}-{head}-s{seed}-{time.strftime('%H%M%S')}"
             start = time.time()
             bc = Trainer(BehaviorCloning(cfg), out, progress=False)

@@ -25,6 +25,12 @@ def results_dir(study: str = "") -> Path:
     return out
 
 
+def in_repo(path: str | Path) -> Path:
+    """A preset's path (``data.path``: relative to the repository, as the presets write it) from any working
+    directory."""
+    return Path(path) if Path(path).is_absolute() else REPO / path
+
+
 def cpu_model() -> str:
     """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows of it."""
     try:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, merge_results, report_checks, run_main, write_result  # noqa: E402
+from common import REPO, in_repo, merge_results, report_checks, run_main, write_result  # noqa: E402
 from deploy_latency import inference_against_floor  # noqa: E402
 
 from flowrl.agents.distill import write_time_grids  # noqa: E402
@@ -77,8 +77,8 @@ def train(stage: str, presets: list[Path], overrides: list[str], out: Path) -> P
     """A run of the algorithm the config names, without its final evaluation; the checkpoint its folder
     stands for."""
     cfg = load_stage_config(stage, presets or None, overrides)
-    if stage == "pretrain" and not Path(cfg.data.path).is_absolute():
-        cfg.data.path = str(REPO / cfg.data.path)
+    if stage == "pretrain":
+        cfg.data.path = str(in_repo(cfg.data.path))
     trainer = Trainer(agent_info(stage, cfg.algo).agent_class()(cfg), out, progress=False)
     try:
         trainer.fit()

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import REPO, first_reaching, merge_results, report_checks, run_main, write_result
+from common import REPO, first_reaching, in_repo, merge_results, report_checks, run_main, write_result
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.mle import MLEFineTuning, held_out_reconstruction
 from flowrl.checkpoint import load_policy, resolve_checkpoint
@@ -88,7 +88,7 @@ def run_seed(task: str, seed: int, args: argparse.Namespace, record: dict, save)
                                 [f"seed={seed}", f"device={args.device}", "train.eval_every=0",
                                  f"eval.backend={args.eval_backend}",
                                  *([f"train.steps={args.pretrain_steps}"] if args.pretrain_steps else [])])
-    data_path = pre_cfg.data.path if Path(pre_cfg.data.path).is_absolute() else str(REPO / pre_cfg.data.path)
+    data_path = str(in_repo(pre_cfg.data.path))
     episodes = read_dataset(data_path)
     if args.held_out >= episodes.num_episodes:
         raise FlowrlError(f"--held-out {args.held_out}: {data_path} has only {episodes.num_episodes} episodes")

@@ -46,7 +46,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common import REPO, merge_results, report_checks, results_dir, run_main, write_result
+from common import REPO, in_repo, merge_results, report_checks, results_dir, run_main, write_result
 import sb3_baselines
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.ppo import ChunkPPO
@@ -89,8 +89,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
                                 [*common, "train.eval_every=0", f"eval.episodes={args.episodes}", "eval.k=[4]",
                                  *([f"train.steps={args.pretrain_steps}"] if args.pretrain_steps else []),
                                  *args.pretrain_set])
-    if not Path(pre_cfg.data.path).is_absolute():
-        pre_cfg.data.path = str(REPO / pre_cfg.data.path)
+    pre_cfg.data.path = str(in_repo(pre_cfg.data.path))
     stamp = time.strftime("%H%M%S")
     if args.pretrained:  # behaviour cloning done elsewhere (e.g. on other machines): evaluate it here
         init = resolve_checkpoint(args.pretrained.format(task=task, head=head, seed=seed))
@@ -166,7 +165,7 @@ def make_demonstrations(tasks: list[str], head: str) -> None:
     is an error naming it."""
     for task in tasks:
         cfg = load_stage_config("pretrain", REPO / "configs" / task / f"pretrain_{head}.yaml", [])
-        path = Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else REPO / cfg.data.path
+        path = in_repo(cfg.data.path)
         if path.is_file():
             continue
         command = MADE_DEMONSTRATIONS.get(cfg.data.path)

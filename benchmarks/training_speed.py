@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, provenance, report_checks, results_dir, run_main
+from common import REPO, in_repo, provenance, report_checks, results_dir, run_main
 
 PUBLISHED_HOPPER = 3205.0
 TARGETS = {"bc_hopper_steps_per_s": 2500.0, "reinflow_iteration_s": 0.3, "eval_hopper_10_s": 1.0, "e2e_s": 60.0}
@@ -123,8 +123,7 @@ def bc_run(name: str, preset_path: Path, steps: int, args: argparse.Namespace, e
     overrides = [f"seed={args.seed}", f"device={args.device}", f"train.steps={steps}", "train.eval_every=0",
                  f"train.checkpoint_every={steps}", "train.log_every=100", *extra, *graph_override(args, BCConfig)]
     cfg = load_stage_config("pretrain", preset_path, overrides)
-    if not Path(cfg.data.path).is_absolute():
-        cfg.data.path = str(REPO / cfg.data.path)
+    cfg.data.path = str(in_repo(cfg.data.path))
     losses: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()

@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 reinflow_locomotion = pytest.importorskip("reinflow_locomotion")
 reinflow_ablation = pytest.importorskip("reinflow_ablation")
+import common  # noqa: E402
 from common import merge_results  # noqa: E402
 from flowrl.errors import FlowrlError  # noqa: E402
 
@@ -161,6 +162,7 @@ def test_missing_demonstrations_are_made_once_before_the_study(tmp_path: Path, m
     (repo / "data" / "experts").symlink_to(reinflow_locomotion.REPO / "data" / "experts", target_is_directory=True)
     command = [a if a != "100" else "2" for a in reinflow_locomotion.MADE_DEMONSTRATIONS["data/humanoid-medium.hdf5"]]
     monkeypatch.setattr(reinflow_locomotion, "REPO", repo)
+    monkeypatch.setattr(common, "REPO", repo)  # where in_repo resolves the presets' data paths
     monkeypatch.setattr(reinflow_locomotion, "MADE_DEMONSTRATIONS", {"data/humanoid-medium.hdf5": command})
     reinflow_locomotion.make_demonstrations(["humanoid"], "reflow")
     made = repo / "data" / "humanoid-medium.hdf5"
