@@ -58,7 +58,8 @@ def success_rate(task: str, backend: str, episodes: int, num_envs: int, seed: in
     return wins / done, time.time() - start, outcomes
 
 
-HEAD_BINS = (0.015, 0.016, 0.017, 0.0180001)
+HEAD_BINS = (0.015, 0.016, 0.017, 0.018)
+"""Edges of the hammer head half-size bins: robosuite draws it from [0.015, 0.018)."""
 
 
 def by_head_size(task: str, seed: int, ours: str, ref: str) -> list[dict]:
@@ -73,7 +74,7 @@ def by_head_size(task: str, seed: int, ours: str, ref: str) -> list[dict]:
         idx = [i for i, h in enumerate(heads) if lo <= h < hi]
         if not idx:
             continue
-        row = {"head_from": lo, "head_to": round(hi, 4), "episodes": len(idx),
+        row = {"head_from": lo, "head_to": hi, "episodes": len(idx),
                "cpu": sum(ours[i] == "1" for i in idx) / len(idx), "robosuite": sum(ref[i] == "1" for i in idx) / len(idx)}
         rows.append(row)
         print(f"{'':<22}[{lo:.3f}, {hi:.3f}): {len(idx):>3} episodes, cpu {100 * row['cpu']:5.1f}%, "

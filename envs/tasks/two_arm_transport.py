@@ -112,6 +112,8 @@ class TwoArmTransport(PandaSceneTask):
     """robosuite draws the hammer's handle radius, length, density, friction (fixed: uniform(a, a)) and head size
     from the env's generator when it rebuilds the model at reset, before the arms' noise."""
     handle_radius = 0.015
+    """robosuite's hammer handle radius r in this task (fixed: its draw is uniform(r, r)); the head half-size is
+    drawn from U(r, 1.2 r)."""
 
     def robosuite_head_halfsize(self, seed: int) -> float:
         """The hammer head's half-size robosuite builds for an episode reset with ``seed`` (its last hammer draw,
