@@ -13,6 +13,15 @@ import torch
 from flowrl.errors import FlowrlError
 
 
+def env_device(device: str | torch.device) -> torch.device:
+    """``device`` as the torch device an env keeps its tensors on, with its index: ``cuda`` is the current
+    CUDA device, ``cuda:0`` there, so a tensor's ``.device`` compares equal to the env's own."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
 @dataclass
 class ChunkResult:
     """What stepping N envs through a (N, T, act_dim) action chunk gives.

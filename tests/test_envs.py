@@ -204,3 +204,31 @@ def test_evaluator_keeps_its_envs_between_evaluations(monkeypatch: pytest.Monkey
     assert len(made) == 2 and closed == [made[0]]
     ev.close()
     assert closed == made
+
+
+def test_env_device_names_the_cuda_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An env's device carries its index: a tensor made on ``cuda`` reports ``cuda:0``, and an env whose
+    device said only ``cuda`` would compare unequal to its own tensors (the episode counters were then made
+    anew at every chunk, so no episode was ever cut at its horizon)."""
+    from flowrl.envs.base import env_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert env_device("cuda") == torch.device("cuda", 0)
+    assert env_device(torch.device("cuda")) == torch.device("cuda", 0)
+    assert env_device("cuda:1") == torch.device("cuda", 1)
+    assert env_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("task,backend", [("Hopper", "cpu"), ("Hopper", "gymnasium"), ("PointReach", "auto")])
+def test_episode_counters_last_across_chunks_up_to_the_horizon(task, backend) -> None:
+    env = make(task, 2, backend=backend, seed=0)
+    try:
+        env.reset(seed=0)
+        counters = env._counters()
+        steps = 3
+        env.step_chunk(torch.zeros((2, steps, env.act_dim)))
+        assert env._counters()[1] is counters[1]
+        alive = ~env.step_chunk(torch.zeros((2, steps, env.act_dim))).done
+        assert torch.equal(env.elapsed[alive], torch.full_like(env.elapsed[alive], 2 * steps))
+    finally:
+        env.close()

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from flowrl.envs.base import BatchedEnv
+from flowrl.envs.base import BatchedEnv, env_device
 from flowrl.envs.tasks.base import quiet_settotalmass
 
 
@@ -30,7 +30,7 @@ class GymnasiumEnv(BatchedEnv):
     ) -> None:
         self.task = task
         self.num_envs = num_envs
-        self.device = torch.device(device)
+        self.device = env_device(device)
         kwargs = dict(make_kwargs)
         if render:
             kwargs["render_mode"] = "rgb_array"

@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from flowrl.envs.base import BatchedEnv
+from flowrl.envs.base import BatchedEnv, env_device
 from flowrl.envs.tasks.base import MujocoTask, NumpyDraws, TorchDraws
 from flowrl.errors import FlowrlError
 
@@ -36,7 +36,7 @@ class MujocoEnv(BatchedEnv):
         self.task = task.name
         self.model = model
         self.num_envs = num_envs
-        self.device = torch.device(device)
+        self.device = env_device(device)
         self.sim_device, self.dtype = sim_device, dtype
         self.max_episode_steps = task.max_episode_steps
         self.dt = task.dt(model)

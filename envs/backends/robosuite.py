@@ -26,7 +26,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from flowrl.envs.base import BatchedEnv, ChunkResult
+from flowrl.envs.base import BatchedEnv, ChunkResult, env_device
 from flowrl.envs.registry import Task
 from flowrl.errors import FlowrlError
 
@@ -186,7 +186,7 @@ class RobosuiteEnv(BatchedEnv):
             raise FlowrlError("robosuite is not installed; see the README (robosuite)")
         self.task = info.name
         self.num_envs = num_envs
-        self.device = torch.device(device)
+        self.device = env_device(device)
         self.max_episode_steps = horizon or info.max_episode_steps
         env_name, robots = info.env_name, info.robosuite_robots
         self._seed = seed

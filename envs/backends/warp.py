@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from flowrl.envs.backends.mujoco import MujocoEnv
+from flowrl.envs.base import env_device
 from flowrl.envs.tasks.base import MujocoTask
 from flowrl.errors import FlowrlError
 
@@ -60,9 +61,7 @@ class MujocoWarpEnv(MujocoEnv):
         if model.opt.solver == int(mujoco.mjtSolver.mjSOL_PGS):
             raise FlowrlError(f"{task.name} uses the PGS solver, which MuJoCo Warp lacks; "
                               "use the Newton variant (task Humanoid-Newton)")
-        torch_device = torch.device(device)
-        if torch_device.type == "cuda" and torch_device.index is None:
-            torch_device = torch.device("cuda", torch.cuda.current_device())
+        torch_device = env_device(device)
         super().__init__(task, model, num_envs, torch_device, seed, torch_device, torch.float32, terminate_on_success)
         wp.config.quiet = True
         wp.init()

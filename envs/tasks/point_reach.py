@@ -12,7 +12,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from flowrl.envs.base import BatchedEnv
+from flowrl.envs.base import BatchedEnv, env_device
 from flowrl.envs.registry import Task, register
 
 HORIZON = 30
@@ -22,7 +22,7 @@ class PointReachEnv(BatchedEnv):
     def __init__(self, num_envs: int, device: str | torch.device = "cpu", seed: int | None = None) -> None:
         self.task = "PointReach"
         self.num_envs = num_envs
-        self.device = torch.device(device)
+        self.device = env_device(device)
         self.max_episode_steps = HORIZON
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float64)
         self.single_action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
