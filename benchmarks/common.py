@@ -15,6 +15,10 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
+FLOWRL_CLI = [sys.executable, "-P", "-m", "flowrl"]
+"""The installed ``flowrl`` command in a subprocess. ``-P``: never the repository's own ``flowrl/`` folder from the
+working directory, which is not the package (the install maps ``agents/`` and ``envs/`` into it)."""
+
 
 def results_dir(study: str = "") -> Path:
     """``benchmarks/results/<study>`` (a study's current record: docs/results.md cites its files), or

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, report_checks, run_main, write_result  # noqa: E402
+from common import FLOWRL_CLI, cpu_model, report_checks, run_main, write_result  # noqa: E402
 
 import flowrl.deploy  # noqa: E402
 from flowrl.checkpoint import load_policy, save_checkpoint  # noqa: E402
@@ -154,7 +154,7 @@ def grpc_round_trip(path: Path, iters: int, cpp_client: str | None = None) -> di
     ``cpp_client`` the C++ client (unary Act and one StreamAct stream)."""
     from flowrl.deploy.server import PolicyClient
 
-    proc = subprocess.Popen([sys.executable, "-m", "flowrl", "serve", str(path), "--port", "0"],
+    proc = subprocess.Popen([*FLOWRL_CLI, "serve", str(path), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch  # noqa: F401 - the provenance names the GPU the command's `device=auto` takes
 
-from common import REPO, report_checks, results_dir, run_main, with_provenance, write_json
+from common import FLOWRL_CLI, REPO, report_checks, results_dir, run_main, with_provenance, write_json
 
 
 def main() -> int:
@@ -33,7 +33,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "quickstart"
         command = ["flowrl", "pretrain", "configs/quickstart.yaml", "--out", "runs/quickstart", *args.overrides]
-        ran = [sys.executable, "-m", "flowrl", *command[1:3], "--out", str(out), "--quiet", *args.overrides]
+        ran = [*FLOWRL_CLI, *command[1:3], "--out", str(out), "--quiet", *args.overrides]
         start = time.time()
         proc = subprocess.run(ran, cwd=REPO, capture_output=True, text=True)
         wall_s = time.time() - start

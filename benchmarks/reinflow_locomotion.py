@@ -46,7 +46,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common import REPO, in_repo, merge_results, report_checks, results_dir, run_main, write_result
+from common import FLOWRL_CLI, REPO, in_repo, merge_results, report_checks, results_dir, run_main, write_result
 import sb3_baselines
 from flowrl.agents.bc import BehaviorCloning
 from flowrl.agents.ppo import ChunkPPO
@@ -173,7 +173,7 @@ def make_demonstrations(tasks: list[str], head: str) -> None:
             raise FlowrlError(f"{task}: the demonstrations {path} are missing (configs/{task}/pretrain_{head}.yaml)")
         print(f"[{task}] making {cfg.data.path}: flowrl {' '.join(command)}", flush=True)
         start = time.time()
-        done = subprocess.run([sys.executable, "-m", "flowrl", *command, "--out", str(path)], cwd=REPO)
+        done = subprocess.run([*FLOWRL_CLI, *command, "--out", str(path)], cwd=REPO)
         if done.returncode != 0 or not path.is_file():
             raise FlowrlError(f"{task}: making {cfg.data.path} failed (exit {done.returncode})")
         print(f"[{task}] made {cfg.data.path} in {time.time() - start:.0f} s", flush=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, first_reaching, report_checks, run_main, write_result
+from common import FLOWRL_CLI, REPO, first_reaching, report_checks, run_main, write_result
 from flowrl.checkpoint import load_train_state
 
 
@@ -47,7 +47,7 @@ def _free_port() -> int:
 
 def pretrain(args: argparse.Namespace, runs: Path) -> str:
     out = runs / f"scaling-bc-{time.strftime('%H%M%S')}"
-    subprocess.run([sys.executable, "-m", "flowrl", "pretrain", str(REPO / "configs" / "hopper" / "pretrain_reflow.yaml"),
+    subprocess.run([*FLOWRL_CLI, "pretrain", str(REPO / "configs" / "hopper" / "pretrain_reflow.yaml"),
                     "--out", str(out), "--quiet", "--no-eval", f"device={args.device}", "train.eval_every=0",
                     f"data.path={REPO / 'data' / 'hopper-medium.hdf5'}"], check=True, cwd=runs)
     return str(max((out / "checkpoints").glob("[0-9]*"), key=lambda p: int(p.name)))

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, report_checks, run_main, write_result  # noqa: E402
+from common import FLOWRL_CLI, cpu_model, report_checks, run_main, write_result  # noqa: E402
 
 HEALTH_PERIOD_S = 0.1
 HEALTH_TARGET_MS = 50.0
@@ -262,7 +262,7 @@ def _quantiles(values_ms: list[float]) -> dict[str, float]:
 def start_server(policy: Path, workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str, int]:
     """``flowrl serve POLICY --port 0`` in its own process (log in ``workdir``): the process, its address
     and its max batch (from its first line)."""
-    proc = subprocess.Popen([sys.executable, "-m", "flowrl", "serve", str(policy), "--port", "0", *extra],
+    proc = subprocess.Popen([*FLOWRL_CLI, "serve", str(policy), "--port", "0", *extra],
                             stdout=subprocess.PIPE, stderr=open(workdir / "server.log", "w"), text=True)
     line = proc.stdout.readline()
     if not line.startswith("serving"):

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, in_repo, provenance, report_checks, results_dir, run_main
+from common import FLOWRL_CLI, REPO, in_repo, provenance, report_checks, results_dir, run_main
 
 PUBLISHED_HOPPER = 3205.0
 TARGETS = {"bc_hopper_steps_per_s": 2500.0, "reinflow_iteration_s": 0.3, "eval_hopper_10_s": 1.0, "e2e_s": 60.0}
@@ -330,7 +330,7 @@ def part_mle(args: argparse.Namespace, record: dict, tmp: Path) -> None:
 
 # -- demonstrations to the published return -------------------------------------------------------------
 def part_e2e(args: argparse.Namespace, record: dict, tmp: Path) -> None:
-    flowrl = [sys.executable, "-m", "flowrl"]
+    flowrl = FLOWRL_CLI
     common = [f"seed={args.seed}", f"device={args.device}"]
     start = time.time()
     pre = subprocess.run([*flowrl, "pretrain", str(preset("hopper/pretrain_reflow.yaml")), "--out",
