@@ -355,9 +355,13 @@ class ChunkPPO(Agent):
     def _exploration_std(self, cond: torch.Tensor) -> torch.Tensor:
         """The mean std of the exploration noise at observation features ``cond`` (a scalar tensor)."""
 
+    REGULARISERS: tuple[str, ...] = ()
+    """The log keys of the terms :meth:`_regulariser` returns, in its order."""
+
     def _regulariser(self, obs: torch.Tensor, images: dict[str, torch.Tensor] | None, cond: torch.Tensor,
                      sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """An extra loss of a minibatch and its unweighted value for the logs (None: none)."""
+        """An extra loss of a minibatch and the unweighted value of each of :attr:`REGULARISERS`' terms, a
+        (len(REGULARISERS),) tensor for the logs (None: none)."""
         return None
 
     def _flow(self, policy: FlowPolicy, cond: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -500,7 +504,7 @@ class ChunkPPO(Agent):
         perm = torch.randperm(size, generator=self.gen, device=self.device)
         return [perm[i:i + mb] for i in range(0, size, mb)]
 
-    STATS = ("pg", "value", "entropy", "kl", "clip", "ratio_dev", "regulariser")
+    STATS = ("pg", "value", "entropy", "kl", "clip", "ratio_dev")
     """The per-minibatch statistics of a PPO step, in the order of :meth:`_ppo_step`'s ``stats`` vector."""
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -532,7 +536,7 @@ class ChunkPPO(Agent):
                                                              self._images(data, idx))[0]
         # the statistics of each epoch are summed on the device and read back once: no host round trip inside
         # the loop (on several GPUs the gradient all-reduces then queue up behind the compute)
-        sums = torch.zeros((t.update_epochs, len(self.STATS)), device=self.device)
+        sums = torch.zeros((t.update_epochs, len(self.STATS) + len(self.REGULARISERS)), device=self.device)
         counts = [0] * t.update_epochs
         first_ratio_dev = None
         signs: list[torch.Tensor] = []  # each epoch's sign of every decision's standardised advantage
@@ -564,21 +568,21 @@ class ChunkPPO(Agent):
                     break
         done = epoch + 1
         means = (sums[:done].sum(0) / sum(counts[:done])).tolist()
-        stat = dict(zip(self.STATS, means))
+        stat = dict(zip(self.STATS + self.REGULARISERS, means))
         logs = {"train/value_loss": stat["value"], "train/explained_variance": explained_variance,
                 "train/epochs": done, "train/critic_warmup": 0.0, "train/actor_lr_applied": actor_lr,
                 "train/policy_gradient_loss": stat["pg"], "train/entropy_loss": stat["entropy"],
                 "train/approx_kl": stat["kl"], "train/clip_fraction": stat["clip"],
                 "train/first_ratio_deviation": float(first_ratio_dev)}
-        logs.update(self._regulariser_logs(stat["regulariser"]))
+        logs.update(self._regulariser_logs({name: stat[name] for name in self.REGULARISERS}))
         if len(signs) > 1:  # standardised per minibatch, an advantage near its minibatch's mean changes sign
             logs["train/advantage_sign_flips"] = float(torch.stack(
                 [(a != b).float().mean() for a, b in zip(signs, signs[1:])]).mean())
         return logs
 
-    def _regulariser_logs(self, value: float) -> dict[str, float]:
-        """The logs of :meth:`_regulariser`'s mean value over an update (none by default)."""
-        return {}
+    def _regulariser_logs(self, values: dict[str, float]) -> dict[str, float]:
+        """The logs of :meth:`_regulariser`'s terms, their means over an update (by default all of them)."""
+        return values
 
     def _critic_only(self, batch: dict[str, torch.Tensor], first_epoch: list[torch.Tensor]) -> float:
         """The critic warm-up's update: every epoch's minibatches train the value function alone."""
@@ -618,20 +622,20 @@ class ChunkPPO(Agent):
         entropy_loss = -entropy.mean()
         loss = pg_loss + t.ent_coef * entropy_loss + t.vf_coef * value_loss
         extra = self._regulariser(obs, images, cond, sample)
-        regulariser = torch.zeros((), device=loss.device)
+        regularisers = torch.zeros(len(self.REGULARISERS), device=loss.device)
         if extra is not None:
             loss = loss + extra[0]
-            regulariser = extra[1]
+            regularisers = extra[1]
         loss.backward()
         self.dist.average_gradients([*self.actor_params, *self.critic.parameters()])
         self._clip(self.actor_params)
         self._clip(self.critic.parameters())
         with torch.no_grad():
             ratio = ratio.detach()
-            stats = torch.stack([pg_loss.detach(), value_loss.detach(), entropy_loss.detach(),
-                                 ((ratio - 1) - log_ratio.detach()).mean(),
-                                 ((ratio - 1).abs() > t.clip_coef).float().mean(), (ratio - 1).abs().max(),
-                                 regulariser.detach()])
+            stats = torch.cat([torch.stack([pg_loss.detach(), value_loss.detach(), entropy_loss.detach(),
+                                            ((ratio - 1) - log_ratio.detach()).mean(),
+                                            ((ratio - 1).abs() > t.clip_coef).float().mean(), (ratio - 1).abs().max()]),
+                               regularisers.detach()])
         return {"stats": stats}
 
     def _use_graph(self, size: int) -> bool:

@@ -43,6 +43,10 @@ class ReinFlowConfig(ChunkPPOConfig):
 
     w2_coef: float = 0.0
     """Weight of the W2 regulariser toward the frozen pretrained policy (same initial noise, no injection)."""
+    tracking_coef: float = 0.0
+    """Weight of the regression of the deterministic chain onto the end of the noisy chain the rollout sampled
+    from the same initial noise: the deployed (noise-free) policy then follows the mean of the sampled actions
+    that PPO improves, where by itself it may move elsewhere."""
     sigma_min: float = 0.10
     """Lower bound of the injected noise std (normalised action units)."""
     sigma_max: float = 0.24
@@ -61,7 +65,7 @@ class ReinFlowConfig(ChunkPPOConfig):
     def validate(self, prefix: str = "train.") -> None:
         super().validate(prefix)
         check_positive(self, prefix, "sigma_min", "sigma_max", "noise_hidden_dim")
-        check_non_negative(self, prefix, "w2_coef")
+        check_non_negative(self, prefix, "w2_coef", "tracking_coef")
         check_fraction(self, prefix, "sigma_hold", "sigma_final_mix")
         if self.sigma_min > self.sigma_max:
             fail(f"{prefix}sigma_min", f"must be <= sigma_max ({self.sigma_max}), got {self.sigma_min}")
@@ -169,21 +173,29 @@ class ReinFlow(ChunkPPO):
         return torch.stack([self.noise(torch.full((len(cond),), k / self.K, device=self.device), cond).mean()
                             for k in range(self.K)]).mean()
 
-    # -- the W2 anchor and the noise schedule --------------------------------------------------------
+    # -- the regularisers and the noise schedule -----------------------------------------------------
+    REGULARISERS = ("train/w2_loss", "train/tracking_loss")
+
     def _regulariser(self, obs: torch.Tensor, images: dict[str, torch.Tensor] | None, cond: torch.Tensor,
                      chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``w2_coef`` times the mean square distance between the deterministic chunks of the policy and of the
-        pretrained one from the chain's own initial noise."""
+        """From the chain's own initial noise, the mean square distances of the policy's deterministic chunk to
+        the pretrained policy's (``w2_coef``) and to the sampled chain's end (``tracking_coef``)."""
         t = self.cfg.train
-        if t.w2_coef <= 0:
+        if t.w2_coef <= 0 and t.tracking_coef <= 0:
             return None
         x0 = chain[:, 0]
-        w2 = (self._deterministic_actions(self.policy, cond, x0)
-              - self._deterministic_actions(self.reference, self.reference.encode(obs, images), x0)).square().mean()
-        return t.w2_coef * w2, w2
+        deterministic = self._deterministic_actions(self.policy, cond, x0)
+        zero = deterministic.new_zeros(())
+        w2 = zero if t.w2_coef <= 0 else (
+            deterministic - self._deterministic_actions(self.reference, self.reference.encode(obs, images), x0)
+        ).square().mean()
+        tracking = zero if t.tracking_coef <= 0 else (deterministic - chain[:, -1]).square().mean()
+        return t.w2_coef * w2 + t.tracking_coef * tracking, torch.stack([w2, tracking])
 
-    def _regulariser_logs(self, value: float) -> dict[str, float]:
-        return {"train/w2_loss": value} if self.cfg.train.w2_coef > 0 else {}
+    def _regulariser_logs(self, values: dict[str, float]) -> dict[str, float]:
+        t = self.cfg.train
+        used = {"train/w2_loss": t.w2_coef > 0, "train/tracking_loss": t.tracking_coef > 0}
+        return {name: value for name, value in values.items() if used[name]}
 
     def _schedule(self) -> dict[str, float]:
         t, i, n = self.cfg.train, self.iteration, self.iterations

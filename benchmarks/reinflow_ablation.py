@@ -68,6 +68,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                    "the actor's learning rate ramped up linearly over its first 10 updating iterations"),
     "w2_anchor": (["train.w2_coef=1.0"], "W2 regulariser toward the behaviour-cloned policy's actions, weight 1"),
     "w2_strong": (["train.w2_coef=10.0"], "W2 regulariser toward the behaviour-cloned policy's actions, weight 10"),
+    "tracking": (["train.tracking_coef=1.0"],
+                 "the deterministic chunks regressed onto the sampled chains' ends, weight 1"),
     "dsrl": ([], "DSRL instead of ReinFlow: PPO over the frozen flow's initial noise (configs/<task>/finetune_dsrl.yaml)"),
 }
 PRESETS = {"dsrl": "finetune_dsrl.yaml"}

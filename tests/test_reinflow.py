@@ -375,6 +375,41 @@ def test_w2_anchor_keeps_the_deployed_actions_near_the_pretrained_ones(tmp_path,
     assert free > 0 and anchored < 0.1 * free  # measured: 5.6e-3 free, 4.3e-5 anchored
 
 
+def test_tracking_regulariser_is_the_deterministic_chunks_distance_to_the_sampled_ends(tmp_path, pretrained) -> None:
+    agent = _agent(f"init={pretrained}", *FINETUNE, "train.env_steps=3840", "train.critic_warmup_iterations=0",
+                   "train.tracking_coef=0.5")
+    batch = agent.collect()
+    obs, chain = batch["obs"][:64], batch["sample"][:64]
+    cond = agent.policy.encode(obs)
+    loss, values = agent._regulariser(obs, None, cond, chain)
+    by_hand = (agent._deterministic_actions(agent.policy, cond, chain[:, 0]) - chain[:, -1]).square().mean()
+    assert by_hand > 0  # the injected noise moves the sampled ends off the deterministic chunks
+    torch.testing.assert_close(values, torch.stack([torch.zeros(()), by_hand]))
+    torch.testing.assert_close(loss, 0.5 * by_hand)
+    logs = agent.update(batch)
+    assert logs["train/tracking_loss"] > 0 and "train/w2_loss" not in logs
+    agent.close()
+
+
+def test_tracking_moves_the_deterministic_chunks_toward_the_sampled_ones(tmp_path, pretrained) -> None:
+    """On the same batch and minibatches, the update with the tracking term leaves the deterministic chunks nearer
+    the sampled chains' ends than the same update without it."""
+
+    def distance(tracking_coef: float) -> float:
+        agent = _agent(f"init={pretrained}", *FINETUNE, "train.env_steps=3840", "train.critic_warmup_iterations=0",
+                       f"train.tracking_coef={tracking_coef}", "train.update_epochs=4", "seed=3")
+        batch = agent.collect()
+        agent.update(batch)
+        obs, chain = batch["obs"], batch["sample"]
+        with torch.no_grad():
+            gap = agent._deterministic_actions(agent.policy, agent.policy.encode(obs), chain[:, 0]) - chain[:, -1]
+        agent.close()
+        return float(gap.square().mean())
+
+    free, tracked = distance(0.0), distance(100.0)
+    assert tracked < 0.9 * free
+
+
 def test_final_evaluation_releases_the_rollout_envs_first(tmp_path, pretrained, monkeypatch) -> None:
     run = _run(_cfg(f"init={pretrained}", *FINETUNE, "train.env_steps=1920", "eval.episodes=8", "eval.k=[2]"),
                tmp_path / "final")
