@@ -94,7 +94,7 @@ def run_variant(task: str, variant: str, seed: int, args: argparse.Namespace, re
         device=args.device, pretrain_steps=None, episodes=args.eval_episodes, pretrain_set=[],
         pretrained=args.pretrained, finetune_preset=PRESETS.get(variant, ""), eval_every=args.eval_every, eval_episodes=args.eval_episodes,
         sim_threads=0, overrides=[*args.overrides, *overrides], env_steps=args.env_steps, budget_minutes=0.0,
-        diagnostics=args.diagnostics)
+        diagnostics=args.diagnostics, tag=args.tag)
     run_seed(task, "reflow", seed, seed_args, Path(args.runs) / "ablation" / variant, record, save)
     record.update(variant=variant, **curve_summary(task, record["curve"]))
 

@@ -90,7 +90,7 @@ def run_seed(task: str, head: str, seed: int, args: argparse.Namespace, runs: Pa
                                  *([f"train.steps={args.pretrain_steps}"] if args.pretrain_steps else []),
                                  *args.pretrain_set])
     pre_cfg.data.path = str(in_repo(pre_cfg.data.path))
-    stamp = time.strftime("%H%M%S")
+    stamp = f"{args.tag}-{time.strftime('%H%M%S')}" if args.tag else time.strftime("%H%M%S")  # runs side by side differ
     if args.pretrained:  # behaviour cloning done elsewhere (e.g. on other machines): evaluate it here
         init = resolve_checkpoint(args.pretrained.format(task=task, head=head, seed=seed))
         policy, _ = load_policy(init, device=resolve_device(pre_cfg.device))
