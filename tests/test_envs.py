@@ -220,7 +220,7 @@ def test_env_device_names_the_cuda_index(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.mark.parametrize("task,backend", [("Hopper", "cpu"), ("Hopper", "gymnasium"), ("PointReach", "auto")])
-def test_episode_counters_last_across_chunks_up_to_the_horizon(task, backend) -> None:
+def test_episode_counters_last_across_chunks(task, backend) -> None:
     env = make(task, 2, backend=backend, seed=0)
     try:
         env.reset(seed=0)
