@@ -76,12 +76,14 @@ def live_warp_surroundings(checkpoint: Path, config: dict) -> list:
     return [env, agent]
 
 
+def on_cpu(r: dict) -> bool:
+    """A row with the policy on the CPU and the cpu backend: deterministic, so bit-identical to the first."""
+    return r["policy_device"] == "cpu" and r["backend"] == "cpu"
+
+
 def checks(rows: list[dict]) -> list[tuple[str, bool]]:
     first = rows[0]
     out = []
-    def on_cpu(r: dict) -> bool:
-        return r["policy_device"] == "cpu" and r["backend"] == "cpu"
-
     same = [r for r in rows if on_cpu(r)]
     out.append((f"the {len(same)} rows with the policy on the CPU are bit-identical",
                 all(r["episode_returns"] == first["episode_returns"] for r in same)))

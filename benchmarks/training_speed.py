@@ -330,17 +330,16 @@ def part_mle(args: argparse.Namespace, record: dict, tmp: Path) -> None:
 
 # -- demonstrations to the published return -------------------------------------------------------------
 def part_e2e(args: argparse.Namespace, record: dict, tmp: Path) -> None:
-    flowrl = FLOWRL_CLI
     common = [f"seed={args.seed}", f"device={args.device}"]
     start = time.time()
-    pre = subprocess.run([*flowrl, "pretrain", str(preset("hopper/pretrain_reflow.yaml")), "--out",
+    pre = subprocess.run([*FLOWRL_CLI, "pretrain", str(preset("hopper/pretrain_reflow.yaml")), "--out",
                           str(tmp / "e2e-pretrain"), "--quiet", "--no-eval", *common, "train.eval_every=0",
                           *([f"train.steps={args.e2e_pretrain_steps}"] if args.e2e_pretrain_steps else []),
                           f"data.path={REPO / 'data/hopper-medium.hdf5'}"], capture_output=True, text=True, cwd=tmp)
     pretrain_s = time.time() - start
     if pre.returncode:
         raise RuntimeError(f"pretrain failed: {pre.stderr[-2000:]}")
-    ft = subprocess.run([*flowrl, "finetune", str(preset("hopper/finetune_reflow.yaml")), "--init",
+    ft = subprocess.run([*FLOWRL_CLI, "finetune", str(preset("hopper/finetune_reflow.yaml")), "--init",
                          str(tmp / "e2e-pretrain"), "--out", str(tmp / "e2e-finetune"), "--quiet", "--no-eval",
                          *common, *layout_overrides(args.e2e_layout, args.device),
                          f"train.stop_at_score={args.e2e_target}",

@@ -111,7 +111,7 @@ class BatchedEnv(ABC):
 
     def _counters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Running return and length of every env's current episode (kept here for :meth:`step_chunk`)."""
-        if getattr(self, "_ep_return", None) is None or self._ep_return.device != self.device:
+        if getattr(self, "_ep_return", None) is None:  # made on first use: backends set no counters of their own
             self._ep_return = torch.zeros(self.num_envs, dtype=torch.float64, device=self.device)
             self._ep_length = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
         return self._ep_return, self._ep_length
