@@ -18,6 +18,13 @@ Choices worth knowing:
 - ``exploration: flow_sde`` adds the score correction to each noisy step's mean, so the chain keeps
   the deterministic flow's marginals: PPO then improves the distribution that is deployed, where
   ReinFlow's plain injection trains a wider, shifted one.
+- ``exploration: last_step`` injects the noise at the last Euler step only. Given its initial noise,
+  a sampled chunk is then Gaussian around the very chunk the deterministic flow deploys from that
+  noise, as a Gaussian policy's samples are around its mean, so what PPO improves is centred on what
+  is deployed. With noise at every step, the later steps' velocity carries the earlier noise
+  somewhere else, and the sampled chunks' centre is not the deployed chunk. The likelihood is that
+  of the last step given the initial noise (exact: the earlier steps are a deterministic function of
+  it and the parameters, recomputed at every update).
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ from flowrl.agents.ppo import ChunkPPO, ChunkPPOConfig
 from flowrl.config import check_fraction, check_non_negative, check_positive, fail
 from flowrl.nets import SinusoidalEmbedding
 from flowrl.policy import FlowPolicy, require_unsteered
-from flowrl.sampler import chain_transitions, gaussian_log_prob, noisy_euler_chain
+from flowrl.sampler import chain_transitions, gaussian_log_prob, noisy_euler_chain, time_grid
 
 LOG_2PI_E_HALF = 0.5 * math.log(2 * math.pi * math.e)
+EXPLORATIONS = ("reinflow", "flow_sde", "last_step")
 
 
 @dataclass
@@ -58,7 +66,7 @@ class ReinFlowConfig(ChunkPPOConfig):
     logprob_normalization: str = "mean"
     """`mean`: the ratio uses the chain log-likelihood divided by its number of noisy elements (K*horizon*act_dim), a per-element geometric-mean ratio; `mean_with_initial`: divided by (K+1)*horizon*act_dim, counting the initial noise as ReinFlow's reference does (the same ratio to the power K/(K+1): a wider effective clip); `sum`: the exact joint ratio."""
     exploration: str = "reinflow"
-    """`reinflow`: the noise is added to the Euler step's mean (ReinFlow); `flow_sde`: the step's mean also takes the score correction that keeps the flow's marginals (flowrl.sampler.step_mean), so the noisy chain PPO trains samples, in distribution, the deterministic flow that is deployed."""
+    """`reinflow`: the noise is added to every Euler step's mean (ReinFlow); `flow_sde`: each step's mean also takes the score correction that keeps the flow's marginals (flowrl.sampler.step_mean), so the noisy chain PPO trains samples, in distribution, the deterministic flow that is deployed; `last_step`: the noise is added at the last step only, so a sampled chunk is Gaussian around the deployed chunk from the same initial noise."""
     noise_hidden_dim: int = 128
     """Width of the noise head MLP."""
 
@@ -72,8 +80,8 @@ class ReinFlowConfig(ChunkPPOConfig):
         if self.logprob_normalization not in ("mean", "mean_with_initial", "sum"):
             fail(f"{prefix}logprob_normalization",
                  f"must be mean, mean_with_initial or sum, got '{self.logprob_normalization}'")
-        if self.exploration not in ("reinflow", "flow_sde"):
-            fail(f"{prefix}exploration", f"must be reinflow or flow_sde, got '{self.exploration}'")
+        if self.exploration not in EXPLORATIONS:
+            fail(f"{prefix}exploration", f"must be one of {', '.join(EXPLORATIONS)}, got '{self.exploration}'")
 
 
 class NoiseHead(nn.Module):
@@ -132,8 +140,13 @@ class ReinFlow(ChunkPPO):
         return {"noise": self.noise}
 
     @property
+    def _last_step_only(self) -> bool:
+        return self.cfg.train.exploration == "last_step"
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
-        return (self.K + 1, *self.policy.chunk_shape)
+        """The whole chain (K+1 states); with noise at the last step only, its initial noise and its end."""
+        return (2 if self._last_step_only else self.K + 1, *self.policy.chunk_shape)
 
     # -- the noisy chain -----------------------------------------------------------------------
     def _chain_fns(self, cond: torch.Tensor, repeat: int = 1):
@@ -145,17 +158,31 @@ class ReinFlow(ChunkPPO):
     def _score_correction(self) -> bool:
         return self.cfg.train.exploration == "flow_sde"
 
+    def _last_step(self, cond: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With noise at the last step only: the mean and std of the chain's end given its initial noise
+        ``x0``, the K-1 steps before it deterministic."""
+        velocity, noise_std = self._chain_fns(cond)
+        times, x, dt = time_grid(self.K, len(x0), x0.device, x0.dtype), x0, 1.0 / self.K
+        for t in times[:-1]:
+            x = x + dt * velocity(t, x)
+        return x + dt * velocity(times[-1], x), noise_std(times[-1], x)
+
     def _log_prob_and_entropy(self, cond: torch.Tensor, chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The chain log-likelihood (without the parameter-free x0 term) and the injected noise's entropy,
         both normalised as ``logprob_normalization`` says."""
-        velocity, noise_std = self._chain_fns(cond, repeat=self.K)
-        mean, std = chain_transitions(velocity, noise_std, chain, self.K, self._score_correction)
-        lp = gaussian_log_prob(chain[:, 1:], mean, std).flatten(1).sum(dim=1)
+        if self._last_step_only:
+            mean, std = self._last_step(cond, chain[:, 0])
+            ends, mean, std = chain[:, 1:], mean.unsqueeze(1), std.unsqueeze(1)
+        else:
+            velocity, noise_std = self._chain_fns(cond, repeat=self.K)
+            mean, std = chain_transitions(velocity, noise_std, chain, self.K, self._score_correction)
+            ends = chain[:, 1:]
+        lp = gaussian_log_prob(ends, mean, std).flatten(1).sum(dim=1)
         entropy = (std.log() + LOG_2PI_E_HALF).flatten(1).sum(dim=1)
         normalization = self.cfg.train.logprob_normalization
         if normalization != "sum":
-            n = chain[:, 1:].flatten(1).shape[1]
-            n = n * (self.K + 1) // self.K if normalization == "mean_with_initial" else n
+            n = ends.flatten(1).shape[1]
+            n = n * (mean.shape[1] + 1) // mean.shape[1] if normalization == "mean_with_initial" else n
             lp, entropy = lp / n, entropy / n
         return lp, entropy
 
@@ -164,14 +191,21 @@ class ReinFlow(ChunkPPO):
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample chains for (N, H, obs_dim) observations (and a pixel policy's images): (chain, env-unit
         action chunk)."""
-        velocity, noise_std = self._chain_fns(self.policy.encode(obs, images))
+        cond = self.policy.encode(obs, images)
         x0 = torch.randn((obs.shape[0], *self.policy.chunk_shape), generator=self.gen, device=self.device)
-        chain = noisy_euler_chain(velocity, noise_std, x0, self.K, self.gen, self._score_correction)
+        if self._last_step_only:
+            mean, std = self._last_step(cond, x0)
+            end = mean + std * torch.randn(mean.shape, generator=self.gen, device=self.device, dtype=mean.dtype)
+            chain = torch.stack([x0, end], dim=1)
+        else:
+            velocity, noise_std = self._chain_fns(cond)
+            chain = noisy_euler_chain(velocity, noise_std, x0, self.K, self.gen, self._score_correction)
         return chain, self.policy.unnormalize_action(chain[:, -1])
 
     def _exploration_std(self, cond: torch.Tensor) -> torch.Tensor:
+        steps = [self.K - 1] if self._last_step_only else range(self.K)
         return torch.stack([self.noise(torch.full((len(cond),), k / self.K, device=self.device), cond).mean()
-                            for k in range(self.K)]).mean()
+                            for k in steps]).mean()
 
     # -- the regularisers and the noise schedule -----------------------------------------------------
     REGULARISERS = ("train/w2_loss", "train/tracking_loss")
@@ -204,4 +238,4 @@ class ReinFlow(ChunkPPO):
         return {**super()._schedule(), "train/noise_std_max": upper}
 
 
-__all__ = ["NoiseHead", "ReinFlow", "ReinFlowConfig", "sigma_upper_bound"]
+__all__ = ["EXPLORATIONS", "NoiseHead", "ReinFlow", "ReinFlowConfig", "sigma_upper_bound"]

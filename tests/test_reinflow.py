@@ -121,7 +121,7 @@ def test_noise_bound_schedule() -> None:
 
 
 @pytest.mark.parametrize("normalization,exploration", [("mean", "reinflow"), ("sum", "reinflow"),
-                                                      ("mean", "flow_sde")])
+                                                      ("mean", "flow_sde"), ("mean", "last_step")])
 def test_ratio_is_exactly_one_on_the_first_minibatch(tmp_path, pretrained, normalization, exploration) -> None:
     agent = _agent(f"init={pretrained}", *FINETUNE, "train.env_steps=11520", "train.critic_warmup_iterations=0",
                    f"train.logprob_normalization={normalization}", f"train.exploration={exploration}")
@@ -210,6 +210,33 @@ def test_actor_learning_rate_ramps_up_after_the_critic_warmup(pretrained) -> Non
     fresh = _agent(f"init={pretrained}", *FINETUNE)
     restore({"critic_warmup": fresh.critic_warmup}, {"critic_warmup": state["critic_warmup"]})
     assert fresh.critic_warmup.actor_iterations == 0
+
+
+def test_last_step_noise_is_gaussian_around_the_deployed_chunk_and_scored_exactly(pretrained) -> None:
+    """``exploration=last_step``: the sample holds the initial noise and the chunk; the chunk minus the
+    deterministic flow's chunk from that noise is the last step's noise (its std the noise head's at
+    t = (K-1)/K), and the log-likelihood is that Gaussian's, recomputed through the current parameters."""
+    agent = _agent(f"init={pretrained}", *FINETUNE, "train.exploration=last_step", "train.logprob_normalization=sum",
+                   "train.sigma_min=0.1", "train.sigma_max=0.1")
+    obs = agent.history.get().repeat(8, 1, 1)
+    sample, actions = agent.act(obs)
+    assert sample.shape == (len(obs), 2, *agent.policy.chunk_shape)
+    cond = agent.policy.encode(obs)
+    with torch.no_grad():
+        deployed = agent._deterministic_actions(agent.policy, cond, sample[:, 0])
+        noise = sample[:, 1] - deployed
+        assert float(noise.std()) == pytest.approx(0.1, rel=0.05)
+        assert float(noise.mean().abs()) < 0.01
+        torch.testing.assert_close(agent.policy.unnormalize_action(sample[:, 1]), actions)
+        lp, entropy = agent.log_prob_and_entropy(obs, sample)
+    expected = Normal(deployed, 0.1).log_prob(sample[:, 1]).flatten(1).sum(dim=1)
+    torch.testing.assert_close(lp, expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(entropy, Normal(deployed, 0.1).entropy().flatten(1).sum(dim=1), rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # the earlier steps follow the parameters: moving them moves the scored mean
+        for p in agent.policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        moved, _ = agent.log_prob_and_entropy(obs, sample)
+    assert float((moved - lp).abs().max()) > 1e-3
 
 
 def test_reinflow_improves_a_behaviour_cloned_policy(tmp_path, pretrained) -> None:
