@@ -17,6 +17,7 @@ enough for datasets, checks and evaluation. The ray tracer's lighting differs sl
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,8 +108,11 @@ class CameraRenderer(_Renderer):
             cam.type = mujoco.mjtCamera.mjCAMERA_FIXED
             cam.fixedcamid = cam_id
             self._cams[name] = cam
+        self._varied = bool(getattr(env, "model_fields", None))  # then each world is drawn with its own model
+        if self._varied:
+            model = copy.copy(model)
         self._renderer: Any = MujocoRenderer(model, width, height, env.task_def.hidden_geom_groups)
-        self._data = mujoco.MjData(model)
+        self._model, self._data = model, mujoco.MjData(model)
 
     def render(self, ids: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``{camera: (n, height, width, 3) uint8}`` for the envs ``ids`` (default: all), in that order."""
@@ -120,8 +124,10 @@ class CameraRenderer(_Renderer):
         envs = range(self.env.num_envs) if envs is None else envs
         out = {c: torch.empty((len(envs), self.height, self.width, 3), dtype=torch.uint8) for c in self.cameras}
         for row, i in enumerate(envs):
+            if self._varied:
+                self.env.batch.get_model(i, self._model)
             self.env.batch.get_data(i, self._data)
-            mujoco.mj_forward(self.env.model, self._data)  # positions of the current state, cameras, lights
+            mujoco.mj_forward(self._model, self._data)  # positions of the current state, cameras, lights
             for name, cam in self._cams.items():
                 out[name][row] = torch.from_numpy(self._renderer.frame(self._data, cam))
         return out

@@ -159,9 +159,9 @@ def mujoco_episode(task: str, policy: Any, seed: int, end_on_success: bool = Fal
         terminations.append(bool(terminated[0]))
 
     try:
-        model = env.model
         stride, fps = frame_stride(1.0 / env.dt)
         env.reset(seed=seed)  # the first state; run_episodes resets to the same one (the same seed)
+        model = env.batch.get_model(0)  # the episode's model (a task may draw parts of it at each reset)
         keep()
         out = run_episodes(env, policy, seed, after_step=after_step,
                            on_chunk=(lambda obs, chunk, result, active: result.success) if end_on_success else None)

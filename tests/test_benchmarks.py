@@ -501,7 +501,7 @@ def test_transport_parity_groups_paired_outcomes_by_robosuites_hammer(capsys: py
     small = [r for r in rows if r["head_from"] == 0.015]
     assert small and small[0]["cpu"] == 1.0 and all(r["cpu"] == 0.0 for r in rows if r["head_from"] > 0.015)
     assert all(r["robosuite"] == 1.0 for r in rows)
-    assert "the shipped scene's: 0.0174" in capsys.readouterr().out
+    assert "by the episode's hammer head half-size" in capsys.readouterr().out
 
 
 def test_evaluation_check_finds_the_cpu_backend_deterministic_and_flags_a_row_apart(

@@ -193,6 +193,53 @@ def test_transport_full_state_includes_both_arms_controllers() -> None:
     assert_full_state_resumes(env, actions, 2, detour=-actions[0])
 
 
+def _transport_heads(env: Any) -> list[float]:
+    """Each world's hammer head half-size: its head box's half-size along y."""
+    head = next(g for g, part in _task("TwoArmTransport").hammer.parts.items() if part == "head")
+    return env.model_fields["geom_size"][:, head, 1].tolist()
+
+
+def test_transport_worlds_draw_their_own_hammer_at_every_reset() -> None:
+    """cpu backend: each world's hammer head is the one robosuite builds for the world's seed, redrawn at every
+    reset (per env from its generator, after its last episode's draws, or batched) in that world alone; its
+    kinematics, mass and MuJoCo's constants follow it, and the full state carries it."""
+    task = _task("TwoArmTransport")
+    hammer, n, seed = task.hammer, 4, 20
+    head = next(g for g, part in hammer.parts.items() if part == "head")
+    env = make("robosuite/TwoArmTransport", n, backend="cpu", seed=seed)
+    env.reset()
+    heads = [task.robosuite_head_halfsize(seed + i) for i in range(n)]
+    assert _transport_heads(env) == heads and len(set(heads)) == n
+    # the kinematics read each world's geometry: the head's centre lies 0.1 + h from the hammer's origin
+    distance = (env.state["geom_xpos"][:, head] - env.state["xpos"][:, hammer.body]).norm(dim=-1)
+    torch.testing.assert_close(distance, 0.1 + torch.tensor(heads, dtype=torch.float64), rtol=0, atol=1e-15)
+    mass = env.model_fields["body_mass"][:, hammer.body].clone()
+    torch.testing.assert_close(mass, hammer(torch.tensor(heads, dtype=torch.float64))["body_mass"][1][:, 0],
+                               rtol=1e-15, atol=0)
+    assert len(set(mass.tolist())) == n
+    for i in range(n):  # mj_setConst ran in each world
+        model = env.batch.get_model(i)
+        assert model.body_subtreemass[hammer.body] == float(mass[i])
+        assert model.body_invweight0[hammer.body, 0] == pytest.approx(1 / float(mass[i]), rel=1e-13)
+
+    # per-env autoreset of worlds 1 and 3: their generators' next hammers, the others' kept
+    draws = NumpyDraws([np.random.default_rng(seed + i) for i in (1, 3)])
+    task.reset_model(draws)
+    task.reset(draws, torch.as_tensor(_ids("TwoArmTransport").qpos0, dtype=torch.float64), env.model.nv)
+    second = task.draw_head_halfsize(draws).tolist()
+    saved = env.get_full_state()
+    env._reset_envs(torch.tensor([False, True, False, True]))
+    assert _transport_heads(env) == [heads[0], second[0], heads[2], second[1]]
+    # batched autoreset (the warp backend's path) of world 0
+    env.batched_autoreset = True
+    env._reset_envs(torch.tensor([True, False, False, False]))
+    now = _transport_heads(env)
+    assert now[1:] == [second[0], heads[2], second[1]] and now[0] != heads[0] and 0.015 <= now[0] < 0.018
+    env.set_full_state(saved)
+    assert _transport_heads(env) == heads
+    assert env.batch.get_model(1).body_mass[hammer.body] == float(mass[1])
+
+
 def test_batched_autoreset_places_objects() -> None:
     env = make("robosuite/PickPlaceCan", 3, backend="cpu", seed=0)
     env.batched_autoreset = True
@@ -303,6 +350,31 @@ def test_warp_backend_on_cpu_steps_like_the_cpu_backend(scene: str) -> None:
         sensors = list(warp_env.task_def.model_ids["sensors"])
         torch.testing.assert_close(warp_env.state["sensordata"][:, sensors].double(),
                                    cpu_env.state["sensordata"][:, sensors])
+
+
+@pytest.mark.slow
+def test_warp_worlds_hold_their_own_hammer() -> None:
+    """MuJoCo Warp on Warp's CPU device: after a reset each world's model holds the hammer of its seed, the cpu
+    backend's fields for the same seeds in float32 (those MuJoCo derives included), its kinematics read it, and a
+    batched autoreset redraws the reset world's alone."""
+    pytest.importorskip("mujoco_warp")
+    hammer = _task("TwoArmTransport").hammer
+    head = next(g for g, part in hammer.parts.items() if part == "head")
+    warp_env = make("robosuite/TwoArmTransport", 2, backend="warp", device="cpu", seed=30)
+    cpu_env = make("robosuite/TwoArmTransport", 2, backend="cpu", seed=30)
+    warp_env.reset()
+    cpu_env.reset()
+    assert set(warp_env.model_fields) == set(hammer.FIELDS) - {"bvh_aabb"}  # MuJoCo Warp has no body BVH
+    for name, fields in warp_env.model_fields.items():
+        torch.testing.assert_close(fields.double(), cpu_env.model_fields[name].reshape(fields.shape), rtol=2e-6,
+                                   atol=0, msg=name)
+    heads = torch.tensor(_transport_heads(cpu_env), dtype=torch.float32)
+    assert heads[0] != heads[1]
+    distance = (warp_env.state["geom_xpos"][:, head] - warp_env.state["xpos"][:, hammer.body]).norm(dim=-1)
+    torch.testing.assert_close(distance, 0.1 + heads, rtol=0, atol=1e-6)
+    warp_env._reset_envs(torch.tensor([False, True]))
+    now = _transport_heads(warp_env)
+    assert now[0] == heads[0] and now[1] != heads[1] and 0.015 <= now[1] < 0.018
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -431,7 +503,8 @@ def test_observation_reward_success_match_robosuite(scene: str) -> None:
 def test_one_env_step_matches_robosuite(scene: str) -> None:
     """From robosuite's state (and its controller's nullspace target and gripper state), one env step under the
     same action: the next state, observation, reward and success. Seed 0: robosuite
-    redraws Lift's cube size at every reset, and seed 0's is the shipped scene's."""
+    redraws Lift's cube size at every reset, and seed 0's is the shipped scene's (TwoArmTransport draws its
+    hammer per world: world 0's is seed 0's, world 1's another, so world 0 is compared)."""
     rs = _make_robosuite(scene, seed=0)
     rng = np.random.default_rng(1)
     for _ in range(3):
@@ -448,8 +521,10 @@ def test_one_env_step_matches_robosuite(scene: str) -> None:
     obs_rs, reward_rs, _, _ = rs.step(action)
     obs, reward, term, trunc, info = ours.step(torch.as_tensor(action)[None].expand(2, -1))
     d = rs.sim.data._data
-    dq = float((ours.qpos - torch.as_tensor(np.array(d.qpos))).abs().max())
-    dv = float((ours.qvel - torch.as_tensor(np.array(d.qvel))).abs().max())
+    dq = float((ours.qpos[0] - torch.as_tensor(np.array(d.qpos))).abs().max())
+    dv = float((ours.qvel[0] - torch.as_tensor(np.array(d.qvel))).abs().max())
+    if not ours.task_def.varied_model_fields:  # both worlds run the same model from the same state
+        assert torch.equal(ours.qpos[1], ours.qpos[0]) and torch.equal(ours.qvel[1], ours.qvel[0])
     flat = _robosuite_flat(rs, obs_rs)
     # the whole observation, Can's and Square's relative pose included (robosuite's reads the cached object pose)
     dobs = float(np.abs(obs[0].numpy() - flat).max())
@@ -502,8 +577,9 @@ def test_robosuite_placements_lie_in_our_ranges() -> None:
 
 
 def test_transport_reset_per_env_seed_is_robosuites() -> None:
-    """TwoArmTransport draws from each env's generator in robosuite's order (the hammer's five draws, both arms'
-    noise, the placements, the payload's flip), so a seed gives robosuite's initial state exactly."""
+    """TwoArmTransport draws from each env's generator in robosuite's order (the hammer's five draws in
+    ``reset_model``, then both arms' noise, the placements, the payload's flip), so a seed gives robosuite's
+    hammer and initial state exactly."""
     rs = _make_robosuite("TwoArmTransport", seed=0)
     task = _task("TwoArmTransport")
     q0 = torch.as_tensor(np.array(rs.sim.model._model.qpos0))
@@ -511,7 +587,10 @@ def test_transport_reset_per_env_seed_is_robosuites() -> None:
     for seed in range(6):
         rs.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
         rs.reset()
-        ours = task.reset(NumpyDraws([np.random.default_rng(seed)]), q0, rs.sim.model.nv)[0][0].numpy()
+        draws = NumpyDraws([np.random.default_rng(seed)])
+        np.testing.assert_array_equal(task.reset_model(draws)["geom_size"][1][0].numpy(),
+                                      rs.sim.model._model.geom_size[list(task.hammer.parts)])
+        ours = task.reset(draws, q0, rs.sim.model.nv)[0][0].numpy()
         np.testing.assert_array_equal(ours, np.array(rs.sim.data.qpos))
         payload = _ids("TwoArmTransport").objects[2]
         assert payload["name"] == "payload"
@@ -570,7 +649,60 @@ def test_transport_knows_the_hammer_head_robosuite_builds_for_a_seed() -> None:
     for seed in (0, 1007):
         env = _make_robosuite("TwoArmTransport", seed)
         try:
-            assert env.transport.payload.head_halfsize == pytest.approx(task.robosuite_head_halfsize(seed), rel=1e-12)
+            assert env.transport.payload.head_halfsize == task.robosuite_head_halfsize(seed)
         finally:
             env.close()
     assert 0.015 <= task.robosuite_head_halfsize(1) < 0.018 and task.robosuite_head_halfsize(0) == pytest.approx(0.01744, abs=1e-5)
+
+
+def test_transport_worlds_build_robosuites_hammer_for_their_seeds() -> None:
+    """cpu backend: a world reset with a seed runs the hammer robosuite compiles for that seed, its head's geoms
+    (sizes, positions, bounding boxes) exactly, the body's mass, centre of mass, inertia and what MuJoCo derives
+    from them (subtree masses, inverse weights, dof_M0, the bounding volumes of its midphase) to rounding, from the
+    initial state robosuite's reset gives. Seeds 1551 and 2480 build heads at the ends of U(0.015, 0.018)."""
+    rs = _make_robosuite("TwoArmTransport", seed=0)
+    task = _task("TwoArmTransport")
+    hammer = task.hammer
+    geoms, b, dofs, nodes = list(hammer.parts), hammer.body, list(hammer.dofs), list(hammer.nodes)
+    ours = make("robosuite/TwoArmTransport", 2, backend="cpu", seed=0)
+    seeds = (1551, 2480, 12)
+    for seed in seeds:
+        rs.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        rs.reset()
+        ours.reset(seed=seed)
+        ref, model = rs.sim.model._model, ours.batch.get_model(0)
+        for field in ("geom_size", "geom_pos", "geom_aabb"):
+            np.testing.assert_array_equal(getattr(model, field)[geoms], getattr(ref, field)[geoms], err_msg=field)
+        np.testing.assert_allclose(model.geom_rbound[geoms], ref.geom_rbound[geoms], rtol=2.3e-16, atol=0)
+        for field, rows in (("body_mass", [b]), ("body_ipos", [b]), ("body_iquat", [b]), ("body_inertia", [b]),
+                            ("body_subtreemass", [0, b]), ("body_invweight0", [b]), ("dof_invweight0", dofs),
+                            ("dof_M0", dofs), ("bvh_aabb", nodes)):
+            want = getattr(ref, field)[rows]
+            np.testing.assert_allclose(getattr(model, field)[rows], want, rtol=0, atol=1e-13 * np.abs(want).max(),
+                                       err_msg=field)
+        np.testing.assert_array_equal(ours.qpos[0].numpy(), np.array(rs.sim.data.qpos))
+    heads = [task.robosuite_head_halfsize(seed) for seed in seeds]
+    rs.close()
+    assert min(heads) < 0.01501 and max(heads) > 0.01799 and abs(heads[2] - task.robosuite_head_halfsize(0)) > 1e-3
+
+
+def test_transport_step_matches_robosuite_with_the_seeds_hammer() -> None:
+    """From robosuite's state (seed 5: a hammer head of 0.0152, the shipped scene's is 0.0174), one env step of the
+    world reset with that seed matches robosuite's; world 1, whose seed builds another hammer, does not."""
+    rs = _make_robosuite("TwoArmTransport", seed=5)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        rs.step(rng.uniform(-1, 1, rs.action_dim))
+    ours = make("robosuite/TwoArmTransport", 2, backend="cpu", seed=5)
+    ours.reset()
+    assert _transport_heads(ours)[0] == rs.transport.payload.head_halfsize
+    _copy_state(rs, ours)
+    action = rng.uniform(-1, 1, rs.action_dim)
+    rs.step(action)
+    ours.step(torch.as_tensor(action)[None].expand(2, -1))
+    d = rs.sim.data._data
+    dq = (ours.qpos - torch.as_tensor(np.array(d.qpos))).abs().amax(dim=1)
+    dv = (ours.qvel - torch.as_tensor(np.array(d.qvel))).abs().amax(dim=1)
+    rs.close()
+    assert dq[0] < 1e-9 and dv[0] < 1e-7, (dq, dv)
+    assert dq[1] > 1e-5, dq  # the hammer's mass and inertia are in the step

@@ -2,7 +2,10 @@
 
 float64 and bit-identical to ``mj_step``; the state arrays of the batch are shared with torch
 without copies (qpos, qvel, ctrl), derived fields are read through views of the batch's output
-arrays. Task logic comes from the task object (:mod:`flowrl.envs.tasks`), stepping logic from
+arrays. Model fields a task varies per episode are the batch's per-simulation fields (``expand``);
+after writing them, ``mj_setConst`` runs per simulation, so every constant MuJoCo derives from them
+(subtree masses, inverse weights at qpos0, ...) is what compiling that model would give. Task logic
+comes from the task object (:mod:`flowrl.envs.tasks`), stepping logic from
 :mod:`flowrl.envs.backends.mujoco`.
 """
 
@@ -43,6 +46,8 @@ class MujocoBatchEnv(MujocoEnv):
         self.state = {"qpos": self.qpos, "qvel": self.qvel}
         for name in task.derived_fields:
             self.state[name] = _view(self.batch.bind(name))
+        for name in task.varied_model_fields:
+            self.model_fields[name] = torch.from_numpy(self.batch.expand(name))
         if task.needs_contact_forces:
             self.state["cfrc_ext"] = torch.zeros((num_envs, model.nbody, 6), dtype=torch.float64)
             self._datas = [mujoco.MjData(model) for _ in range(num_envs)]
@@ -70,6 +75,9 @@ class MujocoBatchEnv(MujocoEnv):
 
     def _clear(self, ids: np.ndarray | torch.Tensor) -> None:
         self.batch.reset(np.asarray(ids), stage=int(mujoco.mjtStage.mjSTAGE_NONE))
+
+    def _model_changed(self, mask: torch.Tensor) -> None:
+        self.batch.set_const(mask.cpu().numpy())
 
     def _warmstart(self) -> torch.Tensor:
         return torch.from_numpy(self.batch.bind("qacc_warmstart"))

@@ -1,9 +1,10 @@
 """The stepping logic every MuJoCo backend shares: task terms, resets, seeding, bad states.
 
 A backend subclass only moves physics: it exposes its state as torch tensors (``qpos``, ``qvel``,
-``ctrl`` and the derived fields the task reads, in ``state``) and implements ``_simulate``,
-``_substep``, ``_forward``, ``_clear`` and access to the solver warm start. The task
-(:class:`flowrl.envs.tasks.base.MujocoTask`) supplies every term.
+``ctrl`` and the derived fields the task reads, in ``state``; the model fields the task varies per
+world, in ``model_fields``) and implements ``_simulate``, ``_substep``, ``_forward``, ``_clear`` and
+access to the solver warm start. The task (:class:`flowrl.envs.tasks.base.MujocoTask`) supplies every
+term.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from flowrl.envs.base import BatchedEnv, env_device
-from flowrl.envs.tasks.base import MujocoTask, NumpyDraws, TorchDraws
+from flowrl.envs.tasks.base import ModelFields, MujocoTask, NumpyDraws, TorchDraws
 from flowrl.errors import FlowrlError
 
 
@@ -28,6 +29,9 @@ class MujocoEnv(BatchedEnv):
     qvel: torch.Tensor
     ctrl: torch.Tensor
     state: dict[str, torch.Tensor]
+    model_fields: dict[str, torch.Tensor]
+    """Per-world views, (N, ...), of the model fields the task varies (its ``varied_model_fields``) that the
+    backend's model holds; the task's values for a field it does not hold are not written."""
 
     def __init__(self, task: MujocoTask, model: Any, num_envs: int, device: str | torch.device,
                  seed: int | None, sim_device: torch.device, dtype: torch.dtype,
@@ -62,6 +66,7 @@ class MujocoEnv(BatchedEnv):
         if seed is not None:
             self._reset_gen.manual_seed(seed)
         self._qpos0 = torch.as_tensor(self.qpos0, dtype=dtype, device=sim_device)
+        self.model_fields = {}
 
     # -- what a backend provides ---------------------------------------------------------------
     @abstractmethod
@@ -91,6 +96,10 @@ class MujocoEnv(BatchedEnv):
     def _backend_bad(self) -> torch.Tensor:
         """Envs the simulator itself flags (errors, buffer overflows)."""
         return torch.zeros(self.num_envs, dtype=torch.bool, device=self.sim_device)
+
+    def _model_changed(self, mask: torch.Tensor) -> None:
+        """The model fields of the worlds where ``mask`` were written: recompute what the backend derives from
+        them (nothing by default)."""
 
     # -- shared logic --------------------------------------------------------------------------
     def _out(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +147,12 @@ class MujocoEnv(BatchedEnv):
         self._clear(ids)
         idx = torch.as_tensor(ids, device=self.sim_device)
         draws = NumpyDraws([self.rngs[i] for i in idx.cpu().tolist()])
+        model = self.task_def.reset_model(draws)
         qpos, qvel = self.task_def.reset(draws, torch.as_tensor(self.qpos0), self.model.nv)
+        if model:
+            mask = torch.zeros(self.num_envs, dtype=torch.bool, device=self.sim_device)
+            mask[idx] = True
+            self._write_model(model, mask, idx)
         self.qpos[idx] = qpos.to(self.sim_device, self.dtype)
         self.qvel[idx] = qvel.to(self.sim_device, self.dtype)
         self._forward(ids)
@@ -150,6 +164,23 @@ class MujocoEnv(BatchedEnv):
             self._memory[idx] = 0.0  # an episode's first observation remembers no previous step
         if self.task_def.needs_contact_forces:
             self.state["cfrc_ext"][idx] = 0.0  # gymnasium runs no mj_rnePostConstraint after a reset
+
+    def _write_model(self, fields: ModelFields, mask: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Write the task's model values (:meth:`MujocoTask.reset_model`) into the worlds where ``mask``: the
+        values' rows are those worlds' in the order of ``ids``, or (``ids`` None) every world's, kept where
+        ``mask`` (batched resets: no read-back from the device)."""
+        for name, (elements, values) in fields.items():
+            view = self.model_fields.get(name)
+            if view is None:
+                continue
+            cols = torch.as_tensor(elements, device=view.device)
+            values = values.to(view.device, view.dtype).reshape(*values.shape[:2], *view.shape[2:])
+            if ids is None:
+                keep = mask.view(-1, *[1] * (values.dim() - 1))
+                view[:, cols] = torch.where(keep, values, view[:, cols])
+            else:
+                view[ids.to(view.device)[:, None], cols] = values
+        self._model_changed(mask)
 
     def reset(self, seed: int | None = None) -> torch.Tensor:
         seed = self._seed if seed is None else seed
@@ -201,8 +232,11 @@ class MujocoEnv(BatchedEnv):
         nullspace target, gripper) needs the indices, read back from the device."""
         rows = mask.unsqueeze(1)
         self._clear_where(mask)
-        qpos, qvel = self.task_def.reset(TorchDraws(self._reset_gen, self.num_envs, self.sim_device, self.dtype),
-                                         self._qpos0, self.model.nv)
+        draws = TorchDraws(self._reset_gen, self.num_envs, self.sim_device, self.dtype)
+        model = self.task_def.reset_model(draws)
+        qpos, qvel = self.task_def.reset(draws, self._qpos0, self.model.nv)
+        if model:
+            self._write_model(model, mask)
         self.qpos.copy_(torch.where(rows, qpos.to(self.dtype), self.qpos))
         self.qvel.copy_(torch.where(rows, qvel.to(self.dtype), self.qvel))
         self._forward_where(mask)
@@ -254,6 +288,7 @@ class MujocoEnv(BatchedEnv):
         state = {"qpos": self.qpos.clone(), "qvel": self.qvel.clone(), "qacc_warmstart": self._warmstart().clone(),
                  "elapsed": elapsed.clone(), "returns": returns.clone(), "position": self._tracked.clone(),
                  **({"observation_memory": self._memory.clone()} if self._memory is not None else {}),
+                 **{f"model.{name}": view.clone() for name, view in self.model_fields.items()},
                  "rngs": json.dumps([r.bit_generator.state for r in self.rngs]),
                  "reset_generator": self._reset_gen.get_state()}
         if self.task_def.needs_contact_forces:
@@ -263,6 +298,12 @@ class MujocoEnv(BatchedEnv):
 
     def set_full_state(self, state: dict[str, Any]) -> None:
         dev = self.sim_device
+        for name, view in self.model_fields.items():
+            if f"model.{name}" not in state:
+                raise FlowrlError(f"set_full_state: the saved state lacks the worlds' {name} (drawn per episode)")
+            view.copy_(state[f"model.{name}"].to(view.device))
+        if self.model_fields:
+            self._model_changed(torch.ones(self.num_envs, dtype=torch.bool, device=dev))
         self.qpos.copy_(state["qpos"].to(dev))
         self.qvel.copy_(state["qvel"].to(dev))
         self._forward(None)

@@ -13,6 +13,10 @@ without a GPU.
 Contact and constraint buffers are per world and sized per task (the registry's ``warp_buffers``:
 measured to hold each task with margin); a world whose buffers overflow
 is reset and counted like a diverged one (overflow leaves its results undefined).
+
+Model fields a task varies per episode get a leading world dimension (``put_model``'s ``batch_sizes``), which
+MuJoCo Warp's kernels index per world. The task supplies the fields MuJoCo derives from others too (subtree
+masses, inverse weights at qpos0), which MuJoCo Warp's ``set_const`` would recompute for every world at each reset.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from flowrl.envs.backends.mujoco import MujocoEnv
 from flowrl.envs.base import env_device
 from flowrl.envs.tasks.base import MujocoTask
 from flowrl.errors import FlowrlError
+
+NOT_IN_WARP_MODEL = ("bvh_aabb",)
+"""Model fields a task may vary that MuJoCo Warp's model lacks: C MuJoCo's bounding volumes of bodies (MuJoCo Warp's
+broadphase bounds each geom: geom_aabb, geom_rbound)."""
 
 
 def warp_available() -> bool:
@@ -68,8 +76,9 @@ class MujocoWarpEnv(MujocoEnv):
         self.wp, self.mjw = wp, mjw
         self.wp_device = f"cuda:{torch_device.index}" if torch_device.type == "cuda" else "cpu"
         con, efc = task.warp_buffers
+        varied = [name for name in task.varied_model_fields if name not in NOT_IN_WARP_MODEL]
         with wp.ScopedDevice(self.wp_device):
-            self.m = mjw.put_model(model)
+            self.m = mjw.put_model(model, batch_sizes=dict.fromkeys(varied, num_envs))
             self.d = mjw.make_data(model, nworld=num_envs, nconmax=nconmax or con, njmax=njmax or efc)
         self.m.opt.warn_overflow = 0  # overflows are handled per world: reset and counted in info
         view = wp.to_torch
@@ -77,6 +86,7 @@ class MujocoWarpEnv(MujocoEnv):
         self.state = {"qpos": self.qpos, "qvel": self.qvel}
         for name in task.derived_fields:
             self.state[name] = view(getattr(self.d, name))
+        self.model_fields = {name: view(getattr(self.m, name)) for name in varied}
         self._reset_mask = wp.zeros(num_envs, dtype=bool, device=self.wp_device)
         self._mask = wp.to_torch(self._reset_mask)
         self._overflow = wp.to_torch(self.d.overflow)

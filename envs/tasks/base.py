@@ -11,7 +11,8 @@ The reset distribution is written once, in torch, against :class:`Draws`: :class
 every draw from each env's own numpy generator in the order the code asks for them (so a task that
 asks in gymnasium's order reproduces gymnasium's initial states bit for bit), :class:`TorchDraws`
 takes them for all envs at once from one torch generator on the simulation's device (autoresets on
-the GPU).
+the GPU). A task whose model differs between episodes (robosuite rebuilds some of its models at every reset)
+draws those model fields first (:meth:`MujocoTask.reset_model`); backends keep them per world.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ import torch
 from flowrl.envs.controllers.base import Controller, State
 from flowrl.envs.registry import Task
 from flowrl.errors import FlowrlError
+
+ModelFields = dict[str, tuple[tuple[int, ...], torch.Tensor]]
+"""Per-world values of MjModel fields: field name -> (the ids of the elements set, (n, len(ids), ...) values in
+MjModel's layout of one element)."""
 
 SETTOTALMASS_DEPRECATED = "compiler attribute 'settotalmass' is deprecated"
 """The start of MuJoCo 4's warning about gymnasium's half_cheetah.xml (``<compiler settotalmass=...>``)."""
@@ -192,6 +197,16 @@ class MujocoTask(Task):
         return low.copy(), high.copy()
 
     # -- reset distribution --------------------------------------------------------------------
+    varied_model_fields = ()
+    """Names of the MjModel fields :meth:`reset_model` draws per episode (backends keep them per world); empty:
+    every world runs the loaded model."""
+
+    def reset_model(self, draws: Draws) -> ModelFields:
+        """The values of :attr:`varied_model_fields` for ``draws.n`` fresh episodes (none by default). Backends call
+        it before :meth:`reset`, with the same draws (its draws come first), and write them into the reset worlds'
+        models."""
+        return {}
+
     def reset(self, draws: Draws, qpos0: torch.Tensor, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(qpos (n, nq), qvel (n, nv)) of ``draws.n`` fresh episodes; ``qpos0`` is the model's (in the draws'
         dtype and device). gymnasium's: qpos0 plus uniform noise, then the velocities' noise."""

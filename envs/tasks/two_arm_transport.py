@@ -15,21 +15,31 @@ cpu and warp).
   adds two MuJoCo contact sensors to the model it loads (``data="found"``: the number of matching contacts, of the
   contacts the last physics step computed, as robosuite's ``sim.data.contact`` after its step), which
   ``mujoco.batch`` binds as ``sensordata`` and MuJoCo Warp evaluates in its own kernels. Reward: 1 on success.
-* **Reset**: both arms' noise, then robosuite's samplers (each bin at its table's spot within 5 mm, the trash turned
-  about z by up to 0.3 pi, the payload about y by pi/2 +- pi/6 composed with one of the hammer's two flips), then
-  the lid and payload on the start bin and the trash in the target bin (:meth:`TwoArmTransport.arrange`).
+* **Reset**: the hammer (robosuite rebuilds it at every reset, its head half-size drawn from U(0.015, 0.018):
+  :meth:`TwoArmTransport.reset_model`), both arms' noise, then robosuite's samplers (each bin at its table's spot
+  within 5 mm, the trash turned about z by up to 0.3 pi, the payload about y by pi/2 +- pi/6 composed with one of
+  the hammer's two flips; none reads the hammer's size), then the lid and payload on the start bin and the trash in
+  the target bin (:meth:`TwoArmTransport.arrange`). All from the env's generator in robosuite's order, so a per-env
+  seed gives robosuite's hammer and initial state.
+* **A hammer per world**: at its reset each world's model gets the fields that follow from its head half-size
+  (:class:`HammerHead`: the head's geoms and their bounds, the body's mass, centre of mass and inertia, what MuJoCo
+  derives from them, the body's bounding volumes): the geoms' sizes, positions and bounding boxes exactly as
+  robosuite's compiled model has them, the rest to rounding (within 5e-15 relative; in float32 on warp).
+  ``scene.xml`` holds seed 0's hammer, every world's before its first reset.
 * **MuJoCo Warp's buffers** (256 contacts, 1024 constraint rows per world): the most measured on C MuJoCo at the
   end of any env step over 60 random-action steps of 4 envs were 93 and 297 (three bins on the tables, the lid on
   its bin, both hands).
 * **Scripted expert**: :class:`TransportExpert` (the trash and the lid first, then a handover of the hammer over
   the gap between the tables).
-* **Difference from robosuite**: robosuite redraws the hammer's head half-size from U(0.015, 0.018) at every
-  reset (it rebuilds the model); the shipped scene keeps seed 0's draw in every world.
+* **Difference from robosuite**: on the cpu backend the solver's tolerance scale (``stat.meaninertia``, the mean
+  diagonal of the mass matrix at qpos0), which ``mujoco.batch`` keeps per model rather than per simulation, stays
+  seed 0's hammer's: within 1.1e-4 (relative) of the value robosuite compiles for another head.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +49,7 @@ import torch
 
 from flowrl.envs.controllers import State
 from flowrl.envs.registry import register
-from flowrl.envs.tasks.base import Draws
+from flowrl.envs.tasks.base import Draws, ModelFields, NumpyDraws
 from flowrl.envs.tasks.robosuite_scenes import (
     CLOSED,
     DERIVED_FIELDS,
@@ -53,9 +63,184 @@ from flowrl.envs.tasks.robosuite_scenes import (
     rotation_vector,
     scene_facts,
 )
+from flowrl.errors import FlowrlError
 
 CONTACT_CHECKS = ("payload_in_target_bin", "trash_in_trash_bin")
 """robosuite's two contact checks, in observation order; each becomes a contact sensor of that name."""
+
+
+HAMMER_PARTS = {"head": ((2.0, 1.0, 1.0), 0.0), "neck": ((0.8, 0.2), 2.2), "face": ((1.0, 0.4), 2.8),
+                "claw": ((0.7072, 0.95, 0.7072), -2.0)}
+"""robosuite's HammerObject (``_get_geom_attrs``): each part of the head as (its geom's size, its x position) in
+multiples of the head half-size h. Each part sits at z = handle_length / 2 + h and is a collision geom
+``<hammer>_<part>`` with a visual twin ``<hammer>_<part>_vis``."""
+_CORNERS = [[(v >> axis & 1) * 2.0 - 1.0 for axis in range(3)] for v in range(8)]
+
+
+def _solid(geom_type: int, size: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mass (n,), principal moments (n, 3) in the geom's frame) of a solid box or cylinder of sizes (n, 3), with
+    the arithmetic of MuJoCo's compiler (``mjCGeom::GetVolume``, ``SetInertia``)."""
+    if geom_type == mujoco.mjtGeom.mjGEOM_BOX:
+        a, b, c = size.unbind(-1)
+        mass = density * (a * b * c * 8)
+        aa, bb, cc = a * a, b * b, c * c
+        return mass, torch.stack([mass * (bb + cc) / 3, mass * (aa + cc) / 3, mass * (aa + bb) / 3], -1)
+    if geom_type == mujoco.mjtGeom.mjGEOM_CYLINDER:
+        radius, height = size[:, 0], 2 * size[:, 1]
+        mass = density * (math.pi * radius * radius * height)
+        side = mass * (3 * radius * radius + height * height) / 12
+        return mass, torch.stack([side, side, mass * radius * radius / 2], -1)
+    raise FlowrlError(f"the hammer's geoms are boxes and cylinders, not {mujoco.mjtGeom(geom_type).name}")
+
+
+def _bounds(geom_type: int, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bounding box (n, 6): centre, half-sizes; bounding sphere's radius (n,)) of boxes or cylinders in their
+    frames, as MuJoCo's compiler computes them."""
+    a, b, c = size.unbind(-1)
+    if geom_type == mujoco.mjtGeom.mjGEOM_BOX:
+        half, rbound = size, torch.sqrt(a * a + b * b + c * c)
+    else:
+        half, rbound = torch.stack([a, a, b], -1), torch.sqrt(a * a + b * b)
+    return torch.cat([torch.zeros_like(half), half], -1), rbound
+
+
+def _rotation(quat: np.ndarray) -> np.ndarray:
+    mat = np.empty(9)
+    mujoco.mju_quat2Mat(mat, quat)
+    return mat.reshape(3, 3)
+
+
+class HammerHead:
+    """The model fields of robosuite's hammer that follow from its head half-size h, for many h at once, in
+    closed form (robosuite rebuilds the hammer at every reset and MuJoCo compiles it; here nothing is compiled):
+
+    * the head parts' geom sizes and positions, with robosuite's own arithmetic (:data:`HAMMER_PARTS`), and their
+      bounding boxes and spheres, with MuJoCo's: the compiled values (a sphere's radius to within the last bit,
+      torch's square root being 1 ulp from the correctly rounded one on some CPUs);
+    * the body's mass, centre of mass and principal inertia, from the geoms MuJoCo weighs (the compiler's
+      ``inertiagrouprange``: the handle and the head's collision geoms, solids at their densities). Every geom lies
+      in the body's xz plane and turns only about y, so y is a principal axis; over robosuite's range of h the
+      moments in MuJoCo's order (largest first) are y's, then the two of the xz plane, turned about y;
+    * what MuJoCo derives from those at qpos0, where the free hammer's frame is the world's: the subtree masses
+      (the hammer's, the world's) and the inverse weights of the body and of its joint's dofs;
+    * the boxes of the body's bounding-volume hierarchy (C MuJoCo's midphase), in its inertial frame: each node's
+      box holds its geoms' boxes (their corners), in the shipped model's tree (the same tree over the range).
+
+    The inertial quantities agree with MuJoCo's compile to rounding (its eigen-solver and factorization).
+    """
+
+    FIELDS = ("geom_size", "geom_pos", "geom_aabb", "geom_rbound", "body_mass", "body_ipos", "body_iquat",
+              "body_inertia", "body_subtreemass", "body_invweight0", "dof_invweight0", "bvh_aabb")
+
+    def __init__(self, spec: mujoco.MjSpec, model: mujoco.MjModel, hammer: str, body: str) -> None:
+        geom = functools.partial(mujoco.mj_name2id, model, mujoco.mjtObj.mjOBJ_GEOM)
+        b = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, body)
+        self.body = b
+        self.dofs = tuple(range(int(model.body_dofadr[b]), int(model.body_dofadr[b] + model.body_dofnum[b])))
+        self.parts = {geom(f"{hammer}_{part}{twin}"): part for part in HAMMER_PARTS for twin in ("", "_vis")}
+        self.half_length = float(model.geom_size[geom(f"{hammer}_handle"), 2])
+        geoms = range(int(model.body_geomadr[b]), int(model.body_geomadr[b] + model.body_geomnum[b]))
+        low, high = spec.compiler.inertiagrouprange
+        self.weighed = {g: spec.geom(model.geom(g).name).density for g in geoms if low <= model.geom_group[g] <= high}
+        self.types = {g: int(model.geom_type[g]) for g in geoms}
+        self._shipped = {"size": {g: model.geom_size[g].copy() for g in geoms},
+                         "pos": {g: model.geom_pos[g].copy() for g in geoms},
+                         "rotation": {g: _rotation(model.geom_quat[g]) for g in geoms}, "corners": _CORNERS}
+        self.world_mass = float(model.body_subtreemass[0] - model.body_mass[b])  # all but the hammer
+        adr, num = int(model.body_bvhadr[b]), int(model.body_bvhnum[b])
+        self.nodes = tuple(range(adr, adr + num))
+
+        def leaves(node: int) -> list[int]:
+            children = [int(c) for c in model.bvh_child[adr + node] if c != -1]
+            return [g for c in children for g in leaves(c)] if children else [int(model.bvh_nodeid[adr + node])]
+
+        self.node_geoms = [leaves(node) for node in range(num)]
+
+    @functools.cache  # noqa: B019 - a task's hammer lives as long as the task
+    def _constants(self, device: torch.device) -> dict[str, Any]:
+        """The shipped geoms' sizes, positions and rotation matrices, and a box's corners, as float64 tensors on
+        ``device`` (made once per device: no copies to the device at resets)."""
+        t = functools.partial(torch.as_tensor, dtype=torch.float64, device=device)
+        return {key: {g: t(v) for g, v in value.items()} if isinstance(value, dict) else t(value)
+                for key, value in self._shipped.items()}
+
+    def __call__(self, h: torch.Tensor) -> ModelFields:
+        """The fields (float64) of hammers with head half-sizes ``h`` (n,)."""
+        h = h.to(torch.float64)
+        size, pos = self._geometry(h)
+        bounds = {g: _bounds(self.types[g], size[g]) for g in self.types}
+        mass, com, inertia, turn = self._inertia(size, pos)
+        c, s = torch.cos(turn / 2), torch.sin(turn / 2)
+        iquat = math.sqrt(0.5) * torch.stack([c, s, s, c], -1)  # a turn about y after a quarter turn about z
+        zero = torch.zeros_like(turn)
+        frame = torch.stack([torch.stack([zero, -torch.cos(turn), torch.sin(turn)], -1),  # iquat's matrix
+                             torch.stack([zero + 1, zero, zero], -1),
+                             torch.stack([zero, torch.sin(turn), torch.cos(turn)], -1)], -2)
+        # inverse weights at qpos0 (means of diagonals): of the body at its centre of mass (1 / mass, inverse
+        # inertia), of the free joint's dofs at the body's origin (its translations also turn the body about the
+        # centre of mass: + tr([com]x inverse [com]x^T) = |com|^2 tr(inverse) - com . inverse com)
+        rotational = (1 / inertia).sum(-1) / 3
+        inverse = frame @ torch.diag_embed(1 / inertia) @ frame.transpose(-1, -2)  # in the body's frame
+        lever = (com * com).sum(-1) * inverse.diagonal(dim1=-2, dim2=-1).sum(-1)
+        translational = 1 / mass + (lever - torch.einsum("ni,nij,nj->n", com, inverse, com)) / 3
+
+        parts, b = tuple(self.parts), (self.body,)
+        return {"geom_size": (parts, torch.stack([size[g] for g in parts], 1)),
+                "geom_pos": (parts, torch.stack([pos[g] for g in parts], 1)),
+                "geom_aabb": (parts, torch.stack([bounds[g][0] for g in parts], 1)),
+                "geom_rbound": (parts, torch.stack([bounds[g][1] for g in parts], 1)),
+                "body_mass": (b, mass[:, None]), "body_ipos": (b, com[:, None]), "body_iquat": (b, iquat[:, None]),
+                "body_inertia": (b, inertia[:, None]),
+                "body_subtreemass": ((0, self.body), torch.stack([self.world_mass + mass, mass], -1)),
+                "body_invweight0": (b, torch.stack([1 / mass, rotational], -1)[:, None]),
+                "dof_invweight0": (self.dofs, torch.stack([translational] * 3 + [rotational] * 3, -1)),
+                "bvh_aabb": (self.nodes, self._bvh(pos, bounds, com, frame))}
+
+    def _geometry(self, h: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Every geom's size and position (n, 3), by geom id: the head's parts as robosuite computes them."""
+        shipped = self._constants(h.device)
+        n, zero = len(h), torch.zeros_like(h)
+        size = {g: v.expand(n, 3) for g, v in shipped["size"].items()}
+        pos = {g: v.expand(n, 3) for g, v in shipped["pos"].items()}
+        for g, part in self.parts.items():
+            scale, x = HAMMER_PARTS[part]
+            size[g] = torch.stack([h * k for k in scale] + [zero] * (3 - len(scale)), -1)
+            pos[g] = torch.stack([h * x, zero, self.half_length + h], -1)
+        return size, pos
+
+    def _inertia(self, size: dict[int, torch.Tensor], pos: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(mass (n,), centre of mass (n, 3), principal moments (n, 3) in MuJoCo's order, the angle (n,) about y
+        of the principal axes in the xz plane) of the weighed geoms."""
+        solids = {g: _solid(self.types[g], size[g], density) for g, density in self.weighed.items()}
+        mass = sum(m for m, _ in solids.values())
+        com = sum(m[:, None] * pos[g] for g, (m, _) in solids.items()) / mass[:, None]
+        rotation = self._constants(com.device)["rotation"]
+        eye = torch.eye(3, dtype=com.dtype, device=com.device)
+        tensor = 0  # about the centre of mass, in the body's frame
+        for g, (m, moments) in solids.items():
+            r, d = rotation[g], pos[g] - com
+            offset = (d * d).sum(-1)[:, None, None] * eye - d[:, :, None] * d[:, None, :]
+            tensor = tensor + r @ torch.diag_embed(moments) @ r.T + m[:, None, None] * offset
+        xx, yy, zz, xz = tensor[:, 0, 0], tensor[:, 1, 1], tensor[:, 2, 2], tensor[:, 0, 2]
+        mid, gap = (xx + zz) / 2, torch.hypot((xx - zz) / 2, xz)
+        return mass, com, torch.stack([yy, mid + gap, mid - gap], -1), 0.5 * torch.atan2(-2 * xz, xx - zz)
+
+    def _bvh(self, pos: dict[int, torch.Tensor], bounds: dict[int, tuple[torch.Tensor, torch.Tensor]],
+             com: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+        """(n, nodes, 6) the body's bounding-volume boxes (centre, half-sizes) in its inertial frame (``com``,
+        ``frame``): each the box around the corners of its geoms' boxes, as MuJoCo's compiler builds them."""
+        shipped = self._constants(com.device)
+        points = {}
+        for g in {g for geoms in self.node_geoms for g in geoms}:
+            aabb = bounds[g][0]
+            local = aabb[:, None, :3] + shipped["corners"] * aabb[:, None, 3:]
+            points[g] = (local @ shipped["rotation"][g].T + (pos[g] - com)[:, None]) @ frame
+        nodes = []
+        for geoms in self.node_geoms:
+            inside = torch.cat([points[g] for g in geoms], 1)
+            low, high = inside.amin(1), inside.amax(1)
+            nodes.append(torch.cat([(high + low) / 2, (high - low) / 2], -1))
+        return torch.stack(nodes, 1)
 
 
 def _wxyz(q_xyzw: torch.Tensor) -> torch.Tensor:
@@ -114,18 +299,32 @@ class TwoArmTransport(PandaSceneTask):
     handle_radius = 0.015
     """robosuite's hammer handle radius r in this task (fixed: its draw is uniform(r, r)); the head half-size is
     drawn from U(r, 1.2 r)."""
+    varied_model_fields = HammerHead.FIELDS
+
+    @functools.cached_property
+    def hammer(self) -> HammerHead:
+        """The payload's model fields as functions of its head half-size."""
+        spec = mujoco.MjSpec.from_file(self.model)
+        facts = self.facts["transport"]
+        return HammerHead(spec, spec.compile(), facts["arrangement"]["payload"], facts["payload_body"])
+
+    def draw_head_halfsize(self, draws: Draws) -> torch.Tensor:
+        """(n,) hammer head half-sizes, drawn as robosuite draws its hammer's when it rebuilds the model at a reset:
+        the handle's radius r, length, density and friction (each fixed), then the head's from U(r, 1.2 r)."""
+        draws.uniform(0.0, 1.0, (self.hammer_draws - 1,))
+        r = self.handle_radius
+        return draws.uniform(r, r * 1.2)
 
     def robosuite_head_halfsize(self, seed: int) -> float:
-        """The hammer head's half-size robosuite builds for an episode reset with ``seed`` (its last hammer draw,
-        U(r, 1.2 r) of the handle radius r); the shipped scene has ``robosuite_head_halfsize(0)`` in every world."""
-        u = np.random.default_rng(seed).uniform(0.0, 1.0, self.hammer_draws)[-1]
-        return self.handle_radius * (1.0 + 0.2 * float(u))
+        """The hammer head's half-size robosuite builds for an episode reset with ``seed``, which a world reset with
+        that seed has too."""
+        return float(self.draw_head_halfsize(NumpyDraws([np.random.default_rng(seed)]))[0])
 
-    def reset(self, draws: Draws, qpos0: torch.Tensor, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """robosuite's reset, its generator's draws in its order: the hammer's (unused: the shipped head size is
-        kept), the arms' noise, the placements (so a per-env seed gives robosuite's initial state)."""
-        draws.uniform(0.0, 1.0, (self.hammer_draws,))
-        return super().reset(draws, qpos0, nv)
+    def reset_model(self, draws: Draws) -> ModelFields:
+        """Each fresh episode's hammer (:meth:`draw_head_halfsize`) as per-world model fields (:class:`HammerHead`);
+        the backends then draw :meth:`reset`'s arms' noise and placements from the same generators, as robosuite
+        does after rebuilding the hammer (so a per-env seed gives robosuite's hammer and initial state)."""
+        return self.hammer(self.draw_head_halfsize(draws))
 
     def placement_quat(self, obj: dict[str, Any], draws: Draws) -> torch.Tensor:
         """The payload's sampled rotation composed with one of the hammer's two flips, as robosuite composes them
