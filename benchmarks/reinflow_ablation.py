@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                      "2x fewer envs, 2x longer rollouts (same decisions per iteration on 2048 x 10)"),
     "cpu_layout": (["train.num_envs=256", "train.rollout_steps=80"],
                    "the cpu preset's layout: 8x fewer envs, 8x longer rollouts (same decisions per iteration)"),
+    "rollouts_160": (["train.num_envs=128", "train.rollout_steps=160"],
+                     "2x fewer envs, 2x longer rollouts than the presets' 256 x 80 (the same decisions per iteration)"),
     "rollouts_40": (["train.rollout_steps=40"], "4x longer rollouts of the same envs (4x the decisions per iteration)"),
     "full_batch": (["train.minibatch_size=20480", "train.update_epochs=20"],
                    "minibatches of 20,480 decisions (all of 2048 envs x 10), 20 epochs: the reference's ~20 near-full-batch steps"),
