@@ -65,6 +65,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "low_noise": (["train.sigma_min=0.05", "train.sigma_max=0.12"], "injected noise std in [0.05, 0.12]"),
     "flow_sde": (["train.exploration=flow_sde"], "score-corrected noisy chain: trains the deployed flow's marginals"),
     "flow_sde_critic_ev": (["train.exploration=flow_sde", "train.critic_warmup_ev=0.8"], "both"),
+    "no_entropy": (["train.ent_coef=0"], "no entropy bonus: the noise head may shrink the noise where it hurts"),
     "k1": (["train.k=1"], "one Euler step (K = 1), the noise injected at it; evaluated at K = 1"),
     "last_step": (["train.exploration=last_step"],
                   "noise injected at the last Euler step only: samples Gaussian around the deployed chunk"),
