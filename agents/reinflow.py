@@ -64,7 +64,7 @@ class ReinFlowConfig(ChunkPPOConfig):
     sigma_final_mix: float = 0.7
     """The upper bound decays to (1 - mix) * sigma_min + mix * sigma_max."""
     logprob_normalization: str = "mean"
-    """`mean`: the ratio uses the chain log-likelihood divided by its number of noisy elements (K*horizon*act_dim), a per-element geometric-mean ratio; `mean_with_initial`: divided by (K+1)*horizon*act_dim, counting the initial noise as ReinFlow's reference does (the same ratio to the power K/(K+1): a wider effective clip); `sum`: the exact joint ratio."""
+    """`mean`: the ratio uses the chain log-likelihood divided by its number of noisy elements (K*horizon*act_dim; horizon*act_dim with noise at the last step only), a per-element geometric-mean ratio; `mean_with_initial`: divided by (K+1)*horizon*act_dim, counting the initial noise as ReinFlow's reference does (the same ratio to the power K/(K+1): a wider effective clip); `sum`: the exact joint ratio."""
     exploration: str = "reinflow"
     """`reinflow`: the noise is added to every Euler step's mean (ReinFlow); `flow_sde`: each step's mean also takes the score correction that keeps the flow's marginals (flowrl.sampler.step_mean), so the noisy chain PPO trains samples, in distribution, the deterministic flow that is deployed; `last_step`: the noise is added at the last step only, so a sampled chunk is Gaussian around the deployed chunk from the same initial noise."""
     noise_hidden_dim: int = 128
