@@ -108,7 +108,7 @@ class CameraRenderer(_Renderer):
             cam.type = mujoco.mjtCamera.mjCAMERA_FIXED
             cam.fixedcamid = cam_id
             self._cams[name] = cam
-        self._varied = bool(getattr(env, "model_fields", None))  # then each world is drawn with its own model
+        self._varied = bool(env.model_fields)  # then each world is drawn with its own model
         if self._varied:
             model = copy.copy(model)
         self._renderer: Any = MujocoRenderer(model, width, height, env.task_def.hidden_geom_groups)
