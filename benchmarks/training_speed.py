@@ -5,8 +5,9 @@ Parts (``--parts``, default all but ``profile``):
 - ``bc``: gradient steps/s of behaviour cloning through the training loop, for the Hopper preset (3x512
   MLP, batch 256), the Square preset and a pixel policy (Can's pixel preset on random 84x84 images beside
   Can's demonstrations: the speed does not depend on what the pixels show). Each run also records its
-  loss every 100 steps, so runs of one seed (``--cuda-graph off`` / ``on``, or the baseline) compare
-  loss curves.
+  loss every 100 steps, so runs of one seed (``--cuda-graph off`` / ``on``, ``--compile``, or the baseline)
+  compare loss curves, and its steady rate after the first 200 steps (the graph's capture and, with
+  ``--compile``, the compilation are then behind it) beside the whole loop's.
 - ``reinflow``: Hopper ReinFlow iterations for each ``--layouts`` rollout (``<envs>x<decisions>``, 4 actions
   per decision; the preset's 256x80 and 2048x10 are 80k env steps each) on ``--sim-backend`` (MuJoCo Warp by default),
   split into rollout and update seconds (the mean of the iterations after the critic warm-up and the
@@ -93,9 +94,10 @@ def supports(schema: Any, key: str) -> bool:
 
 
 def graph_override(args: argparse.Namespace, agent_config: Any) -> list[str]:
+    compiled = ["train.compile=true"] if args.compile and supports(agent_config, "compile") else []
     if args.cuda_graph == "default" or not supports(agent_config, "cuda_graph"):
-        return []
-    return [f"train.cuda_graph={'true' if args.cuda_graph == 'on' else 'false'}"]
+        return compiled
+    return [f"train.cuda_graph={'true' if args.cuda_graph == 'on' else 'false'}", *compiled]
 
 
 # -- behaviour cloning -----------------------------------------------------------------------------
@@ -125,6 +127,8 @@ def bc_run(name: str, preset_path: Path, steps: int, args: argparse.Namespace, e
     cfg = load_stage_config("pretrain", preset_path, overrides)
     cfg.data.path = str(in_repo(cfg.data.path))
     losses: list[float] = []
+    steady_from = min(200, steps // 2)
+    marks: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
         trainer = Trainer(BehaviorCloning(cfg), Path(tmp) / name, progress=False)
@@ -133,6 +137,9 @@ def bc_run(name: str, preset_path: Path, steps: int, args: argparse.Namespace, e
         step = agent.train_iteration
 
         def logged(iteration: int) -> dict:
+            if iteration == steady_from:
+                sync()
+                marks["steady"] = time.time()
             logs = step(iteration)
             if iteration % 100 == 99:
                 losses.append(float(logs["train/loss"]))
@@ -140,15 +147,18 @@ def bc_run(name: str, preset_path: Path, steps: int, args: argparse.Namespace, e
 
         agent.train_iteration = logged  # type: ignore[method-assign]
         loop_s = timed_fit(trainer)
+        steady_s = time.time() - marks["steady"]
     return {"preset": str(preset_path), "steps": steps, "batch_size": cfg.train.batch_size,
             "setup_s": round(setup_s, 2), "loop_s": round(loop_s, 3), "steps_per_s": round(steps / loop_s, 1),
+            "steady_steps_per_s": round((steps - steady_from) / steady_s, 1),
             "loss_every_100": [round(x, 6) for x in losses], "overrides": overrides}
 
 
 def part_bc(args: argparse.Namespace, record: dict) -> None:
     runs = record.setdefault("bc", {})
     runs["hopper"] = bc_run("bc-hopper", preset("hopper/pretrain_reflow.yaml"), args.bc_steps, args, [])
-    print(f"BC hopper: {runs['hopper']['steps_per_s']:.0f} steps/s", flush=True)
+    print(f"BC hopper: {runs['hopper']['steps_per_s']:.0f} steps/s "
+          f"({runs['hopper']['steady_steps_per_s']:.0f} after step 200)", flush=True)
     runs["square"] = bc_run("bc-square", preset("square/pretrain_reflow.yaml"), args.bc_steps, args, [])
     print(f"BC square: {runs['square']['steps_per_s']:.0f} steps/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -423,6 +433,7 @@ def part_profile(args: argparse.Namespace, tmp: Path) -> None:
 def summary(rec: dict) -> dict[str, Any]:
     bc = rec.get("bc", {})
     out: dict[str, Any] = {"bc_hopper_steps_per_s": bc.get("hopper", {}).get("steps_per_s"),
+                           "bc_hopper_steady_steps_per_s": bc.get("hopper", {}).get("steady_steps_per_s"),
                            "bc_square_steps_per_s": bc.get("square", {}).get("steps_per_s"),
                            "bc_pixels_steps_per_s": bc.get("pixels", {}).get("steps_per_s")}
     for layout, r in rec.get("reinflow", {}).items():
@@ -483,6 +494,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--cuda-graph", choices=["default", "on", "off"], default="default",
                     help="train.cuda_graph for BC and ReinFlow (default: the presets')")
+    ap.add_argument("--compile", action="store_true", help="behaviour cloning with train.compile=true")
     ap.add_argument("--bc-steps", type=int, default=3000)
     ap.add_argument("--pixel-steps", type=int, default=300)
     ap.add_argument("--init-steps", type=int, default=2000, help="BC steps of the ReinFlow/MLE starting policy")
@@ -523,7 +535,8 @@ def main() -> int:
     record: dict[str, Any] = {"commit": args.code_commit or provenance()["commit"], "machine": machine(),
                               "provenance": provenance(), "flowrl_from": str(Path(flowrl.__file__).parent),
                               "torch": torch.__version__,
-                              "device": args.device, "cuda_graph": args.cuda_graph, "sim_backend": args.sim_backend,
+                              "device": args.device, "cuda_graph": args.cuda_graph, "compile": args.compile,
+                              "sim_backend": args.sim_backend,
                               "configs": str(CONFIGS[0]),
                               "tf32_override": os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"),
                               "command": "python benchmarks/training_speed.py " + " ".join(sys.argv[1:])}

@@ -147,24 +147,41 @@ def test_a_loaded_optimiser_state_keeps_the_loaders_implementation_flags() -> No
     loader.step()
 
 
+@pytest.mark.slow  # two compilations, about 40 s on two cores
+def test_compiled_loss_follows_the_eager_step(hopper_dataset) -> None:
+    """``train.compile`` runs the loss through TorchInductor: from the same seed, the same losses and weights
+    as the eager step, to float rounding (fused kernels may sum in another order), for both heads."""
+    for head in ("reflow", "shortcut"):
+        runs = []
+        for compiled in (False, True):
+            agent = _bc(hopper_dataset, f"policy.head={head}", "seed=4", f"train.compile={compiled}")
+            assert (agent._loss != agent._loss_eager) == compiled
+            losses = torch.stack([agent.train_iteration(i)["train/loss"] for i in range(6)])
+            runs.append((losses, [p.detach().clone() for p in agent.model.parameters()]))
+        torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(runs[0][1], runs[1][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
 @needs_cuda
 @pytest.mark.parametrize("head", ["reflow", "shortcut"])
 def test_bc_graph_replays_the_eager_step(hopper_dataset, head) -> None:
-    """The captured step and the eager one, from the same seed in float32: the same losses and weights, to
-    float rounding (cuBLAS may choose other kernels inside a capture)."""
+    """The captured step (with and without the compiled loss) and the eager one, from the same seed in float32:
+    the same losses and weights, to float rounding (cuBLAS may choose other kernels inside a capture)."""
     runs = []
-    for graph in (False, True):
+    for graph, compiled in ((False, False), (True, False), (True, True)):
         agent = _bc(hopper_dataset, f"policy.head={head}", "seed=2", "device=cuda", f"train.cuda_graph={graph}",
-                    "train.tf32=false")
+                    "train.tf32=false", f"train.compile={compiled}")
         assert (agent.graph is not None) == graph
         losses = torch.stack([agent.train_iteration(i)["train/loss"].clone() for i in range(12)])
         runs.append((losses, [p.detach().clone() for p in agent.model.parameters()]))
-    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-4, atol=1e-6)
-    for a, b in zip(runs[0][1], runs[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for other in runs[1:]:
+        torch.testing.assert_close(runs[0][0], other[0], rtol=1e-4, atol=1e-6)
+        for a, b in zip(runs[0][1], other[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @needs_cuda
