@@ -38,7 +38,9 @@ from a folder of their files (as benchmarks/results/manipulation/lift_warp_runs/
 final evaluation and its training-loop state, whose first evaluation is the starting policy's) and
 ``robosuite_eval_ft_<task><seed>[_pixels]_<checkpoint>.json`` (``flowrl eval CKPT --backend robosuite
 --json``: the last checkpoint's is the fine-tuned success in robosuite; ``best``'s is the pretrained one
-where the run's best evaluation was its starting policy, else reported beside the last).
+where the run's best evaluation was its starting policy, else reported beside the last), and
+``robosuite_eval_bc_<task><seed>[_pixels].json`` where the behaviour-cloned checkpoint itself was evaluated
+(its success is then the pretrained one).
 Writes reinflow_manip_<task>_<tag>[_pixels].json.
 
 On a time-limited machine pass --budget-minutes N (per seed, evaluations included): fine-tuning then
@@ -238,9 +240,13 @@ def _import_seed(folder: Path, run: str, seed: int) -> dict:
         rs = read(last.name)["results"][0]
         record.update(finetuned_success_robosuite=rs["success_rate"], robosuite_episodes=rs["episodes"],
                       finetuned_length_robosuite=rs["length_mean"])
+    cloned = folder / f"robosuite_eval_{run.replace('ft_', 'bc_', 1)}.json"
+    if cloned.is_file():  # the behaviour-cloned checkpoint itself, evaluated in robosuite
+        rs = read(cloned.name)["results"][0]
+        record.update(pretrained_success_robosuite=rs["success_rate"], robosuite_episodes=rs["episodes"])
     if best.is_file():
         rs = read(best.name)["results"][0]
-        if loop.get("best_step") == 0:
+        if loop.get("best_step") == 0 and not cloned.is_file():
             record.update(pretrained_success_robosuite=rs["success_rate"], robosuite_episodes=rs["episodes"])
         else:
             record.update(best_success_robosuite=rs["success_rate"], best_step=loop.get("best_step"))

@@ -260,7 +260,9 @@ def _manipulation_run(folder: Path, run: str, seed: int, start: float, final: fl
             {"iteration": 0, "env_steps": 0, "success_rate": start},
             {"iteration": 4, "env_steps": step, "success_rate": final}]}))
     for checkpoint, rate in robosuite.items():
-        (folder / f"robosuite_eval_{run}_{step if checkpoint == 'last' else checkpoint}.json").write_text(json.dumps(
+        name = (f"robosuite_eval_{run.replace('ft_', 'bc_', 1)}.json" if checkpoint == "cloned" else
+                f"robosuite_eval_{run}_{step if checkpoint == 'last' else checkpoint}.json")
+        (folder / name).write_text(json.dumps(
             {"results": [{"k": 4, "episodes": 100, "success_rate": rate, "length_mean": 185.0}]}))
 
 
@@ -272,7 +274,7 @@ def test_import_runs_makes_rows_from_a_pipelines_files(tmp_path: Path, capsys: p
     _manipulation_run(runs, "ft_square0_pixels", 0, 0.95, 0.977, {"last": 0.93})
     _manipulation_run(runs, "ft_square1_pixels", 1, 0.98, 0.961, {"last": 0.91, "best": 0.94})
     _manipulation_run(runs, "ft_square2_pixels", 2, 0.98, 0.988, {"last": 0.90, "best": 0.97}, best_step=307_200)
-    _manipulation_run(runs, "ft_can0", 0, 1.0, 1.0, {"last": 0.99})
+    _manipulation_run(runs, "ft_can0", 0, 1.0, 1.0, {"last": 0.99, "cloned": 0.97})
     assert reinflow_manipulation.import_runs([str(runs)], "t", "abc1234") == 1  # Can: one seed, 99% < 100%
     out = capsys.readouterr().out
     assert "[PASS] square fine-tuned success in robosuite >= 90% over 3 seeds (91.3%, 3 seed(s))" in out
@@ -290,6 +292,7 @@ def test_import_runs_makes_rows_from_a_pipelines_files(tmp_path: Path, capsys: p
         409_600, 4, 128, 3)
     can = json.loads((tmp_path / "results" / "manipulation" / "reinflow_manip_can_t.json").read_text())
     assert can["pixels"] is False
+    assert can["seeds"][0]["pretrained_success_robosuite"] == 0.97  # the cloned checkpoint's own evaluation
 
 
 def test_import_runs_refuses_files_it_cannot_trust(tmp_path: Path) -> None:
