@@ -137,25 +137,29 @@ def dip_predictors(runs: list[dict]) -> list[tuple[str, float, int]]:
 
 def plot_diagnostics(task: str, runs: list[dict], out_dir: Path) -> Path:
     """One figure per task: the evaluations as a fraction of the start, then each diagnostic, against env
-    steps, one colour per variant and one line per seed."""
+    steps, one colour per variant and rollout layout, one line per seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in DIAGNOSTICS if any(row.get(k) is not None for r in runs for row in r.get("diagnostics", []))]
-    fig, axes = plt.subplots(len(keys) + 1, 1, figsize=(7, 2.0 * (len(keys) + 1)), sharex=True)
-    variants = sorted({r["variant"] for r in runs})
+    keys = [k for k in DIAGNOSTICS if k != "train/critic_warmup"
+            and any(row.get(k) is not None for r in runs for row in r.get("diagnostics", []))]
+    fig, axes = plt.subplots(len(keys) + 1, 1, figsize=(7, 1.6 * (len(keys) + 1)), sharex=True)
+    def name(r: dict) -> str:
+        return r.get("variant_layout", r["variant"])
+
+    variants = sorted({name(r) for r in runs})
     colours = dict(zip(variants, plt.cm.tab10.colors))
     last = max(row["env_steps"] for r in runs for row in r.get("diagnostics", [])) if keys else None
     for r in runs:
         curve = [c for c in r["curve"] if last is None or c["env_steps"] <= last]
         start = r["curve"][0]["return_mean"]
-        label = r["variant"] if r["seed"] == min(x["seed"] for x in runs if x["variant"] == r["variant"]) else None
+        label = name(r) if r["seed"] == min(x["seed"] for x in runs if name(x) == name(r)) else None
         axes[0].plot([c["env_steps"] / 1e6 for c in curve], [c["return_mean"] / start for c in curve],
-                     color=colours[r["variant"]], marker="o", ms=3, label=label)
+                     color=colours[name(r)], marker="o", ms=3, label=label)
         for ax, key in zip(axes[1:], keys):
             rows = [row for row in r.get("diagnostics", []) if row.get(key) is not None]
-            ax.plot([row["env_steps"] / 1e6 for row in rows], [row[key] for row in rows], color=colours[r["variant"]])
+            ax.plot([row["env_steps"] / 1e6 for row in rows], [row[key] for row in rows], color=colours[name(r)])
     axes[0].axhline(0.9, color="grey", ls="--", lw=0.8)
     axes[0].set_ylabel("eval / start")
     axes[0].legend(fontsize=7)
