@@ -21,7 +21,9 @@ Parts (``--parts``, default all but ``profile``):
   included).
 - ``profile``: torch.profiler tables of BC steps, a ReinFlow rollout and update, and an evaluation.
 
-Targets (exit code 1 when one is missed): BC of the Hopper policy >= 2500 steps/s, a Hopper ReinFlow
+Targets (exit code 1 when one is missed): BC of the Hopper policy >= 2500 steps/s once running (after its
+first 200 steps: the graph's capture and any compilation are start-up, which the whole loop's rate beside
+it includes), a Hopper ReinFlow
 iteration (rollout + update, the preset's 256x80 on warp: shorter rollouts simulate faster but
 lose much of the pretrained policy's return first, docs/results.md) <= 0.3 s, an evaluation of 10 Hopper episodes <= 1 s,
 demonstrations to 3205 <= 60 s. ``--report`` prints the table of every record in the results folder.
@@ -49,7 +51,7 @@ from typing import Any
 from common import FLOWRL_CLI, REPO, in_repo, provenance, report_checks, results_dir, run_main
 
 PUBLISHED_HOPPER = 3205.0
-TARGETS = {"bc_hopper_steps_per_s": 2500.0, "reinflow_iteration_s": 0.3, "eval_hopper_10_s": 1.0, "e2e_s": 60.0}
+TARGETS = {"bc_hopper_steady_steps_per_s": 2500.0, "reinflow_iteration_s": 0.3, "eval_hopper_10_s": 1.0, "e2e_s": 60.0}
 ROLLOUT = "256x80"
 
 
