@@ -145,6 +145,7 @@ def plot_diagnostics(task: str, runs: list[dict], out_dir: Path) -> Path:
     keys = [k for k in DIAGNOSTICS if k != "train/critic_warmup"
             and any(row.get(k) is not None for r in runs for row in r.get("diagnostics", []))]
     fig, axes = plt.subplots(len(keys) + 1, 1, figsize=(7, 1.6 * (len(keys) + 1)), sharex=True)
+
     def name(r: dict) -> str:
         return r.get("variant_layout", r["variant"])
 

@@ -20,7 +20,7 @@ import flowrl.deploy  # noqa: E402
 from flowrl.checkpoint import load_policy, save_checkpoint  # noqa: E402
 from flowrl.cli import main  # noqa: E402
 from flowrl.config import PolicyConfig  # noqa: E402
-from flowrl.deploy.export import export, metadata_path  # noqa: E402
+from flowrl.deploy.export import export, metadata_path, mish_from_sigmoid  # noqa: E402
 from flowrl.envs import make  # noqa: E402
 from flowrl.errors import FlowrlError  # noqa: E402
 from flowrl.policy import FlowPolicy  # noqa: E402
@@ -87,6 +87,16 @@ def test_export_matches_eager(checkpoints, exports, head, fmt) -> None:
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
         # actions within the bounds: clipping and scaling are in the graph
         assert bool((got >= torch.tensor([-1.0, -0.5])).all() and (got <= torch.tensor([1.0, 0.8]) + 1e-6).all())
+
+
+def test_the_exports_mish_is_mish() -> None:
+    """The export's Mish, written with a sigmoid, is torch's Mish to float rounding over the whole float range
+    the network meets (no overflow at either end: a bounded sigmoid instead of an exponential)."""
+    x = torch.cat([torch.linspace(-100.0, 100.0, 20001, dtype=torch.float64),
+                   torch.tensor([-1e30, -88.8, 88.8, 1e30], dtype=torch.float64)])
+    torch.testing.assert_close(mish_from_sigmoid(x), torch.nn.functional.mish(x), rtol=1e-12, atol=1e-12)
+    x32 = x.float()
+    torch.testing.assert_close(mish_from_sigmoid(x32), torch.nn.functional.mish(x32), rtol=1e-6, atol=1e-6)
 
 
 def test_export_refused_above_tolerance_writes_nothing(checkpoints, tmp_path) -> None:
