@@ -49,16 +49,21 @@ def cpu_model() -> str:
 @functools.lru_cache(maxsize=1)
 def provenance() -> dict:
     """Where a measurement was made: the git commit of this checkout (``+uncommitted`` when tracked files
-    differ from it, ``unknown`` outside a git checkout), the host's processor and core count, and its GPU."""
+    differ from it, ``unknown`` outside a git checkout), the host's processor and core count, and its GPU.
+
+    ``FLOWRL_COMMIT`` names the commit instead, for a copy of a checkout made without its git history (or
+    with a stale one), as remote machines often get."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
 
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-        if git("status", "--porcelain", "--untracked-files=no").strip():
-            commit += "+uncommitted"
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = os.environ.get("FLOWRL_COMMIT", "").strip()
+    if not commit:
+        try:
+            commit = git("rev-parse", "HEAD").strip()
+            if git("status", "--porcelain", "--untracked-files=no").strip():
+                commit += "+uncommitted"
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     gpu = None
     if "torch" in sys.modules:  # every benchmark imports torch; this module alone does not need it
         torch = sys.modules["torch"]

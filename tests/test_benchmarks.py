@@ -49,6 +49,7 @@ def test_a_results_file_names_its_study_folder_commit_and_machine(tmp_path: Path
     from common import provenance, write_result
 
     monkeypatch.setenv("FLOWRL_RESULTS", str(tmp_path))
+    monkeypatch.delenv("FLOWRL_COMMIT", raising=False)
     path = write_result("thing", {"value": 1.5}, "t", "a_study")
     assert path == tmp_path / "a_study" / "thing_t.json"
     rec = json.loads(path.read_text())
@@ -56,6 +57,12 @@ def test_a_results_file_names_its_study_folder_commit_and_machine(tmp_path: Path
                           cwd=Path(__file__).parent).stdout.strip()
     assert rec["value"] == 1.5 and rec["provenance"] == provenance()
     assert rec["provenance"]["commit"].split("+")[0] == head and rec["provenance"]["cores"] >= 1
+    monkeypatch.setenv("FLOWRL_COMMIT", "abc1234")  # a copy without its history names its commit
+    provenance.cache_clear()  # read once per process
+    try:
+        assert provenance()["commit"] == "abc1234"
+    finally:
+        provenance.cache_clear()
 
 
 def test_cut_seed_takes_its_last_curve_point() -> None:
