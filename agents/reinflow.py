@@ -39,7 +39,7 @@ from flowrl.agents.ppo import ChunkPPO, ChunkPPOConfig
 from flowrl.config import check_fraction, check_non_negative, check_positive, fail
 from flowrl.nets import SinusoidalEmbedding
 from flowrl.policy import FlowPolicy, require_unsteered
-from flowrl.sampler import chain_transitions, gaussian_log_prob, noisy_euler_chain
+from flowrl.sampler import chain_transitions, gaussian_log_prob, noisy_euler_chain, time_grid
 
 LOG_2PI_E_HALF = 0.5 * math.log(2 * math.pi * math.e)
 EXPLORATIONS = ("reinflow", "flow_sde", "last_step")
@@ -162,7 +162,7 @@ class ReinFlow(ChunkPPO):
         """With noise at the last step only: the mean and std of the chain's end given its initial noise
         ``x0``. The mean is the deployed flow's chunk from ``x0`` (the same K Euler steps); the std is the
         noise head's at the last step's time."""
-        last = torch.full((len(x0),), (self.K - 1) / self.K, device=x0.device, dtype=x0.dtype)
+        last = time_grid(self.K, len(x0), x0.device, x0.dtype)[-1]
         return self._flow(self.policy, cond, x0), self.noise(last, cond)
 
     def _log_prob_and_entropy(self, cond: torch.Tensor, chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,7 +95,8 @@ def supports(schema: Any, key: str) -> bool:
     return key in {f.name for f in dataclasses.fields(schema)}
 
 
-def graph_override(args: argparse.Namespace, agent_config: Any) -> list[str]:
+def step_overrides(args: argparse.Namespace, agent_config: Any) -> list[str]:
+    """``--cuda-graph`` and ``--compile`` as the agent's ``train.*`` overrides, where its config has the key."""
     compiled = ["train.compile=true"] if args.compile and supports(agent_config, "compile") else []
     if args.cuda_graph == "default" or not supports(agent_config, "cuda_graph"):
         return compiled
@@ -125,7 +126,7 @@ def bc_run(name: str, preset_path: Path, steps: int, args: argparse.Namespace, e
     from flowrl.training import Trainer
 
     overrides = [f"seed={args.seed}", f"device={args.device}", f"train.steps={steps}", "train.eval_every=0",
-                 f"train.checkpoint_every={steps}", "train.log_every=100", *extra, *graph_override(args, BCConfig)]
+                 f"train.checkpoint_every={steps}", "train.log_every=100", *extra, *step_overrides(args, BCConfig)]
     cfg = load_stage_config("pretrain", preset_path, overrides)
     cfg.data.path = str(in_repo(cfg.data.path))
     losses: list[float] = []
@@ -225,7 +226,7 @@ def part_reinflow(args: argparse.Namespace, record: dict, tmp: Path) -> None:
     for layout in args.layouts:
         overrides = [f"seed={args.seed}", f"device={args.device}", f"init={init}", "train.eval_every=0",
                      f"train.checkpoint_every={10 ** 6}", *layout_overrides(layout, args.device, args.sim_backend),
-                     *graph_override(args, ReinFlowConfig)]
+                     *step_overrides(args, ReinFlowConfig)]
         cfg = load_stage_config("finetune", preset("hopper/finetune_reflow.yaml"), overrides)
         per_iteration = cfg.train.num_envs * cfg.train.rollout_steps * 4
         cfg.train.env_steps = args.iterations * per_iteration
@@ -332,7 +333,7 @@ def part_mle(args: argparse.Namespace, record: dict, tmp: Path) -> None:
     init = pretrained_hopper(args, tmp / "init")
     overrides = [f"seed={args.seed}", f"device={args.device}", f"init={init}", f"train.steps={args.mle_steps}",
                  "train.eval_every=0", f"train.checkpoint_every={args.mle_steps}",
-                 *graph_override(args, MLEConfig)]
+                 *step_overrides(args, MLEConfig)]
     cfg = load_stage_config("finetune", preset("hopper/finetune_mle.yaml"), overrides)
     loop_s = timed_fit(Trainer(MLEFineTuning(cfg), tmp / "mle", progress=False))
     record["mle"] = {"steps": args.mle_steps, "loop_s": round(loop_s, 3),
