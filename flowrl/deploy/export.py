@@ -17,8 +17,10 @@ The unrolled graph is the policy's computation rearranged for inference, not a n
 (and step-size) embeddings of the K fixed times are constants, computed once at export and folded
 with the first layer's bias, and the observation part of the first layer (its columns of the
 conditioning features: the standardised states, for a pixel policy followed by the image features)
-is applied once per call instead of once per step (a policy whose velocity is more than the plain
-network is unrolled through its own ``velocity``). :func:`export` checks the result against the eager
+is applied once per call instead of once per step, each step's output layer is premultiplied by
+its step size, and the scaling to the action bounds is one multiply-add: at batch 1 every node of the
+graph costs a dispatch (a policy whose velocity is more than the plain network is unrolled through its
+own ``velocity``). :func:`export` checks the result against the eager
 :meth:`FlowPolicy.predict` on random inputs (random uint8 images for pixel policies) and refuses to
 keep an export that differs by more than ``tolerance`` (1e-4 by default).
 
@@ -104,8 +106,6 @@ class UnrolledSampler(nn.Module):
             w = inp.weight.detach().clone()
             self.register_buffer("obs_mean", policy.obs_mean.detach().clone())
             self.register_buffer("obs_std", policy.obs_std.detach().clone())
-            self.register_buffer("action_low", policy.action_low.detach().clone())
-            self.register_buffer("action_high", policy.action_high.detach().clone())
             self.register_buffer("w_action", w[:, :chunk].T.contiguous())
             self.register_buffer("w_obs", w[:, chunk:chunk + feat].T.contiguous())
             # per step: W_emb [temb(t_k), demb(d_k)] + b, one (1, hidden) row each
@@ -113,19 +113,29 @@ class UnrolledSampler(nn.Module):
             if policy.step_embed is not None:
                 emb.append(policy.step_embed(torch.tensor(self.steps, dtype=torch.float32)))
             step_bias = torch.cat(emb, dim=-1) @ w[:, chunk + feat:].T + inp.bias
-            self.register_buffer("step_bias", step_bias.detach().clone())
+            # the first step's bias rides on the once-per-call observation product; later steps add the difference
+            self.register_buffer("obs_bias", step_bias[0].detach().clone())
+            self.register_buffer("step_bias_offset", (step_bias - step_bias[0]).detach().clone())
+            # each step's output layer premultiplied by its step size: x + dt v is one product and one sum
+            last = policy.velocity_net.out[-1]
+            self.register_buffer("step_out_weight", torch.stack([dt * last.weight.detach() for dt in self.steps]))
+            self.register_buffer("step_out_bias", torch.stack([dt * last.bias.detach() for dt in self.steps]))
+            # clip to [-1, 1], then one multiply-add to the action bounds
+            self.register_buffer("action_scale", 0.5 * (policy.action_high - policy.action_low).detach().clone())
+            self.register_buffer("action_offset", policy.action_low.detach() + self.action_scale)
         self.blocks = policy.velocity_net.blocks
         self.out = policy.velocity_net.out
         self.steering = getattr(policy, "steering", None)
 
-    def _velocity_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """The velocity network after its input layer: each pre-norm residual block, then the output layer
-        (``flowrl.nets.ResidualMLP``), with Mish as :func:`mish_from_sigmoid`."""
+    def _step_from_hidden(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        """``dt_i`` times the velocity, from the hidden state after the input layer: each pre-norm residual
+        block, then the output layer premultiplied by step ``i``'s size (``flowrl.nets.ResidualMLP``), with
+        Mish as :func:`mish_from_sigmoid`."""
         for block in self.blocks:
             norm, first, _, second = block.net
             h = h + second(mish_from_sigmoid(first(norm(h))))
-        norm, _, last = self.out
-        return last(mish_from_sigmoid(norm(h)))
+        norm = self.out[0]
+        return torch.nn.functional.linear(mish_from_sigmoid(norm(h)), self.step_out_weight[i], self.step_out_bias[i])
 
     def forward(self, obs: torch.Tensor, noise: torch.Tensor, *images: torch.Tensor) -> torch.Tensor:
         if len(images) != len(self.cameras):
@@ -144,13 +154,13 @@ class UnrolledSampler(nn.Module):
                 x = x + dt * self.policy.velocity(ones * start, x, z, ones * dt if self.takes_step_size else None)
             x = x.flatten(1)
         else:
-            h_obs = z @ self.w_obs
+            h_obs = torch.addmm(self.obs_bias, z, self.w_obs)
             x = noise.flatten(1)
-            for i, dt in enumerate(self.steps):
-                h = x @ self.w_action + h_obs + self.step_bias[i]
-                x = x + dt * self._velocity_from_hidden(h)
+            for i in range(self.k):
+                h = torch.addmm(h_obs if i == 0 else h_obs + self.step_bias_offset[i], x, self.w_action)
+                x = x + self._step_from_hidden(h, i)
         a = x.clamp(-1.0, 1.0).view(-1, *self.chunk_shape)
-        return self.action_low + 0.5 * (a + 1.0) * (self.action_high - self.action_low)
+        return a * self.action_scale + self.action_offset
 
 
 def _example_inputs(policy: FlowPolicy, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
