@@ -14,9 +14,10 @@ meanflow`` at K = 1 (a one-step head: its step-size embedding is folded into the
   runs that graph faster on one thread (at batch 1 every step reads all its weights), so it is the
   machine's bound, measured on the machine.
 - ONNX Runtime inference: one call of the exported graph at batch 1 (one intra-op and one inter-op
-  thread, sequential). The floor and ONNX Runtime are each timed in a warm loop of their own (100
-  calls of warm-up, then the timed ones), one after the other: interleaved, each call would find the
-  caches holding the other's weights, which slows it. The floor's own p99 shows how much of a tail is the machine's.
+  thread, sequential). The floor and ONNX Runtime are timed in 10 alternating blocks, each a warm loop of
+  its own (100 calls of warm-up, then a tenth of the timed ones): call by call, each would find the
+  caches holding the other's weights, which slows it; one loop each, a slow stretch of a shared machine
+  would fall on one of them only. The floor's own p99 shows how much of a tail is the machine's.
 - ``act`` at batch 1 with ``act_steps = 1`` (every call runs the network: the observation history, the
   seeded noise draw, inference and the action queue), eagerly (torch), from ONNX and from a
   torch.export program; chunks per second from ``act_chunk`` at each ``--batches`` size.
@@ -103,8 +104,12 @@ def floor_pass(checkpoint: Path, k: int):
     return run
 
 
-def warm_loop(fn, iters: int, warmup: int = 100) -> dict:
-    """Latency summary of ``iters`` calls of ``fn`` after ``warmup`` untimed ones, nothing else in between."""
+BLOCKS = 10
+"""The floor and ONNX Runtime are timed in this many alternating blocks (module doc)."""
+
+
+def warm_times(fn, iters: int, warmup: int = 100) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed ones, nothing else in between."""
     for _ in range(warmup):
         fn()
     times = []
@@ -112,20 +117,24 @@ def warm_loop(fn, iters: int, warmup: int = 100) -> dict:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return latency_summary(times)
+    return times
 
 
 def inference_against_floor(onnx_path: Path, checkpoint: Path, k: int, iters: int) -> dict:
     """ONNX Runtime's batch-1 inference of ``onnx_path`` (the export of ``checkpoint`` at K = ``k``) and the
-    matmul floor of the same export, each timed in its own warm loop: both latency summaries and the ratios
-    the targets are on."""
+    matmul floor of the same export, timed in :data:`BLOCKS` alternating warm loops of ``iters / BLOCKS``
+    calls each: both latency summaries (over all their blocks) and the ratios the targets are on."""
     run = make_backend(onnx_path, "onnx", threads=1)
     policy, _ = load_policy(checkpoint, "cpu")
     rng = np.random.default_rng(3)
     obs = rng.normal(size=(1, policy.cfg.obs_history, policy.obs_dim)).astype(np.float32)
     noise = rng.normal(size=(1, *policy.chunk_shape)).astype(np.float32)
-    mm = warm_loop(floor_pass(checkpoint, k), iters)
-    ort = warm_loop(lambda: run(obs, noise), iters)
+    floor, per_block = floor_pass(checkpoint, k), max(iters // BLOCKS, 1)
+    mm_times, ort_times = [], []
+    for _ in range(BLOCKS):
+        mm_times += warm_times(floor, per_block)
+        ort_times += warm_times(lambda: run(obs, noise), per_block)
+    mm, ort = latency_summary(mm_times), latency_summary(ort_times)
     return {"onnx": ort, "floor": mm, "p50_ratio": ort["p50_ms"] / mm["p50_ms"],
             "p99_ratio": ort["p99_ms"] / mm["p50_ms"]}
 
