@@ -23,7 +23,8 @@ On a GPU (one H200), as the presets run there:
 
 Writes ``benchmarks/results/ablation/reinflow_ablation_<task>[_<tag>].json`` (per variant and seed: the curve,
 the overrides, wall-clock; with ``--diagnostics N`` the first N iterations' diagnostics). ``--report`` merges
-files of parallel processes and prints one table per task and, for runs with diagnostics, how well each
+files of parallel processes and prints one table per task (a row per variant, rollout layout and any further
+overrides the runs trained with; the seeds of a row are its runs) and, for runs with diagnostics, how well each
 diagnostic predicts the collapse (``--plot DIR`` draws them beside the curves); with ``--final VARIANT`` it checks that variant against the targets (>= 3 seeds at >= 10M env
 steps): no collapse below 90% of the start on every task, the final returns (Hopper >= 3400, Walker2d
 >= 5200, Humanoid >= 6000) and Hopper at 3200 within 5M env steps. Exit code 1 when one is missed.
@@ -194,6 +195,23 @@ def layout(record: dict) -> str:
     return f"{keys.get('train.num_envs', 'preset')}x{keys.get('train.rollout_steps', 'preset')}"
 
 
+RUN_KEYS = {"train.max_minutes", "train.num_envs", "train.rollout_steps", "train.sim_threads", "threads", "train.backend"}
+"""Overrides that say how a run ran (its budget, threads, backend; its layout, labelled apart), not what it trained."""
+
+
+def setting(record: dict) -> str:
+    """The run's overrides beyond its variant's own and :data:`RUN_KEYS` (``key=value`` joined by spaces, ``train.``
+    dropped), so that runs of one variant with other settings are reported apart, not merged as seeds."""
+    own = set(VARIANTS.get(record.get("variant", ""), ([], ""))[0])
+    extra = [o for o in record.get("overrides", []) if o not in own and o.partition("=")[0] not in RUN_KEYS]
+    return " ".join(o.removeprefix("train.") for o in extra)
+
+
+def row_label(record: dict) -> str:
+    """``<variant> <layout>[ <setting>]``: the row a run is reported in."""
+    return " ".join(x for x in (record["variant"], layout(record), setting(record)) if x)
+
+
 def first_updates(run: dict, updates: int = 3) -> dict | None:
     """What the actor's first ``updates`` iterations looked like: the critic's explained variance when the
     actor starts, their mean approximate KL and the action drift after them (None without diagnostics)."""
@@ -207,7 +225,7 @@ def first_updates(run: dict, updates: int = 3) -> dict | None:
 
 def report(records: list[dict], final: str, plot_dir: str = "") -> int:
     checks = []
-    records = [{**r, "variant_layout": f"{r['variant']} {layout(r)}"} for r in records]
+    records = [{**r, "variant_layout": row_label(r)} for r in records]
     tasks = sorted({r["task"] for r in records})
     for task in tasks:
         rows = [r for r in records if r["task"] == task]

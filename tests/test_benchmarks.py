@@ -255,6 +255,28 @@ def test_ablation_report_tells_rollout_layouts_apart_and_shows_the_actors_first_
     assert "EV  -13.00  KL 3.0e-04  drift 0.040  min/start 0.50" in out
 
 
+
+def test_ablation_report_keeps_runs_of_one_variant_with_other_settings_apart(capsys: pytest.CaptureFixture) -> None:
+    """Runs of one variant and seed with other training settings are rows of their own, not seeds of one row;
+    how a run ran (budget, threads, backend) and the variant's own overrides do not split rows."""
+    steps = 81_920
+    runs = []
+    for extra in ([], ["train.actor_lr=1e-3"], ["train.max_minutes=12", "threads=1"]):
+        run = _ablation_run("last_step", 12, [(0, 1000.0), (4 * steps, 900.0)])
+        run["overrides"] = ["train.exploration=last_step", *extra]
+        runs.append(run)
+    assert [reinflow_ablation.row_label(r) for r in runs] == [
+        "last_step preset", "last_step preset actor_lr=1e-3", "last_step preset"]
+    reinflow_ablation.report(runs, "")
+    out = capsys.readouterr().out.splitlines()
+    labels = ("last_step preset actor_lr=1e-3", "last_step preset")  # longest first: one label per line
+    seeds = {}
+    for line in out:
+        label = next((x for x in labels if line.startswith(x + " ")), None)
+        if label:
+            seeds[label] = line[len(label):].split()[0]
+    assert seeds == {"last_step preset actor_lr=1e-3": "1", "last_step preset": "2"}
+
 def _manipulation_run(folder: Path, run: str, seed: int, start: float, final: float, robosuite: dict[str, float],
                       best_step: int = 0) -> None:
     """The files a GPU pipeline brings back for one fine-tuning run (see --import-runs)."""
