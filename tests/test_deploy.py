@@ -21,6 +21,7 @@ from flowrl.checkpoint import load_policy, save_checkpoint  # noqa: E402
 from flowrl.cli import main  # noqa: E402
 from flowrl.config import PolicyConfig  # noqa: E402
 from flowrl.deploy.export import export, metadata_path, mish_from_sigmoid  # noqa: E402
+from flowrl.deploy.runtime import make_backend  # noqa: E402
 from flowrl.envs import make  # noqa: E402
 from flowrl.errors import FlowrlError  # noqa: E402
 from flowrl.policy import FlowPolicy  # noqa: E402
@@ -181,6 +182,8 @@ def test_bad_inputs_are_one_line_errors(checkpoints, exports, tmp_path) -> None:
         (lambda: flowrl.deploy.load(onnx, backend="tensorrt"), "unknown backend"),
         (lambda: export(checkpoints["reflow"], tmp_path / "x", "tflite"), "unknown export format"),
         (lambda: export(checkpoints["reflow"], tmp_path / "x", "onnx", k=0), "must be >= 1, got 0"),
+        (lambda: make_backend(onnx, "onnx")(np.zeros((1, 2, 4), np.float32), np.zeros((1, 4, 2), np.float32),
+                                            {"agentview": np.zeros((1, 2, 84, 84, 3), np.uint8)}), "state only"),
     ]
     for call, pattern in cases:
         with pytest.raises(FlowrlError, match=pattern) as info:
