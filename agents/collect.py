@@ -3,7 +3,9 @@
 The policy is either a Stable-Baselines3 expert folder made by ``flowrl expert`` (at level
 ``medium`` or ``expert``, or a snapshot step) or a flowrl policy checkpoint. Optional Gaussian
 action noise (clipped to the action bounds) widens the data; the recorded action is the one
-executed.
+executed, or with ``label="source"`` the source's own noise-free action at the state the noisy
+execution reached (DART, Laskey et al. 2017: the demonstrations then show how the source recovers
+from the small errors a cloned policy makes).
 """
 
 from __future__ import annotations
@@ -53,11 +55,15 @@ def _source(path: Path, level: str, task: str | None, device: str, num_envs: int
     raise FlowrlError(f"{path}: neither an expert folder (expert.json) nor a policy checkpoint ({CONFIG})")
 
 
+LABELS = ("executed", "source")
+"""What ``collect`` records as each step's action: the one executed, or the source's own before the noise."""
+
+
 def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: float = 0.0, seed: int = 0,
             level: str = "expert", task: str | None = None, num_envs: int = 16, device: str = "cpu",
             progress: bool = True, created_by: str | None = None, fmt: str = "flowrl",
             after_success: int = 10, keep_failures: bool = False, backend: str = "auto",
-            cameras: tuple[str, ...] | list[str] = (), image_size: int = 84) -> Episodes:
+            cameras: tuple[str, ...] | list[str] = (), image_size: int = 84, label: str = "executed") -> Episodes:
     """Roll ``source`` out for ``episodes`` seeded episodes and write them to ``out``.
 
     On tasks that report success (robosuite), an episode is cut ``after_success`` steps after its
@@ -69,11 +75,15 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     RGB images of the state before each step (robomimic's ``obs/<camera>_image``; robosuite scenes on
     the cpu backend (OpenGL) or the warp backend (MuJoCo Warp's batched ray tracer), robomimic format,
     1-step chunks such as the scripted experts').
+    ``label``: the action recorded at each step, ``executed`` (with the noise) or ``source`` (the source's own
+    action before the noise was added; with ``noise`` 0 the two are the same).
     ``created_by`` is the command line recorded in the file (the CLI passes its own)."""
     if episodes < 1:
         raise FlowrlError(f"--episodes must be >= 1, got {episodes}")
     if noise < 0:
         raise FlowrlError(f"--noise must be >= 0, got {noise}")
+    if label not in LABELS:
+        raise FlowrlError(f"--label must be one of {', '.join(LABELS)}, got {label!r}")
     n = min(num_envs, episodes)
     policy, task_name, desc = _source(Path(source), level, task, device, n)
     info = resolve_task(task_name)
@@ -100,17 +110,21 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
     gen = torch.Generator().manual_seed(seed)
 
     class Noisy:
-        """The source with clipped Gaussian action noise (the recorded action is the executed one)."""
+        """The source with clipped Gaussian action noise; ``source_chunk`` keeps its last noise-free chunk."""
 
         obs_history, act_steps = policy.obs_history, policy.act_steps
+        source_chunk = torch.empty(0)
 
         def act_chunk(self, obs: torch.Tensor, noise_in: torch.Tensor | None = None) -> torch.Tensor:
             if renderer is not None:
                 shown.update({c: x.cpu() for c, x in renderer.render().items()})
             chunk = policy.act_chunk(obs).float().cpu()
+            self.source_chunk = torch.minimum(torch.maximum(chunk, low), high)
             if noise > 0:
                 chunk = chunk + noise * torch.randn(chunk.shape, generator=gen)
             return torch.minimum(torch.maximum(chunk, low), high)
+
+    noisy = Noisy()
 
     recorded: list[dict[str, np.ndarray]] = []
     start = time.time()
@@ -130,6 +144,8 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
                 """Append each env's valid steps of this chunk; end an episode ``after_success`` steps
                 after its first success (its last step marked truncated)."""
                 steps = chunk.shape[1]
+                if label == "source":
+                    chunk = noisy.source_chunk[:, :steps]
                 before = torch.cat([obs.unsqueeze(1), r.step_obs[:, :-1]], dim=1).cpu().numpy()  # obs before step j
                 cut = torch.zeros((n, steps), dtype=torch.bool)
                 stopped = ~active.cpu()
@@ -154,7 +170,7 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
 
             if hasattr(policy, "reset"):
                 policy.reset()
-            result = run_episodes(env, Noisy(), seed=seed + tried, on_chunk=record, record_obs=True)
+            result = run_episodes(env, noisy, seed=seed + tried, on_chunk=record, record_obs=True)
             for i, ep in enumerate(per_env):
                 if len(recorded) >= episodes:
                     break
@@ -176,7 +192,7 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
             renderer.close()
         env.close()
     space = env.single_observation_space
-    meta = {"task": task_name, "gym_id": info.gym_id, "policy": desc, "action_noise": noise,
+    meta = {"task": task_name, "gym_id": info.gym_id, "policy": desc, "action_noise": noise, "action_label": label,
             "seed": seed, "episodes_tried": tried, "failed_dropped": failed,
             "after_success": after_success,
             **({"cameras": list(cameras), "image_size": image_size} if cameras else {}),
@@ -184,7 +200,8 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
             "action_space": {"shape": list(env.single_action_space.shape),
                              "low": env.single_action_space.low.tolist(), "high": env.single_action_space.high.tolist()},
             "created_by": created_by or f"flowrl.agents.collect.collect({str(source)!r}, {str(out)!r}, "
-                                        f"episodes={episodes}, noise={noise}, seed={seed}, level={level!r})",
+                                        f"episodes={episodes}, noise={noise}, seed={seed}, level={level!r}, "
+                                        f"label={label!r})",
             "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "wall_clock_s": round(time.time() - start, 1)}
     data = Episodes.from_list(recorded, meta)

@@ -203,6 +203,10 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--level", default="expert", help="expert folders: medium, expert or a snapshot step")
     co.add_argument("--episodes", type=int, default=100)
     co.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise (default 0)")
+    co.add_argument("--label", choices=("executed", "source"), default="executed",
+                    help="the action recorded with --noise: the one executed (default), or the source's own "
+                         "noise-free action at the state the noisy execution reached (DART: demonstrations that "
+                         "show how the source recovers from small errors)")
     co.add_argument("--seed", type=int, default=0, help="episode i is seeded seed+i")
     co.add_argument("--task", help="the task (scripted experts; overrides a checkpoint's or an expert folder's, "
                     "e.g. Humanoid for an expert trained on Humanoid-Newton)")
@@ -584,7 +588,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
                    level=args.level, task=args.task, num_envs=args.num_envs, backend=args.backend,
                    created_by="flowrl " + shlex.join(args.argv), fmt=args.format,
                    after_success=args.after_success, keep_failures=args.keep_failures, cameras=args.cameras,
-                   image_size=args.image_size, device=args.device)
+                   image_size=args.image_size, device=args.device, label=args.label)
     info = data.info()
     print(f"wrote {args.out}: {info['episodes']} episodes, {info['transitions']} transitions, "
           f"return {info['return_mean']:.1f} ± {info['return_std']:.1f}")

@@ -49,6 +49,25 @@ def test_collect_from_expert_is_seeded_and_self_describing(tiny_expert, tmp_path
     assert done[ends].all() and done.sum() == a.num_episodes
 
 
+
+def test_collect_can_label_the_noisy_states_with_the_sources_own_actions(tiny_expert, tmp_path) -> None:
+    """``--label source`` (DART): the same noisy execution, each step labelled with the expert's own noise-free
+    (clipped) action at the state it reached, not with the action executed."""
+    import torch
+
+    from flowrl.agents.collect import _source
+
+    args = ["collect", str(tiny_expert), "--level", "medium", "--episodes", "2", "--noise", "0.3", "--seed", "4"]
+    assert main([*args, "--out", str(tmp_path / "executed.hdf5")]) == 0
+    assert main([*args, "--label", "source", "--out", str(tmp_path / "source.hdf5")]) == 0
+    executed, source = read_dataset(tmp_path / "executed.hdf5"), read_dataset(tmp_path / "source.hdf5")
+    assert (executed.observations == source.observations).all()  # the same seeded noisy rollouts
+    assert source.meta["action_label"] == "source" and executed.meta["action_label"] == "executed"
+    expert, _, _ = _source(tiny_expert, "medium", None, "cpu", 1)
+    own = expert.act_chunk(torch.as_tensor(source.observations)[:, None])[:, 0].clamp(-1, 1).numpy()
+    np.testing.assert_allclose(source.actions, own, atol=1e-6)
+    assert np.abs(executed.actions - source.actions).mean() > 0.1  # the executed ones carry the noise
+
 def test_pretrain_eval_video_and_tensorboard(tmp_path, hopper_dataset, capsys) -> None:
     preset = tmp_path / "p.yaml"
     preset.write_text(f"task: Hopper\ndata:\n  path: {hopper_dataset}\n")
