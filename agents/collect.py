@@ -144,8 +144,7 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
                 """Append each env's valid steps of this chunk; end an episode ``after_success`` steps
                 after its first success (its last step marked truncated)."""
                 steps = chunk.shape[1]
-                if label == "source":
-                    chunk = noisy.source_chunk[:, :steps]
+                labels = noisy.source_chunk[:, :steps] if label == "source" else chunk
                 before = torch.cat([obs.unsqueeze(1), r.step_obs[:, :-1]], dim=1).cpu().numpy()  # obs before step j
                 cut = torch.zeros((n, steps), dtype=torch.bool)
                 stopped = ~active.cpu()
@@ -159,7 +158,7 @@ def collect(source: str | Path, out: str | Path, episodes: int = 100, noise: flo
                                                                     np.zeros((n, 1), bool)], axis=1).any(1)
                     for i in np.flatnonzero(valid):
                         per_env[i]["observations"].append(before[i, j])
-                        per_env[i]["actions"].append(chunk[i, j].cpu().numpy())
+                        per_env[i]["actions"].append(labels[i, j].cpu().numpy())
                         per_env[i]["rewards"].append(float(r.rewards[i, j]))
                         per_env[i]["terminated"].append(bool(last[i] and r.terminated[i]))
                         per_env[i]["truncated"].append(bool(last[i] and r.truncated[i]) or bool(cut[i, j]))

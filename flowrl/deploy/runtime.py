@@ -110,18 +110,11 @@ def make_backend(path: str | Path, fmt: str, threads: int = 1, cameras: Sequence
     if fmt == "onnx":
         session = onnx_session(path, threads, 1)
         names = [image_input_name(c) for c in cameras]
-        if not cameras:  # the state-only call, as lean as the binding allows: at batch 1 it is a control loop's tick
-
-            def run_onnx_state(obs: np.ndarray, noise: np.ndarray,
-                               images: dict[str, np.ndarray] | None = None) -> np.ndarray:
-                if images:
-                    _image_arrays(images, cameras)  # raises: a state-only export takes no images
-                return session.run(["actions"], {"obs": obs, "noise": noise})[0]
-
-            return run_onnx_state
 
         def run_onnx(obs: np.ndarray, noise: np.ndarray, images: dict[str, np.ndarray] | None = None) -> np.ndarray:
-            feeds = {"obs": obs, "noise": noise, **dict(zip(names, _image_arrays(images, cameras)))}
+            feeds = {"obs": obs, "noise": noise}
+            if cameras or images:  # a state-only call does nothing more (at batch 1 it is a control loop's tick)
+                feeds.update(zip(names, _image_arrays(images, cameras)))
             return session.run(["actions"], feeds)[0]
 
         return run_onnx
